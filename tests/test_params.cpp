@@ -1,0 +1,31 @@
+#include <comigs/params.hpp>
+#include <doctest/doctest.h>
+
+TEST_CASE("ParamBuffer: named views are aligned, adjacent and typed") {
+    comigs::ParamLayout layout;
+    layout.add("a", {3, 5});
+    layout.add("b", {7});
+    comigs::ParamBuffer<float> p(std::move(layout));
+    auto a = p.view("a");
+    CHECK(a.rows == 3);
+    CHECK(a.cols == 5);
+    auto b = p.view("b");
+    CHECK(b.rows == 1);
+    CHECK(b.cols == 7);
+    CHECK(reinterpret_cast<std::uintptr_t>(b.data) % 64 == 0);
+    CHECK(b.data - a.data == 16);
+    a(2, 4) = 3.0f;
+    CHECK(p.span("a")[14] == 3.0f);
+    comigs::ParamBuffer<float> g(p.layout_ptr());
+    CHECK(g.size() == p.size());
+    CHECK(g.layout() == p.layout());
+}
+
+TEST_CASE("ParamLayout: bad names and shapes are errors naming the tensor") {
+    comigs::ParamLayout layout;
+    layout.add("w", {2, 2});
+    CHECK_THROWS_WITH_AS(layout.add("w", {1}), doctest::Contains("'w'"), comigs::InvalidArgument);
+    CHECK_THROWS_AS(layout.add("x", {-1, 2}), comigs::ShapeError);
+    CHECK_THROWS_AS(layout.add("y", {1, 2, 3}), comigs::ShapeError);
+    CHECK_THROWS_WITH_AS(layout.at("nope"), doctest::Contains("nope"), comigs::InvalidArgument);
+}
