@@ -229,6 +229,11 @@ def dense_gates_shared(x, p, cfg):
     return G, torch.as_tensor(lb, dtype=x.dtype).reshape(1)
 
 
+def _gelu_tanh_formula(h):
+    c = math.sqrt(2.0 / math.pi)
+    return 0.5 * h * (1.0 + torch.tanh(c * (h + 0.044715 * h * h * h)))
+
+
 def shared_base_forward(p, cfg):
     x = p["x"]
     s = cfg.scale
@@ -240,8 +245,7 @@ def shared_base_forward(p, cfg):
         low = torch.zeros_like(x)
         for e in range(E):
             pre = f"experts.{e}."
-            u = F.gelu(H + s * (x @ p[pre + "fc.lora_A"].t()) @ p[pre + "fc.lora_B"].t(),
-                       approximate="tanh")
+            u = _gelu_tanh_formula(H + s * (x @ p[pre + "fc.lora_A"].t()) @ p[pre + "fc.lora_B"].t())
             U = U + G[:, e:e + 1] * u
             low = low + G[:, e:e + 1] * (s * (u @ p[pre + "proj.lora_A"].t()) @ p[pre + "proj.lora_B"].t())
         return U @ p["proj.weight"].t() + G.sum(1, keepdim=True) * p["proj.bias"] + low, lb
