@@ -1,0 +1,231 @@
+#include <comigs/mixture.hpp>
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "gradcheck.hpp"
+
+namespace {
+using namespace comigs;
+using comigs::index;  // POSIX has a function ::index
+
+
+struct Case {
+    MlpForm form;
+    index experts, top_k;
+    Routing routing = Routing::top_k;
+    double dropout = 0.0;
+    RouterNoise noise = RouterNoise::none;
+    double importance = -1.0;
+    LoraScaling scaling = LoraScaling::sqrt;
+};
+
+// A small double mixture with random base, random B (never zero: a zero B makes the test vacuous),
+// and an input whose top-k decisions have a clear margin.
+struct Fixture {
+    MixtureConfig cfg;
+    std::shared_ptr<FrozenMlp<double>> base;
+    std::unique_ptr<MixtureOfLoraMlp<double>> layer;
+    std::vector<double> x, dy;
+    index n = 6;
+
+    explicit Fixture(const Case& c, std::uint64_t seed = 1) {
+        cfg.form = c.form;
+        cfg.d_model = 5;
+        cfg.d_hidden = 7;
+        cfg.n_experts = c.experts;
+        cfg.top_k = c.top_k;
+        cfg.rank = 3;
+        cfg.alpha = 2.0;
+        cfg.scaling = c.scaling;
+        cfg.routing = c.routing;
+        cfg.dropout = c.dropout;
+        cfg.noise = c.noise;
+        cfg.expert0_importance = c.importance;
+        Rng rng(seed);
+        base = std::make_shared<FrozenMlp<double>>(c.form, cfg.d_model, cfg.d_hidden);
+        base->randomize(rng, 0.5);
+        layer = std::make_unique<MixtureOfLoraMlp<double>>(cfg, base);
+        layer->init(rng);
+        for (const auto& spec : layer->params().layout().tensors())
+            for (double& v : layer->params().span(spec.name)) v = rng.normal(0.0, 0.5);
+        dy.resize(static_cast<std::size_t>(n * cfg.d_model));
+        for (double& v : dy) v = rng.normal();
+        // Redraw x until every token's k-th and (k+1)-th logits are well apart.
+        for (int attempt = 0;; ++attempt) {
+            REQUIRE(attempt < 1000);
+            x.resize(static_cast<std::size_t>(n * cfg.d_model));
+            for (double& v : x) v = rng.normal();
+            if (margin() > 0.05) break;
+        }
+    }
+
+    double margin() {
+        const auto& rc = layer->router_config();
+        if (!rc.has_weight() || rc.slots() == rc.n_experts) return 1.0;
+        const auto W = layer->params().view("router.weight");
+        double worst = 1e9;
+        for (index t = 0; t < n; ++t) {
+            std::vector<double> l(static_cast<std::size_t>(cfg.n_experts));
+            for (index e = 0; e < cfg.n_experts; ++e)
+                for (index c = 0; c < cfg.d_model; ++c) l[static_cast<std::size_t>(e)] += W(e, c) * x[static_cast<std::size_t>(t * cfg.d_model + c)];
+            std::sort(l.rbegin(), l.rend());
+            worst = std::min(worst, l[static_cast<std::size_t>(rc.slots() - 1)] - l[static_cast<std::size_t>(rc.slots())]);
+        }
+        return worst;
+    }
+
+    // loss = sum(y * dy) + lb_w * lb; training-mode randomness re-seeded identically on every call.
+    double loss(double lb_w, bool training) {
+        std::vector<double> y(x.size());
+        Rng rng(99);
+        const double lb = layer->forward(MatrixView<double>(y.data(), n, cfg.d_model),
+                                         ConstMatrixView<double>(x.data(), n, cfg.d_model), training, &rng);
+        double s = lb_w * lb;
+        for (std::size_t i = 0; i < y.size(); ++i) s += y[i] * dy[i];
+        return s;
+    }
+
+    void check_gradients(double lb_w, bool training = false) {
+        layer->zero_grad();
+        loss(lb_w, training);
+        std::vector<double> dx(x.size(), 0.0);
+        layer->backward(MatrixView<double>(dx.data(), n, cfg.d_model), ConstMatrixView<double>(dy.data(), n, cfg.d_model),
+                        lb_w);
+        auto f = [&] { return loss(lb_w, training); };
+        double total_grad = 0.0;
+        for (const auto& spec : layer->params().layout().tensors()) {
+            auto p = layer->params().span(spec.name);
+            auto g = layer->grads().span(spec.name);
+            const auto r = test::gradcheck(p, std::span<const double>(g.data(), g.size()), f, spec.name);
+            total_grad += r.max_abs_grad;
+        }
+        CHECK(total_grad > 1e-3);  // the loss really depends on the parameters
+        test::gradcheck(std::span<double>(x), std::span<const double>(dx), f, "x");
+    }
+};
+
+}  // namespace
+
+TEST_CASE("MixtureOfLoraMlp: gradients match finite differences in double") {
+    using namespace comigs;
+    using comigs::index;
+    const std::vector<std::pair<const char*, Case>> cases = {
+        {"gelu E=4 k=2", {MlpForm::gelu, 4, 2}},
+        {"gelu E=4 k=1", {MlpForm::gelu, 4, 1}},
+        {"gelu E=4 k=4", {MlpForm::gelu, 4, 4}},
+        {"gelu E=1", {MlpForm::gelu, 1, 1}},
+        {"gelu mean E=3", {MlpForm::gelu, 3, 3, Routing::mean}},
+        {"gelu E=3 k=2 linear importance 0.6", {MlpForm::gelu, 3, 2, Routing::top_k, 0.0, RouterNoise::none, 0.6, LoraScaling::linear}},
+        {"swiglu E=4 k=2", {MlpForm::swiglu, 4, 2}},
+        {"swiglu E=2 k=1", {MlpForm::swiglu, 2, 1}},
+        {"swiglu mean E=2", {MlpForm::swiglu, 2, 2, Routing::mean}},
+    };
+    for (const auto& [name, c] : cases) {
+        SUBCASE(name) {
+            Fixture fx(c);
+            fx.check_gradients(0.0);
+            fx.check_gradients(0.7);  // with the load-balancing loss
+        }
+    }
+}
+
+TEST_CASE("MixtureOfLoraMlp: gradients with dropout and router noise (fixed draws)") {
+    using namespace comigs;
+    using comigs::index;
+    SUBCASE("gelu dropout") {
+        Fixture fx({MlpForm::gelu, 4, 2, Routing::top_k, 0.3});
+        fx.check_gradients(0.5, true);
+    }
+    SUBCASE("swiglu dropout") {
+        Fixture fx({MlpForm::swiglu, 3, 2, Routing::top_k, 0.25});
+        fx.check_gradients(0.5, true);
+    }
+    SUBCASE("gaussian noise") {
+        Fixture fx({MlpForm::gelu, 4, 2, Routing::top_k, 0.0, RouterNoise::gaussian});
+        fx.check_gradients(0.5, true);
+    }
+}
+
+namespace {
+// The reference semantics written out directly: every chosen expert runs the whole MLP with its LoRA.
+std::vector<double> naive_mixture(MixtureOfLoraMlp<double>& layer, const std::vector<double>& x, index n) {
+    const auto& cfg = layer.config();
+    const index d = cfg.d_model, h = cfg.d_hidden;
+    std::vector<double> ydummy(x.size());
+    layer.forward(MatrixView<double>(ydummy.data(), n, d), ConstMatrixView<double>(x.data(), n, d));
+    const auto& route = layer.routing();
+    const auto& P = layer.params();
+    const auto& W = layer.base().weights();
+    const double s = layer.scale();
+    auto lin = [&](const std::string& name, index e, const std::vector<double>& in, index din, index dout, bool bias) {
+        std::vector<double> out(static_cast<std::size_t>(dout), 0.0);
+        const auto Wt = W.view(name + ".weight");
+        const auto A = P.view(MixtureOfLoraMlp<double>::tensor_name(e, name, 'A'));
+        const auto B = P.view(MixtureOfLoraMlp<double>::tensor_name(e, name, 'B'));
+        std::vector<double> z(static_cast<std::size_t>(cfg.rank), 0.0);
+        for (index a = 0; a < cfg.rank; ++a)
+            for (index c = 0; c < din; ++c) z[static_cast<std::size_t>(a)] += A(a, c) * in[static_cast<std::size_t>(c)];
+        for (index o = 0; o < dout; ++o) {
+            double v = bias ? W.span(name + ".bias")[static_cast<std::size_t>(o)] : 0.0;
+            for (index c = 0; c < din; ++c) v += Wt(o, c) * in[static_cast<std::size_t>(c)];
+            for (index a = 0; a < cfg.rank; ++a) v += s * B(o, a) * z[static_cast<std::size_t>(a)];
+            out[static_cast<std::size_t>(o)] = v;
+        }
+        return out;
+    };
+    std::vector<double> y(x.size(), 0.0);
+    for (index t = 0; t < n; ++t) {
+        std::vector<double> xt(x.begin() + t * d, x.begin() + (t + 1) * d);
+        for (index j = 0; j < route.slots; ++j) {
+            const index e = route.expert_of(t, j);
+            std::vector<double> out;
+            if (cfg.form == MlpForm::gelu) {
+                auto hh = lin("fc", e, xt, d, h, true);
+                for (auto& v : hh) v = kernels::gelu_tanh(v);
+                out = lin("proj", e, hh, h, d, true);
+            } else {
+                auto g = lin("gate", e, xt, d, h, false);
+                auto u = lin("up", e, xt, d, h, false);
+                for (index c = 0; c < h; ++c) g[static_cast<std::size_t>(c)] = kernels::silu(g[static_cast<std::size_t>(c)]) * u[static_cast<std::size_t>(c)];
+                out = lin("down", e, g, h, d, false);
+            }
+            for (index c = 0; c < d; ++c) y[static_cast<std::size_t>(t * d + c)] += route.gate_of(t, j) * out[static_cast<std::size_t>(c)];
+        }
+    }
+    return y;
+}
+}  // namespace
+
+TEST_CASE("MixtureOfLoraMlp: shared-base forward equals running every chosen expert's full MLP") {
+    using namespace comigs;
+    using comigs::index;
+    for (auto form : {MlpForm::gelu, MlpForm::swiglu})
+        for (index k : {1, 2, 3}) {
+            Fixture fx({form, 3, k});
+            std::vector<double> y(fx.x.size());
+            fx.layer->forward(MatrixView<double>(y.data(), fx.n, 5), ConstMatrixView<double>(fx.x.data(), fx.n, 5));
+            const auto ref = naive_mixture(*fx.layer, fx.x, fx.n);
+            double scale = 0.0;
+            for (std::size_t i = 0; i < y.size(); ++i) {
+                CHECK(y[i] == doctest::Approx(ref[i]).epsilon(1e-12).scale(1.0));
+                scale = std::max(scale, std::abs(ref[i]));
+            }
+            CHECK(scale > 0.1);
+        }
+}
+
+TEST_CASE("MixtureOfLoraMlp: initialised mixture equals the frozen MLP scaled by the gate sum") {
+    using namespace comigs;
+    using comigs::index;
+    Fixture fx({MlpForm::gelu, 4, 2});
+    Rng rng(3);
+    fx.layer->init(rng);  // B = 0: every expert is the base MLP; k >= 2 gates sum to 1
+    std::vector<double> y(fx.x.size()), h(7), ref(fx.x.size());
+    fx.layer->forward(MatrixView<double>(y.data(), fx.n, 5), ConstMatrixView<double>(fx.x.data(), fx.n, 5));
+    fx.base->linear("fc").forward(MatrixView<double>(h.data(), 1, 7), ConstMatrixView<double>(fx.x.data(), 1, 5));
+    for (auto& v : h) v = kernels::gelu_tanh(v);
+    fx.base->linear("proj").forward(MatrixView<double>(ref.data(), 1, 5), ConstMatrixView<double>(h.data(), 1, 7));
+    for (index c = 0; c < 5; ++c) CHECK(y[static_cast<std::size_t>(c)] == doctest::Approx(ref[static_cast<std::size_t>(c)]).epsilon(1e-12));
+}
