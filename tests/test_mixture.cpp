@@ -8,12 +8,12 @@
 
 namespace {
 using namespace comigs;
-using comigs::index;  // POSIX has a function ::index
+
 
 
 struct Case {
     MlpForm form;
-    index experts, top_k;
+    Index experts, top_k;
     Routing routing = Routing::top_k;
     double dropout = 0.0;
     RouterNoise noise = RouterNoise::none;
@@ -28,7 +28,7 @@ struct Fixture {
     std::shared_ptr<FrozenMlp<double>> base;
     std::unique_ptr<MixtureOfLoraMlp<double>> layer;
     std::vector<double> x, dy;
-    index n = 6;
+    Index n = 6;
 
     explicit Fixture(const Case& c, std::uint64_t seed = 1) {
         cfg.form = c.form;
@@ -66,10 +66,10 @@ struct Fixture {
         if (!rc.has_weight() || rc.slots() == rc.n_experts) return 1.0;
         const auto W = layer->params().view("router.weight");
         double worst = 1e9;
-        for (index t = 0; t < n; ++t) {
+        for (Index t = 0; t < n; ++t) {
             std::vector<double> l(static_cast<std::size_t>(cfg.n_experts));
-            for (index e = 0; e < cfg.n_experts; ++e)
-                for (index c = 0; c < cfg.d_model; ++c) l[static_cast<std::size_t>(e)] += W(e, c) * x[static_cast<std::size_t>(t * cfg.d_model + c)];
+            for (Index e = 0; e < cfg.n_experts; ++e)
+                for (Index c = 0; c < cfg.d_model; ++c) l[static_cast<std::size_t>(e)] += W(e, c) * x[static_cast<std::size_t>(t * cfg.d_model + c)];
             std::sort(l.rbegin(), l.rend());
             worst = std::min(worst, l[static_cast<std::size_t>(rc.slots() - 1)] - l[static_cast<std::size_t>(rc.slots())]);
         }
@@ -110,8 +110,7 @@ struct Fixture {
 
 TEST_CASE("MixtureOfLoraMlp: gradients match finite differences in double") {
     using namespace comigs;
-    using comigs::index;
-    const std::vector<std::pair<const char*, Case>> cases = {
+        const std::vector<std::pair<const char*, Case>> cases = {
         {"gelu E=4 k=2", {MlpForm::gelu, 4, 2}},
         {"gelu E=4 k=1", {MlpForm::gelu, 4, 1}},
         {"gelu E=4 k=4", {MlpForm::gelu, 4, 4}},
@@ -133,8 +132,7 @@ TEST_CASE("MixtureOfLoraMlp: gradients match finite differences in double") {
 
 TEST_CASE("MixtureOfLoraMlp: gradients with dropout and router noise (fixed draws)") {
     using namespace comigs;
-    using comigs::index;
-    SUBCASE("gelu dropout") {
+        SUBCASE("gelu dropout") {
         Fixture fx({MlpForm::gelu, 4, 2, Routing::top_k, 0.3});
         fx.check_gradients(0.5, true);
     }
@@ -150,36 +148,36 @@ TEST_CASE("MixtureOfLoraMlp: gradients with dropout and router noise (fixed draw
 
 namespace {
 // The reference semantics written out directly: every chosen expert runs the whole MLP with its LoRA.
-std::vector<double> naive_mixture(MixtureOfLoraMlp<double>& layer, const std::vector<double>& x, index n) {
+std::vector<double> naive_mixture(MixtureOfLoraMlp<double>& layer, const std::vector<double>& x, Index n) {
     const auto& cfg = layer.config();
-    const index d = cfg.d_model, h = cfg.d_hidden;
+    const Index d = cfg.d_model, h = cfg.d_hidden;
     std::vector<double> ydummy(x.size());
     layer.forward(MatrixView<double>(ydummy.data(), n, d), ConstMatrixView<double>(x.data(), n, d));
     const auto& route = layer.routing();
     const auto& P = layer.params();
     const auto& W = layer.base().weights();
     const double s = layer.scale();
-    auto lin = [&](const std::string& name, index e, const std::vector<double>& in, index din, index dout, bool bias) {
+    auto lin = [&](const std::string& name, Index e, const std::vector<double>& in, Index din, Index dout, bool bias) {
         std::vector<double> out(static_cast<std::size_t>(dout), 0.0);
         const auto Wt = W.view(name + ".weight");
         const auto A = P.view(MixtureOfLoraMlp<double>::tensor_name(e, name, 'A'));
         const auto B = P.view(MixtureOfLoraMlp<double>::tensor_name(e, name, 'B'));
         std::vector<double> z(static_cast<std::size_t>(cfg.rank), 0.0);
-        for (index a = 0; a < cfg.rank; ++a)
-            for (index c = 0; c < din; ++c) z[static_cast<std::size_t>(a)] += A(a, c) * in[static_cast<std::size_t>(c)];
-        for (index o = 0; o < dout; ++o) {
+        for (Index a = 0; a < cfg.rank; ++a)
+            for (Index c = 0; c < din; ++c) z[static_cast<std::size_t>(a)] += A(a, c) * in[static_cast<std::size_t>(c)];
+        for (Index o = 0; o < dout; ++o) {
             double v = bias ? W.span(name + ".bias")[static_cast<std::size_t>(o)] : 0.0;
-            for (index c = 0; c < din; ++c) v += Wt(o, c) * in[static_cast<std::size_t>(c)];
-            for (index a = 0; a < cfg.rank; ++a) v += s * B(o, a) * z[static_cast<std::size_t>(a)];
+            for (Index c = 0; c < din; ++c) v += Wt(o, c) * in[static_cast<std::size_t>(c)];
+            for (Index a = 0; a < cfg.rank; ++a) v += s * B(o, a) * z[static_cast<std::size_t>(a)];
             out[static_cast<std::size_t>(o)] = v;
         }
         return out;
     };
     std::vector<double> y(x.size(), 0.0);
-    for (index t = 0; t < n; ++t) {
+    for (Index t = 0; t < n; ++t) {
         std::vector<double> xt(x.begin() + t * d, x.begin() + (t + 1) * d);
-        for (index j = 0; j < route.slots; ++j) {
-            const index e = route.expert_of(t, j);
+        for (Index j = 0; j < route.slots; ++j) {
+            const Index e = route.expert_of(t, j);
             std::vector<double> out;
             if (cfg.form == MlpForm::gelu) {
                 auto hh = lin("fc", e, xt, d, h, true);
@@ -188,10 +186,10 @@ std::vector<double> naive_mixture(MixtureOfLoraMlp<double>& layer, const std::ve
             } else {
                 auto g = lin("gate", e, xt, d, h, false);
                 auto u = lin("up", e, xt, d, h, false);
-                for (index c = 0; c < h; ++c) g[static_cast<std::size_t>(c)] = kernels::silu(g[static_cast<std::size_t>(c)]) * u[static_cast<std::size_t>(c)];
+                for (Index c = 0; c < h; ++c) g[static_cast<std::size_t>(c)] = kernels::silu(g[static_cast<std::size_t>(c)]) * u[static_cast<std::size_t>(c)];
                 out = lin("down", e, g, h, d, false);
             }
-            for (index c = 0; c < d; ++c) y[static_cast<std::size_t>(t * d + c)] += route.gate_of(t, j) * out[static_cast<std::size_t>(c)];
+            for (Index c = 0; c < d; ++c) y[static_cast<std::size_t>(t * d + c)] += route.gate_of(t, j) * out[static_cast<std::size_t>(c)];
         }
     }
     return y;
@@ -200,9 +198,8 @@ std::vector<double> naive_mixture(MixtureOfLoraMlp<double>& layer, const std::ve
 
 TEST_CASE("MixtureOfLoraMlp: shared-base forward equals running every chosen expert's full MLP") {
     using namespace comigs;
-    using comigs::index;
-    for (auto form : {MlpForm::gelu, MlpForm::swiglu})
-        for (index k : {1, 2, 3}) {
+        for (auto form : {MlpForm::gelu, MlpForm::swiglu})
+        for (Index k : {1, 2, 3}) {
             Fixture fx({form, 3, k});
             std::vector<double> y(fx.x.size());
             fx.layer->forward(MatrixView<double>(y.data(), fx.n, 5), ConstMatrixView<double>(fx.x.data(), fx.n, 5));
@@ -218,8 +215,7 @@ TEST_CASE("MixtureOfLoraMlp: shared-base forward equals running every chosen exp
 
 TEST_CASE("MixtureOfLoraMlp: initialised mixture equals the frozen MLP scaled by the gate sum") {
     using namespace comigs;
-    using comigs::index;
-    Fixture fx({MlpForm::gelu, 4, 2});
+        Fixture fx({MlpForm::gelu, 4, 2});
     Rng rng(3);
     fx.layer->init(rng);  // B = 0: every expert is the base MLP; k >= 2 gates sum to 1
     std::vector<double> y(fx.x.size()), h(7), ref(fx.x.size());
@@ -227,5 +223,5 @@ TEST_CASE("MixtureOfLoraMlp: initialised mixture equals the frozen MLP scaled by
     fx.base->linear("fc").forward(MatrixView<double>(h.data(), 1, 7), ConstMatrixView<double>(fx.x.data(), 1, 5));
     for (auto& v : h) v = kernels::gelu_tanh(v);
     fx.base->linear("proj").forward(MatrixView<double>(ref.data(), 1, 5), ConstMatrixView<double>(h.data(), 1, 7));
-    for (index c = 0; c < 5; ++c) CHECK(y[static_cast<std::size_t>(c)] == doctest::Approx(ref[static_cast<std::size_t>(c)]).epsilon(1e-12));
+    for (Index c = 0; c < 5; ++c) CHECK(y[static_cast<std::size_t>(c)] == doctest::Approx(ref[static_cast<std::size_t>(c)]).epsilon(1e-12));
 }

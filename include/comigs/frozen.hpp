@@ -4,37 +4,57 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "kernels/gemm.hpp"
+#include "kernels/gemm_bf16.hpp"
 #include "params.hpp"
 #include "random.hpp"
 
 namespace comigs {
 
 /// A frozen linear map y = x W^T + b over views; W is [out, in] (nn.Linear convention), b is [out] or empty.
+/// When the weight is held in bf16 (`weight_bf16` set, `weight` empty; float only), the products
+/// convert the activations to bf16 and accumulate in fp32 (kernels/gemm_bf16.hpp).
 template <class T>
 struct FrozenLinear {
-    ConstMatrixView<T> weight;  ///< [out, in]
-    std::span<const T> bias;    ///< [out] or empty
+    ConstMatrixView<T> weight;                 ///< [out, in] (empty when held in bf16)
+    std::span<const T> bias;                   ///< [out] or empty
+    ConstMatrixView<kernels::bf16> weight_bf16{};  ///< [out, in] when held in bf16, else empty
 
-    index in_features() const { return weight.cols; }
-    index out_features() const { return weight.rows; }
+    bool is_bf16() const { return weight_bf16.data != nullptr; }
+    Index in_features() const { return is_bf16() ? weight_bf16.cols : weight.cols; }
+    Index out_features() const { return is_bf16() ? weight_bf16.rows : weight.rows; }
 
     /// y[N, out] = x[N, in] W^T + b (overwrites y, or adds to it when `accumulate`).
     void forward(MatrixView<T> y, ConstMatrixView<T> x, bool accumulate = false) const {
-        kernels::gemm<T>(y, x, kernels::Op::none, weight, kernels::Op::trans, T(1), accumulate ? T(1) : T(0));
+        if constexpr (std::is_same_v<T, float>) {
+            if (is_bf16())
+                kernels::gemm_bf16(y, x, weight_bf16, kernels::Op::trans, 1.0f, accumulate ? 1.0f : 0.0f);
+            else
+                kernels::gemm<T>(y, x, kernels::Op::none, weight, kernels::Op::trans, T(1), accumulate ? T(1) : T(0));
+        } else {
+            kernels::gemm<T>(y, x, kernels::Op::none, weight, kernels::Op::trans, T(1), accumulate ? T(1) : T(0));
+        }
         if (!bias.empty()) {
-            const index n = y.rows, m = y.cols;
+            const Index n = y.rows, m = y.cols;
 #pragma omp parallel for schedule(static) if (n * m > 32768)
-            for (index i = 0; i < n; ++i) {
+            for (Index i = 0; i < n; ++i) {
                 T* yi = y.row_ptr(i);
-                for (index j = 0; j < m; ++j) yi[j] += bias[static_cast<std::size_t>(j)];
+                for (Index j = 0; j < m; ++j) yi[j] += bias[static_cast<std::size_t>(j)];
             }
         }
     }
 
     /// dx[N, in] (+)= dy[N, out] W.
     void backward_input(MatrixView<T> dx, ConstMatrixView<T> dy, bool accumulate = true) const {
+        if constexpr (std::is_same_v<T, float>) {
+            if (is_bf16()) {
+                kernels::gemm_bf16(dx, dy, weight_bf16, kernels::Op::none, 1.0f, accumulate ? 1.0f : 0.0f);
+                return;
+            }
+        }
         kernels::gemm<T>(dx, dy, kernels::Op::none, weight, kernels::Op::none, T(1), accumulate ? T(1) : T(0));
     }
 };
@@ -45,13 +65,19 @@ enum class MlpForm { gelu, swiglu };
 
 inline const char* to_string(MlpForm f) { return f == MlpForm::gelu ? "gelu" : "swiglu"; }
 
+/// How a frozen MLP holds its weight matrices: fp32 (the default, and the fallback everywhere), or
+/// bf16 (half the bytes; products convert activations to bf16 and accumulate in fp32).
+enum class Precision { fp32, bf16 };
+
+inline const char* to_string(Precision p) { return p == Precision::fp32 ? "fp32" : "bf16"; }
+
 /// Frozen MLP weights in one buffer. Tensor names: gelu: `fc.weight` [h, d], `fc.bias` [h],
 /// `proj.weight` [d, h], `proj.bias` [d]; swiglu: `gate.weight` [h, d], `up.weight` [h, d],
-/// `down.weight` [d, h].
+/// `down.weight` [d, h]. One copy serves every expert, layer object and user that adapts it.
 template <class T>
 class FrozenMlp {
 public:
-    FrozenMlp(MlpForm form, index d_model, index d_hidden) : form_(form), d_(d_model), h_(d_hidden) {
+    FrozenMlp(MlpForm form, Index d_model, Index d_hidden) : form_(form), d_(d_model), h_(d_hidden) {
         require(d_model >= 1, "d_model ", d_model, ": must be >= 1");
         require(d_hidden >= 1, "d_hidden ", d_hidden, ": must be >= 1");
         ParamLayout l;
@@ -65,34 +91,112 @@ public:
             l.add("up.weight", {h_, d_});
             l.add("down.weight", {d_, h_});
         }
-        weights_ = ParamBuffer<T>(std::move(l));
+        full_layout_ = std::make_shared<const ParamLayout>(std::move(l));
+        weights_ = ParamBuffer<T>(full_layout_);
     }
 
     MlpForm form() const { return form_; }
-    index d_model() const { return d_; }
-    index d_hidden() const { return h_; }
+    Index d_model() const { return d_; }
+    Index d_hidden() const { return h_; }
 
-    /// Mutable access for loading the host's weights before the layer is shared.
+    /// Mutable access for loading the host's weights before the layer is shared. In bf16 precision it
+    /// holds the biases only (the matrices are in bf16_weight()).
     ParamBuffer<T>& weights() { return weights_; }
     const ParamBuffer<T>& weights() const { return weights_; }
 
+    Precision precision() const { return precision_; }
+
+    /// Stores the weight matrices in `p`, converting the current values once (fp32 -> bf16 rounds to
+    /// nearest even; back to fp32 is exact). bf16 needs T = float; biases always stay in T. Call it
+    /// after loading the weights and before sharing the base: views taken earlier become invalid.
+    void set_precision(Precision p) {
+        if (p == precision_) return;
+        if (p == Precision::bf16) {
+            require(std::is_same_v<T, float>, "precision bf16: only FrozenMlp<float> can hold bf16 weights");
+            if constexpr (std::is_same_v<T, float>) {
+                ParamLayout biases;
+                Index total = 0;
+                bf16_offsets_.clear();
+                for (const auto& spec : full_layout_->tensors()) {
+                    if (spec.shape.size() == 2) {
+                        bf16_offsets_.push_back({spec.name, total, spec.rows(), spec.cols()});
+                        total += (spec.size + 31) / 32 * 32;  // 64-byte aligned starts
+                    } else {
+                        biases.add(spec.name, spec.shape);
+                    }
+                }
+                bf16_.assign(static_cast<std::size_t>(total), kernels::bf16{});
+                for (const auto& m : bf16_offsets_)
+                    kernels::convert_to_bf16(bf16_.data() + m.offset, weights_.span(m.name).data(), m.rows * m.cols);
+                ParamBuffer<T> kept(std::move(biases));
+                for (const auto& spec : kept.layout().tensors()) {
+                    auto src = weights_.span(spec.name);
+                    std::copy(src.begin(), src.end(), kept.span(spec.name).begin());
+                }
+                weights_ = std::move(kept);
+            }
+        } else {
+            if constexpr (std::is_same_v<T, float>) {
+                ParamBuffer<T> full(full_layout_);
+                for (const auto& spec : weights_.layout().tensors()) {
+                    auto src = weights_.span(spec.name);
+                    std::copy(src.begin(), src.end(), full.span(spec.name).begin());
+                }
+                for (const auto& m : bf16_offsets_)
+                    kernels::convert_to_float(full.span(m.name).data(), bf16_.data() + m.offset, m.rows * m.cols);
+                weights_ = std::move(full);
+                bf16_ = {};
+                bf16_offsets_.clear();
+            }
+        }
+        precision_ = p;
+    }
+
+    /// A weight matrix held in bf16 (`fc.weight`, ...); empty in fp32 precision.
+    ConstMatrixView<kernels::bf16> bf16_weight(const std::string& name) const {
+        for (const auto& m : bf16_offsets_)
+            if (m.name == name) return {bf16_.data() + m.offset, m.rows, m.cols};
+        return {};
+    }
+
+    /// Bytes held for the frozen weights (matrices and biases), whatever the number of experts.
+    std::size_t weight_bytes() const {
+        return static_cast<std::size_t>(weights_.size()) * sizeof(T) + bf16_.size() * sizeof(kernels::bf16);
+    }
+
     /// A linear map by name: `fc`, `proj` (gelu) or `gate`, `up`, `down` (swiglu).
     FrozenLinear<T> linear(const std::string& name) const {
-        FrozenLinear<T> f{weights_.view(name + ".weight"), {}};
+        FrozenLinear<T> f;
+        if (precision_ == Precision::bf16) {
+            f.weight_bf16 = bf16_weight(name + ".weight");
+            require(f.weight_bf16.data != nullptr, "linear '", name, "': not in this MLP");
+        } else {
+            f.weight = weights_.view(name + ".weight");
+        }
         if (weights_.contains(name + ".bias")) f.bias = weights_.span(name + ".bias");
         return f;
     }
 
-    /// Fills every weight and bias with N(0, std) draws (tests and toy examples).
+    /// Fills every weight and bias with N(0, std) draws (tests and toy examples; fp32 precision).
     void randomize(Rng& rng, double std = 0.02) {
+        require(precision_ == Precision::fp32, "randomize: call it before set_precision(bf16)");
         for (const auto& spec : weights_.layout().tensors())
             for (T& w : weights_.span(spec.name)) w = static_cast<T>(rng.normal(0.0, std));
     }
 
 private:
+    struct Bf16Matrix {
+        std::string name;
+        Index offset, rows, cols;
+    };
+
     MlpForm form_;
-    index d_, h_;
+    Index d_, h_;
+    Precision precision_ = Precision::fp32;
+    std::shared_ptr<const ParamLayout> full_layout_;
     ParamBuffer<T> weights_;
+    comigs::detail::aligned_vector<kernels::bf16> bf16_;
+    std::vector<Bf16Matrix> bf16_offsets_;
 };
 
 }  // namespace comigs

@@ -21,7 +21,7 @@ enum class LoraScaling {
 inline const char* to_string(LoraScaling s) { return s == LoraScaling::linear ? "linear" : "sqrt"; }
 
 /// The scale s for `alpha`, `rank` and `scaling`; checks rank >= 1 and finite alpha.
-inline double lora_scale(double alpha, index rank, LoraScaling scaling) {
+inline double lora_scale(double alpha, Index rank, LoraScaling scaling) {
     require(rank >= 1, "rank ", rank, ": LoRA rank must be >= 1");
     require(std::isfinite(alpha), "alpha ", alpha, ": LoRA alpha must be finite");
     return scaling == LoraScaling::linear ? alpha / static_cast<double>(rank)
@@ -32,7 +32,7 @@ inline double lora_scale(double alpha, index rank, LoraScaling scaling) {
 template <class T>
 void kaiming_uniform(MatrixView<T> a, Rng& rng) {
     const double bound = a.cols > 0 ? 1.0 / std::sqrt(static_cast<double>(a.cols)) : 0.0;
-    for (index i = 0; i < a.rows; ++i)
+    for (Index i = 0; i < a.rows; ++i)
         for (T& v : a.row(i)) v = static_cast<T>(rng.uniform(-bound, bound));
 }
 
@@ -57,9 +57,9 @@ void lora_backward(MatrixView<T> dx, MatrixView<T> dA, MatrixView<T> dB, MatrixV
 
 /// Shape and options of one LoRA adapter.
 struct LoraConfig {
-    index in_features = 0;
-    index out_features = 0;
-    index rank = 8;
+    Index in_features = 0;
+    Index out_features = 0;
+    Index rank = 8;
     double alpha = 16.0;
     LoraScaling scaling = LoraScaling::sqrt;
     double dropout = 0.0;  ///< probability of zeroing an input element of the LoRA path (training only)
@@ -92,7 +92,7 @@ public:
     /// Kaiming-uniform A and zero B (so the adapter starts as the identity change).
     void init(Rng& rng) {
         kaiming_uniform(A(), rng);
-        for (index i = 0; i < cfg_.out_features; ++i)
+        for (Index i = 0; i < cfg_.out_features; ++i)
             for (T& v : B().row(i)) v = T(0);
     }
 
@@ -122,8 +122,8 @@ public:
             const T keep = T(1) / static_cast<T>(1.0 - cfg_.dropout);
             mask_.resize(static_cast<std::size_t>(n_ * cfg_.in_features));
             xdrop_.resize(mask_.size());
-            for (index i = 0; i < n_; ++i)
-                for (index j = 0; j < cfg_.in_features; ++j) {
+            for (Index i = 0; i < n_; ++i)
+                for (Index j = 0; j < cfg_.in_features; ++j) {
                     const std::size_t o = static_cast<std::size_t>(i * cfg_.in_features + j);
                     mask_[o] = rng->uniform() < cfg_.dropout ? T(0) : keep;
                     xdrop_[o] = x(i, j) * mask_[o];
@@ -131,7 +131,7 @@ public:
             xin = ConstMatrixView<T>(xdrop_.data(), n_, cfg_.in_features);
         } else {
             xcopy_.resize(static_cast<std::size_t>(n_ * cfg_.in_features));
-            for (index i = 0; i < n_; ++i)
+            for (Index i = 0; i < n_; ++i)
                 std::copy(x.row_ptr(i), x.row_ptr(i) + cfg_.in_features, xcopy_.data() + i * cfg_.in_features);
             xin = ConstMatrixView<T>(xcopy_.data(), n_, cfg_.in_features);
         }
@@ -158,8 +158,8 @@ public:
                          grads_.view("lora_B"), dz, dy, xin, ConstMatrixView<T>(z_.data(), n_, cfg_.rank), A(), B(),
                          s_);
         if (!dx.empty())
-            for (index i = 0; i < n_; ++i)
-                for (index j = 0; j < cfg_.in_features; ++j)
+            for (Index i = 0; i < n_; ++i)
+                for (Index j = 0; j < cfg_.in_features; ++j)
                     dx(i, j) += dxd[static_cast<std::size_t>(i * cfg_.in_features + j)] *
                                 mask_[static_cast<std::size_t>(i * cfg_.in_features + j)];
     }
@@ -178,7 +178,7 @@ private:
     LoraConfig cfg_;
     T s_{};
     ParamBuffer<T> params_, grads_;
-    index n_ = 0;
+    Index n_ = 0;
     bool dropped_ = false;
     std::vector<T> z_, dz_, mask_, xdrop_, xcopy_;
 };

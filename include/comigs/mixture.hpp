@@ -31,11 +31,11 @@ inline const char* to_string(Role r) { return r == Role::generalist ? "generalis
 /// Options of a mixture layer. By default expert 0 is the generalist and the rest are specialists.
 struct MixtureConfig {
     MlpForm form = MlpForm::gelu;
-    index d_model = 0;
-    index d_hidden = 0;
-    index n_experts = 2;
-    index top_k = 2;
-    index rank = 8;
+    Index d_model = 0;
+    Index d_hidden = 0;
+    Index n_experts = 2;
+    Index top_k = 2;
+    Index rank = 8;
     double alpha = 16.0;
     LoraScaling scaling = LoraScaling::sqrt;
     double dropout = 0.0;  ///< LoRA input dropout (training only)
@@ -56,7 +56,7 @@ struct MixtureConfig {
         r.noise_scale = noise_scale;
         return r;
     }
-    Role role(index e) const {
+    Role role(Index e) const {
         if (!roles.empty()) return roles[static_cast<std::size_t>(e)];
         return e == 0 ? Role::generalist : Role::specialist;
     }
@@ -68,7 +68,7 @@ struct MixtureConfig {
         require(std::isfinite(alpha), "alpha ", alpha, ": LoRA alpha must be finite");
         require(std::isfinite(scale()), "scaling alpha ", alpha, " / rank ", rank, ": not finite");
         require(dropout >= 0.0 && dropout < 1.0, "dropout ", dropout, ": must be in [0, 1)");
-        require(roles.empty() || static_cast<index>(roles.size()) == n_experts, "roles: ", roles.size(),
+        require(roles.empty() || static_cast<Index>(roles.size()) == n_experts, "roles: ", roles.size(),
                 " given for ", n_experts, " experts");
         router().validate();
     }
@@ -79,39 +79,39 @@ namespace detail {
 /// (token, slot) pairs grouped by expert: rows [offset[e], offset[e+1]) of the per-slot buffers belong
 /// to expert e, in increasing token order. `row_of[t * k + j]` is the row of token t's slot j.
 struct ExpertGroups {
-    std::vector<index> offset, token, slot, row_of;
+    std::vector<Index> offset, token, slot, row_of;
 
     template <class T>
     void build(const RoutingResult<T>& r) {
-        const index n = r.tokens, k = r.slots, E = r.experts;
+        const Index n = r.tokens, k = r.slots, E = r.experts;
         offset.assign(static_cast<std::size_t>(E + 1), 0);
-        for (index i = 0; i < n * k; ++i) ++offset[static_cast<std::size_t>(r.expert[static_cast<std::size_t>(i)] + 1)];
-        for (index e = 0; e < E; ++e) offset[static_cast<std::size_t>(e + 1)] += offset[static_cast<std::size_t>(e)];
-        std::vector<index> next(offset.begin(), offset.end() - 1);
+        for (Index i = 0; i < n * k; ++i) ++offset[static_cast<std::size_t>(r.expert[static_cast<std::size_t>(i)] + 1)];
+        for (Index e = 0; e < E; ++e) offset[static_cast<std::size_t>(e + 1)] += offset[static_cast<std::size_t>(e)];
+        std::vector<Index> next(offset.begin(), offset.end() - 1);
         token.resize(static_cast<std::size_t>(n * k));
         slot.resize(token.size());
         row_of.resize(token.size());
-        for (index t = 0; t < n; ++t)
-            for (index j = 0; j < k; ++j) {
-                const index row = next[static_cast<std::size_t>(r.expert[static_cast<std::size_t>(t * k + j)])]++;
+        for (Index t = 0; t < n; ++t)
+            for (Index j = 0; j < k; ++j) {
+                const Index row = next[static_cast<std::size_t>(r.expert[static_cast<std::size_t>(t * k + j)])]++;
                 token[static_cast<std::size_t>(row)] = t;
                 slot[static_cast<std::size_t>(row)] = j;
                 row_of[static_cast<std::size_t>(t * k + j)] = row;
             }
     }
-    index begin(index e) const { return offset[static_cast<std::size_t>(e)]; }
-    index count(index e) const { return offset[static_cast<std::size_t>(e + 1)] - offset[static_cast<std::size_t>(e)]; }
+    Index begin(Index e) const { return offset[static_cast<std::size_t>(e)]; }
+    Index count(Index e) const { return offset[static_cast<std::size_t>(e + 1)] - offset[static_cast<std::size_t>(e)]; }
 };
 
 template <class T>
-MatrixView<T> as_view(std::vector<T>& v, index rows, index cols) {
+MatrixView<T> as_view(std::vector<T>& v, Index rows, Index cols) {
     if (v.size() < static_cast<std::size_t>(rows * cols)) v.resize(static_cast<std::size_t>(rows * cols));
     return MatrixView<T>(v.data(), rows, cols);
 }
 
 /// Columns [e * r, (e + 1) * r) of a [N, E * r] matrix: expert e's block.
 template <class T>
-MatrixView<T> block(MatrixView<T> m, index e, index r) {
+MatrixView<T> block(MatrixView<T> m, Index e, Index r) {
     return MatrixView<T>(m.data + e * r, m.rows, r, m.stride);
 }
 
@@ -149,7 +149,7 @@ public:
         second_ = cfg_.form == MlpForm::gelu ? "proj" : "down";
         ParamLayout l;
         if (rcfg_.has_weight()) l.add("router.weight", {cfg_.n_experts, cfg_.d_model});
-        for (index e = 0; e < cfg_.n_experts; ++e) {
+        for (Index e = 0; e < cfg_.n_experts; ++e) {
             for (const auto& name : first_) {
                 l.add(tensor_name(e, name, 'A'), {cfg_.rank, cfg_.d_model});
                 l.add(tensor_name(e, name, 'B'), {cfg_.d_hidden, cfg_.rank});
@@ -165,7 +165,7 @@ public:
     void init(Rng& rng) {
         if (rcfg_.has_weight())
             for (T& v : params_.span("router.weight")) v = static_cast<T>(rng.normal(0.0, 0.02));
-        for (index e = 0; e < cfg_.n_experts; ++e)
+        for (Index e = 0; e < cfg_.n_experts; ++e)
             for (const auto& name : linears()) {
                 kaiming_uniform(params_.view(tensor_name(e, name, 'A')), rng);
                 for (T& v : params_.span(tensor_name(e, name, 'B'))) v = T(0);
@@ -176,7 +176,7 @@ public:
     const RouterConfig& router_config() const { return rcfg_; }
     const FrozenMlp<T>& base() const { return *base_; }
     std::shared_ptr<const FrozenMlp<T>> base_ptr() const { return base_; }
-    Role role(index e) const { return cfg_.role(e); }
+    Role role(Index e) const { return cfg_.role(e); }
     T scale() const { return s_; }
     ParamBuffer<T>& params() { return params_; }
     ParamBuffer<T>& grads() { return grads_; }
@@ -193,11 +193,11 @@ public:
         return v;
     }
     /// `experts.{e}.{linear}.lora_A` (which = 'A') or `.lora_B` (which = 'B').
-    static std::string tensor_name(index e, const std::string& linear, char which) {
+    static std::string tensor_name(Index e, const std::string& linear, char which) {
         return "experts." + std::to_string(e) + "." + linear + (which == 'A' ? ".lora_A" : ".lora_B");
     }
     /// Names of all tensors of expert e, in buffer order (a contiguous range of params()).
-    std::vector<std::string> expert_tensors(index e) const {
+    std::vector<std::string> expert_tensors(Index e) const {
         require(e >= 0 && e < cfg_.n_experts, "expert ", e, ": out of range [0, ", cfg_.n_experts, ")");
         std::vector<std::string> v;
         for (const auto& name : linears()) {
@@ -211,16 +211,16 @@ public:
     /// `training` enables dropout and router noise (drawn from `rng`, required then).
     /// Keeps what backward needs (a copy of x included), so x may change afterwards.
     double forward(MatrixView<T> y, ConstMatrixView<T> x, bool training = false, Rng* rng = nullptr) {
-        const index n = x.rows, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
+        const Index n = x.rows, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
         require_shape(x, n, d, "mixture input x");
         require_shape(y, n, d, "mixture output y");
         n_ = n;
         x_.resize(static_cast<std::size_t>(n * d));
         MatrixView<T> xs(x_.data(), n, d);
-        for (index t = 0; t < n; ++t) std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs.row_ptr(t));
+        for (Index t = 0; t < n; ++t) std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs.row_ptr(t));
         router_forward(route_, ConstMatrixView<T>(xs), router_weight(), rcfg_, training, rng);
         groups_.build(route_);
-        const index k = route_.slots, rows = n * k;
+        const Index k = route_.slots, rows = n * k;
         dropped_ = training && cfg_.dropout > 0.0;
         if (dropped_) require(rng != nullptr, "rng: dropout ", cfg_.dropout, " in training needs a generator");
 
@@ -229,25 +229,25 @@ public:
         if (dropped_) {
             detail::draw_mask(mask1_, static_cast<std::size_t>(n * d), cfg_.dropout, *rng);
             auto xd = detail::as_view(xdrop_, n, d);
-            for (index i = 0; i < n * d; ++i) xd.data[i] = xs.data[i] * mask1_[static_cast<std::size_t>(i)];
+            for (Index i = 0; i < n * d; ++i) xd.data[i] = xs.data[i] * mask1_[static_cast<std::size_t>(i)];
             xl = xd;
         }
 
-        const index nf = static_cast<index>(first_.size());
+        const Index nf = static_cast<Index>(first_.size());
         pre_.resize(static_cast<std::size_t>(nf));
         z1_.resize(static_cast<std::size_t>(nf));
-        for (index f = 0; f < nf; ++f) {
+        for (Index f = 0; f < nf; ++f) {
             const auto& name = first_[static_cast<std::size_t>(f)];
             auto H = detail::as_view(work_h_, n, h);
             base_->linear(name).forward(H, xs);
             auto Z1 = detail::as_view(z1_[static_cast<std::size_t>(f)], n, E * r);
-            for (index e = 0; e < E; ++e)
+            for (Index e = 0; e < E; ++e)
                 kernels::gemm<T>(detail::block(Z1, e, r), xl, kernels::Op::none, A(e, name), kernels::Op::trans);
             // Per routed row: pre-activation = H[token] + s * z1[token, e] B^T.
             auto P = detail::as_view(pre_[static_cast<std::size_t>(f)], rows, h);
             gather_rows(P, H);
-            for (index e = 0; e < E; ++e) {
-                const index ne = groups_.count(e);
+            for (Index e = 0; e < E; ++e) {
+                const Index ne = groups_.count(e);
                 if (ne == 0) continue;
                 auto Zg = gather_block(Z1, e);
                 kernels::gemm<T>(P.middle_rows(groups_.begin(e), ne), Zg, kernels::Op::none, B(e, name),
@@ -260,33 +260,33 @@ public:
         {
             const T* p0 = pre_[0].data();
             const T* p1 = nf > 1 ? pre_[1].data() : nullptr;
-            const index total = rows * h;
+            const Index total = rows * h;
             if (cfg_.form == MlpForm::gelu) {
 #pragma omp parallel for schedule(static) if (total > 65536)
-                for (index i = 0; i < total; ++i) U.data[i] = kernels::gelu_tanh(p0[i]);
+                for (Index i = 0; i < total; ++i) U.data[i] = kernels::gelu_tanh(p0[i]);
             } else {
 #pragma omp parallel for schedule(static) if (total > 65536)
-                for (index i = 0; i < total; ++i) U.data[i] = kernels::silu(p0[i]) * p1[i];
+                for (Index i = 0; i < total; ++i) U.data[i] = kernels::silu(p0[i]) * p1[i];
             }
         }
         ConstMatrixView<T> Ul = U;
         if (dropped_) {
             detail::draw_mask(mask2_, static_cast<std::size_t>(rows * h), cfg_.dropout, *rng);
             auto ud = detail::as_view(udrop_, rows, h);
-            for (index i = 0; i < rows * h; ++i) ud.data[i] = U.data[i] * mask2_[static_cast<std::size_t>(i)];
+            for (Index i = 0; i < rows * h; ++i) ud.data[i] = U.data[i] * mask2_[static_cast<std::size_t>(i)];
             Ul = ud;
         }
 
         // m = sum_j g_j u_j per token (token-major: deterministic for any thread count).
         auto M = detail::as_view(m_, n, h);
 #pragma omp parallel for schedule(static) if (n * h > 65536)
-        for (index t = 0; t < n; ++t) {
+        for (Index t = 0; t < n; ++t) {
             T* mt = M.row_ptr(t);
             std::fill(mt, mt + h, T(0));
-            for (index j = 0; j < k; ++j) {
+            for (Index j = 0; j < k; ++j) {
                 const T g = route_.gate_of(t, j);
                 const T* u = U.row_ptr(groups_.row_of[static_cast<std::size_t>(t * k + j)]);
-                for (index c = 0; c < h; ++c) mt[c] += g * u[c];
+                for (Index c = 0; c < h; ++c) mt[c] += g * u[c];
             }
         }
 
@@ -294,26 +294,26 @@ public:
         const auto second = base_->linear(second_);
         kernels::gemm<T>(y, M, kernels::Op::none, second.weight, kernels::Op::trans);
         if (!second.bias.empty())
-            for (index t = 0; t < n; ++t) {
+            for (Index t = 0; t < n; ++t) {
                 T gs = T(0);
-                for (index j = 0; j < k; ++j) gs += route_.gate_of(t, j);
+                for (Index j = 0; j < k; ++j) gs += route_.gate_of(t, j);
                 T* yt = y.row_ptr(t);
-                for (index c = 0; c < d; ++c) yt[c] += gs * second.bias[static_cast<std::size_t>(c)];
+                for (Index c = 0; c < d; ++c) yt[c] += gs * second.bias[static_cast<std::size_t>(c)];
             }
         auto Z2 = detail::as_view(z2_, rows, r);
         auto Zs = detail::as_view(z2s_, n, E * r);
         std::fill(Zs.data, Zs.data + n * E * r, T(0));
-        for (index e = 0; e < E; ++e) {
-            const index ne = groups_.count(e), b = groups_.begin(e);
+        for (Index e = 0; e < E; ++e) {
+            const Index ne = groups_.count(e), b = groups_.begin(e);
             if (ne == 0) continue;
             kernels::gemm<T>(Z2.middle_rows(b, ne), Ul.middle_rows(b, ne), kernels::Op::none, A(e, second_),
                              kernels::Op::trans);
-            for (index i = b; i < b + ne; ++i) {
-                const index t = groups_.token[static_cast<std::size_t>(i)];
+            for (Index i = b; i < b + ne; ++i) {
+                const Index t = groups_.token[static_cast<std::size_t>(i)];
                 const T gs = s_ * route_.gate_of(t, groups_.slot[static_cast<std::size_t>(i)]);
                 T* dst = Zs.row_ptr(t) + e * r;
                 const T* src = Z2.row_ptr(i);
-                for (index c = 0; c < r; ++c) dst[c] = gs * src[c];
+                for (Index c = 0; c < r; ++c) dst[c] = gs * src[c];
             }
             kernels::gemm<T>(y, detail::block(Zs, e, r), kernels::Op::none, B(e, second_), kernels::Op::trans, T(1),
                              T(1));
@@ -324,11 +324,11 @@ public:
     /// Backward of the last forward. dy[N, d] is dL/dy and lb_grad = dL/d(load-balancing loss) (e.g. 0.01);
     /// gradients accumulate into grads() and into dx[N, d] (pass an empty view to skip dx).
     void backward(MatrixView<T> dx, ConstMatrixView<T> dy, T lb_grad) {
-        const index n = n_, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
+        const Index n = n_, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
         require(!x_.empty() || n == 0, "mixture backward: no forward to differentiate");
         require_shape(dy, n, d, "mixture output gradient dy");
         if (!dx.empty()) require_shape(dx, n, d, "mixture input gradient dx");
-        const index k = route_.slots, rows = n * k;
+        const Index k = route_.slots, rows = n * k;
         const ConstMatrixView<T> xs(x_.data(), n, d);
         const ConstMatrixView<T> U(act_.data(), rows, h);
         const ConstMatrixView<T> Ul = dropped_ ? ConstMatrixView<T>(udrop_.data(), rows, h) : U;
@@ -338,7 +338,7 @@ public:
         kernels::gemm<T>(dM, dy, kernels::Op::none, second.weight, kernels::Op::none);
         // q = B2e^T dy for every token and expert.
         auto Q = detail::as_view(q_, n, E * r);
-        for (index e = 0; e < E; ++e)
+        for (Index e = 0; e < E; ++e)
             kernels::gemm<T>(detail::block(Q, e, r), dy, kernels::Op::none, B(e, second_), kernels::Op::none);
 
         std::vector<T>& dgate = dgate_;
@@ -348,34 +348,34 @@ public:
         const ConstMatrixView<T> Z2(z2_.data(), rows, r);
         const ConstMatrixView<T> Zs(z2s_.data(), n, E * r);
 #pragma omp parallel for schedule(static) if (rows * h > 65536)
-        for (index i = 0; i < rows; ++i) {
-            const index t = groups_.token[static_cast<std::size_t>(i)], j = groups_.slot[static_cast<std::size_t>(i)];
-            const index e = route_.expert_of(t, j);
+        for (Index i = 0; i < rows; ++i) {
+            const Index t = groups_.token[static_cast<std::size_t>(i)], j = groups_.slot[static_cast<std::size_t>(i)];
+            const Index e = route_.expert_of(t, j);
             const T g = route_.gate_of(t, j);
             const T* q = Q.row_ptr(t) + e * r;
             const T* u = U.row_ptr(i);
             const T* dm = dM.row_ptr(t);
             T* du = dU.row_ptr(i);
             double dg = 0.0;
-            for (index c = 0; c < h; ++c) {
+            for (Index c = 0; c < h; ++c) {
                 dg += static_cast<double>(u[c]) * static_cast<double>(dm[c]);
                 du[c] = g * dm[c];
             }
             if (!second.bias.empty()) {
                 const T* dyt = dy.row_ptr(t);
-                for (index c = 0; c < d; ++c)
+                for (Index c = 0; c < d; ++c)
                     dg += static_cast<double>(second.bias[static_cast<std::size_t>(c)]) * static_cast<double>(dyt[c]);
             }
             const T* z = Z2.row_ptr(i);
             double zq = 0.0;
-            for (index c = 0; c < r; ++c) {
+            for (Index c = 0; c < r; ++c) {
                 zq += static_cast<double>(z[c]) * static_cast<double>(q[c]);
                 Qg.row_ptr(i)[c] = g * s_ * q[c];
             }
             dgate[static_cast<std::size_t>(t * k + j)] = static_cast<T>(dg + static_cast<double>(s_) * zq);
         }
-        for (index e = 0; e < E; ++e) {
-            const index ne = groups_.count(e), b = groups_.begin(e);
+        for (Index e = 0; e < E; ++e) {
+            const Index ne = groups_.count(e), b = groups_.begin(e);
             if (ne == 0) continue;
             kernels::gemm<T>(grad_B(e, second_), dy, kernels::Op::trans, detail::block(Zs, e, r), kernels::Op::none,
                              T(1), T(1));
@@ -385,7 +385,7 @@ public:
                 // The LoRA path saw the dropped-out activation: its gradient passes through the mask.
                 auto tmp = detail::as_view(work_lora_, ne, h);
                 kernels::gemm<T>(tmp, Qg.middle_rows(b, ne), kernels::Op::none, A(e, second_), kernels::Op::none);
-                for (index i = 0; i < ne * h; ++i)
+                for (Index i = 0; i < ne * h; ++i)
                     dU.row_ptr(b)[i] += tmp.data[i] * mask2_[static_cast<std::size_t>(b * h + i)];
             } else {
                 kernels::gemm<T>(dU.middle_rows(b, ne), Qg.middle_rows(b, ne), kernels::Op::none, A(e, second_),
@@ -394,20 +394,20 @@ public:
         }
 
         // Through the activation: gradients of the first-stage pre-activations per routed row.
-        const index nf = static_cast<index>(first_.size());
+        const Index nf = static_cast<Index>(first_.size());
         dpre_.resize(static_cast<std::size_t>(nf));
         {
             auto dP0 = detail::as_view(dpre_[0], rows, h);
             const T* p0 = pre_[0].data();
-            const index total = rows * h;
+            const Index total = rows * h;
             if (cfg_.form == MlpForm::gelu) {
 #pragma omp parallel for schedule(static) if (total > 65536)
-                for (index i = 0; i < total; ++i) dP0.data[i] = dU.data[i] * kernels::gelu_tanh_grad(p0[i]);
+                for (Index i = 0; i < total; ++i) dP0.data[i] = dU.data[i] * kernels::gelu_tanh_grad(p0[i]);
             } else {
                 auto dP1 = detail::as_view(dpre_[1], rows, h);
                 const T* p1 = pre_[1].data();
 #pragma omp parallel for schedule(static) if (total > 65536)
-                for (index i = 0; i < total; ++i) {
+                for (Index i = 0; i < total; ++i) {
                     dP0.data[i] = dU.data[i] * p1[i] * kernels::silu_grad(p0[i]);
                     dP1.data[i] = dU.data[i] * kernels::silu(p0[i]);
                 }
@@ -418,25 +418,25 @@ public:
         const ConstMatrixView<T> xl = dropped_ ? ConstMatrixView<T>(xdrop_.data(), n, d) : xs;
         auto dXl = detail::as_view(work_dx_, n, d);
         std::fill(dXl.data, dXl.data + n * d, T(0));
-        for (index f = 0; f < nf; ++f) {
+        for (Index f = 0; f < nf; ++f) {
             const auto& name = first_[static_cast<std::size_t>(f)];
             const ConstMatrixView<T> dP(dpre_[static_cast<std::size_t>(f)].data(), rows, h);
             const auto Z1 = MatrixView<T>(z1_[static_cast<std::size_t>(f)].data(), n, E * r);
             auto DZ = detail::as_view(q_, n, E * r);  // Q is no longer needed: reuse its storage
             std::fill(DZ.data, DZ.data + n * E * r, T(0));
-            for (index e = 0; e < E; ++e) {
-                const index ne = groups_.count(e), b = groups_.begin(e);
+            for (Index e = 0; e < E; ++e) {
+                const Index ne = groups_.count(e), b = groups_.begin(e);
                 if (ne == 0) continue;
                 auto Zg = gather_block(Z1, e);
                 kernels::gemm<T>(grad_B(e, name), dP.middle_rows(b, ne), kernels::Op::trans, Zg, kernels::Op::none, s_,
                                  T(1));
                 auto dZ = detail::as_view(work_r_, ne, r);
                 kernels::gemm<T>(dZ, dP.middle_rows(b, ne), kernels::Op::none, B(e, name), kernels::Op::none, s_);
-                for (index i = 0; i < ne; ++i)
+                for (Index i = 0; i < ne; ++i)
                     std::copy(dZ.row_ptr(i), dZ.row_ptr(i) + r,
                               DZ.row_ptr(groups_.token[static_cast<std::size_t>(b + i)]) + e * r);
             }
-            for (index e = 0; e < E; ++e) {
+            for (Index e = 0; e < E; ++e) {
                 if (groups_.count(e) == 0) continue;
                 kernels::gemm<T>(grad_A(e, name), detail::block(DZ, e, r), kernels::Op::trans, xl, kernels::Op::none,
                                  T(1), T(1));
@@ -447,12 +447,12 @@ public:
                 // dH[t] = sum over t's slots of dP (token-major, deterministic), then dx += dH W.
                 auto dH = detail::as_view(work_h_, n, h);
 #pragma omp parallel for schedule(static) if (n * h > 65536)
-                for (index t = 0; t < n; ++t) {
+                for (Index t = 0; t < n; ++t) {
                     T* dh = dH.row_ptr(t);
                     std::fill(dh, dh + h, T(0));
-                    for (index j = 0; j < k; ++j) {
+                    for (Index j = 0; j < k; ++j) {
                         const T* src = dP.row_ptr(groups_.row_of[static_cast<std::size_t>(t * k + j)]);
-                        for (index c = 0; c < h; ++c) dh[c] += src[c];
+                        for (Index c = 0; c < h; ++c) dh[c] += src[c];
                     }
                 }
                 base_->linear(name).backward_input(dx, dH, true);
@@ -460,11 +460,11 @@ public:
         }
         if (!dx.empty()) {
             if (dropped_)
-                for (index i = 0; i < n * d; ++i) dXl.data[i] *= mask1_[static_cast<std::size_t>(i)];
-            for (index t = 0; t < n; ++t) {
+                for (Index i = 0; i < n * d; ++i) dXl.data[i] *= mask1_[static_cast<std::size_t>(i)];
+            for (Index t = 0; t < n; ++t) {
                 T* dst = dx.row_ptr(t);
                 const T* src = dXl.row_ptr(t);
-                for (index c = 0; c < d; ++c) dst[c] += src[c];
+                for (Index c = 0; c < d; ++c) dst[c] += src[c];
             }
         }
         if (rcfg_.has_weight())
@@ -476,25 +476,25 @@ private:
     ConstMatrixView<T> router_weight() const {
         return rcfg_.has_weight() ? params_.view("router.weight") : ConstMatrixView<T>();
     }
-    ConstMatrixView<T> A(index e, const std::string& name) const { return params_.view(tensor_name(e, name, 'A')); }
-    ConstMatrixView<T> B(index e, const std::string& name) const { return params_.view(tensor_name(e, name, 'B')); }
-    MatrixView<T> grad_A(index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'A')); }
-    MatrixView<T> grad_B(index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'B')); }
+    ConstMatrixView<T> A(Index e, const std::string& name) const { return params_.view(tensor_name(e, name, 'A')); }
+    ConstMatrixView<T> B(Index e, const std::string& name) const { return params_.view(tensor_name(e, name, 'B')); }
+    MatrixView<T> grad_A(Index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'A')); }
+    MatrixView<T> grad_B(Index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'B')); }
 
     /// dst[row] = src[token of row] for every routed row.
     void gather_rows(MatrixView<T> dst, ConstMatrixView<T> src) const {
-        const index rows = dst.rows, c = src.cols;
+        const Index rows = dst.rows, c = src.cols;
 #pragma omp parallel for schedule(static) if (rows * c > 65536)
-        for (index i = 0; i < rows; ++i) {
+        for (Index i = 0; i < rows; ++i) {
             const T* s = src.row_ptr(groups_.token[static_cast<std::size_t>(i)]);
             std::copy(s, s + c, dst.row_ptr(i));
         }
     }
     /// Expert e's block of a [N, E * r] matrix, gathered at e's routed tokens: [n_e, r].
-    MatrixView<T> gather_block(ConstMatrixView<T> m, index e) {
-        const index r = cfg_.rank, ne = groups_.count(e), b = groups_.begin(e);
+    MatrixView<T> gather_block(ConstMatrixView<T> m, Index e) {
+        const Index r = cfg_.rank, ne = groups_.count(e), b = groups_.begin(e);
         auto out = detail::as_view(work_gather_, ne, r);
-        for (index i = 0; i < ne; ++i) {
+        for (Index i = 0; i < ne; ++i) {
             const T* s = m.row_ptr(groups_.token[static_cast<std::size_t>(b + i)]) + e * r;
             std::copy(s, s + r, out.row_ptr(i));
         }
@@ -510,7 +510,7 @@ private:
     ParamBuffer<T> params_, grads_;
 
     // Saved by forward for backward.
-    index n_ = 0;
+    Index n_ = 0;
     bool dropped_ = false;
     RoutingResult<T> route_;
     detail::ExpertGroups groups_;

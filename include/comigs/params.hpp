@@ -18,12 +18,12 @@ namespace comigs {
 /// elements is viewed as a 1 x n matrix.
 struct TensorSpec {
     std::string name;
-    std::vector<index> shape;
-    index offset = 0;  ///< in elements from the start of the buffer
-    index size = 0;    ///< number of elements
+    std::vector<Index> shape;
+    Index offset = 0;  ///< in elements from the start of the buffer
+    Index size = 0;    ///< number of elements
 
-    index rows() const { return shape.size() >= 2 ? shape[0] : 1; }
-    index cols() const { return shape.empty() ? 1 : shape.back(); }
+    Index rows() const { return shape.size() >= 2 ? shape[0] : 1; }
+    Index cols() const { return shape.empty() ? 1 : shape.back(); }
 };
 
 /// The ordered list of tensors of a buffer. Tensors added consecutively are adjacent, so a group of
@@ -32,17 +32,17 @@ class ParamLayout {
 public:
     /// Appends a tensor; shape has 1 or 2 dimensions. Returns its offset. Every tensor starts on a
     /// multiple of 16 elements (64 bytes for float), so a view of any tensor is SIMD-aligned.
-    index add(std::string name, std::vector<index> shape) {
+    Index add(std::string name, std::vector<Index> shape) {
         require(!name.empty(), "tensor name: must not be empty");
         require(find(name) == nullptr, "tensor name '", name, "': already in the layout");
         require<ShapeError>(shape.size() == 1 || shape.size() == 2, "tensor '", name, "': rank ", shape.size(),
                             " not supported (1 or 2)");
-        index n = 1;
-        for (index s : shape) {
+        Index n = 1;
+        for (Index s : shape) {
             require<ShapeError>(s >= 0, "tensor '", name, "': negative dimension ", s);
             n *= s;
         }
-        const index offset = (total_ + 15) / 16 * 16;
+        const Index offset = (total_ + 15) / 16 * 16;
         specs_.push_back({std::move(name), std::move(shape), offset, n});
         total_ = offset + n;
         return offset;
@@ -59,7 +59,7 @@ public:
         return *s;
     }
     const std::vector<TensorSpec>& tensors() const { return specs_; }
-    index total() const { return total_; }  ///< elements including alignment padding
+    Index total() const { return total_; }  ///< elements including alignment padding
 
     bool operator==(const ParamLayout& o) const {
         if (specs_.size() != o.specs_.size() || total_ != o.total_) return false;
@@ -70,7 +70,7 @@ public:
 
 private:
     std::vector<TensorSpec> specs_;
-    index total_ = 0;
+    Index total_ = 0;
 };
 
 /// A contiguous, 64-byte aligned buffer of tensors described by a shared layout. Gradient buffers use
@@ -102,7 +102,7 @@ public:
 
     T* data() { return data_.data(); }
     const T* data() const { return data_.data(); }
-    index size() const { return static_cast<index>(data_.size()); }
+    Index size() const { return static_cast<Index>(data_.size()); }
     std::span<T> all() { return {data_.data(), data_.size()}; }
     std::span<const T> all() const { return {data_.data(), data_.size()}; }
 

@@ -26,9 +26,9 @@ inline const char* to_string(Routing r) { return r == Routing::top_k ? "topk" : 
 /// - k >= 2: softmax over the k largest logits (weights sum to 1).
 /// - k = 1: softmax over all E logits, the largest kept unnormalised (Switch style, weight < 1).
 struct RouterConfig {
-    index d_model = 0;
-    index n_experts = 2;
-    index top_k = 2;
+    Index d_model = 0;
+    Index n_experts = 2;
+    Index top_k = 2;
     Routing routing = Routing::top_k;
     /// Target share t_0 of the generalist (expert 0) in the load-balancing loss; the others get
     /// (1 - t_0)/(E - 1) each. A negative value means uniform, 1/E.
@@ -38,8 +38,8 @@ struct RouterConfig {
 
     bool has_weight() const { return routing == Routing::top_k && n_experts > 1; }
     /// Experts each token goes to.
-    index slots() const { return routing == Routing::mean ? n_experts : (n_experts == 1 ? 1 : top_k); }
-    double target_share(index e) const {
+    Index slots() const { return routing == Routing::mean ? n_experts : (n_experts == 1 ? 1 : top_k); }
+    double target_share(Index e) const {
         const double t0 = expert0_importance < 0.0 ? 1.0 / static_cast<double>(n_experts) : expert0_importance;
         return e == 0 ? t0 : (1.0 - t0) / static_cast<double>(n_experts - 1);
     }
@@ -62,7 +62,7 @@ struct RouterConfig {
 /// descending order of logit.
 template <class T>
 struct RoutingResult {
-    index tokens = 0, slots = 0, experts = 0;
+    Index tokens = 0, slots = 0, experts = 0;
     std::vector<std::int32_t> expert;  ///< [tokens * slots] chosen expert per slot
     std::vector<T> gate;               ///< [tokens * slots] its gate weight
     std::vector<T> logits;             ///< [tokens * experts] logits used for selection (noise included)
@@ -72,22 +72,22 @@ struct RoutingResult {
     std::vector<double> mean_prob;     ///< [experts] P_e, mean router probability
     double lb_loss = 0.0;              ///< sum_e P_e f_e / t_e (0 without a router)
 
-    std::int32_t expert_of(index t, index j) const { return expert[static_cast<std::size_t>(t * slots + j)]; }
-    T gate_of(index t, index j) const { return gate[static_cast<std::size_t>(t * slots + j)]; }
+    std::int32_t expert_of(Index t, Index j) const { return expert[static_cast<std::size_t>(t * slots + j)]; }
+    T gate_of(Index t, Index j) const { return gate[static_cast<std::size_t>(t * slots + j)]; }
 };
 
 namespace detail {
 template <class T>
-void softmax_row(const T* in, T* out, index n) {
+void softmax_row(const T* in, T* out, Index n) {
     T mx = in[0];
-    for (index i = 1; i < n; ++i) mx = std::max(mx, in[i]);
+    for (Index i = 1; i < n; ++i) mx = std::max(mx, in[i]);
     double sum = 0.0;
-    for (index i = 0; i < n; ++i) {
+    for (Index i = 0; i < n; ++i) {
         out[i] = std::exp(in[i] - mx);
         sum += static_cast<double>(out[i]);
     }
     const T inv = static_cast<T>(1.0 / sum);
-    for (index i = 0; i < n; ++i) out[i] *= inv;
+    for (Index i = 0; i < n; ++i) out[i] *= inv;
 }
 }  // namespace detail
 
@@ -96,7 +96,7 @@ void softmax_row(const T* in, T* out, index n) {
 template <class T>
 void router_forward(RoutingResult<T>& r, ConstMatrixView<T> x, ConstMatrixView<T> W, const RouterConfig& cfg,
                     bool training = false, Rng* rng = nullptr) {
-    const index n = x.rows, E = cfg.n_experts, k = cfg.slots();
+    const Index n = x.rows, E = cfg.n_experts, k = cfg.slots();
     require_shape(x, n, cfg.d_model, "router input x");
     r.tokens = n;
     r.slots = k;
@@ -111,12 +111,12 @@ void router_forward(RoutingResult<T>& r, ConstMatrixView<T> x, ConstMatrixView<T
         r.probs.clear();
         r.select_probs.clear();
         const T g = T(1) / static_cast<T>(k);
-        for (index t = 0; t < n; ++t)
-            for (index j = 0; j < k; ++j) {
+        for (Index t = 0; t < n; ++t)
+            for (Index j = 0; j < k; ++j) {
                 r.expert[static_cast<std::size_t>(t * k + j)] = static_cast<std::int32_t>(j);
                 r.gate[static_cast<std::size_t>(t * k + j)] = g;
             }
-        for (index e = 0; e < E; ++e) r.counts[static_cast<std::size_t>(e)] = n;
+        for (Index e = 0; e < E; ++e) r.counts[static_cast<std::size_t>(e)] = n;
         return;
     }
     require_shape(W, E, cfg.d_model, "router.weight");
@@ -125,7 +125,7 @@ void router_forward(RoutingResult<T>& r, ConstMatrixView<T> x, ConstMatrixView<T
     MatrixView<T> logits(r.logits.data(), n, E);
     kernels::gemm<T>(logits, x, kernels::Op::none, W, kernels::Op::trans);
 #pragma omp parallel for schedule(static) if (n * E > 65536)
-    for (index t = 0; t < n; ++t) detail::softmax_row(logits.row_ptr(t), r.probs.data() + t * E, E);
+    for (Index t = 0; t < n; ++t) detail::softmax_row(logits.row_ptr(t), r.probs.data() + t * E, E);
 
     const bool noisy = training && cfg.noise != RouterNoise::none && cfg.noise_scale > 0.0;
     if (noisy) {
@@ -133,16 +133,16 @@ void router_forward(RoutingResult<T>& r, ConstMatrixView<T> x, ConstMatrixView<T
         for (T& l : r.logits)  // sequential: the draw order must not depend on the thread count
             l += static_cast<T>(cfg.noise_scale * (cfg.noise == RouterNoise::gumbel ? rng->gumbel() : rng->normal()));
         r.select_probs.assign(r.logits.size(), T(0));
-        for (index t = 0; t < n; ++t) detail::softmax_row(logits.row_ptr(t), r.select_probs.data() + t * E, E);
+        for (Index t = 0; t < n; ++t) detail::softmax_row(logits.row_ptr(t), r.select_probs.data() + t * E, E);
     } else {
         r.select_probs = r.probs;
     }
 
 #pragma omp parallel for schedule(static) if (n > 4096)
-    for (index t = 0; t < n; ++t) {
+    for (Index t = 0; t < n; ++t) {
         const T* l = logits.row_ptr(t);
         std::int32_t* sel = r.expert.data() + t * k;
-        // Partial selection sort: E is small; ties go to the lower index.
+        // Partial selection sort: E is small; ties go to the lower Index.
         std::int32_t order[64];
         std::vector<std::int32_t> big;
         std::int32_t* ord = order;
@@ -150,7 +150,7 @@ void router_forward(RoutingResult<T>& r, ConstMatrixView<T> x, ConstMatrixView<T
             big.resize(static_cast<std::size_t>(E));
             ord = big.data();
         }
-        for (index e = 0; e < E; ++e) ord[e] = static_cast<std::int32_t>(e);
+        for (Index e = 0; e < E; ++e) ord[e] = static_cast<std::int32_t>(e);
         std::partial_sort(ord, ord + k, ord + E, [l](std::int32_t a, std::int32_t b) {
             return l[a] > l[b] || (l[a] == l[b] && a < b);
         });
@@ -161,20 +161,20 @@ void router_forward(RoutingResult<T>& r, ConstMatrixView<T> x, ConstMatrixView<T
         } else {
             const T mx = l[sel[0]];
             double sum = 0.0;
-            for (index j = 0; j < k; ++j) {
+            for (Index j = 0; j < k; ++j) {
                 g[j] = std::exp(l[sel[j]] - mx);
                 sum += static_cast<double>(g[j]);
             }
-            for (index j = 0; j < k; ++j) g[j] = static_cast<T>(static_cast<double>(g[j]) / sum);
+            for (Index j = 0; j < k; ++j) g[j] = static_cast<T>(static_cast<double>(g[j]) / sum);
         }
     }
 
-    for (index i = 0; i < n * k; ++i) ++r.counts[static_cast<std::size_t>(r.expert[static_cast<std::size_t>(i)])];
-    for (index t = 0; t < n; ++t)
-        for (index e = 0; e < E; ++e)
+    for (Index i = 0; i < n * k; ++i) ++r.counts[static_cast<std::size_t>(r.expert[static_cast<std::size_t>(i)])];
+    for (Index t = 0; t < n; ++t)
+        for (Index e = 0; e < E; ++e)
             r.mean_prob[static_cast<std::size_t>(e)] += static_cast<double>(r.probs[static_cast<std::size_t>(t * E + e)]);
     double lb = 0.0;
-    for (index e = 0; e < E; ++e) {
+    for (Index e = 0; e < E; ++e) {
         auto& P = r.mean_prob[static_cast<std::size_t>(e)];
         P = n > 0 ? P / static_cast<double>(n) : 0.0;
         const double f = n > 0 ? static_cast<double>(r.counts[static_cast<std::size_t>(e)]) / static_cast<double>(n * k) : 0.0;
@@ -190,19 +190,19 @@ template <class T>
 void router_backward(MatrixView<T> dx, MatrixView<T> dW, ConstMatrixView<T> dgate, T lb_grad, ConstMatrixView<T> x,
                      ConstMatrixView<T> W, const RoutingResult<T>& r, const RouterConfig& cfg) {
     if (!cfg.has_weight()) return;
-    const index n = r.tokens, E = r.experts, k = r.slots;
+    const Index n = r.tokens, E = r.experts, k = r.slots;
     require_shape(dgate, n, k, "router gate gradient");
     require_shape(x, n, cfg.d_model, "router input x");
     require_shape(dW, E, cfg.d_model, "router.weight gradient");
     std::vector<T> dlog(static_cast<std::size_t>(n * E), T(0));
     std::vector<double> c(static_cast<std::size_t>(E));
-    for (index e = 0; e < E; ++e)
+    for (Index e = 0; e < E; ++e)
         c[static_cast<std::size_t>(e)] = n > 0 ? static_cast<double>(r.counts[static_cast<std::size_t>(e)]) /
                                                      static_cast<double>(n * k) / cfg.target_share(e)
                                                : 0.0;
-    const double lb_scale = static_cast<double>(lb_grad) / static_cast<double>(std::max<index>(n, 1));
+    const double lb_scale = static_cast<double>(lb_grad) / static_cast<double>(std::max<Index>(n, 1));
 #pragma omp parallel for schedule(static) if (n > 4096)
-    for (index t = 0; t < n; ++t) {
+    for (Index t = 0; t < n; ++t) {
         T* dl = dlog.data() + t * E;
         const T* dg = dgate.row_ptr(t);
         const std::int32_t* sel = r.expert.data() + t * k;
@@ -210,20 +210,20 @@ void router_backward(MatrixView<T> dx, MatrixView<T> dW, ConstMatrixView<T> dgat
         if (k == 1) {
             // g = p_m with p = softmax over all logits: dl_j = g (delta_jm - p_j) dg.
             const T* p = r.select_probs.data() + t * E;
-            for (index e = 0; e < E; ++e) dl[e] -= g[0] * p[e] * dg[0];
+            for (Index e = 0; e < E; ++e) dl[e] -= g[0] * p[e] * dg[0];
             dl[sel[0]] += g[0] * dg[0];
         } else {
             // g = softmax over the selected logits: dl_j = g_j (dg_j - sum_i g_i dg_i).
             double dot = 0.0;
-            for (index j = 0; j < k; ++j) dot += static_cast<double>(g[j]) * static_cast<double>(dg[j]);
-            for (index j = 0; j < k; ++j) dl[sel[j]] += g[j] * (dg[j] - static_cast<T>(dot));
+            for (Index j = 0; j < k; ++j) dot += static_cast<double>(g[j]) * static_cast<double>(dg[j]);
+            for (Index j = 0; j < k; ++j) dl[sel[j]] += g[j] * (dg[j] - static_cast<T>(dot));
         }
         if (lb_grad != T(0)) {
             // LB = sum_e c_e P_e, P_e = mean_t p_te (clean softmax): dl_tj = p_tj (c_j - sum_e c_e p_te) / N.
             const T* p = r.probs.data() + t * E;
             double cp = 0.0;
-            for (index e = 0; e < E; ++e) cp += c[static_cast<std::size_t>(e)] * static_cast<double>(p[e]);
-            for (index e = 0; e < E; ++e)
+            for (Index e = 0; e < E; ++e) cp += c[static_cast<std::size_t>(e)] * static_cast<double>(p[e]);
+            for (Index e = 0; e < E; ++e)
                 dl[e] += static_cast<T>(lb_scale * static_cast<double>(p[e]) * (c[static_cast<std::size_t>(e)] - cp));
         }
     }
@@ -297,9 +297,9 @@ struct RoutingStats {
             counts.assign(static_cast<std::size_t>(r.experts), 0);
             prob_sum.assign(static_cast<std::size_t>(r.experts), 0.0);
         }
-        require<ShapeError>(static_cast<index>(counts.size()) == r.experts, "routing stats: ", r.experts,
+        require<ShapeError>(static_cast<Index>(counts.size()) == r.experts, "routing stats: ", r.experts,
                             " experts, expected ", counts.size());
-        for (index e = 0; e < r.experts; ++e) {
+        for (Index e = 0; e < r.experts; ++e) {
             counts[static_cast<std::size_t>(e)] += r.counts[static_cast<std::size_t>(e)];
             prob_sum[static_cast<std::size_t>(e)] += r.mean_prob[static_cast<std::size_t>(e)] * static_cast<double>(r.tokens);
         }
@@ -307,10 +307,10 @@ struct RoutingStats {
         assignments += r.tokens * r.slots;
     }
     /// Fraction of assignments that went to expert e.
-    double share(index e) const {
+    double share(Index e) const {
         return assignments ? static_cast<double>(counts[static_cast<std::size_t>(e)]) / static_cast<double>(assignments) : 0.0;
     }
-    double mean_prob(index e) const {
+    double mean_prob(Index e) const {
         return tokens ? prob_sum[static_cast<std::size_t>(e)] / static_cast<double>(tokens) : 0.0;
     }
 };

@@ -10,20 +10,23 @@
 
 namespace comigs {
 
-using index = std::ptrdiff_t;
+/// Sizes and indices (signed, like Eigen::Index). Spelled `Index` so that `using namespace comigs;`
+/// does not collide with POSIX's global `index()` function.
+using Index = std::ptrdiff_t;
+using index = Index;  ///< older spelling, kept for code inside namespace comigs
 
 /// A rows x cols row-major matrix at `data` whose rows are `stride` elements apart (stride >= cols).
 /// `MatrixView<const T>` is the read-only form; a `MatrixView<T>` converts to it.
 template <class T>
 struct MatrixView {
     T* data = nullptr;
-    index rows = 0;
-    index cols = 0;
-    index stride = 0;
+    Index rows = 0;
+    Index cols = 0;
+    Index stride = 0;
 
     MatrixView() = default;
-    MatrixView(T* d, index r, index c) : MatrixView(d, r, c, c) {}
-    MatrixView(T* d, index r, index c, index s) : data(d), rows(r), cols(c), stride(s) {
+    MatrixView(T* d, Index r, Index c) : MatrixView(d, r, c, c) {}
+    MatrixView(T* d, Index r, Index c, Index s) : data(d), rows(r), cols(c), stride(s) {
         require<ShapeError>(r >= 0 && c >= 0, "matrix view shape [", r, ", ", c, "]: sizes must be >= 0");
         require<ShapeError>(s >= c, "matrix view stride ", s, ": must be >= cols ", c);
         require(d != nullptr || r * c == 0, "matrix view [", r, ", ", c, "]: null data pointer");
@@ -32,15 +35,15 @@ struct MatrixView {
         requires(std::is_same_v<std::remove_const_t<T>, U> && std::is_const_v<T>)
     MatrixView(const MatrixView<U>& o) : data(o.data), rows(o.rows), cols(o.cols), stride(o.stride) {}
 
-    T& operator()(index i, index j) const { return data[i * stride + j]; }
-    T* row_ptr(index i) const { return data + i * stride; }
-    std::span<T> row(index i) const { return {data + i * stride, static_cast<std::size_t>(cols)}; }
-    index size() const { return rows * cols; }
+    T& operator()(Index i, Index j) const { return data[i * stride + j]; }
+    T* row_ptr(Index i) const { return data + i * stride; }
+    std::span<T> row(Index i) const { return {data + i * stride, static_cast<std::size_t>(cols)}; }
+    Index size() const { return rows * cols; }
     bool empty() const { return rows == 0 || cols == 0; }
     bool contiguous() const { return stride == cols || rows <= 1; }
 
     /// Rows [first, first + count).
-    MatrixView middle_rows(index first, index count) const {
+    MatrixView middle_rows(Index first, Index count) const {
         return MatrixView(data + first * stride, count, cols, stride);
     }
 };
@@ -61,7 +64,7 @@ auto eigen(const MatrixView<T>& v) {
 
 /// Checks a view has the expected shape; `what` names the tensor in the error.
 template <class T>
-void require_shape(const MatrixView<T>& v, index rows, index cols, const char* what) {
+void require_shape(const MatrixView<T>& v, Index rows, Index cols, const char* what) {
     require<ShapeError>(v.rows == rows && v.cols == cols, what, " has shape [", v.rows, ", ", v.cols,
                         "], expected [", rows, ", ", cols, "]");
     require(v.data != nullptr || v.size() == 0, what, ": null buffer");

@@ -13,10 +13,10 @@ enum class Op { none, trans };
 template <class T>
 void gemm(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView<T> B, Op opb, T alpha = T(1),
           T beta = T(0)) {
-    const index m = opa == Op::none ? A.rows : A.cols;
-    const index ka = opa == Op::none ? A.cols : A.rows;
-    const index kb = opb == Op::none ? B.rows : B.cols;
-    const index n = opb == Op::none ? B.cols : B.rows;
+    const Index m = opa == Op::none ? A.rows : A.cols;
+    const Index ka = opa == Op::none ? A.cols : A.rows;
+    const Index kb = opb == Op::none ? B.rows : B.cols;
+    const Index n = opb == Op::none ? B.cols : B.rows;
     require<ShapeError>(ka == kb && C.rows == m && C.cols == n, "gemm: op(A) [", m, ", ", ka, "] x op(B) [", kb,
                         ", ", n, "] -> C [", C.rows, ", ", C.cols, "] do not agree");
     require(beta == T(0) || beta == T(1), "gemm beta ", beta, ": only 0 or 1 supported");
