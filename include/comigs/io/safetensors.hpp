@@ -116,12 +116,12 @@ constexpr Dtype dtype_of() {
 struct SafetensorsTensor {
     std::string name;
     Dtype dtype = Dtype::F32;
-    std::vector<index> shape;
+    std::vector<Index> shape;
     std::vector<std::byte> bytes;
 
-    index numel() const {
-        index n = 1;
-        for (index d : shape) n *= d;  // validated against overflow when the tensor was added or parsed
+    Index numel() const {
+        Index n = 1;
+        for (Index d : shape) n *= d;  // validated against overflow when the tensor was added or parsed
         return n;
     }
     bool operator==(const SafetensorsTensor&) const = default;
@@ -151,7 +151,7 @@ struct SafetensorsWriteOptions {
 namespace comigs::detail {
 
 /// A name or value quoted for an error message: control and non-ASCII bytes as \xNN, long text cut.
-inline std::string quoted(std::string_view s) {
+inline std::string quote_name(std::string_view s) {
     std::string out = "'";
     const std::size_t limit = 120;
     for (std::size_t i = 0; i < s.size() && i < limit; ++i) {
@@ -169,20 +169,20 @@ inline std::string quoted(std::string_view s) {
     return out + "'";
 }
 
-inline std::string shape_text(std::span<const index> shape) {
+inline std::string shape_text(std::span<const Index> shape) {
     std::string s = "[";
     for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
     return s + "]";
 }
 
 /// Product of the dimensions times the element size, or nullopt if any step overflows 64 bits.
-inline std::optional<std::uint64_t> checked_byte_count(std::span<const index> shape, std::size_t elem_size) {
+inline std::optional<std::uint64_t> checked_byte_count(std::span<const Index> shape, std::size_t elem_size) {
     std::uint64_t n = 1;
-    for (index d : shape)
+    for (Index d : shape)
         if (d < 0 || __builtin_mul_overflow(n, static_cast<std::uint64_t>(d), &n)) return std::nullopt;
     if (__builtin_mul_overflow(n, static_cast<std::uint64_t>(elem_size), &n)) return std::nullopt;
-    // Element counts are `index` (signed) in the rest of comigs.
-    if (n > static_cast<std::uint64_t>(std::numeric_limits<index>::max())) return std::nullopt;
+    // Element counts are `Index` (signed) in the rest of comigs.
+    if (n > static_cast<std::uint64_t>(std::numeric_limits<Index>::max())) return std::nullopt;
     return n;
 }
 
@@ -288,7 +288,7 @@ bool can_decode(io::Dtype d) {
 struct SafetensorsEntry {
     std::string name;
     io::Dtype dtype;
-    std::vector<index> shape;
+    std::vector<Index> shape;
     std::uint64_t begin;
     std::uint64_t end;
 };
@@ -306,7 +306,7 @@ inline std::string describe_json(const safetensors_json& v) {
     switch (v.type()) {
         case safetensors_json::value_t::object: return "an object";
         case safetensors_json::value_t::array: return "an array";
-        case safetensors_json::value_t::string: return "the string " + quoted(v.get_ref<const std::string&>());
+        case safetensors_json::value_t::string: return "the string " + quote_name(v.get_ref<const std::string&>());
         default: return v.dump();
     }
 }
@@ -348,9 +348,9 @@ inline safetensors_json parse_header_json(std::string_view text) {
                 const auto& key = parsed.get_ref<const std::string&>();
                 OpenObject& obj = open.back();
                 if (!obj.keys.insert(key).second) {
-                    if (open.size() == 1) raise<FormatError>("duplicate tensor name ", quoted(key), " in header");
-                    raise<FormatError>("duplicate key ", quoted(key), " inside ",
-                                       quoted(open[open.size() - 2].last_key));
+                    if (open.size() == 1) raise<FormatError>("duplicate tensor name ", quote_name(key), " in header");
+                    raise<FormatError>("duplicate key ", quote_name(key), " inside ",
+                                       quote_name(open[open.size() - 2].last_key));
                 }
                 obj.last_key = key;
                 break;
@@ -374,65 +374,65 @@ inline std::uint64_t header_uint(const safetensors_json& v, std::string_view ten
     if (v.is_number_unsigned()) {
         const auto x = v.get<std::uint64_t>();
         if (x > max)
-            raise<FormatError>("tensor ", quoted(tensor), ": ", what, " ", x, " is too large (at most ", max, ")");
+            raise<FormatError>("tensor ", quote_name(tensor), ": ", what, " ", x, " is too large (at most ", max, ")");
         return x;
     }
     if (v.is_number_integer()) {
         const auto x = v.get<std::int64_t>();
-        if (x < 0) raise<FormatError>("tensor ", quoted(tensor), ": ", what, " ", x, " is negative");
+        if (x < 0) raise<FormatError>("tensor ", quote_name(tensor), ": ", what, " ", x, " is negative");
         return static_cast<std::uint64_t>(x);  // "-0"
     }
-    raise<FormatError>("tensor ", quoted(tensor), ": ", what, " ", describe_json(v), " is not an integer");
+    raise<FormatError>("tensor ", quote_name(tensor), ": ", what, " ", describe_json(v), " is not an integer");
 }
 
 inline SafetensorsEntry parse_tensor_entry(const std::string& name, const safetensors_json& v) {
     if (!v.is_object())
-        raise<FormatError>("tensor ", quoted(name), ": entry is not an object (found ", describe_json(v), ")");
+        raise<FormatError>("tensor ", quote_name(name), ": entry is not an object (found ", describe_json(v), ")");
     for (const auto& item : v.items()) {
         const std::string& k = item.key();
         if (k != "dtype" && k != "shape" && k != "data_offsets")
-            raise<FormatError>("tensor ", quoted(name), ": unexpected key ", quoted(k),
+            raise<FormatError>("tensor ", quote_name(name), ": unexpected key ", quote_name(k),
                                " (an entry has only dtype, shape and data_offsets)");
     }
     SafetensorsEntry e{name, io::Dtype::F32, {}, 0, 0};
 
     const auto dt = v.find("dtype");
-    if (dt == v.end()) raise<FormatError>("tensor ", quoted(name), ": missing \"dtype\"");
+    if (dt == v.end()) raise<FormatError>("tensor ", quote_name(name), ": missing \"dtype\"");
     if (!dt->is_string())
-        raise<FormatError>("tensor ", quoted(name), ": \"dtype\" must be a string, found ", describe_json(*dt));
+        raise<FormatError>("tensor ", quote_name(name), ": \"dtype\" must be a string, found ", describe_json(*dt));
     const auto dtype = io::dtype_from_name(dt->get_ref<const std::string&>());
     if (!dtype)
-        raise<FormatError>("tensor ", quoted(name), ": unknown dtype ", quoted(dt->get_ref<const std::string&>()));
+        raise<FormatError>("tensor ", quote_name(name), ": unknown dtype ", quote_name(dt->get_ref<const std::string&>()));
     e.dtype = *dtype;
 
     const auto sh = v.find("shape");
-    if (sh == v.end()) raise<FormatError>("tensor ", quoted(name), ": missing \"shape\"");
+    if (sh == v.end()) raise<FormatError>("tensor ", quote_name(name), ": missing \"shape\"");
     if (!sh->is_array())
-        raise<FormatError>("tensor ", quoted(name), ": \"shape\" must be an array of integers, found ",
+        raise<FormatError>("tensor ", quote_name(name), ": \"shape\" must be an array of integers, found ",
                            describe_json(*sh));
     e.shape.reserve(sh->size());
     for (const auto& d : *sh)
-        e.shape.push_back(static_cast<index>(
-            header_uint(d, name, "shape dimension", static_cast<std::uint64_t>(std::numeric_limits<index>::max()))));
+        e.shape.push_back(static_cast<Index>(
+            header_uint(d, name, "shape dimension", static_cast<std::uint64_t>(std::numeric_limits<Index>::max()))));
     const auto nbytes = checked_byte_count(e.shape, io::dtype_size(e.dtype));
     if (!nbytes)
-        raise<FormatError>("tensor ", quoted(name), ": shape ", shape_text(e.shape), " times the ",
+        raise<FormatError>("tensor ", quote_name(name), ": shape ", shape_text(e.shape), " times the ",
                            io::dtype_size(e.dtype), "-byte size of ", io::dtype_name(e.dtype),
                            " overflows a 64-bit byte count");
 
     const auto off = v.find("data_offsets");
-    if (off == v.end()) raise<FormatError>("tensor ", quoted(name), ": missing \"data_offsets\"");
+    if (off == v.end()) raise<FormatError>("tensor ", quote_name(name), ": missing \"data_offsets\"");
     if (!off->is_array() || off->size() != 2)
-        raise<FormatError>("tensor ", quoted(name), ": \"data_offsets\" must be an array [begin, end], found ",
+        raise<FormatError>("tensor ", quote_name(name), ": \"data_offsets\" must be an array [begin, end], found ",
                            off->is_array() ? "an array of " + std::to_string(off->size()) + " elements"
                                            : describe_json(*off));
     const std::uint64_t u64max = std::numeric_limits<std::uint64_t>::max();
     e.begin = header_uint((*off)[0], name, "data offset", u64max);
     e.end = header_uint((*off)[1], name, "data offset", u64max);
     if (e.end < e.begin)
-        raise<FormatError>("tensor ", quoted(name), ": data_offsets [", e.begin, ", ", e.end, "] end before they begin");
+        raise<FormatError>("tensor ", quote_name(name), ": data_offsets [", e.begin, ", ", e.end, "] end before they begin");
     if (e.end - e.begin != *nbytes)
-        raise<FormatError>("tensor ", quoted(name), ": data_offsets [", e.begin, ", ", e.end, "] hold ",
+        raise<FormatError>("tensor ", quote_name(name), ": data_offsets [", e.begin, ", ", e.end, "] hold ",
                            e.end - e.begin, " bytes but dtype ", io::dtype_name(e.dtype), " with shape ",
                            shape_text(e.shape), " needs ", *nbytes);
     return e;
@@ -442,6 +442,10 @@ inline SafetensorsEntry parse_tensor_entry(const std::string& name, const safete
 inline SafetensorsHeader parse_safetensors_header(std::string_view text, std::uint64_t data_size) {
     if (const std::size_t bad = utf8_invalid_offset(text); bad != std::string_view::npos)
         raise<FormatError>("header is not valid UTF-8 (byte ", bad, " of the header)");
+    // JSON text never contains a raw NUL, and nlohmann would stop reading at one: the rest of the header
+    // (possibly another JSON document another reader sees) would be ignored.
+    if (const std::size_t nul = text.find('\0'); nul != std::string_view::npos)
+        raise<FormatError>("header contains a NUL byte (byte ", nul, " of the header)");
     const safetensors_json j = parse_header_json(text);
     if (!j.is_object()) raise<FormatError>("header JSON is not an object (found ", describe_json(j), ")");
 
@@ -456,7 +460,7 @@ inline SafetensorsHeader parse_safetensors_header(std::string_view text, std::ui
                 raise<FormatError>("__metadata__ must be an object of strings, found ", describe_json(v));
             for (const auto& m : v.items()) {
                 if (!m.value().is_string())
-                    raise<FormatError>("__metadata__ value of key ", quoted(m.key()), " is not a string (found ",
+                    raise<FormatError>("__metadata__ value of key ", quote_name(m.key()), " is not a string (found ",
                                        describe_json(m.value()), ")");
                 h.metadata.emplace(m.key(), m.value().get<std::string>());
             }
@@ -473,11 +477,11 @@ inline SafetensorsHeader parse_safetensors_header(std::string_view text, std::ui
     for (const auto& e : h.entries) {
         if (e.begin != expected) {
             if (prev == nullptr)
-                raise<FormatError>("gap in data: the first tensor ", quoted(e.name), " begins at byte ", e.begin,
+                raise<FormatError>("gap in data: the first tensor ", quote_name(e.name), " begins at byte ", e.begin,
                                    ", not 0");
             raise<FormatError>(e.begin > expected ? "gap in data: tensor " : "overlap in data: tensor ",
-                               quoted(e.name), " begins at byte ", e.begin, " but the previous tensor ",
-                               quoted(prev->name), " ends at byte ", expected);
+                               quote_name(e.name), " begins at byte ", e.begin, " but the previous tensor ",
+                               quote_name(prev->name), " ends at byte ", expected);
         }
         expected = e.end;
         prev = &e;
@@ -508,7 +512,7 @@ inline void verify_and_strip_checksum(io::SafetensorsMetadata& meta, std::uint64
                                      return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
                                  });
         if (!well_formed)
-            raise<FormatError>(io::safetensors_checksum_key, " ", quoted(recorded),
+            raise<FormatError>(io::safetensors_checksum_key, " ", quote_name(recorded),
                                " is not of the form xxh64:<16 hex digits>");
         std::string lower = recorded;
         for (char& c : lower) c = (c >= 'A' && c <= 'F') ? static_cast<char>(c - 'A' + 'a') : c;
@@ -646,12 +650,12 @@ public:
     const SafetensorsTensor& at(std::string_view name) const {
         const SafetensorsTensor* t = find(name);
         if (t == nullptr)
-            detail::raise<FormatError>("tensor ", detail::quoted(name), ": not in the file (it has ", tensors_.size(),
+            detail::raise<FormatError>("tensor ", detail::quote_name(name), ": not in the file (it has ", tensors_.size(),
                                        " tensors)");
         return *t;
     }
     /// The shape of tensor `name` (FormatError if absent).
-    const std::vector<index>& shape(std::string_view name) const { return at(name).shape; }
+    const std::vector<Index>& shape(std::string_view name) const { return at(name).shape; }
 
     /// Removes tensor `name`; returns whether it was there.
     bool erase(std::string_view name) {
@@ -663,9 +667,9 @@ public:
     }
 
     /// Appends a tensor from raw little-endian bytes (numel * dtype_size bytes, row-major).
-    void add_raw(std::string name, Dtype dtype, std::vector<index> shape, std::vector<std::byte> bytes) {
+    void add_raw(std::string name, Dtype dtype, std::vector<Index> shape, std::vector<std::byte> bytes) {
         const std::uint64_t n = check_new(name, shape, dtype);
-        require<ShapeError>(bytes.size() == n, "tensor ", detail::quoted(name), ": dtype ", dtype_name(dtype),
+        require<ShapeError>(bytes.size() == n, "tensor ", detail::quote_name(name), ": dtype ", dtype_name(dtype),
                                     " with shape ", detail::shape_text(shape), " needs ", n, " bytes, got ",
                                     bytes.size());
         push_back({std::move(name), dtype, std::move(shape), std::move(bytes)});
@@ -677,12 +681,12 @@ public:
     /// rounding to nearest even).
     template <std::ranges::contiguous_range R>
         requires SafetensorsElement<std::remove_cv_t<std::ranges::range_value_t<R>>>
-    void add(std::string name, std::vector<index> shape, const R& values, std::optional<Dtype> as = std::nullopt) {
+    void add(std::string name, std::vector<Index> shape, const R& values, std::optional<Dtype> as = std::nullopt) {
         using T = std::remove_cv_t<std::ranges::range_value_t<R>>;
         const Dtype dtype = target_dtype<T>(name, as);
         const std::uint64_t n = check_new(name, shape, dtype);
         const auto count = static_cast<std::uint64_t>(std::ranges::size(values));
-        require<ShapeError>(count * dtype_size(dtype) == n, "tensor ", detail::quoted(name), ": shape ",
+        require<ShapeError>(count * dtype_size(dtype) == n, "tensor ", detail::quote_name(name), ": shape ",
                                     detail::shape_text(shape), " holds ", n / dtype_size(dtype), " elements but ",
                                     count, " values were given");
         std::vector<std::byte> bytes(static_cast<std::size_t>(n));
@@ -696,11 +700,11 @@ public:
     void add(std::string name, MatrixView<T> m, std::optional<Dtype> as = std::nullopt) {
         using U = std::remove_const_t<T>;
         const Dtype dtype = target_dtype<U>(name, as);
-        std::vector<index> shape{m.rows, m.cols};
+        std::vector<Index> shape{m.rows, m.cols};
         const std::uint64_t n = check_new(name, shape, dtype);
         std::vector<std::byte> bytes(static_cast<std::size_t>(n));
         const std::size_t row_bytes = static_cast<std::size_t>(m.cols) * dtype_size(dtype);
-        for (index r = 0; r < m.rows; ++r)
+        for (Index r = 0; r < m.rows; ++r)
             detail::encode_elements<U>(dtype, m.row_ptr(r), static_cast<std::size_t>(m.cols),
                                        bytes.data() + static_cast<std::size_t>(r) * row_bytes);
         push_back({std::move(name), dtype, std::move(shape), std::move(bytes)});
@@ -718,7 +722,7 @@ public:
 
     /// As get(name), after checking that the tensor has exactly `expected_shape` (ShapeError otherwise).
     template <SafetensorsElement T>
-    std::vector<T> get(std::string_view name, const std::vector<index>& expected_shape) const {
+    std::vector<T> get(std::string_view name, const std::vector<Index>& expected_shape) const {
         expect_shape(at(name), expected_shape);
         return get<T>(name);
     }
@@ -729,18 +733,18 @@ public:
         const SafetensorsTensor& t = readable_as<T>(name);
         expect_shape(t, {out.rows, out.cols});
         const std::size_t row_bytes = static_cast<std::size_t>(out.cols) * dtype_size(t.dtype);
-        for (index r = 0; r < out.rows; ++r)
+        for (Index r = 0; r < out.rows; ++r)
             detail::decode_elements<T>(t.dtype, t.bytes.data() + static_cast<std::size_t>(r) * row_bytes,
                                        static_cast<std::size_t>(out.cols), out.row_ptr(r));
     }
 
     /// Copies tensor `name`, which must have shape `expected_shape`, into `out` (as many elements).
     template <SafetensorsElement T>
-    void get_into(std::string_view name, const std::vector<index>& expected_shape, std::span<T> out) const {
+    void get_into(std::string_view name, const std::vector<Index>& expected_shape, std::span<T> out) const {
         const SafetensorsTensor& t = readable_as<T>(name);
         expect_shape(t, expected_shape);
         require<ShapeError>(out.size() == static_cast<std::size_t>(t.numel()), "tensor ",
-                                    detail::quoted(name), ": output has ", out.size(), " elements, the tensor ",
+                                    detail::quote_name(name), ": output has ", out.size(), " elements, the tensor ",
                                     t.numel());
         detail::decode_elements<T>(t.dtype, t.bytes.data(), out.size(), out.data());
     }
@@ -762,15 +766,15 @@ private:
     }
 
     /// Checks a new tensor's name and shape; returns its byte count.
-    std::uint64_t check_new(const std::string& name, const std::vector<index>& shape, Dtype dtype) const {
+    std::uint64_t check_new(const std::string& name, const std::vector<Index>& shape, Dtype dtype) const {
         require(name != "__metadata__", "tensor name '__metadata__': reserved for the metadata");
-        require(detail::is_valid_utf8(name), "tensor name ", detail::quoted(name), ": not valid UTF-8");
-        require(!contains(name), "tensor ", detail::quoted(name), ": already in the file");
-        for (index d : shape)
-            require<ShapeError>(d >= 0, "tensor ", detail::quoted(name), ": shape ", detail::shape_text(shape),
+        require(detail::is_valid_utf8(name), "tensor name ", detail::quote_name(name), ": not valid UTF-8");
+        require(!contains(name), "tensor ", detail::quote_name(name), ": already in the file");
+        for (Index d : shape)
+            require<ShapeError>(d >= 0, "tensor ", detail::quote_name(name), ": shape ", detail::shape_text(shape),
                                         " has a negative dimension");
         const auto n = detail::checked_byte_count(shape, dtype_size(dtype));
-        require<ShapeError>(n.has_value(), "tensor ", detail::quoted(name), ": shape ",
+        require<ShapeError>(n.has_value(), "tensor ", detail::quote_name(name), ": shape ",
                                     detail::shape_text(shape), " overflows a 64-bit byte count");
         return *n;
     }
@@ -779,10 +783,10 @@ private:
     static Dtype target_dtype(const std::string& name, std::optional<Dtype> as) {
         if (!as) return dtype_of<T>();
         if constexpr (std::is_floating_point_v<T>) {
-            require(detail::is_float_dtype(*as), "tensor ", detail::quoted(name), ": floating-point values",
+            require(detail::is_float_dtype(*as), "tensor ", detail::quote_name(name), ": floating-point values",
                             " can be stored as F32, F64, BF16 or F16, not ", dtype_name(*as));
         } else {
-            require(*as == dtype_of<T>(), "tensor ", detail::quoted(name), ": ", dtype_name(dtype_of<T>()),
+            require(*as == dtype_of<T>(), "tensor ", detail::quote_name(name), ": ", dtype_name(dtype_of<T>()),
                             " values are stored as ", dtype_name(dtype_of<T>()), ", not ", dtype_name(*as));
         }
         return *as;
@@ -793,17 +797,17 @@ private:
         const SafetensorsTensor& t = at(name);
         if (!detail::can_decode<T>(t.dtype)) {
             if constexpr (std::is_floating_point_v<T>)
-                detail::raise<FormatError>("tensor ", detail::quoted(name), ": dtype ", dtype_name(t.dtype),
+                detail::raise<FormatError>("tensor ", detail::quote_name(name), ": dtype ", dtype_name(t.dtype),
                                            " cannot be read as floating point (readable: F32, F64, BF16, F16)");
             else
-                detail::raise<FormatError>("tensor ", detail::quoted(name), ": dtype ", dtype_name(t.dtype),
+                detail::raise<FormatError>("tensor ", detail::quote_name(name), ": dtype ", dtype_name(t.dtype),
                                            " cannot be read as ", dtype_name(dtype_of<T>()));
         }
         return t;
     }
 
-    static void expect_shape(const SafetensorsTensor& t, const std::vector<index>& expected) {
-        require<ShapeError>(t.shape == expected, "tensor ", detail::quoted(t.name), ": shape ",
+    static void expect_shape(const SafetensorsTensor& t, const std::vector<Index>& expected) {
+        require<ShapeError>(t.shape == expected, "tensor ", detail::quote_name(t.name), ": shape ",
                                     detail::shape_text(t.shape), ", expected ", detail::shape_text(expected));
     }
 
@@ -817,8 +821,8 @@ private:
         SafetensorsMetadata meta = metadata_;
         meta.erase(std::string(safetensors_checksum_key));
         for (const auto& [k, v] : meta) {
-            require(detail::is_valid_utf8(k), "metadata key ", detail::quoted(k), ": not valid UTF-8");
-            require(detail::is_valid_utf8(v), "metadata value of key ", detail::quoted(k),
+            require(detail::is_valid_utf8(k), "metadata key ", detail::quote_name(k), ": not valid UTF-8");
+            require(detail::is_valid_utf8(v), "metadata value of key ", detail::quote_name(k),
                             ": not valid UTF-8");
         }
         if (options.checksum) {
