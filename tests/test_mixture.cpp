@@ -3,6 +3,9 @@
 
 #include <cmath>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "gradcheck.hpp"
 
@@ -224,4 +227,105 @@ TEST_CASE("MixtureOfLoraMlp: initialised mixture equals the frozen MLP scaled by
     for (auto& v : h) v = kernels::gelu_tanh(v);
     fx.base->linear("proj").forward(MatrixView<double>(ref.data(), 1, 5), ConstMatrixView<double>(h.data(), 1, 7));
     for (Index c = 0; c < 5; ++c) CHECK(y[static_cast<std::size_t>(c)] == doctest::Approx(ref[static_cast<std::size_t>(c)]).epsilon(1e-12));
+}
+
+TEST_CASE("MixtureOfLoraMlp: bad input raises comigs errors naming the value") {
+    using namespace comigs;
+    auto base = std::make_shared<FrozenMlp<float>>(MlpForm::gelu, 4, 6);
+    MixtureConfig cfg;
+    cfg.d_model = 4;
+    cfg.d_hidden = 6;
+    cfg.n_experts = 3;
+    cfg.top_k = 2;
+    cfg.rank = 2;
+    auto with = [&](auto change) {
+        MixtureConfig c = cfg;
+        change(c);
+        return c;
+    };
+    CHECK_THROWS_WITH_AS(MixtureOfLoraMlp<float>(with([](auto& c) { c.rank = 0; }), base), doctest::Contains("rank 0"),
+                         InvalidArgument);
+    CHECK_THROWS_WITH_AS(MixtureOfLoraMlp<float>(with([](auto& c) { c.top_k = 4; }), base), doctest::Contains("top_k 4"),
+                         InvalidArgument);
+    CHECK_THROWS_WITH_AS(MixtureOfLoraMlp<float>(with([](auto& c) { c.alpha = INFINITY; }), base),
+                         doctest::Contains("alpha inf"), InvalidArgument);
+    CHECK_THROWS_WITH_AS(MixtureOfLoraMlp<float>(with([](auto& c) { c.d_hidden = 7; }), base),
+                         doctest::Contains("hidden 6"), ShapeError);
+    CHECK_THROWS_WITH_AS(MixtureOfLoraMlp<float>(with([](auto& c) { c.form = MlpForm::swiglu; }), base),
+                         doctest::Contains("base form gelu"), InvalidArgument);
+    CHECK_THROWS_WITH_AS(MixtureOfLoraMlp<float>(cfg, nullptr), doctest::Contains("base"), InvalidArgument);
+    CHECK_THROWS_WITH_AS(MixtureOfLoraMlp<float>(with([](auto& c) { c.roles = {Role::generalist}; }), base),
+                         doctest::Contains("roles: 1 given for 3"), InvalidArgument);
+    MixtureOfLoraMlp<float> layer(cfg, base);
+    std::vector<float> x(8), y(8), y_bad(10);
+    CHECK_THROWS_WITH_AS(layer.forward(MatrixView<float>(y_bad.data(), 2, 5), ConstMatrixView<float>(x.data(), 2, 4)),
+                         doctest::Contains("mixture output y has shape [2, 5]"), ShapeError);
+    CHECK_THROWS_WITH_AS(layer.forward(MatrixView<float>(y.data(), 2, 4), ConstMatrixView<float>(nullptr, 2, 4)),
+                         doctest::Contains("null"), InvalidArgument);
+    layer.forward(MatrixView<float>(y.data(), 2, 4), ConstMatrixView<float>(x.data(), 2, 4));
+    std::vector<float> dy(12), dx(8);
+    CHECK_THROWS_WITH_AS(layer.backward(MatrixView<float>(dx.data(), 2, 4), ConstMatrixView<float>(dy.data(), 3, 4), 0.f),
+                         doctest::Contains("dy"), ShapeError);
+}
+
+TEST_CASE("MixtureOfLoraMlp: float matches double; results bitwise stable across runs and thread counts") {
+    using namespace comigs;
+    const Index d = 48, h = 96, n = 67;
+    MixtureConfig cfg;
+    cfg.d_model = d;
+    cfg.d_hidden = h;
+    cfg.n_experts = 4;
+    cfg.top_k = 2;
+    cfg.rank = 8;
+    Rng rng(5);
+    auto based = std::make_shared<FrozenMlp<double>>(MlpForm::gelu, d, h);
+    based->randomize(rng, 0.1);
+    auto basef = std::make_shared<FrozenMlp<float>>(MlpForm::gelu, d, h);
+    for (const auto& s : based->weights().layout().tensors()) {
+        auto src = based->weights().span(s.name);
+        auto dst = basef->weights().span(s.name);
+        for (std::size_t i = 0; i < src.size(); ++i) dst[i] = static_cast<float>(src[i]);
+    }
+    MixtureOfLoraMlp<double> ld(cfg, based);
+    MixtureOfLoraMlp<float> lf(cfg, basef);
+    ld.init(rng);
+    for (const auto& s : ld.params().layout().tensors())
+        for (auto& v : ld.params().span(s.name)) v = rng.normal(0.0, 0.2);
+    for (const auto& s : ld.params().layout().tensors()) {
+        auto src = ld.params().span(s.name);
+        auto dst = lf.params().span(s.name);
+        for (std::size_t i = 0; i < src.size(); ++i) dst[i] = static_cast<float>(src[i]);
+    }
+    std::vector<double> xd(static_cast<std::size_t>(n * d)), dyd(xd.size());
+    for (auto& v : xd) v = rng.normal();
+    for (auto& v : dyd) v = rng.normal();
+    std::vector<float> xf(xd.begin(), xd.end()), dyf(dyd.begin(), dyd.end());
+    std::vector<double> yd(xd.size()), dxd(xd.size(), 0.0);
+    ld.forward(MatrixView<double>(yd.data(), n, d), ConstMatrixView<double>(xd.data(), n, d));
+    ld.backward(MatrixView<double>(dxd.data(), n, d), ConstMatrixView<double>(dyd.data(), n, d), 0.01);
+    auto run_float = [&] {
+        std::vector<float> y(xf.size()), dx(xf.size(), 0.f);
+        lf.zero_grad();
+        lf.forward(MatrixView<float>(y.data(), n, d), ConstMatrixView<float>(xf.data(), n, d));
+        lf.backward(MatrixView<float>(dx.data(), n, d), ConstMatrixView<float>(dyf.data(), n, d), 0.01f);
+        std::vector<float> all(y);
+        all.insert(all.end(), dx.begin(), dx.end());
+        all.insert(all.end(), lf.grads().all().begin(), lf.grads().all().end());
+        return all;
+    };
+    const auto first = run_float();
+    // Tolerance grows with the reduction length (here the hidden size h).
+    const double tol = 8.0 * h * 6e-8;
+    std::size_t i = 0;
+    for (; i < yd.size(); ++i) CHECK(first[i] == doctest::Approx(yd[i]).epsilon(tol).scale(1.0));
+    for (std::size_t j = 0; j < dxd.size(); ++j, ++i) CHECK(first[i] == doctest::Approx(dxd[j]).epsilon(tol).scale(1.0));
+    const auto again = run_float();
+    CHECK(again == first);
+#ifdef _OPENMP
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const auto one = run_float();
+    omp_set_num_threads(threads);
+    CHECK(one == first);
+#endif
 }
