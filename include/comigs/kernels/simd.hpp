@@ -40,6 +40,7 @@ inline T reduce_add(const batch<T>& v) {
 
 using xsimd::exp;
 using xsimd::fma;
+using xsimd::sqrt;
 using xsimd::tanh;
 
 }  // namespace comigs::kernels::simd
