@@ -1,0 +1,13 @@
+#pragma once
+// comigs: mixtures of generalist and specialist LoRA experts for collaborative on-device fine-tuning
+// (CoMiGS, Fan, Messmer, Doikov, Jaggi, ICML 2025). Include this header for the whole library.
+#include "error.hpp"
+#include "frozen.hpp"
+#include "lora.hpp"
+#include "mixture.hpp"
+#include "mixture_linear.hpp"
+#include "params.hpp"
+#include "random.hpp"
+#include "router.hpp"
+#include "version.hpp"
+#include "view.hpp"
