@@ -22,3 +22,15 @@ find_package(nlohmann_json 3 QUIET)
 _comigs_need(nlohmann_json_FOUND nlohmann-json3-dev "nlohmann-json (safetensors headers)")
 find_package(OpenMP QUIET COMPONENTS CXX)
 _comigs_need(OpenMP_CXX_FOUND libomp-dev "OpenMP")
+
+# Optional: oneDNN runs the GEMMs against bf16 frozen weights on AMX / AVX512-BF16. Found -> used;
+# not found -> those GEMMs take the fp32 path. COMIGS_USE_ONEDNN=OFF skips the search.
+option(COMIGS_USE_ONEDNN "Use oneDNN (libdnnl-dev) for the bf16 frozen-weight GEMMs when it is installed" ON)
+if(COMIGS_USE_ONEDNN AND NOT TARGET DNNL::dnnl)
+  find_package(dnnl QUIET)
+endif()
+if(COMIGS_USE_ONEDNN AND TARGET DNNL::dnnl)
+  message(STATUS "comigs: oneDNN ${dnnl_VERSION} (libdnnl-dev) found: bf16 frozen-weight GEMMs use it")
+else()
+  message(STATUS "comigs: oneDNN not found (apt-get install libdnnl-dev): bf16 frozen-weight GEMMs use the fp32 path")
+endif()

@@ -13,32 +13,44 @@ namespace comigs::kernels {
 
 namespace detail {
 
-/// Elements per parallel chunk (a multiple of every batch width).
-inline constexpr Index elementwise_chunk = 16384;
+/// Elements per parallel chunk. Tests shrink it (any size works: the chunk tails take the same
+/// padded vector path) to run many chunks and tails on small inputs.
+inline Index& elementwise_chunk() {
+    static Index chunk = 16384;
+    return chunk;
+}
 /// Below this many elements one thread does it all (spawning costs more than it saves).
 inline constexpr Index elementwise_parallel_min = 65536;
 
-/// out[i] = f(in[i]...) over n elements, f taking and returning batches. out may alias an input.
+/// out[i] = f(in[i]...) over n elements on the calling thread, f taking and returning batches.
+/// out may alias an input.
+template <class T, class F, class... In>
+inline void transform_serial(T* out, Index n, F f, const In*... in) {
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    Index i = 0;
+    for (; i + w <= n; i += w) simd::store(out + i, f(simd::load(in + i)...));
+    if (i < n) {
+        const Index rest = n - i;
+        auto pad = [&](const T* p) {
+            std::array<T, simd::width<T>> b{};
+            std::copy(p + i, p + i + rest, b.begin());
+            return simd::load(b.data());
+        };
+        std::array<T, simd::width<T>> o{};
+        simd::store(o.data(), f(pad(in)...));
+        std::copy(o.begin(), o.begin() + rest, out + i);
+    }
+}
+
+/// transform_serial over fixed chunks shared by the threads.
 template <class T, class F, class... In>
 void transform_n(T* out, Index n, F f, const In*... in) {
-    constexpr Index w = static_cast<Index>(simd::width<T>);
-    const Index chunks = (n + elementwise_chunk - 1) / elementwise_chunk;
+    const Index chunk = std::max<Index>(1, elementwise_chunk());
+    const Index chunks = (n + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) if (n > elementwise_parallel_min)
     for (Index c = 0; c < chunks; ++c) {
-        const Index lo = c * elementwise_chunk, hi = std::min(n, lo + elementwise_chunk);
-        Index i = lo;
-        for (; i + w <= hi; i += w) simd::store(out + i, f(simd::load(in + i)...));
-        if (i < hi) {
-            const Index rest = hi - i;
-            auto pad = [&](const T* p) {
-                std::array<T, simd::width<T>> b{};
-                std::copy(p + i, p + i + rest, b.begin());
-                return simd::load(b.data());
-            };
-            std::array<T, simd::width<T>> o{};
-            simd::store(o.data(), f(pad(in)...));
-            std::copy(o.begin(), o.begin() + rest, out + i);
-        }
+        const Index lo = c * chunk, len = std::min(n - lo, chunk);
+        transform_serial(out + lo, len, f, (in + lo)...);
     }
 }
 
@@ -49,67 +61,81 @@ struct GeluConst {
 };
 
 template <class B, class T = typename B::value_type>
-inline B gelu_tanh_of(const B& x, B& th) {
-    const B x2 = x * x;
-    th = simd::tanh(x * simd::fma(B(GeluConst<T>::c * GeluConst<T>::a), x2, B(GeluConst<T>::c)));
-    return B(T(0.5)) * x * (B(T(1)) + th);
-}
-
-template <class B, class T = typename B::value_type>
 inline B sigmoid_of(const B& x) {
     return B(T(1)) / (B(T(1)) + simd::exp(-x));
 }
 
+/// gelu_tanh(x) = 0.5 x (1 + tanh(a)) = x sigmoid(2a), a = c (x + 0.044715 x^3): one exp per element.
+template <class B, class T = typename B::value_type>
+inline B gelu_of(const B& x) {
+    const B two_a = x * simd::fma(B(T(2) * GeluConst<T>::c * GeluConst<T>::a), x * x, B(T(2) * GeluConst<T>::c));
+    return x / (B(T(1)) + simd::exp(-two_a));
+}
+
+/// gelu_tanh'(x) = s + 2 x s (1 - s) a'(x) with s = sigmoid(2a), a' = c (1 + 3 * 0.044715 x^2).
+template <class B, class T = typename B::value_type>
+inline B gelu_grad_of(const B& x) {
+    const B x2 = x * x;
+    const B two_a = x * simd::fma(B(T(2) * GeluConst<T>::c * GeluConst<T>::a), x2, B(T(2) * GeluConst<T>::c));
+    const B s = B(T(1)) / (B(T(1)) + simd::exp(-two_a));
+    const B two_da = simd::fma(B(T(6) * GeluConst<T>::c * GeluConst<T>::a), x2, B(T(2) * GeluConst<T>::c));
+    return simd::fma(x * s * (B(T(1)) - s), two_da, s);
+}
+
+template <class B, class T = typename B::value_type>
+inline B silu_of(const B& x) {
+    return x / (B(T(1)) + simd::exp(-x));
+}
+
+/// silu'(x) = s (1 + x (1 - s)).
+template <class B, class T = typename B::value_type>
+inline B silu_grad_of(const B& x) {
+    const B s = sigmoid_of(x);
+    return s * simd::fma(x, B(T(1)) - s, B(T(1)));
+}
+
 }  // namespace detail
 
-/// u[i] = gelu_tanh(h[i]) for n elements (u may be h).
+/// u[i] = gelu_tanh(h[i]) for n elements (u may be h); threads share the work.
 template <class T>
 void gelu_forward(T* u, const T* h, Index n) {
-    detail::transform_n(
-        u, n,
-        [](auto x) {
-            decltype(x) th;
-            return detail::gelu_tanh_of(x, th);
-        },
-        h);
+    detail::transform_n(u, n, [](auto x) { return detail::gelu_of(x); }, h);
 }
 
-/// dh[i] = du[i] * gelu_tanh'(h[i]) (dh may be du).
+/// dh[i] = du[i] * gelu_tanh'(h[i]) (dh may be du); threads share the work.
 template <class T>
 void gelu_backward(T* dh, const T* du, const T* h, Index n) {
-    using C = detail::GeluConst<T>;
-    detail::transform_n(
-        dh, n,
-        [](auto g, auto x) {
-            using B = decltype(x);
-            const B x2 = x * x;
-            const B th = simd::tanh(x * simd::fma(B(C::c * C::a), x2, B(C::c)));
-            const B half(T(0.5));
-            const B inner_grad = simd::fma(B(T(3) * C::a * C::c), x2, B(C::c));
-            const B grad = simd::fma(half * x * (B(T(1)) - th * th), inner_grad, half * (B(T(1)) + th));
-            return g * grad;
-        },
-        du, h);
+    detail::transform_n(dh, n, [](auto g, auto x) { return g * detail::gelu_grad_of(x); }, du, h);
 }
 
-/// a[i] = silu(g[i]) * u[i] (SwiGLU).
+/// The same on the calling thread only (for rows inside an outer parallel loop).
+template <class T>
+inline void gelu_forward_row(T* u, const T* h, Index n) {
+    detail::transform_serial(u, n, [](auto x) { return detail::gelu_of(x); }, h);
+}
+template <class T>
+inline void gelu_backward_row(T* dh, const T* du, const T* h, Index n) {
+    detail::transform_serial(dh, n, [](auto g, auto x) { return g * detail::gelu_grad_of(x); }, du, h);
+}
+
+/// a[i] = silu(g[i]) * u[i] (SwiGLU), on the calling thread.
+template <class T>
+inline void swiglu_forward_row(T* a, const T* g, const T* u, Index n) {
+    detail::transform_serial(a, n, [](auto x, auto y) { return detail::silu_of(x) * y; }, g, u);
+}
+
+/// dg[i] = da[i] u[i] silu'(g[i]) and du[i] = da[i] silu(g[i]), on the calling thread. dg must not
+/// alias da; du may.
+template <class T>
+inline void swiglu_backward_row(T* dg, T* du, const T* da, const T* g, const T* u, Index n) {
+    detail::transform_serial(dg, n, [](auto d, auto x, auto y) { return d * y * detail::silu_grad_of(x); }, da, g, u);
+    detail::transform_serial(du, n, [](auto d, auto x) { return d * detail::silu_of(x); }, da, g);
+}
+
+/// a[i] = silu(g[i]) * u[i]; threads share the work.
 template <class T>
 void swiglu_forward(T* a, const T* g, const T* u, Index n) {
-    detail::transform_n(a, n, [](auto x, auto y) { return x * detail::sigmoid_of(x) * y; }, g, u);
-}
-
-/// dg[i] = da[i] u[i] silu'(g[i]) and du[i] = da[i] silu(g[i]). dg must not alias da; du may.
-template <class T>
-void swiglu_backward(T* dg, T* du, const T* da, const T* g, const T* u, Index n) {
-    detail::transform_n(
-        dg, n,
-        [](auto d, auto x, auto y) {
-            using B = decltype(x);
-            const B s = detail::sigmoid_of(x);
-            return d * y * (s * (B(T(1)) + x * (B(T(1)) - s)));
-        },
-        da, g, u);
-    detail::transform_n(du, n, [](auto d, auto x) { return d * x * detail::sigmoid_of(x); }, da, g);
+    detail::transform_n(a, n, [](auto x, auto y) { return detail::silu_of(x) * y; }, g, u);
 }
 
 /// y[i] += a * x[i].

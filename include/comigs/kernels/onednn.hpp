@@ -34,7 +34,11 @@ inline dnnl::engine& engine() {
 inline dnnl::matmul& primitive(Type t, const Operand& a, const Operand& b, Index ldc, float alpha, bool accumulate,
                                std::string* impl = nullptr) {
     using Key = std::array<Index, 12>;
-    static std::map<Key, dnnl::matmul> cache;
+    struct Entry {
+        dnnl::matmul prim;
+        std::string impl;
+    };
+    static std::map<Key, Entry> cache;
     static std::mutex mu;
     const Key key{static_cast<Index>(t), a.rows,         a.cols,
                   a.row_stride,          a.col_stride,   b.cols,
@@ -56,10 +60,10 @@ inline dnnl::matmul& primitive(Type t, const Operand& a, const Operand& b, Index
             attr.set_post_ops(po);
         }
         dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(ad, bd, cd), attr, engine());
-        it = cache.emplace(key, dnnl::matmul(pd)).first;
+        it = cache.emplace(key, Entry{dnnl::matmul(pd), pd.impl_info_str()}).first;
     }
-    if (impl) *impl = dnnl::matmul::primitive_desc(it->second.get_primitive_desc()).impl_info_str();
-    return it->second;
+    if (impl) *impl = it->second.impl;
+    return it->second.prim;
 }
 
 /// C[M, N] (f32, row stride ldc) = alpha * A[M, K] B[K, N] (+ C when accumulate); A and B of type t.

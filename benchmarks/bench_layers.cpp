@@ -1,0 +1,188 @@
+// Layer benchmarks at GPT-2 MLP shapes: the shared-base mixture against the plain dense MLP and the
+// naive per-expert mixture, all on the same GEMM backend, so their ratios are measured in one run.
+#include "bench_common.hpp"
+
+namespace comigs::bench {
+namespace {
+
+/// The plain frozen MLP (no LoRA, no router): fc -> GELU -> proj, with the input gradient.
+struct DenseMlp {
+    std::shared_ptr<const FrozenMlp<float>> base;
+    std::vector<float> h, u, du, dh;
+
+    void forward(MatrixView<float> y, ConstMatrixView<float> x) {
+        const Index n = x.rows, hid = base->d_hidden();
+        auto H = MatrixView<float>(resize(h, n * hid), n, hid);
+        auto U = MatrixView<float>(resize(u, n * hid), n, hid);
+        base->linear("fc").forward(H, x);
+        kernels::gelu_forward(U.data, H.data, n * hid);
+        base->linear("proj").forward(y, U);
+    }
+    void backward(MatrixView<float> dx, ConstMatrixView<float> dy) {
+        const Index n = dy.rows, hid = base->d_hidden();
+        auto dU = MatrixView<float>(resize(du, n * hid), n, hid);
+        base->linear("proj").backward_input(dU, dy, false);
+        kernels::gelu_backward(dU.data, dU.data, h.data(), n * hid);
+        base->linear("fc").backward_input(dx, dU, false);
+    }
+    static float* resize(std::vector<float>& v, Index n) {
+        if (v.size() < static_cast<std::size_t>(n)) v.resize(static_cast<std::size_t>(n));
+        return v.data();
+    }
+};
+
+/// Everything one layer benchmark needs: frozen base, mixture with non-zero B, input and output gradient.
+struct LayerSetup {
+    Index n;
+    MixtureConfig cfg;
+    std::shared_ptr<FrozenMlp<float>> base;
+    std::unique_ptr<MixtureOfLoraMlp<float>> mix;
+    std::vector<float> x, y, dy, dx;
+
+    explicit LayerSetup(Index tokens, bool bf16 = false) : n(tokens) {
+        using S = Gpt2Shape;
+        cfg.form = MlpForm::gelu;
+        cfg.d_model = S::d;
+        cfg.d_hidden = S::h;
+        cfg.n_experts = S::E;
+        cfg.top_k = S::k;
+        cfg.rank = S::r;
+        Rng rng(7);
+        base = std::make_shared<FrozenMlp<float>>(MlpForm::gelu, S::d, S::h);
+        base->randomize(rng, 0.02);
+        if (bf16) base->set_precision(Precision::bf16);
+        mix = std::make_unique<MixtureOfLoraMlp<float>>(cfg, base);
+        mix->init(rng);
+        for (const auto& spec : mix->params().layout().tensors())
+            if (spec.name.find("lora_B") != std::string::npos)
+                for (float& v : mix->params().span(spec.name)) v = static_cast<float>(rng.normal(0.0, 0.01));
+        x = random_vector<float>(static_cast<std::size_t>(n * S::d), rng);
+        dy = random_vector<float>(x.size(), rng);
+        y.assign(x.size(), 0.0f);
+        dx.assign(x.size(), 0.0f);
+    }
+    MatrixView<float> Y() { return {y.data(), n, cfg.d_model}; }
+    MatrixView<float> DX() { return {dx.data(), n, cfg.d_model}; }
+    ConstMatrixView<float> X() const { return {x.data(), n, cfg.d_model}; }
+    ConstMatrixView<float> DY() const { return {dy.data(), n, cfg.d_model}; }
+};
+
+// Kernel: MixtureOfLoraMlp::forward (base GEMMs once via FrozenLinear, rank-r on routed rows).
+void mixture_fwd(benchmark::State& state, Index tokens, bool bf16) {
+    LayerSetup s(tokens, bf16);
+    for (auto _ : state) {
+        s.mix->forward(s.Y(), s.X());
+        benchmark::DoNotOptimize(s.y.data());
+    }
+    set_counters(state, tokens, base_flops_fwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
+}
+
+// Kernel: MixtureOfLoraMlp::forward + backward (4 base GEMMs in total).
+void mixture_fwd_bwd(benchmark::State& state, Index tokens, bool bf16) {
+    LayerSetup s(tokens, bf16);
+    for (auto _ : state) {
+        s.mix->forward(s.Y(), s.X());
+        s.mix->backward(s.DX(), s.DY(), 0.01f);
+        benchmark::DoNotOptimize(s.dx.data());
+    }
+    set_counters(state, tokens, base_flops_fwd_bwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
+}
+
+// Kernel: the plain dense MLP through FrozenLinear (same GEMM backend as the mixture).
+void dense_mlp_fwd(benchmark::State& state, Index tokens, bool bf16) {
+    LayerSetup s(tokens, bf16);
+    DenseMlp mlp{s.base, {}, {}, {}, {}};
+    for (auto _ : state) {
+        mlp.forward(s.Y(), s.X());
+        benchmark::DoNotOptimize(s.y.data());
+    }
+    set_counters(state, tokens, base_flops_fwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
+}
+
+// Kernel: the plain dense MLP forward + input gradient.
+void dense_mlp_fwd_bwd(benchmark::State& state, Index tokens, bool bf16) {
+    LayerSetup s(tokens, bf16);
+    DenseMlp mlp{s.base, {}, {}, {}, {}};
+    for (auto _ : state) {
+        mlp.forward(s.Y(), s.X());
+        mlp.backward(s.DX(), s.DY());
+        benchmark::DoNotOptimize(s.dx.data());
+    }
+    set_counters(state, tokens, base_flops_fwd_bwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
+}
+
+// Kernel: the reference's algorithm: every selected expert runs the whole MLP (base GEMMs repeated
+// k times per token) on the tokens routed to it; here each expert is a one-expert mixture sharing
+// the base, so the GEMM backend and the elementwise kernels are the same as the shared-base layer.
+void naive_mixture_fwd_bwd(benchmark::State& state, Index tokens) {
+    LayerSetup s(tokens);
+    const Index d = s.cfg.d_model, E = s.cfg.n_experts;
+    MixtureConfig one = s.cfg;
+    one.n_experts = 1;
+    one.top_k = 1;
+    std::vector<std::unique_ptr<MixtureOfLoraMlp<float>>> experts;
+    Rng rng(3);
+    for (Index e = 0; e < E; ++e) {
+        experts.push_back(std::make_unique<MixtureOfLoraMlp<float>>(one, s.base));
+        for (float& v : experts.back()->params().all()) v = static_cast<float>(rng.normal(0.0, 0.01));
+    }
+    RoutingResult<float> route;
+    const auto router = s.mix->params().view("router.weight");
+    std::vector<float> xe, ye, dye, dxe;
+    std::vector<Index> tok;
+    std::vector<float> gate;
+    for (auto _ : state) {
+        router_forward(route, s.X(), ConstMatrixView<float>(router), s.mix->router_config());
+        std::fill(s.y.begin(), s.y.end(), 0.0f);
+        std::fill(s.dx.begin(), s.dx.end(), 0.0f);
+        for (Index e = 0; e < E; ++e) {
+            tok.clear();
+            gate.clear();
+            for (Index t = 0; t < tokens; ++t)
+                for (Index j = 0; j < route.slots; ++j)
+                    if (route.expert_of(t, j) == e) {
+                        tok.push_back(t);
+                        gate.push_back(route.gate_of(t, j));
+                    }
+            const Index ne = static_cast<Index>(tok.size());
+            if (ne == 0) continue;
+            xe.resize(static_cast<std::size_t>(ne * d));
+            ye.resize(xe.size());
+            dye.resize(xe.size());
+            dxe.assign(xe.size(), 0.0f);
+            for (Index i = 0; i < ne; ++i) {
+                std::copy_n(s.x.data() + tok[i] * d, d, xe.data() + i * d);
+                for (Index c = 0; c < d; ++c) dye[i * d + c] = gate[i] * s.dy[tok[i] * d + c];
+            }
+            auto& ex = *experts[static_cast<std::size_t>(e)];
+            ex.forward(MatrixView<float>(ye.data(), ne, d), ConstMatrixView<float>(xe.data(), ne, d));
+            ex.backward(MatrixView<float>(dxe.data(), ne, d), ConstMatrixView<float>(dye.data(), ne, d), 0.0f);
+            for (Index i = 0; i < ne; ++i)
+                for (Index c = 0; c < d; ++c) {
+                    s.y[tok[i] * d + c] += gate[i] * ye[i * d + c];
+                    s.dx[tok[i] * d + c] += dxe[i * d + c];
+                }
+        }
+        benchmark::DoNotOptimize(s.dx.data());
+    }
+    set_counters(state, tokens, base_flops_fwd_bwd(tokens, d, s.cfg.d_hidden));
+}
+
+constexpr Index kTokens = 1024;
+
+BENCHMARK_CAPTURE(mixture_fwd, fp32/gpt2, kTokens, false)->Name("mixture_fwd/fp32/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_fwd_bwd, fp32/gpt2, kTokens, false)->Name("mixture_fwd_bwd/fp32/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(dense_mlp_fwd, fp32/gpt2, kTokens, false)->Name("dense_mlp_fwd/fp32/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(dense_mlp_fwd_bwd, fp32/gpt2, kTokens, false)->Name("dense_mlp_fwd_bwd/fp32/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(naive_mixture_fwd_bwd, fp32/gpt2, kTokens)->Name("naive_mixture_fwd_bwd/fp32/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_fwd, bf16/gpt2, kTokens, true)->Name("mixture_fwd/bf16/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_fwd_bwd, bf16/gpt2, kTokens, true)->Name("mixture_fwd_bwd/bf16/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(dense_mlp_fwd_bwd, bf16/gpt2, kTokens, true)->Name("dense_mlp_fwd_bwd/bf16/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_fwd, fp32/decode, 1, false)->Name("mixture_fwd/fp32/decode")->UseRealTime();
+BENCHMARK_CAPTURE(dense_mlp_fwd, fp32/decode, 1, false)->Name("dense_mlp_fwd/fp32/decode")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_fwd_bwd, fp32/decode, 1, false)->Name("mixture_fwd_bwd/fp32/decode")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_fwd, bf16/decode, 1, true)->Name("mixture_fwd/bf16/decode")->UseRealTime();
+BENCHMARK_CAPTURE(dense_mlp_fwd, bf16/decode, 1, true)->Name("dense_mlp_fwd/bf16/decode")->UseRealTime();
+
+}  // namespace
+}  // namespace comigs::bench
