@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -27,11 +26,13 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "detail/aligned.hpp"
 #include "error.hpp"
+#include "kernels/simd.hpp"
 #include "params.hpp"
 
 namespace comigs {
@@ -263,9 +264,10 @@ struct AdamWRule {
 
     // p *= 1 - lr wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g g;
     // p += -(lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)        (eps enters after the bias correction)
+    //
+    // Plain reference form; also what `update` computes, lane by lane.
     template <class T>
-    static void update(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v, index n,
-                       const Scalars<T>& s, bool /*first*/) {
+    static void update_reference(T* p, const T* g, T* m, T* v, index n, const Scalars<T>& s) {
         for (index i = 0; i < n; ++i) {
             const T gi = g[i];
             const T pi = p[i] * s.decay;
@@ -277,6 +279,51 @@ struct AdamWRule {
             p[i] = pi + s.neg_step_size * (mi / denom);
         }
     }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+// GCC 12's AVX-512 sqrt intrinsics read an "undefined" register and warn about it (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+    // Explicit SIMD: with the default -fmath-errno the compiler will not vectorise std::sqrt. The tail
+    // goes through the same vector code on a zero-padded copy, so every element of a chunk sees the
+    // same instruction sequence.
+    template <class T>
+    static void update(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v, index n,
+                       const Scalars<T>& s, bool /*first*/) {
+        namespace simd = kernels::simd;
+        using B = simd::batch<T>;
+        constexpr index W = static_cast<index>(simd::width<T>);
+        const B decay(s.decay), b1(s.beta1), omb1(s.one_minus_beta1), b2(s.beta2), omb2(s.one_minus_beta2),
+            bc2(s.bias_correction2_sqrt), eps(s.eps), step(s.neg_step_size);
+        const auto lanes = [&](T* pp, const T* gp, T* mp, T* vp) {
+            const B gi = simd::load(gp);
+            const B pi = simd::load(pp) * decay;
+            const B mi = simd::load(mp) * b1 + omb1 * gi;
+            const B vi = simd::load(vp) * b2 + omb2 * gi * gi;
+            const B denom = simd::sqrt(vi) / bc2 + eps;
+            simd::store(mp, mi);
+            simd::store(vp, vi);
+            simd::store(pp, pi + step * (mi / denom));
+        };
+        index i = 0;
+        for (; i + W <= n; i += W) lanes(p + i, g + i, m + i, v + i);
+        if (i < n) {
+            T pt[W] = {}, gt[W] = {}, mt[W] = {}, vt[W] = {};
+            const index r = n - i;
+            std::copy(p + i, p + n, pt);
+            std::copy(g + i, g + n, gt);
+            std::copy(m + i, m + n, mt);
+            std::copy(v + i, v + n, vt);
+            lanes(pt, gt, mt, vt);
+            std::copy(pt, pt + r, p + i);
+            std::copy(mt, mt + r, m + i);
+            std::copy(vt, vt + r, v + i);
+        }
+    }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 };
 
 struct SgdRule {
@@ -362,27 +409,27 @@ struct SgdRule {
 template <class T>
 double sum_of_squares(const T* x, index n) {
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    index i = 0;
-    for (; i + 8 <= n; i += 8)
+    const index body = n - n % 8;
+    for (index i = 0; i < body; i += 8)
         for (int j = 0; j < 8; ++j) {
             const double v = static_cast<double>(x[i + j]);
             acc[j] += v * v;
         }
     double tail = 0;
-    for (; i < n; ++i) {
+    for (index i = body; i < n; ++i) {
         const double v = static_cast<double>(x[i]);
         tail += v * v;
     }
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
-/// True when every element is finite. x - x is NaN exactly for NaN and +-Inf, and the sum of the
-/// differences stays 0 otherwise; unlike std::isfinite this vectorises.
+/// True when every element is finite: x - x is 0 for finite x and NaN for NaN and +-Inf. An integer
+/// AND reduction, unlike a floating-point sum or std::isfinite, vectorises without -ffast-math.
 template <class T>
 bool all_finite(const T* x, index n) {
-    T acc = 0;
-    for (index i = 0; i < n; ++i) acc += x[i] - x[i];
-    return acc == T(0);
+    unsigned ok = 1;
+    for (index i = 0; i < n; ++i) ok &= static_cast<unsigned>(x[i] - x[i] == T(0));
+    return ok != 0;
 }
 
 }  // namespace detail
@@ -423,7 +470,9 @@ public:
 
     /// One optimisation step with the gradients now in the owned gradient tensors. When any of them is
     /// NaN or Inf the step is skipped: parameters and state untouched, `skipped()` and
-    /// `consecutive_skipped()` incremented; NumericError once consecutive skips exceed the limit.
+    /// `consecutive_skipped()` incremented. Once consecutive skips exceed
+    /// `config().max_consecutive_skips` it throws NumericError instead of returning (the counters are
+    /// already updated and the parameters still untouched, so the caller may restore a checkpoint).
     StepStatus step() {
         check_bindings();
         std::string bad;
@@ -795,7 +844,7 @@ private:
     template <class F>
     void for_each_chunk_index(F&& f) const {
         const auto n = static_cast<std::ptrdiff_t>(chunks_.size());
-        const bool parallel = total_elements_ >= config_.min_parallel_elements && n > 1;
+        [[maybe_unused]] const bool parallel = total_elements_ >= config_.min_parallel_elements && n > 1;
 #pragma omp parallel for schedule(static) if (parallel)
         for (std::ptrdiff_t i = 0; i < n; ++i) f(static_cast<std::size_t>(i));
     }
