@@ -329,3 +329,28 @@ TEST_CASE("MixtureOfLoraMlp: float matches double; results bitwise stable across
     CHECK(one == first);
 #endif
 }
+
+TEST_CASE("MixtureOfLoraMlp: only generalist tensors are shared; the router never is") {
+    using namespace comigs;
+    auto base = std::make_shared<FrozenMlp<float>>(MlpForm::swiglu, 4, 6);
+    MixtureConfig cfg;
+    cfg.form = MlpForm::swiglu;
+    cfg.d_model = 4;
+    cfg.d_hidden = 6;
+    cfg.n_experts = 12;
+    cfg.top_k = 2;
+    cfg.rank = 2;
+    cfg.roles.assign(12, Role::specialist);
+    cfg.roles[0] = Role::generalist;
+    cfg.roles[10] = Role::generalist;
+    MixtureOfLoraMlp<float> layer(cfg, base);
+    int shared = 0;
+    for (const auto& spec : layer.params().layout().tensors()) {
+        const Index e = MixtureOfLoraMlp<float>::expert_of_tensor(spec.name);
+        CHECK(layer.shared(spec.name) == (e == 0 || e == 10));
+        shared += layer.shared(spec.name);
+    }
+    CHECK(shared == 12);  // 2 generalists x 3 linears x (A, B)
+    CHECK_FALSE(layer.shared("router.weight"));
+    CHECK(MixtureOfLoraMlp<float>::expert_of_tensor("experts.10.up.lora_B") == 10);
+}

@@ -14,10 +14,13 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "frozen.hpp"
 #include "kernels/activation.hpp"
+#include "kernels/elementwise.hpp"
+#include "kernels/lowrank.hpp"
 #include "lora.hpp"
 #include "router.hpp"
 
@@ -205,6 +208,22 @@ public:
             v.push_back(tensor_name(e, name, 'B'));
         }
         return v;
+    }
+
+    /// Expert index of a tensor name (`experts.{e}.*`), or -1 for the router.
+    static Index expert_of_tensor(std::string_view tensor) {
+        constexpr std::string_view prefix = "experts.";
+        if (!tensor.starts_with(prefix)) return -1;
+        Index e = 0;
+        std::size_t i = prefix.size();
+        for (; i < tensor.size() && tensor[i] >= '0' && tensor[i] <= '9'; ++i) e = e * 10 + (tensor[i] - '0');
+        return i > prefix.size() ? e : -1;
+    }
+    /// True when the tensor belongs to a generalist (it may leave the device); false for specialists
+    /// and the router, which never do.
+    bool shared(std::string_view tensor) const {
+        const Index e = expert_of_tensor(tensor);
+        return e >= 0 && e < cfg_.n_experts && role(e) == Role::generalist;
     }
 
     /// y[N, d] = mixture(x[N, d]) (overwritten); returns the load-balancing loss of this batch.

@@ -5,6 +5,7 @@
 // with the same router and roles as MixtureOfLoraMlp. The frozen W is a view: it stays where the host
 // keeps it (one copy), and must outlive the layer.
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "frozen.hpp"
@@ -100,6 +101,22 @@ public:
     const ParamBuffer<T>& grads() const { return grads_; }
     void zero_grad() { grads_.zero(); }
     const RoutingResult<T>& routing() const { return route_; }
+
+    /// Expert index of a tensor name (`experts.{e}.*`), or -1 for the router.
+    static Index expert_of_tensor(std::string_view tensor) {
+        constexpr std::string_view prefix = "experts.";
+        if (!tensor.starts_with(prefix)) return -1;
+        Index e = 0;
+        std::size_t i = prefix.size();
+        for (; i < tensor.size() && tensor[i] >= '0' && tensor[i] <= '9'; ++i) e = e * 10 + (tensor[i] - '0');
+        return i > prefix.size() ? e : -1;
+    }
+    /// True when the tensor belongs to a generalist (it may leave the device); false for specialists
+    /// and the router, which never do.
+    bool shared(std::string_view tensor) const {
+        const Index e = expert_of_tensor(tensor);
+        return e >= 0 && e < cfg_.n_experts && role(e) == Role::generalist;
+    }
 
     /// y[N, out] = mixture(x[N, in]) (overwritten); returns the load-balancing loss. Keeps a copy of x.
     double forward(MatrixView<T> y, ConstMatrixView<T> x, bool training = false, Rng* rng = nullptr) {
