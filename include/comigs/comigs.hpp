@@ -6,6 +6,7 @@
 #include "lora.hpp"
 #include "mixture.hpp"
 #include "mixture_linear.hpp"
+#include "model.hpp"
 #include "optim.hpp"
 #include "params.hpp"
 #include "random.hpp"
