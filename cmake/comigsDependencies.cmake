@@ -25,6 +25,14 @@ _comigs_need(OpenMP_CXX_FOUND libomp-dev "OpenMP")
 
 # Optional: oneDNN runs the GEMMs against bf16 frozen weights on AMX / AVX512-BF16. Found -> used;
 # not found -> those GEMMs take the fp32 path. COMIGS_USE_ONEDNN=OFF skips the search.
+if(DEFINED _comigs_built_with_onednn)
+  # Installed: comigs::comigs links DNNL::dnnl exactly when the installation was built with it.
+  if(_comigs_built_with_onednn AND NOT TARGET DNNL::dnnl)
+    find_package(dnnl QUIET)
+    _comigs_need(dnnl_FOUND libdnnl-dev "oneDNN (this comigs installation was built with it)")
+  endif()
+  return()
+endif()
 option(COMIGS_USE_ONEDNN "Use oneDNN (libdnnl-dev) for the bf16 frozen-weight GEMMs when it is installed" ON)
 if(COMIGS_USE_ONEDNN AND NOT TARGET DNNL::dnnl)
   find_package(dnnl QUIET)
