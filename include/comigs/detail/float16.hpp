@@ -37,7 +37,7 @@ inline std::uint16_t float_to_f16_bits(float f) noexcept {
     if (x > 0x7F800000u)  // NaN: keep the top payload bits, force quiet
         return static_cast<std::uint16_t>(sign | 0x7E00u | ((x >> 13) & 0x3FFu));
     if (x >= 0x477FF000u) return static_cast<std::uint16_t>(sign | 0x7C00u);  // >= 65520 rounds to inf
-    if (x >= 0x38800000u) {                                                     // normal half (>= 2^-14)
+    if (x >= 0x38800000u) {                                                   // normal half (>= 2^-14)
         x += 0xFFFu + ((x >> 13) & 1u);
         return static_cast<std::uint16_t>(sign | ((x - (112u << 23)) >> 13));
     }

@@ -11,8 +11,7 @@ namespace comigs::detail {
 
 class Xxh64 {
 public:
-    explicit Xxh64(std::uint64_t seed = 0) noexcept
-        : v_{seed + p1 + p2, seed + p2, seed, seed - p1}, seed_(seed) {}
+    explicit Xxh64(std::uint64_t seed = 0) noexcept : v_{seed + p1 + p2, seed + p2, seed, seed - p1}, seed_(seed) {}
 
     void update(std::span<const std::byte> data) noexcept {
         const std::byte* p = data.data();

@@ -96,15 +96,14 @@ inline void fsync_or_throw(int fd, const std::filesystem::path& path, const char
     } while (rc != 0 && errno == EINTR);
     if (rc != 0) {
         const int err = errno;
-        detail::raise<IoError>("cannot fsync ", what, " '", path.string(), "': ",
-                                       detail::errno_text(err));
+        detail::raise<IoError>("cannot fsync ", what, " '", path.string(), "': ", detail::errno_text(err));
     }
 }
 
 /// Creates a new file with a name no one else uses, beside the target: the pid, a process-wide counter
 /// and the clock make clashes unlikely, O_EXCL makes them harmless.
 inline detail::UniqueFd create_unique_temp(const std::filesystem::path& dir, const std::string& stem,
-                                                   std::filesystem::path& temp_out) {
+                                           std::filesystem::path& temp_out) {
     static std::atomic<std::uint64_t> counter{0};
     const auto clock = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
     for (int attempt = 0; attempt < 100; ++attempt) {
@@ -120,8 +119,7 @@ inline detail::UniqueFd create_unique_temp(const std::filesystem::path& dir, con
         if (fd >= 0) return detail::UniqueFd(fd);
         const int err = errno;
         if (err != EEXIST)
-            detail::raise<IoError>("cannot create temporary file '", temp_out.string(), "': ",
-                                           detail::errno_text(err));
+            detail::raise<IoError>("cannot create temporary file '", temp_out.string(), "': ", detail::errno_text(err));
     }
     detail::raise<IoError>("cannot create a temporary file in '", dir.string(), "': every name tried exists");
 }
@@ -135,10 +133,8 @@ namespace comigs::io {
 /// fails, the temporary is removed, `target` is left as it was, and the exception propagates (system call
 /// failures are IoError naming the path and the reason). An existing target's permission bits are kept.
 /// A symlink at `target` is replaced by the new file, not followed.
-inline void atomic_write_file(const std::filesystem::path& target,
-                              const std::function<void(AtomicFileWriter&)>& fill) {
-    require(!target.empty() && target.has_filename(), "atomic write target '", target.string(),
-            "': must name a file");
+inline void atomic_write_file(const std::filesystem::path& target, const std::function<void(AtomicFileWriter&)>& fill) {
+    require(!target.empty() && target.has_filename(), "atomic write target '", target.string(), "': must name a file");
     const std::filesystem::path dir = target.has_parent_path() ? target.parent_path() : std::filesystem::path(".");
     std::filesystem::path temp;
     detail::UniqueFd fd = detail::create_unique_temp(dir, target.filename().string(), temp);
@@ -152,12 +148,11 @@ inline void atomic_write_file(const std::filesystem::path& target,
         fill(writer);
         detail::fsync_or_throw(fd.get(), temp, "temporary file");
         if (const int err = fd.close(); err != 0)
-            detail::raise<IoError>("cannot close temporary file '", temp.string(), "': ",
-                                           detail::errno_text(err));
+            detail::raise<IoError>("cannot close temporary file '", temp.string(), "': ", detail::errno_text(err));
         if (::rename(temp.c_str(), target.c_str()) != 0) {
             const int err = errno;
-            detail::raise<IoError>("cannot rename '", temp.string(), "' to '", target.string(), "': ",
-                                           detail::errno_text(err));
+            detail::raise<IoError>("cannot rename '", temp.string(), "' to '", target.string(),
+                                   "': ", detail::errno_text(err));
         }
         temp_exists = false;
     } catch (...) {
@@ -174,14 +169,14 @@ inline void atomic_write_file(const std::filesystem::path& target,
     } while (dfd < 0 && errno == EINTR);
     if (dfd < 0) {
         const int err = errno;
-        detail::raise<IoError>("wrote '", target.string(), "' but cannot open its directory '",
-                                       dir.string(), "' to fsync it: ", detail::errno_text(err));
+        detail::raise<IoError>("wrote '", target.string(), "' but cannot open its directory '", dir.string(),
+                               "' to fsync it: ", detail::errno_text(err));
     }
     detail::UniqueFd dir_fd(dfd);
     if (::fsync(dir_fd.get()) != 0 && errno != EINVAL && errno != EROFS) {
         const int err = errno;
-        detail::raise<IoError>("wrote '", target.string(), "' but cannot fsync its directory '",
-                                       dir.string(), "': ", detail::errno_text(err));
+        detail::raise<IoError>("wrote '", target.string(), "' but cannot fsync its directory '", dir.string(),
+                               "': ", detail::errno_text(err));
     }
 }
 
