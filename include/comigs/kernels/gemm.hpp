@@ -1,6 +1,12 @@
 #pragma once
 // Matrix products over row-major views. Every GEMM of the layers goes through here, so that the
 // backend (Eigen today) can be swapped or specialised (bf16 frozen weights) in one place.
+#include <algorithm>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "../view.hpp"
 
 namespace comigs::kernels {
@@ -8,8 +14,57 @@ namespace comigs::kernels {
 /// Whether an operand enters the product as is or transposed.
 enum class Op { none, trans };
 
+namespace detail {
+
+/// Test switch: splits of a GEMM between threads are rounded to this many rows/columns; a test sets
+/// it to 1 to get uneven splits on small shapes.
+inline Index& gemm_split_quantum() {
+    static Index q = 16;
+    return q;
+}
+/// Below this many multiply-adds a GEMM runs on the calling thread (Eigen 3.4 keeps products under
+/// 2 x 50000 multiply-adds on one thread too, so Eigen never starts its own threads from here).
+inline Index& gemm_parallel_min() {
+    static Index m = 100000;
+    return m;
+}
+
+/// The serial product on Eigen maps (four static cases so that Eigen sees the transposes).
+template <class T>
+void gemm_serial(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView<T> B, Op opb, T alpha, T beta) {
+    auto c = eigen(C);
+    auto a = eigen(A);
+    auto b = eigen(B);
+    auto run = [&](const auto& lhs, const auto& rhs) {
+        if (beta == T(0))
+            c.noalias() = alpha * (lhs * rhs);
+        else
+            c.noalias() += alpha * (lhs * rhs);
+    };
+    if (opa == Op::none && opb == Op::none) run(a, b);
+    else if (opa == Op::none) run(a, b.transpose());
+    else if (opb == Op::none) run(a.transpose(), b);
+    else run(a.transpose(), b.transpose());
+}
+
+/// Rows [first, first + count) of op(X) as a view of X.
+template <class T>
+ConstMatrixView<T> op_rows(ConstMatrixView<T> X, Op op, Index first, Index count) {
+    return op == Op::none ? X.middle_rows(first, count) : ConstMatrixView<T>(X.data + first, X.rows, count, X.stride);
+}
+/// Columns [first, first + count) of op(X) as a view of X.
+template <class T>
+ConstMatrixView<T> op_cols(ConstMatrixView<T> X, Op op, Index first, Index count) {
+    return op == Op::none ? ConstMatrixView<T>(X.data + first, X.rows, count, X.stride) : X.middle_rows(first, count);
+}
+
+}  // namespace detail
+
 /// C = alpha * op(A) * op(B) + beta * C, with beta either 0 (overwrite) or 1 (accumulate).
 /// Shapes: op(A) [M, K], op(B) [K, N], C [M, N]. Checked; a mismatch is a ShapeError.
+/// Large products are split between the OpenMP threads along the longer side of C, each part a
+/// serial Eigen product (Eigen's own threading busy-waits, which collapses on a shared machine);
+/// every element is summed by one thread, so a fixed thread count gives identical results.
 template <class T>
 void gemm(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView<T> B, Op opb, T alpha = T(1),
           T beta = T(0)) {
@@ -21,24 +76,35 @@ void gemm(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView<T> B, O
                         ", ", n, "] -> C [", C.rows, ", ", C.cols, "] do not agree");
     require(beta == T(0) || beta == T(1), "gemm beta ", beta, ": only 0 or 1 supported");
     if (m == 0 || n == 0) return;
-    auto c = eigen(C);
     if (ka == 0) {
-        if (beta == T(0)) c.setZero();
+        if (beta == T(0))
+            for (Index i = 0; i < m; ++i) std::fill(C.row_ptr(i), C.row_ptr(i) + n, T(0));
         return;
     }
-    auto a = eigen(A);
-    auto b = eigen(B);
-    // Four static cases so that Eigen sees the transposes at compile time.
-    auto run = [&](const auto& lhs, const auto& rhs) {
-        if (beta == T(0))
-            c.noalias() = alpha * (lhs * rhs);
+    int threads = 1;
+#ifdef _OPENMP
+    if (!omp_in_parallel() && m * n * ka >= detail::gemm_parallel_min()) threads = omp_get_max_threads();
+#endif
+    const Index q = std::max<Index>(1, detail::gemm_split_quantum());
+    const bool split_rows = m >= n;
+    const Index len = split_rows ? m : n;
+    const Index parts = std::min<Index>(threads, len);
+    if (parts <= 1) {
+        detail::gemm_serial(C, A, opa, B, opb, alpha, beta);
+        return;
+    }
+    // Near-equal parts, each a multiple of q (when the side is long enough) except the last.
+    const Index per = len >= parts * q ? (len + parts * q - 1) / (parts * q) * q : (len + parts - 1) / parts;
+#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(parts))
+    for (Index p = 0; p < parts; ++p) {
+        const Index lo = std::min(len, p * per), cnt = std::min(len, lo + per) - lo;
+        if (cnt <= 0) continue;
+        if (split_rows)
+            detail::gemm_serial(C.middle_rows(lo, cnt), detail::op_rows(A, opa, lo, cnt), opa, B, opb, alpha, beta);
         else
-            c.noalias() += alpha * (lhs * rhs);
-    };
-    if (opa == Op::none && opb == Op::none) run(a, b);
-    else if (opa == Op::none) run(a, b.transpose());
-    else if (opb == Op::none) run(a.transpose(), b);
-    else run(a.transpose(), b.transpose());
+            detail::gemm_serial(MatrixView<T>(C.data + lo, m, cnt, C.stride), A, opa,
+                                detail::op_cols(B, opb, lo, cnt), opb, alpha, beta);
+    }
 }
 
 }  // namespace comigs::kernels
