@@ -252,88 +252,84 @@ public:
             xl = xd;
         }
 
+        // First stage, once per token: H = x W^T + b (kept for backward) and z1 = x A_e^T for every
+        // expert; B_e^T is kept as [r, h] rows so the per-row rank-r update reads it contiguously.
         const Index nf = static_cast<Index>(first_.size());
         pre_.resize(static_cast<std::size_t>(nf));
         z1_.resize(static_cast<std::size_t>(nf));
+        bt_.resize(static_cast<std::size_t>(nf));
         for (Index f = 0; f < nf; ++f) {
             const auto& name = first_[static_cast<std::size_t>(f)];
-            auto H = detail::as_view(work_h_, n, h);
-            base_->linear(name).forward(H, xs);
+            base_->linear(name).forward(detail::as_view(pre_[static_cast<std::size_t>(f)], n, h), xs);
             auto Z1 = detail::as_view(z1_[static_cast<std::size_t>(f)], n, E * r);
-            for (Index e = 0; e < E; ++e)
-                kernels::gemm<T>(detail::block(Z1, e, r), xl, kernels::Op::none, A(e, name), kernels::Op::trans);
-            // Per routed row: pre-activation = H[token] + s * z1[token, e] B^T.
-            auto P = detail::as_view(pre_[static_cast<std::size_t>(f)], rows, h);
-            gather_rows(P, H);
+            auto& bt = bt_[static_cast<std::size_t>(f)];
+            bt.resize(static_cast<std::size_t>(E * r * h));
             for (Index e = 0; e < E; ++e) {
-                const Index ne = groups_.count(e);
-                if (ne == 0) continue;
-                auto Zg = gather_block(Z1, e);
-                kernels::gemm<T>(P.middle_rows(groups_.begin(e), ne), Zg, kernels::Op::none, B(e, name),
-                                 kernels::Op::trans, s_, T(1));
+                kernels::gemm<T>(detail::block(Z1, e, r), xl, kernels::Op::none, A(e, name), kernels::Op::trans);
+                kernels::transpose_into(bt.data() + e * r * h, B(e, name));
             }
         }
-
-        // Activation per routed row.
-        auto U = detail::as_view(act_, rows, h);
-        {
-            const T* p0 = pre_[0].data();
-            const T* p1 = nf > 1 ? pre_[1].data() : nullptr;
-            const Index total = rows * h;
-            if (cfg_.form == MlpForm::gelu) {
-#pragma omp parallel for schedule(static) if (total > 65536)
-                for (Index i = 0; i < total; ++i) U.data[i] = kernels::gelu_tanh(p0[i]);
-            } else {
-#pragma omp parallel for schedule(static) if (total > 65536)
-                for (Index i = 0; i < total; ++i) U.data[i] = kernels::silu(p0[i]) * p1[i];
-            }
-        }
-        ConstMatrixView<T> Ul = U;
+        // The second stage's LoRA input is the (dropped-out) activation; the mask is drawn up front.
         if (dropped_) {
             detail::draw_mask(mask2_, static_cast<std::size_t>(rows * h), cfg_.dropout, *rng);
-            auto ud = detail::as_view(udrop_, rows, h);
-            for (Index i = 0; i < rows * h; ++i) ud.data[i] = U.data[i] * mask2_[static_cast<std::size_t>(i)];
-            Ul = ud;
+            detail::as_view(udrop_, rows, h);
         }
 
-        // m = sum_j g_j u_j per token (token-major: deterministic for any thread count).
+        // Per token, fused over its k routed rows while they are in cache: pre-activation
+        // p = H[t] + s z1[t, e] B_e^T, u = act(p) (kept), m[t] = sum_j g_j u_j, z2 = A2_e u.
+        auto U = detail::as_view(act_, rows, h);
         auto M = detail::as_view(m_, n, h);
-#pragma omp parallel for schedule(static) if (n * h > 65536)
+        auto Z2 = detail::as_view(z2_, rows, r);
+        auto Zs = detail::as_view(z2s_, n, E * r);
+        std::fill(Zs.data, Zs.data + n * E * r, T(0));
+        std::vector<ConstMatrixView<T>> a2(static_cast<std::size_t>(E));
+        for (Index e = 0; e < E; ++e) a2[static_cast<std::size_t>(e)] = A(e, second_);
+#pragma omp parallel for schedule(static) if (rows * h > 65536)
         for (Index t = 0; t < n; ++t) {
+            thread_local std::vector<T> scratch;
+            scratch.resize(static_cast<std::size_t>(2 * h));
             T* mt = M.row_ptr(t);
-            std::fill(mt, mt + h, T(0));
             for (Index j = 0; j < k; ++j) {
+                const Index i = groups_.row_of[static_cast<std::size_t>(t * k + j)];
+                const Index e = route_.expert_of(t, j);
                 const T g = route_.gate_of(t, j);
-                const T* u = U.row_ptr(groups_.row_of[static_cast<std::size_t>(t * k + j)]);
-                for (Index c = 0; c < h; ++c) mt[c] += g * u[c];
+                T* u = U.row_ptr(i);
+                preactivations(scratch.data(), t, e);
+                if (cfg_.form == MlpForm::gelu)
+                    kernels::gelu_forward_row(u, scratch.data(), h);
+                else
+                    kernels::swiglu_forward_row(u, scratch.data(), scratch.data() + h, h);
+                if (j == 0)
+                    kernels::scale_copy(mt, g, u, h);
+                else
+                    kernels::axpy(mt, g, u, h);
+                const T* ul = u;
+                if (dropped_) {
+                    T* ud = udrop_.data() + i * h;
+                    const T* mk = mask2_.data() + i * h;
+                    for (Index c = 0; c < h; ++c) ud[c] = u[c] * mk[c];
+                    ul = ud;
+                }
+                T* z = Z2.row_ptr(i);
+                kernels::lowrank_project(z, a2[static_cast<std::size_t>(e)].data, ul, r, h);
+                T* zs = Zs.row_ptr(t) + e * r;
+                for (Index c = 0; c < r; ++c) zs[c] = s_ * g * z[c];
             }
         }
 
         // Second stage: y = W2 m + (sum g) b2 + sum_e g s B2e (A2e u_e).
-        const auto second = base_->linear(second_);
-        kernels::gemm<T>(y, M, kernels::Op::none, second.weight, kernels::Op::trans);
-        if (!second.bias.empty())
+        auto second = base_->linear(second_);
+        const auto b2 = second.bias;
+        second.bias = {};
+        second.forward(y, M);
+        if (!b2.empty())
             for (Index t = 0; t < n; ++t) {
                 T gs = T(0);
                 for (Index j = 0; j < k; ++j) gs += route_.gate_of(t, j);
-                T* yt = y.row_ptr(t);
-                for (Index c = 0; c < d; ++c) yt[c] += gs * second.bias[static_cast<std::size_t>(c)];
+                kernels::axpy(y.row_ptr(t), gs, b2.data(), d);
             }
-        auto Z2 = detail::as_view(z2_, rows, r);
-        auto Zs = detail::as_view(z2s_, n, E * r);
-        std::fill(Zs.data, Zs.data + n * E * r, T(0));
         for (Index e = 0; e < E; ++e) {
-            const Index ne = groups_.count(e), b = groups_.begin(e);
-            if (ne == 0) continue;
-            kernels::gemm<T>(Z2.middle_rows(b, ne), Ul.middle_rows(b, ne), kernels::Op::none, A(e, second_),
-                             kernels::Op::trans);
-            for (Index i = b; i < b + ne; ++i) {
-                const Index t = groups_.token[static_cast<std::size_t>(i)];
-                const T gs = s_ * route_.gate_of(t, groups_.slot[static_cast<std::size_t>(i)]);
-                T* dst = Zs.row_ptr(t) + e * r;
-                const T* src = Z2.row_ptr(i);
-                for (Index c = 0; c < r; ++c) dst[c] = gs * src[c];
-            }
+            if (groups_.count(e) == 0) continue;
             kernels::gemm<T>(y, detail::block(Zs, e, r), kernels::Op::none, B(e, second_), kernels::Op::trans, T(1),
                              T(1));
         }
@@ -348,50 +344,86 @@ public:
         require_shape(dy, n, d, "mixture output gradient dy");
         if (!dx.empty()) require_shape(dx, n, d, "mixture input gradient dx");
         const Index k = route_.slots, rows = n * k;
+        const Index nf = static_cast<Index>(first_.size());
         const ConstMatrixView<T> xs(x_.data(), n, d);
         const ConstMatrixView<T> U(act_.data(), rows, h);
         const ConstMatrixView<T> Ul = dropped_ ? ConstMatrixView<T>(udrop_.data(), rows, h) : U;
         const auto second = base_->linear(second_);
 
+        // dm = dy W2 (one base GEMM) and q = B2e^T dy for every token and expert.
         auto dM = detail::as_view(work_h_, n, h);
-        kernels::gemm<T>(dM, dy, kernels::Op::none, second.weight, kernels::Op::none);
-        // q = B2e^T dy for every token and expert.
+        second.backward_input(dM, dy, false);
         auto Q = detail::as_view(q_, n, E * r);
         for (Index e = 0; e < E; ++e)
             kernels::gemm<T>(detail::block(Q, e, r), dy, kernels::Op::none, B(e, second_), kernels::Op::none);
 
         std::vector<T>& dgate = dgate_;
         dgate.assign(static_cast<std::size_t>(rows), T(0));
-        auto dU = detail::as_view(dact_, rows, h);
         auto Qg = detail::as_view(work_r_, rows, r);
         const ConstMatrixView<T> Z2(z2_.data(), rows, r);
         const ConstMatrixView<T> Zs(z2s_.data(), n, E * r);
+        dpre_.resize(static_cast<std::size_t>(nf));
+        dh_.resize(static_cast<std::size_t>(nf));
+        dz_.resize(static_cast<std::size_t>(nf));
+        std::vector<MatrixView<T>> dP, dH, DZ;
+        for (Index f = 0; f < nf; ++f) {
+            dP.push_back(detail::as_view(dpre_[static_cast<std::size_t>(f)], rows, h));
+            dH.push_back(detail::as_view(dh_[static_cast<std::size_t>(f)], n, h));
+            DZ.push_back(detail::as_view(dz_[static_cast<std::size_t>(f)], n, E * r));
+            std::fill(DZ.back().data, DZ.back().data + n * E * r, T(0));
+        }
+        std::vector<ConstMatrixView<T>> a2(static_cast<std::size_t>(E));
+        for (Index e = 0; e < E; ++e) a2[static_cast<std::size_t>(e)] = A(e, second_);
+
+        // Per token, fused over its k routed rows: the gate gradient, du = g (dm + s A2e^T q), the
+        // pre-activation gradients dp (kept for the LoRA gradients), their token sums dH (the base
+        // input gradient's input) and dz1 = s B1e^T dp. p is recomputed from H (cheaper than keeping it).
 #pragma omp parallel for schedule(static) if (rows * h > 65536)
-        for (Index i = 0; i < rows; ++i) {
-            const Index t = groups_.token[static_cast<std::size_t>(i)], j = groups_.slot[static_cast<std::size_t>(i)];
-            const Index e = route_.expert_of(t, j);
-            const T g = route_.gate_of(t, j);
-            const T* q = Q.row_ptr(t) + e * r;
-            const T* u = U.row_ptr(i);
+        for (Index t = 0; t < n; ++t) {
+            thread_local std::vector<T> scratch;
+            scratch.resize(static_cast<std::size_t>(4 * h));
+            T* p = scratch.data();
+            T* du = scratch.data() + 2 * h;
+            T* tmp = scratch.data() + 3 * h;
             const T* dm = dM.row_ptr(t);
-            T* du = dU.row_ptr(i);
-            double dg = 0.0;
-            for (Index c = 0; c < h; ++c) {
-                dg += static_cast<double>(u[c]) * static_cast<double>(dm[c]);
-                du[c] = g * dm[c];
+            const T bias_dot = second.bias.empty() ? T(0) : kernels::dot(second.bias.data(), dy.row_ptr(t), d);
+            for (Index j = 0; j < k; ++j) {
+                const Index i = groups_.row_of[static_cast<std::size_t>(t * k + j)];
+                const Index e = route_.expert_of(t, j);
+                const T g = route_.gate_of(t, j);
+                const T* q = Q.row_ptr(t) + e * r;
+                T* qg = Qg.row_ptr(i);
+                for (Index c = 0; c < r; ++c) qg[c] = g * s_ * q[c];
+                const T* u = U.row_ptr(i);
+                dgate[static_cast<std::size_t>(t * k + j)] =
+                    kernels::dot(u, dm, h) + bias_dot + s_ * kernels::dot(Z2.row_ptr(i), q, r);
+                kernels::scale_copy(du, g, dm, h);
+                const T* a2e = a2[static_cast<std::size_t>(e)].data;
+                if (!dropped_) {
+                    kernels::lowrank_accumulate(du, qg, a2e, r, h);
+                } else {
+                    // The LoRA path saw the dropped-out activation: its gradient passes through the mask.
+                    std::fill(tmp, tmp + h, T(0));
+                    kernels::lowrank_accumulate(tmp, qg, a2e, r, h);
+                    const T* mk = mask2_.data() + i * h;
+                    for (Index c = 0; c < h; ++c) du[c] += tmp[c] * mk[c];
+                }
+                preactivations(p, t, e);
+                if (cfg_.form == MlpForm::gelu)
+                    kernels::gelu_backward_row(dP[0].row_ptr(i), du, p, h);
+                else
+                    kernels::swiglu_backward_row(dP[0].row_ptr(i), dP[1].row_ptr(i), du, p, p + h, h);
+                for (Index f = 0; f < nf; ++f) {
+                    const T* dp = dP[static_cast<std::size_t>(f)].row_ptr(i);
+                    T* dht = dH[static_cast<std::size_t>(f)].row_ptr(t);
+                    if (j == 0)
+                        std::copy(dp, dp + h, dht);
+                    else
+                        kernels::axpy(dht, T(1), dp, h);
+                    kernels::lowrank_project(DZ[static_cast<std::size_t>(f)].row_ptr(t) + e * r,
+                                             bt_[static_cast<std::size_t>(f)].data() + e * r * h, dp, r, h, s_);
+                }
             }
-            if (!second.bias.empty()) {
-                const T* dyt = dy.row_ptr(t);
-                for (Index c = 0; c < d; ++c)
-                    dg += static_cast<double>(second.bias[static_cast<std::size_t>(c)]) * static_cast<double>(dyt[c]);
-            }
-            const T* z = Z2.row_ptr(i);
-            double zq = 0.0;
-            for (Index c = 0; c < r; ++c) {
-                zq += static_cast<double>(z[c]) * static_cast<double>(q[c]);
-                Qg.row_ptr(i)[c] = g * s_ * q[c];
-            }
-            dgate[static_cast<std::size_t>(t * k + j)] = static_cast<T>(dg + static_cast<double>(s_) * zq);
         }
         for (Index e = 0; e < E; ++e) {
             const Index ne = groups_.count(e), b = groups_.begin(e);
@@ -400,37 +432,6 @@ public:
                              T(1), T(1));
             kernels::gemm<T>(grad_A(e, second_), Qg.middle_rows(b, ne), kernels::Op::trans, Ul.middle_rows(b, ne),
                              kernels::Op::none, T(1), T(1));
-            if (dropped_) {
-                // The LoRA path saw the dropped-out activation: its gradient passes through the mask.
-                auto tmp = detail::as_view(work_lora_, ne, h);
-                kernels::gemm<T>(tmp, Qg.middle_rows(b, ne), kernels::Op::none, A(e, second_), kernels::Op::none);
-                for (Index i = 0; i < ne * h; ++i)
-                    dU.row_ptr(b)[i] += tmp.data[i] * mask2_[static_cast<std::size_t>(b * h + i)];
-            } else {
-                kernels::gemm<T>(dU.middle_rows(b, ne), Qg.middle_rows(b, ne), kernels::Op::none, A(e, second_),
-                                 kernels::Op::none, T(1), T(1));
-            }
-        }
-
-        // Through the activation: gradients of the first-stage pre-activations per routed row.
-        const Index nf = static_cast<Index>(first_.size());
-        dpre_.resize(static_cast<std::size_t>(nf));
-        {
-            auto dP0 = detail::as_view(dpre_[0], rows, h);
-            const T* p0 = pre_[0].data();
-            const Index total = rows * h;
-            if (cfg_.form == MlpForm::gelu) {
-#pragma omp parallel for schedule(static) if (total > 65536)
-                for (Index i = 0; i < total; ++i) dP0.data[i] = dU.data[i] * kernels::gelu_tanh_grad(p0[i]);
-            } else {
-                auto dP1 = detail::as_view(dpre_[1], rows, h);
-                const T* p1 = pre_[1].data();
-#pragma omp parallel for schedule(static) if (total > 65536)
-                for (Index i = 0; i < total; ++i) {
-                    dP0.data[i] = dU.data[i] * p1[i] * kernels::silu_grad(p0[i]);
-                    dP1.data[i] = dU.data[i] * kernels::silu(p0[i]);
-                }
-            }
         }
 
         // First stage: LoRA gradients per expert, then the base input gradient once per linear.
@@ -439,52 +440,25 @@ public:
         std::fill(dXl.data, dXl.data + n * d, T(0));
         for (Index f = 0; f < nf; ++f) {
             const auto& name = first_[static_cast<std::size_t>(f)];
-            const ConstMatrixView<T> dP(dpre_[static_cast<std::size_t>(f)].data(), rows, h);
             const auto Z1 = MatrixView<T>(z1_[static_cast<std::size_t>(f)].data(), n, E * r);
-            auto DZ = detail::as_view(q_, n, E * r);  // Q is no longer needed: reuse its storage
-            std::fill(DZ.data, DZ.data + n * E * r, T(0));
+            const auto dPf = dP[static_cast<std::size_t>(f)];
+            const auto DZf = DZ[static_cast<std::size_t>(f)];
             for (Index e = 0; e < E; ++e) {
                 const Index ne = groups_.count(e), b = groups_.begin(e);
                 if (ne == 0) continue;
-                auto Zg = gather_block(Z1, e);
-                kernels::gemm<T>(grad_B(e, name), dP.middle_rows(b, ne), kernels::Op::trans, Zg, kernels::Op::none, s_,
-                                 T(1));
-                auto dZ = detail::as_view(work_r_, ne, r);
-                kernels::gemm<T>(dZ, dP.middle_rows(b, ne), kernels::Op::none, B(e, name), kernels::Op::none, s_);
-                for (Index i = 0; i < ne; ++i)
-                    std::copy(dZ.row_ptr(i), dZ.row_ptr(i) + r,
-                              DZ.row_ptr(groups_.token[static_cast<std::size_t>(b + i)]) + e * r);
-            }
-            for (Index e = 0; e < E; ++e) {
-                if (groups_.count(e) == 0) continue;
-                kernels::gemm<T>(grad_A(e, name), detail::block(DZ, e, r), kernels::Op::trans, xl, kernels::Op::none,
+                kernels::gemm<T>(grad_B(e, name), dPf.middle_rows(b, ne), kernels::Op::trans, gather_block(Z1, e),
+                                 kernels::Op::none, s_, T(1));
+                kernels::gemm<T>(grad_A(e, name), detail::block(DZf, e, r), kernels::Op::trans, xl, kernels::Op::none,
                                  T(1), T(1));
-                kernels::gemm<T>(dXl, detail::block(DZ, e, r), kernels::Op::none, A(e, name), kernels::Op::none, T(1),
+                kernels::gemm<T>(dXl, detail::block(DZf, e, r), kernels::Op::none, A(e, name), kernels::Op::none, T(1),
                                  T(1));
             }
-            if (!dx.empty()) {
-                // dH[t] = sum over t's slots of dP (token-major, deterministic), then dx += dH W.
-                auto dH = detail::as_view(work_h_, n, h);
-#pragma omp parallel for schedule(static) if (n * h > 65536)
-                for (Index t = 0; t < n; ++t) {
-                    T* dh = dH.row_ptr(t);
-                    std::fill(dh, dh + h, T(0));
-                    for (Index j = 0; j < k; ++j) {
-                        const T* src = dP.row_ptr(groups_.row_of[static_cast<std::size_t>(t * k + j)]);
-                        for (Index c = 0; c < h; ++c) dh[c] += src[c];
-                    }
-                }
-                base_->linear(name).backward_input(dx, dH, true);
-            }
+            if (!dx.empty()) base_->linear(name).backward_input(dx, dH[static_cast<std::size_t>(f)], true);
         }
         if (!dx.empty()) {
             if (dropped_)
                 for (Index i = 0; i < n * d; ++i) dXl.data[i] *= mask1_[static_cast<std::size_t>(i)];
-            for (Index t = 0; t < n; ++t) {
-                T* dst = dx.row_ptr(t);
-                const T* src = dXl.row_ptr(t);
-                for (Index c = 0; c < d; ++c) dst[c] += src[c];
-            }
+            for (Index t = 0; t < n; ++t) kernels::axpy(dx.row_ptr(t), T(1), dXl.row_ptr(t), d);
         }
         if (rcfg_.has_weight())
             router_backward(dx, grads_.view("router.weight"), ConstMatrixView<T>(dgate.data(), n, k), lb_grad, xs,
@@ -500,13 +474,15 @@ private:
     MatrixView<T> grad_A(Index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'A')); }
     MatrixView<T> grad_B(Index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'B')); }
 
-    /// dst[row] = src[token of row] for every routed row.
-    void gather_rows(MatrixView<T> dst, ConstMatrixView<T> src) const {
-        const Index rows = dst.rows, c = src.cols;
-#pragma omp parallel for schedule(static) if (rows * c > 65536)
-        for (Index i = 0; i < rows; ++i) {
-            const T* s = src.row_ptr(groups_.token[static_cast<std::size_t>(i)]);
-            std::copy(s, s + c, dst.row_ptr(i));
+    /// p[f * h + c] = H_f[t, c] + s z1_f[t, e] B_fe^T (the first-stage pre-activations of token t
+    /// routed to expert e), for every first-stage linear f.
+    void preactivations(T* p, Index t, Index e) const {
+        const Index h = cfg_.d_hidden, r = cfg_.rank, E = cfg_.n_experts;
+        for (std::size_t f = 0; f < first_.size(); ++f) {
+            const T* H = pre_[f].data() + t * h;
+            std::copy(H, H + h, p + static_cast<Index>(f) * h);
+            kernels::lowrank_accumulate(p + static_cast<Index>(f) * h, z1_[f].data() + t * E * r + e * r,
+                                        bt_[f].data() + e * r * h, r, h, s_);
         }
     }
     /// Expert e's block of a [N, E * r] matrix, gathered at e's routed tokens: [n_e, r].
@@ -534,10 +510,10 @@ private:
     RoutingResult<T> route_;
     detail::ExpertGroups groups_;
     std::vector<T> x_, xdrop_, mask1_, udrop_, mask2_, act_, m_, z2_, z2s_;
-    std::vector<std::vector<T>> pre_, z1_;
+    std::vector<std::vector<T>> pre_, z1_, bt_;  // per first-stage linear: H [N, h], z1 [N, E r], B^T [E][r, h]
     // Work space reused between calls.
-    std::vector<T> work_h_, work_r_, work_gather_, work_lora_, work_dx_, q_, dact_, dgate_;
-    std::vector<std::vector<T>> dpre_;
+    std::vector<T> work_h_, work_r_, work_gather_, work_dx_, q_, dgate_;
+    std::vector<std::vector<T>> dpre_, dh_, dz_;
 };
 
 }  // namespace comigs
