@@ -1,6 +1,7 @@
 // Layer benchmarks at GPT-2 MLP shapes: the shared-base mixture against the plain dense MLP and the
 // naive per-expert mixture, all on the same GEMM backend, so their ratios are measured in one run.
 #include "bench_common.hpp"
+#include "bench_memory.hpp"
 
 namespace comigs::bench {
 namespace {
@@ -168,7 +169,77 @@ void naive_mixture_fwd_bwd(benchmark::State& state, Index tokens) {
     set_counters(state, tokens, base_flops_fwd_bwd(tokens, d, s.cfg.d_hidden));
 }
 
+// Kernel: the four frozen base GEMMs exactly as the layer issues them (FrozenLinear::forward with
+// bias for fc, without for proj, backward_input for both), at the layer's shapes.
+void base_gemms(benchmark::State& state, Index tokens, bool bf16) {
+    LayerSetup s(tokens, bf16);
+    const Index d = s.cfg.d_model, h = s.cfg.d_hidden;
+    std::vector<float> hbuf(static_cast<std::size_t>(tokens * h)), mbuf(hbuf.size(), 0.01f);
+    const auto fc = s.base->linear("fc");
+    auto proj = s.base->linear("proj");
+    proj.bias = {};
+    for (auto _ : state) {
+        fc.forward(MatrixView<float>(hbuf.data(), tokens, h), s.X());
+        proj.forward(s.Y(), ConstMatrixView<float>(mbuf.data(), tokens, h));
+        proj.backward_input(MatrixView<float>(hbuf.data(), tokens, h), s.DY(), false);
+        fc.backward_input(s.DX(), ConstMatrixView<float>(hbuf.data(), tokens, h), true);
+        benchmark::DoNotOptimize(s.dx.data());
+    }
+    set_counters(state, tokens, base_flops_fwd_bwd(tokens, d, h));
+}
+
+// Kernel: none timed; reports the heap bytes of one layer (frozen base, LoRA and router parameters
+// and gradients, everything kept between forward and backward, work space) around one fwd+bwd, and
+// the frozen bytes with E = 4 against E = 1 (one shared copy of the base whatever E is).
+void memory(benchmark::State& state, bool bf16) {
+    using S = Gpt2Shape;
+    const Index n = 1024;
+    Rng rng(5);
+    auto x = random_vector<float>(static_cast<std::size_t>(n * S::d), rng);
+    auto dy = random_vector<float>(x.size(), rng);
+    std::vector<float> y(x.size()), dx(x.size());
+    double peak = 0, frozen = 0, frozen1 = 0;
+    for (auto _ : state) {
+        const long long before = heap_current();
+        heap_reset_peak();
+        {
+            auto base = std::make_shared<FrozenMlp<float>>(MlpForm::gelu, S::d, S::h);
+            base->randomize(rng, 0.02);
+            if (bf16) base->set_precision(Precision::bf16);
+            // The fp32 load buffer is gone once the base is converted: measure from here.
+            const long long start = heap_current();
+            heap_reset_peak();
+            MixtureConfig cfg;
+            cfg.d_model = S::d;
+            cfg.d_hidden = S::h;
+            cfg.n_experts = S::E;
+            cfg.top_k = S::k;
+            cfg.rank = S::r;
+            MixtureOfLoraMlp<float> mix(cfg, base);
+            mix.init(rng);
+            mix.forward(MatrixView<float>(y.data(), n, S::d), ConstMatrixView<float>(x.data(), n, S::d));
+            mix.backward(MatrixView<float>(dx.data(), n, S::d), ConstMatrixView<float>(dy.data(), n, S::d), 0.01f);
+            peak = double(heap_peak() - start) + double(base->weight_bytes());
+            frozen = double(base->weight_bytes());
+            MixtureConfig one = cfg;
+            one.n_experts = 1;
+            one.top_k = 1;
+            MixtureOfLoraMlp<float> single(one, base);
+            frozen1 = double(single.base().weight_bytes());
+        }
+        benchmark::DoNotOptimize(before);
+    }
+    state.counters["peak_bytes"] = peak;
+    state.counters["frozen_bytes"] = frozen;
+    state.counters["frozen_bytes_E1"] = frozen1;
+}
+
 constexpr Index kTokens = 1024;
+
+BENCHMARK_CAPTURE(base_gemms, fp32/gpt2, kTokens, false)->Name("base_gemms/fp32/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(base_gemms, bf16/gpt2, kTokens, true)->Name("base_gemms/bf16/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(memory, fp32/gpt2, false)->Name("memory/fp32/gpt2")->Iterations(1);
+BENCHMARK_CAPTURE(memory, bf16/gpt2, true)->Name("memory/bf16/gpt2")->Iterations(1);
 
 BENCHMARK_CAPTURE(mixture_fwd, fp32/gpt2, kTokens, false)->Name("mixture_fwd/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(mixture_fwd_bwd, fp32/gpt2, kTokens, false)->Name("mixture_fwd_bwd/fp32/gpt2")->UseRealTime();

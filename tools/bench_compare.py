@@ -1,0 +1,206 @@
+#!/usr/bin/python3
+"""Speed of comigs against the PyTorch reference semantics, measured one after the other on this machine.
+
+Runs, with the same thread count:
+  1. the naive PyTorch reference (tools/reference_mixture.py: every selected expert recomputes the whole
+     frozen MLP, autograd backward) at GPT-2 MLP shapes, T = 1024, d = 768, hidden 3072, E = 4, top-2,
+     rank 8, fp32; and PyTorch's plain dense MLP for context;
+  2. comigs-bench (Google Benchmark) for the matching cases, with --benchmark_repetitions, and once more
+     with one thread for the scaling figure;
+then prints every ratio against its target. All figures are medians of the repetitions.
+
+Usage (Debian's torch lives in /usr/bin/python3):
+    /usr/bin/python3 tools/bench_compare.py --bench build/benchmarks/comigs-bench --threads 2 --reps 5
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+T, D, H, E, K, R = 1024, 768, 3072, 4, 2, 8
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def median_time(fn, reps, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def torch_reference(threads, reps):
+    """Median seconds of the reference fwd+bwd, its forward alone, and the dense MLP fwd+bwd."""
+    import torch
+    import torch.nn.functional as F
+    import reference_mixture as ref
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = ref.MixtureConfig(form="gelu", experts=E, top_k=K, rank=R, alpha=16.0, scaling="sqrt",
+                            expert0_importance=0.25, routing="topk")
+    tensors = {
+        "x": torch.randn(T, D),
+        "dy": torch.randn(T, D),
+        "router.weight": 0.02 * torch.randn(E, D),
+        "fc.weight": 0.02 * torch.randn(H, D),
+        "fc.bias": 0.02 * torch.randn(H),
+        "proj.weight": 0.02 * torch.randn(D, H),
+        "proj.bias": 0.02 * torch.randn(D),
+    }
+    for e in range(E):
+        tensors[f"experts.{e}.fc.lora_A"] = 0.02 * torch.randn(R, D)
+        tensors[f"experts.{e}.fc.lora_B"] = 0.01 * torch.randn(H, R)
+        tensors[f"experts.{e}.proj.lora_A"] = 0.02 * torch.randn(R, H)
+        tensors[f"experts.{e}.proj.lora_B"] = 0.01 * torch.randn(D, R)
+    p = ref.build_params(tensors, cfg, dtype=torch.float32)
+
+    def fwd():
+        with torch.no_grad():
+            ref.mixture_forward(p, cfg)
+
+    def fwd_bwd():
+        ref.forward_backward(p, cfg)
+
+    x = p["x"]
+    w1, b1, w2, b2 = p["fc.weight"], p["fc.bias"], p["proj.weight"], p["proj.bias"]
+
+    def dense_fwd_bwd():
+        y = F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+        torch.autograd.grad((y * p["dy"]).sum(), [x])
+
+    return {
+        "ref_fwd_bwd": median_time(fwd_bwd, reps),
+        "ref_fwd": median_time(fwd, reps),
+        "dense_fwd_bwd": median_time(dense_fwd_bwd, reps),
+    }
+
+
+def run_bench(bench, threads, reps, bench_filter, min_time):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [bench, f"--benchmark_filter={bench_filter}", f"--benchmark_repetitions={reps}",
+           "--benchmark_report_aggregates_only=true", "--benchmark_format=json",
+           f"--benchmark_min_time={min_time}"]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    data = json.loads(out)
+    res = {}
+    for b in data["benchmarks"]:
+        if b.get("aggregate_name") != "median":
+            continue
+        name = b["run_name"].replace("/real_time", "")
+        scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b["time_unit"]]
+        res[name] = dict(b, seconds=b["real_time"] * scale)
+    return res, data.get("context", {})
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", default=os.path.join(HERE, "..", "build", "benchmarks", "comigs-bench"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--min-time", default="0.5")
+    ap.add_argument("--skip-scaling", action="store_true", help="do not run the one-thread pass")
+    args = ap.parse_args()
+
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; threads: {args.threads}; "
+          f"date: {datetime.date.today().isoformat()}; repetitions: {args.reps} (medians)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average at start: {load:.2f} (other work on the machine skews every figure)")
+
+    ref = torch_reference(args.threads, args.reps)
+    import torch
+    print(f"PyTorch {torch.__version__} reference semantics ({args.threads} threads): "
+          f"fwd+bwd {ref['ref_fwd_bwd'] * 1e3:.1f} ms ({T / ref['ref_fwd_bwd']:.0f} tokens/s), "
+          f"fwd {ref['ref_fwd'] * 1e3:.1f} ms; dense MLP fwd+bwd {ref['dense_fwd_bwd'] * 1e3:.1f} ms")
+
+    wanted = ("mixture_fwd_bwd/fp32/gpt2|mixture_fwd/fp32/gpt2|dense_mlp_fwd_bwd/fp32/gpt2|"
+              "naive_mixture_fwd_bwd/fp32/gpt2|mixture_fwd_bwd/bf16/gpt2|mixture_fwd/fp32/decode|"
+              "dense_mlp_fwd/fp32/decode|base_gemms/fp32/gpt2|base_gemms/bf16/gpt2|gemm_.*/gpt2|memory/")
+    res, ctx = run_bench(args.bench, args.threads, args.reps, wanted, args.min_time)
+
+    def sec(name):
+        return res[name]["seconds"]
+
+    def gflops(name):
+        return res[name]["GFLOP/s"] / 1e9
+
+    print(f"comigs-bench ({args.threads} threads, {ctx.get('library_build_type', '?')} Google Benchmark build):")
+    for name in sorted(res):
+        r = res[name]
+        extra = f"  {r['GFLOP/s'] / 1e9:7.1f} GFLOP/s" if "GFLOP/s" in r else ""
+        tps = f"  {r['items_per_second']:10.0f} tokens/s" if "items_per_second" in r else ""
+        label = f"  [{r['label']}]" if r.get("label") else ""
+        print(f"  {name:36s} {r['seconds'] * 1e3:9.3f} ms{tps}{extra}{label}")
+
+    rows = []
+
+    def target(what, value, goal, ok, how):
+        rows.append((what, value, goal, "MET" if ok else "MISSED", how))
+
+    s = ref["ref_fwd_bwd"] / sec("mixture_fwd_bwd/fp32/gpt2")
+    target("fp32 fwd+bwd speed-up vs PyTorch reference", f"{s:.2f}x", ">= 3x", s >= 3.0,
+           "reference ms / mixture_fwd_bwd/fp32/gpt2 ms")
+    best_name = max((n for n in res if n.startswith("gemm_") and "/fp32/" in n), key=gflops)
+    g = gflops("base_gemms/fp32/gpt2") / gflops(best_name)
+    target("fp32 base GEMMs vs best fp32 GEMM", f"{100 * g:.0f}%", ">= 85%", g >= 0.85,
+           f"base_gemms/fp32/gpt2 GFLOP/s / {best_name} GFLOP/s")
+    if "mixture_fwd_bwd/bf16/gpt2" in res:
+        s = ref["ref_fwd_bwd"] / sec("mixture_fwd_bwd/bf16/gpt2")
+        label = res["mixture_fwd_bwd/bf16/gpt2"].get("label", "")
+        target("bf16 fwd+bwd speed-up vs PyTorch reference", f"{s:.2f}x", ">= 8x", s >= 8.0,
+               f"reference ms / mixture_fwd_bwd/bf16/gpt2 ms ({label})")
+    d = sec("mixture_fwd/fp32/decode") / sec("dense_mlp_fwd/fp32/decode")
+    target("decode (T = 1) latency vs dense MLP", f"{d:.2f}x", "<= 1.3x", d <= 1.3,
+           "mixture_fwd/fp32/decode / dense_mlp_fwd/fp32/decode")
+    share = 1.0 - sec("base_gemms/fp32/gpt2") / sec("mixture_fwd_bwd/fp32/gpt2")
+    target("non-GEMM share of the fp32 layer time", f"{100 * share:.1f}%", "< 15%", share < 0.15,
+           "1 - base_gemms/fp32/gpt2 / mixture_fwd_bwd/fp32/gpt2")
+    if "mixture_fwd_bwd/bf16/gpt2" in res and "base_gemms/bf16/gpt2" in res:
+        share = 1.0 - sec("base_gemms/bf16/gpt2") / sec("mixture_fwd_bwd/bf16/gpt2")
+        target("non-GEMM share of the bf16 layer time", f"{100 * share:.1f}%", "(< 15% for fp32)", share < 0.15,
+               "1 - base_gemms/bf16/gpt2 / mixture_fwd_bwd/bf16/gpt2")
+    n = sec("naive_mixture_fwd_bwd/fp32/gpt2") / sec("mixture_fwd_bwd/fp32/gpt2")
+    target("shared base vs naive per-expert (same backend)", f"{n:.2f}x", "(context)", True,
+           "naive_mixture_fwd_bwd/fp32/gpt2 / mixture_fwd_bwd/fp32/gpt2")
+    for prec in ("fp32", "bf16"):
+        m = res.get(f"memory/{prec}/gpt2")
+        if m:
+            target(f"memory per layer ({prec})",
+                   f"weights {m['frozen_bytes'] / 2**20:.1f} MiB, peak {m['peak_bytes'] / 2**20:.1f} MiB",
+                   "one frozen copy for any E", m["frozen_bytes_E1"] == m["frozen_bytes"],
+                   "memory/%s/gpt2: frozen bytes with E = 4 equal E = 1; peak = all layer allocations" % prec)
+    if not args.skip_scaling:
+        one, _ = run_bench(args.bench, 1, args.reps, "^mixture_fwd_bwd/fp32/gpt2$", args.min_time)
+        sc = one["mixture_fwd_bwd/fp32/gpt2"]["seconds"] / sec("mixture_fwd_bwd/fp32/gpt2")
+        target(f"thread scaling 1 -> {args.threads} threads", f"{sc:.2f}x", ">= 1.8x", sc >= 1.8,
+               "mixture_fwd_bwd/fp32/gpt2 with OMP_NUM_THREADS=1 / with %d" % args.threads)
+
+    print("\ntargets:")
+    for what, value, goal, status, how in rows:
+        print(f"  {status:6s} {what:48s} {value:>34s}  target {goal:10s}  ({how})")
+
+
+if __name__ == "__main__":
+    main()
