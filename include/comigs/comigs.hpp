@@ -11,5 +11,6 @@
 #include "params.hpp"
 #include "random.hpp"
 #include "router.hpp"
+#include "train.hpp"
 #include "version.hpp"
 #include "view.hpp"
