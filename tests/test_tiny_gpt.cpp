@@ -326,7 +326,7 @@ TEST_CASE("tiny_gpt model: full-parameter backward matches finite differences") 
         CHECK_GRADS(gc);
     }
     SUBCASE("with LoRA: base and adapters both train") {
-        model.add_attention_lora({3, 4.0, tg::LoraScaling::alpha_over_sqrt_rank}, rng);
+        model.add_attention_lora({3, 4.0, comigs::LoraScaling::sqrt}, rng);
         randomise(model.lora(), rng, 0.3);  // B = 0 after init would hide half of the gradient paths
         model.zero_grad();
         f();
@@ -344,7 +344,7 @@ TEST_CASE("tiny_gpt model: frozen-base fine-tuning trains only LoRA and plug-ins
     tg::TinyGpt<double> model(tiny_config());
     model.init_weights(rng);
     randomise(model.params(), rng, 0.2);
-    model.add_attention_lora({2, 16.0, tg::LoraScaling::alpha_over_rank}, rng);
+    model.add_attention_lora({2, 16.0, comigs::LoraScaling::linear}, rng);
     CHECK(model.lora_config().scale() == 8.0);
     randomise(model.lora(), rng, 0.2);
     model.set_train_mode(tg::TrainMode::frozen_base);
@@ -419,7 +419,7 @@ TEST_CASE("tiny_gpt model: float and double forward agree") {
     tg::TinyGpt<double> md(c);
     md.init_weights(rng);
     randomise(md.params(), rng, 0.05);
-    md.add_attention_lora({4, 16.0, tg::LoraScaling::alpha_over_sqrt_rank}, rng);
+    md.add_attention_lora({4, 16.0, comigs::LoraScaling::sqrt}, rng);
     randomise(md.lora(), rng, 0.05);
     tg::TinyGpt<float> mf(c);
     Rng unused(0);
@@ -519,7 +519,7 @@ TEST_CASE_TEMPLATE("tiny_gpt model: Adam pretraining learns a repeated text, LoR
 
     SUBCASE("frozen base + LoRA learns a new text; the base is untouched") {
         const std::string other = "a dog ran to a log. ";
-        model.add_attention_lora({8, 16.0, tg::LoraScaling::alpha_over_sqrt_rank}, rng);
+        model.add_attention_lora({8, 16.0, comigs::LoraScaling::sqrt}, rng);
         model.set_train_mode(tg::TrainMode::frozen_base);
         const std::vector<T> base(model.params().all().begin(), model.params().all().end());
         batch_of(other, 8, 16, 0, x, y);
@@ -618,4 +618,48 @@ TEST_CASE("tiny_gpt hf_gpt2: loads Hugging Face GPT-2 safetensors (Conv1D [in, o
         CHECK_THROWS_WITH_AS(tg::load_hf_gpt2(wrong, f), doctest::Contains("c_fc"), comigs::ShapeError);
     }
     fs::remove_all(dir);
+}
+
+TEST_CASE("tiny_gpt mixture_mlp: comigs' MixtureOfLoraMlp plugs in as the MLP; exact gradients through the model") {
+    Rng rng(14);
+    tg::TinyGpt<double> model(tiny_config());
+    model.init_weights(rng);
+    randomise(model.params(), rng, 0.2);
+    const Index B = 2, T = 5;
+    const auto tokens = random_tokens(B * T, 11, rng), targets = random_tokens(B * T, 11, rng);
+    const double dense_loss = model.forward(tokens, targets, B, T);
+
+    comigs::MixtureConfig mc;
+    mc.d_model = 8;
+    mc.d_hidden = 32;
+    mc.n_experts = 2;
+    mc.top_k = 2;
+    mc.rank = 2;
+    std::vector<tg::MixtureMlp<double>*> plugs;
+    for (Index l = 0; l < 2; ++l) {
+        auto mix = std::make_shared<comigs::MixtureOfLoraMlp<double>>(mc, tg::frozen_mlp(model, l));
+        mix->init(rng);
+        auto plug = std::make_unique<tg::MixtureMlp<double>>(mix, 0.01 / 2);
+        plugs.push_back(plug.get());
+        model.set_mlp(l, std::move(plug));
+    }
+    model.set_train_mode(tg::TrainMode::frozen_base);
+    const auto f = [&] { return model.forward(tokens, targets, B, T); };
+
+    // Freshly initialised experts (lora_B = 0) are the base MLP: only the balancing term is added.
+    const double loss = f();
+    CHECK(model.last_ce_loss() == doctest::Approx(dense_loss).epsilon(1e-12));
+    CHECK(model.last_aux_loss() > 0);
+    CHECK(loss == doctest::Approx(dense_loss + 0.005 * (plugs[0]->balance_loss() + plugs[1]->balance_loss())));
+
+    for (auto* p : plugs) randomise(p->mixture().params(), rng, 0.3);
+    model.zero_grad();
+    for (auto* p : plugs) p->mixture().grads().zero();
+    f();
+    model.backward();
+    for (double v : model.grads().all()) REQUIRE(v == 0.0);
+    GradCheck gc;
+    check_buffer(gc, plugs[0]->mixture().params(), plugs[0]->mixture().grads(), {"router.weight"}, 40, rng, f);
+    check_buffer(gc, plugs[1]->mixture().params(), plugs[1]->mixture().grads(), {"router.weight"}, 40, rng, f);
+    CHECK_GRADS(gc);
 }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include <comigs/detail/aligned.hpp>
+#include <comigs/lora.hpp>
 #include <comigs/params.hpp>
 #include <comigs/random.hpp>
 
@@ -50,18 +51,13 @@ struct Config {
 /// their weight-gradient GEMMs are skipped); only the LoRA adapters and whatever MLP plug-ins train.
 enum class TrainMode { full, frozen_base };
 
-/// s = alpha / r (PEFT default) or alpha / sqrt(r) (rank-stabilised, what CoMiGS uses).
-enum class LoraScaling { alpha_over_rank, alpha_over_sqrt_rank };
-
 /// LoRA on the attention projections: y = W x + b + s B A x, A [rank, in], B [out, rank].
 struct LoraConfig {
     Index rank = 8;
     double alpha = 16;
-    LoraScaling scaling = LoraScaling::alpha_over_sqrt_rank;
+    LoraScaling scaling = LoraScaling::sqrt;  ///< comigs' enum: linear = alpha / r, sqrt = alpha / sqrt(r)
 
-    double scale() const {
-        return scaling == LoraScaling::alpha_over_rank ? alpha / double(rank) : alpha / std::sqrt(double(rank));
-    }
+    double scale() const { return lora_scale(alpha, rank, scaling); }
 };
 
 /// "h.{layer}.{tail}", the HF GPT-2 name of a per-block tensor.
@@ -143,8 +139,7 @@ public:
     /// "h.{i}.attn.c_attn.lora_A" [r, d], ".lora_B" [3d, r], "h.{i}.attn.c_proj.lora_A" [r, d],
     /// ".lora_B" [d, r]. A ~ U(-1/sqrt(d), 1/sqrt(d)), B = 0, so the model's function is unchanged.
     void add_attention_lora(const LoraConfig& lc, Rng& rng) {
-        require(lc.rank >= 1, "rank ", lc.rank, ": LoRA rank must be >= 1");
-        require(std::isfinite(lc.scale()), "alpha ", lc.alpha, ": LoRA scaling must be finite");
+        lc.scale();  // checks rank >= 1 and a finite alpha
         const Index d = cfg_.d_model;
         ParamLayout L;
         for (Index l = 0; l < cfg_.n_layer; ++l) {

@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
     std::printf("d=%ld layers=%ld heads=%ld T=%ld B=%ld, float, %d OpenMP threads\n", long(c.d_model),
                 long(c.n_layer), long(c.n_head), long(T), long(B), omp_get_max_threads());
     run("full-parameter:");
-    model.add_attention_lora({8, 16.0, tg::LoraScaling::alpha_over_sqrt_rank}, rng);
+    model.add_attention_lora({8, 16.0, comigs::LoraScaling::sqrt}, rng);
     model.set_train_mode(tg::TrainMode::frozen_base);
     run("frozen base + LoRA r=8:");
 }
