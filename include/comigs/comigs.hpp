@@ -3,6 +3,7 @@
 // (CoMiGS, Fan, Messmer, Doikov, Jaggi, ICML 2025). Include this header for the whole library.
 #include "error.hpp"
 #include "frozen.hpp"
+#include "io/checkpoint.hpp"
 #include "lora.hpp"
 #include "mixture.hpp"
 #include "mixture_linear.hpp"
