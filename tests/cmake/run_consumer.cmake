@@ -1,9 +1,10 @@
 # Configures, builds and runs one consumer project from scratch: cmake -P run_consumer.cmake with
 #   PROJECT_DIR  the consumer project,  BUILD_DIR  its (deleted and recreated) build directory,
 #   GENERATOR, CXX  what the comigs build itself uses,  ARGS  extra -D arguments separated by '|'
-# (a ';' would not survive add_test).
+# (a ';' would not survive add_test),  LAUNCHER  a command line (also '|'-separated) to run it under.
 # Debug: the consumer only proves the wiring, and -O0 compiles Eigen's templates fastest.
 string(REPLACE "|" ";" ARGS "${ARGS}")
+string(REPLACE "|" ";" LAUNCHER "${LAUNCHER}")
 file(REMOVE_RECURSE "${BUILD_DIR}")
 function(_run what)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
@@ -18,4 +19,4 @@ set(exe "${BUILD_DIR}/consumer")
 if(NOT EXISTS "${exe}")
   set(exe "${BUILD_DIR}/Debug/consumer")  # multi-config generators
 endif()
-_run("run" "${exe}")
+_run("run" ${LAUNCHER} "${exe}")
