@@ -57,11 +57,81 @@ void lowrank_project(T* out, const T* V, const T* u, Index r, Index h, T alpha =
     }
 }
 
+namespace detail {
+/// One column block of lowrank_outer with Q factor rows held in registers.
+template <int Q, class T>
+inline void lowrank_outer_block(T* C, Index ldc, const T* X, Index ldx, const T* Y, Index ldy, const Index* idx,
+                                Index rows, Index c, T alpha) {
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    simd::batch<T> acc[Q][2];
+    for (int q = 0; q < Q; ++q) acc[q][0] = acc[q][1] = simd::batch<T>(T(0));
+    for (Index i = 0; i < rows; ++i) {
+        const T* y = Y + (idx ? idx[i] : i) * ldy + c;
+        const auto y0 = simd::load(y), y1 = simd::load(y + w);
+        const T* x = X + i * ldx;
+        for (int q = 0; q < Q; ++q) {
+            const simd::batch<T> xq(x[q]);
+            acc[q][0] = simd::fma(xq, y0, acc[q][0]);
+            acc[q][1] = simd::fma(xq, y1, acc[q][1]);
+        }
+    }
+    const simd::batch<T> a(alpha);
+    for (int q = 0; q < Q; ++q) {
+        T* cq = C + q * ldc + c;
+        simd::store(cq, simd::fma(a, acc[q][0], simd::load(cq)));
+        simd::store(cq + w, simd::fma(a, acc[q][1], simd::load(cq + w)));
+    }
+}
+}  // namespace detail
+
+/// C[q * ldc + c] += alpha * sum_i X[i * ldx + q] * Y[row(i) * ldy + c] for q < r, c < cols, i < rows,
+/// with row(i) = idx[i] (or i when idx is null): the rank-r gradient C += alpha X^T Y of a LoRA factor
+/// over (gathered) rows. Column blocks are shared between threads; every element is summed in row
+/// order by one thread, so results do not depend on the thread count.
+template <class T>
+void lowrank_outer(T* C, Index ldc, const T* X, Index ldx, const T* Y, Index ldy, const Index* idx, Index rows,
+                   Index r, Index cols, T alpha = T(1)) {
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    const Index cb = 2 * w, blocks = cols / cb;
+#pragma omp parallel for schedule(static) if (rows * r * cols > (Index(1) << 18))
+    for (Index b = 0; b < blocks; ++b) {
+        const Index c = b * cb;
+        for (Index q0 = 0; q0 < r; q0 += 8) {
+            T* Cq = C + q0 * ldc;
+            const T* Xq = X + q0;
+            switch (std::min<Index>(8, r - q0)) {
+                case 8: detail::lowrank_outer_block<8>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
+                case 7: detail::lowrank_outer_block<7>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
+                case 6: detail::lowrank_outer_block<6>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
+                case 5: detail::lowrank_outer_block<5>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
+                case 4: detail::lowrank_outer_block<4>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
+                case 3: detail::lowrank_outer_block<3>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
+                case 2: detail::lowrank_outer_block<2>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
+                default: detail::lowrank_outer_block<1>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
+            }
+        }
+    }
+    // Tail columns: the same row order, scalar.
+    for (Index q = 0; q < r; ++q)
+        for (Index c = blocks * cb; c < cols; ++c) {
+            T s = T(0);
+            for (Index i = 0; i < rows; ++i) s += X[i * ldx + q] * Y[(idx ? idx[i] : i) * ldy + c];
+            C[q * ldc + c] += alpha * s;
+        }
+}
+
 /// dst[q * rows + i] = src[i * stride + q]: a [rows, r] block transposed to [r, rows].
 template <class T>
 void transpose_into(T* dst, ConstMatrixView<T> src) {
     for (Index i = 0; i < src.rows; ++i)
         for (Index q = 0; q < src.cols; ++q) dst[q * src.rows + i] = src(i, q);
+}
+
+/// dst(i, q) += alpha * src[q * dst.rows + i]: a [r, rows] block added transposed into [rows, r].
+template <class T>
+void add_transposed(MatrixView<T> dst, const T* src, T alpha = T(1)) {
+    for (Index i = 0; i < dst.rows; ++i)
+        for (Index q = 0; q < dst.cols; ++q) dst(i, q) += alpha * src[q * dst.rows + i];
 }
 
 }  // namespace comigs::kernels
