@@ -252,38 +252,30 @@ public:
             xl = xd;
         }
 
-        // First stage, once per token: H = x W^T + b (kept for backward) and z1 = x A_e^T for every
-        // expert; B_e^T is kept as [r, h] rows so the per-row rank-r update reads it contiguously.
+        // The base GEMMs of the first stage, once per token: H = x W^T + b (kept for backward). The
+        // LoRA factors are viewed as [r, *] rows (B transposed once per call) so that every rank-r
+        // product below reads them contiguously.
         const Index nf = static_cast<Index>(first_.size());
         pre_.resize(static_cast<std::size_t>(nf));
         z1_.resize(static_cast<std::size_t>(nf));
-        bt_.resize(static_cast<std::size_t>(nf));
         for (Index f = 0; f < nf; ++f) {
             const auto& name = first_[static_cast<std::size_t>(f)];
             base_->linear(name).forward(detail::as_view(pre_[static_cast<std::size_t>(f)], n, h), xs);
-            auto Z1 = detail::as_view(z1_[static_cast<std::size_t>(f)], n, E * r);
-            auto& bt = bt_[static_cast<std::size_t>(f)];
-            bt.resize(static_cast<std::size_t>(E * r * h));
-            for (Index e = 0; e < E; ++e) {
-                kernels::gemm<T>(detail::block(Z1, e, r), xl, kernels::Op::none, A(e, name), kernels::Op::trans);
-                kernels::transpose_into(bt.data() + e * r * h, B(e, name));
-            }
+            detail::as_view(z1_[static_cast<std::size_t>(f)], n, E * r);
         }
-        // The second stage's LoRA input is the (dropped-out) activation; the mask is drawn up front.
+        prepare_factors();
         if (dropped_) {
+            // The second stage's LoRA input is the dropped-out activation; its mask is drawn up front.
             detail::draw_mask(mask2_, static_cast<std::size_t>(rows * h), cfg_.dropout, *rng);
             detail::as_view(udrop_, rows, h);
         }
 
-        // Per token, fused over its k routed rows while they are in cache: pre-activation
-        // p = H[t] + s z1[t, e] B_e^T, u = act(p) (kept), m[t] = sum_j g_j u_j, z2 = A2_e u.
+        // Per token, fused over its k routed rows while they are in cache: z1 = A1e x, the
+        // pre-activation p = H[t] + s B1e z1, u = act(p) (kept), m[t] = sum_j g_j u_j, z2 = A2e u.
         auto U = detail::as_view(act_, rows, h);
         auto M = detail::as_view(m_, n, h);
         auto Z2 = detail::as_view(z2_, rows, r);
         auto Zs = detail::as_view(z2s_, n, E * r);
-        std::fill(Zs.data, Zs.data + n * E * r, T(0));
-        std::vector<ConstMatrixView<T>> a2(static_cast<std::size_t>(E));
-        for (Index e = 0; e < E; ++e) a2[static_cast<std::size_t>(e)] = A(e, second_);
 #pragma omp parallel for schedule(static) if (rows * h > 65536)
         for (Index t = 0; t < n; ++t) {
             thread_local std::vector<T> scratch;
@@ -293,6 +285,9 @@ public:
                 const Index i = groups_.row_of[static_cast<std::size_t>(t * k + j)];
                 const Index e = route_.expert_of(t, j);
                 const T g = route_.gate_of(t, j);
+                for (Index f = 0; f < nf; ++f)
+                    kernels::lowrank_project(z1_[static_cast<std::size_t>(f)].data() + t * E * r + e * r,
+                                             factor(fa1_, f, e), xl.row_ptr(t), r, d);
                 T* u = U.row_ptr(i);
                 preactivations(scratch.data(), t, e);
                 if (cfg_.form == MlpForm::gelu)
@@ -311,27 +306,27 @@ public:
                     ul = ud;
                 }
                 T* z = Z2.row_ptr(i);
-                kernels::lowrank_project(z, a2[static_cast<std::size_t>(e)].data, ul, r, h);
+                kernels::lowrank_project(z, factor(fa2_, 0, e), ul, r, h);
                 T* zs = Zs.row_ptr(t) + e * r;
                 for (Index c = 0; c < r; ++c) zs[c] = s_ * g * z[c];
             }
         }
 
-        // Second stage: y = W2 m + (sum g) b2 + sum_e g s B2e (A2e u_e).
+        // Second stage: y = W2 m (one base GEMM) + (sum g) b2 + sum_e g s B2e (A2e u_e).
         auto second = base_->linear(second_);
         const auto b2 = second.bias;
         second.bias = {};
         second.forward(y, M);
-        if (!b2.empty())
-            for (Index t = 0; t < n; ++t) {
-                T gs = T(0);
-                for (Index j = 0; j < k; ++j) gs += route_.gate_of(t, j);
-                kernels::axpy(y.row_ptr(t), gs, b2.data(), d);
+#pragma omp parallel for schedule(static) if (n * d * E * r > 65536)
+        for (Index t = 0; t < n; ++t) {
+            T* yt = y.row_ptr(t);
+            T gs = T(0);
+            for (Index j = 0; j < k; ++j) {
+                const Index e = route_.expert_of(t, j);
+                gs += route_.gate_of(t, j);
+                kernels::lowrank_accumulate(yt, Zs.row_ptr(t) + e * r, factor(fb2t_, 0, e), r, d);
             }
-        for (Index e = 0; e < E; ++e) {
-            if (groups_.count(e) == 0) continue;
-            kernels::gemm<T>(y, detail::block(Zs, e, r), kernels::Op::none, B(e, second_), kernels::Op::trans, T(1),
-                             T(1));
+            if (!b2.empty()) kernels::axpy(yt, gs, b2.data(), d);
         }
         return route_.lb_loss;
     }
@@ -346,22 +341,22 @@ public:
         const Index k = route_.slots, rows = n * k;
         const Index nf = static_cast<Index>(first_.size());
         const ConstMatrixView<T> xs(x_.data(), n, d);
+        const ConstMatrixView<T> xl = dropped_ ? ConstMatrixView<T>(xdrop_.data(), n, d) : xs;
         const ConstMatrixView<T> U(act_.data(), rows, h);
         const ConstMatrixView<T> Ul = dropped_ ? ConstMatrixView<T>(udrop_.data(), rows, h) : U;
         const auto second = base_->linear(second_);
+        prepare_factors();
 
-        // dm = dy W2 (one base GEMM) and q = B2e^T dy for every token and expert.
+        // dm = dy W2: one base GEMM.
         auto dM = detail::as_view(work_h_, n, h);
         second.backward_input(dM, dy, false);
-        auto Q = detail::as_view(q_, n, E * r);
-        for (Index e = 0; e < E; ++e)
-            kernels::gemm<T>(detail::block(Q, e, r), dy, kernels::Op::none, B(e, second_), kernels::Op::none);
 
         std::vector<T>& dgate = dgate_;
         dgate.assign(static_cast<std::size_t>(rows), T(0));
         auto Qg = detail::as_view(work_r_, rows, r);
         const ConstMatrixView<T> Z2(z2_.data(), rows, r);
         const ConstMatrixView<T> Zs(z2s_.data(), n, E * r);
+        auto dXl = detail::as_view(work_dx_, n, d);
         dpre_.resize(static_cast<std::size_t>(nf));
         dh_.resize(static_cast<std::size_t>(nf));
         dz_.resize(static_cast<std::size_t>(nf));
@@ -370,41 +365,42 @@ public:
             dP.push_back(detail::as_view(dpre_[static_cast<std::size_t>(f)], rows, h));
             dH.push_back(detail::as_view(dh_[static_cast<std::size_t>(f)], n, h));
             DZ.push_back(detail::as_view(dz_[static_cast<std::size_t>(f)], n, E * r));
-            std::fill(DZ.back().data, DZ.back().data + n * E * r, T(0));
         }
-        std::vector<ConstMatrixView<T>> a2(static_cast<std::size_t>(E));
-        for (Index e = 0; e < E; ++e) a2[static_cast<std::size_t>(e)] = A(e, second_);
 
-        // Per token, fused over its k routed rows: the gate gradient, du = g (dm + s A2e^T q), the
-        // pre-activation gradients dp (kept for the LoRA gradients), their token sums dH (the base
-        // input gradient's input) and dz1 = s B1e^T dp. p is recomputed from H (cheaper than keeping it).
+        // Per token, fused over its k routed rows: q = B2e^T dy, the gate gradient, du = g (dm + s A2e^T q),
+        // the pre-activation gradients dp (kept for the LoRA gradients), their token sums dH (input of
+        // the base input-gradient GEMM), dz1 = s B1e^T dp and its input gradient A1e^T dz1. p is
+        // recomputed from H (cheaper than keeping it).
 #pragma omp parallel for schedule(static) if (rows * h > 65536)
         for (Index t = 0; t < n; ++t) {
             thread_local std::vector<T> scratch;
-            scratch.resize(static_cast<std::size_t>(4 * h));
+            scratch.resize(static_cast<std::size_t>(4 * h + r));
             T* p = scratch.data();
             T* du = scratch.data() + 2 * h;
             T* tmp = scratch.data() + 3 * h;
+            T* q = scratch.data() + 4 * h;
             const T* dm = dM.row_ptr(t);
-            const T bias_dot = second.bias.empty() ? T(0) : kernels::dot(second.bias.data(), dy.row_ptr(t), d);
+            const T* dyt = dy.row_ptr(t);
+            T* dxt = dXl.row_ptr(t);
+            std::fill(dxt, dxt + d, T(0));
+            const T bias_dot = second.bias.empty() ? T(0) : kernels::dot(second.bias.data(), dyt, d);
             for (Index j = 0; j < k; ++j) {
                 const Index i = groups_.row_of[static_cast<std::size_t>(t * k + j)];
                 const Index e = route_.expert_of(t, j);
                 const T g = route_.gate_of(t, j);
-                const T* q = Q.row_ptr(t) + e * r;
+                kernels::lowrank_project(q, factor(fb2t_, 0, e), dyt, r, d);
                 T* qg = Qg.row_ptr(i);
                 for (Index c = 0; c < r; ++c) qg[c] = g * s_ * q[c];
                 const T* u = U.row_ptr(i);
                 dgate[static_cast<std::size_t>(t * k + j)] =
                     kernels::dot(u, dm, h) + bias_dot + s_ * kernels::dot(Z2.row_ptr(i), q, r);
                 kernels::scale_copy(du, g, dm, h);
-                const T* a2e = a2[static_cast<std::size_t>(e)].data;
                 if (!dropped_) {
-                    kernels::lowrank_accumulate(du, qg, a2e, r, h);
+                    kernels::lowrank_accumulate(du, qg, factor(fa2_, 0, e), r, h);
                 } else {
                     // The LoRA path saw the dropped-out activation: its gradient passes through the mask.
                     std::fill(tmp, tmp + h, T(0));
-                    kernels::lowrank_accumulate(tmp, qg, a2e, r, h);
+                    kernels::lowrank_accumulate(tmp, qg, factor(fa2_, 0, e), r, h);
                     const T* mk = mask2_.data() + i * h;
                     for (Index c = 0; c < h; ++c) du[c] += tmp[c] * mk[c];
                 }
@@ -420,42 +416,48 @@ public:
                         std::copy(dp, dp + h, dht);
                     else
                         kernels::axpy(dht, T(1), dp, h);
-                    kernels::lowrank_project(DZ[static_cast<std::size_t>(f)].row_ptr(t) + e * r,
-                                             bt_[static_cast<std::size_t>(f)].data() + e * r * h, dp, r, h, s_);
+                    T* dz = DZ[static_cast<std::size_t>(f)].row_ptr(t) + e * r;
+                    kernels::lowrank_project(dz, factor(fb1t_, f, e), dp, r, h, s_);
+                    kernels::lowrank_accumulate(dxt, dz, factor(fa1_, f, e), r, d);
                 }
             }
         }
+
+        // LoRA gradients per expert, over its routed rows: rank-r outer products (kernels/lowrank.hpp).
+        const Index wide = std::max(h, d);
+        work_t_.resize(static_cast<std::size_t>(r * wide));
         for (Index e = 0; e < E; ++e) {
             const Index ne = groups_.count(e), b = groups_.begin(e);
             if (ne == 0) continue;
-            kernels::gemm<T>(grad_B(e, second_), dy, kernels::Op::trans, detail::block(Zs, e, r), kernels::Op::none,
-                             T(1), T(1));
-            kernels::gemm<T>(grad_A(e, second_), Qg.middle_rows(b, ne), kernels::Op::trans, Ul.middle_rows(b, ne),
-                             kernels::Op::none, T(1), T(1));
+            const Index* tok = groups_.token.data() + b;
+            // dB2 [d, r] += sum_i dy[t_i] zs[t_i, e]^T, accumulated transposed then added.
+            std::fill(work_t_.begin(), work_t_.begin() + r * d, T(0));
+            const auto zs = gather_block(Zs, e);
+            kernels::lowrank_outer(work_t_.data(), d, zs.data, r, dy.data, dy.stride, tok, ne, r, d);
+            kernels::add_transposed(grad_B(e, second_), work_t_.data());
+            // dA2 [r, h] += sum_i (g s q)_i u_i^T.
+            auto gA2 = grad_A(e, second_);
+            kernels::lowrank_outer(gA2.data, gA2.stride, Qg.row_ptr(b), r, Ul.row_ptr(b), Ul.stride,
+                                   static_cast<const Index*>(nullptr), ne, r, h);
+            for (Index f = 0; f < nf; ++f) {
+                const auto& name = first_[static_cast<std::size_t>(f)];
+                // dB1 [h, r] += s sum_i dp_i z1[t_i, e]^T.
+                std::fill(work_t_.begin(), work_t_.begin() + r * h, T(0));
+                const auto z1 = gather_block(ConstMatrixView<T>(z1_[static_cast<std::size_t>(f)].data(), n, E * r), e);
+                kernels::lowrank_outer(work_t_.data(), h, z1.data, r, dP[static_cast<std::size_t>(f)].row_ptr(b), h,
+                                       static_cast<const Index*>(nullptr), ne, r, h);
+                kernels::add_transposed(grad_B(e, name), work_t_.data(), s_);
+                // dA1 [r, d] += sum_i dz1[t_i, e] xl[t_i]^T.
+                const auto dz = gather_block(DZ[static_cast<std::size_t>(f)], e);
+                auto gA1 = grad_A(e, name);
+                kernels::lowrank_outer(gA1.data, gA1.stride, dz.data, r, xl.data, xl.stride, tok, ne, r, d);
+            }
         }
 
-        // First stage: LoRA gradients per expert, then the base input gradient once per linear.
-        const ConstMatrixView<T> xl = dropped_ ? ConstMatrixView<T>(xdrop_.data(), n, d) : xs;
-        auto dXl = detail::as_view(work_dx_, n, d);
-        std::fill(dXl.data, dXl.data + n * d, T(0));
-        for (Index f = 0; f < nf; ++f) {
-            const auto& name = first_[static_cast<std::size_t>(f)];
-            const auto Z1 = MatrixView<T>(z1_[static_cast<std::size_t>(f)].data(), n, E * r);
-            const auto dPf = dP[static_cast<std::size_t>(f)];
-            const auto DZf = DZ[static_cast<std::size_t>(f)];
-            for (Index e = 0; e < E; ++e) {
-                const Index ne = groups_.count(e), b = groups_.begin(e);
-                if (ne == 0) continue;
-                kernels::gemm<T>(grad_B(e, name), dPf.middle_rows(b, ne), kernels::Op::trans, gather_block(Z1, e),
-                                 kernels::Op::none, s_, T(1));
-                kernels::gemm<T>(grad_A(e, name), detail::block(DZf, e, r), kernels::Op::trans, xl, kernels::Op::none,
-                                 T(1), T(1));
-                kernels::gemm<T>(dXl, detail::block(DZf, e, r), kernels::Op::none, A(e, name), kernels::Op::none, T(1),
-                                 T(1));
-            }
-            if (!dx.empty()) base_->linear(name).backward_input(dx, dH[static_cast<std::size_t>(f)], true);
-        }
+        // The base input gradient once per first-stage linear, then the LoRA part (through the mask).
         if (!dx.empty()) {
+            for (Index f = 0; f < nf; ++f)
+                base_->linear(first_[static_cast<std::size_t>(f)]).backward_input(dx, dH[static_cast<std::size_t>(f)], true);
             if (dropped_)
                 for (Index i = 0; i < n * d; ++i) dXl.data[i] *= mask1_[static_cast<std::size_t>(i)];
             for (Index t = 0; t < n; ++t) kernels::axpy(dx.row_ptr(t), T(1), dXl.row_ptr(t), d);
@@ -474,6 +476,38 @@ private:
     MatrixView<T> grad_A(Index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'A')); }
     MatrixView<T> grad_B(Index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'B')); }
 
+    /// The LoRA factors as [r, *] row blocks for the rank-r kernels: A1 and A2 point into params(); B1
+    /// and B2 are transposed into fb1t_ / fb2t_ (they are stored [out, r]). Called by forward and by
+    /// backward (the parameters may have changed in between only if the caller broke the contract,
+    /// but recomputing is cheap: E (h + d) r elements).
+    void prepare_factors() {
+        const Index E = cfg_.n_experts, r = cfg_.rank, h = cfg_.d_hidden, d = cfg_.d_model;
+        const std::size_t nf = first_.size();
+        fa1_.assign(nf * static_cast<std::size_t>(E), nullptr);
+        fa2_.assign(static_cast<std::size_t>(E), nullptr);
+        fb1t_store_.resize(nf * static_cast<std::size_t>(E * r * h));
+        fb2t_store_.resize(static_cast<std::size_t>(E * r * d));
+        fb1t_.assign(nf * static_cast<std::size_t>(E), nullptr);
+        fb2t_.assign(static_cast<std::size_t>(E), nullptr);
+        for (Index e = 0; e < E; ++e) {
+            for (std::size_t f = 0; f < nf; ++f) {
+                const std::size_t fe = f * static_cast<std::size_t>(E) + static_cast<std::size_t>(e);
+                fa1_[fe] = A(e, first_[f]).data;
+                T* bt = fb1t_store_.data() + static_cast<Index>(fe) * r * h;
+                kernels::transpose_into(bt, B(e, first_[f]));
+                fb1t_[fe] = bt;
+            }
+            fa2_[static_cast<std::size_t>(e)] = A(e, second_).data;
+            T* b2t = fb2t_store_.data() + e * r * d;
+            kernels::transpose_into(b2t, B(e, second_));
+            fb2t_[static_cast<std::size_t>(e)] = b2t;
+        }
+    }
+    /// Factor (f, e) of a table filled by prepare_factors().
+    const T* factor(const std::vector<const T*>& table, Index f, Index e) const {
+        return table[static_cast<std::size_t>(f * cfg_.n_experts + e)];
+    }
+
     /// p[f * h + c] = H_f[t, c] + s z1_f[t, e] B_fe^T (the first-stage pre-activations of token t
     /// routed to expert e), for every first-stage linear f.
     void preactivations(T* p, Index t, Index e) const {
@@ -482,9 +516,10 @@ private:
             const T* H = pre_[f].data() + t * h;
             std::copy(H, H + h, p + static_cast<Index>(f) * h);
             kernels::lowrank_accumulate(p + static_cast<Index>(f) * h, z1_[f].data() + t * E * r + e * r,
-                                        bt_[f].data() + e * r * h, r, h, s_);
+                                        factor(fb1t_, static_cast<Index>(f), e), r, h, s_);
         }
     }
+
     /// Expert e's block of a [N, E * r] matrix, gathered at e's routed tokens: [n_e, r].
     MatrixView<T> gather_block(ConstMatrixView<T> m, Index e) {
         const Index r = cfg_.rank, ne = groups_.count(e), b = groups_.begin(e);
@@ -510,9 +545,12 @@ private:
     RoutingResult<T> route_;
     detail::ExpertGroups groups_;
     std::vector<T> x_, xdrop_, mask1_, udrop_, mask2_, act_, m_, z2_, z2s_;
-    std::vector<std::vector<T>> pre_, z1_, bt_;  // per first-stage linear: H [N, h], z1 [N, E r], B^T [E][r, h]
+    std::vector<std::vector<T>> pre_, z1_;  // per first-stage linear: H [N, h], z1 [N, E r]
+    // LoRA factors as [r, *] rows (prepare_factors).
+    std::vector<const T*> fa1_, fa2_, fb1t_, fb2t_;
+    std::vector<T> fb1t_store_, fb2t_store_;
     // Work space reused between calls.
-    std::vector<T> work_h_, work_r_, work_gather_, work_dx_, q_, dgate_;
+    std::vector<T> work_h_, work_r_, work_gather_, work_dx_, work_t_, dgate_;
     std::vector<std::vector<T>> dpre_, dh_, dz_;
 };
 
