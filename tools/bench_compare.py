@@ -111,7 +111,7 @@ def run_bench(bench, threads, reps, bench_filter, min_time):
             continue
         name = b["run_name"].replace("/real_time", "")
         scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b["time_unit"]]
-        res[name] = dict(b, seconds=b["real_time"] * scale)
+        res[name.replace("/iterations:1", "")] = dict(b, seconds=b["real_time"] * scale)
     return res, data.get("context", {})
 
 
@@ -122,15 +122,26 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--min-time", default="0.5")
     ap.add_argument("--skip-scaling", action="store_true", help="do not run the one-thread pass")
+    ap.add_argument("--wait-policy", default="passive", choices=["passive", "active", "env"],
+                    help="OMP_WAIT_POLICY for both PyTorch and comigs (default passive: on a shared machine "
+                         "spinning OpenMP threads cost both sides more than they save; 'env' keeps yours)")
     args = ap.parse_args()
+    if args.wait_policy != "env":
+        os.environ["OMP_WAIT_POLICY"] = args.wait_policy.upper()  # before torch loads its OpenMP runtime
+    # Debian's torch calls the system BLAS (libblas.so.3 alternative): with libopenblas0-pthread that is
+    # OpenBLAS, whose own threads follow this variable; with netlib's libblas3 the reference is ~50x slower.
+    os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; threads: {args.threads}; "
           f"date: {datetime.date.today().isoformat()}; repetitions: {args.reps} (medians)")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} for both sides")
     print(f"load average at start: {load:.2f} (other work on the machine skews every figure)")
 
     ref = torch_reference(args.threads, args.reps)
     import torch
+    blas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
+    print(f"system BLAS used by torch: {blas}")
     print(f"PyTorch {torch.__version__} reference semantics ({args.threads} threads): "
           f"fwd+bwd {ref['ref_fwd_bwd'] * 1e3:.1f} ms ({T / ref['ref_fwd_bwd']:.0f} tokens/s), "
           f"fwd {ref['ref_fwd'] * 1e3:.1f} ms; dense MLP fwd+bwd {ref['dense_fwd_bwd'] * 1e3:.1f} ms")
@@ -144,12 +155,12 @@ def main():
         return res[name]["seconds"]
 
     def gflops(name):
-        return res[name]["GFLOP/s"] / 1e9
+        return res[name]["GFLOP/s"]
 
     print(f"comigs-bench ({args.threads} threads, {ctx.get('library_build_type', '?')} Google Benchmark build):")
     for name in sorted(res):
         r = res[name]
-        extra = f"  {r['GFLOP/s'] / 1e9:7.1f} GFLOP/s" if "GFLOP/s" in r else ""
+        extra = f"  {r['GFLOP/s']:7.1f} GFLOP/s" if "GFLOP/s" in r else ""
         tps = f"  {r['items_per_second']:10.0f} tokens/s" if "items_per_second" in r else ""
         label = f"  [{r['label']}]" if r.get("label") else ""
         print(f"  {name:36s} {r['seconds'] * 1e3:9.3f} ms{tps}{extra}{label}")
@@ -192,7 +203,7 @@ def main():
                    "one frozen copy for any E", m["frozen_bytes_E1"] == m["frozen_bytes"],
                    "memory/%s/gpt2: frozen bytes with E = 4 equal E = 1; peak = all layer allocations" % prec)
     if not args.skip_scaling:
-        one, _ = run_bench(args.bench, 1, args.reps, "^mixture_fwd_bwd/fp32/gpt2$", args.min_time)
+        one, _ = run_bench(args.bench, 1, args.reps, "^mixture_fwd_bwd/fp32/gpt2/", args.min_time)
         sc = one["mixture_fwd_bwd/fp32/gpt2"]["seconds"] / sec("mixture_fwd_bwd/fp32/gpt2")
         target(f"thread scaling 1 -> {args.threads} threads", f"{sc:.2f}x", ">= 1.8x", sc >= 1.8,
                "mixture_fwd_bwd/fp32/gpt2 with OMP_NUM_THREADS=1 / with %d" % args.threads)
