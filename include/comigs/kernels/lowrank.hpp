@@ -10,9 +10,9 @@
 
 namespace comigs::kernels {
 
-/// y[c] += alpha * sum_q coef[q] * V[q * h + c] for c < h (y += alpha * coef^T V, V [r, h]).
+/// y[c] = x[c] + alpha * sum_q coef[q] * V[q * h + c] for c < h (V [r, h]); y may be x.
 template <class T>
-void lowrank_accumulate(T* y, const T* coef, const T* V, Index r, Index h, T alpha = T(1)) {
+void lowrank_add(T* y, const T* x, const T* coef, const T* V, Index r, Index h, T alpha = T(1)) {
     constexpr Index w = static_cast<Index>(simd::width<T>);
     constexpr Index qb = 8;  // factor rows per sweep: the accumulator stays in a register
     T cs[qb];
@@ -20,34 +20,56 @@ void lowrank_accumulate(T* y, const T* coef, const T* V, Index r, Index h, T alp
         const Index nq = std::min(qb, r - q0);
         for (Index q = 0; q < nq; ++q) cs[q] = alpha * coef[q0 + q];
         const T* v = V + q0 * h;
+        const T* src = q0 == 0 ? x : y;
         Index c = 0;
-        for (; c + w <= h; c += w) {
-            auto acc = simd::load(y + c);
-            for (Index q = 0; q < nq; ++q) acc = simd::fma(simd::batch<T>(cs[q]), simd::load(v + q * h + c), acc);
-            simd::store(y + c, acc);
+        if (nq == qb) {
+            for (; c + w <= h; c += w) {
+                auto acc = simd::load(src + c);
+                for (Index q = 0; q < qb; ++q) acc = simd::fma(simd::batch<T>(cs[q]), simd::load(v + q * h + c), acc);
+                simd::store(y + c, acc);
+            }
+        } else {
+            for (; c + w <= h; c += w) {
+                auto acc = simd::load(src + c);
+                for (Index q = 0; q < nq; ++q) acc = simd::fma(simd::batch<T>(cs[q]), simd::load(v + q * h + c), acc);
+                simd::store(y + c, acc);
+            }
         }
         for (; c < h; ++c) {
-            T acc = y[c];
+            T acc = src[c];
             for (Index q = 0; q < nq; ++q) acc += cs[q] * v[q * h + c];
             y[c] = acc;
         }
     }
 }
 
+/// y[c] += alpha * sum_q coef[q] * V[q * h + c] for c < h (y += alpha * coef^T V, V [r, h]).
+template <class T>
+void lowrank_accumulate(T* y, const T* coef, const T* V, Index r, Index h, T alpha = T(1)) {
+    lowrank_add(y, static_cast<const T*>(y), coef, V, r, h, alpha);
+}
+
 /// out[q] = alpha * sum_c V[q * h + c] * u[c] for q < r (out = alpha * V u, V [r, h]).
 template <class T>
 void lowrank_project(T* out, const T* V, const T* u, Index r, Index h, T alpha = T(1)) {
     constexpr Index w = static_cast<Index>(simd::width<T>);
-    constexpr Index qb = 4;
+    constexpr Index qb = 8;
     for (Index q0 = 0; q0 < r; q0 += qb) {
         const Index nq = std::min(qb, r - q0);
         simd::batch<T> acc[qb];
         for (Index q = 0; q < qb; ++q) acc[q] = simd::batch<T>(T(0));
         const T* v = V + q0 * h;
         Index c = 0;
-        for (; c + w <= h; c += w) {
-            const auto uc = simd::load(u + c);
-            for (Index q = 0; q < nq; ++q) acc[q] = simd::fma(simd::load(v + q * h + c), uc, acc[q]);
+        if (nq == qb) {
+            for (; c + w <= h; c += w) {
+                const auto uc = simd::load(u + c);
+                for (Index q = 0; q < qb; ++q) acc[q] = simd::fma(simd::load(v + q * h + c), uc, acc[q]);
+            }
+        } else {
+            for (; c + w <= h; c += w) {
+                const auto uc = simd::load(u + c);
+                for (Index q = 0; q < nq; ++q) acc[q] = simd::fma(simd::load(v + q * h + c), uc, acc[q]);
+            }
         }
         for (Index q = 0; q < nq; ++q) {
             T s = simd::reduce_add(acc[q]);
@@ -58,14 +80,18 @@ void lowrank_project(T* out, const T* V, const T* u, Index r, Index h, T alpha =
 }
 
 namespace detail {
-/// One column block of lowrank_outer with Q factor rows held in registers.
+/// Rows per chunk of lowrank_outer: the chunk's partial sums stay in registers, C is read and written
+/// once per chunk, and the chunk's rows are streamed sequentially.
+inline constexpr Index lowrank_outer_rows = 16;
+
+/// C[q, c .. c + 2w) += alpha * sum over rows [i0, i1) of X[i, q] Y[row(i), c ..], Q factor rows.
 template <int Q, class T>
 inline void lowrank_outer_block(T* C, Index ldc, const T* X, Index ldx, const T* Y, Index ldy, const Index* idx,
-                                Index rows, Index c, T alpha) {
+                                Index i0, Index i1, Index c, T alpha) {
     constexpr Index w = static_cast<Index>(simd::width<T>);
     simd::batch<T> acc[Q][2];
     for (int q = 0; q < Q; ++q) acc[q][0] = acc[q][1] = simd::batch<T>(T(0));
-    for (Index i = 0; i < rows; ++i) {
+    for (Index i = i0; i < i1; ++i) {
         const T* y = Y + (idx ? idx[i] : i) * ldy + c;
         const auto y0 = simd::load(y), y1 = simd::load(y + w);
         const T* x = X + i * ldx;
@@ -82,42 +108,56 @@ inline void lowrank_outer_block(T* C, Index ldc, const T* X, Index ldx, const T*
         simd::store(cq + w, simd::fma(a, acc[q][1], simd::load(cq + w)));
     }
 }
+
+template <int Q, class T>
+inline void lowrank_outer_cols(T* C, Index ldc, const T* X, Index ldx, const T* Y, Index ldy, const Index* idx,
+                               Index rows, Index c0, Index c1, T alpha) {
+    constexpr Index cb = 2 * static_cast<Index>(simd::width<T>);
+    for (Index i0 = 0; i0 < rows; i0 += lowrank_outer_rows) {
+        const Index i1 = std::min(rows, i0 + lowrank_outer_rows);
+        for (Index c = c0; c < c1; c += cb) lowrank_outer_block<Q>(C, ldc, X, ldx, Y, ldy, idx, i0, i1, c, alpha);
+    }
+}
 }  // namespace detail
 
 /// C[q * ldc + c] += alpha * sum_i X[i * ldx + q] * Y[row(i) * ldy + c] for q < r, c < cols, i < rows,
 /// with row(i) = idx[i] (or i when idx is null): the rank-r gradient C += alpha X^T Y of a LoRA factor
-/// over (gathered) rows. Column blocks are shared between threads; every element is summed in row
-/// order by one thread, so results do not depend on the thread count.
+/// over (gathered) rows. Column ranges are shared between threads; the summation order (chunks of
+/// rows, in order) depends on the shapes only, so results do not depend on the thread count.
 template <class T>
 void lowrank_outer(T* C, Index ldc, const T* X, Index ldx, const T* Y, Index ldy, const Index* idx, Index rows,
                    Index r, Index cols, T alpha = T(1)) {
-    constexpr Index w = static_cast<Index>(simd::width<T>);
-    const Index cb = 2 * w, blocks = cols / cb;
+    constexpr Index cb = 2 * static_cast<Index>(simd::width<T>);
+    const Index blocks = cols / cb;
+    // Up to 8 column ranges (whole blocks), a thread taking one or more.
+    const Index parts = std::min<Index>(8, blocks);
 #pragma omp parallel for schedule(static) if (rows * r * cols > (Index(1) << 18))
-    for (Index b = 0; b < blocks; ++b) {
-        const Index c = b * cb;
+    for (Index part = 0; part < parts; ++part) {
+        const Index c0 = blocks * part / parts * cb, c1 = blocks * (part + 1) / parts * cb;
         for (Index q0 = 0; q0 < r; q0 += 8) {
             T* Cq = C + q0 * ldc;
             const T* Xq = X + q0;
             switch (std::min<Index>(8, r - q0)) {
-                case 8: detail::lowrank_outer_block<8>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
-                case 7: detail::lowrank_outer_block<7>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
-                case 6: detail::lowrank_outer_block<6>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
-                case 5: detail::lowrank_outer_block<5>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
-                case 4: detail::lowrank_outer_block<4>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
-                case 3: detail::lowrank_outer_block<3>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
-                case 2: detail::lowrank_outer_block<2>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
-                default: detail::lowrank_outer_block<1>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c, alpha); break;
+                case 8: detail::lowrank_outer_cols<8>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+                case 7: detail::lowrank_outer_cols<7>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+                case 6: detail::lowrank_outer_cols<6>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+                case 5: detail::lowrank_outer_cols<5>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+                case 4: detail::lowrank_outer_cols<4>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+                case 3: detail::lowrank_outer_cols<3>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+                case 2: detail::lowrank_outer_cols<2>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+                default: detail::lowrank_outer_cols<1>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
             }
         }
     }
-    // Tail columns: the same row order, scalar.
+    // Tail columns: scalar, the same chunked row order.
     for (Index q = 0; q < r; ++q)
-        for (Index c = blocks * cb; c < cols; ++c) {
-            T s = T(0);
-            for (Index i = 0; i < rows; ++i) s += X[i * ldx + q] * Y[(idx ? idx[i] : i) * ldy + c];
-            C[q * ldc + c] += alpha * s;
-        }
+        for (Index c = blocks * cb; c < cols; ++c)
+            for (Index i0 = 0; i0 < rows; i0 += detail::lowrank_outer_rows) {
+                T s = T(0);
+                for (Index i = i0; i < std::min(rows, i0 + detail::lowrank_outer_rows); ++i)
+                    s += X[i * ldx + q] * Y[(idx ? idx[i] : i) * ldy + c];
+                C[q * ldc + c] += alpha * s;
+            }
 }
 
 /// dst[q * rows + i] = src[i * stride + q]: a [rows, r] block transposed to [r, rows].
