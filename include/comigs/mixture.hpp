@@ -513,10 +513,8 @@ private:
     void preactivations(T* p, Index t, Index e) const {
         const Index h = cfg_.d_hidden, r = cfg_.rank, E = cfg_.n_experts;
         for (std::size_t f = 0; f < first_.size(); ++f) {
-            const T* H = pre_[f].data() + t * h;
-            std::copy(H, H + h, p + static_cast<Index>(f) * h);
-            kernels::lowrank_accumulate(p + static_cast<Index>(f) * h, z1_[f].data() + t * E * r + e * r,
-                                        factor(fb1t_, static_cast<Index>(f), e), r, h, s_);
+            kernels::lowrank_add(p + static_cast<Index>(f) * h, pre_[f].data() + t * h, z1_[f].data() + t * E * r + e * r,
+                                 factor(fb1t_, static_cast<Index>(f), e), r, h, s_);
         }
     }
 
