@@ -1,0 +1,460 @@
+// Optimised kernels against plain references: odd shapes (1, primes, block sizes +- 1), ranks
+// {1, 2, 3, 7, 8, 16, 17}, unaligned pointers, padded strides, small forced tiles/chunks/splits so the
+// multi-part and tail paths run on small inputs. Tolerances grow with the reduction length.
+#include <comigs/frozen.hpp>
+#include <comigs/kernels/activation.hpp>
+#include <comigs/kernels/bf16.hpp>
+#include <comigs/kernels/elementwise.hpp>
+#include <comigs/kernels/gemm.hpp>
+#include <comigs/kernels/gemm_bf16.hpp>
+#include <comigs/kernels/lowrank.hpp>
+#include <comigs/mixture.hpp>
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+using namespace comigs;
+using comigs::Index;
+
+/// Sets a tuning knob for the scope of a test and restores it.
+template <class V>
+struct Knob {
+    V& ref;
+    V saved;
+    Knob(V& r, V v) : ref(r), saved(r) { ref = v; }
+    ~Knob() { ref = saved; }
+};
+
+/// Runs f with the OpenMP thread count set to n (restored after).
+template <class F>
+void with_threads(int n, F f) {
+#ifdef _OPENMP
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(n);
+    f();
+    omp_set_num_threads(saved);
+#else
+    (void)n;
+    f();
+#endif
+}
+
+template <class T>
+std::vector<T> randn(std::size_t n, Rng& rng, double std = 1.0) {
+    std::vector<T> v(n);
+    for (T& x : v) x = static_cast<T>(rng.normal(0.0, std));
+    return v;
+}
+
+template <class T>
+constexpr double eps() {
+    return static_cast<double>(std::numeric_limits<T>::epsilon());
+}
+
+/// A [rows, cols] matrix inside a buffer with a one-element offset (unaligned) and padded stride.
+template <class T>
+struct Mat {
+    std::vector<T> buf;
+    MatrixView<T> v;
+    Mat(Index rows, Index cols, Rng& rng, Index pad = 3) {
+        const Index stride = cols + pad;
+        buf = randn<T>(static_cast<std::size_t>(rows * stride + 1), rng);
+        v = MatrixView<T>(buf.data() + 1, rows, cols, stride);
+    }
+    T operator()(Index i, Index j) const { return v(i, j); }
+};
+
+/// Element (i, j) of op(X).
+template <class T>
+T at(ConstMatrixView<T> X, kernels::Op op, Index i, Index j) {
+    return op == kernels::Op::none ? X(i, j) : X(j, i);
+}
+
+const Index kSizes[] = {1, 2, 7, 15, 16, 17, 31, 33, 48, 49, 97};
+const Index kRanks[] = {1, 2, 3, 7, 8, 16, 17};
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("kernels::gemm: split products equal the plain reference on odd shapes and ops", T, float, double) {
+    Knob<Index> q(kernels::detail::gemm_split_quantum(), 1);
+    Knob<Index> pmin(kernels::detail::gemm_parallel_min(), 0);
+    Rng rng(1);
+    int checked = 0;
+    for (Index m : {Index(1), Index(7), Index(17), Index(49)})
+        for (Index n : {Index(1), Index(16), Index(33)})
+            for (Index k : {Index(1), Index(15), Index(97)})
+                for (auto opa : {kernels::Op::none, kernels::Op::trans})
+                    for (auto opb : {kernels::Op::none, kernels::Op::trans})
+                        for (T beta : {T(0), T(1)}) {
+                            Mat<T> A(opa == kernels::Op::none ? m : k, opa == kernels::Op::none ? k : m, rng);
+                            Mat<T> B(opb == kernels::Op::none ? k : n, opb == kernels::Op::none ? n : k, rng);
+                            Mat<T> C(m, n, rng, 2);
+                            const Mat<T> C0 = C;
+                            const T alpha = T(0.75);
+                            MatrixView<T> Cv(C.buf.data() + 1, m, n, n + 2);
+                            kernels::gemm<T>(Cv, ConstMatrixView<T>(A.v), opa, ConstMatrixView<T>(B.v), opb, alpha,
+                                             beta);
+                            for (Index i = 0; i < m; ++i)
+                                for (Index j = 0; j < n; ++j) {
+                                    double ref = 0, mag = 0;
+                                    for (Index p = 0; p < k; ++p) {
+                                        const double a = at<T>(A.v, opa, i, p), b = at<T>(B.v, opb, p, j);
+                                        ref += a * b;
+                                        mag += std::abs(a * b);
+                                    }
+                                    const double c0 = C0.buf[static_cast<std::size_t>(1 + i * (n + 2) + j)];
+                                    ref = alpha * ref + (beta == T(1) ? c0 : 0.0);
+                                    const double tol = (double(k) + 2) * eps<T>() * (mag + std::abs(c0)) + 1e-300;
+                                    REQUIRE(std::abs(double(Cv(i, j)) - ref) <= tol);
+                                    ++checked;
+                                }
+                            // Padding between rows untouched.
+                            if (n + 2 > n && m > 1) CHECK(C.buf[static_cast<std::size_t>(1 + n)] == C0.buf[static_cast<std::size_t>(1 + n)]);
+                        }
+    CHECK(checked > 10000);
+}
+
+TEST_CASE("kernels::gemm: identical results for a fixed thread count, run after run") {
+    Knob<Index> pmin(kernels::detail::gemm_parallel_min(), 0);
+    Rng rng(2);
+    const Index m = 67, n = 45, k = 301;
+    auto A = randn<float>(static_cast<std::size_t>(m * k), rng), B = randn<float>(static_cast<std::size_t>(k * n), rng);
+    std::vector<float> C1(static_cast<std::size_t>(m * n)), C2(C1.size());
+    kernels::gemm<float>(MatrixView<float>(C1.data(), m, n), ConstMatrixView<float>(A.data(), m, k), kernels::Op::none,
+                         ConstMatrixView<float>(B.data(), k, n), kernels::Op::none);
+    for (int run = 0; run < 3; ++run) {
+        kernels::gemm<float>(MatrixView<float>(C2.data(), m, n), ConstMatrixView<float>(A.data(), m, k),
+                             kernels::Op::none, ConstMatrixView<float>(B.data(), k, n), kernels::Op::none);
+        CHECK(std::memcmp(C1.data(), C2.data(), C1.size() * sizeof(float)) == 0);
+    }
+}
+
+TEST_CASE("bf16 conversion: round to nearest even, tails, NaN and infinities") {
+    using kernels::bf16;
+    CHECK(kernels::to_bf16(1.0f).bits == 0x3f80);
+    CHECK(kernels::to_float(kernels::to_bf16(1.0f)) == 1.0f);
+    // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1.0); 1 + 3 * 2^-8 rounds up.
+    CHECK(kernels::to_float(kernels::to_bf16(1.0f + 0x1p-8f)) == 1.0f);
+    CHECK(kernels::to_float(kernels::to_bf16(1.0f + 3 * 0x1p-8f)) == 1.0f + 0x1p-6f);
+    CHECK(std::isnan(kernels::to_float(kernels::to_bf16(std::numeric_limits<float>::quiet_NaN()))));
+    CHECK(std::isinf(kernels::to_float(kernels::to_bf16(std::numeric_limits<float>::infinity()))));
+    Rng rng(3);
+    for (Index n : {0, 1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 1000}) {
+        auto x = randn<float>(static_cast<std::size_t>(n + 1), rng, 3.0);
+        std::vector<bf16> b(static_cast<std::size_t>(n + 1));
+        kernels::convert_to_bf16(b.data() + 1, x.data() + 1, n);  // unaligned both sides
+        std::vector<float> back(static_cast<std::size_t>(n + 1));
+        kernels::convert_to_float(back.data() + 1, b.data() + 1, n);
+        for (Index i = 1; i <= n; ++i) {
+            REQUIRE(b[static_cast<std::size_t>(i)].bits == kernels::to_bf16(x[static_cast<std::size_t>(i)]).bits);
+            REQUIRE(std::abs(back[static_cast<std::size_t>(i)] - x[static_cast<std::size_t>(i)]) <=
+                    0x1p-8f * std::abs(x[static_cast<std::size_t>(i)]));
+        }
+    }
+}
+
+namespace {
+/// C = A op(W) with bf16-rounded A and W, in double: the exact product gemm_bf16 approximates.
+double bf16_ref(const std::vector<float>& A, Index k, const std::vector<kernels::bf16>& W, Index wstride,
+                kernels::Op op, Index i, Index j, double* mag) {
+    double s = 0;
+    *mag = 0;
+    for (Index p = 0; p < k; ++p) {
+        const double a = kernels::to_float(kernels::to_bf16(A[static_cast<std::size_t>(i * k + p)]));
+        const double w = kernels::to_float(op == kernels::Op::trans ? W[static_cast<std::size_t>(1 + j * wstride + p)]
+                                                                    : W[static_cast<std::size_t>(1 + p * wstride + j)]);
+        s += a * w;
+        *mag += std::abs(a * w);
+    }
+    return s;
+}
+}  // namespace
+
+TEST_CASE("kernels::gemm_bf16: every backend matches the bf16-rounded product; within bf16 tolerance of fp32") {
+    Knob<Index> panel(kernels::detail::bf16_fallback_panel(), 5);
+    Rng rng(4);
+    for (bool force_fallback : {false, true}) {
+        Knob<bool> force(kernels::detail::force_bf16_fallback(), force_fallback);
+        CAPTURE(kernels::to_string(kernels::bf16_backend()));
+        for (Index m : {Index(1), Index(3), Index(17), Index(64)})
+            for (Index n : {Index(1), Index(13), Index(33)})
+                for (Index k : {Index(1), Index(31), Index(32), Index(97), Index(768)})
+                    for (auto op : {kernels::Op::none, kernels::Op::trans})
+                        for (float beta : {0.0f, 1.0f}) {
+                            auto A = randn<float>(static_cast<std::size_t>(m * k), rng);
+                            const Index wr = op == kernels::Op::trans ? n : k, wc = op == kernels::Op::trans ? k : n;
+                            const Index ws = wc + 2;  // padded stride, unaligned start
+                            auto Wf = randn<float>(static_cast<std::size_t>(wr * ws + 1), rng, 0.1);
+                            std::vector<kernels::bf16> W(Wf.size());
+                            kernels::convert_to_bf16(W.data(), Wf.data(), static_cast<Index>(Wf.size()));
+                            auto C = randn<float>(static_cast<std::size_t>(m * n), rng);
+                            const auto C0 = C;
+                            kernels::gemm_bf16(MatrixView<float>(C.data(), m, n), ConstMatrixView<float>(A.data(), m, k),
+                                               ConstMatrixView<kernels::bf16>(W.data() + 1, wr, wc, ws), op, 0.5f, beta);
+                            for (Index i = 0; i < m; ++i)
+                                for (Index j = 0; j < n; ++j) {
+                                    double mag = 0;
+                                    const double prod = bf16_ref(A, k, W, ws, op, i, j, &mag);
+                                    const double c0 = beta == 1.0f ? C0[static_cast<std::size_t>(i * n + j)] : 0.0;
+                                    const double got = C[static_cast<std::size_t>(i * n + j)];
+                                    // Same rounded inputs: only fp32 accumulation order differs.
+                                    REQUIRE(std::abs(got - (0.5 * prod + c0)) <=
+                                            (double(k) + 2) * eps<float>() * (0.5 * mag + std::abs(c0)) + 1e-30);
+                                    // Against the unrounded fp32 inputs: bf16 rounding of both operands.
+                                    double exact = 0, emag = 0;
+                                    for (Index p = 0; p < k; ++p) {
+                                        const double a = A[static_cast<std::size_t>(i * k + p)];
+                                        const double w = op == kernels::Op::trans ? Wf[static_cast<std::size_t>(1 + j * ws + p)]
+                                                                                  : Wf[static_cast<std::size_t>(1 + p * ws + j)];
+                                        exact += a * w;
+                                        emag += std::abs(a * w);
+                                    }
+                                    REQUIRE(std::abs(got - (0.5 * exact + c0)) <=
+                                            (2.01 * 0x1p-8 + double(k) * eps<float>()) * (0.5 * emag + std::abs(c0)) + 1e-30);
+                                }
+                        }
+    }
+}
+
+TEST_CASE_TEMPLATE("elementwise kernels equal the scalar activation formulas on odd lengths and offsets", T, float,
+                   double) {
+    const double tol = std::is_same_v<T, float> ? 2e-6 : 1e-13;
+    Rng rng(5);
+    for (Index n : {1, 3, 7, 8, 9, 15, 16, 17, 33, 1001}) {
+        auto x = randn<T>(static_cast<std::size_t>(n + 1), rng, 3.0);
+        auto g = randn<T>(x.size(), rng);
+        auto v = randn<T>(x.size(), rng);
+        std::vector<T> out(x.size());
+        kernels::gelu_forward(out.data() + 1, x.data() + 1, n);
+        for (Index i = 1; i <= n; ++i) {
+            const double ref = kernels::gelu_tanh(static_cast<double>(x[static_cast<std::size_t>(i)]));
+            REQUIRE(std::abs(out[static_cast<std::size_t>(i)] - ref) <= tol * (1 + std::abs(ref)));
+        }
+        kernels::gelu_backward(out.data() + 1, g.data() + 1, x.data() + 1, n);
+        for (Index i = 1; i <= n; ++i) {
+            const auto si = static_cast<std::size_t>(i);
+            const double ref = double(g[si]) * kernels::gelu_tanh_grad(static_cast<double>(x[si]));
+            REQUIRE(std::abs(out[si] - ref) <= tol * (1 + std::abs(ref)));
+        }
+        kernels::swiglu_forward_row(out.data() + 1, x.data() + 1, v.data() + 1, n);
+        for (Index i = 1; i <= n; ++i) {
+            const auto si = static_cast<std::size_t>(i);
+            const double fwd = kernels::silu(static_cast<double>(x[si])) * double(v[si]);
+            REQUIRE(std::abs(out[si] - fwd) <= tol * (1 + std::abs(fwd)));
+        }
+        // Backward with separate buffers: da, gate pre-activation a, up pre-activation b.
+        auto da = randn<T>(x.size(), rng);
+        std::vector<T> dg(x.size()), du(x.size());
+        kernels::swiglu_backward_row(dg.data() + 1, du.data() + 1, da.data() + 1, x.data() + 1, v.data() + 1, n);
+        for (Index i = 1; i <= n; ++i) {
+            const auto si = static_cast<std::size_t>(i);
+            const double a = static_cast<double>(x[si]), b = static_cast<double>(v[si]), d = static_cast<double>(da[si]);
+            const double rg = d * b * kernels::silu_grad(a), ru = d * kernels::silu(a);
+            REQUIRE(std::abs(dg[si] - rg) <= tol * (1 + std::abs(rg)));
+            REQUIRE(std::abs(du[si] - ru) <= tol * (1 + std::abs(ru)));
+        }
+    }
+    // Extremes stay finite and exact where the formulas saturate.
+    const T big[] = {T(-80), T(-20), T(0), T(20), T(80)};
+    T o[5];
+    kernels::gelu_forward(o, big, 5);
+    CHECK(o[0] == T(0));
+    CHECK(o[2] == T(0));
+    CHECK(o[4] == T(80));
+    kernels::gelu_backward(o, std::vector<T>(5, T(1)).data(), big, 5);
+    for (T val : o) CHECK(std::isfinite(val));
+}
+
+TEST_CASE("elementwise kernels: results identical whatever the chunk size and thread count") {
+    Rng rng(6);
+    const Index n = 200003;
+    auto x = randn<float>(static_cast<std::size_t>(n), rng, 2.0);
+    std::vector<float> ref(x.size()), got(x.size());
+    kernels::gelu_forward(ref.data(), x.data(), n);
+    for (Index chunk : {Index(1), Index(5), Index(16), Index(1023)}) {
+        Knob<Index> c(kernels::detail::elementwise_chunk(), chunk);
+        for (int threads : {1, 2, 3}) {
+            with_threads(threads, [&] { kernels::gelu_forward(got.data(), x.data(), n); });
+            REQUIRE(std::memcmp(ref.data(), got.data(), ref.size() * sizeof(float)) == 0);
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("lowrank kernels equal plain loops for ranks 1..17, odd widths, offsets and gathers", T, float,
+                   double) {
+    Rng rng(7);
+    for (Index r : kRanks)
+        for (Index h : kSizes) {
+            const auto V = randn<T>(static_cast<std::size_t>(r * h + 1), rng);
+            const T* v = V.data() + 1;
+            auto coef = randn<T>(static_cast<std::size_t>(r), rng);
+            auto y0 = randn<T>(static_cast<std::size_t>(h + 1), rng);
+            auto x = randn<T>(y0.size(), rng);
+            // lowrank_accumulate / lowrank_add
+            auto y = y0;
+            kernels::lowrank_accumulate(y.data() + 1, coef.data(), v, r, h, T(0.5));
+            std::vector<T> z(y0.size());
+            kernels::lowrank_add(z.data() + 1, x.data() + 1, coef.data(), v, r, h, T(0.5));
+            for (Index c = 0; c < h; ++c) {
+                double s = 0, mag = 0;
+                for (Index q = 0; q < r; ++q) {
+                    s += double(coef[static_cast<std::size_t>(q)]) * v[q * h + c];
+                    mag += std::abs(double(coef[static_cast<std::size_t>(q)]) * v[q * h + c]);
+                }
+                const auto sc = static_cast<std::size_t>(c + 1);
+                REQUIRE(std::abs(y[sc] - (y0[sc] + 0.5 * s)) <= (r + 2) * eps<T>() * (std::abs(y0[sc]) + mag));
+                REQUIRE(std::abs(z[sc] - (x[sc] + 0.5 * s)) <= (r + 2) * eps<T>() * (std::abs(x[sc]) + mag));
+            }
+            // lowrank_project
+            std::vector<T> out(static_cast<std::size_t>(r));
+            kernels::lowrank_project(out.data(), v, x.data() + 1, r, h, T(2));
+            for (Index q = 0; q < r; ++q) {
+                double s = 0, mag = 0;
+                for (Index c = 0; c < h; ++c) {
+                    s += double(v[q * h + c]) * x[static_cast<std::size_t>(c + 1)];
+                    mag += std::abs(double(v[q * h + c]) * x[static_cast<std::size_t>(c + 1)]);
+                }
+                REQUIRE(std::abs(out[static_cast<std::size_t>(q)] - 2 * s) <= 2 * (h + 2) * eps<T>() * mag);
+            }
+        }
+}
+
+TEST_CASE_TEMPLATE("lowrank_outer: gradient outer products equal plain loops; thread count does not matter", T, float,
+                   double) {
+    Rng rng(8);
+    for (Index r : kRanks)
+        for (Index cols : {Index(1), Index(31), Index(32), Index(33), Index(97), Index(257)})
+            for (Index rows : {Index(1), Index(15), Index(16), Index(17), Index(40)})
+                for (bool gathered : {false, true}) {
+                    const Index ldx = r + 1, ldy = cols + 3, ny = rows + 5, ldc = cols + 2;
+                    const auto X = randn<T>(static_cast<std::size_t>(rows * ldx + 1), rng);
+                    const auto Y = randn<T>(static_cast<std::size_t>(ny * ldy + 1), rng);
+                    std::vector<Index> idx(static_cast<std::size_t>(rows));
+                    for (Index i = 0; i < rows; ++i) idx[static_cast<std::size_t>(i)] = (i * 7 + 3) % ny;
+                    const auto C0 = randn<T>(static_cast<std::size_t>(r * ldc + 1), rng);
+                    std::vector<std::vector<T>> results;
+                    for (int threads : {1, 2, 3}) {
+                        auto C = C0;
+                        with_threads(threads, [&] {
+                            kernels::lowrank_outer(C.data() + 1, ldc, X.data() + 1, ldx, Y.data() + 1, ldy,
+                                                   gathered ? idx.data() : nullptr, rows, r, cols, T(0.25));
+                        });
+                        results.push_back(C);
+                    }
+                    for (std::size_t t = 1; t < results.size(); ++t)
+                        REQUIRE(std::memcmp(results[0].data(), results[t].data(), results[0].size() * sizeof(T)) == 0);
+                    const auto& C = results[0];
+                    for (Index q = 0; q < r; ++q)
+                        for (Index c = 0; c < cols; ++c) {
+                            double s = 0, mag = 0;
+                            for (Index i = 0; i < rows; ++i) {
+                                const Index yr = gathered ? idx[static_cast<std::size_t>(i)] : i;
+                                const double p = double(X[static_cast<std::size_t>(1 + i * ldx + q)]) *
+                                                 Y[static_cast<std::size_t>(1 + yr * ldy + c)];
+                                s += p;
+                                mag += std::abs(p);
+                            }
+                            const double c0 = C0[static_cast<std::size_t>(1 + q * ldc + c)];
+                            REQUIRE(std::abs(C[static_cast<std::size_t>(1 + q * ldc + c)] - (c0 + 0.25 * s)) <=
+                                    (rows + 2) * eps<T>() * (std::abs(c0) + 0.25 * mag));
+                        }
+                    // Padding columns untouched.
+                    if (ldc > cols) CHECK(C[static_cast<std::size_t>(1 + cols)] == C0[static_cast<std::size_t>(1 + cols)]);
+                }
+}
+
+TEST_CASE("FrozenMlp precision: bf16 storage halves the bytes, stays within bf16 tolerance, converts back") {
+    Rng rng(9);
+    const Index d = 24, h = 56, n = 5;
+    FrozenMlp<float> mlp(MlpForm::gelu, d, h);
+    mlp.randomize(rng, 0.2);
+    CHECK(mlp.precision() == Precision::fp32);
+    const auto fp32_bytes = mlp.weight_bytes();
+    auto x = randn<float>(static_cast<std::size_t>(n * d), rng);
+    std::vector<float> y32(static_cast<std::size_t>(n * h)), y16(y32.size()), dx32(x.size(), 0.f), dx16(x.size(), 0.f);
+    mlp.linear("fc").forward(MatrixView<float>(y32.data(), n, h), ConstMatrixView<float>(x.data(), n, d));
+    mlp.linear("fc").backward_input(MatrixView<float>(dx32.data(), n, d), ConstMatrixView<float>(y32.data(), n, h));
+    const auto W = std::vector<float>(mlp.weights().span("fc.weight").begin(), mlp.weights().span("fc.weight").end());
+    mlp.set_precision(Precision::bf16);
+    CHECK(mlp.precision() == Precision::bf16);
+    CHECK(mlp.weight_bytes() < fp32_bytes * 6 / 10);
+    CHECK(mlp.linear("fc").is_bf16());
+    CHECK(mlp.linear("fc").out_features() == h);
+    CHECK(mlp.linear("fc").bias.size() == static_cast<std::size_t>(h));
+    mlp.linear("fc").forward(MatrixView<float>(y16.data(), n, h), ConstMatrixView<float>(x.data(), n, d));
+    mlp.linear("fc").backward_input(MatrixView<float>(dx16.data(), n, d), ConstMatrixView<float>(y32.data(), n, h));
+    double worst = 0;
+    for (std::size_t i = 0; i < y32.size(); ++i) worst = std::max(worst, double(std::abs(y32[i] - y16[i])));
+    CHECK(worst > 0);  // really went through bf16
+    CHECK(worst < 0.05);
+    for (std::size_t i = 0; i < dx32.size(); ++i) CHECK(std::abs(dx32[i] - dx16[i]) < 0.05 * (1 + std::abs(dx32[i])));
+    mlp.set_precision(Precision::fp32);
+    auto back = mlp.weights().span("fc.weight");
+    for (std::size_t i = 0; i < W.size(); ++i) REQUIRE(back[i] == kernels::to_float(kernels::to_bf16(W[i])));
+    FrozenMlp<double> dbl(MlpForm::gelu, d, h);
+    CHECK_THROWS_AS(dbl.set_precision(Precision::bf16), InvalidArgument);
+}
+
+TEST_CASE("MixtureOfLoraMlp on a bf16 base: close to the fp32 layer, bitwise repeatable") {
+    for (MlpForm form : {MlpForm::gelu, MlpForm::swiglu}) {
+        CAPTURE(to_string(form));
+        Rng rng(10);
+        MixtureConfig cfg;
+        cfg.form = form;
+        cfg.d_model = 40;
+        cfg.d_hidden = 72;
+        cfg.n_experts = 4;
+        cfg.top_k = 2;
+        cfg.rank = 3;
+        auto base = std::make_shared<FrozenMlp<float>>(form, cfg.d_model, cfg.d_hidden);
+        base->randomize(rng, 0.15);
+        auto base16 = std::make_shared<FrozenMlp<float>>(*base);
+        base16->set_precision(Precision::bf16);
+        MixtureOfLoraMlp<float> a(cfg, base), b(cfg, base16);
+        a.init(rng);
+        for (float& v : a.params().all()) v = static_cast<float>(rng.normal(0.0, 0.2));
+        std::copy(a.params().all().begin(), a.params().all().end(), b.params().all().begin());
+        const Index n = 37;
+        auto x = randn<float>(static_cast<std::size_t>(n * cfg.d_model), rng);
+        auto dy = randn<float>(x.size(), rng);
+        auto run = [&](MixtureOfLoraMlp<float>& m, std::vector<float>& y, std::vector<float>& dx) {
+            y.assign(x.size(), 0.f);
+            dx.assign(x.size(), 0.f);
+            m.zero_grad();
+            m.forward(MatrixView<float>(y.data(), n, cfg.d_model), ConstMatrixView<float>(x.data(), n, cfg.d_model));
+            m.backward(MatrixView<float>(dx.data(), n, cfg.d_model), ConstMatrixView<float>(dy.data(), n, cfg.d_model),
+                       0.01f);
+        };
+        std::vector<float> ya, dxa, yb, dxb, yb2, dxb2;
+        run(a, ya, dxa);
+        run(b, yb, dxb);
+        const std::vector<float> gb(b.grads().all().begin(), b.grads().all().end());
+        run(b, yb2, dxb2);
+        CHECK(std::memcmp(yb.data(), yb2.data(), yb.size() * sizeof(float)) == 0);
+        CHECK(std::memcmp(dxb.data(), dxb2.data(), dxb.size() * sizeof(float)) == 0);
+        CHECK(std::memcmp(gb.data(), b.grads().all().data(), gb.size() * sizeof(float)) == 0);
+        // Routing sees x only (identical); the base products differ by bf16 rounding.
+        double num = 0, den = 0;
+        for (std::size_t i = 0; i < ya.size(); ++i) {
+            num += double(ya[i] - yb[i]) * double(ya[i] - yb[i]);
+            den += double(ya[i]) * double(ya[i]);
+        }
+        CHECK(num > 0);
+        CHECK(std::sqrt(num / den) < 0.02);
+        num = den = 0;
+        for (std::size_t i = 0; i < gb.size(); ++i) {
+            const double g = a.grads().all()[i];
+            num += (g - gb[i]) * (g - gb[i]);
+            den += g * g;
+        }
+        CHECK(std::sqrt(num / den) < 0.02);
+    }
+}
