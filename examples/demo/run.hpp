@@ -1,0 +1,756 @@
+#pragma once
+// comigs-demo as a library: the whole run (data, host pretraining or reuse, every method, evaluation,
+// outputs) behind run_demo(DemoConfig), so that main.cpp is only the command line and the tests can
+// run a tiny configuration in-process.
+//
+// Methods (same host, data, steps, batch and learning rates for all; see strategy.hpp's presets):
+//   local        2 experts, mean routing (no router), nothing shared, trained on own training data
+//   fedavg       2 experts, mean routing, everything averaged every round
+//   comigs-2g    2 generalists (both averaged), top-k router kept local, trained on validation data
+//   comigs-2s    2 specialists (nothing averaged), router on validation data
+//   comigs-1g1s  expert 0 generalist (averaged), expert 1 specialist, router local on validation data
+//   pfedmoe      1G1S with the router trained jointly with the experts on training data
+//   pcl          whole adapter models averaged per user with weights softmax(-validation perplexity)
+//   hetlora / flexlora (users with different ranks) one shared expert per user, heterogeneous ranks
+// Protocols: deployed (after the final aggregation and download) and personalised (right after the
+// user's own last local steps). OOD = the same number of test tokens drawn equally from every user.
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <comigs/detail/xxhash64.hpp>
+#include <comigs/io/safetensors.hpp>
+#include <comigs/optim.hpp>
+#include <comigs/strategy.hpp>
+#include <comigs/train.hpp>
+#include <nlohmann/json.hpp>
+#include <tiny_gpt/tiny_gpt.hpp>
+
+#include "corpus.hpp"
+#include "host.hpp"
+#include "report.hpp"
+
+namespace comigs::demo {
+
+namespace tg = comigs::tiny_gpt;
+using Real = float;
+
+/// Every knob of the demo. Defaults are the documented default run (under 5 minutes on 2 cores).
+struct DemoConfig {
+    // Users and their adapters.
+    int users = 4;
+    std::vector<Index> experts;  ///< per user (empty: 2 for everyone); 1 = a single generalist
+    std::vector<Index> ranks;    ///< per user (empty: 8 for everyone)
+    Index top_k = 2;
+    double alpha = 16;
+    double generalist_target = -1;  ///< expert0_importance of the balancing loss; < 0: 1/E
+    // Collaboration schedule.
+    Index rounds = 20;
+    Index local_steps = 10;
+    Index router_every = 30;
+    Index router_iters = 10;
+    Index batch = 16;
+    Index seq_len = 64;
+    double lr = 1e-2;
+    double lr_min = 1e-3;
+    double router_lr = 1e-2;
+    double pcl_temperature = 1.0;
+    // Embedded corpus.
+    double heterogeneity = 0.9;
+    std::vector<Index> train_tokens;  ///< per user (empty: 6000 each)
+    Index validation_tokens = 3000;
+    Index test_tokens = 10000;
+    Index base_tokens = 300000;
+    double beta_personal = 3.0;
+    double signature_boost = 4.0;
+    // Host.
+    Index d_model = 64;
+    Index n_layer = 2;
+    Index n_head = 4;
+    Index host_steps = 800;
+    Index host_batch = 32;
+    double host_lr = 3e-3;
+    std::string host_cache;  ///< file of the pretrained host; empty: <out>/host-<key>.safetensors
+    std::vector<std::string> host_text;  ///< real text to pretrain the host on (with --user-text)
+    // Run.
+    std::uint64_t seed = 0;
+    int threads = 2;
+    std::vector<std::string> methods;  ///< empty: all that apply
+    std::string out = "comigs-demo-out";
+    std::vector<std::string> user_text;  ///< one file or folder per user: real text instead of the corpus
+    Index curve_tokens = 2048;           ///< test tokens per user for the curve points
+    Index sample_tokens = 256;           ///< test tokens per user shown in routing.html
+    bool progress = true;
+
+    /// The seconds-long configuration the tests use.
+    void make_quick() {
+        users = std::min(users, 3);
+        rounds = 3;
+        local_steps = 4;
+        router_every = 4;
+        router_iters = 2;
+        batch = 4;
+        seq_len = 32;
+        validation_tokens = 600;
+        test_tokens = 1000;
+        if (train_tokens.empty()) train_tokens.assign(static_cast<std::size_t>(users), 1500);
+        base_tokens = 20000;
+        d_model = 32;
+        n_layer = 2;
+        n_head = 2;
+        host_steps = 60;
+        host_batch = 8;
+        curve_tokens = 256;
+        sample_tokens = 64;
+    }
+
+    Index experts_of(int u) const { return experts.empty() ? 2 : experts[static_cast<std::size_t>(u)]; }
+    Index rank_of(int u) const { return ranks.empty() ? 8 : ranks[static_cast<std::size_t>(u)]; }
+    bool ranks_differ() const {
+        for (int u = 1; u < users; ++u)
+            if (rank_of(u) != rank_of(0)) return true;
+        return false;
+    }
+    bool experts_differ() const {
+        for (int u = 1; u < users; ++u)
+            if (experts_of(u) != experts_of(0)) return true;
+        return false;
+    }
+
+    void validate() const {
+        require(users >= 1, "--users ", users, ": must be >= 1");
+        require(experts.empty() || experts.size() == std::size_t(users), "--experts has ", experts.size(),
+                " entries, expected one per user (", users, ")");
+        require(ranks.empty() || ranks.size() == std::size_t(users), "--ranks has ", ranks.size(),
+                " entries, expected one per user (", users, ")");
+        require(train_tokens.empty() || train_tokens.size() == std::size_t(users), "--train-tokens has ",
+                train_tokens.size(), " entries, expected one per user (", users, ")");
+        for (Index e : experts) require(e >= 1, "--experts entry ", e, ": must be >= 1");
+        for (Index r : ranks) require(r >= 1, "--ranks entry ", r, ": must be >= 1");
+        require(top_k >= 1, "--top-k ", top_k, ": must be >= 1");
+        require(rounds >= 1 && local_steps >= 1, "--rounds ", rounds, " --local-steps ", local_steps, ": must be >= 1");
+        require(batch >= 1 && seq_len >= 2, "--batch ", batch, " --seq-len ", seq_len, ": must be >= 1 and >= 2");
+        require(d_model % n_head == 0, "--d-model ", d_model, ": must be divisible by --heads ", n_head);
+        require(threads >= 1, "--threads ", threads, ": must be >= 1");
+        require(user_text.empty() || user_text.size() == std::size_t(users), "--user-text given ", user_text.size(),
+                " times, expected once per user (", users, ")");
+    }
+};
+
+/// One user's data: three token streams (labels only for the embedded corpus) and the floor.
+struct UserData {
+    std::string name;
+    Stream train, validation, test;
+    std::optional<double> floor_ppl;
+    bool labelled = false;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Real text
+
+/// Bytes of a file, or of every regular file under a folder (sorted paths, so the order is fixed).
+inline std::string read_text(const std::filesystem::path& p) {
+    namespace fs = std::filesystem;
+    require<IoError>(fs::exists(p), "--user-text '", p.string(), "': no such file or folder");
+    std::vector<fs::path> files;
+    if (fs::is_directory(p)) {
+        for (const auto& e : fs::recursive_directory_iterator(p))
+            if (e.is_regular_file()) files.push_back(e.path());
+        std::sort(files.begin(), files.end());
+    } else {
+        files.push_back(p);
+    }
+    std::string all;
+    for (const auto& f : files) {
+        std::ifstream in(f, std::ios::binary);
+        std::ostringstream s;
+        s << in.rdbuf();
+        all += s.str();
+        all += '\n';
+    }
+    return all;
+}
+
+/// Deterministic split of a text: chunks of 512 bytes go round-robin to test (k % 10 == 0),
+/// validation (k % 10 == 1) and training (the rest), so every split samples the whole text; each split
+/// is then cut to its requested size.
+inline UserData split_text(const std::string& name, const std::string& text, Index train, Index val, Index test) {
+    UserData u;
+    u.name = name;
+    const std::size_t chunk = 512;
+    for (std::size_t k = 0; k * chunk < text.size(); ++k) {
+        Stream& s = k % 10 == 0 ? u.test : k % 10 == 1 ? u.validation : u.train;
+        const std::size_t n = std::min(chunk, text.size() - k * chunk);
+        s.tokens.insert(s.tokens.end(), text.begin() + std::ptrdiff_t(k * chunk),
+                        text.begin() + std::ptrdiff_t(k * chunk + n));
+    }
+    auto cut = [](Stream& s, Index n) {
+        if (s.size() > n) s.tokens.resize(std::size_t(n));
+        s.personal.assign(s.tokens.size(), 0);
+    };
+    cut(u.train, train);
+    cut(u.validation, val);
+    cut(u.test, test);
+    return u;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Batches and evaluation
+
+inline TokenBatch to_batch(const Windows& w) {
+    TokenBatch b;
+    b.B = w.batch;
+    b.T = w.width - 1;
+    b.inputs.resize(std::size_t(b.B * b.T));
+    b.targets.resize(b.inputs.size());
+    for (Index i = 0; i < b.B; ++i)
+        for (Index t = 0; t < b.T; ++t) {
+            b.inputs[std::size_t(i * b.T + t)] = w.tokens[std::size_t(i * w.width + t)];
+            b.targets[std::size_t(i * b.T + t)] = w.tokens[std::size_t(i * w.width + t + 1)];
+        }
+    return b;
+}
+
+/// Evaluation windows of a stream, at most `max_tokens` targets (0: all).
+inline Windows eval_windows(const Stream& s, Index seq_len, Index max_tokens = 0) {
+    Windows w = evaluation_windows(s, seq_len);
+    if (max_tokens > 0 && w.batch * seq_len > max_tokens) {
+        const Index keep = std::max<Index>(1, max_tokens / seq_len);
+        w.batch = keep;
+        w.tokens.resize(std::size_t(keep * w.width));
+        w.personal.resize(std::size_t(keep * w.width));
+        w.starts.resize(std::size_t(keep));
+    }
+    return w;
+}
+
+/// Concatenation of windows (same width).
+inline Windows concat(const std::vector<Windows>& parts) {
+    Windows w;
+    for (const auto& p : parts) {
+        if (p.batch == 0) continue;
+        w.width = p.width;
+        w.batch += p.batch;
+        w.tokens.insert(w.tokens.end(), p.tokens.begin(), p.tokens.end());
+        w.personal.insert(w.personal.end(), p.personal.begin(), p.personal.end());
+        w.starts.insert(w.starts.end(), p.starts.begin(), p.starts.end());
+    }
+    return w;
+}
+
+/// Rows [first, first + n) of windows as a batch.
+inline TokenBatch slice_batch(const Windows& w, Index first, Index n) {
+    Windows s;
+    s.batch = n;
+    s.width = w.width;
+    s.tokens.assign(w.tokens.begin() + std::ptrdiff_t(first * w.width),
+                    w.tokens.begin() + std::ptrdiff_t((first + n) * w.width));
+    return to_batch(s);
+}
+
+/// Routing tallies over evaluated tokens (all mixture layers).
+struct RoutingTally {
+    double gen_weight = 0, tokens = 0;             // gate mass on generalists
+    double shared_tok = 0, shared_to_gen = 0;      // top-1 expert of shared-source tokens
+    double personal_tok = 0, personal_to_spec = 0; // top-1 expert of personal tokens
+};
+
+struct EvalResult {
+    double ppl = 0;
+    RoutingTally routing;
+};
+
+/// exp(mean cross-entropy) of a model over windows, 32 windows per forward; with `tally`, the routing
+/// of every evaluated (input) token is counted per layer.
+template <class Model>
+EvalResult evaluate_windows(Model& m, const Windows& w, bool tally, const std::vector<Role>* roles = nullptr) {
+    EvalResult r;
+    double nll = 0, n = 0;
+    const Index chunk = 32, T = w.width - 1;
+    for (Index first = 0; first < w.batch; first += chunk) {
+        const Index b = std::min(chunk, w.batch - first);
+        const TokenBatch batch = slice_batch(w, first, b);
+        const LossParts lp = m.evaluate(batch);
+        nll += lp.task * lp.tokens;
+        n += lp.tokens;
+        if (!tally || roles == nullptr) continue;
+        for (Index l = 0; l < m.layers(); ++l) {
+            const auto& rt = m.mixture(l).routing();
+            const Index N = b * T;
+            const Index slots = Index(rt.expert.size()) / N;
+            for (Index t = 0; t < N; ++t) {
+                const Index row = first + t / T, col = t % T;
+                const bool personal = w.personal.empty() ? false : w.personal[std::size_t(row * w.width + col)] != 0;
+                double g = 0;
+                for (Index s = 0; s < slots; ++s) {
+                    const auto e = rt.expert[std::size_t(t * slots + s)];
+                    if ((*roles)[std::size_t(e)] == Role::generalist) g += double(rt.gate[std::size_t(t * slots + s)]);
+                }
+                r.routing.gen_weight += g;
+                r.routing.tokens += 1;
+                const bool top_gen = (*roles)[std::size_t(rt.expert[std::size_t(t * slots)])] == Role::generalist;
+                if (personal) {
+                    r.routing.personal_tok += 1;
+                    r.routing.personal_to_spec += top_gen ? 0 : 1;
+                } else {
+                    r.routing.shared_tok += 1;
+                    r.routing.shared_to_gen += top_gen ? 1 : 0;
+                }
+            }
+        }
+    }
+    r.ppl = n > 0 ? std::exp(nll / n) : std::nan("");
+    return r;
+}
+
+/// Perplexity of the bare host (dense MLPs) over windows.
+inline double host_perplexity(tg::TinyGpt<Real>& host, const Windows& w) {
+    double nll = 0, n = 0;
+    const Index chunk = 32;
+    for (Index first = 0; first < w.batch; first += chunk) {
+        const Index b = std::min(chunk, w.batch - first);
+        const TokenBatch batch = slice_batch(w, first, b);
+        nll += double(host.forward(batch.inputs, batch.targets, batch.B, batch.T, false)) * double(b * batch.T);
+        n += double(b * batch.T);
+    }
+    return std::exp(nll / n);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Progress
+
+class Progress {
+public:
+    explicit Progress(bool on) : on_(on) {}
+    void update(const std::string& what, double frac, double loss, double tok_s) {
+        if (!on_) return;
+        const int width = 24, fill = int(std::lround(frac * width));
+        std::fprintf(stderr, "\r%-14s [%s%s] %3.0f%%  loss %6.3f  %7.0f tok/s   ", what.c_str(),
+                     std::string(std::size_t(fill), '#').c_str(), std::string(std::size_t(width - fill), ' ').c_str(),
+                     100 * frac, loss, tok_s);
+        std::fflush(stderr);
+    }
+    void done() {
+        if (on_) std::fprintf(stderr, "\n");
+    }
+    void note(const std::string& s) {
+        if (on_) std::fprintf(stderr, "%s\n", s.c_str());
+    }
+
+private:
+    bool on_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Host pretraining
+
+/// Pretrains (full-parameter) on `stream`, or loads the cached host when `cache` exists.
+inline tg::TinyGpt<Real> pretrained_host(const DemoConfig& c, const Stream& stream, const std::filesystem::path& cache,
+                                         Progress& progress, bool& loaded) {
+    loaded = false;
+    if (std::filesystem::exists(cache)) {
+        loaded = true;
+        return tg::load_hf_gpt2<Real>(cache);
+    }
+    tg::Config hc;
+    hc.d_model = c.d_model;
+    hc.n_layer = c.n_layer;
+    hc.n_head = c.n_head;
+    hc.n_ctx = c.seq_len;
+    tg::TinyGpt<Real> host(hc);
+    Rng init(c.seed, 101);
+    host.init_weights(init);
+    const Index warmup = std::max<Index>(1, c.host_steps / 20);
+    AdamW<Real> opt({AdamWGroup<Real>{"host", {bind(std::string(), host.params(), host.grads())},
+                                      LrSchedule::cosine(c.host_lr, c.host_lr / 10, c.host_steps, warmup),
+                                      AdamWOptions{0.9, 0.95, 1e-8, 0.0}}});
+    Rng rng(c.seed, 102);
+    const auto t0 = std::chrono::steady_clock::now();
+    double ema = 0;
+    for (Index s = 0; s < c.host_steps; ++s) {
+        const TokenBatch b = to_batch(sample_windows(stream, c.host_batch, c.seq_len, rng));
+        host.zero_grad();
+        const double loss = double(host.forward(b.inputs, b.targets, b.B, b.T, true));
+        host.backward();
+        opt.clip_grad_norm(1.0);
+        opt.step(loss);
+        ema = s == 0 ? loss : 0.95 * ema + 0.05 * loss;
+        if (s % 10 == 9 || s + 1 == c.host_steps) {
+            const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            progress.update("pretrain host", double(s + 1) / double(c.host_steps), ema,
+                            double((s + 1) * b.B * b.T) / std::max(sec, 1e-9));
+        }
+    }
+    progress.done();
+    std::filesystem::create_directories(cache.parent_path().empty() ? "." : cache.parent_path());
+    tg::save_hf_gpt2(host, cache);
+    return host;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Methods
+
+inline std::vector<std::string> all_method_names() {
+    return {"local", "fedavg", "comigs-2g", "comigs-2s", "comigs-1g1s", "pfedmoe", "pcl", "hetlora", "flexlora"};
+}
+
+/// The strategy of a method name (strategy.hpp presets). Attention LoRA is not used by the demo, so
+/// share_adapters is irrelevant.
+inline Strategy strategy_of(const std::string& name, const DemoConfig& c) {
+    Strategy s;
+    if (name == "local") s = strategies::local();
+    else if (name == "fedavg") s = strategies::fedavg();
+    else if (name == "comigs-2g") s = strategies::comigs_2g();
+    else if (name == "comigs-2s") s = strategies::comigs_2s();
+    else if (name == "comigs-1g1s") s = strategies::comigs_1g1s();
+    else if (name == "pfedmoe") s = strategies::pfedmoe();
+    else if (name == "pcl") s = strategies::pcl(c.pcl_temperature);
+    else if (name == "hetlora") s = strategies::hetlora();
+    else if (name == "flexlora") s = strategies::flexlora();
+    else comigs::detail::raise<InvalidArgument>("--methods: unknown method '", name, "' (known: local, fedavg, comigs-2g, ",
+                                        "comigs-2s, comigs-1g1s, pfedmoe, pcl, hetlora, flexlora)");
+    s.top_k = c.top_k;
+    return s;
+}
+
+/// Everything shared by the methods of one run.
+struct RunContext {
+    const DemoConfig* cfg = nullptr;
+    tg::TinyGpt<Real>* host = nullptr;
+    std::vector<std::shared_ptr<FrozenMlp<Real>>> bases;
+    std::vector<UserData> users;
+    std::vector<Windows> test, validation, curve, sample;
+    Windows ood;
+    std::vector<double> host_ppl;
+};
+
+/// Roles of user u's experts under a strategy: the strategy's roles cut (or extended with
+/// specialists) to the user's expert count; a single expert is the generalist when the strategy
+/// shares generalists, else a specialist.
+inline std::vector<Role> user_roles(const Strategy& s, Index experts) {
+    if (s.roles.size() == 1) return s.roles;  // single-expert methods (HetLoRA, FlexLoRA)
+    std::vector<Role> r(std::size_t(experts), Role::specialist);
+    for (std::size_t e = 0; e < r.size(); ++e) r[e] = e < s.roles.size() ? s.roles[e] : Role::specialist;
+    return r;
+}
+
+inline MethodResult run_method(const std::string& name, RunContext& ctx, Progress& progress,
+                               std::vector<RoutingSample>& samples) {
+    const DemoConfig& c = *ctx.cfg;
+    const Strategy strategy = strategy_of(name, c);
+    const auto t_start = std::chrono::steady_clock::now();
+    const int U = c.users;
+    MethodResult result;
+    result.name = name;
+
+    std::vector<std::unique_ptr<MixtureHost<Real>>> models;
+    std::vector<std::unique_ptr<Trainer<MixtureHost<Real>, TokenBatch>>> trainers;
+    std::vector<std::vector<Role>> roles;
+    std::vector<SimulatedUser<MixtureHost<Real>, TokenBatch>> sim;
+    for (int u = 0; u < U; ++u) {
+        MixtureConfig mc;
+        mc.d_model = c.d_model;
+        mc.d_hidden = ctx.host->config().hidden();
+        mc.rank = c.rank_of(u);
+        mc.alpha = c.alpha;
+        mc.scaling = LoraScaling::sqrt;
+        mc.expert0_importance = c.generalist_target;
+        mc = strategy.mixture_config(mc);
+        roles.push_back(user_roles(strategy, strategy.roles.size() == 1 ? 1 : c.experts_of(u)));
+        mc.n_experts = Index(roles.back().size());
+        mc.roles = roles.back();
+        mc.top_k = std::min(c.top_k, mc.n_experts);
+        if (mc.expert0_importance >= 0 && (mc.n_experts == 1 || mc.routing == Routing::mean)) mc.expert0_importance = -1;
+        // Same initialisation stream per user for every method: differences come from the method.
+        Rng init(c.seed, 1000 + std::uint64_t(u));
+        models.push_back(std::make_unique<MixtureHost<Real>>(*ctx.host, ctx.bases, mc, init));
+        TrainerConfig tc;
+        tc.router_every = c.router_every;
+        tc.router_iters = c.router_iters;
+        tc.expert_lr = c.lr;
+        tc.expert_lr_min = c.lr_min;
+        tc.router_lr = c.router_lr;
+        tc.total_expert_steps = c.rounds * c.local_steps;
+        tc = strategy.trainer_config(tc);
+        const Stream* tr = &ctx.users[std::size_t(u)].train;
+        const Stream* va = &ctx.users[std::size_t(u)].validation;
+        const Index B = c.batch, T = c.seq_len;
+        auto train_src = [tr, B, T](Rng& r) { return to_batch(sample_windows(*tr, B, T, r)); };
+        auto val_src = [va, B, T](Rng& r) { return to_batch(sample_windows(*va, B, T, r)); };
+        trainers.push_back(std::make_unique<Trainer<MixtureHost<Real>, TokenBatch>>(
+            *models.back(), tc, train_src, val_src, c.seed * 7919 + std::uint64_t(u)));
+        SimulatedUser<MixtureHost<Real>, TokenBatch> su;
+        su.id = UserId(u);
+        su.trainer = trainers.back().get();
+        MixtureHost<Real>* m = models.back().get();
+        const Windows* vw = &ctx.validation[std::size_t(u)];
+        su.validation_perplexity = [m, vw]() { return evaluate_windows(*m, *vw, false).ppl; };
+        sim.push_back(std::move(su));
+    }
+
+    RunnerConfig rc;
+    rc.rounds = c.rounds;
+    rc.local_steps = c.local_steps;
+    Strategy runner_strategy = strategy;
+    // Users with fewer experts than the strategy: the runner checks the shape of user 0.
+    runner_strategy.roles = roles[0];
+    RoundRunner<MixtureHost<Real>, TokenBatch> runner(runner_strategy, rc, std::move(sim));
+
+    result.users.resize(std::size_t(U));
+    RunnerHooks<Real> hooks;
+    hooks.after_local = [&](Index round, UserId user, std::size_t i) {
+        if (round + 1 != c.rounds) return;
+        result.users[i].test_ppl_personalised = evaluate_windows(*models[i], ctx.test[i], false).ppl;
+        (void)user;
+    };
+    double loss_sum = 0, tok_sum = 0, sec_sum = 0;
+    hooks.after_round = [&](const RoundReport& rep) {
+        tok_sum += rep.tokens();
+        sec_sum += rep.seconds;
+        loss_sum = rep.mean_loss();
+        double mean = 0;
+        for (int u = 0; u < U; ++u) mean += evaluate_windows(*models[std::size_t(u)], ctx.curve[std::size_t(u)], false).ppl;
+        result.curve.push_back({long((rep.round + 1) * c.local_steps), mean / U});
+        progress.update(name, double(rep.round + 1) / double(c.rounds), loss_sum, tok_sum / std::max(sec_sum, 1e-9));
+    };
+    hooks.deployed = [&](UserId, std::size_t i) {
+        UserResult& ur = result.users[i];
+        ur.user = int(i);
+        const EvalResult ev = evaluate_windows(*models[i], ctx.test[i], true, &roles[i]);
+        ur.test_ppl = ev.ppl;
+        ur.ood_ppl = evaluate_windows(*models[i], ctx.ood, false).ppl;
+        ur.host_ppl = ctx.host_ppl[i];
+        ur.floor_ppl = ctx.users[i].floor_ppl;
+        if (ur.floor_ppl && std::log(ur.host_ppl) > std::log(*ur.floor_ppl))
+            ur.gap_closed = (std::log(ur.host_ppl) - std::log(ur.test_ppl)) /
+                            (std::log(ur.host_ppl) - std::log(*ur.floor_ppl));
+        const auto& rt = ev.routing;
+        ur.generalist_share = rt.tokens > 0 ? rt.gen_weight / rt.tokens : 0;
+        if (ctx.users[i].labelled) {
+            if (rt.shared_tok > 0) ur.shared_to_generalist = rt.shared_to_gen / rt.shared_tok;
+            if (rt.personal_tok > 0) ur.personal_to_specialist = rt.personal_to_spec / rt.personal_tok;
+        }
+        // routing.html sample: top-1 expert of every input token, per layer.
+        RoutingSample s;
+        s.user = int(i);
+        const Windows& w = ctx.sample[i];
+        const Index T = w.width - 1;
+        for (Index b = 0; b < w.batch; ++b)
+            for (Index t = 0; t < T; ++t) {
+                s.text.push_back(static_cast<unsigned char>(w.tokens[std::size_t(b * w.width + t)]));
+                if (ctx.users[i].labelled) s.personal.push_back(w.personal[std::size_t(b * w.width + t)]);
+            }
+        const TokenBatch batch = slice_batch(w, 0, w.batch);
+        models[i]->evaluate(batch);
+        for (Index l = 0; l < models[i]->layers(); ++l) {
+            const auto& rt2 = models[i]->mixture(l).routing();
+            const Index N = batch.B * batch.T, slots = Index(rt2.expert.size()) / N;
+            std::vector<int> top(static_cast<std::size_t>(N));
+            for (Index t = 0; t < N; ++t) top[std::size_t(t)] = rt2.expert[std::size_t(t * slots)];
+            s.expert.push_back(std::move(top));
+        }
+        for (Role r : roles[i]) s.expert_is_generalist.push_back(r == Role::generalist);
+        samples.push_back(std::move(s));
+    };
+    runner.run(hooks);
+    progress.done();
+    long up = 0;
+    for (int u = 0; u < U; ++u) up += long(runner.upload_floats(std::size_t(u)));
+    result.upload_floats_per_round = up / U;
+    result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+    return result;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The run
+
+struct DemoOutput {
+    std::vector<MethodResult> methods;
+    double host_mean_ppl = 0;
+    std::optional<double> floor_mean_ppl;
+    nlohmann::json results;
+    double seconds = 0;
+};
+
+inline std::string hex64(std::uint64_t v) {
+    char b[17];
+    std::snprintf(b, sizeof b, "%016llx", static_cast<unsigned long long>(v));
+    return b;
+}
+
+inline DemoOutput run_demo(DemoConfig c) {
+    c.validate();
+    const auto t0 = std::chrono::steady_clock::now();
+    omp_set_num_threads(c.threads);
+    Progress progress(c.progress);
+    namespace fs = std::filesystem;
+    fs::create_directories(c.out);
+
+    RunContext ctx;
+    ctx.cfg = &c;
+    Stream host_stream;
+    std::string host_key = "d" + std::to_string(c.d_model) + "l" + std::to_string(c.n_layer) + "h" +
+                           std::to_string(c.n_head) + "t" + std::to_string(c.seq_len) + "s" +
+                           std::to_string(c.host_steps) + "b" + std::to_string(c.host_batch) + "lr" +
+                           std::to_string(c.host_lr) + "seed" + std::to_string(c.seed);
+    Floor base_fl{};
+    bool embedded = c.user_text.empty();
+    std::optional<Corpus> corpus;
+    if (embedded) {
+        CorpusConfig cc;
+        cc.seed = c.seed;
+        cc.heterogeneity = c.heterogeneity;
+        cc.num_users = c.users;
+        cc.train_chars = 6000;
+        cc.train_chars_per_user = c.train_tokens;
+        cc.validation_chars = c.validation_tokens;
+        cc.test_chars = c.test_tokens;
+        cc.base_chars = c.base_tokens;
+        cc.beta_personal = c.beta_personal;
+        cc.signature_log_boost = c.signature_boost;
+        corpus = make_corpus(cc);
+        for (int u = 0; u < c.users; ++u) {
+            UserData d;
+            const auto& uc = corpus->users[std::size_t(u)];
+            d.name = "user " + std::to_string(u);
+            d.train = uc.train;
+            d.validation = uc.validation;
+            d.test = uc.test;
+            d.labelled = true;
+            ctx.users.push_back(std::move(d));
+        }
+        host_stream = corpus->base_train;
+        base_fl = base_floor(*corpus);
+        host_key += "base" + std::to_string(c.base_tokens);
+    } else {
+        for (int u = 0; u < c.users; ++u)
+            ctx.users.push_back(split_text(c.user_text[std::size_t(u)], read_text(c.user_text[std::size_t(u)]),
+                                           c.train_tokens.empty() ? 1 << 30 : c.train_tokens[std::size_t(u)],
+                                           c.validation_tokens, c.test_tokens));
+        if (!c.host_text.empty()) {
+            for (const auto& p : c.host_text) {
+                const std::string t = read_text(p);
+                host_stream.tokens.insert(host_stream.tokens.end(), t.begin(), t.end());
+                host_key += "|" + p;
+            }
+        } else {
+            for (const auto& u : ctx.users)
+                host_stream.tokens.insert(host_stream.tokens.end(), u.train.tokens.begin(), u.train.tokens.end());
+            for (const auto& p : c.user_text) host_key += "|" + p;
+        }
+        host_stream.personal.assign(host_stream.tokens.size(), 0);
+        host_key += "n" + std::to_string(host_stream.size());
+    }
+    for (const auto& u : ctx.users)
+        for (const Stream* s : {&u.train, &u.validation, &u.test})
+            require(s->size() > c.seq_len + 1, "user '", u.name, "': a split has ", s->size(),
+                    " tokens, fewer than --seq-len + 2 = ", c.seq_len + 2);
+
+    comigs::detail::Xxh64 hasher;
+    hasher.update(std::as_bytes(std::span(host_key.data(), host_key.size())));
+    const std::uint64_t key = hasher.digest();
+    const fs::path cache = c.host_cache.empty() ? fs::path(c.out) / ("host-" + hex64(key) + ".safetensors")
+                                                : fs::path(c.host_cache);
+    bool loaded = false;
+    tg::TinyGpt<Real> host = pretrained_host(c, host_stream, cache, progress, loaded);
+    require(host.config().d_model == c.d_model && host.config().n_layer == c.n_layer &&
+                host.config().n_ctx >= c.seq_len,
+            "host '", cache.string(), "': shape differs from --d-model/--layers/--seq-len");
+    progress.note(std::string(loaded ? "host: reused " : "host: pretrained and saved to ") + cache.string());
+    ctx.host = &host;
+    for (Index l = 0; l < c.n_layer; ++l) ctx.bases.push_back(tg::frozen_mlp(host, l));
+
+    // Evaluation sets.
+    const Index per_user_ood = std::max<Index>(c.seq_len, c.test_tokens / c.users);
+    std::vector<Windows> ood_parts;
+    double floor_sum = 0;
+    for (int u = 0; u < c.users; ++u) {
+        const UserData& d = ctx.users[std::size_t(u)];
+        ctx.test.push_back(eval_windows(d.test, c.seq_len));
+        ctx.validation.push_back(eval_windows(d.validation, c.seq_len));
+        ctx.curve.push_back(eval_windows(d.test, c.seq_len, c.curve_tokens));
+        ctx.sample.push_back(eval_windows(d.test, c.seq_len, c.sample_tokens));
+        ood_parts.push_back(eval_windows(d.test, c.seq_len, per_user_ood));
+        ctx.host_ppl.push_back(host_perplexity(host, ctx.test.back()));
+        if (embedded) {
+            ctx.users[std::size_t(u)].floor_ppl = user_floor(*corpus, u, Split::test).perplexity;
+            floor_sum += *ctx.users[std::size_t(u)].floor_ppl;
+        }
+    }
+    ctx.ood = concat(ood_parts);
+    DemoOutput out;
+    for (double p : ctx.host_ppl) out.host_mean_ppl += p / c.users;
+    if (embedded) out.floor_mean_ppl = floor_sum / c.users;
+    {
+        char buf[256];
+        std::snprintf(buf, sizeof buf, "host: mean test perplexity %.3f%s", out.host_mean_ppl,
+                      embedded ? (" (floor " + std::to_string(*out.floor_mean_ppl) + ", host on base text " +
+                                  std::to_string(host_perplexity(host, eval_windows(corpus->base_validation, c.seq_len))) +
+                                  " vs base floor " + std::to_string(base_fl.perplexity) + ")")
+                                     .c_str()
+                               : "");
+        progress.note(buf);
+    }
+
+    std::vector<std::string> methods = c.methods;
+    if (methods.empty()) {
+        methods = {"local", "fedavg", "comigs-2g", "comigs-2s", "comigs-1g1s", "pfedmoe", "pcl"};
+        if (c.ranks_differ()) methods.insert(methods.end(), {"hetlora", "flexlora"});
+    }
+    std::vector<std::pair<std::string, std::vector<RoutingSample>>> routing;
+    for (const auto& m : methods) {
+        std::vector<RoutingSample> samples;
+        out.methods.push_back(run_method(m, ctx, progress, samples));
+        routing.emplace_back(m, std::move(samples));
+    }
+
+    nlohmann::json config = {
+        {"users", c.users},
+        {"experts", c.experts.empty() ? std::vector<Index>(std::size_t(c.users), 2) : c.experts},
+        {"ranks", c.ranks.empty() ? std::vector<Index>(std::size_t(c.users), 8) : c.ranks},
+        {"top_k", c.top_k},
+        {"alpha", c.alpha},
+        {"rounds", c.rounds},
+        {"local_steps", c.local_steps},
+        {"router_every", c.router_every},
+        {"router_iters", c.router_iters},
+        {"batch", c.batch},
+        {"seq_len", c.seq_len},
+        {"lr", c.lr},
+        {"lr_min", c.lr_min},
+        {"router_lr", c.router_lr},
+        {"generalist_target", c.generalist_target},
+        {"heterogeneity", embedded ? nlohmann::json(c.heterogeneity) : nlohmann::json()},
+        {"train_tokens", c.train_tokens},
+        {"validation_tokens", c.validation_tokens},
+        {"test_tokens", c.test_tokens},
+        {"seed", c.seed},
+        {"threads", c.threads},
+        {"methods", methods},
+        {"user_text", c.user_text},
+        {"host", {{"d_model", c.d_model}, {"layers", c.n_layer}, {"heads", c.n_head}, {"steps", c.host_steps},
+                  {"cache", cache.string()}, {"reused", loaded}}},
+    };
+    out.results = results_json(config, out.methods, out.host_mean_ppl, out.floor_mean_ppl);
+    out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    out.results["seconds"] = out.seconds;
+    write_text(fs::path(c.out) / "results.json", out.results.dump(2) + "\n");
+    write_text(fs::path(c.out) / "curves.svg", curves_svg(out.methods, out.floor_mean_ppl));
+    write_text(fs::path(c.out) / "routing.html", routing_html(routing));
+    return out;
+}
+
+}  // namespace comigs::demo
