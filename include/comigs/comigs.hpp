@@ -1,6 +1,7 @@
 #pragma once
 // comigs: mixtures of generalist and specialist LoRA experts for collaborative on-device fine-tuning
 // (CoMiGS, Fan, Messmer, Doikov, Jaggi, ICML 2025). Include this header for the whole library.
+#include "aggregate.hpp"
 #include "error.hpp"
 #include "frozen.hpp"
 #include "io/checkpoint.hpp"
@@ -13,5 +14,6 @@
 #include "random.hpp"
 #include "router.hpp"
 #include "train.hpp"
+#include "upload.hpp"
 #include "version.hpp"
 #include "view.hpp"
