@@ -4,6 +4,7 @@
 
 #include <comigs/kernels/elementwise.hpp>
 #include <comigs/kernels/gemm_bf16.hpp>
+#include <comigs/kernels/lowrank.hpp>
 
 namespace comigs::bench {
 namespace {
@@ -106,6 +107,45 @@ void gelu_bwd(benchmark::State& state) {
     state.SetItemsProcessed(state.iterations() * n);
 }
 
+// Kernel: kernels::lowrank_outer, one expert's dA2 = (g s q)^T U over its routed rows (T k / E rows of
+// the hidden size): the LoRA-gradient outer products of the backward pass.
+void lowrank_outer_bench(benchmark::State& state) {
+    const Index rows = kT * Gpt2Shape::k / Gpt2Shape::E, r = Gpt2Shape::r, h = Gpt2Shape::h;
+    Rng rng(2);
+    auto x = random_vector<float>(static_cast<std::size_t>(rows * r), rng);
+    auto y = random_vector<float>(static_cast<std::size_t>(rows * h), rng);
+    std::vector<float> c(static_cast<std::size_t>(r * h));
+    for (auto _ : state) {
+        kernels::lowrank_outer(c.data(), h, x.data(), r, y.data(), h, static_cast<const Index*>(nullptr), rows, r, h);
+        benchmark::DoNotOptimize(c.data());
+    }
+    state.counters["GFLOP/s"] = benchmark::Counter(2.0 * double(rows * r * h) * 1e-9 * double(state.iterations()),
+                                                   benchmark::Counter::kIsRate);
+}
+
+// Kernel: kernels::lowrank_add + lowrank_project on every routed row (the per-row rank-r work of
+// the forward pass: pre-activation p = H + s B z and z2 = A u), T k rows of the hidden size.
+void lowrank_rows_bench(benchmark::State& state) {
+    const Index rows = kT * Gpt2Shape::k, r = Gpt2Shape::r, h = Gpt2Shape::h;
+    Rng rng(3);
+    auto H = random_vector<float>(static_cast<std::size_t>(kT * h), rng);
+    auto V = random_vector<float>(static_cast<std::size_t>(r * h), rng);
+    auto z = random_vector<float>(static_cast<std::size_t>(rows * r), rng);
+    std::vector<float> p(static_cast<std::size_t>(rows * h)), out(static_cast<std::size_t>(rows * r));
+    for (auto _ : state) {
+#pragma omp parallel for schedule(static)
+        for (Index i = 0; i < rows; ++i) {
+            kernels::lowrank_add(p.data() + i * h, H.data() + (i / 2) * h, z.data() + i * r, V.data(), r, h, 0.5f);
+            kernels::lowrank_project(out.data() + i * r, V.data(), p.data() + i * h, r, h);
+        }
+        benchmark::DoNotOptimize(out.data());
+    }
+    state.counters["GFLOP/s"] = benchmark::Counter(4.0 * double(rows * r * h) * 1e-9 * double(state.iterations()),
+                                                   benchmark::Counter::kIsRate);
+}
+
+BENCHMARK(lowrank_outer_bench)->Name("lowrank_outer/fp32/gpt2")->UseRealTime();
+BENCHMARK(lowrank_rows_bench)->Name("lowrank_rows/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(gemm_eigen_fp32, gpt2, kT)->Name("gemm_eigen/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(gemm_bf16, gpt2, kT)->Name("gemm_bf16/bf16/gpt2")->UseRealTime();
 BENCHMARK(gelu_fwd)->Name("gelu_fwd/fp32/gpt2")->UseRealTime();

@@ -4,6 +4,7 @@
 // Rows are contiguous; the r vectors of a factor are rows of a [r, h] row-major matrix. Summation
 // order is fixed by (r, h) alone, so results do not depend on threads or alignment.
 #include <algorithm>
+#include <array>
 
 #include "../view.hpp"
 #include "simd.hpp"
@@ -15,29 +16,31 @@ template <class T>
 void lowrank_add(T* y, const T* x, const T* coef, const T* V, Index r, Index h, T alpha = T(1)) {
     constexpr Index w = static_cast<Index>(simd::width<T>);
     constexpr Index qb = 8;  // factor rows per sweep: the accumulator stays in a register
-    T cs[qb];
+    const Index hv = h / w * w;
     for (Index q0 = 0; q0 < r; q0 += qb) {
         const Index nq = std::min(qb, r - q0);
-        for (Index q = 0; q < nq; ++q) cs[q] = alpha * coef[q0 + q];
+        std::array<T, qb> cs{};
+        for (Index q = 0; q < nq; ++q) cs[static_cast<std::size_t>(q)] = alpha * coef[q0 + q];
         const T* v = V + q0 * h;
         const T* src = q0 == 0 ? x : y;
-        Index c = 0;
         if (nq == qb) {
-            for (; c + w <= h; c += w) {
+            for (Index c = 0; c < hv; c += w) {
                 auto acc = simd::load(src + c);
-                for (Index q = 0; q < qb; ++q) acc = simd::fma(simd::batch<T>(cs[q]), simd::load(v + q * h + c), acc);
+                for (Index q = 0; q < qb; ++q)
+                    acc = simd::fma(simd::batch<T>(cs[static_cast<std::size_t>(q)]), simd::load(v + q * h + c), acc);
                 simd::store(y + c, acc);
             }
         } else {
-            for (; c + w <= h; c += w) {
+            for (Index c = 0; c < hv; c += w) {
                 auto acc = simd::load(src + c);
-                for (Index q = 0; q < nq; ++q) acc = simd::fma(simd::batch<T>(cs[q]), simd::load(v + q * h + c), acc);
+                for (Index q = 0; q < nq; ++q)
+                    acc = simd::fma(simd::batch<T>(cs[static_cast<std::size_t>(q)]), simd::load(v + q * h + c), acc);
                 simd::store(y + c, acc);
             }
         }
-        for (; c < h; ++c) {
+        for (Index c = hv; c < h; ++c) {
             T acc = src[c];
-            for (Index q = 0; q < nq; ++q) acc += cs[q] * v[q * h + c];
+            for (Index q = 0; q < nq; ++q) acc += cs[static_cast<std::size_t>(q)] * v[q * h + c];
             y[c] = acc;
         }
     }
@@ -54,26 +57,26 @@ template <class T>
 void lowrank_project(T* out, const T* V, const T* u, Index r, Index h, T alpha = T(1)) {
     constexpr Index w = static_cast<Index>(simd::width<T>);
     constexpr Index qb = 8;
+    const Index hv = h / w * w;
     for (Index q0 = 0; q0 < r; q0 += qb) {
         const Index nq = std::min(qb, r - q0);
         simd::batch<T> acc[qb];
         for (Index q = 0; q < qb; ++q) acc[q] = simd::batch<T>(T(0));
         const T* v = V + q0 * h;
-        Index c = 0;
         if (nq == qb) {
-            for (; c + w <= h; c += w) {
+            for (Index c = 0; c < hv; c += w) {
                 const auto uc = simd::load(u + c);
                 for (Index q = 0; q < qb; ++q) acc[q] = simd::fma(simd::load(v + q * h + c), uc, acc[q]);
             }
         } else {
-            for (; c + w <= h; c += w) {
+            for (Index c = 0; c < hv; c += w) {
                 const auto uc = simd::load(u + c);
                 for (Index q = 0; q < nq; ++q) acc[q] = simd::fma(simd::load(v + q * h + c), uc, acc[q]);
             }
         }
         for (Index q = 0; q < nq; ++q) {
             T s = simd::reduce_add(acc[q]);
-            for (Index cc = c; cc < h; ++cc) s += v[q * h + cc] * u[cc];
+            for (Index c = hv; c < h; ++c) s += v[q * h + c] * u[c];
             out[q0 + q] = alpha * s;
         }
     }
