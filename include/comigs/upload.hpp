@@ -95,7 +95,7 @@ public:
     const std::vector<SharedTensorInfo>& tensors() const { return infos_; }
     const SharedTensorInfo* find(std::string_view name) const {
         auto it = std::lower_bound(infos_.begin(), infos_.end(), name,
-                                   [](const SharedTensorInfo& i, std::string_view n) { return i.name < n; });
+                                   [](const SharedTensorInfo& i, std::string_view n) { return i.name.compare(n) < 0; });
         return it != infos_.end() && it->name == name ? &*it : nullptr;
     }
     const SharedTensorInfo& at(std::string_view name) const {
