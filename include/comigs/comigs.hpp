@@ -13,6 +13,7 @@
 #include "params.hpp"
 #include "random.hpp"
 #include "router.hpp"
+#include "strategy.hpp"
 #include "train.hpp"
 #include "upload.hpp"
 #include "version.hpp"
