@@ -87,7 +87,7 @@ struct DemoConfig {
     std::vector<std::string> host_text;  ///< real text to pretrain the host on (with --user-text)
     // Run.
     std::uint64_t seed = 0;
-    int threads = 2;
+    int threads = 1;  // at d = 64 kernel threads cost more than they give (and on a busy machine far more)
     std::vector<std::string> methods;  ///< empty: all that apply
     std::string out = "comigs-demo-out";
     std::vector<std::string> user_text;  ///< one file or folder per user: real text instead of the corpus
@@ -423,6 +423,11 @@ inline Strategy strategy_of(const std::string& name, const DemoConfig& c) {
     else comigs::detail::raise<InvalidArgument>("--methods: unknown method '", name, "' (known: local, fedavg, comigs-2g, ",
                                         "comigs-2s, comigs-1g1s, pfedmoe, pcl, hetlora, flexlora)");
     s.top_k = c.top_k;
+    // Users of different ranks: averaging factors needs equal ranks, so FedAvg-style rules zero-pad
+    // to the largest rank (HetLoRA's padding with FedAvg's uniform weights).
+    if (const auto* a = s.aggregation(); a && a->rule == AggregationRule::fedavg && c.ranks_differ())
+        s.collaboration = AggregationConfig::hetlora(a->weighting);
+    require(!(s.personalised() && c.ranks_differ()), "--methods pcl: PCL averages whole models and needs equal ranks");
     return s;
 }
 
@@ -707,8 +712,11 @@ inline DemoOutput run_demo(DemoConfig c) {
 
     std::vector<std::string> methods = c.methods;
     if (methods.empty()) {
-        methods = {"local", "fedavg", "comigs-2g", "comigs-2s", "comigs-1g1s", "pfedmoe", "pcl"};
-        if (c.ranks_differ()) methods.insert(methods.end(), {"hetlora", "flexlora"});
+        methods = {"local", "fedavg", "comigs-2g", "comigs-2s", "comigs-1g1s", "pfedmoe"};
+        if (c.ranks_differ())
+            methods.insert(methods.end(), {"hetlora", "flexlora"});  // PCL needs equal ranks
+        else
+            methods.push_back("pcl");
     }
     std::vector<std::pair<std::string, std::vector<RoutingSample>>> routing;
     for (const auto& m : methods) {

@@ -1,0 +1,185 @@
+// comigs-demo end to end in a tiny configuration: the outputs exist, parse, have the issue's keys for
+// every method, are well-formed, and training lowers the test perplexity below the host's.
+#include <doctest/doctest.h>
+
+#include <demo/run.hpp>
+
+#include <cctype>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+std::string slurp(const std::filesystem::path& p) {
+    std::ifstream in(p, std::ios::binary);
+    std::ostringstream s;
+    s << in.rdbuf();
+    return s.str();
+}
+
+/// Minimal markup check: every element is closed in order, attribute values are quoted, entities are
+/// `&name;` / `&#...;`. `void_elements` (HTML) need no closing tag. Returns an empty string or the
+/// first problem found.
+std::string markup_problem(const std::string& text, const std::set<std::string>& void_elements) {
+    std::vector<std::string> open;
+    std::size_t i = 0;
+    while (i < text.size()) {
+        const char c = text[i];
+        if (c == '&') {
+            std::size_t j = i + 1;
+            if (j < text.size() && text[j] == '#') ++j;
+            const std::size_t start = j;
+            while (j < text.size() && std::isalnum(static_cast<unsigned char>(text[j]))) ++j;
+            if (j == start || j >= text.size() || text[j] != ';') return "bad entity at " + std::to_string(i);
+            i = j + 1;
+            continue;
+        }
+        if (c != '<') {
+            if (c == '>') return "stray '>' at " + std::to_string(i);
+            ++i;
+            continue;
+        }
+        if (text.compare(i, 2, "<!") == 0) {  // doctype or comment
+            const std::size_t end = text.find('>', i);
+            if (end == std::string::npos) return "unterminated <! at " + std::to_string(i);
+            i = end + 1;
+            continue;
+        }
+        const bool closing = i + 1 < text.size() && text[i + 1] == '/';
+        std::size_t j = i + (closing ? 2 : 1);
+        const std::size_t name_start = j;
+        while (j < text.size() && (std::isalnum(static_cast<unsigned char>(text[j])) || text[j] == '-')) ++j;
+        const std::string name = text.substr(name_start, j - name_start);
+        if (name.empty()) return "empty tag name at " + std::to_string(i);
+        // Attributes: skip to '>' honouring quotes.
+        char quote = 0;
+        bool self_closing = false;
+        for (; j < text.size(); ++j) {
+            if (quote) {
+                if (text[j] == quote) quote = 0;
+                else if (text[j] == '<') return "'<' inside an attribute of <" + name + ">";
+                continue;
+            }
+            if (text[j] == '"' || text[j] == '\'') quote = text[j];
+            else if (text[j] == '=' && j + 1 < text.size() && text[j + 1] != '"' && text[j + 1] != '\'')
+                return "unquoted attribute in <" + name + ">";
+            else if (text[j] == '>') break;
+        }
+        if (j >= text.size()) return "unterminated tag <" + name + ">";
+        self_closing = text[j - 1] == '/';
+        if (closing) {
+            if (open.empty() || open.back() != name)
+                return "</" + name + "> closes " + (open.empty() ? std::string("nothing") : "<" + open.back() + ">");
+            open.pop_back();
+        } else if (!self_closing && !void_elements.count(name)) {
+            open.push_back(name);
+        }
+        i = j + 1;
+    }
+    if (!open.empty()) return "<" + open.back() + "> never closed";
+    return "";
+}
+
+}  // namespace
+
+TEST_CASE("markup checker finds what it should") {
+    CHECK(markup_problem("<a x=\"1\"><b/>t&amp;</a>", {}).empty());
+    CHECK_FALSE(markup_problem("<a><b></a></b>", {}).empty());
+    CHECK_FALSE(markup_problem("<a>", {}).empty());
+    CHECK_FALSE(markup_problem("<a x=1></a>", {}).empty());
+    CHECK_FALSE(markup_problem("<a>&amp</a>", {}).empty());
+    CHECK(markup_problem("<p><meta charset=\"utf-8\"></p>", {"meta"}).empty());
+}
+
+TEST_CASE("comigs-demo: tiny run end to end") {
+    namespace fs = std::filesystem;
+    comigs::demo::DemoConfig c;
+    c.make_quick();
+    c.threads = 1;
+    c.progress = false;
+    c.out = (fs::temp_directory_path() / "comigs-test-demo").string();
+    fs::remove_all(c.out);
+    const auto out = comigs::demo::run_demo(c);
+
+    const auto j = nlohmann::json::parse(slurp(fs::path(c.out) / "results.json"));
+    REQUIRE(j.contains("config"));
+    REQUIRE(j.contains("methods"));
+    CHECK(j["host_mean_ppl"].get<double>() > 1);
+    CHECK(j["floor_mean_ppl"].get<double>() > 1);
+    const std::vector<std::string> expected{"local",       "fedavg",  "comigs-2g", "comigs-2s",
+                                            "comigs-1g1s", "pfedmoe", "pcl"};
+    for (const auto& name : expected) {
+        CAPTURE(name);
+        REQUIRE(j["methods"].contains(name));
+        const auto& m = j["methods"][name];
+        for (const char* key : {"mean_test_ppl", "mean_test_ppl_personalised", "mean_ood_ppl", "upload_floats_per_round"})
+            CHECK(m.contains(key));
+        REQUIRE(m["users"].size() == 3);
+        for (std::size_t u = 0; u < 3; ++u) {
+            const auto& r = m["users"][u];
+            CHECK(r["user"].get<int>() == int(u));
+            for (const char* key : {"test_ppl", "test_ppl_personalised", "ood_ppl", "floor_ppl", "gap_closed"})
+                CHECK(std::isfinite(r[key].get<double>()));
+            CHECK(r["generalist_share"].get<double>() >= 0);
+            CHECK(r["generalist_share"].get<double>() <= 1.0 + 1e-9);
+        }
+        // Training lowers the test perplexity below the frozen host's.
+        CHECK(m["mean_test_ppl"].get<double>() < j["host_mean_ppl"].get<double>());
+    }
+    // Upload sizes: nothing for local methods, CoMiGS-1G1S half of FedAvg.
+    CHECK(j["methods"]["local"]["upload_floats_per_round"].get<long>() == 0);
+    CHECK(j["methods"]["comigs-2s"]["upload_floats_per_round"].get<long>() == 0);
+    CHECK(2 * j["methods"]["comigs-1g1s"]["upload_floats_per_round"].get<long>() ==
+          j["methods"]["fedavg"]["upload_floats_per_round"].get<long>());
+    // Mean routing of two generalists sends everything to generalists; of two specialists, nothing.
+    CHECK(j["methods"]["fedavg"]["users"][0]["generalist_share"].get<double>() == doctest::Approx(1.0));
+    CHECK(j["methods"]["local"]["users"][0]["generalist_share"].get<double>() == doctest::Approx(0.0));
+
+    const std::string svg = slurp(fs::path(c.out) / "curves.svg");
+    CHECK(svg.find("<svg") != std::string::npos);
+    CHECK(svg.find("<polyline") != std::string::npos);
+    CHECK(markup_problem(svg, {}) == "");
+    const std::string html = slurp(fs::path(c.out) / "routing.html");
+    CHECK(html.find("<span") != std::string::npos);
+    CHECK(markup_problem(html, {"meta", "br"}) == "");
+    CHECK(out.methods.size() == expected.size());
+
+    // Different ranks: HetLoRA and FlexLoRA run, FedAvg-style averaging pads to the largest rank.
+    {
+        comigs::demo::DemoConfig h = c;
+        h.ranks = {4, 8, 8};
+        h.methods = {"hetlora", "flexlora", "fedavg"};
+        const auto het = comigs::demo::run_demo(h);
+        REQUIRE(het.methods.size() == 3);
+        for (const auto& m : het.methods) {
+            CAPTURE(m.name);
+            CHECK(m.mean(&comigs::demo::UserResult::test_ppl) < het.host_mean_ppl);
+            CHECK(m.upload_floats_per_round > 0);
+        }
+    }
+
+    // The second run reuses the saved host and gets the same numbers (same seed, one thread).
+    c.methods = {"comigs-1g1s"};
+    const auto again = comigs::demo::run_demo(c);
+    CHECK(nlohmann::json::parse(slurp(fs::path(c.out) / "results.json"))["config"]["host"]["reused"].get<bool>());
+    CHECK(again.methods[0].mean(&comigs::demo::UserResult::test_ppl) ==
+          doctest::Approx(out.methods[4].mean(&comigs::demo::UserResult::test_ppl)).epsilon(1e-12));
+    fs::remove_all(c.out);
+}
+
+TEST_CASE("comigs-demo: real text is split deterministically") {
+    std::string text;
+    for (int i = 0; i < 20000; ++i) text += char('a' + (i * 7) % 26);
+    const auto a = comigs::demo::split_text("x", text, 5000, 1000, 1000);
+    const auto b = comigs::demo::split_text("x", text, 5000, 1000, 1000);
+    CHECK(a.train.tokens == b.train.tokens);
+    CHECK(a.train.size() == 5000);
+    CHECK(a.validation.size() == 1000);
+    CHECK(a.test.size() == 1000);
+    CHECK(a.test.tokens[0] == 'a');  // chunk 0 goes to test
+    CHECK_FALSE(a.labelled);
+}
