@@ -88,6 +88,7 @@ public:
         return s;
     }
     bool done() const { return at_ == b_.size(); }
+    std::size_t remaining() const { return b_.size() - at_; }
 
 private:
     void need(std::uint64_t n) const {
@@ -169,6 +170,34 @@ inline void decode_table(ByteReader& r, int owner, std::vector<RemoteUpload>& ou
         }
         out.push_back(std::move(u));
     }
+}
+
+/// One upload as bytes (its table, then its values): what a rank sends when others need exactly it.
+template <class T>
+std::vector<std::byte> encode_upload(const GeneralistUpload<T>& u) {
+    ByteWriter w;
+    encode_table(w, std::vector<const GeneralistUpload<T>*>{&u});
+    const auto v = std::as_bytes(u.values());
+    w.bytes.insert(w.bytes.end(), v.begin(), v.end());
+    return std::move(w.bytes);
+}
+
+/// The tensors and values of an encode_upload() message from rank `owner`, every tensor given `policy`.
+template <class T>
+SharedAggregate<T> decode_upload_as_aggregate(std::span<const std::byte> bytes, int owner, RankPolicy policy) {
+    ByteReader r(bytes, owner);
+    std::vector<RemoteUpload> one;
+    decode_table(r, owner, one);
+    require<FormatError>(one.size() == 1, "distributed round: rank ", owner, " sent ", one.size(),
+                         " uploads, expected 1");
+    const std::size_t n = static_cast<std::size_t>(one[0].size);
+    const std::size_t header = bytes.size() - r.remaining();
+    require<FormatError>(r.remaining() == n * sizeof(T), "distributed round: rank ", owner, " sent ",
+                         r.remaining(), " value bytes for ", n, " values");
+    std::vector<T> values(n);
+    if (n > 0) std::memcpy(values.data(), bytes.data() + header, n * sizeof(T));
+    for (auto& i : one[0].tensors) i.rank_policy = policy;
+    return SharedAggregate<T>(std::move(one[0].tensors), std::span<const T>(values));
 }
 
 /// The checks of aggregate()'s preparation, on the exchanged tables (same errors, same wording).

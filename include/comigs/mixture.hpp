@@ -31,26 +31,20 @@ enum class Role { generalist, specialist };
 
 inline const char* to_string(Role r) { return r == Role::generalist ? "generalist" : "specialist"; }
 
-/// Options of a mixture layer. By default expert 0 is the generalist and the rest are specialists.
-struct MixtureConfig {
-    MlpForm form = MlpForm::gelu;
-    Index d_model = 0;
-    Index d_hidden = 0;
+/// What every mixture shares whatever it adapts: the experts, their roles and how tokens are routed.
+struct MixtureRouting {
     Index n_experts = 2;
     Index top_k = 2;
-    Index rank = 8;
-    double alpha = 16.0;
-    LoraScaling scaling = LoraScaling::sqrt;
-    double dropout = 0.0;  ///< LoRA input dropout (training only)
     Routing routing = Routing::top_k;
     double expert0_importance = -1.0;  ///< generalist target share in the balancing loss; < 0: 1/E
     RouterNoise noise = RouterNoise::none;
     double noise_scale = 1.0;
     std::vector<Role> roles;  ///< per expert; empty: {generalist, specialist, specialist, ...}
 
-    RouterConfig router() const {
+    /// The router of a layer whose input has `d_in` features.
+    RouterConfig router_for(Index d_in) const {
         RouterConfig r;
-        r.d_model = d_model;
+        r.d_model = d_in;
         r.n_experts = n_experts;
         r.top_k = top_k;
         r.routing = routing;
@@ -63,6 +57,35 @@ struct MixtureConfig {
         if (!roles.empty()) return roles[static_cast<std::size_t>(e)];
         return e == 0 ? Role::generalist : Role::specialist;
     }
+    void validate_routing(Index d_in) const {
+        require(roles.empty() || static_cast<Index>(roles.size()) == n_experts, "roles: ", roles.size(),
+                " given for ", n_experts, " experts");
+        router_for(d_in).validate();
+    }
+};
+
+/// Expert index of a mixture tensor name (`experts.{e}.*`), or -1 (the router).
+inline Index expert_of_tensor(std::string_view tensor) {
+    constexpr std::string_view prefix = "experts.";
+    if (!tensor.starts_with(prefix)) return -1;
+    Index e = 0;
+    std::size_t i = prefix.size();
+    for (; i < tensor.size() && tensor[i] >= '0' && tensor[i] <= '9'; ++i) e = e * 10 + (tensor[i] - '0');
+    return i > prefix.size() && i < tensor.size() && tensor[i] == '.' ? e : -1;
+}
+
+/// Options of a mixture of LoRA experts on an MLP. By default expert 0 is the generalist and the rest
+/// are specialists.
+struct MixtureConfig : MixtureRouting {
+    MlpForm form = MlpForm::gelu;
+    Index d_model = 0;
+    Index d_hidden = 0;
+    Index rank = 8;
+    double alpha = 16.0;
+    LoraScaling scaling = LoraScaling::sqrt;
+    double dropout = 0.0;  ///< LoRA input dropout (training only)
+
+    RouterConfig router() const { return router_for(d_model); }
     double scale() const { return lora_scale(alpha, rank, scaling); }
     void validate() const {
         require(d_model >= 1, "d_model ", d_model, ": must be >= 1");
@@ -71,9 +94,7 @@ struct MixtureConfig {
         require(std::isfinite(alpha), "alpha ", alpha, ": LoRA alpha must be finite");
         require(std::isfinite(scale()), "scaling alpha ", alpha, " / rank ", rank, ": not finite");
         require(dropout >= 0.0 && dropout < 1.0, "dropout ", dropout, ": must be in [0, 1)");
-        require(roles.empty() || static_cast<Index>(roles.size()) == n_experts, "roles: ", roles.size(),
-                " given for ", n_experts, " experts");
-        router().validate();
+        validate_routing(d_model);
     }
 };
 
@@ -210,15 +231,8 @@ public:
         return v;
     }
 
-    /// Expert index of a tensor name (`experts.{e}.*`), or -1 for the router.
-    static Index expert_of_tensor(std::string_view tensor) {
-        constexpr std::string_view prefix = "experts.";
-        if (!tensor.starts_with(prefix)) return -1;
-        Index e = 0;
-        std::size_t i = prefix.size();
-        for (; i < tensor.size() && tensor[i] >= '0' && tensor[i] <= '9'; ++i) e = e * 10 + (tensor[i] - '0');
-        return i > prefix.size() ? e : -1;
-    }
+    /// Expert index of a tensor name, or -1 for the router (see comigs::expert_of_tensor).
+    static Index expert_of_tensor(std::string_view tensor) { return comigs::expert_of_tensor(tensor); }
     /// True when the tensor belongs to a generalist (it may leave the device); false for specialists
     /// and the router, which never do.
     bool shared(std::string_view tensor) const {

@@ -16,43 +16,20 @@
 namespace comigs {
 
 /// Options of a MixtureOfLoraLinear; the router sees the layer input (d_model = in_features).
-struct MixtureLinearConfig {
+struct MixtureLinearConfig : MixtureRouting {
     Index in_features = 0;
     Index out_features = 0;
-    Index n_experts = 2;
-    Index top_k = 2;
     Index rank = 8;
     double alpha = 16.0;
     LoraScaling scaling = LoraScaling::sqrt;
-    Routing routing = Routing::top_k;
-    double expert0_importance = -1.0;
-    RouterNoise noise = RouterNoise::none;
-    double noise_scale = 1.0;
-    std::vector<Role> roles;
 
-    RouterConfig router() const {
-        RouterConfig r;
-        r.d_model = in_features;
-        r.n_experts = n_experts;
-        r.top_k = top_k;
-        r.routing = routing;
-        r.expert0_importance = expert0_importance;
-        r.noise = noise;
-        r.noise_scale = noise_scale;
-        return r;
-    }
-    Role role(Index e) const {
-        if (!roles.empty()) return roles[static_cast<std::size_t>(e)];
-        return e == 0 ? Role::generalist : Role::specialist;
-    }
+    RouterConfig router() const { return router_for(in_features); }
     void validate() const {
         require(in_features >= 1, "in_features ", in_features, ": must be >= 1");
         require(out_features >= 1, "out_features ", out_features, ": must be >= 1");
         require(rank >= 1, "rank ", rank, ": LoRA rank must be >= 1");
         require(std::isfinite(lora_scale(alpha, rank, scaling)), "alpha ", alpha, ": LoRA scale not finite");
-        require(roles.empty() || static_cast<Index>(roles.size()) == n_experts, "roles: ", roles.size(), " given for ",
-                n_experts, " experts");
-        router().validate();
+        validate_routing(in_features);
     }
 };
 
@@ -102,15 +79,7 @@ public:
     void zero_grad() { grads_.zero(); }
     const RoutingResult<T>& routing() const { return route_; }
 
-    /// Expert index of a tensor name (`experts.{e}.*`), or -1 for the router.
-    static Index expert_of_tensor(std::string_view tensor) {
-        constexpr std::string_view prefix = "experts.";
-        if (!tensor.starts_with(prefix)) return -1;
-        Index e = 0;
-        std::size_t i = prefix.size();
-        for (; i < tensor.size() && tensor[i] >= '0' && tensor[i] <= '9'; ++i) e = e * 10 + (tensor[i] - '0');
-        return i > prefix.size() ? e : -1;
-    }
+    static Index expert_of_tensor(std::string_view tensor) { return comigs::expert_of_tensor(tensor); }
     /// True when the tensor belongs to a generalist (it may leave the device); false for specialists
     /// and the router, which never do.
     bool shared(std::string_view tensor) const {
