@@ -89,6 +89,20 @@ void mixture_fwd_bwd(benchmark::State& state, Index tokens, bool bf16) {
     set_counters(state, tokens, base_flops_fwd_bwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
 }
 
+// Kernel: MixtureOfLoraMlp::forward + backward with the one-pass row kernels (kernels/fused.hpp)
+// switched off: the separate rank-r and activation kernels, for comparison in the same run.
+void mixture_fwd_bwd_unfused(benchmark::State& state, Index tokens, bool bf16) {
+    LayerSetup s(tokens, bf16);
+    kernels::detail::fused_rows_enabled() = false;
+    for (auto _ : state) {
+        s.mix->forward(s.Y(), s.X());
+        s.mix->backward(s.DX(), s.DY(), 0.01f);
+        benchmark::DoNotOptimize(s.dx.data());
+    }
+    kernels::detail::fused_rows_enabled() = true;
+    set_counters(state, tokens, base_flops_fwd_bwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
+}
+
 // Kernel: the plain dense MLP through FrozenLinear (same GEMM backend as the mixture).
 void dense_mlp_fwd(benchmark::State& state, Index tokens, bool bf16) {
     LayerSetup s(tokens, bf16);
@@ -246,6 +260,7 @@ BENCHMARK_CAPTURE(mixture_fwd_bwd, fp32/gpt2, kTokens, false)->Name("mixture_fwd
 BENCHMARK_CAPTURE(dense_mlp_fwd, fp32/gpt2, kTokens, false)->Name("dense_mlp_fwd/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(dense_mlp_fwd_bwd, fp32/gpt2, kTokens, false)->Name("dense_mlp_fwd_bwd/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(naive_mixture_fwd_bwd, fp32/gpt2, kTokens)->Name("naive_mixture_fwd_bwd/fp32/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_fwd_bwd_unfused, bf16/gpt2, kTokens, true)->Name("mixture_fwd_bwd_unfused/bf16/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(mixture_fwd, bf16/gpt2, kTokens, true)->Name("mixture_fwd/bf16/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(mixture_fwd_bwd, bf16/gpt2, kTokens, true)->Name("mixture_fwd_bwd/bf16/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(dense_mlp_fwd_bwd, bf16/gpt2, kTokens, true)->Name("dense_mlp_fwd_bwd/bf16/gpt2")->UseRealTime();

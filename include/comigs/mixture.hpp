@@ -20,6 +20,7 @@
 #include "frozen.hpp"
 #include "kernels/activation.hpp"
 #include "kernels/elementwise.hpp"
+#include "kernels/fused.hpp"
 #include "kernels/lowrank.hpp"
 #include "lora.hpp"
 #include "router.hpp"
@@ -290,6 +291,7 @@ public:
         auto M = detail::as_view(m_, n, h);
         auto Z2 = detail::as_view(z2_, rows, r);
         auto Zs = detail::as_view(z2s_, n, E * r);
+        const bool fused = fused_path();
 #pragma omp parallel for schedule(static) if (rows * h > 65536)
         for (Index t = 0; t < n; ++t) {
             thread_local std::vector<T> scratch;
@@ -302,6 +304,18 @@ public:
                 for (Index f = 0; f < nf; ++f)
                     kernels::lowrank_project(z1_[static_cast<std::size_t>(f)].data() + t * E * r + e * r,
                                              factor(fa1_, f, e), xl.row_ptr(t), r, d);
+                if (fused) {
+                    // GPT-2 form, no dropout, r <= 8: the whole row in one pass (kernels/fused.hpp).
+                    T zsc[kernels::fused_max_rank];
+                    const T* z1 = z1_[0].data() + t * E * r + e * r;
+                    for (Index c = 0; c < r; ++c) zsc[c] = s_ * z1[c];
+                    T* z = Z2.row_ptr(i);
+                    kernels::gelu_row_forward(U.row_ptr(i), mt, j == 0, g, z, pre_[0].data() + t * h, zsc,
+                                              factor(fb1t_, 0, e), factor(fa2_, 0, e), r, h);
+                    T* zs = Zs.row_ptr(t) + e * r;
+                    for (Index c = 0; c < r; ++c) zs[c] = s_ * g * z[c];
+                    continue;
+                }
                 T* u = U.row_ptr(i);
                 preactivations(scratch.data(), t, e);
                 if (cfg_.form == MlpForm::gelu)
@@ -385,6 +399,7 @@ public:
         // the pre-activation gradients dp (kept for the LoRA gradients), their token sums dH (input of
         // the base input-gradient GEMM), dz1 = s B1e^T dp and its input gradient A1e^T dz1. p is
         // recomputed from H (cheaper than keeping it).
+        const bool fused = fused_path();
 #pragma omp parallel for schedule(static) if (rows * h > 65536)
         for (Index t = 0; t < n; ++t) {
             thread_local std::vector<T> scratch;
@@ -406,6 +421,18 @@ public:
                 T* qg = Qg.row_ptr(i);
                 for (Index c = 0; c < r; ++c) qg[c] = g * s_ * q[c];
                 const T* u = U.row_ptr(i);
+                if (fused) {
+                    T zsc[kernels::fused_max_rank];
+                    const T* z1 = z1_[0].data() + t * E * r + e * r;
+                    for (Index c = 0; c < r; ++c) zsc[c] = s_ * z1[c];
+                    T* dz = DZ[0].row_ptr(t) + e * r;
+                    const T udm = kernels::gelu_row_backward(dP[0].row_ptr(i), dH[0].row_ptr(t), j == 0, dz, s_, dm, g,
+                                                             qg, factor(fa2_, 0, e), pre_[0].data() + t * h, zsc,
+                                                             factor(fb1t_, 0, e), u, r, h);
+                    dgate[static_cast<std::size_t>(t * k + j)] = udm + bias_dot + s_ * kernels::dot(Z2.row_ptr(i), q, r);
+                    kernels::lowrank_accumulate(dxt, dz, factor(fa1_, 0, e), r, d);
+                    continue;
+                }
                 dgate[static_cast<std::size_t>(t * k + j)] =
                     kernels::dot(u, dm, h) + bias_dot + s_ * kernels::dot(Z2.row_ptr(i), q, r);
                 kernels::scale_copy(du, g, dm, h);
@@ -516,6 +543,11 @@ private:
             kernels::transpose_into(b2t, B(e, second_));
             fb2t_[static_cast<std::size_t>(e)] = b2t;
         }
+    }
+    /// Whether the one-pass row kernels (kernels/fused.hpp) apply: GELU form, no dropout, r <= 8.
+    bool fused_path() const {
+        return kernels::detail::fused_rows_enabled() && cfg_.form == MlpForm::gelu && !dropped_ &&
+               cfg_.rank <= kernels::fused_max_rank;
     }
     /// Factor (f, e) of a table filled by prepare_factors().
     const T* factor(const std::vector<const T*>& table, Index f, Index e) const {
