@@ -86,6 +86,7 @@ void mixture_fwd_bwd(benchmark::State& state, Index tokens, bool bf16) {
         s.mix->backward(s.DX(), s.DY(), 0.01f);
         benchmark::DoNotOptimize(s.dx.data());
     }
+    if (bf16) state.SetLabel(kernels::to_string(kernels::bf16_backend()));
     set_counters(state, tokens, base_flops_fwd_bwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
 }
 
