@@ -119,7 +119,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", default=os.path.join(HERE, "..", "build", "benchmarks", "comigs-bench"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per measurement (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="reference/comigs rounds (median of the ratios)")
     ap.add_argument("--min-time", default="0.5")
     ap.add_argument("--skip-scaling", action="store_true", help="do not run the one-thread pass")
     ap.add_argument("--wait-policy", default="passive", choices=["passive", "active", "env"],
@@ -133,84 +134,94 @@ def main():
     os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; threads: {args.threads}; "
-          f"date: {datetime.date.today().isoformat()}; repetitions: {args.reps} (medians)")
+          f"date: {datetime.date.today().isoformat()}; repetitions: {args.reps} (medians), rounds: {args.rounds}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} for both sides")
     print(f"load average at start: {load:.2f} (other work on the machine skews every figure)")
 
-    ref = torch_reference(args.threads, args.reps)
     import torch
     blas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
-    print(f"system BLAS used by torch: {blas}")
-    print(f"PyTorch {torch.__version__} reference semantics ({args.threads} threads): "
-          f"fwd+bwd {ref['ref_fwd_bwd'] * 1e3:.1f} ms ({T / ref['ref_fwd_bwd']:.0f} tokens/s), "
-          f"fwd {ref['ref_fwd'] * 1e3:.1f} ms; dense MLP fwd+bwd {ref['dense_fwd_bwd'] * 1e3:.1f} ms")
-
+    print(f"PyTorch {torch.__version__}; system BLAS used by torch: {blas}")
     wanted = ("mixture_fwd_bwd/fp32/gpt2|mixture_fwd/fp32/gpt2|dense_mlp_fwd_bwd/fp32/gpt2|"
               "naive_mixture_fwd_bwd/fp32/gpt2|mixture_fwd_bwd/bf16/gpt2|mixture_fwd/fp32/decode|"
               "dense_mlp_fwd/fp32/decode|base_gemms/fp32/gpt2|base_gemms/bf16/gpt2|gemm_.*/gpt2|memory/")
-    res, ctx = run_bench(args.bench, args.threads, args.reps, wanted, args.min_time)
 
-    def sec(name):
-        return res[name]["seconds"]
+    # Each round measures the reference and comigs back to back, so that a change in the machine's
+    # load between rounds shifts both; the reported figure is the median over rounds of each ratio.
+    rounds = []
+    for rnd in range(args.rounds):
+        ref = torch_reference(args.threads, args.reps)
+        print(f"round {rnd + 1}: load {os.getloadavg()[0]:.2f}; reference ({args.threads} threads): fwd+bwd "
+              f"{ref['ref_fwd_bwd'] * 1e3:.1f} ms ({T / ref['ref_fwd_bwd']:.0f} tokens/s), fwd "
+              f"{ref['ref_fwd'] * 1e3:.1f} ms; PyTorch dense MLP fwd+bwd {ref['dense_fwd_bwd'] * 1e3:.1f} ms")
+        res, ctx = run_bench(args.bench, args.threads, args.reps, wanted, args.min_time)
+        for name in sorted(res):
+            r = res[name]
+            extra = f"  {r['GFLOP/s']:7.1f} GFLOP/s" if "GFLOP/s" in r else ""
+            tps = f"  {r['items_per_second']:10.0f} tokens/s" if "items_per_second" in r else ""
+            label = f"  [{r['label']}]" if r.get("label") else ""
+            print(f"  {name:36s} {r['seconds'] * 1e3:9.3f} ms{tps}{extra}{label}")
+        m = {}
 
-    def gflops(name):
-        return res[name]["GFLOP/s"]
+        def sec(name):
+            return res[name]["seconds"]
 
-    print(f"comigs-bench ({args.threads} threads, {ctx.get('library_build_type', '?')} Google Benchmark build):")
-    for name in sorted(res):
-        r = res[name]
-        extra = f"  {r['GFLOP/s']:7.1f} GFLOP/s" if "GFLOP/s" in r else ""
-        tps = f"  {r['items_per_second']:10.0f} tokens/s" if "items_per_second" in r else ""
-        label = f"  [{r['label']}]" if r.get("label") else ""
-        print(f"  {name:36s} {r['seconds'] * 1e3:9.3f} ms{tps}{extra}{label}")
+        m["fp32"] = ref["ref_fwd_bwd"] / sec("mixture_fwd_bwd/fp32/gpt2")
+        best = max((n for n in res if n.startswith("gemm_") and "/fp32/" in n), key=lambda n: res[n]["GFLOP/s"])
+        m["gemm"] = res["base_gemms/fp32/gpt2"]["GFLOP/s"] / res[best]["GFLOP/s"]
+        m["best"] = best
+        m["bf16"] = ref["ref_fwd_bwd"] / sec("mixture_fwd_bwd/bf16/gpt2")
+        m["bf16_label"] = res["mixture_fwd_bwd/bf16/gpt2"].get("label", "")
+        m["decode"] = sec("mixture_fwd/fp32/decode") / sec("dense_mlp_fwd/fp32/decode")
+        m["share32"] = 1.0 - sec("base_gemms/fp32/gpt2") / sec("mixture_fwd_bwd/fp32/gpt2")
+        m["share16"] = 1.0 - sec("base_gemms/bf16/gpt2") / sec("mixture_fwd_bwd/bf16/gpt2")
+        m["naive"] = sec("naive_mixture_fwd_bwd/fp32/gpt2") / sec("mixture_fwd_bwd/fp32/gpt2")
+        m["mem"] = {p: res.get(f"memory/{p}/gpt2") for p in ("fp32", "bf16")}
+        if not args.skip_scaling:
+            one, _ = run_bench(args.bench, 1, args.reps, "^mixture_fwd_bwd/fp32/gpt2/", args.min_time)
+            m["scaling"] = one["mixture_fwd_bwd/fp32/gpt2"]["seconds"] / sec("mixture_fwd_bwd/fp32/gpt2")
+        rounds.append(m)
+
+    def med(key):
+        return statistics.median(r[key] for r in rounds)
+
+    def each(key, fmt):
+        return ", ".join(fmt.format(r[key]) for r in rounds)
 
     rows = []
 
     def target(what, value, goal, ok, how):
         rows.append((what, value, goal, "MET" if ok else "MISSED", how))
 
-    s = ref["ref_fwd_bwd"] / sec("mixture_fwd_bwd/fp32/gpt2")
-    target("fp32 fwd+bwd speed-up vs PyTorch reference", f"{s:.2f}x", ">= 3x", s >= 3.0,
-           "reference ms / mixture_fwd_bwd/fp32/gpt2 ms")
-    best_name = max((n for n in res if n.startswith("gemm_") and "/fp32/" in n), key=gflops)
-    g = gflops("base_gemms/fp32/gpt2") / gflops(best_name)
-    target("fp32 base GEMMs vs best fp32 GEMM", f"{100 * g:.0f}%", ">= 85%", g >= 0.85,
-           f"base_gemms/fp32/gpt2 GFLOP/s / {best_name} GFLOP/s")
-    if "mixture_fwd_bwd/bf16/gpt2" in res:
-        s = ref["ref_fwd_bwd"] / sec("mixture_fwd_bwd/bf16/gpt2")
-        label = res["mixture_fwd_bwd/bf16/gpt2"].get("label", "")
-        target("bf16 fwd+bwd speed-up vs PyTorch reference", f"{s:.2f}x", ">= 8x", s >= 8.0,
-               f"reference ms / mixture_fwd_bwd/bf16/gpt2 ms ({label})")
-    d = sec("mixture_fwd/fp32/decode") / sec("dense_mlp_fwd/fp32/decode")
-    target("decode (T = 1) latency vs dense MLP", f"{d:.2f}x", "<= 1.3x", d <= 1.3,
-           "mixture_fwd/fp32/decode / dense_mlp_fwd/fp32/decode")
-    share = 1.0 - sec("base_gemms/fp32/gpt2") / sec("mixture_fwd_bwd/fp32/gpt2")
-    target("non-GEMM share of the fp32 layer time", f"{100 * share:.1f}%", "< 15%", share < 0.15,
-           "1 - base_gemms/fp32/gpt2 / mixture_fwd_bwd/fp32/gpt2")
-    if "mixture_fwd_bwd/bf16/gpt2" in res and "base_gemms/bf16/gpt2" in res:
-        share = 1.0 - sec("base_gemms/bf16/gpt2") / sec("mixture_fwd_bwd/bf16/gpt2")
-        target("non-GEMM share of the bf16 layer time", f"{100 * share:.1f}%", "(< 15% for fp32)", share < 0.15,
-               "1 - base_gemms/bf16/gpt2 / mixture_fwd_bwd/bf16/gpt2")
-    n = sec("naive_mixture_fwd_bwd/fp32/gpt2") / sec("mixture_fwd_bwd/fp32/gpt2")
-    target("shared base vs naive per-expert (same backend)", f"{n:.2f}x", "(context)", True,
-           "naive_mixture_fwd_bwd/fp32/gpt2 / mixture_fwd_bwd/fp32/gpt2")
+    target("fp32 fwd+bwd speed-up vs PyTorch reference", f"{med('fp32'):.2f}x", ">= 3x", med("fp32") >= 3.0,
+           f"reference / mixture_fwd_bwd/fp32/gpt2; rounds: {each('fp32', '{:.2f}')}")
+    target("fp32 base GEMMs vs best fp32 GEMM", f"{100 * med('gemm'):.0f}%", ">= 85%", med("gemm") >= 0.85,
+           f"base_gemms/fp32/gpt2 / best of gemm_*/fp32 ({rounds[-1]['best']}); rounds: {each('gemm', '{:.2f}')}")
+    target("bf16 fwd+bwd speed-up vs PyTorch reference", f"{med('bf16'):.2f}x", ">= 8x", med("bf16") >= 8.0,
+           f"reference / mixture_fwd_bwd/bf16/gpt2 [{rounds[-1]['bf16_label']}]; rounds: {each('bf16', '{:.2f}')}")
+    target("decode (T = 1) latency vs dense MLP", f"{med('decode'):.2f}x", "<= 1.3x", med("decode") <= 1.3,
+           f"mixture_fwd/fp32/decode / dense_mlp_fwd/fp32/decode; rounds: {each('decode', '{:.2f}')}")
+    target("non-GEMM share of the fp32 layer time", f"{100 * med('share32'):.1f}%", "< 15%", med("share32") < 0.15,
+           f"1 - base_gemms/fp32/gpt2 / mixture_fwd_bwd/fp32/gpt2; rounds: {each('share32', '{:.2f}')}")
+    target("non-GEMM share of the bf16 layer time", f"{100 * med('share16'):.1f}%", "(< 15% fp32)",
+           med("share16") < 0.15, f"1 - base_gemms/bf16/gpt2 / mixture_fwd_bwd/bf16/gpt2; rounds: {each('share16', '{:.2f}')}")
+    target("shared base vs naive per-expert (same backend)", f"{med('naive'):.2f}x", "(context)", True,
+           f"naive_mixture_fwd_bwd/fp32/gpt2 / mixture_fwd_bwd/fp32/gpt2; rounds: {each('naive', '{:.2f}')}")
     for prec in ("fp32", "bf16"):
-        m = res.get(f"memory/{prec}/gpt2")
-        if m:
+        mm = rounds[-1]["mem"][prec]
+        if mm:
             target(f"memory per layer ({prec})",
-                   f"weights {m['frozen_bytes'] / 2**20:.1f} MiB, peak {m['peak_bytes'] / 2**20:.1f} MiB",
-                   "one frozen copy for any E", m["frozen_bytes_E1"] == m["frozen_bytes"],
-                   "memory/%s/gpt2: frozen bytes with E = 4 equal E = 1; peak = all layer allocations" % prec)
+                   f"weights {mm['frozen_bytes'] / 2**20:.1f} MiB, peak {mm['peak_bytes'] / 2**20:.1f} MiB",
+                   "1 base copy", mm["frozen_bytes_E1"] == mm["frozen_bytes"],
+                   f"memory/{prec}/gpt2: frozen bytes with E = 4 equal E = 1; peak = every heap byte of the layer")
     if not args.skip_scaling:
-        one, _ = run_bench(args.bench, 1, args.reps, "^mixture_fwd_bwd/fp32/gpt2/", args.min_time)
-        sc = one["mixture_fwd_bwd/fp32/gpt2"]["seconds"] / sec("mixture_fwd_bwd/fp32/gpt2")
-        target(f"thread scaling 1 -> {args.threads} threads", f"{sc:.2f}x", ">= 1.8x", sc >= 1.8,
-               "mixture_fwd_bwd/fp32/gpt2 with OMP_NUM_THREADS=1 / with %d" % args.threads)
+        target(f"thread scaling 1 -> {args.threads} threads", f"{med('scaling'):.2f}x", ">= 1.8x",
+               med("scaling") >= 1.8,
+               f"mixture_fwd_bwd/fp32/gpt2, OMP_NUM_THREADS=1 / ={args.threads}; rounds: {each('scaling', '{:.2f}')}")
 
-    print("\ntargets:")
+    print(f"\ntargets (medians over {args.rounds} rounds; load average now {os.getloadavg()[0]:.2f}):")
     for what, value, goal, status, how in rows:
-        print(f"  {status:6s} {what:48s} {value:>34s}  target {goal:10s}  ({how})")
+        print(f"  {status:6s} {what:46s} {value:>32s}  target {goal:12s} ({how})")
 
 
 if __name__ == "__main__":
