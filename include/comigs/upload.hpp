@@ -210,9 +210,10 @@ template <class T>
 class UploadBuilder;
 
 /// What a device sends to the server in a round: its generalist / shared LoRA factors, its user id and
-/// its weight (e.g. training tokens of the round). Only UploadBuilder can make one.
+/// its weight (e.g. training tokens of the round). Only UploadBuilder can make one (private
+/// constructor, final class).
 template <class T>
-class GeneralistUpload : public SharedTensors<T> {
+class GeneralistUpload final : public SharedTensors<T> {
 public:
     UserId user() const { return user_; }
     /// Aggregation weight (training tokens, examples...): finite and > 0.
