@@ -2,10 +2,19 @@
 // The demo's host model as comigs sees it: a TinyGpt with frozen GPT-2 weights whose MLPs are comigs
 // mixtures of LoRA experts. This is the whole integration (the HostModel contract of model.hpp):
 // tell comigs where the adapters are, run forward+backward, report the loss parts.
+//
+// Optional LoRA on the attention projections (c_attn, c_proj), shared like a generalist as in the
+// CoMiGS reference. TinyGpt keeps its attention LoRA in one buffer of its own; comigs trains and
+// uploads comigs::LoraExpert objects, so the host holds one LoraExpert per projection as the
+// registered copy and mirrors it: parameters are copied into the model before every forward (a
+// download may have changed them), gradients are added back after every backward (a few thousand
+// values per step).
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include <comigs/lora.hpp>
 #include <comigs/mixture.hpp>
 #include <comigs/model.hpp>
 #include <tiny_gpt/tiny_gpt.hpp>
@@ -25,8 +34,9 @@ public:
     using scalar_type = T;
 
     /// `bases[l]`: the frozen MLP of block l (shared by every user's model; only read).
+    /// `attention_rank` > 0 adds LoRA of that rank (and `attention_alpha`, alpha/sqrt(r)) to c_attn and c_proj.
     MixtureHost(const tiny_gpt::TinyGpt<T>& host, const std::vector<std::shared_ptr<FrozenMlp<T>>>& bases,
-                const MixtureConfig& mixture, Rng& init_rng)
+                const MixtureConfig& mixture, Rng& init_rng, Index attention_rank = 0, double attention_alpha = 16)
         : model_(std::make_unique<tiny_gpt::TinyGpt<T>>(host.config())) {
         std::copy(host.params().all().begin(), host.params().all().end(), model_->params().all().begin());
         model_->set_train_mode(tiny_gpt::TrainMode::frozen_base);
@@ -38,21 +48,51 @@ public:
             // CoMiGS weights the layer-averaged balancing loss by 0.01.
             model_->set_mlp(l, std::make_unique<tiny_gpt::MixtureMlp<T>>(m, 0.01 / double(L)));
         }
+        if (attention_rank > 0) {
+            model_->add_attention_lora({attention_rank, attention_alpha, LoraScaling::sqrt}, init_rng);
+            const Index d = host.config().d_model;
+            for (Index l = 0; l < L; ++l)
+                for (const auto& [proj, out] : {std::pair<const char*, Index>{"attn.c_attn.", 3 * d}, {"attn.c_proj.", d}}) {
+                    LoraConfig lc;
+                    lc.in_features = d;
+                    lc.out_features = out;
+                    lc.rank = attention_rank;
+                    lc.alpha = attention_alpha;
+                    lc.scaling = LoraScaling::sqrt;
+                    auto e = std::make_unique<LoraExpert<T>>(lc);
+                    const std::string prefix = tiny_gpt::layer_name(l, proj);
+                    for (const char* f : {"lora_A", "lora_B"}) {
+                        const auto src = model_->lora().span(prefix + f);
+                        std::copy(src.begin(), src.end(), e->params().span(f).begin());
+                    }
+                    attention_.push_back({prefix, std::move(e)});
+                }
+        }
     }
 
     AdapterRegistry<T> adapters() const {
         AdapterRegistry<T> r;
         for (std::size_t l = 0; l < mixtures_.size(); ++l)
             r.mixtures.push_back({tiny_gpt::layer_name(Index(l), "mlp."), mixtures_[l].get()});
+        for (const auto& a : attention_) r.shared_adapters.push_back({a.prefix, a.lora.get()});
         return r;
     }
 
     LossParts forward_backward(const TokenBatch& b) {
+        mirror_in();
+        if (!attention_.empty()) model_->lora_grads().zero();
         model_->forward(b.inputs, b.targets, b.B, b.T, true);
         model_->backward();
+        for (const auto& a : attention_)
+            for (const char* f : {"lora_A", "lora_B"}) {
+                const auto g = model_->lora_grads().span(a.prefix + f);
+                auto dst = a.lora->grads().span(f);
+                for (std::size_t i = 0; i < g.size(); ++i) dst[i] += g[i];
+            }
         return parts(b);
     }
     LossParts evaluate(const TokenBatch& b) {
+        mirror_in();
         model_->forward(b.inputs, b.targets, b.B, b.T, false);
         return parts(b);
     }
@@ -62,6 +102,19 @@ public:
     tiny_gpt::TinyGpt<T>& model() { return *model_; }
 
 private:
+    struct AttentionLora {
+        std::string prefix;  ///< "h.{l}.attn.c_attn." or "h.{l}.attn.c_proj."
+        std::unique_ptr<LoraExpert<T>> lora;
+    };
+
+    void mirror_in() {
+        for (const auto& a : attention_)
+            for (const char* f : {"lora_A", "lora_B"}) {
+                const auto src = std::as_const(*a.lora).params().span(f);
+                std::copy(src.begin(), src.end(), model_->lora().span(a.prefix + f).begin());
+            }
+    }
+
     LossParts parts(const TokenBatch& b) const {
         LossParts p;
         p.task = double(model_->last_ce_loss());
@@ -73,6 +126,7 @@ private:
 
     std::unique_ptr<tiny_gpt::TinyGpt<T>> model_;
     std::vector<std::shared_ptr<MixtureOfLoraMlp<T>>> mixtures_;
+    std::vector<AttentionLora> attention_;
 };
 
 }  // namespace comigs::demo

@@ -53,7 +53,8 @@ int main(int argc, char** argv) {
         "Reported: deployed test perplexity (after the final aggregation and download), personalised (right "
         "after the user's last local steps), OOD (uniform mixture of all users' test data), the floor and the "
         "share of the host-to-floor gap closed (embedded corpus), routing shares.\n"
-        "Attention LoRA is not used: only the MLPs carry adapters."};
+        "Attention LoRA (--attention-lora R) is off by default: only the MLPs carry adapters; with it, every "
+        "method that shares anything also shares the attention adapters (local and comigs-2s keep them)."};
     std::string experts, ranks, train_tokens, methods;
     bool quick = false;
     app.add_option("--users", c.users, "number of users")->capture_default_str();
@@ -72,6 +73,12 @@ int main(int argc, char** argv) {
     app.add_option("--lr", c.lr, "expert learning rate (cosine to --lr-min)")->capture_default_str();
     app.add_option("--lr-min", c.lr_min, "final expert learning rate")->capture_default_str();
     app.add_option("--router-lr", c.router_lr, "router learning rate (constant)")->capture_default_str();
+    app.add_option("--recalibrate", c.recalibrate,
+                   "router-only steps on validation data after the final download (CoMiGS methods)")
+        ->capture_default_str();
+    app.add_option("--attention-lora", c.attention_rank,
+                   "rank of LoRA on attention c_attn/c_proj, shared like a generalist (0: none)")
+        ->capture_default_str();
     app.add_option("--pcl-temperature", c.pcl_temperature, "PCL softmax temperature")->capture_default_str();
     app.add_option("--heterogeneity", c.heterogeneity, "h: share of personal text (embedded corpus)")
         ->capture_default_str();

@@ -68,6 +68,8 @@ struct DemoConfig {
     double lr_min = 1e-3;
     double router_lr = 1e-2;
     double pcl_temperature = 1.0;
+    Index recalibrate = 0;  ///< router-only steps on validation data after the final download
+    Index attention_rank = 0;  ///< > 0: shared LoRA of this rank on c_attn and c_proj (as the reference)
     // Embedded corpus.
     double heterogeneity = 0.9;
     std::vector<Index> train_tokens;  ///< per user (empty: 6000 each)
@@ -481,7 +483,8 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         if (mc.expert0_importance >= 0 && (mc.n_experts == 1 || mc.routing == Routing::mean)) mc.expert0_importance = -1;
         // Same initialisation stream per user for every method: differences come from the method.
         Rng init(c.seed, 1000 + std::uint64_t(u));
-        models.push_back(std::make_unique<MixtureHost<Real>>(*ctx.host, ctx.bases, mc, init));
+        models.push_back(
+            std::make_unique<MixtureHost<Real>>(*ctx.host, ctx.bases, mc, init, c.attention_rank, c.alpha));
         TrainerConfig tc;
         tc.router_every = c.router_every;
         tc.router_iters = c.router_iters;
@@ -503,16 +506,14 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         MixtureHost<Real>* m = models.back().get();
         const Windows* vw = &ctx.validation[std::size_t(u)];
         su.validation_perplexity = [m, vw]() { return evaluate_windows(*m, *vw, false).ppl; };
+        su.roles = roles.back();  // per-user expert counts (--experts)
         sim.push_back(std::move(su));
     }
 
     RunnerConfig rc;
     rc.rounds = c.rounds;
     rc.local_steps = c.local_steps;
-    Strategy runner_strategy = strategy;
-    // Users with fewer experts than the strategy: the runner checks the shape of user 0.
-    runner_strategy.roles = roles[0];
-    RoundRunner<MixtureHost<Real>, TokenBatch> runner(runner_strategy, rc, std::move(sim));
+    RoundRunner<MixtureHost<Real>, TokenBatch> runner(strategy, rc, std::move(sim));
 
     result.users.resize(std::size_t(U));
     RunnerHooks<Real> hooks;
@@ -532,6 +533,10 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         progress.update(name, double(rep.round + 1) / double(c.rounds), loss_sum, tok_sum / std::max(sec_sum, 1e-9));
     };
     hooks.deployed = [&](UserId, std::size_t i) {
+        // Router recalibration: the downloaded generalist is new to the router, which may take a few
+        // steps on validation data before the model is deployed (routers trained alternately only).
+        if (trainers[i]->router_optimizer() != nullptr)
+            for (Index k = 0; k < c.recalibrate; ++k) trainers[i]->router_step();
         UserResult& ur = result.users[i];
         ur.user = int(i);
         const EvalResult ev = evaluate_windows(*models[i], ctx.test[i], true, &roles[i]);
@@ -741,6 +746,8 @@ inline DemoOutput run_demo(DemoConfig c) {
         {"lr_min", c.lr_min},
         {"router_lr", c.router_lr},
         {"generalist_target", c.generalist_target},
+        {"recalibrate", c.recalibrate},
+        {"attention_rank", c.attention_rank},
         {"heterogeneity", embedded ? nlohmann::json(c.heterogeneity) : nlohmann::json()},
         {"train_tokens", c.train_tokens},
         {"validation_tokens", c.validation_tokens},
