@@ -95,17 +95,25 @@ TEST_CASE_TEMPLATE("Trainer: the alternating schedule equals a hand-written loop
                    double) {
     Fixture<T> fx;
     TrainerConfig cfg = small_config();
-    Index micro = 1;
-    SUBCASE("reference schedule") {}
+    Index micro = 1, steps = 12;
+    SUBCASE("short schedule: router every 3 expert steps for 2 iterations") {}
+    SUBCASE("the reference's numbers: router every 30 expert steps for 10 iterations") {
+        cfg.router_every = 30;
+        cfg.router_iters = 10;
+        steps = 65;
+        cfg.total_expert_steps = steps;
+    }
     SUBCASE("with clipping") { cfg.clip_norm = 0.05; }
     SUBCASE("with two micro-batches") { micro = 2; }
     cfg.micro_batches = micro;
 
     auto a = fx.host();
     Trainer<TinyHost<T>, RegressionBatch<T>> trainer(*a, cfg, fx.train(), fx.val(), 42);
-    trainer.train_steps(12);
-    CHECK(trainer.expert_steps() == 12);
-    CHECK(trainer.router_steps() == 8);  // after expert steps 3, 6, 9, 12: 2 each
+    // Two calls, as two rounds: the router counter runs on across them.
+    trainer.train_steps(steps / 2);
+    trainer.train_steps(steps - steps / 2);
+    CHECK(trainer.expert_steps() == steps);
+    CHECK(trainer.router_steps() == (steps / cfg.router_every) * cfg.router_iters);
 
     // The same steps written out: two AdamW optimisers, all gradients zeroed before each step.
     auto b = fx.host();
@@ -115,7 +123,7 @@ TEST_CASE_TEMPLATE("Trainer: the alternating schedule equals a hand-written loop
                                     {bind("layer0.mlp", mix.params(), mix.grads(),
                                           TensorSelector::names(names_where(mix.params(), false))),
                                      bind("head", head.params(), head.grads(), TensorSelector::names({"lora_A", "lora_B"}))},
-                                    LrSchedule::cosine(1e-2, 1e-3, 12),
+                                    LrSchedule::cosine(1e-2, 1e-3, steps),
                                     AdamWOptions{0.9, 0.95, 1e-8, 0.01}}});
     AdamW<T> router({AdamWGroup<T>{"router",
                                    {bind("layer0.mlp", mix.params(), mix.grads(), TensorSelector::names({"router.weight"}))},
@@ -135,19 +143,20 @@ TEST_CASE_TEMPLATE("Trainer: the alternating schedule equals a hand-written loop
                 for (T& v : g->all()) v *= static_cast<T>(1.0 / static_cast<double>(micro));
         return loss / static_cast<double>(micro);
     };
-    for (Index step = 1; step <= 12; ++step) {
+    for (Index step = 1; step <= steps; ++step) {
         const double loss = grads_of([&](Rng& r) { return fx.data.train_batch(kBatch, r); }, train_rng);
         if (cfg.clip_norm > 0) experts.clip_grad_norm(cfg.clip_norm);
         experts.step(loss);
-        if (step % 3 == 0)
-            for (int i = 0; i < 2; ++i) {
+        if (step % cfg.router_every == 0)
+            for (Index i = 0; i < cfg.router_iters; ++i) {
                 const double vloss = grads_of([&](Rng& r) { return fx.data.val_batch(kBatch, r); }, val_rng);
                 if (cfg.clip_norm > 0) router.clip_grad_norm(cfg.clip_norm);
                 router.step(vloss);
             }
     }
-    CHECK(experts.steps_taken() == 12);
-    CHECK(router.steps_taken() == 8);
+    CHECK(experts.steps_taken() == steps);
+    CHECK(router.steps_taken() == trainer.router_steps());
+    CHECK(router.steps_taken() > 0);
     CHECK(same_params(a->adapters(), b->adapters()));
     // Both moved away from the initial parameters (the comparison is not between two untouched models).
     auto c = fx.host();
