@@ -162,6 +162,21 @@ TEST_CASE("comigs-demo: tiny run end to end") {
         }
     }
 
+    // Shared attention LoRA (rank 4 on c_attn [3d, d] and c_proj [d, d] of both blocks) travels with the
+    // generalists: it adds exactly its size to the uploads of sharing methods and trains.
+    {
+        comigs::demo::DemoConfig a = c;
+        a.attention_rank = 4;
+        a.methods = {"comigs-1g1s", "local"};
+        const auto att = comigs::demo::run_demo(a);
+        const long d = long(c.d_model), extra = 2 * (4 * d + 3 * d * 4 + 4 * d + d * 4);
+        CHECK(att.methods[0].upload_floats_per_round == out.methods[4].upload_floats_per_round + extra);
+        CHECK(att.methods[1].upload_floats_per_round == 0);
+        CHECK(att.methods[0].mean(&comigs::demo::UserResult::test_ppl) < att.host_mean_ppl);
+        CHECK(att.methods[0].mean(&comigs::demo::UserResult::test_ppl) !=
+              doctest::Approx(out.methods[4].mean(&comigs::demo::UserResult::test_ppl)).epsilon(1e-9));
+    }
+
     // The second run reuses the saved host and gets the same numbers (same seed, one thread).
     c.methods = {"comigs-1g1s"};
     const auto again = comigs::demo::run_demo(c);
