@@ -2,7 +2,7 @@
 # Installs the Debian packages comigs builds with, only those missing. Uses sudo when not root.
 set -euo pipefail
 packages=(cmake g++ make libeigen3-dev libxsimd-dev libomp-dev nlohmann-json3-dev libcli11-dev doctest-dev
-          libbenchmark-dev libopenmpi-dev openmpi-bin)
+          libbenchmark-dev libopenmpi-dev openmpi-bin libdnnl-dev)
 [ "$#" -gt 0 ] && packages+=("$@")
 missing=()
 for p in "${packages[@]}"; do
