@@ -487,7 +487,9 @@ TEST_CASE("RoundRunner: optimiser moments of downloaded tensors persist unless c
         cfg.reset_moments_on_download = reset;
         RoundRunner<TinyHost<double>, RegressionBatch<double>> runner(s, cfg, f.users());
         runner.run();
-        for (const auto& [name, value] : step_counts(*f.trainers[0])) {
+        for (const auto& entry : step_counts(*f.trainers[0])) {
+            const std::string& name = entry.first;
+            const std::int64_t value = entry.second;
             CAPTURE(name);
             const bool downloaded = name.starts_with("expert_optimizer.layer0.mlp.experts.0.") ||
                                     name.starts_with("expert_optimizer.head.");
