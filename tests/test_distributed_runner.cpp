@@ -101,7 +101,9 @@ TEST_CASE("distributed runner: bitwise the parameters RoundRunner gives every us
     // HetLoRA weights by update norm, which distributed rounds do not offer: use token weights there
     // (and in the in-process reference).
     cases.back().second.strategy.collaboration = AggregationConfig::hetlora(Weighting::tokens);
-    for (const auto& [name, c] : cases) {
+    for (const auto& entry : cases) {
+        const std::string& name = entry.first;  // not a structured binding: CAPTURE's lambda takes it
+        const Case& c = entry.second;
         for (int size : {1, 2, 3}) {
             CAPTURE(name);
             CAPTURE(size);

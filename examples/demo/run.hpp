@@ -34,6 +34,7 @@
 #include <comigs/detail/xxhash64.hpp>
 #include <comigs/io/safetensors.hpp>
 #include <comigs/optim.hpp>
+#include <comigs/distributed_runner.hpp>
 #include <comigs/strategy.hpp>
 #include <comigs/train.hpp>
 #include <nlohmann/json.hpp>
@@ -41,6 +42,7 @@
 
 #include "corpus.hpp"
 #include "host.hpp"
+#include "placement.hpp"
 #include "report.hpp"
 
 namespace comigs::demo {
@@ -442,6 +444,7 @@ struct RunContext {
     std::vector<Windows> test, validation, curve, sample;
     Windows ood;
     std::vector<double> host_ppl;
+    Placement place;  ///< which users this process trains (all, or those of its MPI rank)
 };
 
 /// Roles of user u's experts under a strategy: the strategy's roles cut (or extended with
@@ -481,6 +484,11 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         mc.roles = roles.back();
         mc.top_k = std::min(c.top_k, mc.n_experts);
         if (mc.expert0_importance >= 0 && (mc.n_experts == 1 || mc.routing == Routing::mean)) mc.expert0_importance = -1;
+        if (!ctx.place.holds(u)) {  // trained by another rank
+            models.push_back(nullptr);
+            trainers.push_back(nullptr);
+            continue;
+        }
         // Same initialisation stream per user for every method: differences come from the method.
         Rng init(c.seed, 1000 + std::uint64_t(u));
         models.push_back(
@@ -513,26 +521,32 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
     RunnerConfig rc;
     rc.rounds = c.rounds;
     rc.local_steps = c.local_steps;
-    RoundRunner<MixtureHost<Real>, TokenBatch> runner(strategy, rc, std::move(sim));
 
+    // Hooks find a user's model by its id (= u): with users on several ranks, the runner's index is
+    // the position among this rank's users.
     result.users.resize(std::size_t(U));
     RunnerHooks<Real> hooks;
-    hooks.after_local = [&](Index round, UserId user, std::size_t i) {
+    hooks.after_local = [&](Index round, UserId user, std::size_t) {
         if (round + 1 != c.rounds) return;
+        const std::size_t i = std::size_t(user);
         result.users[i].test_ppl_personalised = evaluate_windows(*models[i], ctx.test[i], false).ppl;
-        (void)user;
     };
     double loss_sum = 0, tok_sum = 0, sec_sum = 0;
     hooks.after_round = [&](const RoundReport& rep) {
         tok_sum += rep.tokens();
         sec_sum += rep.seconds;
         loss_sum = rep.mean_loss();
+        std::vector<std::pair<int, double>> mine;
+        for (int u = 0; u < U; ++u)
+            if (ctx.place.holds(u))
+                mine.emplace_back(u, evaluate_windows(*models[std::size_t(u)], ctx.curve[std::size_t(u)], false).ppl);
         double mean = 0;
-        for (int u = 0; u < U; ++u) mean += evaluate_windows(*models[std::size_t(u)], ctx.curve[std::size_t(u)], false).ppl;
+        for (double p : ctx.place.by_user(mine, U)) mean += p;  // in user order, wherever they ran
         result.curve.push_back({long((rep.round + 1) * c.local_steps), mean / U});
         progress.update(name, double(rep.round + 1) / double(c.rounds), loss_sum, tok_sum / std::max(sec_sum, 1e-9));
     };
-    hooks.deployed = [&](UserId, std::size_t i) {
+    hooks.deployed = [&](UserId user, std::size_t) {
+        const std::size_t i = std::size_t(user);
         // Router recalibration: the downloaded generalist is new to the router, which may take a few
         // steps on validation data before the model is deployed (routers trained alternately only).
         if (trainers[i]->router_optimizer() != nullptr)
@@ -575,10 +589,23 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         for (Role r : roles[i]) s.expert_is_generalist.push_back(r == Role::generalist);
         samples.push_back(std::move(s));
     };
-    runner.run(hooks);
+    std::vector<std::pair<int, double>> uploads;  // per user: values uploaded per round
+    auto drive = [&](auto& runner) {
+        runner.run(hooks);
+        for (std::size_t k = 0; k < runner.users().size(); ++k)
+            uploads.emplace_back(int(runner.users()[k].id), double(runner.upload_floats(k)));
+    };
+    if (ctx.place.distributed()) {
+        DistributedRoundRunner<MixtureHost<Real>, TokenBatch> runner(*ctx.place.comm, strategy, rc, std::move(sim));
+        drive(runner);
+    } else {
+        RoundRunner<MixtureHost<Real>, TokenBatch> runner(strategy, rc, std::move(sim));
+        drive(runner);
+    }
     progress.done();
+    ctx.place.gather(result, samples, U);
     long up = 0;
-    for (int u = 0; u < U; ++u) up += long(runner.upload_floats(std::size_t(u)));
+    for (double v : ctx.place.by_user(uploads, U)) up += long(v);
     result.upload_floats_per_round = up / U;
     result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
     return result;
@@ -601,7 +628,10 @@ inline std::string hex64(std::uint64_t v) {
     return b;
 }
 
-inline DemoOutput run_demo(DemoConfig c) {
+/// The whole run. With `place` over MPI ranks (comigs-demo-mpi), every rank calls it: rank 0 pretrains
+/// the host (the others load it from the cache file), each rank trains its users, and rank 0 writes
+/// the outputs; every rank returns the same numbers.
+inline DemoOutput run_demo(DemoConfig c, Placement place = {}) {
     c.validate();
     const auto t0 = std::chrono::steady_clock::now();
     omp_set_num_threads(c.threads);
@@ -611,6 +641,7 @@ inline DemoOutput run_demo(DemoConfig c) {
 
     RunContext ctx;
     ctx.cfg = &c;
+    ctx.place = place;
     Stream host_stream;
     std::string host_key = "d" + std::to_string(c.d_model) + "l" + std::to_string(c.n_layer) + "h" +
                            std::to_string(c.n_head) + "t" + std::to_string(c.seq_len) + "s" +
@@ -675,7 +706,9 @@ inline DemoOutput run_demo(DemoConfig c) {
     const fs::path cache = c.host_cache.empty() ? fs::path(c.out) / ("host-" + hex64(key) + ".safetensors")
                                                 : fs::path(c.host_cache);
     bool loaded = false;
+    if (!place.leader()) place.barrier();  // the leader pretrains and saves the host first
     tg::TinyGpt<Real> host = pretrained_host(c, host_stream, cache, progress, loaded);
+    if (place.leader()) place.barrier();
     require(host.config().d_model == c.d_model && host.config().n_layer == c.n_layer &&
                 host.config().n_ctx >= c.seq_len,
             "host '", cache.string(), "': shape differs from --d-model/--layers/--seq-len");
@@ -723,6 +756,8 @@ inline DemoOutput run_demo(DemoConfig c) {
         else
             methods.push_back("pcl");
     }
+    if (place.distributed() && c.methods.empty())  // what distributed rounds do not offer runs in one process
+        std::erase_if(methods, [](const std::string& m) { return m == "pcl" || m == "hetlora" || m == "flexlora"; });
     std::vector<std::pair<std::string, std::vector<RoutingSample>>> routing;
     for (const auto& m : methods) {
         std::vector<RoutingSample> samples;
@@ -762,9 +797,11 @@ inline DemoOutput run_demo(DemoConfig c) {
     out.results = results_json(config, out.methods, out.host_mean_ppl, out.floor_mean_ppl);
     out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     out.results["seconds"] = out.seconds;
-    write_text(fs::path(c.out) / "results.json", out.results.dump(2) + "\n");
-    write_text(fs::path(c.out) / "curves.svg", curves_svg(out.methods, out.floor_mean_ppl));
-    write_text(fs::path(c.out) / "routing.html", routing_html(routing));
+    if (place.leader()) {
+        write_text(fs::path(c.out) / "results.json", out.results.dump(2) + "\n");
+        write_text(fs::path(c.out) / "curves.svg", curves_svg(out.methods, out.floor_mean_ppl));
+        write_text(fs::path(c.out) / "routing.html", routing_html(routing));
+    }
     return out;
 }
 

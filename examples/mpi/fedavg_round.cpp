@@ -8,6 +8,8 @@
 
 #include <cstdio>
 #include <memory>
+#include <span>
+#include <utility>
 #include <vector>
 
 int main(int argc, char** argv) {

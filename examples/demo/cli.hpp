@@ -1,0 +1,139 @@
+#pragma once
+// comigs-demo's command line, run by main.cpp and by examples/mpi/demo_mpi.cpp (comigs-demo-mpi).
+// comigs-demo: the collaborative-training demo (the README's main job). Pretrains a tiny GPT-2 style
+// host on the embedded corpus's base source (or reuses the saved one), then trains every method on
+// the same users, data, steps and batch, and writes results.json, curves.svg and routing.html.
+// See run.hpp for the methods and the protocols.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <exception>
+#include <sstream>
+
+#include "placement.hpp"
+#include "run.hpp"
+
+namespace comigs::demo {
+namespace cli_detail {
+template <class V>
+std::vector<V> parse_list(const std::string& s, const char* flag) {
+    std::vector<V> out;
+    std::stringstream ss(s);
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+        if (item.empty()) continue;
+        std::istringstream is(item);
+        V v{};
+        is >> v;
+        comigs::require(!is.fail() && is.eof(), flag, " entry '", item, "': not a number");
+        out.push_back(v);
+    }
+    return out;
+}
+inline std::vector<std::string> split_names(const std::string& s) {
+    std::vector<std::string> out;
+    std::stringstream ss(s);
+    std::string item;
+    while (std::getline(ss, item, ',')) if (!item.empty()) out.push_back(item);
+    return out;
+}
+}  // namespace cli_detail
+
+/// The demo's command line and run. `place`: where the users train (comigs-demo-mpi passes its MPI
+/// communicator); rank 0 prints and writes the outputs.
+inline int demo_main(int argc, char** argv, Placement place = {}) {
+    using namespace cli_detail;
+    comigs::demo::DemoConfig c;
+    CLI::App app{
+        "comigs-demo: collaborative training of a tiny GPT host with mixtures of LoRA generalists and "
+        "specialists (CoMiGS) against Local, FedAvg, CoMiGS-2G/2S, pFedMoE, PCL (and HetLoRA/FlexLoRA for "
+        "different ranks).\n\n"
+        "Methods (same host, data, steps, batch, learning rates):\n"
+        "  local        2 experts, mean routing (no router), nothing shared\n"
+        "  fedavg       2 experts, mean routing, everything averaged every round\n"
+        "  comigs-2g    2 generalists (both averaged), top-k router local, trained on validation data\n"
+        "  comigs-2s    2 specialists (nothing averaged), router on validation data\n"
+        "  comigs-1g1s  expert 0 generalist (averaged), expert 1 specialist, router on validation data\n"
+        "  pfedmoe      1G1S with the router trained jointly with the experts on training data\n"
+        "  pcl          whole adapter models averaged per user, weights softmax(-validation perplexity)\n"
+        "  hetlora, flexlora  one shared expert per user with per-user ranks (--ranks)\n"
+        "Reported: deployed test perplexity (after the final aggregation and download), personalised (right "
+        "after the user's last local steps), OOD (uniform mixture of all users' test data), the floor and the "
+        "share of the host-to-floor gap closed (embedded corpus), routing shares.\n"
+        "Attention LoRA (--attention-lora R) is off by default: only the MLPs carry adapters; with it, every "
+        "method that shares anything also shares the attention adapters (local and comigs-2s keep them)."};
+    std::string experts, ranks, train_tokens, methods;
+    bool quick = false;
+    app.add_option("--users", c.users, "number of users")->capture_default_str();
+    app.add_option("--experts", experts, "experts per user, comma list (default 2 each; 1 = a single generalist)");
+    app.add_option("--ranks", ranks, "LoRA rank per user, comma list (default 8 each)");
+    app.add_option("--top-k", c.top_k, "experts per token")->capture_default_str();
+    app.add_option("--alpha", c.alpha, "LoRA alpha (scaling alpha/sqrt(r))")->capture_default_str();
+    app.add_option("--generalist-target", c.generalist_target,
+                   "generalist target share in the balancing loss (<0: 1/E)")->capture_default_str();
+    app.add_option("--rounds", c.rounds, "communication rounds")->capture_default_str();
+    app.add_option("--local-steps", c.local_steps, "expert steps per user per round")->capture_default_str();
+    app.add_option("--router-every", c.router_every, "expert steps between router phases")->capture_default_str();
+    app.add_option("--router-iters", c.router_iters, "router steps per phase")->capture_default_str();
+    app.add_option("--batch", c.batch, "sequences per batch")->capture_default_str();
+    app.add_option("--seq-len", c.seq_len, "tokens per sequence (also the host context)")->capture_default_str();
+    app.add_option("--lr", c.lr, "expert learning rate (cosine to --lr-min)")->capture_default_str();
+    app.add_option("--lr-min", c.lr_min, "final expert learning rate")->capture_default_str();
+    app.add_option("--router-lr", c.router_lr, "router learning rate (constant)")->capture_default_str();
+    app.add_option("--recalibrate", c.recalibrate,
+                   "router-only steps on validation data after the final download (CoMiGS methods)")
+        ->capture_default_str();
+    app.add_option("--attention-lora", c.attention_rank,
+                   "rank of LoRA on attention c_attn/c_proj, shared like a generalist (0: none)")
+        ->capture_default_str();
+    app.add_option("--pcl-temperature", c.pcl_temperature, "PCL softmax temperature")->capture_default_str();
+    app.add_option("--heterogeneity", c.heterogeneity, "h: share of personal text (embedded corpus)")
+        ->capture_default_str();
+    app.add_option("--train-tokens", train_tokens, "training tokens per user, comma list (default 6000 each)");
+    app.add_option("--val-tokens", c.validation_tokens, "validation tokens per user")->capture_default_str();
+    app.add_option("--test-tokens", c.test_tokens, "test tokens per user")->capture_default_str();
+    app.add_option("--base-tokens", c.base_tokens, "host pretraining text (embedded corpus)")->capture_default_str();
+    app.add_option("--beta-personal", c.beta_personal, "tilt strength of the personal sources")->capture_default_str();
+    app.add_option("--signature-boost", c.signature_boost, "log boost of signature letters")->capture_default_str();
+    app.add_option("--d-model", c.d_model, "host width")->capture_default_str();
+    app.add_option("--layers", c.n_layer, "host blocks")->capture_default_str();
+    app.add_option("--heads", c.n_head, "host attention heads")->capture_default_str();
+    app.add_option("--host-steps", c.host_steps, "host pretraining steps")->capture_default_str();
+    app.add_option("--host-batch", c.host_batch, "host pretraining batch")->capture_default_str();
+    app.add_option("--host-lr", c.host_lr, "host pretraining peak learning rate")->capture_default_str();
+    app.add_option("--host-cache", c.host_cache, "pretrained host file (default <out>/host-<key>.safetensors)");
+    app.add_option("--host-text", c.host_text, "text to pretrain the host on with --user-text (repeatable; "
+                                               "default: the users' training text)");
+    app.add_option("--seed", c.seed, "seed of the corpus, the host and the training")->capture_default_str();
+    app.add_option("--threads", c.threads, "OpenMP threads")->capture_default_str();
+    app.add_option("--methods", methods, "comma list (default: all that apply)");
+    app.add_option("--out", c.out, "output folder")->capture_default_str();
+    app.add_option("--user-text", c.user_text, "a file or folder of one user's text (repeat once per user); "
+                                               "split deterministically into train/validation/test");
+    app.add_flag("--quick", quick, "a seconds-long configuration (tests)");
+    bool quiet = false;
+    app.add_flag("--quiet", quiet, "no progress output");
+    CLI11_PARSE(app, argc, argv);
+    try {
+        if (!c.user_text.empty() && app.count("--users") == 0) c.users = int(c.user_text.size());
+        if (!experts.empty()) c.experts = parse_list<comigs::Index>(experts, "--experts");
+        if (!ranks.empty()) c.ranks = parse_list<comigs::Index>(ranks, "--ranks");
+        if (!train_tokens.empty()) c.train_tokens = parse_list<comigs::Index>(train_tokens, "--train-tokens");
+        c.methods = split_names(methods);
+        if (quick) c.make_quick();
+        c.progress = !quiet && place.leader();
+        const auto out = comigs::demo::run_demo(c, place);
+        if (!place.leader()) return 0;
+        std::printf("host mean test perplexity %.3f", out.host_mean_ppl);
+        if (out.floor_mean_ppl) std::printf(", floor %.3f", *out.floor_mean_ppl);
+        std::printf("\n");
+        comigs::demo::print_table(stdout, out.methods);
+        std::printf("wrote %s/results.json, curves.svg, routing.html (%.1f s)\n", c.out.c_str(), out.seconds);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "comigs-demo: %s\n", e.what());
+        return 1;
+    }
+    return 0;
+}
+
+}  // namespace comigs::demo
