@@ -62,9 +62,10 @@ for variant in ["recal", "target"]:
     compare(f"h0.9: comigs-1g1s {variant} vs local", f"{variant}-h0.9", "comigs-1g1s", "h0.9", "local")
     compare(f"h0.9: comigs-1g1s {variant} vs fedavg", f"{variant}-h0.9", "comigs-1g1s", "h0.9", "fedavg")
 
-single = runs.get("single-h0.9", {})
-if single:
-    print("\n### A user with a single expert (--experts 1,2,2,2, h = 0.9): user 0's deployed test perplexity\n")
+for group in sorted(g for g in runs if g.startswith("single-")):
+    single = runs[group]
+    h = group.split("-h")[1]
+    print(f"\n### A user with a single expert (--experts 1,2,2,2, h = {h}): user 0's deployed test perplexity\n")
     print("| seed | local (1 expert) | comigs-1g1s (1 generalist) | difference |")
     print("|---|---|---|---|")
     d = []
