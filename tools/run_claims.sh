@@ -38,6 +38,7 @@ for s in $seeds; do add recal-h0 "$s" --heterogeneity 0 --methods comigs-1g1s --
 # A user with a single expert (user 0) among users with two.
 for s in $seeds; do add single-h0.9 "$s" --heterogeneity 0.9 --experts 1,2,2,2 --methods local,comigs-1g1s; done
 for s in $seeds; do add single-h0.5 "$s" --heterogeneity 0.5 --experts 1,2,2,2 --methods local,comigs-1g1s; done
+for s in $seeds; do add single-h0 "$s" --heterogeneity 0 --experts 1,2,2,2 --methods local,comigs-1g1s; done
 for s in $seeds; do add att-h0 "$s" --heterogeneity 0 --methods fedavg,comigs-1g1s --attention-lora 8; done
 for s in $seeds; do add recal-h0.9 "$s" --heterogeneity 0.9 --methods comigs-1g1s --recalibrate 30; done
 for s in $seeds; do add att-h0.9 "$s" --heterogeneity 0.9 --methods local,fedavg,comigs-1g1s --attention-lora 8; done
