@@ -432,6 +432,8 @@ public:
         for (std::size_t k = 0, m = 0; k < users.size(); ++k)
             if (users[k]->owner == comm_->rank()) {
                 while (m < mine.size() && mine[m]->user() != users[k]->user) ++m;
+                require(m < mine.size(), "distributed round: user ", users[k]->user, " is listed for rank ",
+                        comm_->rank(), " but not among its uploads");
                 local_of[k] = mine[m];
             }
 
