@@ -274,6 +274,43 @@ TEST_CASE_TEMPLATE("elementwise kernels equal the scalar activation formulas on 
     for (T val : o) CHECK(std::isfinite(val));
 }
 
+TEST_CASE_TEMPLATE("simd::exp: saturates like std::exp far outside the range, keeps NaN (no UB under UBSan)", T, float,
+                   double) {
+    constexpr auto W = kernels::simd::width<T>;
+    const T inf = std::numeric_limits<T>::infinity();
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    const T xs[] = {T(-1e30), -inf, T(-800), T(-90), T(-1), T(0), T(0.5), T(2), T(80), T(90), T(800), T(1e30), inf, nan};
+    for (T x : xs) {
+        std::vector<T> lanes(W, T(0));
+        lanes[W - 1] = x;  // the odd lane out next to ordinary ones
+        std::vector<T> out(W);
+        kernels::simd::store(out.data(), kernels::simd::exp(kernels::simd::load(lanes.data())));
+        CAPTURE(x);
+        CHECK(out[0] == T(1));
+        const T ref = std::exp(x);
+        if (std::isnan(x)) {
+            CHECK(std::isnan(out[W - 1]));
+        } else if (ref == T(0) || std::isinf(ref)) {
+            CHECK(out[W - 1] == ref);
+        } else {
+            CHECK(std::abs(out[W - 1] - ref) <= T(4) * std::numeric_limits<T>::epsilon() * ref);
+        }
+    }
+    // The activations on values an x1e6 attacker or a diverged run produces.
+    const T extreme[] = {T(-1e30), T(-3e12), T(-1e6), T(1e6), T(3e12), T(1e30), nan};
+    T o[7];
+    kernels::gelu_forward(o, extreme, 7);
+    CHECK(o[0] == T(0));
+    CHECK(o[2] == T(0));
+    CHECK(o[3] == T(1e6));
+    CHECK(o[5] == T(1e30));
+    CHECK(std::isnan(o[6]));
+    kernels::swiglu_forward_row(o, extreme, std::vector<T>(7, T(1)).data(), 7);
+    CHECK(o[0] == T(0));
+    CHECK(o[3] == T(1e6));
+    CHECK(std::isnan(o[6]));
+}
+
 TEST_CASE("elementwise kernels: results identical whatever the chunk size and thread count") {
     Rng rng(6);
     const Index n = 200003;

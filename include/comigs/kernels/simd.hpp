@@ -38,9 +38,23 @@ inline T reduce_add(const batch<T>& v) {
 #endif
 }
 
-using xsimd::exp;
+/// e^x, lane by lane. xsimd's exp converts round(x / ln 2) to an integer before it saturates, and that
+/// conversion is undefined behaviour for NaN and for |x| beyond the integer range on targets without a
+/// hardware instruction for it (SSE2, AVX2: UBSan reports it). Clamping just past the saturation points
+/// keeps every finite result bit-identical (exp is already 0 below minlog and inf above maxlog); NaN lanes
+/// are computed on 0 and put back afterwards.
+template <class T, class A>
+inline xsimd::batch<T, A> exp(const xsimd::batch<T, A>& x) {
+    using B = xsimd::batch<T, A>;
+    constexpr T lo = sizeof(T) == 4 ? T(-100) : T(-750);
+    constexpr T hi = sizeof(T) == 4 ? T(100) : T(750);
+    const auto is_nan = x != x;
+    B arg = xsimd::select(x < B(lo), B(lo), xsimd::select(x > B(hi), B(hi), x));
+    arg = xsimd::select(is_nan, B(T(0)), arg);
+    return xsimd::select(is_nan, x, xsimd::exp(arg));
+}
+
 using xsimd::fma;
 using xsimd::sqrt;
-using xsimd::tanh;
 
 }  // namespace comigs::kernels::simd
