@@ -353,4 +353,9 @@ TEST_CASE("MixtureOfLoraMlp: only generalist tensors are shared; the router neve
     CHECK(shared == 12);  // 2 generalists x 3 linears x (A, B)
     CHECK_FALSE(layer.shared("router.weight"));
     CHECK(MixtureOfLoraMlp<float>::expert_of_tensor("experts.10.up.lora_B") == 10);
+    // Names come from files: malformed or absurd indices are no expert (and no signed overflow).
+    CHECK(expert_of_tensor("experts.99999999999999999999999.up.lora_B") == -1);
+    CHECK(expert_of_tensor("experts..up.lora_B") == -1);
+    CHECK(expert_of_tensor("experts.3") == -1);
+    CHECK_FALSE(layer.shared("experts.99999999999999999999999.up.lora_B"));
 }

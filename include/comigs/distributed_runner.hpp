@@ -26,7 +26,9 @@ namespace comigs {
 /// Runs a Strategy's rounds over the users of all ranks; every rank constructs one with its own users
 /// and calls run() (or round() and finish()) together: these are collectives.
 template <class Model, class Batch>
-class DistributedRoundRunner {
+class DistributedRoundRunner : public detail::RunnerBase<Model, Batch> {
+    using Base = detail::RunnerBase<Model, Batch>;
+
 public:
     using T = typename Model::scalar_type;
     using User = SimulatedUser<Model, Batch>;
@@ -35,20 +37,9 @@ public:
     /// and models must outlive the runner, as must `comm`.
     DistributedRoundRunner(Communicator& comm, Strategy strategy, RunnerConfig config, std::vector<User> local,
                            Reduction reduction = Reduction::fixed_order)
-        : comm_(&comm), strategy_(std::move(strategy)), config_(std::move(config)), users_(std::move(local)) {
-        strategy_.validate();
+        : Base(std::move(strategy), std::move(config), std::move(local)), comm_(&comm) {
         require(strategy_.personalised() == nullptr, "strategy '", strategy_.name,
                 "': personalised averaging (PCL) is not distributed; run it with RoundRunner");
-        require(config_.rounds >= 0, "rounds ", config_.rounds, ": must be >= 0");
-        require(config_.local_steps >= 0, "local_steps ", config_.local_steps, ": must be >= 0");
-        for (std::size_t i = 0; i < users_.size(); ++i) {
-            const User& u = users_[i];
-            require(u.trainer != nullptr, "user ", u.id, ": no trainer");
-            require(u.trainer->config().router_training == strategy_.router_training, "user ", u.id,
-                    ": trainer trains its router ", to_string(u.trainer->config().router_training), ", strategy '",
-                    strategy_.name, "' wants ", to_string(strategy_.router_training));
-            check_architecture(u);
-        }
         std::vector<std::uint64_t> ids;
         for (const auto& u : users_) ids.push_back(u.id);
         std::vector<std::uint64_t> all;
@@ -58,20 +49,13 @@ public:
         for (std::size_t k = 1; k < all.size(); ++k)
             require(all[k - 1] != all[k], "user ", all[k], ": the id is used twice");
         if (const AggregationConfig* a = strategy_.aggregation()) aggregator_.emplace(*comm_, *a, reduction);
-        order_.resize(users_.size());
-        std::iota(order_.begin(), order_.end(), std::size_t{0});
-        std::sort(order_.begin(), order_.end(), [&](std::size_t a, std::size_t b) { return users_[a].id < users_[b].id; });
-        pending_.resize(users_.size());
     }
-
-    DistributedRoundRunner(const DistributedRoundRunner&) = delete;
-    DistributedRoundRunner& operator=(const DistributedRoundRunner&) = delete;
 
     /// All rounds, then the final download; one report per round (of every rank's users).
     std::vector<RoundReport> run(const RunnerHooks<T>& hooks = {}) {
         std::vector<RoundReport> out;
         while (next_round_ < config_.rounds) out.push_back(round(hooks));
-        finish(hooks);
+        this->finish(hooks);
         return out;
     }
 
@@ -83,40 +67,21 @@ public:
         const auto t0 = std::chrono::steady_clock::now();
         RoundReport rep;
         rep.round = next_round_;
-        std::vector<std::size_t> present;  // local indices, ascending id
-        for (std::size_t i : order_)
-            if (!config_.present || config_.present(rep.round, users_[i].id)) present.push_back(i);
-
-        std::vector<std::size_t> processing(present.size());
-        std::iota(processing.begin(), processing.end(), std::size_t{0});
-        if (config_.shuffle_seed) {
-            Rng rng(*config_.shuffle_seed, static_cast<std::uint64_t>(rep.round));
-            for (std::size_t k = processing.size(); k > 1; --k)
-                std::swap(processing[k - 1], processing[static_cast<std::size_t>(rng.below(k))]);
-        }
+        const auto [present, processing] = this->present_users(rep.round);  // local indices
 
         std::vector<UserRecord> mine(present.size());
         std::vector<std::optional<GeneralistUpload<T>>> uploads(present.size());
         for (std::size_t p : processing) {
-            const std::size_t i = present[p];
-            User& u = users_[i];
             UserRecord& r = mine[p];
-            r.id = u.id;
-            r.download_floats = apply_pending(i);
-            const LocalTrainingReport l = u.trainer->train_steps(config_.local_steps);
+            r.id = users_[present[p]].id;
+            const LocalTrainingReport l = this->local_round(present[p], rep.round, hooks, uploads[p], r.download_floats);
             r.expert_steps = l.expert_steps;
             r.router_steps = l.router_steps;
             r.skipped = l.skipped;
             r.mean_loss = l.mean_loss;
             r.tokens = l.tokens;
             r.seconds = l.seconds;
-            if (hooks.after_local) hooks.after_local(rep.round, u.id, i);
-            if (strategy_.collaborates()) {
-                const double w = u.weight > 0 ? u.weight : (l.tokens > 0 ? l.tokens : 1.0);
-                uploads[p].emplace(build_upload(u, w, strategy_.upload_options()));
-                r.upload_floats = uploads[p]->size();
-                if (hooks.on_upload) hooks.on_upload(rep.round, *uploads[p]);
-            }
+            if (uploads[p]) r.upload_floats = uploads[p]->size();
         }
 
         // Everyone's records, in ascending id: the same report on every rank.
@@ -151,24 +116,6 @@ public:
         return rep;
     }
 
-    /// The final download for this rank's users, then `deployed` for each (ascending id).
-    void finish(const RunnerHooks<T>& hooks = {}) {
-        for (std::size_t i : order_) apply_pending(i);
-        if (hooks.deployed)
-            for (std::size_t i : order_) hooks.deployed(users_[i].id, i);
-    }
-
-    /// Values this rank's user `index` uploads per round under this strategy.
-    Index upload_floats(std::size_t index) const {
-        if (!strategy_.collaborates()) return 0;
-        return build_upload(users_.at(index), 1.0, strategy_.upload_options()).size();
-    }
-
-    const Strategy& strategy() const { return strategy_; }
-    const RunnerConfig& config() const { return config_; }
-    const std::vector<User>& users() const { return users_; }
-    Index rounds_done() const { return next_round_; }
-
 private:
     // One user's round, as every rank sees it (trivially copyable: it travels as bytes).
     struct UserRecord {
@@ -178,47 +125,14 @@ private:
         Index upload_floats = 0, download_floats = 0;
     };
 
-    AdapterRegistry<T> shared_registry(const User& u) const {
-        AdapterRegistry<T> r = u.trainer->adapters();
-        if (!strategy_.share_adapters) r.shared_adapters.clear();
-        return r;
-    }
-
-    GeneralistUpload<T> build_upload(const User& u, double weight, UploadOptions options) const {
-        UploadBuilder<T> b(u.id, weight, options);
-        b.add(shared_registry(u));
-        return std::move(b).finish();
-    }
-
-    void check_architecture(const User& u) const {
-        const std::vector<Role>& roles = u.roles.empty() ? strategy_.roles : u.roles;
-        for (const auto& m : u.trainer->adapters().mixtures) {
-            const auto& c = m.layer->config();
-            require(c.n_experts == static_cast<Index>(roles.size()) && c.routing == strategy_.routing, "user ", u.id,
-                    " layer '", m.prefix, "': ", c.n_experts, " experts with ", to_string(c.routing),
-                    " routing, expected ", roles.size(), " with ", to_string(strategy_.routing), " (strategy '",
-                    strategy_.name, "')");
-            for (Index e = 0; e < c.n_experts; ++e)
-                require(m.layer->role(e) == roles[static_cast<std::size_t>(e)], "user ", u.id, " layer '", m.prefix,
-                        "' expert ", e, ": role ", to_string(m.layer->role(e)), ", expected ",
-                        to_string(roles[static_cast<std::size_t>(e)]), " (strategy '", strategy_.name, "')");
-        }
-    }
-
-    Index apply_pending(std::size_t i) {
-        if (!pending_[i]) return 0;
-        User& u = users_[i];
-        const auto rep = download(*pending_[i], u.id, shared_registry(u));
-        if (config_.reset_moments_on_download && !rep.written.empty())
-            u.trainer->reset_moments([&rep](std::string_view prefix, std::string_view tensor) {
-                for (const auto& w : rep.written)
-                    if (w.prefix == prefix && w.tensor == tensor) return true;
-                return false;
-            });
-        const Index n = pending_[i]->size();
-        pending_[i].reset();
-        return n;
-    }
+    using Base::build_upload;
+    using Base::shared_registry;
+    using Base::strategy_;
+    using Base::config_;
+    using Base::users_;
+    using Base::order_;
+    using Base::pending_;
+    using Base::next_round_;
 
     // Before round 0, as RoundRunner: everyone takes the shared tensors (rank policy truncate) of the
     // lowest-id user among those with the largest upload, wherever that user lives.
@@ -253,13 +167,7 @@ private:
     }
 
     Communicator* comm_;
-    Strategy strategy_;
-    RunnerConfig config_;
-    std::vector<User> users_;
     std::optional<DistributedAggregator<T>> aggregator_;
-    std::vector<std::size_t> order_;
-    std::vector<std::optional<SharedAggregate<T>>> pending_;
-    Index next_round_ = 0;
 };
 
 }  // namespace comigs

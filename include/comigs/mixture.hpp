@@ -32,6 +32,21 @@ enum class Role { generalist, specialist };
 
 inline const char* to_string(Role r) { return r == Role::generalist ? "generalist" : "specialist"; }
 
+/// Expert index of a mixture tensor name (`experts.{e}.*`), or -1 (the router, or no expert index a
+/// layer could have: names come from files, so an absurdly long number is not an expert either).
+inline Index expert_of_tensor(std::string_view tensor) {
+    constexpr std::string_view prefix = "experts.";
+    constexpr Index too_many = Index{1} << 40;
+    if (!tensor.starts_with(prefix)) return -1;
+    Index e = 0;
+    std::size_t i = prefix.size();
+    for (; i < tensor.size() && tensor[i] >= '0' && tensor[i] <= '9'; ++i) {
+        e = e * 10 + (tensor[i] - '0');
+        if (e >= too_many) return -1;
+    }
+    return i > prefix.size() && i < tensor.size() && tensor[i] == '.' ? e : -1;
+}
+
 /// What every mixture shares whatever it adapts: the experts, their roles and how tokens are routed.
 struct MixtureRouting {
     Index n_experts = 2;
@@ -58,22 +73,18 @@ struct MixtureRouting {
         if (!roles.empty()) return roles[static_cast<std::size_t>(e)];
         return e == 0 ? Role::generalist : Role::specialist;
     }
+    /// True when `tensor` (a layer tensor name) belongs to a generalist and so may leave the device;
+    /// false for specialists and the router, which never do.
+    bool shares(std::string_view tensor) const {
+        const Index e = expert_of_tensor(tensor);
+        return e >= 0 && e < n_experts && role(e) == Role::generalist;
+    }
     void validate_routing(Index d_in) const {
         require(roles.empty() || static_cast<Index>(roles.size()) == n_experts, "roles: ", roles.size(),
                 " given for ", n_experts, " experts");
         router_for(d_in).validate();
     }
 };
-
-/// Expert index of a mixture tensor name (`experts.{e}.*`), or -1 (the router).
-inline Index expert_of_tensor(std::string_view tensor) {
-    constexpr std::string_view prefix = "experts.";
-    if (!tensor.starts_with(prefix)) return -1;
-    Index e = 0;
-    std::size_t i = prefix.size();
-    for (; i < tensor.size() && tensor[i] >= '0' && tensor[i] <= '9'; ++i) e = e * 10 + (tensor[i] - '0');
-    return i > prefix.size() && i < tensor.size() && tensor[i] == '.' ? e : -1;
-}
 
 /// Options of a mixture of LoRA experts on an MLP. By default expert 0 is the generalist and the rest
 /// are specialists.
@@ -236,10 +247,7 @@ public:
     static Index expert_of_tensor(std::string_view tensor) { return comigs::expert_of_tensor(tensor); }
     /// True when the tensor belongs to a generalist (it may leave the device); false for specialists
     /// and the router, which never do.
-    bool shared(std::string_view tensor) const {
-        const Index e = expert_of_tensor(tensor);
-        return e >= 0 && e < cfg_.n_experts && role(e) == Role::generalist;
-    }
+    bool shared(std::string_view tensor) const { return cfg_.shares(tensor); }
 
     /// y[N, d] = mixture(x[N, d]) (overwritten); returns the load-balancing loss of this batch.
     /// `training` enables dropout and router noise (drawn from `rng`, required then).

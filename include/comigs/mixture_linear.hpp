@@ -82,10 +82,7 @@ public:
     static Index expert_of_tensor(std::string_view tensor) { return comigs::expert_of_tensor(tensor); }
     /// True when the tensor belongs to a generalist (it may leave the device); false for specialists
     /// and the router, which never do.
-    bool shared(std::string_view tensor) const {
-        const Index e = expert_of_tensor(tensor);
-        return e >= 0 && e < cfg_.n_experts && role(e) == Role::generalist;
-    }
+    bool shared(std::string_view tensor) const { return cfg_.shares(tensor); }
 
     /// y[N, out] = mixture(x[N, in]) (overwritten); returns the load-balancing loss. Keeps a copy of x.
     double forward(MatrixView<T> y, ConstMatrixView<T> x, bool training = false, Rng* rng = nullptr) {

@@ -346,31 +346,51 @@ struct RunnerHooks {
     std::function<void(UserId user, std::size_t index)> deployed;
 };
 
-/// Runs a Strategy's rounds over simulated users (see the file comment). Users' trainers and models
-/// are not owned and must outlive the runner; trainers must be configured with the strategy's router
-/// training (Strategy::trainer_config) and models built with its mixtures (Strategy::mixture_config).
+namespace detail {
+
+/// What RoundRunner and DistributedRoundRunner (distributed_runner.hpp) share: the strategy and schedule,
+/// the users in ascending id order with their pending aggregates, and each user's part of a round
+/// (download, local steps, upload). The runners differ only in how uploads meet: in-process or as
+/// collectives.
 template <class Model, class Batch>
-class RoundRunner {
+class RunnerBase {
 public:
     using T = typename Model::scalar_type;
     using User = SimulatedUser<Model, Batch>;
 
-    RoundRunner(Strategy strategy, RunnerConfig config, std::vector<User> users)
+    RunnerBase(const RunnerBase&) = delete;
+    RunnerBase& operator=(const RunnerBase&) = delete;
+
+    /// The final download: every user applies its latest aggregate (the deployed model), then the
+    /// `deployed` hook runs for every user (ascending id).
+    void finish(const RunnerHooks<T>& hooks = {}) {
+        for (std::size_t i : order_) apply_pending(i);
+        if (hooks.deployed)
+            for (std::size_t i : order_) hooks.deployed(users_[i].id, i);
+    }
+
+    /// Values one user (user list position `index`) uploads per round under this strategy.
+    Index upload_floats(std::size_t index) const {
+        if (!strategy_.collaborates()) return 0;
+        return build_upload(users_.at(index), 1.0, strategy_.upload_options()).size();
+    }
+
+    const Strategy& strategy() const { return strategy_; }
+    const RunnerConfig& config() const { return config_; }
+    const std::vector<User>& users() const { return users_; }
+    Index rounds_done() const { return next_round_; }
+
+protected:
+    RunnerBase(Strategy strategy, RunnerConfig config, std::vector<User> users)
         : strategy_(std::move(strategy)), config_(std::move(config)), users_(std::move(users)) {
         strategy_.validate();
         require(config_.rounds >= 0, "rounds ", config_.rounds, ": must be >= 0");
         require(config_.local_steps >= 0, "local_steps ", config_.local_steps, ": must be >= 0");
-        require(!users_.empty(), "users: at least one is needed");
-        for (std::size_t i = 0; i < users_.size(); ++i) {
-            const User& u = users_[i];
+        for (const User& u : users_) {
             require(u.trainer != nullptr, "user ", u.id, ": no trainer");
-            for (std::size_t j = 0; j < i; ++j)
-                require(users_[j].id != u.id, "user ", u.id, ": the id is used twice");
             require(u.trainer->config().router_training == strategy_.router_training, "user ", u.id,
                     ": trainer trains its router ", to_string(u.trainer->config().router_training), ", strategy '",
                     strategy_.name, "' wants ", to_string(strategy_.router_training));
-            require(!strategy_.personalised() || static_cast<bool>(u.validation_perplexity), "user ", u.id,
-                    ": strategy '", strategy_.name, "' (PCL) needs a validation_perplexity callback");
             check_architecture(u);
         }
         order_.resize(users_.size());
@@ -378,15 +398,124 @@ public:
         std::sort(order_.begin(), order_.end(), [&](std::size_t a, std::size_t b) { return users_[a].id < users_[b].id; });
         pending_.resize(users_.size());
     }
+    ~RunnerBase() = default;
 
-    RoundRunner(const RoundRunner&) = delete;
-    RoundRunner& operator=(const RoundRunner&) = delete;
+    /// The registry restricted to what this strategy shares: without `share_adapters` the plain shared
+    /// adapters are left out of uploads and downloads.
+    AdapterRegistry<T> shared_registry(const User& u) const {
+        AdapterRegistry<T> r = u.trainer->adapters();
+        if (!strategy_.share_adapters) r.shared_adapters.clear();
+        return r;
+    }
+
+    GeneralistUpload<T> build_upload(const User& u, double weight, UploadOptions options) const {
+        UploadBuilder<T> b(u.id, weight, options);
+        b.add(shared_registry(u));
+        return std::move(b).finish();
+    }
+
+    /// Downloads user i's pending aggregate, if any; returns the values received.
+    Index apply_pending(std::size_t i) {
+        if (!pending_[i]) return 0;
+        User& u = users_[i];
+        const auto rep = download(*pending_[i], u.id, shared_registry(u));
+        if (config_.reset_moments_on_download && !rep.written.empty())
+            u.trainer->reset_moments([&rep](std::string_view prefix, std::string_view tensor) {
+                for (const auto& w : rep.written)
+                    if (w.prefix == prefix && w.tensor == tensor) return true;
+                return false;
+            });
+        const Index n = pending_[i]->size();
+        pending_[i].reset();
+        return n;
+    }
+
+    /// This round's present users (indices, ascending id) and the order to process them in: by id, or
+    /// drawn from Rng(shuffle_seed, round).
+    std::pair<std::vector<std::size_t>, std::vector<std::size_t>> present_users(Index round) const {
+        std::vector<std::size_t> present;
+        for (std::size_t i : order_)
+            if (!config_.present || config_.present(round, users_[i].id)) present.push_back(i);
+        std::vector<std::size_t> processing(present.size());
+        std::iota(processing.begin(), processing.end(), std::size_t{0});
+        if (config_.shuffle_seed) {
+            Rng rng(*config_.shuffle_seed, static_cast<std::uint64_t>(round));
+            for (std::size_t k = processing.size(); k > 1; --k)
+                std::swap(processing[k - 1], processing[static_cast<std::size_t>(rng.below(k))]);
+        }
+        return {std::move(present), std::move(processing)};
+    }
+
+    /// User i's part of a round: its pending download (values received into `downloaded`), its local
+    /// steps, then, if the strategy collaborates, its upload (weight: the user's, or the round's tokens).
+    LocalTrainingReport local_round(std::size_t i, Index round, const RunnerHooks<T>& hooks,
+                                    std::optional<GeneralistUpload<T>>& upload, Index& downloaded) {
+        User& u = users_[i];
+        downloaded = apply_pending(i);
+        LocalTrainingReport local = u.trainer->train_steps(config_.local_steps);
+        if (hooks.after_local) hooks.after_local(round, u.id, i);
+        if (strategy_.collaborates()) {
+            const double w = u.weight > 0 ? u.weight : (local.tokens > 0 ? local.tokens : 1.0);
+            upload.emplace(build_upload(u, w, strategy_.upload_options()));
+            if (hooks.on_upload) hooks.on_upload(round, *upload);
+        }
+        return local;
+    }
+
+    Strategy strategy_;
+    RunnerConfig config_;
+    std::vector<User> users_;
+    std::vector<std::size_t> order_;  // user indices by ascending id
+    std::vector<std::optional<SharedAggregate<T>>> pending_;
+    Index next_round_ = 0;
+
+private:
+    void check_architecture(const User& u) const {
+        const std::vector<Role>& roles = u.roles.empty() ? strategy_.roles : u.roles;
+        for (const auto& m : u.trainer->adapters().mixtures) {
+            const auto& c = m.layer->config();
+            require(c.n_experts == static_cast<Index>(roles.size()) && c.routing == strategy_.routing, "user ", u.id,
+                    " layer '", m.prefix, "': ", c.n_experts, " experts with ", to_string(c.routing),
+                    " routing, expected ", roles.size(), " with ", to_string(strategy_.routing), " (strategy '",
+                    strategy_.name, "'; build the layers with Strategy::mixture_config, or give the user's roles)");
+            for (Index e = 0; e < c.n_experts; ++e)
+                require(m.layer->role(e) == roles[static_cast<std::size_t>(e)], "user ", u.id, " layer '", m.prefix,
+                        "' expert ", e, ": role ", to_string(m.layer->role(e)), ", expected ",
+                        to_string(roles[static_cast<std::size_t>(e)]), " (strategy '", strategy_.name, "')");
+        }
+    }
+};
+
+}  // namespace detail
+
+/// Runs a Strategy's rounds over simulated users (see the file comment). Users' trainers and models
+/// are not owned and must outlive the runner; trainers must be configured with the strategy's router
+/// training (Strategy::trainer_config) and models built with its mixtures (Strategy::mixture_config).
+template <class Model, class Batch>
+class RoundRunner : public detail::RunnerBase<Model, Batch> {
+    using Base = detail::RunnerBase<Model, Batch>;
+
+public:
+    using T = typename Model::scalar_type;
+    using User = SimulatedUser<Model, Batch>;
+
+    RoundRunner(Strategy strategy, RunnerConfig config, std::vector<User> users)
+        : Base(std::move(strategy), std::move(config), std::move(users)) {
+        require(!users_.empty(), "users: at least one is needed");
+        for (std::size_t i = 0; i < users_.size(); ++i) {
+            const User& u = users_[i];
+            for (std::size_t j = 0; j < i; ++j)
+                require(users_[j].id != u.id, "user ", u.id, ": the id is used twice");
+            require(!strategy_.personalised() || static_cast<bool>(u.validation_perplexity), "user ", u.id,
+                    ": strategy '", strategy_.name, "' (PCL) needs a validation_perplexity callback");
+        }
+    }
 
     /// All rounds, then the final download; returns one report per round.
     std::vector<RoundReport> run(const RunnerHooks<T>& hooks = {}) {
         std::vector<RoundReport> out;
         while (next_round_ < config_.rounds) out.push_back(round(hooks));
-        finish(hooks);
+        this->finish(hooks);
         return out;
     }
 
@@ -397,33 +526,16 @@ public:
         const auto t0 = std::chrono::steady_clock::now();
         RoundReport rep;
         rep.round = next_round_;
-        std::vector<std::size_t> present;  // indices, ascending id
-        for (std::size_t i : order_)
-            if (!config_.present || config_.present(rep.round, users_[i].id)) present.push_back(i);
+        const auto [present, processing] = this->present_users(rep.round);
         for (std::size_t i : present) rep.present.push_back(users_[i].id);
         rep.local.resize(present.size());
 
-        std::vector<std::size_t> processing(present.size());
-        std::iota(processing.begin(), processing.end(), std::size_t{0});
-        if (config_.shuffle_seed) {
-            Rng rng(*config_.shuffle_seed, static_cast<std::uint64_t>(rep.round));
-            for (std::size_t k = processing.size(); k > 1; --k)
-                std::swap(processing[k - 1], processing[static_cast<std::size_t>(rng.below(k))]);
-        }
-
         std::vector<std::optional<GeneralistUpload<T>>> uploads(present.size());
         for (std::size_t p : processing) {
-            const std::size_t i = present[p];
-            User& u = users_[i];
-            rep.download_floats += apply_pending(i);
-            rep.local[p] = u.trainer->train_steps(config_.local_steps);
-            if (hooks.after_local) hooks.after_local(rep.round, u.id, i);
-            if (strategy_.collaborates()) {
-                const double w = u.weight > 0 ? u.weight : (rep.local[p].tokens > 0 ? rep.local[p].tokens : 1.0);
-                uploads[p].emplace(build_upload(u, w, strategy_.upload_options()));
-                rep.upload_floats += uploads[p]->size();
-                if (hooks.on_upload) hooks.on_upload(rep.round, *uploads[p]);
-            }
+            Index downloaded = 0;
+            rep.local[p] = this->local_round(present[p], rep.round, hooks, uploads[p], downloaded);
+            rep.download_floats += downloaded;
+            if (uploads[p]) rep.upload_floats += uploads[p]->size();
         }
 
         if (strategy_.collaborates() && !present.empty()) {
@@ -447,75 +559,19 @@ public:
         return rep;
     }
 
-    /// The final download: every user applies its latest aggregate (the deployed model), then the
-    /// `deployed` hook runs for every user (ascending id).
-    void finish(const RunnerHooks<T>& hooks = {}) {
-        for (std::size_t i : order_) apply_pending(i);
-        if (hooks.deployed)
-            for (std::size_t i : order_) hooks.deployed(users_[i].id, i);
-    }
-
-    /// Values one user (user list position `index`) uploads per round under this strategy.
-    Index upload_floats(std::size_t index) const {
-        if (!strategy_.collaborates()) return 0;
-        return build_upload(users_.at(index), 1.0, strategy_.upload_options()).size();
-    }
-
-    const Strategy& strategy() const { return strategy_; }
-    const RunnerConfig& config() const { return config_; }
-    const std::vector<User>& users() const { return users_; }
-    Index rounds_done() const { return next_round_; }
     /// The last server aggregate (aggregate.hpp rules), if any.
     const SharedAggregate<T>* global_aggregate() const { return global_ ? &*global_ : nullptr; }
 
 private:
-    AdapterRegistry<T> registry(const User& u) const { return u.trainer->adapters(); }
-
-    /// The registry restricted to what this strategy shares: without `share_adapters` the plain shared
-    /// adapters are left out of uploads and downloads.
-    AdapterRegistry<T> shared_registry(const User& u) const {
-        AdapterRegistry<T> r = registry(u);
-        if (!strategy_.share_adapters) r.shared_adapters.clear();
-        return r;
-    }
-
-    GeneralistUpload<T> build_upload(const User& u, double weight, UploadOptions options) const {
-        UploadBuilder<T> b(u.id, weight, options);
-        b.add(shared_registry(u));
-        return std::move(b).finish();
-    }
-
-    void check_architecture(const User& u) const {
-        const std::vector<Role>& roles = u.roles.empty() ? strategy_.roles : u.roles;
-        const auto reg = registry(u);
-        for (const auto& m : reg.mixtures) {
-            const auto& c = m.layer->config();
-            require(c.n_experts == static_cast<Index>(roles.size()) && c.routing == strategy_.routing, "user ", u.id,
-                    " layer '", m.prefix, "': ", c.n_experts, " experts with ", to_string(c.routing),
-                    " routing, expected ", roles.size(), " with ", to_string(strategy_.routing), " (strategy '",
-                    strategy_.name, "'; build the layers with Strategy::mixture_config, or give the user's roles)");
-            for (Index e = 0; e < c.n_experts; ++e)
-                require(m.layer->role(e) == roles[static_cast<std::size_t>(e)], "user ", u.id, " layer '", m.prefix,
-                        "' expert ", e, ": role ", to_string(m.layer->role(e)), ", expected ",
-                        to_string(roles[static_cast<std::size_t>(e)]), " (strategy '", strategy_.name, "')");
-        }
-    }
-
-    /// Downloads user i's pending aggregate, if any; returns the values received.
-    Index apply_pending(std::size_t i) {
-        if (!pending_[i]) return 0;
-        User& u = users_[i];
-        const auto rep = download(*pending_[i], u.id, shared_registry(u));
-        if (config_.reset_moments_on_download && !rep.written.empty())
-            u.trainer->reset_moments([&rep](std::string_view prefix, std::string_view tensor) {
-                for (const auto& w : rep.written)
-                    if (w.prefix == prefix && w.tensor == tensor) return true;
-                return false;
-            });
-        const Index n = pending_[i]->size();
-        pending_[i].reset();
-        return n;
-    }
+    using Base::apply_pending;
+    using Base::build_upload;
+    using Base::shared_registry;
+    using Base::strategy_;
+    using Base::config_;
+    using Base::users_;
+    using Base::order_;
+    using Base::pending_;
+    using Base::next_round_;
 
     /// Before round 0: everyone takes the shared tensors of the lowest-id user among those with the
     /// largest upload (with a truncatable rank policy, so users of smaller ranks take its head).
@@ -584,13 +640,7 @@ private:
         }
     }
 
-    Strategy strategy_;
-    RunnerConfig config_;
-    std::vector<User> users_;
-    std::vector<std::size_t> order_;  // user indices by ascending id
-    std::vector<std::optional<SharedAggregate<T>>> pending_;
     std::optional<SharedAggregate<T>> global_;
-    Index next_round_ = 0;
 };
 
 }  // namespace comigs
