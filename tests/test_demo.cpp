@@ -2,6 +2,7 @@
 // every method, are well-formed, and training lowers the test perplexity below the host's.
 #include <doctest/doctest.h>
 
+#include <demo/cli.hpp>
 #include <demo/run.hpp>
 
 #include <cctype>
@@ -197,4 +198,27 @@ TEST_CASE("comigs-demo: real text is split deterministically") {
     CHECK(a.test.size() == 1000);
     CHECK(a.test.tokens[0] == 'a');  // chunk 0 goes to test
     CHECK_FALSE(a.labelled);
+}
+
+TEST_CASE("comigs-demo command line: --quick is a base configuration the other flags still change") {
+    namespace fs = std::filesystem;
+    const std::string out = (fs::temp_directory_path() / "comigs-test-demo-cli").string();
+    fs::remove_all(out);
+    std::vector<std::string> args{"comigs-demo", "--users", "2",       "--quick",   "--top-k", "1",  "--methods",
+                                  "local",       "--quiet", "--threads", "1",       "--out",   out};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    REQUIRE(comigs::demo::demo_main(static_cast<int>(argv.size()), argv.data()) == 0);
+    const auto j = nlohmann::json::parse(slurp(fs::path(out) / "results.json"));
+    CHECK(j["config"]["users"].get<int>() == 2);  // given before --quick: still wins
+    CHECK(j["config"]["top_k"].get<int>() == 1);
+    CHECK(j["config"]["host"]["d_model"].get<int>() == 32);  // from --quick
+    CHECK(j["config"]["train_tokens"] == nlohmann::json::array({1500, 1500}));
+    CHECK(j["methods"].contains("local"));
+
+    std::vector<std::string> bad{"comigs-demo", "--quick", "--users", "0", "--quiet", "--out", out};
+    std::vector<char*> bad_argv;
+    for (auto& a : bad) bad_argv.push_back(a.data());
+    CHECK(comigs::demo::demo_main(static_cast<int>(bad_argv.size()), bad_argv.data()) == 1);
+    fs::remove_all(out);
 }

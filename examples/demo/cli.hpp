@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <exception>
 #include <sstream>
+#include <string_view>
 
 #include "placement.hpp"
 #include "run.hpp"
@@ -113,6 +114,9 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
     app.add_flag("--quick", quick, "a seconds-long configuration (tests)");
     bool quiet = false;
     app.add_flag("--quiet", quiet, "no progress output");
+    // --quick is a base configuration: applied first, so the flags given with it still count.
+    for (int i = 1; i < argc; ++i)
+        if (std::string_view(argv[i]) == "--quick") c.make_quick();
     CLI11_PARSE(app, argc, argv);
     try {
         if (!c.user_text.empty() && app.count("--users") == 0) c.users = int(c.user_text.size());
@@ -120,7 +124,6 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
         if (!ranks.empty()) c.ranks = parse_list<comigs::Index>(ranks, "--ranks");
         if (!train_tokens.empty()) c.train_tokens = parse_list<comigs::Index>(train_tokens, "--train-tokens");
         c.methods = split_names(methods);
-        if (quick) c.make_quick();
         c.progress = !quiet && place.leader();
         const auto out = comigs::demo::run_demo(c, place);
         if (!place.leader()) return 0;

@@ -74,7 +74,9 @@ struct DemoConfig {
     Index attention_rank = 0;  ///< > 0: shared LoRA of this rank on c_attn and c_proj (as the reference)
     // Embedded corpus.
     double heterogeneity = 0.9;
-    std::vector<Index> train_tokens;  ///< per user (empty: 6000 each)
+    std::vector<Index> train_tokens;  ///< per user (empty: default_train_tokens each; with --user-text, all)
+    Index default_train_tokens = 6000;
+    bool quick = false;  ///< make_quick() was applied (text users then also train on default_train_tokens)
     Index validation_tokens = 3000;
     Index test_tokens = 10000;
     Index base_tokens = 300000;
@@ -99,7 +101,8 @@ struct DemoConfig {
     Index sample_tokens = 256;           ///< test tokens per user shown in routing.html
     bool progress = true;
 
-    /// The seconds-long configuration the tests use.
+    /// The seconds-long configuration the tests use. comigs-demo applies it before reading the other
+    /// flags, so `--quick --users 5 --top-k 1` changes just those.
     void make_quick() {
         users = std::min(users, 3);
         rounds = 3;
@@ -110,7 +113,8 @@ struct DemoConfig {
         seq_len = 32;
         validation_tokens = 600;
         test_tokens = 1000;
-        if (train_tokens.empty()) train_tokens.assign(static_cast<std::size_t>(users), 1500);
+        default_train_tokens = 1500;
+        quick = true;
         base_tokens = 20000;
         d_model = 32;
         n_layer = 2;
@@ -655,7 +659,7 @@ inline DemoOutput run_demo(DemoConfig c, Placement place = {}) {
         cc.seed = c.seed;
         cc.heterogeneity = c.heterogeneity;
         cc.num_users = c.users;
-        cc.train_chars = 6000;
+        cc.train_chars = c.default_train_tokens;
         cc.train_chars_per_user = c.train_tokens;
         cc.validation_chars = c.validation_tokens;
         cc.test_chars = c.test_tokens;
@@ -679,7 +683,8 @@ inline DemoOutput run_demo(DemoConfig c, Placement place = {}) {
     } else {
         for (int u = 0; u < c.users; ++u)
             ctx.users.push_back(split_text(c.user_text[std::size_t(u)], read_text(c.user_text[std::size_t(u)]),
-                                           c.train_tokens.empty() ? 1 << 30 : c.train_tokens[std::size_t(u)],
+                                           !c.train_tokens.empty() ? c.train_tokens[std::size_t(u)]
+                                           : c.quick ? c.default_train_tokens : Index{1} << 30,
                                            c.validation_tokens, c.test_tokens));
         if (!c.host_text.empty()) {
             for (const auto& p : c.host_text) {
@@ -784,7 +789,9 @@ inline DemoOutput run_demo(DemoConfig c, Placement place = {}) {
         {"recalibrate", c.recalibrate},
         {"attention_rank", c.attention_rank},
         {"heterogeneity", embedded ? nlohmann::json(c.heterogeneity) : nlohmann::json()},
-        {"train_tokens", c.train_tokens},
+        {"train_tokens", !c.train_tokens.empty() ? nlohmann::json(c.train_tokens)
+                         : embedded ? nlohmann::json(std::vector<Index>(std::size_t(c.users), c.default_train_tokens))
+                                    : nlohmann::json()},
         {"validation_tokens", c.validation_tokens},
         {"test_tokens", c.test_tokens},
         {"seed", c.seed},
