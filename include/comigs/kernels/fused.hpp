@@ -26,6 +26,7 @@
 
 #include "../view.hpp"
 #include "elementwise.hpp"
+#include "lowrank.hpp"
 #include "simd.hpp"
 
 namespace comigs::kernels {
@@ -173,6 +174,12 @@ inline std::vector<T>& fused_scratch() {
     thread_local std::vector<T> buf;
     return buf;
 }
+/// Per-thread work space of the backward's gradient sweep (a span's u and dp rows).
+template <class T>
+inline std::vector<T>& fused_rows_scratch() {
+    thread_local std::vector<T> buf;
+    return buf;
+}
 
 /// One routed row as the row kernels see it (pointers at the group's first column).
 template <int Q, class T>
@@ -252,13 +259,13 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
     }
 }
 
-/// Backward of R routed rows of one expert on nc columns (layout as mix_forward_rows; ga, gb the
-/// expert's packed dA2 and dB1^T accumulators), with dm = dL/dm of each row's token and qg = g s B2^T dy:
-/// du = g dm + qg^T A2, p recomputed, u = gelu(p), dp = du * gelu'(p); dH (= when first, else +=) dp,
-/// ga += qg u^T, gb += zs dp^T, part[q] = the partial sum of B1T dp (q < Q), part[Q] of u . dm.
+/// Backward of R routed rows of one expert on nc columns (layout as mix_forward_rows), with dm = dL/dm
+/// of each row's token and qg = g s B2^T dy: du = g dm + qg^T A2, p recomputed, u = gelu(p),
+/// dp = du * gelu'(p); dH (= when first, else +=) dp, part[q] = the partial sum of B1T dp (q < Q) and
+/// part[Q] of u . dm; u and dp go to the rows su[x], sd[x] for the gradient sweep (mix_grad_span).
 template <int Q, int R, class T>
-inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb, const T* fa, T* ga, T* gb, Index ld,
-                              Index nc) {
+inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb, const T* fa, T* const* su,
+                              T* const* sd, Index ld, Index nc) {
     using B = simd::batch<T>;
     constexpr Index w = static_cast<Index>(simd::width<T>);
     const Index cv = nc / w * w;
@@ -302,17 +309,12 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
             dot[x] = simd::fma(u[x], dmc[x], dot[x]);
             T* dh = rows[x].out + c;
             simd::store(dh, rows[x].first ? dp[x] : simd::load(dh) + dp[x]);
+            simd::store(su[x] + c, u[x]);
+            simd::store(sd[x] + c, dp[x]);
         }
         for (int q = 0; q < Q; ++q) {
             const B f = simd::load(fb + q * ld + c);
-            B a = simd::load(ga + q * ld + c), b = simd::load(gb + q * ld + c);
-            for (int x = 0; x < R; ++x) {
-                acc[x][q] = simd::fma(f, dp[x], acc[x][q]);
-                a = simd::fma(B(qg[x][q]), u[x], a);
-                b = simd::fma(B(zs[x][q]), dp[x], b);
-            }
-            simd::store(ga + q * ld + c, a);
-            simd::store(gb + q * ld + c, b);
+            for (int x = 0; x < R; ++x) acc[x][q] = simd::fma(f, dp[x], acc[x][q]);
         }
     }
     for (int x = 0; x < R; ++x) {
@@ -324,7 +326,6 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
             for (int q = 0; q <= Q; ++q) out[q] = T(0);
         }
     }
-    // Tail columns: rows in order, as the vector part (each gradient column sums the rows in order).
     for (Index c = cv; c < nc; ++c)
         for (int x = 0; x < R; ++x) {
             const T dmv = rows[x].dm[c];
@@ -343,11 +344,32 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
             out[Q] += u * dmv;
             T* dh = rows[x].out + c;
             *dh = rows[x].first ? dp : *dh + dp;
-            for (int q = 0; q < Q; ++q) {
-                out[q] += fb[q * ld + c] * dp;
-                ga[q * ld + c] += qg[x][q] * u;
-                gb[q * ld + c] += zs[x][q] * dp;
+            su[x][c] = u;
+            sd[x][c] = dp;
+            for (int q = 0; q < Q; ++q) out[q] += fb[q * ld + c] * dp;
+        }
+}
+
+/// The gradient sweep of one span (rows of one expert): ga[q][c] += sum_x qg_x[q] su[x][c] and
+/// gb[q][c] += sum_x zs_x[q] sd[x][c] over the span's `count` rows, ga and gb packed [Q, nc], xq and
+/// xz the rows' coefficients [count, Q]: register-blocked rank-Q outer products (lowrank.hpp).
+template <int Q, class T>
+inline void mix_grad_span(T* ga, T* gb, Index nc, const T* xq, const T* xz, const T* su, const T* sd, Index count) {
+    constexpr Index cb = 2 * static_cast<Index>(simd::width<T>);
+    const Index cv = nc / cb * cb;
+    if (cv > 0) {
+        lowrank_outer_cols<Q>(ga, nc, xq, Q, su, nc, static_cast<const Index*>(nullptr), count, 0, cv, T(1));
+        lowrank_outer_cols<Q>(gb, nc, xz, Q, sd, nc, static_cast<const Index*>(nullptr), count, 0, cv, T(1));
+    }
+    for (Index q = 0; q < Q; ++q)
+        for (Index c = cv; c < nc; ++c) {
+            T a = T(0), b = T(0);
+            for (Index x = 0; x < count; ++x) {
+                a += xq[x * Q + q] * su[x * nc + c];
+                b += xz[x * Q + q] * sd[x * nc + c];
             }
+            ga[q * nc + c] += a;
+            gb[q * nc + c] += b;
         }
 }
 
@@ -454,6 +476,8 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
         qc.emplace_back(qg + i * r, r);
     }
     part.resize(static_cast<std::size_t>(groups * rows * P));
+    Index longest = 0;
+    for (std::size_t sp = 0; sp + 1 < order.span.size(); ++sp) longest = std::max(longest, order.span[sp + 1] - order.span[sp]);
     const bool par = rows * h >= mix_parallel_min();
     for_groups(h, par, [&](Index c0, Index c1, Index grp) {
         const Index nc = c1 - c0, fsize = experts * Q * nc;
@@ -470,17 +494,31 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
         const T* bias = b1 ? b1 + c0 : nullptr;
         const Index total = static_cast<Index>(order.rows.size());
         const Index spans = static_cast<Index>(order.span.size()) - 1;
+        // Per span: u and dp rows, and the rows' coefficients, for the gradient sweep.
+        auto& rowbuf = fused_rows_scratch<T>();
+        rowbuf.resize(static_cast<std::size_t>(longest * (2 * nc + 2 * Q)));
+        T* su = rowbuf.data();
+        T* sd = su + longest * nc;
+        T* xq = sd + longest * nc;
+        T* xz = xq + longest * Q;
         for (Index sp = 0; sp < spans; ++sp) {
             const Index e = sp % experts, off = e * Q * nc;
             const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
+            if (x1 == x0) continue;
             for (Index x = x0; x < x1; x += 2) {
                 const int R = x + 1 < x1 ? 2 : 1;
                 MixRow<Q, T> rw[2];
+                T* sur[2];
+                T* sdr[2];
                 for (int y = 0; y < R; ++y) {
                     const Index i = order.rows[static_cast<std::size_t>(x + y)], t = i / k;
                     rw[y] = {dH.row_ptr(t) + c0, H.row_ptr(t) + c0, dM.row_ptr(t) + c0, &zc[static_cast<std::size_t>(i)],
                              &qc[static_cast<std::size_t>(i)], gate[i], order.first[static_cast<std::size_t>(i)] != 0,
                              pg + i * P};
+                    sur[y] = su + (x + y - x0) * nc;
+                    sdr[y] = sd + (x + y - x0) * nc;
+                    std::copy_n(qc[static_cast<std::size_t>(i)].v, Q, xq + (x + y - x0) * Q);
+                    std::copy_n(zc[static_cast<std::size_t>(i)].v, Q, xz + (x + y - x0) * Q);
                     if (x + y + 2 < total) {
                         const Index tn = order.rows[static_cast<std::size_t>(x + y + 2)] / k;
                         prefetch(H.row_ptr(tn) + c0, nc);
@@ -488,10 +526,11 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
                     }
                 }
                 if (R == 2)
-                    mix_backward_rows<Q, 2>(rw, bias, fb + off, fa + off, ga + off, gb + off, nc, nc);
+                    mix_backward_rows<Q, 2>(rw, bias, fb + off, fa + off, sur, sdr, nc, nc);
                 else
-                    mix_backward_rows<Q, 1>(rw, bias, fb + off, fa + off, ga + off, gb + off, nc, nc);
+                    mix_backward_rows<Q, 1>(rw, bias, fb + off, fa + off, sur, sdr, nc, nc);
             }
+            mix_grad_span<Q>(ga + off, gb + off, nc, xq, xz, su, sd, x1 - x0);
         }
         for (Index e = 0; e < experts; ++e)
             for (Index q = 0; q < r; ++q) {
