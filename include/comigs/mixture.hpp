@@ -641,38 +641,40 @@ private:
         }
 
         // LoRA gradients over the model width, per expert over its routed rows:
-        // dB2 [d, r] += sum_i dy[t_i] (s g z2_i)^T and dA1 [r, d] += sum_i dz_i x[t_i]^T.
-        work_t_.resize(static_cast<std::size_t>(r * d));
-        for (Index e = 0; e < E; ++e) {
+        // dB2 [d, r] += sum_i dy[t_i] (s g z2_i)^T and dA1 [r, d] += sum_i dz_i x[t_i]^T. Every expert's
+        // products in one parallel region: (expert, product, column part) items, round-robin.
+        auto zg = detail::as_view(work_gather_, rows, 2 * r);  // [s g z2 | dz] rows in group order
+        for (Index x = 0; x < rows; ++x) {
+            const auto gx = static_cast<std::size_t>(x);
+            const Index i = groups_.token[gx] * k + groups_.slot[gx];
+            std::copy(rz2g_.data() + i * r, rz2g_.data() + (i + 1) * r, zg.row_ptr(x));
+            std::copy(dz + i * r, dz + (i + 1) * r, zg.row_ptr(x) + r);
+        }
+        work_t_.assign(static_cast<std::size_t>(E * r * d), T(0));
+        const Index parts = kernels::lowrank_outer_parts<T>(d);
+#pragma omp parallel for schedule(static, 1) if (rows * r * d > 65536)
+        for (Index item = 0; item < E * 2 * parts; ++item) {
+            const Index e = item / (2 * parts), which = item / parts % 2, part = item % parts;
             const Index ne = groups_.count(e), b = groups_.begin(e);
             if (ne == 0) continue;
             const Index* tok = groups_.token.data() + b;
-            std::fill(work_t_.begin(), work_t_.begin() + r * d, T(0));
-            const auto zg = gather_rows(rz2g_.data(), e);
-            kernels::lowrank_outer(work_t_.data(), d, zg.data, r, dy.data, dy.stride, tok, ne, r, d);
-            kernels::add_transposed(grad_B(e, second_), work_t_.data());
-            const auto dzg = gather_rows(dz, e);
-            auto gA1 = grad_A(e, first_[0]);
-            kernels::lowrank_outer(gA1.data, gA1.stride, dzg.data, r, xs.data, xs.stride, tok, ne, r, d);
+            if (which == 0) {
+                kernels::lowrank_outer_part(work_t_.data() + e * r * d, d, zg.row_ptr(b), 2 * r, dy.data, dy.stride,
+                                            tok, ne, r, d, T(1), part);
+            } else {
+                auto gA1 = grad_A(e, first_[0]);
+                kernels::lowrank_outer_part(gA1.data, gA1.stride, zg.row_ptr(b) + r, 2 * r, xs.data, xs.stride, tok,
+                                            ne, r, d, T(1), part);
+            }
         }
+        for (Index e = 0; e < E; ++e)
+            if (groups_.count(e) > 0) kernels::add_transposed(grad_B(e, second_), work_t_.data() + e * r * d);
 
         // The base input gradient: one GEMM, accumulated into dx.
         if (!dx.empty()) fc.backward_input(dx, ConstMatrixView<T>(dH), true);
         if (rcfg_.has_weight())
             router_backward(dx, grads_.view("router.weight"), ConstMatrixView<T>(dgate.data(), n, k), lb_grad, xs,
                             router_weight(), route_, rcfg_);
-    }
-
-    /// Rows of a token-major [n k, r] per-row array for expert e's routed rows, in group order: [n_e, r].
-    MatrixView<T> gather_rows(const T* src, Index e) {
-        const Index r = cfg_.rank, ne = groups_.count(e), b = groups_.begin(e), k = route_.slots;
-        auto out = detail::as_view(work_gather_, ne, r);
-        for (Index i = 0; i < ne; ++i) {
-            const auto gi = static_cast<std::size_t>(b + i);
-            const T* s = src + (groups_.token[gi] * k + groups_.slot[gi]) * r;
-            std::copy(s, s + r, out.row_ptr(i));
-        }
-        return out;
     }
 
     /// Whether the one-pass row kernels (kernels/fused.hpp) apply: GELU form, no dropout, r <= 8.
