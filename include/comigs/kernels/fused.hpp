@@ -59,29 +59,37 @@ inline Index& mix_parallel_min() {
 }
 
 template <class T>
-inline T gelu_sigmoid_scalar(T x) {
+inline T gelu_sigmoid_scalar(T x, T* oms = nullptr) {
     const T two_a = x * (T(2) * GeluConst<T>::c * GeluConst<T>::a * x * x + T(2) * GeluConst<T>::c);
-    return T(1) / (T(1) + std::exp(-two_a));
+    const T e = std::exp(-two_a), s = T(1) / (T(1) + e);
+    if (oms) *oms = s < T(0.5) ? T(1) - s : e * s;  // e may be inf where s = 0
+    return s;
 }
-/// s = sigmoid(2a(x)): gelu(x) = x s.
+/// s = sigmoid(2a(x)) (gelu(x) = x s) and 1 - s, the latter without cancellation.
 template <class B, class T = typename B::value_type>
-inline B gelu_sigmoid(const B& x) {
+inline B gelu_sigmoid(const B& x, B* oms = nullptr) {
     const B two_a = x * simd::fma(B(T(2) * GeluConst<T>::c * GeluConst<T>::a), x * x, B(T(2) * GeluConst<T>::c));
-    if constexpr (std::is_same_v<T, float>)
-        return simd::sigmoid_fast(two_a);  // a few ulp; the exact division costs more than the rest
-    else
-        return B(T(1)) / (B(T(1)) + simd::exp(-two_a));
+    if constexpr (std::is_same_v<T, float>) {
+        B s, c;
+        simd::sigmoid_fast(two_a, s, c);  // a few ulp; the exact division costs more than the rest
+        if (oms) *oms = c;
+        return s;
+    } else {
+        const B e = simd::exp(-two_a), s = B(T(1)) / (B(T(1)) + e);
+        if (oms) *oms = simd::select(s < B(T(0.5)), B(T(1)) - s, e * s);  // e may be inf where s = 0
+        return s;
+    }
 }
-/// gelu'(x) from x and s = sigmoid(2a(x)): s + x s (1 - s) 2a'(x).
+/// gelu'(x) from x, s = sigmoid(2a(x)) and oms = 1 - s: s + x s (1 - s) 2a'(x).
 template <class B, class T = typename B::value_type>
-inline B gelu_grad_from(const B& x, const B& s) {
+inline B gelu_grad_from(const B& x, const B& s, const B& oms) {
     const B two_da = simd::fma(B(T(6) * GeluConst<T>::c * GeluConst<T>::a), x * x, B(T(2) * GeluConst<T>::c));
-    return simd::fma(x * s * (B(T(1)) - s), two_da, s);
+    return simd::fma(x * s * oms, two_da, s);
 }
 template <class T>
-inline T gelu_grad_from_scalar(T x, T s) {
+inline T gelu_grad_from_scalar(T x, T s, T oms) {
     const T two_da = T(6) * GeluConst<T>::c * GeluConst<T>::a * x * x + T(2) * GeluConst<T>::c;
-    return x * s * (T(1) - s) * two_da + s;
+    return x * s * oms * two_da + s;
 }
 
 /// Contiguous range [lo, hi) of `count` items for the calling thread (all of it outside a parallel region).
@@ -303,9 +311,10 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
         B u[R], dp[R];
         for (int x = 0; x < R; ++x) {
             const B p = p0[x] + p1[x];
-            const B s = gelu_sigmoid(p);
+            B oms;
+            const B s = gelu_sigmoid(p, &oms);
             u[x] = p * s;
-            dp[x] = (du0[x] + du1[x]) * gelu_grad_from(p, s);
+            dp[x] = (du0[x] + du1[x]) * gelu_grad_from(p, s, oms);
             dot[x] = simd::fma(u[x], dmc[x], dot[x]);
             T* dh = rows[x].out + c;
             simd::store(dh, rows[x].first ? dp[x] : simd::load(dh) + dp[x]);
@@ -337,9 +346,10 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
                 p1 += zs[x][q + 1] * fb[(q + 1) * ld + c];
             }
             const T p = p0 + p1;
-            const T s = gelu_sigmoid_scalar(p);
+            T oms;
+            const T s = gelu_sigmoid_scalar(p, &oms);
             const T u = p * s;
-            const T dp = (du0 + du1) * gelu_grad_from_scalar(p, s);
+            const T dp = (du0 + du1) * gelu_grad_from_scalar(p, s, oms);
             T* out = rows[x].part;
             out[Q] += u * dmv;
             T* dh = rows[x].out + c;

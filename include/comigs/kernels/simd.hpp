@@ -130,13 +130,15 @@ inline xsimd::batch<T, A> exp(const xsimd::batch<T, A>& x) {
     return xsimd::select(is_nan, x, xsimd::exp(arg));
 }
 
-/// 1 / (1 + e^-x) for float lanes, within a few ulp: e^-x by Cody-Waite reduction to r in
-/// [-ln2/2, ln2/2], a degree-6 Taylor polynomial (truncation below 2e-7 relative) and an exponent
-/// built in the integer lanes; then a refined reciprocal instead of a division. -x is clamped to
-/// [-80, 80] (the result is then 1 or below 2e-35, and nothing passes through denormals); NaN gives
-/// a finite value (the callers multiply it by the NaN again), never undefined behaviour.
+/// s = 1 / (1 + e^-x) and its complement 1 - s = e^-x s for float lanes, both without cancellation
+/// (the complement is what a GELU derivative needs when s is close to 1). e^-x by Cody-Waite
+/// reduction to r in [-ln2/2, ln2/2], a degree-6 Taylor polynomial (truncation below 2e-7 relative)
+/// and an exponent built in the integer lanes; then the hardware reciprocal estimate refined by Newton
+/// steps (one from AVX-512's 14 bits, two from the 12 bits of SSE/AVX) instead of a division. -x is
+/// clamped to [-80, 80] (s is then 1 or below 2e-35, and nothing passes through denormals); NaN gives
+/// finite values (the callers multiply them by the NaN again), never undefined behaviour.
 template <class A>
-inline xsimd::batch<float, A> sigmoid_fast(const xsimd::batch<float, A>& x) {
+inline void sigmoid_fast(const xsimd::batch<float, A>& x, xsimd::batch<float, A>& s, xsimd::batch<float, A>& oms) {
     using B = xsimd::batch<float, A>;
     using I = xsimd::batch<std::int32_t, A>;
     const B z = xsimd::min(xsimd::max(-x, B(-80.0f)), B(80.0f));
@@ -151,12 +153,27 @@ inline xsimd::batch<float, A> sigmoid_fast(const xsimd::batch<float, A>& x) {
     p = xsimd::fma(p, rr, B(1.0f));
     p = xsimd::fma(p, rr, B(1.0f));
     const I bits = (xsimd::to_int(n) + I(127)) << 23;  // 2^n
-    const B d = xsimd::fma(p, xsimd::bitwise_cast<B>(bits), B(1.0f));
-    const B y = xsimd::reciprocal(d);
-    return y * xsimd::fma(-d, y, B(2.0f));  // one Newton step from the hardware estimate
+    const B e = p * xsimd::bitwise_cast<B>(bits);         // e^-x
+    const B d = e + B(1.0f);
+    B y = xsimd::reciprocal(d);
+    y = y * xsimd::fma(-d, y, B(2.0f));
+#if !defined(__AVX512F__)
+    y = y * xsimd::fma(-d, y, B(2.0f));
+#endif
+    s = y;
+    oms = e * y;
+}
+
+/// s of sigmoid_fast alone.
+template <class A>
+inline xsimd::batch<float, A> sigmoid_fast(const xsimd::batch<float, A>& x) {
+    xsimd::batch<float, A> s, oms;
+    sigmoid_fast(x, s, oms);
+    return s;
 }
 
 using xsimd::fma;
+using xsimd::select;
 using xsimd::sqrt;
 
 }  // namespace comigs::kernels::simd
