@@ -515,16 +515,19 @@ private:
         fb1t_.assign(nf * static_cast<std::size_t>(E), nullptr);
         fb2t_.assign(static_cast<std::size_t>(E), nullptr);
         for (Index e = 0; e < E; ++e) {
+            // An expert no token chose is never multiplied with: its transposes are skipped (decode
+            // routes one token to k of E experts). Its pointers stay valid for the packing loops.
+            const bool used = groups_.count(e) > 0;
             for (std::size_t f = 0; f < nf; ++f) {
                 const std::size_t fe = f * static_cast<std::size_t>(E) + static_cast<std::size_t>(e);
                 fa1_[fe] = A(e, first_[f]).data;
                 T* bt = fb1t_store_.data() + static_cast<Index>(fe) * r * h;
-                kernels::transpose_into(bt, B(e, first_[f]));
+                if (used) kernels::transpose_into(bt, B(e, first_[f]));
                 fb1t_[fe] = bt;
             }
             fa2_[static_cast<std::size_t>(e)] = A(e, second_).data;
             T* b2t = fb2t_store_.data() + e * r * d;
-            kernels::transpose_into(b2t, B(e, second_));
+            if (used) kernels::transpose_into(b2t, B(e, second_));
             fb2t_[static_cast<std::size_t>(e)] = b2t;
         }
     }

@@ -424,14 +424,20 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
     for (Index i = 0; i < rows; ++i) zc.emplace_back(zs + i * r, r);
     part.resize(static_cast<std::size_t>(groups * rows * Q));
     const bool par = rows * h >= mix_parallel_min();
+    // With few rows (decode) packing all experts' columns would cost more than the rows: read the
+    // factors in place (possible when no padding rows are needed; same values, same order).
+    const bool direct = r == Q && rows < 4 * experts;
     for_groups(h, par, [&](Index c0, Index c1, Index grp) {
-        const Index nc = c1 - c0, fsize = experts * Q * nc;
+        const Index nc = c1 - c0, fsize = direct ? 0 : experts * Q * nc;
         auto& buf = fused_scratch<T>();
         buf.resize(static_cast<std::size_t>(2 * fsize));
         T* fb = buf.data();
         T* fa = fb + fsize;
-        pack_factor_cols<Q>(fb, B1T, experts, r, h, c0, nc);
-        pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc);
+        if (!direct) {
+            pack_factor_cols<Q>(fb, B1T, experts, r, h, c0, nc);
+            pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc);
+        }
+        const Index ld = direct ? h : nc;
         T* pg = part.data() + grp * rows * Q;
         const T* bias = b1 ? b1 + c0 : nullptr;
         const Index total = static_cast<Index>(order.rows.size());
@@ -439,8 +445,8 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
         const Index spans = static_cast<Index>(order.span.size()) - 1;
         for (Index sp = 0; sp < spans; ++sp) {
             const Index e = sp % experts;
-            const T* fbe = fb + e * Q * nc;
-            const T* fae = fa + e * Q * nc;
+            const T* fbe = direct ? B1T[e] + c0 : fb + e * Q * nc;
+            const T* fae = direct ? A2[e] + c0 : fa + e * Q * nc;
             const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
             for (Index x = x0; x < x1; x += 2) {
                 const int R = x + 1 < x1 ? 2 : 1;
@@ -452,9 +458,9 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
                     if (x + y + 2 < total) prefetch(H.row_ptr(order.rows[static_cast<std::size_t>(x + y + 2)] / k) + c0, nc);
                 }
                 if (R == 2)
-                    mix_forward_rows<Q, 2>(rw, bias, fbe, fae, nc, nc);
+                    mix_forward_rows<Q, 2>(rw, bias, fbe, fae, ld, nc);
                 else
-                    mix_forward_rows<Q, 1>(rw, bias, fbe, fae, nc, nc);
+                    mix_forward_rows<Q, 1>(rw, bias, fbe, fae, ld, nc);
             }
         }
     });
