@@ -3,6 +3,7 @@
 #include "bench_common.hpp"
 
 #include <comigs/kernels/elementwise.hpp>
+#include <comigs/kernels/fused.hpp>
 #include <comigs/kernels/gemm_bf16.hpp>
 #include <comigs/kernels/lowrank.hpp>
 
@@ -144,6 +145,78 @@ void lowrank_rows_bench(benchmark::State& state) {
                                                    benchmark::Counter::kIsRate);
 }
 
+/// Routed rows of the GPT-2 mixture for the fused-pass benchmarks: random top-2 routing over E experts.
+struct FusedRows {
+    static constexpr Index n = kT, h = Gpt2Shape::h, r = Gpt2Shape::r, E = Gpt2Shape::E, k = Gpt2Shape::k;
+    std::vector<float> H, b1, M, dM, dH, zs, qg, z2, dz, udm, fb, fa, ga, gb, part;
+    std::vector<std::int32_t> expert;
+    std::vector<float> gate;
+    std::vector<const float*> B1T, A2;
+    std::vector<float*> gA2, gB1T;
+    FusedRows() {
+        Rng rng(4);
+        H = random_vector<float>(static_cast<std::size_t>(n * h), rng);
+        dM = random_vector<float>(H.size(), rng);
+        b1 = random_vector<float>(static_cast<std::size_t>(h), rng, 0.02);
+        M.assign(H.size(), 0.0f);
+        dH.assign(H.size(), 0.0f);
+        zs = random_vector<float>(static_cast<std::size_t>(n * k * r), rng, 0.1);
+        qg = random_vector<float>(zs.size(), rng, 0.1);
+        z2.assign(zs.size(), 0.0f);
+        dz.assign(zs.size(), 0.0f);
+        udm.assign(static_cast<std::size_t>(n * k), 0.0f);
+        fb = random_vector<float>(static_cast<std::size_t>(E * r * h), rng, 0.01);
+        fa = random_vector<float>(fb.size(), rng, 0.01);
+        ga.assign(fb.size(), 0.0f);
+        gb.assign(fb.size(), 0.0f);
+        for (Index t = 0; t < n; ++t) {
+            const auto e0 = static_cast<std::int32_t>(rng.uniform() * E) % E;
+            const auto e1 = static_cast<std::int32_t>((e0 + 1 + static_cast<std::int32_t>(rng.uniform() * (E - 1))) % E);
+            expert.push_back(e0);
+            expert.push_back(e1);
+            const float g = static_cast<float>(0.5 + 0.5 * rng.uniform());
+            gate.push_back(g);
+            gate.push_back(1.0f - g);
+        }
+        for (Index e = 0; e < E; ++e) {
+            B1T.push_back(fb.data() + e * r * h);
+            A2.push_back(fa.data() + e * r * h);
+            gA2.push_back(ga.data() + e * r * h);
+            gB1T.push_back(gb.data() + e * r * h);
+        }
+    }
+};
+
+// Kernel: kernels::gelu_mixture_forward, the one-pass forward of the 2048 routed rows (rank-r update,
+// bias, GELU, gate mix into m, A2 projection) at GPT-2 shapes.
+void mixture_rows_fwd(benchmark::State& state) {
+    FusedRows f;
+    for (auto _ : state) {
+        kernels::gelu_mixture_forward(MatrixView<float>(f.M.data(), f.n, f.h), f.z2.data(),
+                                      ConstMatrixView<float>(f.H.data(), f.n, f.h), f.b1.data(), f.k, f.expert.data(),
+                                      f.gate.data(), f.zs.data(), f.B1T.data(), f.A2.data(), f.E, f.r, f.part);
+        benchmark::DoNotOptimize(f.M.data());
+    }
+    state.SetItemsProcessed(state.iterations() * f.n);
+}
+
+// Kernel: kernels::gelu_mixture_backward, the one-pass backward of the routed rows (dH, dz, u . dm and
+// the dA2 / dB1 gradients) at GPT-2 shapes.
+void mixture_rows_bwd(benchmark::State& state) {
+    FusedRows f;
+    for (auto _ : state) {
+        kernels::gelu_mixture_backward(MatrixView<float>(f.dH.data(), f.n, f.h), f.dz.data(), f.udm.data(),
+                                       ConstMatrixView<float>(f.dM.data(), f.n, f.h),
+                                       ConstMatrixView<float>(f.H.data(), f.n, f.h), f.b1.data(), f.k,
+                                       f.expert.data(), f.gate.data(), f.zs.data(), f.qg.data(), f.B1T.data(),
+                                       f.A2.data(), f.gA2.data(), f.h, f.gB1T.data(), f.E, 0.5f, f.r, f.part);
+        benchmark::DoNotOptimize(f.dH.data());
+    }
+    state.SetItemsProcessed(state.iterations() * f.n);
+}
+
+BENCHMARK(mixture_rows_fwd)->Name("mixture_rows_fwd/fp32/gpt2")->UseRealTime();
+BENCHMARK(mixture_rows_bwd)->Name("mixture_rows_bwd/fp32/gpt2")->UseRealTime();
 BENCHMARK(lowrank_outer_bench)->Name("lowrank_outer/fp32/gpt2")->UseRealTime();
 BENCHMARK(lowrank_rows_bench)->Name("lowrank_rows/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(gemm_eigen_fp32, gpt2, kT)->Name("gemm_eigen/fp32/gpt2")->UseRealTime();

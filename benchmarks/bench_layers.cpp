@@ -184,13 +184,15 @@ void naive_mixture_fwd_bwd(benchmark::State& state, Index tokens) {
     set_counters(state, tokens, base_flops_fwd_bwd(tokens, d, s.cfg.d_hidden));
 }
 
-// Kernel: the four frozen base GEMMs exactly as the layer issues them (FrozenLinear::forward with
-// bias for fc, without for proj, backward_input for both), at the layer's shapes.
+// Kernel: the four frozen base GEMMs exactly as the layer issues them (FrozenLinear::forward without
+// bias for fc and proj: the layer adds both biases in its own passes; backward_input for both), at
+// the layer's shapes.
 void base_gemms(benchmark::State& state, Index tokens, bool bf16) {
     LayerSetup s(tokens, bf16);
     const Index d = s.cfg.d_model, h = s.cfg.d_hidden;
     std::vector<float> hbuf(static_cast<std::size_t>(tokens * h)), mbuf(hbuf.size(), 0.01f);
-    const auto fc = s.base->linear("fc");
+    auto fc = s.base->linear("fc");
+    fc.bias = {};
     auto proj = s.base->linear("proj");
     proj.bias = {};
     for (auto _ : state) {

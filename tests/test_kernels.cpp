@@ -12,7 +12,9 @@
 #include <comigs/mixture.hpp>
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -539,4 +541,251 @@ TEST_CASE_TEMPLATE("MixtureOfLoraMlp: one-pass row kernels equal the separate ke
             CHECK(scale > 1e-3);
             for (std::size_t i = 0; i < out[0].size(); ++i) REQUIRE(std::abs(out[0][i] - out[1][i]) <= tol * scale);
         }
+}
+
+namespace {
+
+/// Routed rows for the fused-pass tests: n tokens, k distinct experts each (a rotation of a random
+/// start), gates in (0, 1).
+struct RoutedRows {
+    std::vector<std::int32_t> expert;
+    std::vector<double> gate;
+    RoutedRows(Index n, Index k, Index E, Rng& rng) {
+        for (Index t = 0; t < n; ++t) {
+            const auto e0 = static_cast<std::int32_t>(rng.uniform() * double(E)) % static_cast<std::int32_t>(E);
+            for (Index j = 0; j < k; ++j) {
+                expert.push_back(static_cast<std::int32_t>((e0 + 2 * j + (j > 0 && 2 * j >= E ? 1 : 0)) % E));
+                gate.push_back(0.1 + 0.8 * rng.uniform());
+            }
+        }
+    }
+};
+
+/// The plain-loop reference of the fused forward and backward (kernels/fused.hpp), in double.
+struct FusedReference {
+    std::vector<double> M, z2, dH, dz, udm, gA2, gB1T;
+    FusedReference(Index n, Index h, Index k, Index E, Index r, const std::vector<double>& H, const std::vector<double>& b1,
+                   const RoutedRows& route, const std::vector<double>& zs, const std::vector<double>& qg,
+                   const std::vector<double>& B1T, const std::vector<double>& A2, const std::vector<double>& dM,
+                   const std::vector<double>& gA2_0, double s) {
+        M.assign(static_cast<std::size_t>(n * h), 0.0);
+        dH = M;
+        z2.assign(static_cast<std::size_t>(n * k * r), 0.0);
+        dz = z2;
+        udm.assign(static_cast<std::size_t>(n * k), 0.0);
+        gA2 = gA2_0;
+        gB1T.assign(static_cast<std::size_t>(E * r * h), 0.0);
+        for (Index t = 0; t < n; ++t)
+            for (Index j = 0; j < k; ++j) {
+                const Index i = t * k + j, e = route.expert[static_cast<std::size_t>(i)];
+                const double g = route.gate[static_cast<std::size_t>(i)];
+                for (Index c = 0; c < h; ++c) {
+                    double p = H[static_cast<std::size_t>(t * h + c)] + b1[static_cast<std::size_t>(c)];
+                    double du = g * dM[static_cast<std::size_t>(t * h + c)];
+                    for (Index q = 0; q < r; ++q) {
+                        p += zs[static_cast<std::size_t>(i * r + q)] * B1T[static_cast<std::size_t>((e * r + q) * h + c)];
+                        du += qg[static_cast<std::size_t>(i * r + q)] * A2[static_cast<std::size_t>((e * r + q) * h + c)];
+                    }
+                    const double u = kernels::gelu_tanh(p), dp = du * kernels::gelu_tanh_grad(p);
+                    M[static_cast<std::size_t>(t * h + c)] += g * u;
+                    dH[static_cast<std::size_t>(t * h + c)] += dp;
+                    udm[static_cast<std::size_t>(i)] += u * dM[static_cast<std::size_t>(t * h + c)];
+                    for (Index q = 0; q < r; ++q) {
+                        z2[static_cast<std::size_t>(i * r + q)] += A2[static_cast<std::size_t>((e * r + q) * h + c)] * u;
+                        dz[static_cast<std::size_t>(i * r + q)] += s * B1T[static_cast<std::size_t>((e * r + q) * h + c)] * dp;
+                        gA2[static_cast<std::size_t>((e * r + q) * h + c)] += qg[static_cast<std::size_t>(i * r + q)] * u;
+                        gB1T[static_cast<std::size_t>((e * r + q) * h + c)] += zs[static_cast<std::size_t>(i * r + q)] * dp;
+                    }
+                }
+            }
+    }
+};
+
+template <class T>
+std::vector<T> cast_vec(const std::vector<double>& v) {
+    return std::vector<T>(v.begin(), v.end());
+}
+
+/// max |a - b| <= tol * max |b| (and the reference is not all zero).
+template <class T>
+void check_close(const T* a, const std::vector<double>& b, double tol, const char* what) {
+    double scale = 0, err = 0;
+    for (std::size_t i = 0; i < b.size(); ++i) {
+        scale = std::max(scale, std::abs(b[i]));
+        err = std::max(err, std::abs(double(a[i]) - b[i]));
+    }
+    CAPTURE(what);
+    CHECK(scale > 0);
+    CHECK(err <= tol * scale);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("fused mixture passes equal plain loops: ranks 1..8, odd widths, groups, tails, padded strides", T,
+                   float, double) {
+    const double tol = std::is_same_v<T, float> ? 3e-5 : 1e-12;
+    Rng rng(21);
+    const Index E = 4, n = 11;
+    for (Index r : {Index(1), Index(3), Index(4), Index(5), Index(8)})
+        for (Index h : {Index(1), Index(17), Index(48), Index(61), Index(96)})
+            for (Index k : {Index(1), Index(2), Index(3)})
+                for (Index group : {Index(1), Index(7), Index(32), Index(256)})
+                    for (Index block : {Index(1), Index(4), Index(64)}) {
+                        CAPTURE(r);
+                        CAPTURE(h);
+                        CAPTURE(k);
+                        CAPTURE(group);
+                        CAPTURE(block);
+                        Knob<Index> gc(kernels::detail::mix_group_cols(), group);
+                        Knob<Index> tb(kernels::detail::mix_token_block(), block);
+                        const RoutedRows route(n, k, E, rng);
+                        auto rnd = [&](Index count, double sd) {
+                            std::vector<double> v(static_cast<std::size_t>(count));
+                            for (double& x : v) x = rng.normal(0.0, sd);
+                            return v;
+                        };
+                        const auto H = rnd(n * h, 1.0), b1 = rnd(h, 0.3), dM = rnd(n * h, 1.0);
+                        const auto zs = rnd(n * k * r, 0.5), qg = rnd(n * k * r, 0.5);
+                        const auto B1T = rnd(E * r * h, 0.5), A2 = rnd(E * r * h, 0.5), gA2_0 = rnd(E * r * h, 0.5);
+                        const double s = 0.75;
+                        const FusedReference ref(n, h, k, E, r, H, b1, route, zs, qg, B1T, A2, dM, gA2_0, s);
+                        // The kernels' operands: padded strides and a one-element offset for the big ones.
+                        const Index ld = h + 3;
+                        auto padded = [&](const std::vector<double>& v) {
+                            std::vector<T> p(static_cast<std::size_t>(n * ld + 1), T(7));
+                            for (Index t = 0; t < n; ++t)
+                                for (Index c = 0; c < h; ++c)
+                                    p[static_cast<std::size_t>(1 + t * ld + c)] = static_cast<T>(v[static_cast<std::size_t>(t * h + c)]);
+                            return p;
+                        };
+                        auto unpad = [&](const std::vector<T>& p) {
+                            std::vector<T> v(static_cast<std::size_t>(n * h));
+                            for (Index t = 0; t < n; ++t)
+                                for (Index c = 0; c < h; ++c)
+                                    v[static_cast<std::size_t>(t * h + c)] = p[static_cast<std::size_t>(1 + t * ld + c)];
+                            return v;
+                        };
+                        const auto Hp = padded(H), dMp = padded(dM);
+                        std::vector<T> Mp(Hp.size(), T(7)), dHp(Hp.size(), T(7));
+                        const auto b1f = cast_vec<T>(b1), zsf = cast_vec<T>(zs), qgf = cast_vec<T>(qg);
+                        const auto B1Tf = cast_vec<T>(B1T), A2f = cast_vec<T>(A2);
+                        auto gA2f = cast_vec<T>(gA2_0);
+                        std::vector<T> gB1Tf(B1Tf.size(), T(7));
+                        std::vector<const T*> fb, fa;
+                        std::vector<T*> ga, gb;
+                        for (Index e = 0; e < E; ++e) {
+                            fb.push_back(B1Tf.data() + e * r * h);
+                            fa.push_back(A2f.data() + e * r * h);
+                            ga.push_back(gA2f.data() + e * r * h);
+                            gb.push_back(gB1Tf.data() + e * r * h);
+                        }
+                        const auto gate = cast_vec<T>(route.gate);
+                        std::vector<T> z2(static_cast<std::size_t>(n * k * r)), dz(z2.size()), udm(static_cast<std::size_t>(n * k)),
+                            part;
+                        kernels::gelu_mixture_forward(MatrixView<T>(Mp.data() + 1, n, h, ld), z2.data(),
+                                                      ConstMatrixView<T>(Hp.data() + 1, n, h, ld), b1f.data(), k,
+                                                      route.expert.data(), gate.data(), zsf.data(), fb.data(), fa.data(),
+                                                      E, r, part);
+                        kernels::gelu_mixture_backward(MatrixView<T>(dHp.data() + 1, n, h, ld), dz.data(), udm.data(),
+                                                       ConstMatrixView<T>(dMp.data() + 1, n, h, ld),
+                                                       ConstMatrixView<T>(Hp.data() + 1, n, h, ld), b1f.data(), k,
+                                                       route.expert.data(), gate.data(), zsf.data(), qgf.data(), fb.data(),
+                                                       fa.data(), ga.data(), h, gb.data(), E, T(s), r, part);
+                        check_close(unpad(Mp).data(), ref.M, tol, "M");
+                        check_close(z2.data(), ref.z2, tol, "z2");
+                        check_close(unpad(dHp).data(), ref.dH, tol, "dH");
+                        check_close(dz.data(), ref.dz, tol, "dz");
+                        check_close(udm.data(), ref.udm, tol, "u.dm");
+                        check_close(gA2f.data(), ref.gA2, tol, "dA2");
+                        check_close(gB1Tf.data(), ref.gB1T, tol, "dB1^T");
+                        // The padding between rows is never written.
+                        CHECK(Mp[0] == T(7));
+                        if (h > 0) CHECK(Mp[static_cast<std::size_t>(1 + h)] == T(7));
+                        CHECK(dHp[static_cast<std::size_t>(1 + h + 1)] == T(7));
+                    }
+}
+
+TEST_CASE("fused mixture passes: bitwise identical for 1, 2 and 3 threads and from run to run") {
+    Knob<Index> pmin(kernels::detail::mix_parallel_min(), 0);
+    Knob<Index> gc(kernels::detail::mix_group_cols(), 16);
+    Knob<Index> tb(kernels::detail::mix_token_block(), 5);
+    Rng rng(22);
+    const Index n = 29, h = 203, k = 2, E = 3, r = 7;
+    const RoutedRows route(n, k, E, rng);
+    const auto gate = cast_vec<float>(route.gate);
+    auto rnd = [&](Index count) { return randn<float>(static_cast<std::size_t>(count), rng, 0.5); };
+    const auto H = rnd(n * h), dM = rnd(n * h), b1 = rnd(h), zs = rnd(n * k * r), qg = rnd(n * k * r);
+    const auto B1T = rnd(E * r * h), A2 = rnd(E * r * h);
+    std::vector<std::vector<float>> results;
+    for (int threads : {1, 2, 3, 2}) {
+        std::vector<float> M(H.size()), dH(H.size()), z2(static_cast<std::size_t>(n * k * r)), dz(z2.size()),
+            udm(static_cast<std::size_t>(n * k)), gA2(B1T.size(), 0.5f), gB1T(B1T.size()), part;
+        std::vector<const float*> fb, fa;
+        std::vector<float*> ga, gb;
+        for (Index e = 0; e < E; ++e) {
+            fb.push_back(B1T.data() + e * r * h);
+            fa.push_back(A2.data() + e * r * h);
+            ga.push_back(gA2.data() + e * r * h);
+            gb.push_back(gB1T.data() + e * r * h);
+        }
+        with_threads(threads, [&] {
+            kernels::gelu_mixture_forward(MatrixView<float>(M.data(), n, h), z2.data(), ConstMatrixView<float>(H.data(), n, h),
+                                          b1.data(), k, route.expert.data(), gate.data(), zs.data(), fb.data(), fa.data(), E,
+                                          r, part);
+            kernels::gelu_mixture_backward(MatrixView<float>(dH.data(), n, h), dz.data(), udm.data(),
+                                           ConstMatrixView<float>(dM.data(), n, h), ConstMatrixView<float>(H.data(), n, h),
+                                           b1.data(), k, route.expert.data(), gate.data(), zs.data(), qg.data(), fb.data(),
+                                           fa.data(), ga.data(), h, gb.data(), E, 0.5f, r, part);
+        });
+        std::vector<float> all(M);
+        for (const auto* v : {&dH, &z2, &dz, &udm, &gA2, &gB1T}) all.insert(all.end(), v->begin(), v->end());
+        results.push_back(all);
+    }
+    for (std::size_t i = 1; i < results.size(); ++i)
+        CHECK(std::memcmp(results[0].data(), results[i].data(), results[0].size() * sizeof(float)) == 0);
+}
+
+TEST_CASE_TEMPLATE("simd::reduce_add_rows sums each batch; simd::sigmoid_fast is within a few ulp", T, float, double) {
+    using B = kernels::simd::batch<T>;
+    constexpr Index w = static_cast<Index>(kernels::simd::width<T>);
+    Rng rng(23);
+    B v[8];
+    std::vector<T> lanes(static_cast<std::size_t>(8 * w));
+    for (T& x : lanes) x = static_cast<T>(rng.normal());
+    for (Index i = 0; i < 8; ++i) v[i] = kernels::simd::load(lanes.data() + i * w);
+    T out8[8], out4[4];
+    kernels::simd::reduce_add_rows<8>(v, out8);
+    kernels::simd::reduce_add_rows<4>(v, out4);
+    for (Index i = 0; i < 8; ++i) {
+        double s = 0, mag = 0;
+        for (Index l = 0; l < w; ++l) {
+            s += lanes[static_cast<std::size_t>(i * w + l)];
+            mag += std::abs(double(lanes[static_cast<std::size_t>(i * w + l)]));
+        }
+        CHECK(std::abs(out8[i] - s) <= w * eps<T>() * mag);
+        if (i < 4) CHECK(out4[i] == out8[i]);
+    }
+    if constexpr (std::is_same_v<T, float>) {
+        // Every argument from -120 to 120 in steps of 1/64, plus the extremes, against double.
+        std::vector<float> xs;
+        for (int i = -120 * 64; i <= 120 * 64; ++i) xs.push_back(float(i) / 64.0f);
+        for (float x : {1e-30f, -1e-30f, 3e38f, -3e38f, std::numeric_limits<float>::infinity(),
+                        -std::numeric_limits<float>::infinity()})
+            xs.push_back(x);
+        while (xs.size() % static_cast<std::size_t>(w) != 0) xs.push_back(0.5f);
+        for (std::size_t i = 0; i < xs.size(); i += static_cast<std::size_t>(w)) {
+            alignas(64) float out[64];
+            kernels::simd::store(out, kernels::simd::sigmoid_fast(kernels::simd::load(xs.data() + i)));
+            for (std::size_t l = 0; l < static_cast<std::size_t>(w); ++l) {
+                const double x = xs[i + l];
+                const double ref = 1.0 / (1.0 + std::exp(-std::clamp(x, -80.0, 80.0)));
+                CAPTURE(x);
+                REQUIRE(std::abs(out[l] - ref) <= 8 * eps<float>() * ref);
+            }
+        }
+        alignas(64) float nan_in[64], nan_out[64];
+        for (Index l = 0; l < w; ++l) nan_in[l] = std::numeric_limits<float>::quiet_NaN();
+        kernels::simd::store(nan_out, kernels::simd::sigmoid_fast(kernels::simd::load(nan_in)));
+        for (Index l = 0; l < w; ++l) CHECK(std::isfinite(nan_out[l]));
+    }
 }

@@ -259,12 +259,18 @@ public:
         n_ = n;
         x_.resize(static_cast<std::size_t>(n * d));
         MatrixView<T> xs(x_.data(), n, d);
+#pragma omp parallel for schedule(static) if (n * d > 65536)
         for (Index t = 0; t < n; ++t) std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs.row_ptr(t));
         router_forward(route_, ConstMatrixView<T>(xs), router_weight(), rcfg_, training, rng);
         groups_.build(route_);
         const Index k = route_.slots, rows = n * k;
         dropped_ = training && cfg_.dropout > 0.0;
         if (dropped_) require(rng != nullptr, "rng: dropout ", cfg_.dropout, " in training needs a generator");
+        fused_ = fused_path();
+        if (fused_) {
+            forward_fused(y, xs);
+            return route_.lb_loss;
+        }
 
         // LoRA input of the first stage: x, or x with one dropout mask shared by the experts.
         ConstMatrixView<T> xl = xs;
@@ -299,7 +305,6 @@ public:
         auto M = detail::as_view(m_, n, h);
         auto Z2 = detail::as_view(z2_, rows, r);
         auto Zs = detail::as_view(z2s_, n, E * r);
-        const bool fused = fused_path();
 #pragma omp parallel for schedule(static) if (rows * h > 65536)
         for (Index t = 0; t < n; ++t) {
             thread_local std::vector<T> scratch;
@@ -312,18 +317,6 @@ public:
                 for (Index f = 0; f < nf; ++f)
                     kernels::lowrank_project(z1_[static_cast<std::size_t>(f)].data() + t * E * r + e * r,
                                              factor(fa1_, f, e), xl.row_ptr(t), r, d);
-                if (fused) {
-                    // GPT-2 form, no dropout, r <= 8: the whole row in one pass (kernels/fused.hpp).
-                    T zsc[kernels::fused_max_rank];
-                    const T* z1 = z1_[0].data() + t * E * r + e * r;
-                    for (Index c = 0; c < r; ++c) zsc[c] = s_ * z1[c];
-                    T* z = Z2.row_ptr(i);
-                    kernels::gelu_row_forward(U.row_ptr(i), mt, j == 0, g, z, pre_[0].data() + t * h, zsc,
-                                              factor(fb1t_, 0, e), factor(fa2_, 0, e), r, h);
-                    T* zs = Zs.row_ptr(t) + e * r;
-                    for (Index c = 0; c < r; ++c) zs[c] = s_ * g * z[c];
-                    continue;
-                }
                 T* u = U.row_ptr(i);
                 preactivations(scratch.data(), t, e);
                 if (cfg_.form == MlpForm::gelu)
@@ -374,6 +367,11 @@ public:
         require(!x_.empty() || n == 0, "mixture backward: no forward to differentiate");
         require_shape(dy, n, d, "mixture output gradient dy");
         if (!dx.empty()) require_shape(dx, n, d, "mixture input gradient dx");
+        prepare_factors();
+        if (fused_) {
+            backward_fused(dx, dy, lb_grad);
+            return;
+        }
         const Index k = route_.slots, rows = n * k;
         const Index nf = static_cast<Index>(first_.size());
         const ConstMatrixView<T> xs(x_.data(), n, d);
@@ -381,7 +379,6 @@ public:
         const ConstMatrixView<T> U(act_.data(), rows, h);
         const ConstMatrixView<T> Ul = dropped_ ? ConstMatrixView<T>(udrop_.data(), rows, h) : U;
         const auto second = base_->linear(second_);
-        prepare_factors();
 
         // dm = dy W2: one base GEMM.
         auto dM = detail::as_view(work_h_, n, h);
@@ -407,7 +404,6 @@ public:
         // the pre-activation gradients dp (kept for the LoRA gradients), their token sums dH (input of
         // the base input-gradient GEMM), dz1 = s B1e^T dp and its input gradient A1e^T dz1. p is
         // recomputed from H (cheaper than keeping it).
-        const bool fused = fused_path();
 #pragma omp parallel for schedule(static) if (rows * h > 65536)
         for (Index t = 0; t < n; ++t) {
             thread_local std::vector<T> scratch;
@@ -429,18 +425,6 @@ public:
                 T* qg = Qg.row_ptr(i);
                 for (Index c = 0; c < r; ++c) qg[c] = g * s_ * q[c];
                 const T* u = U.row_ptr(i);
-                if (fused) {
-                    T zsc[kernels::fused_max_rank];
-                    const T* z1 = z1_[0].data() + t * E * r + e * r;
-                    for (Index c = 0; c < r; ++c) zsc[c] = s_ * z1[c];
-                    T* dz = DZ[0].row_ptr(t) + e * r;
-                    const T udm = kernels::gelu_row_backward(dP[0].row_ptr(i), dH[0].row_ptr(t), j == 0, dz, s_, dm, g,
-                                                             qg, factor(fa2_, 0, e), pre_[0].data() + t * h, zsc,
-                                                             factor(fb1t_, 0, e), u, r, h);
-                    dgate[static_cast<std::size_t>(t * k + j)] = udm + bias_dot + s_ * kernels::dot(Z2.row_ptr(i), q, r);
-                    kernels::lowrank_accumulate(dxt, dz, factor(fa1_, 0, e), r, d);
-                    continue;
-                }
                 dgate[static_cast<std::size_t>(t * k + j)] =
                     kernels::dot(u, dm, h) + bias_dot + s_ * kernels::dot(Z2.row_ptr(i), q, r);
                 kernels::scale_copy(du, g, dm, h);
@@ -539,19 +523,171 @@ private:
         fb1t_.assign(nf * static_cast<std::size_t>(E), nullptr);
         fb2t_.assign(static_cast<std::size_t>(E), nullptr);
         for (Index e = 0; e < E; ++e) {
+            // An expert no token chose is never multiplied with: its transposes are skipped (decode
+            // routes one token to k of E experts). Its pointers stay valid for the packing loops.
+            const bool used = groups_.count(e) > 0;
             for (std::size_t f = 0; f < nf; ++f) {
                 const std::size_t fe = f * static_cast<std::size_t>(E) + static_cast<std::size_t>(e);
                 fa1_[fe] = A(e, first_[f]).data;
                 T* bt = fb1t_store_.data() + static_cast<Index>(fe) * r * h;
-                kernels::transpose_into(bt, B(e, first_[f]));
+                if (used) kernels::transpose_into(bt, B(e, first_[f]));
                 fb1t_[fe] = bt;
             }
             fa2_[static_cast<std::size_t>(e)] = A(e, second_).data;
             T* b2t = fb2t_store_.data() + e * r * d;
-            kernels::transpose_into(b2t, B(e, second_));
+            if (used) kernels::transpose_into(b2t, B(e, second_));
             fb2t_[static_cast<std::size_t>(e)] = b2t;
         }
     }
+    /// Forward of the GELU form through the one-pass kernels (kernels/fused.hpp), after routing.
+    /// Per routed row i = t k + j (token-major): zs = s A1e x, z2 = A2e u; nothing of size
+    /// [rows, hidden] is kept: backward recomputes u from H.
+    void forward_fused(MatrixView<T> y, ConstMatrixView<T> xs) {
+        const Index n = xs.rows, d = cfg_.d_model, h = cfg_.d_hidden, r = cfg_.rank, k = route_.slots, rows = n * k;
+        // H = x W1^T without the bias: the row passes add it while H is in registers.
+        auto fc = base_->linear(first_[0]);
+        const auto b1 = fc.bias;
+        fc.bias = {};
+        pre_.resize(1);
+        const auto H = detail::as_view(pre_[0], n, h);
+        fc.forward(H, xs);
+        prepare_factors();
+        T* zs = detail::as_view(rz1_, rows, r).data;
+#pragma omp parallel for schedule(static) if (rows * r * d > 65536)
+        for (Index t = 0; t < n; ++t)
+            for (Index j = 0; j < k; ++j) {
+                const Index i = t * k + j;
+                kernels::lowrank_project(zs + i * r, factor(fa1_, 0, route_.expert[static_cast<std::size_t>(i)]),
+                                         xs.row_ptr(t), r, d, s_);
+            }
+        const auto M = detail::as_view(m_, n, h);
+        T* z2 = detail::as_view(rz2_, rows, r).data;
+        kernels::gelu_mixture_forward(M, z2, ConstMatrixView<T>(H), b1.empty() ? nullptr : b1.data(), k,
+                                      route_.expert.data(), route_.gate.data(), zs, fb1t_.data(), fa2_.data(), cfg_.n_experts, r,
+                                      part_);
+
+        // y = W2 m (one base GEMM) + (sum g) b2 + sum_j B2e (s g z2).
+        auto second = base_->linear(second_);
+        const auto b2 = second.bias;
+        second.bias = {};
+        second.forward(y, M);
+        T* z2g = detail::as_view(rz2g_, rows, r).data;
+#pragma omp parallel for schedule(static) if (rows * r * d > 65536)
+        for (Index t = 0; t < n; ++t) {
+            T* yt = y.row_ptr(t);
+            T gs = T(0);
+            for (Index j = 0; j < k; ++j) {
+                const Index i = t * k + j;
+                const T g = route_.gate[static_cast<std::size_t>(i)];
+                gs += g;
+                for (Index c = 0; c < r; ++c) z2g[i * r + c] = s_ * g * z2[i * r + c];
+                kernels::lowrank_accumulate(yt, z2g + i * r, factor(fb2t_, 0, route_.expert[static_cast<std::size_t>(i)]),
+                                            r, d);
+            }
+            if (!b2.empty()) kernels::axpy(yt, gs, b2.data(), d);
+        }
+    }
+
+    /// Backward of forward_fused (prepare_factors() already ran).
+    void backward_fused(MatrixView<T> dx, ConstMatrixView<T> dy, T lb_grad) {
+        const Index n = n_, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
+        const Index k = route_.slots, rows = n * k;
+        const ConstMatrixView<T> xs(x_.data(), n, d);
+        const auto fc = base_->linear(first_[0]);
+        const auto second = base_->linear(second_);
+        const T* b1 = fc.bias.empty() ? nullptr : fc.bias.data();
+
+        // dm = dy W2: one base GEMM.
+        const auto dM = detail::as_view(work_h_, n, h);
+        second.backward_input(dM, dy, false);
+
+        // Per routed row: q = B2e^T dy and qg = g s q (rank r).
+        T* q = detail::as_view(rq_, rows, r).data;
+        T* qg = detail::as_view(rqg_, rows, r).data;
+#pragma omp parallel for schedule(static) if (rows * r * d > 65536)
+        for (Index t = 0; t < n; ++t)
+            for (Index j = 0; j < k; ++j) {
+                const Index i = t * k + j;
+                const T g = route_.gate[static_cast<std::size_t>(i)];
+                kernels::lowrank_project(q + i * r, factor(fb2t_, 0, route_.expert[static_cast<std::size_t>(i)]),
+                                         dy.row_ptr(t), r, d);
+                for (Index c = 0; c < r; ++c) qg[i * r + c] = g * s_ * q[i * r + c];
+            }
+
+        // The hidden-size pass: dH (input of the base input-gradient GEMM), dz = s B1^T dp, u . dm, and
+        // the gradients of A2 (in place) and B1 (transposed in gb1t_).
+        dh_.resize(1);
+        const auto dH = detail::as_view(dh_[0], n, h);
+        T* dz = detail::as_view(rdz_, rows, r).data;
+        T* udm = detail::as_view(rudm_, rows, 1).data;
+        detail::as_view(gb1t_, E * r, h);
+        gA2_.resize(static_cast<std::size_t>(E));
+        gB1_.resize(static_cast<std::size_t>(E));
+        Index ldg = h;
+        for (Index e = 0; e < E; ++e) {
+            const auto ga = grad_A(e, second_);
+            ldg = ga.stride;
+            gA2_[static_cast<std::size_t>(e)] = ga.data;
+            gB1_[static_cast<std::size_t>(e)] = gb1t_.data() + e * r * h;
+        }
+        kernels::gelu_mixture_backward(dH, dz, udm, ConstMatrixView<T>(dM), ConstMatrixView<T>(pre_[0].data(), n, h),
+                                       b1, k, route_.expert.data(), route_.gate.data(), rz1_.data(), qg, fb1t_.data(),
+                                       fa2_.data(), gA2_.data(), ldg, gB1_.data(), E, s_, r, part_);
+        for (Index e = 0; e < E; ++e) kernels::add_transposed(grad_B(e, first_[0]), gB1_[static_cast<std::size_t>(e)]);
+
+        // Per token: the gate gradients and the LoRA part of dx (A1e^T dz per routed row).
+        const T* z2 = rz2_.data();
+        std::vector<T>& dgate = dgate_;
+        dgate.resize(static_cast<std::size_t>(rows));
+#pragma omp parallel for schedule(static) if (rows * r * d > 65536)
+        for (Index t = 0; t < n; ++t) {
+            const T bias_dot = second.bias.empty() ? T(0) : kernels::dot(second.bias.data(), dy.row_ptr(t), d);
+            for (Index j = 0; j < k; ++j) {
+                const Index i = t * k + j;
+                dgate[static_cast<std::size_t>(i)] = udm[i] + bias_dot + s_ * kernels::dot(z2 + i * r, q + i * r, r);
+                if (!dx.empty())
+                    kernels::lowrank_accumulate(dx.row_ptr(t), dz + i * r,
+                                                factor(fa1_, 0, route_.expert[static_cast<std::size_t>(i)]), r, d);
+            }
+        }
+
+        // LoRA gradients over the model width, per expert over its routed rows:
+        // dB2 [d, r] += sum_i dy[t_i] (s g z2_i)^T and dA1 [r, d] += sum_i dz_i x[t_i]^T. Every expert's
+        // products in one parallel region: (expert, product, column part) items, round-robin.
+        auto zg = detail::as_view(work_gather_, rows, 2 * r);  // [s g z2 | dz] rows in group order
+        for (Index x = 0; x < rows; ++x) {
+            const auto gx = static_cast<std::size_t>(x);
+            const Index i = groups_.token[gx] * k + groups_.slot[gx];
+            std::copy(rz2g_.data() + i * r, rz2g_.data() + (i + 1) * r, zg.row_ptr(x));
+            std::copy(dz + i * r, dz + (i + 1) * r, zg.row_ptr(x) + r);
+        }
+        work_t_.assign(static_cast<std::size_t>(E * r * d), T(0));
+        const Index parts = kernels::lowrank_outer_parts<T>(d);
+#pragma omp parallel for schedule(static, 1) if (rows * r * d > 65536)
+        for (Index item = 0; item < E * 2 * parts; ++item) {
+            const Index e = item / (2 * parts), which = item / parts % 2, part = item % parts;
+            const Index ne = groups_.count(e), b = groups_.begin(e);
+            if (ne == 0) continue;
+            const Index* tok = groups_.token.data() + b;
+            if (which == 0) {
+                kernels::lowrank_outer_part(work_t_.data() + e * r * d, d, zg.row_ptr(b), 2 * r, dy.data, dy.stride,
+                                            tok, ne, r, d, T(1), part);
+            } else {
+                auto gA1 = grad_A(e, first_[0]);
+                kernels::lowrank_outer_part(gA1.data, gA1.stride, zg.row_ptr(b) + r, 2 * r, xs.data, xs.stride, tok,
+                                            ne, r, d, T(1), part);
+            }
+        }
+        for (Index e = 0; e < E; ++e)
+            if (groups_.count(e) > 0) kernels::add_transposed(grad_B(e, second_), work_t_.data() + e * r * d);
+
+        // The base input gradient: one GEMM, accumulated into dx.
+        if (!dx.empty()) fc.backward_input(dx, ConstMatrixView<T>(dH), true);
+        if (rcfg_.has_weight())
+            router_backward(dx, grads_.view("router.weight"), ConstMatrixView<T>(dgate.data(), n, k), lb_grad, xs,
+                            router_weight(), route_, rcfg_);
+    }
+
     /// Whether the one-pass row kernels (kernels/fused.hpp) apply: GELU form, no dropout, r <= 8.
     bool fused_path() const {
         return kernels::detail::fused_rows_enabled() && cfg_.form == MlpForm::gelu && !dropped_ &&
@@ -594,6 +730,11 @@ private:
     // Saved by forward for backward.
     Index n_ = 0;
     bool dropped_ = false;
+    bool fused_ = false;  // forward took forward_fused: backward takes backward_fused
+    // Per routed row (token-major, fused path): zs = s A1 x, z2 = A2 u, s g z2; backward's q, g s q,
+    // dz and u . dm; dB1 transposed per expert; the chunk partial sums of the fused kernels.
+    std::vector<T> rz1_, rz2_, rz2g_, rq_, rqg_, rdz_, rudm_, gb1t_, part_;
+    std::vector<T*> gA2_, gB1_;
     RoutingResult<T> route_;
     detail::ExpertGroups groups_;
     std::vector<T> x_, xdrop_, mask1_, udrop_, mask2_, act_, m_, z2_, z2s_;

@@ -1,15 +1,32 @@
 #pragma once
-// One-pass kernels for a routed row of the GELU mixture (rank r <= 8, no dropout): everything the
-// row needs from its expert's rank-r factors happens in a single sweep over the hidden size, so each
-// factor column is read once from L2 per row and no intermediate row is written. The mixture uses
-// them when they apply and the separate kernels (lowrank.hpp, elementwise.hpp) otherwise; both give
-// the same values up to rounding.
+// One-pass kernels for the routed rows of the GELU mixture (rank r <= 8, no dropout).
+//
+// Work is split over the hidden size: it is cut into fixed groups of columns (mix_group_cols), each
+// thread owns a contiguous range of groups for the whole pass, and inside a group it walks the tokens
+// a block at a time (mix_token_block), expert by expert. So:
+//   - an expert's factor columns for the group (B1^T and A2: 2 r rows, packed contiguously) stay in
+//     L1 while that expert's rows of the block go through, instead of being streamed from L2 per row;
+//   - the LoRA gradients dA2 and dB1 accumulate in the owner thread inside the same pass, so neither
+//     the activations u nor their gradients dp are ever written to memory (u is recomputed from the
+//     pre-activation in backward);
+//   - the per-row reductions over the hidden size (z2 = A2 u, dz = B1^T dp, u . dm) are summed per
+//     group, and the group sums are added in group order afterwards.
+// The group grid depends on the shapes alone, so every result is the same for any thread count. The
+// mixture falls back to the separate kernels (lowrank.hpp, elementwise.hpp) when these do not apply;
+// both give the same values up to rounding.
 #include <algorithm>
-#include <array>
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "../view.hpp"
 #include "elementwise.hpp"
+#include "lowrank.hpp"
 #include "simd.hpp"
 
 namespace comigs::kernels {
@@ -24,131 +41,573 @@ inline bool& fused_rows_enabled() {
     static bool on = true;
     return on;
 }
+/// Hidden-size columns per group of the fused passes: the unit of work a thread owns and of the
+/// per-row partial sums. Any value >= 1 works (tests shrink it to get many groups and tails).
+inline Index& mix_group_cols() {
+    static Index cols = 256;
+    return cols;
+}
+/// Tokens per block: the rows of a block are taken expert by expert.
+inline Index& mix_token_block() {
+    static Index tb = 64;
+    return tb;
+}
+/// Below this many routed-row elements (rows x hidden) the fused passes run on the calling thread.
+inline Index& mix_parallel_min() {
+    static Index m = 32768;
+    return m;
+}
 
 template <class T>
-inline T gelu_scalar(T x) {
+inline T gelu_sigmoid_scalar(T x, T* oms = nullptr) {
     const T two_a = x * (T(2) * GeluConst<T>::c * GeluConst<T>::a * x * x + T(2) * GeluConst<T>::c);
-    return x / (T(1) + std::exp(-two_a));
+    const T e = std::exp(-two_a), s = T(1) / (T(1) + e);
+    if (oms) *oms = s < T(0.5) ? T(1) - s : e * s;  // e may be inf where s = 0
+    return s;
+}
+/// s = sigmoid(2a(x)) (gelu(x) = x s) and 1 - s, the latter without cancellation.
+template <class B, class T = typename B::value_type>
+inline B gelu_sigmoid(const B& x, B* oms = nullptr) {
+    const B two_a = x * simd::fma(B(T(2) * GeluConst<T>::c * GeluConst<T>::a), x * x, B(T(2) * GeluConst<T>::c));
+    if constexpr (std::is_same_v<T, float>) {
+        B s, c;
+        simd::sigmoid_fast(two_a, s, c);  // a few ulp; the exact division costs more than the rest
+        if (oms) *oms = c;
+        return s;
+    } else {
+        const B e = simd::exp(-two_a), s = B(T(1)) / (B(T(1)) + e);
+        if (oms) *oms = simd::select(s < B(T(0.5)), B(T(1)) - s, e * s);  // e may be inf where s = 0
+        return s;
+    }
+}
+/// gelu'(x) from x, s = sigmoid(2a(x)) and oms = 1 - s: s + x s (1 - s) 2a'(x).
+template <class B, class T = typename B::value_type>
+inline B gelu_grad_from(const B& x, const B& s, const B& oms) {
+    const B two_da = simd::fma(B(T(6) * GeluConst<T>::c * GeluConst<T>::a), x * x, B(T(2) * GeluConst<T>::c));
+    return simd::fma(x * s * oms, two_da, s);
 }
 template <class T>
-inline T gelu_grad_scalar(T x) {
-    const T x2 = x * x;
-    const T two_a = x * (T(2) * GeluConst<T>::c * GeluConst<T>::a * x2 + T(2) * GeluConst<T>::c);
-    const T s = T(1) / (T(1) + std::exp(-two_a));
-    return x * s * (T(1) - s) * (T(6) * GeluConst<T>::c * GeluConst<T>::a * x2 + T(2) * GeluConst<T>::c) + s;
+inline T gelu_grad_from_scalar(T x, T s, T oms) {
+    const T two_da = T(6) * GeluConst<T>::c * GeluConst<T>::a * x * x + T(2) * GeluConst<T>::c;
+    return x * s * oms * two_da + s;
 }
 
-template <int Q, class T>
-void gelu_row_forward_q(T* u, T* m, bool first, T g, T* z2, const T* H, const T* zs, const T* B1T, const T* A2,
-                        Index h) {
-    using B = simd::batch<T>;
-    constexpr Index w = static_cast<Index>(simd::width<T>);
-    const Index hv = h / w * w;
-    B acc[Q];
-    for (int q = 0; q < Q; ++q) acc[q] = B(T(0));
-    const B gb(g);
-    for (Index c = 0; c < hv; c += w) {
-        B p = simd::load(H + c);
-        for (int q = 0; q < Q; ++q) p = simd::fma(B(zs[q]), simd::load(B1T + q * h + c), p);
-        const B uc = gelu_of(p);
-        simd::store(u + c, uc);
-        simd::store(m + c, first ? gb * uc : simd::fma(gb, uc, simd::load(m + c)));
-        for (int q = 0; q < Q; ++q) acc[q] = simd::fma(simd::load(A2 + q * h + c), uc, acc[q]);
-    }
-    std::array<T, Q> tail{};
-    for (Index c = hv; c < h; ++c) {
-        T p = H[c];
-        for (int q = 0; q < Q; ++q) p += zs[q] * B1T[q * h + c];
-        const T uc = gelu_scalar(p);
-        u[c] = uc;
-        m[c] = first ? g * uc : m[c] + g * uc;
-        for (int q = 0; q < Q; ++q) tail[static_cast<std::size_t>(q)] += A2[q * h + c] * uc;
-    }
-    for (int q = 0; q < Q; ++q) z2[q] = simd::reduce_add(acc[q]) + tail[static_cast<std::size_t>(q)];
+/// Contiguous range [lo, hi) of `count` items for the calling thread (all of it outside a parallel region).
+inline void thread_range(Index count, Index& lo, Index& hi) {
+#ifdef _OPENMP
+    const Index tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const Index tid = 0, nth = 1;
+#endif
+    lo = count * tid / nth;
+    hi = count * (tid + 1) / nth;
 }
 
+/// Prefetches [p, p + n) (elements) towards the cache for a later read.
+template <class T>
+inline void prefetch(const T* p, Index n) {
+#if defined(__GNUC__) || defined(__clang__)
+    const char* b = reinterpret_cast<const char*>(p);
+    const Index bytes = n * static_cast<Index>(sizeof(T));
+    for (Index o = 0; o < bytes; o += 64) __builtin_prefetch(b + o, 0, 3);
+#else
+    (void)p;
+    (void)n;
+#endif
+}
+
+/// The factor rows the kernels run with: the rank padded to 4 or 8 (zero rows and coefficients add
+/// exactly nothing), so that two instantiations serve every rank.
+inline constexpr int padded_rank(Index r) { return r <= 4 ? 4 : 8; }
+
+/// Columns [c0, c0 + nc) of the r rows of each expert's [r, h] factor (row stride h) packed into
+/// dst[e][q][0 .. nc), q < Q (rows r .. Q zero): contiguous, so that the rows share no L1 sets (rows h
+/// apart would, for h a multiple of 1024).
 template <int Q, class T>
-T gelu_row_backward_q(T* dp_out, T* dH, bool first, T* dz, T s, const T* dm, T g, const T* qg, const T* A2,
-                      const T* H, const T* zs, const T* B1T, const T* u, Index h) {
-    using B = simd::batch<T>;
-    constexpr Index w = static_cast<Index>(simd::width<T>);
-    const Index hv = h / w * w;
-    B acc[Q];
-    for (int q = 0; q < Q; ++q) acc[q] = B(T(0));
-    B dot(T(0));
-    const B gb(g);
-    for (Index c = 0; c < hv; c += w) {
-        const B dmc = simd::load(dm + c);
-        dot = simd::fma(simd::load(u + c), dmc, dot);
-        B du = gb * dmc;
-        for (int q = 0; q < Q; ++q) du = simd::fma(B(qg[q]), simd::load(A2 + q * h + c), du);
-        B p = simd::load(H + c);
-        B b1[Q];
-        for (int q = 0; q < Q; ++q) {
-            b1[q] = simd::load(B1T + q * h + c);
-            p = simd::fma(B(zs[q]), b1[q], p);
+inline void pack_factor_cols(T* dst, const T* const* src, Index experts, Index r, Index h, Index c0, Index nc) {
+    for (Index e = 0; e < experts; ++e)
+        for (Index q = 0; q < Q; ++q) {
+            T* d = dst + (e * Q + q) * nc;
+            if (q < r)
+                std::copy_n(src[e] + q * h + c0, nc, d);
+            else
+                std::fill(d, d + nc, T(0));
         }
-        const B dp = du * gelu_grad_of(p);
-        simd::store(dp_out + c, dp);
-        simd::store(dH + c, first ? dp : simd::load(dH + c) + dp);
-        for (int q = 0; q < Q; ++q) acc[q] = simd::fma(b1[q], dp, acc[q]);
+}
+
+/// Row coefficients padded to Q (zeros past r).
+template <int Q, class T>
+struct Coef {
+    T v[Q];
+    Coef(const T* src, Index r) {
+        for (Index q = 0; q < Q; ++q) v[q] = q < r ? src[q] : T(0);
     }
-    std::array<T, Q> tail{};
-    T dot_tail = T(0);
-    for (Index c = hv; c < h; ++c) {
-        dot_tail += u[c] * dm[c];
-        T du = g * dm[c];
-        for (int q = 0; q < Q; ++q) du += qg[q] * A2[q * h + c];
-        T p = H[c];
-        for (int q = 0; q < Q; ++q) p += zs[q] * B1T[q * h + c];
-        const T dp = du * gelu_grad_scalar(p);
-        dp_out[c] = dp;
-        dH[c] = first ? dp : dH[c] + dp;
-        for (int q = 0; q < Q; ++q) tail[static_cast<std::size_t>(q)] += B1T[q * h + c] * dp;
+};
+
+/// The order the fused passes visit the routed rows in: token blocks in order, inside a block expert
+/// by expert, inside an expert in token order. Also whether each row is its token's first visit (its
+/// expert is the smallest of the token's), which stores m and dH instead of adding to them.
+struct MixOrder {
+    std::vector<Index> rows;          ///< row ids i = t k + j, in visiting order
+    std::vector<Index> span;          ///< [blocks * experts + 1] offsets into rows
+    std::vector<unsigned char> first;  ///< per row id
+
+    void build(Index n, Index k, Index experts, const std::int32_t* expert, Index tb) {
+        const Index blocks = (n + tb - 1) / tb;
+        rows.resize(static_cast<std::size_t>(n * k));
+        span.assign(static_cast<std::size_t>(blocks * experts + 1), 0);
+        first.assign(static_cast<std::size_t>(n * k), 0);
+        for (Index t = 0; t < n; ++t) {
+            Index lowest = 0;
+            for (Index j = 1; j < k; ++j)
+                if (expert[t * k + j] < expert[t * k + lowest]) lowest = j;
+            first[static_cast<std::size_t>(t * k + lowest)] = 1;
+        }
+        Index pos = 0;
+        for (Index b = 0; b < blocks; ++b) {
+            const Index i0 = b * tb * k, i1 = std::min(n, (b + 1) * tb) * k;
+            for (Index e = 0; e < experts; ++e) {
+                span[static_cast<std::size_t>(b * experts + e)] = pos;
+                for (Index i = i0; i < i1; ++i)
+                    if (expert[i] == e) rows[static_cast<std::size_t>(pos++)] = i;
+            }
+        }
+        span.back() = pos;
     }
-    for (int q = 0; q < Q; ++q) dz[q] = s * (simd::reduce_add(acc[q]) + tail[static_cast<std::size_t>(q)]);
-    return simd::reduce_add(dot) + dot_tail;
+};
+
+/// Per-thread work space of the fused passes (packed factor columns and gradient accumulators).
+template <class T>
+inline std::vector<T>& fused_scratch() {
+    thread_local std::vector<T> buf;
+    return buf;
+}
+/// Per-thread work space of the backward's gradient sweep (a span's u and dp rows).
+template <class T>
+inline std::vector<T>& fused_rows_scratch() {
+    thread_local std::vector<T> buf;
+    return buf;
+}
+
+/// One routed row as the row kernels see it (pointers at the group's first column).
+template <int Q, class T>
+struct MixRow {
+    T* out;                // m (forward) or dH (backward) of the row's token
+    const T* H;            // the token's pre-activation without bias
+    const T* dm;           // backward: dL/dm of the token
+    const Coef<Q, T>* zs;  // s A1 x of the row
+    const Coef<Q, T>* qg;  // backward: g s B2^T dy of the row
+    T g;                   // gate weight
+    bool first;            // first visit of the token: store instead of add
+    T* part;               // the row's partial sums over the group's columns
+};
+
+/// Forward of R routed rows of one expert on nc columns (fb, fa its packed B1^T and A2 columns, row
+/// stride ld; b1 at the first column or null): u = gelu(H + b1 + zs^T B1T), m (= when first, else +=)
+/// g u, and part[q] = the partial sum of A2 u over these columns, q < Q. Rows share the factor loads
+/// and give the core independent chains to overlap.
+template <int Q, int R, class T>
+inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb, const T* fa, Index ld, Index nc) {
+    using B = simd::batch<T>;
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    const Index cv = nc / w * w;
+    B acc[R][Q];
+    for (int x = 0; x < R; ++x)
+        for (int q = 0; q < Q; ++q) acc[x][q] = B(T(0));
+    T zs[R][Q], g[R];
+    for (int x = 0; x < R; ++x) {
+        for (int q = 0; q < Q; ++q) zs[x][q] = rows[x].zs->v[q];
+        g[x] = rows[x].g;
+    }
+    for (Index c = 0; c < cv; c += w) {
+        const B bias = b1 ? simd::load(b1 + c) : B(T(0));
+        B p0[R], p1[R];
+        for (int x = 0; x < R; ++x) {
+            p0[x] = simd::load(rows[x].H + c);
+            p1[x] = bias;
+        }
+        // Two chains per row for the rank-r update: half the latency of one.
+        for (int q = 0; q < Q; q += 2) {
+            const B f0 = simd::load(fb + q * ld + c), f1 = simd::load(fb + (q + 1) * ld + c);
+            for (int x = 0; x < R; ++x) {
+                p0[x] = simd::fma(B(zs[x][q]), f0, p0[x]);
+                p1[x] = simd::fma(B(zs[x][q + 1]), f1, p1[x]);
+            }
+        }
+        B u[R];
+        for (int x = 0; x < R; ++x) {
+            const B p = p0[x] + p1[x];
+            u[x] = p * gelu_sigmoid(p);
+            T* m = rows[x].out + c;
+            simd::store(m, rows[x].first ? B(g[x]) * u[x] : simd::fma(B(g[x]), u[x], simd::load(m)));
+        }
+        for (int q = 0; q < Q; ++q) {
+            const B f = simd::load(fa + q * ld + c);
+            for (int x = 0; x < R; ++x) acc[x][q] = simd::fma(f, u[x], acc[x][q]);
+        }
+    }
+    for (int x = 0; x < R; ++x) {
+        T* out = rows[x].part;
+        if (cv > 0)
+            simd::reduce_add_rows<Q>(acc[x], out);
+        else
+            for (int q = 0; q < Q; ++q) out[q] = T(0);
+        for (Index c = cv; c < nc; ++c) {
+            T p0 = rows[x].H[c], p1 = b1 ? b1[c] : T(0);
+            for (int q = 0; q < Q; q += 2) {
+                p0 += zs[x][q] * fb[q * ld + c];
+                p1 += zs[x][q + 1] * fb[(q + 1) * ld + c];
+            }
+            const T p = p0 + p1;
+            const T u = p * gelu_sigmoid_scalar(p);
+            T* m = rows[x].out + c;
+            *m = rows[x].first ? g[x] * u : *m + g[x] * u;
+            for (int q = 0; q < Q; ++q) out[q] += fa[q * ld + c] * u;
+        }
+    }
+}
+
+/// Backward of R routed rows of one expert on nc columns (layout as mix_forward_rows), with dm = dL/dm
+/// of each row's token and qg = g s B2^T dy: du = g dm + qg^T A2, p recomputed, u = gelu(p),
+/// dp = du * gelu'(p); dH (= when first, else +=) dp, part[q] = the partial sum of B1T dp (q < Q) and
+/// part[Q] of u . dm; u and dp go to the rows su[x], sd[x] for the gradient sweep (mix_grad_span).
+template <int Q, int R, class T>
+inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb, const T* fa, T* const* su,
+                              T* const* sd, Index ld, Index nc) {
+    using B = simd::batch<T>;
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    const Index cv = nc / w * w;
+    B acc[R][Q], dot[R];
+    T zs[R][Q], qg[R][Q], g[R];
+    for (int x = 0; x < R; ++x) {
+        dot[x] = B(T(0));
+        for (int q = 0; q < Q; ++q) {
+            acc[x][q] = B(T(0));
+            zs[x][q] = rows[x].zs->v[q];
+            qg[x][q] = rows[x].qg->v[q];
+        }
+        g[x] = rows[x].g;
+    }
+    for (Index c = 0; c < cv; c += w) {
+        const B bias = b1 ? simd::load(b1 + c) : B(T(0));
+        B du0[R], du1[R], p0[R], p1[R], dmc[R];
+        for (int x = 0; x < R; ++x) {
+            dmc[x] = simd::load(rows[x].dm + c);
+            du0[x] = B(g[x]) * dmc[x];
+            du1[x] = B(T(0));
+            p0[x] = simd::load(rows[x].H + c);
+            p1[x] = bias;
+        }
+        for (int q = 0; q < Q; q += 2) {
+            const B a0 = simd::load(fa + q * ld + c), a1 = simd::load(fa + (q + 1) * ld + c);
+            const B f0 = simd::load(fb + q * ld + c), f1 = simd::load(fb + (q + 1) * ld + c);
+            for (int x = 0; x < R; ++x) {
+                du0[x] = simd::fma(B(qg[x][q]), a0, du0[x]);
+                du1[x] = simd::fma(B(qg[x][q + 1]), a1, du1[x]);
+                p0[x] = simd::fma(B(zs[x][q]), f0, p0[x]);
+                p1[x] = simd::fma(B(zs[x][q + 1]), f1, p1[x]);
+            }
+        }
+        B u[R], dp[R];
+        for (int x = 0; x < R; ++x) {
+            const B p = p0[x] + p1[x];
+            B oms;
+            const B s = gelu_sigmoid(p, &oms);
+            u[x] = p * s;
+            dp[x] = (du0[x] + du1[x]) * gelu_grad_from(p, s, oms);
+            dot[x] = simd::fma(u[x], dmc[x], dot[x]);
+            T* dh = rows[x].out + c;
+            simd::store(dh, rows[x].first ? dp[x] : simd::load(dh) + dp[x]);
+            simd::store(su[x] + c, u[x]);
+            simd::store(sd[x] + c, dp[x]);
+        }
+        for (int q = 0; q < Q; ++q) {
+            const B f = simd::load(fb + q * ld + c);
+            for (int x = 0; x < R; ++x) acc[x][q] = simd::fma(f, dp[x], acc[x][q]);
+        }
+    }
+    for (int x = 0; x < R; ++x) {
+        T* out = rows[x].part;
+        if (cv > 0) {
+            simd::reduce_add_rows<Q>(acc[x], out);
+            out[Q] = simd::reduce_add(dot[x]);
+        } else {
+            for (int q = 0; q <= Q; ++q) out[q] = T(0);
+        }
+    }
+    for (Index c = cv; c < nc; ++c)
+        for (int x = 0; x < R; ++x) {
+            const T dmv = rows[x].dm[c];
+            T du0 = g[x] * dmv, du1 = T(0), p0 = rows[x].H[c], p1 = b1 ? b1[c] : T(0);
+            for (int q = 0; q < Q; q += 2) {
+                du0 += qg[x][q] * fa[q * ld + c];
+                du1 += qg[x][q + 1] * fa[(q + 1) * ld + c];
+                p0 += zs[x][q] * fb[q * ld + c];
+                p1 += zs[x][q + 1] * fb[(q + 1) * ld + c];
+            }
+            const T p = p0 + p1;
+            T oms;
+            const T s = gelu_sigmoid_scalar(p, &oms);
+            const T u = p * s;
+            const T dp = (du0 + du1) * gelu_grad_from_scalar(p, s, oms);
+            T* out = rows[x].part;
+            out[Q] += u * dmv;
+            T* dh = rows[x].out + c;
+            *dh = rows[x].first ? dp : *dh + dp;
+            su[x][c] = u;
+            sd[x][c] = dp;
+            for (int q = 0; q < Q; ++q) out[q] += fb[q * ld + c] * dp;
+        }
+}
+
+/// The gradient sweep of one span (rows of one expert): ga[q][c] += sum_x qg_x[q] su[x][c] and
+/// gb[q][c] += sum_x zs_x[q] sd[x][c] over the span's `count` rows, ga and gb packed [Q, nc], xq and
+/// xz the rows' coefficients [count, Q]: register-blocked rank-Q outer products (lowrank.hpp).
+template <int Q, class T>
+inline void mix_grad_span(T* ga, T* gb, Index nc, const T* xq, const T* xz, const T* su, const T* sd, Index count) {
+    constexpr Index cb = 2 * static_cast<Index>(simd::width<T>);
+    const Index cv = nc / cb * cb;
+    if (cv > 0) {
+        lowrank_outer_cols<Q>(ga, nc, xq, Q, su, nc, static_cast<const Index*>(nullptr), count, 0, cv, T(1));
+        lowrank_outer_cols<Q>(gb, nc, xz, Q, sd, nc, static_cast<const Index*>(nullptr), count, 0, cv, T(1));
+    }
+    for (Index q = 0; q < Q; ++q)
+        for (Index c = cv; c < nc; ++c) {
+            T a = T(0), b = T(0);
+            for (Index x = 0; x < count; ++x) {
+                a += xq[x * Q + q] * su[x * nc + c];
+                b += xz[x * Q + q] * sd[x * nc + c];
+            }
+            ga[q * nc + c] += a;
+            gb[q * nc + c] += b;
+        }
+}
+
+/// Runs body(c0, c1, group) for every column group of [0, h); each thread takes a contiguous range.
+template <class F>
+void for_groups(Index h, bool parallel, F body) {
+    const Index W = std::max<Index>(1, mix_group_cols());
+    const Index groups = (h + W - 1) / W;
+#pragma omp parallel if (parallel && groups > 1)
+    {
+        Index lo, hi;
+        thread_range(groups, lo, hi);
+        for (Index g = lo; g < hi; ++g) body(g * W, std::min(h, g * W + W), g);
+    }
+}
+
+/// dst[x] = sum over groups g (in order) of part[g * len + x], x < len; each thread a fixed range.
+template <class T>
+void sum_groups(T* dst, const T* part, Index groups, Index len, bool parallel) {
+#pragma omp parallel if (parallel)
+    {
+        Index lo, hi;
+        thread_range(len, lo, hi);
+        std::copy(part + lo, part + hi, dst + lo);
+        for (Index g = 1; g < groups; ++g) {
+            const T* pg = part + g * len;
+            for (Index x = lo; x < hi; ++x) dst[x] += pg[x];
+        }
+    }
+}
+
+template <int Q, class T>
+void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1, Index k, const std::int32_t* expert,
+                       const T* gate, const T* zs, const T* const* B1T, const T* const* A2, Index experts, Index r,
+                       std::vector<T>& part) {
+    const Index n = H.rows, h = H.cols, rows = n * k;
+    const Index W = std::max<Index>(1, mix_group_cols()), groups = (h + W - 1) / W;
+    MixOrder order;
+    order.build(n, k, experts, expert, std::max<Index>(1, mix_token_block()));
+    std::vector<Coef<Q, T>> zc;
+    zc.reserve(static_cast<std::size_t>(rows));
+    for (Index i = 0; i < rows; ++i) zc.emplace_back(zs + i * r, r);
+    part.resize(static_cast<std::size_t>(groups * rows * Q));
+    const bool par = rows * h >= mix_parallel_min();
+    // With few rows (decode) packing all experts' columns would cost more than the rows: read the
+    // factors in place (possible when no padding rows are needed; same values, same order).
+    const bool direct = r == Q && rows < 4 * experts;
+    for_groups(h, par, [&](Index c0, Index c1, Index grp) {
+        const Index nc = c1 - c0, fsize = direct ? 0 : experts * Q * nc;
+        auto& buf = fused_scratch<T>();
+        buf.resize(static_cast<std::size_t>(2 * fsize));
+        T* fb = buf.data();
+        T* fa = fb + fsize;
+        if (!direct) {
+            pack_factor_cols<Q>(fb, B1T, experts, r, h, c0, nc);
+            pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc);
+        }
+        const Index ld = direct ? h : nc;
+        T* pg = part.data() + grp * rows * Q;
+        const T* bias = b1 ? b1 + c0 : nullptr;
+        const Index total = static_cast<Index>(order.rows.size());
+        // Span sp = (block, expert) of the visiting order: expert sp % experts.
+        const Index spans = static_cast<Index>(order.span.size()) - 1;
+        for (Index sp = 0; sp < spans; ++sp) {
+            const Index e = sp % experts;
+            const T* fbe = direct ? B1T[e] + c0 : fb + e * Q * nc;
+            const T* fae = direct ? A2[e] + c0 : fa + e * Q * nc;
+            const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
+            for (Index x = x0; x < x1; x += 2) {
+                const int R = x + 1 < x1 ? 2 : 1;
+                MixRow<Q, T> rw[2];
+                for (int y = 0; y < R; ++y) {
+                    const Index i = order.rows[static_cast<std::size_t>(x + y)], t = i / k;
+                    rw[y] = {M.row_ptr(t) + c0, H.row_ptr(t) + c0, nullptr, &zc[static_cast<std::size_t>(i)], nullptr,
+                             gate[i], order.first[static_cast<std::size_t>(i)] != 0, pg + i * Q};
+                    if (x + y + 2 < total) prefetch(H.row_ptr(order.rows[static_cast<std::size_t>(x + y + 2)] / k) + c0, nc);
+                }
+                if (R == 2)
+                    mix_forward_rows<Q, 2>(rw, bias, fbe, fae, ld, nc);
+                else
+                    mix_forward_rows<Q, 1>(rw, bias, fbe, fae, ld, nc);
+            }
+        }
+    });
+    if (r == Q) {
+        sum_groups(z2, part.data(), groups, rows * Q, par);
+    } else {
+        std::vector<T> full(static_cast<std::size_t>(rows * Q));
+        sum_groups(full.data(), part.data(), groups, rows * Q, par);
+        for (Index i = 0; i < rows; ++i)
+            for (Index q = 0; q < r; ++q) z2[i * r + q] = full[static_cast<std::size_t>(i * Q + q)];
+    }
+}
+
+template <int Q, class T>
+void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, ConstMatrixView<T> H, const T* b1,
+                        Index k, const std::int32_t* expert, const T* gate, const T* zs, const T* qg,
+                        const T* const* B1T, const T* const* A2, T* const* gA2, Index ldg, T* const* gB1T,
+                        Index experts, T s, Index r, std::vector<T>& part) {
+    const Index n = H.rows, h = H.cols, rows = n * k;
+    const Index W = std::max<Index>(1, mix_group_cols()), groups = (h + W - 1) / W;
+    constexpr Index P = Q + 1;
+    MixOrder order;
+    order.build(n, k, experts, expert, std::max<Index>(1, mix_token_block()));
+    std::vector<Coef<Q, T>> zc, qc;
+    zc.reserve(static_cast<std::size_t>(rows));
+    qc.reserve(static_cast<std::size_t>(rows));
+    for (Index i = 0; i < rows; ++i) {
+        zc.emplace_back(zs + i * r, r);
+        qc.emplace_back(qg + i * r, r);
+    }
+    part.resize(static_cast<std::size_t>(groups * rows * P));
+    Index longest = 0;
+    for (std::size_t sp = 0; sp + 1 < order.span.size(); ++sp) longest = std::max(longest, order.span[sp + 1] - order.span[sp]);
+    const bool par = rows * h >= mix_parallel_min();
+    for_groups(h, par, [&](Index c0, Index c1, Index grp) {
+        const Index nc = c1 - c0, fsize = experts * Q * nc;
+        auto& buf = fused_scratch<T>();
+        buf.resize(static_cast<std::size_t>(4 * fsize));
+        T* fb = buf.data();
+        T* fa = fb + fsize;
+        T* ga = fa + fsize;  // dA2 of the group's columns, from zero
+        T* gb = ga + fsize;  // dB1^T of the group's columns, from zero
+        pack_factor_cols<Q>(fb, B1T, experts, r, h, c0, nc);
+        pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc);
+        std::fill(ga, ga + 2 * fsize, T(0));
+        T* pg = part.data() + grp * rows * P;
+        const T* bias = b1 ? b1 + c0 : nullptr;
+        const Index total = static_cast<Index>(order.rows.size());
+        const Index spans = static_cast<Index>(order.span.size()) - 1;
+        // Per span: u and dp rows, and the rows' coefficients, for the gradient sweep.
+        auto& rowbuf = fused_rows_scratch<T>();
+        rowbuf.resize(static_cast<std::size_t>(longest * (2 * nc + 2 * Q)));
+        T* su = rowbuf.data();
+        T* sd = su + longest * nc;
+        T* xq = sd + longest * nc;
+        T* xz = xq + longest * Q;
+        for (Index sp = 0; sp < spans; ++sp) {
+            const Index e = sp % experts, off = e * Q * nc;
+            const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
+            if (x1 == x0) continue;
+            for (Index x = x0; x < x1; x += 2) {
+                const int R = x + 1 < x1 ? 2 : 1;
+                MixRow<Q, T> rw[2];
+                T* sur[2];
+                T* sdr[2];
+                for (int y = 0; y < R; ++y) {
+                    const Index i = order.rows[static_cast<std::size_t>(x + y)], t = i / k;
+                    rw[y] = {dH.row_ptr(t) + c0, H.row_ptr(t) + c0, dM.row_ptr(t) + c0, &zc[static_cast<std::size_t>(i)],
+                             &qc[static_cast<std::size_t>(i)], gate[i], order.first[static_cast<std::size_t>(i)] != 0,
+                             pg + i * P};
+                    sur[y] = su + (x + y - x0) * nc;
+                    sdr[y] = sd + (x + y - x0) * nc;
+                    std::copy_n(qc[static_cast<std::size_t>(i)].v, Q, xq + (x + y - x0) * Q);
+                    std::copy_n(zc[static_cast<std::size_t>(i)].v, Q, xz + (x + y - x0) * Q);
+                    if (x + y + 2 < total) {
+                        const Index tn = order.rows[static_cast<std::size_t>(x + y + 2)] / k;
+                        prefetch(H.row_ptr(tn) + c0, nc);
+                        prefetch(dM.row_ptr(tn) + c0, nc);
+                    }
+                }
+                if (R == 2)
+                    mix_backward_rows<Q, 2>(rw, bias, fb + off, fa + off, sur, sdr, nc, nc);
+                else
+                    mix_backward_rows<Q, 1>(rw, bias, fb + off, fa + off, sur, sdr, nc, nc);
+            }
+            mix_grad_span<Q>(ga + off, gb + off, nc, xq, xz, su, sd, x1 - x0);
+        }
+        for (Index e = 0; e < experts; ++e)
+            for (Index q = 0; q < r; ++q) {
+                const T* src = ga + (e * Q + q) * nc;
+                T* dst = gA2[e] + q * ldg + c0;
+                for (Index c = 0; c < nc; ++c) dst[c] += src[c];
+                std::copy_n(gb + (e * Q + q) * nc, nc, gB1T[e] + q * h + c0);
+            }
+    });
+    std::vector<T> sums(static_cast<std::size_t>(rows * P));
+    sum_groups(sums.data(), part.data(), groups, rows * P, par);
+    for (Index i = 0; i < rows; ++i) {
+        for (Index q = 0; q < r; ++q) dz[i * r + q] = s * sums[static_cast<std::size_t>(i * P + q)];
+        udm[i] = sums[static_cast<std::size_t>(i * P + Q)];
+    }
 }
 
 }  // namespace detail
 
-/// Forward of one routed GELU row: u = gelu(H + zs^T B1T) (zs = s z1, the scaled rank-r input),
-/// m = g u (first slot of the token) or m += g u, z2 = A2 u. B1T and A2 are [r, h] rows, r <= 8.
+/// Forward of the routed rows of a GELU mixture, one pass over the hidden size for all of them.
+/// Token t's slot j is row i = t k + j, routed to expert[i] (distinct within a token) with gate
+/// weight gate[i]; zs [n k, r] is s A1 x per row (the scaled rank-r input of the first linear).
+/// B1T[e] and A2[e] are expert e's factors as [r, h] rows (row stride h), e < experts. With
+/// p = H[t] + b1 + zs_i^T B1T (b1 may be null):
+///   M[t] = sum_j gate[i] gelu(p_i)   and   z2[i] = A2 gelu(p_i)   (z2 [n k, r]).
+/// `part` is work space. Results do not depend on the thread count.
 template <class T>
-void gelu_row_forward(T* u, T* m, bool first, T g, T* z2, const T* H, const T* zs, const T* B1T, const T* A2,
-                      Index r, Index h) {
-    switch (r) {
-        case 8: detail::gelu_row_forward_q<8>(u, m, first, g, z2, H, zs, B1T, A2, h); break;
-        case 7: detail::gelu_row_forward_q<7>(u, m, first, g, z2, H, zs, B1T, A2, h); break;
-        case 6: detail::gelu_row_forward_q<6>(u, m, first, g, z2, H, zs, B1T, A2, h); break;
-        case 5: detail::gelu_row_forward_q<5>(u, m, first, g, z2, H, zs, B1T, A2, h); break;
-        case 4: detail::gelu_row_forward_q<4>(u, m, first, g, z2, H, zs, B1T, A2, h); break;
-        case 3: detail::gelu_row_forward_q<3>(u, m, first, g, z2, H, zs, B1T, A2, h); break;
-        case 2: detail::gelu_row_forward_q<2>(u, m, first, g, z2, H, zs, B1T, A2, h); break;
-        case 1: detail::gelu_row_forward_q<1>(u, m, first, g, z2, H, zs, B1T, A2, h); break;
-        default: require(false, "gelu_row_forward rank ", r, ": the fused kernel takes 1..", fused_max_rank);
-    }
+void gelu_mixture_forward(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1, Index k,
+                          const std::int32_t* expert, const T* gate, const T* zs, const T* const* B1T,
+                          const T* const* A2, Index experts, Index r, std::vector<T>& part) {
+    require<ShapeError>(M.rows == H.rows && M.cols == H.cols, "gelu_mixture_forward: M [", M.rows, ", ", M.cols,
+                        "] and H [", H.rows, ", ", H.cols, "] differ");
+    require(r >= 1 && r <= fused_max_rank, "gelu_mixture_forward rank ", r, ": the fused kernel takes 1..",
+            fused_max_rank);
+    if (detail::padded_rank(r) == 4)
+        detail::mixture_forward_q<4>(M, z2, H, b1, k, expert, gate, zs, B1T, A2, experts, r, part);
+    else
+        detail::mixture_forward_q<8>(M, z2, H, b1, k, expert, gate, zs, B1T, A2, experts, r, part);
 }
 
-/// Backward of one routed GELU row, with dm = dL/dm of its token, qg = g s B2^T dy (rank r) and the
-/// forward's H, zs, u: dp = (g dm + qg^T A2) * gelu'(H + zs^T B1T) is stored in dp_out and added to
-/// dH (or stored, for the token's first slot), dz = s B1T dp. Returns u . dm (the gate gradient's
-/// main term).
+/// Backward of gelu_mixture_forward, given dM = dL/dM [n, h] and qg [n k, r] = gate s B2^T dy per row:
+///   dp_i = (gate[i] dM[t] + qg_i^T A2) * gelu'(p_i),   dH[t] = sum_j dp_i (overwritten),
+///   dz[i] = s B1T dp_i,   udm[i] = gelu(p_i) . dM[t],
+///   gA2[e] ([r, h], row stride ldg) += sum over e's rows of qg_i gelu(p_i)^T,
+///   gB1T[e] ([r, h], row stride h) = sum over e's rows of zs_i dp_i^T (overwritten: dB1 transposed).
+/// Results do not depend on the thread count.
 template <class T>
-T gelu_row_backward(T* dp_out, T* dH, bool first, T* dz, T s, const T* dm, T g, const T* qg, const T* A2, const T* H,
-                    const T* zs, const T* B1T, const T* u, Index r, Index h) {
-    switch (r) {
-        case 8: return detail::gelu_row_backward_q<8>(dp_out, dH, first, dz, s, dm, g, qg, A2, H, zs, B1T, u, h);
-        case 7: return detail::gelu_row_backward_q<7>(dp_out, dH, first, dz, s, dm, g, qg, A2, H, zs, B1T, u, h);
-        case 6: return detail::gelu_row_backward_q<6>(dp_out, dH, first, dz, s, dm, g, qg, A2, H, zs, B1T, u, h);
-        case 5: return detail::gelu_row_backward_q<5>(dp_out, dH, first, dz, s, dm, g, qg, A2, H, zs, B1T, u, h);
-        case 4: return detail::gelu_row_backward_q<4>(dp_out, dH, first, dz, s, dm, g, qg, A2, H, zs, B1T, u, h);
-        case 3: return detail::gelu_row_backward_q<3>(dp_out, dH, first, dz, s, dm, g, qg, A2, H, zs, B1T, u, h);
-        case 2: return detail::gelu_row_backward_q<2>(dp_out, dH, first, dz, s, dm, g, qg, A2, H, zs, B1T, u, h);
-        case 1: return detail::gelu_row_backward_q<1>(dp_out, dH, first, dz, s, dm, g, qg, A2, H, zs, B1T, u, h);
-        default: require(false, "gelu_row_backward rank ", r, ": the fused kernel takes 1..", fused_max_rank);
-    }
-    return T(0);
+void gelu_mixture_backward(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, ConstMatrixView<T> H, const T* b1,
+                           Index k, const std::int32_t* expert, const T* gate, const T* zs, const T* qg,
+                           const T* const* B1T, const T* const* A2, T* const* gA2, Index ldg, T* const* gB1T,
+                           Index experts, T s, Index r, std::vector<T>& part) {
+    require<ShapeError>(dH.rows == H.rows && dH.cols == H.cols && dM.rows == H.rows && dM.cols == H.cols,
+                        "gelu_mixture_backward: dH, dM and H must have the same shape");
+    require(r >= 1 && r <= fused_max_rank, "gelu_mixture_backward rank ", r, ": the fused kernel takes 1..",
+            fused_max_rank);
+    if (detail::padded_rank(r) == 4)
+        detail::mixture_backward_q<4>(dH, dz, udm, dM, H, b1, k, expert, gate, zs, qg, B1T, A2, gA2, ldg, gB1T, experts,
+                                      s, r, part);
+    else
+        detail::mixture_backward_q<8>(dH, dz, udm, dM, H, b1, k, expert, gate, zs, qg, B1T, A2, gA2, ldg, gB1T, experts,
+                                      s, r, part);
 }
 
 }  // namespace comigs::kernels

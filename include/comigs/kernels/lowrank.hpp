@@ -118,40 +118,47 @@ inline void lowrank_outer_cols(T* C, Index ldc, const T* X, Index ldx, const T* 
     constexpr Index cb = 2 * static_cast<Index>(simd::width<T>);
     for (Index i0 = 0; i0 < rows; i0 += lowrank_outer_rows) {
         const Index i1 = std::min(rows, i0 + lowrank_outer_rows);
+#if defined(__GNUC__) || defined(__clang__)
+        // The next chunk's rows (gathered rows are far apart: no hardware prefetcher follows them).
+        for (Index i = i1; i < std::min(rows, i1 + lowrank_outer_rows); ++i) {
+            const char* y = reinterpret_cast<const char*>(Y + (idx ? idx[i] : i) * ldy + c0);
+            for (Index b = 0; b < (c1 - c0) * static_cast<Index>(sizeof(T)); b += 64) __builtin_prefetch(y + b, 0, 3);
+        }
+#endif
         for (Index c = c0; c < c1; c += cb) lowrank_outer_block<Q>(C, ldc, X, ldx, Y, ldy, idx, i0, i1, c, alpha);
     }
 }
 }  // namespace detail
 
-/// C[q * ldc + c] += alpha * sum_i X[i * ldx + q] * Y[row(i) * ldy + c] for q < r, c < cols, i < rows,
-/// with row(i) = idx[i] (or i when idx is null): the rank-r gradient C += alpha X^T Y of a LoRA factor
-/// over (gathered) rows. Column ranges are shared between threads; the summation order (chunks of
-/// rows, in order) depends on the shapes only, so results do not depend on the thread count.
+/// Column ranges of lowrank_outer: up to 8 (whole blocks of two batches), fixed by the shapes.
 template <class T>
-void lowrank_outer(T* C, Index ldc, const T* X, Index ldx, const T* Y, Index ldy, const Index* idx, Index rows,
-                   Index r, Index cols, T alpha = T(1)) {
+inline Index lowrank_outer_parts(Index cols) {
+    return std::max<Index>(1, std::min<Index>(8, cols / (2 * static_cast<Index>(simd::width<T>))));
+}
+
+/// Part `part` of lowrank_outer_parts(cols) of lowrank_outer, on the calling thread: its column range,
+/// and the scalar tail columns with the last part. Every part writes its own columns of C only.
+template <class T>
+void lowrank_outer_part(T* C, Index ldc, const T* X, Index ldx, const T* Y, Index ldy, const Index* idx, Index rows,
+                        Index r, Index cols, T alpha, Index part) {
     constexpr Index cb = 2 * static_cast<Index>(simd::width<T>);
-    const Index blocks = cols / cb;
-    // Up to 8 column ranges (whole blocks), a thread taking one or more.
-    const Index parts = std::min<Index>(8, blocks);
-#pragma omp parallel for schedule(static) if (rows * r * cols > (Index(1) << 18))
-    for (Index part = 0; part < parts; ++part) {
-        const Index c0 = blocks * part / parts * cb, c1 = blocks * (part + 1) / parts * cb;
-        for (Index q0 = 0; q0 < r; q0 += 8) {
-            T* Cq = C + q0 * ldc;
-            const T* Xq = X + q0;
-            switch (std::min<Index>(8, r - q0)) {
-                case 8: detail::lowrank_outer_cols<8>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
-                case 7: detail::lowrank_outer_cols<7>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
-                case 6: detail::lowrank_outer_cols<6>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
-                case 5: detail::lowrank_outer_cols<5>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
-                case 4: detail::lowrank_outer_cols<4>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
-                case 3: detail::lowrank_outer_cols<3>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
-                case 2: detail::lowrank_outer_cols<2>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
-                default: detail::lowrank_outer_cols<1>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
-            }
+    const Index blocks = cols / cb, parts = lowrank_outer_parts<T>(cols);
+    const Index c0 = blocks * part / parts * cb, c1 = blocks * (part + 1) / parts * cb;
+    for (Index q0 = 0; q0 < r && c1 > c0; q0 += 8) {
+        T* Cq = C + q0 * ldc;
+        const T* Xq = X + q0;
+        switch (std::min<Index>(8, r - q0)) {
+            case 8: detail::lowrank_outer_cols<8>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+            case 7: detail::lowrank_outer_cols<7>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+            case 6: detail::lowrank_outer_cols<6>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+            case 5: detail::lowrank_outer_cols<5>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+            case 4: detail::lowrank_outer_cols<4>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+            case 3: detail::lowrank_outer_cols<3>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+            case 2: detail::lowrank_outer_cols<2>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
+            default: detail::lowrank_outer_cols<1>(Cq, ldc, Xq, ldx, Y, ldy, idx, rows, c0, c1, alpha); break;
         }
     }
+    if (part != parts - 1) return;
     // Tail columns: scalar, the same chunked row order.
     for (Index q = 0; q < r; ++q)
         for (Index c = blocks * cb; c < cols; ++c)
@@ -161,6 +168,18 @@ void lowrank_outer(T* C, Index ldc, const T* X, Index ldx, const T* Y, Index ldy
                     s += X[i * ldx + q] * Y[(idx ? idx[i] : i) * ldy + c];
                 C[q * ldc + c] += alpha * s;
             }
+}
+
+/// C[q * ldc + c] += alpha * sum_i X[i * ldx + q] * Y[row(i) * ldy + c] for q < r, c < cols, i < rows,
+/// with row(i) = idx[i] (or i when idx is null): the rank-r gradient C += alpha X^T Y of a LoRA factor
+/// over (gathered) rows. Column ranges are shared between threads; the summation order (chunks of
+/// rows, in order) depends on the shapes only, so results do not depend on the thread count.
+template <class T>
+void lowrank_outer(T* C, Index ldc, const T* X, Index ldx, const T* Y, Index ldy, const Index* idx, Index rows,
+                   Index r, Index cols, T alpha = T(1)) {
+    const Index parts = lowrank_outer_parts<T>(cols);
+#pragma omp parallel for schedule(static) if (rows * r * cols > (Index(1) << 18))
+    for (Index part = 0; part < parts; ++part) lowrank_outer_part(C, ldc, X, ldx, Y, ldy, idx, rows, r, cols, alpha, part);
 }
 
 /// dst[q * rows + i] = src[i * stride + q]: a [rows, r] block transposed to [r, rows].

@@ -5,6 +5,12 @@
 #include <xsimd/xsimd.hpp>
 
 #include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace comigs::kernels::simd {
 
@@ -38,6 +44,76 @@ inline T reduce_add(const batch<T>& v) {
 #endif
 }
 
+/// Lane i of the result is the sum of the lanes of v[i], for the `width` batches v[0 .. width).
+template <class T>
+inline batch<T> reduce_add_each(const batch<T>* v) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> && batch<T>::size == 16) {
+        // xsimd 8.1's haddp for AVX-512 floats returns lanes 2..5 (and 10..13) swapped: our own
+        // transposing reduction, halving the lanes per row at each step.
+        __m512 r1[8], r2[4], r3[2];
+        for (int i = 0; i < 8; ++i) {
+            const __m512 a = v[2 * i], b = v[2 * i + 1];
+            r1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+        }
+        for (int i = 0; i < 4; ++i)  // each 128-bit quarter holds one row
+            r2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(r1[2 * i], r1[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(r1[2 * i], r1[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+        for (int i = 0; i < 2; ++i)
+            r3[i] = _mm512_add_ps(_mm512_shuffle_ps(r2[2 * i], r2[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_ps(r2[2 * i], r2[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+        const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(r3[0], r3[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                       _mm512_shuffle_ps(r3[0], r3[1], _MM_SHUFFLE(3, 1, 3, 1)));
+        // Lane 4k + m now holds row 4m + k.
+        const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        return batch<T>(_mm512_permutexvar_ps(order, s));
+    }
+#endif
+    return xsimd::haddp(v);
+}
+
+/// out[i] = the sum of the lanes of v[i] for i < N (N = 4 or 8): the per-row reductions of the fused
+/// mixture kernels, one transposing reduction instead of N horizontal sums.
+template <int N, class T>
+inline void reduce_add_rows(const batch<T>* v, T* out) {
+    static_assert(N == 4 || N == 8, "reduce_add_rows takes 4 or 8 batches");
+    constexpr int w = static_cast<int>(width<T>);
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> && w == 16) {
+        __m512 a[8];
+        for (int i = 0; i < 8; ++i) a[i] = i < N ? static_cast<__m512>(v[i]) : _mm512_setzero_ps();
+        __m512 r[4], s[2];
+        for (int i = 0; i < 4; ++i)  // lanes 0..7: row 2i, lanes 8..15: row 2i + 1
+            r[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+        for (int i = 0; i < 2; ++i)  // quarter k: row 4i + k
+            s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+        // Quarter k: two lanes of row k, two of row 4 + k; then lane 0 row k, lane 2 row 4 + k.
+        const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                       _mm512_shuffle_ps(s[0], s[1], _MM_SHUFFLE(3, 2, 3, 2)));
+        const __m512 u = _mm512_add_ps(t, _mm512_shuffle_ps(t, t, _MM_SHUFFLE(2, 3, 0, 1)));
+        const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+        const __m256 sums = _mm512_castps512_ps256(_mm512_permutexvar_ps(order, u));
+        if constexpr (N == 8)
+            _mm256_storeu_ps(out, sums);
+        else
+            _mm_storeu_ps(out, _mm256_castps256_ps128(sums));
+        return;
+    }
+#endif
+    if constexpr (N % w == 0) {
+        for (int g = 0; g < N; g += w) store(out + g, reduce_add_each(v + g));
+    } else {
+        batch<T> pad[w];
+        for (int i = 0; i < w; ++i) pad[i] = i < N ? v[i] : batch<T>(T(0));
+        alignas(64) T tmp[w];
+        store(tmp, reduce_add_each(pad));
+        for (int i = 0; i < N; ++i) out[i] = tmp[i];
+    }
+}
+
 /// e^x, lane by lane. xsimd's exp converts round(x / ln 2) to an integer before it saturates, and that
 /// conversion is undefined behaviour for NaN and for |x| beyond the integer range on targets without a
 /// hardware instruction for it (SSE2, AVX2: UBSan reports it). Clamping just past the saturation points
@@ -54,7 +130,50 @@ inline xsimd::batch<T, A> exp(const xsimd::batch<T, A>& x) {
     return xsimd::select(is_nan, x, xsimd::exp(arg));
 }
 
+/// s = 1 / (1 + e^-x) and its complement 1 - s = e^-x s for float lanes, both without cancellation
+/// (the complement is what a GELU derivative needs when s is close to 1). e^-x by Cody-Waite
+/// reduction to r in [-ln2/2, ln2/2], a degree-6 Taylor polynomial (truncation below 2e-7 relative)
+/// and an exponent built in the integer lanes; then the hardware reciprocal estimate refined by Newton
+/// steps (one from AVX-512's 14 bits, two from the 12 bits of SSE/AVX) instead of a division. -x is
+/// clamped to [-80, 80] (s is then 1 or below 2e-35, and nothing passes through denormals); NaN gives
+/// finite values (the callers multiply them by the NaN again), never undefined behaviour.
+template <class A>
+inline void sigmoid_fast(const xsimd::batch<float, A>& x, xsimd::batch<float, A>& s, xsimd::batch<float, A>& oms) {
+    using B = xsimd::batch<float, A>;
+    using I = xsimd::batch<std::int32_t, A>;
+    const B z = xsimd::min(xsimd::max(-x, B(-80.0f)), B(80.0f));
+    const B n = xsimd::nearbyint(z * B(1.44269504088896341f));  // round(z / ln 2), |n| <= 116
+    B rr = xsimd::fma(-n, B(0.693359375f), z);                  // ln 2 = 0.693359375 - 2.12194440e-4
+    rr = xsimd::fma(-n, B(-2.12194440e-4f), rr);
+    B p = B(1.0f / 720.0f);
+    p = xsimd::fma(p, rr, B(1.0f / 120.0f));
+    p = xsimd::fma(p, rr, B(1.0f / 24.0f));
+    p = xsimd::fma(p, rr, B(1.0f / 6.0f));
+    p = xsimd::fma(p, rr, B(0.5f));
+    p = xsimd::fma(p, rr, B(1.0f));
+    p = xsimd::fma(p, rr, B(1.0f));
+    const I bits = (xsimd::to_int(n) + I(127)) << 23;  // 2^n
+    const B e = p * xsimd::bitwise_cast<B>(bits);         // e^-x
+    const B d = e + B(1.0f);
+    B y = xsimd::reciprocal(d);
+    y = y * xsimd::fma(-d, y, B(2.0f));
+#if !defined(__AVX512F__)
+    y = y * xsimd::fma(-d, y, B(2.0f));
+#endif
+    s = y;
+    oms = e * y;
+}
+
+/// s of sigmoid_fast alone.
+template <class A>
+inline xsimd::batch<float, A> sigmoid_fast(const xsimd::batch<float, A>& x) {
+    xsimd::batch<float, A> s, oms;
+    sigmoid_fast(x, s, oms);
+    return s;
+}
+
 using xsimd::fma;
+using xsimd::select;
 using xsimd::sqrt;
 
 }  // namespace comigs::kernels::simd
