@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <numeric>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -74,13 +75,7 @@ public:
         for (std::size_t p : processing) {
             UserRecord& r = mine[p];
             r.id = users_[present[p]].id;
-            const LocalTrainingReport l = this->local_round(present[p], rep.round, hooks, uploads[p], r.download_floats);
-            r.expert_steps = l.expert_steps;
-            r.router_steps = l.router_steps;
-            r.skipped = l.skipped;
-            r.mean_loss = l.mean_loss;
-            r.tokens = l.tokens;
-            r.seconds = l.seconds;
+            r.local = this->local_round(present[p], rep.round, hooks, uploads[p], r.download_floats);
             if (uploads[p]) r.upload_floats = uploads[p]->size();
         }
 
@@ -90,14 +85,7 @@ public:
         std::sort(everyone.begin(), everyone.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
         for (const auto& r : everyone) {
             rep.present.push_back(r.id);
-            LocalTrainingReport l;
-            l.expert_steps = r.expert_steps;
-            l.router_steps = r.router_steps;
-            l.skipped = r.skipped;
-            l.mean_loss = r.mean_loss;
-            l.tokens = r.tokens;
-            l.seconds = r.seconds;
-            rep.local.push_back(l);
+            rep.local.push_back(r.local);
             rep.upload_floats += r.upload_floats;
             rep.download_floats += r.download_floats;
         }
@@ -120,10 +108,10 @@ private:
     // One user's round, as every rank sees it (trivially copyable: it travels as bytes).
     struct UserRecord {
         UserId id = 0;
-        Index expert_steps = 0, router_steps = 0, skipped = 0;
-        double mean_loss = 0, tokens = 0, seconds = 0;
+        LocalTrainingReport local;
         Index upload_floats = 0, download_floats = 0;
     };
+    static_assert(std::is_trivially_copyable_v<UserRecord>, "UserRecord travels as bytes");
 
     using Base::build_upload;
     using Base::shared_registry;
