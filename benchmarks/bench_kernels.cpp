@@ -7,6 +7,8 @@
 #include <comigs/kernels/gemm_bf16.hpp>
 #include <comigs/kernels/lowrank.hpp>
 
+#include <limits>
+
 namespace comigs::bench {
 namespace {
 
@@ -35,9 +37,12 @@ struct GemmData {
     }
 };
 
-// Kernel: kernels::gemm<float> (Eigen) on the four base-GEMM shapes.
-void gemm_eigen_fp32(benchmark::State& state, Index m) {
+// The four base-GEMM shapes through kernels::gemm<float> with products of at least `onednn_min`
+// multiply-adds on oneDNN's sgemm (the rest on Eigen).
+void gemm_fp32_cases(benchmark::State& state, Index m, Index onednn_min) {
     GemmData g(m);
+    const Index saved = kernels::detail::gemm_onednn_min();
+    kernels::detail::gemm_onednn_min() = onednn_min;
     for (auto _ : state)
         for (const auto& b : kBase) {
             const Index wr = b.op == kernels::Op::trans ? b.n : b.k, wc = b.op == kernels::Op::trans ? b.k : b.n;
@@ -45,8 +50,20 @@ void gemm_eigen_fp32(benchmark::State& state, Index m) {
                                  kernels::Op::none, ConstMatrixView<float>(g.w.data(), wr, wc), b.op);
             benchmark::DoNotOptimize(g.c.data());
         }
+    kernels::detail::gemm_onednn_min() = saved;
     set_counters(state, m, base_flops_fwd_bwd(m, Gpt2Shape::d, Gpt2Shape::h));
 }
+
+// Kernel: kernels::gemm<float> on Eigen alone (each thread's part a serial Eigen product).
+void gemm_eigen_fp32(benchmark::State& state, Index m) {
+    gemm_fp32_cases(state, m, std::numeric_limits<Index>::max());
+}
+
+#ifdef COMIGS_HAVE_ONEDNN
+// Kernel: kernels::gemm<float> with every part on oneDNN's sgemm (what the layers use at these sizes).
+void gemm_sgemm_fp32(benchmark::State& state, Index m) { gemm_fp32_cases(state, m, 0); }
+BENCHMARK_CAPTURE(gemm_sgemm_fp32, gpt2, kT)->Name("gemm_onednn_sgemm/fp32/gpt2")->UseRealTime();
+#endif
 
 // Kernel: kernels::gemm_bf16 (oneDNN AMX/AVX512-BF16 when built with it, else the fp32 fallback),
 // activations converted to bf16 inside, on the four base-GEMM shapes.
@@ -64,7 +81,8 @@ void gemm_bf16(benchmark::State& state, Index m) {
 }
 
 #ifdef COMIGS_HAVE_ONEDNN
-// Kernel: oneDNN's matmul in fp32 (brgemm) on the four base-GEMM shapes: the other fp32 candidate.
+// Kernel: oneDNN's matmul primitive in fp32 (its own threading; brgemm) on the four base-GEMM shapes:
+// another fp32 candidate.
 void gemm_onednn_fp32(benchmark::State& state, Index m) {
     GemmData g(m);
     for (auto _ : state)
@@ -78,7 +96,7 @@ void gemm_onednn_fp32(benchmark::State& state, Index m) {
         }
     set_counters(state, m, base_flops_fwd_bwd(m, Gpt2Shape::d, Gpt2Shape::h));
 }
-BENCHMARK_CAPTURE(gemm_onednn_fp32, gpt2, kT)->Name("gemm_onednn/fp32/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(gemm_onednn_fp32, gpt2, kT)->Name("gemm_onednn_matmul/fp32/gpt2")->UseRealTime();
 #endif
 
 // Kernel: kernels::gelu_forward (xsimd) over T * k * hidden elements.

@@ -86,10 +86,14 @@ const Index kRanks[] = {1, 2, 3, 7, 8, 16, 17};
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("kernels::gemm: split products equal the plain reference on odd shapes and ops", T, float, double) {
+namespace {
+
+/// Every op, beta, odd shape, unaligned and padded operand of kernels::gemm against a double-precision
+/// product; returns the number of elements checked. C starts as NaN when beta is 0 (must not be read).
+template <class T>
+int check_gemm_against_reference(Rng& rng) {
     Knob<Index> q(kernels::detail::gemm_split_quantum(), 1);
     Knob<Index> pmin(kernels::detail::gemm_parallel_min(), 0);
-    Rng rng(1);
     int checked = 0;
     for (Index m : {Index(1), Index(7), Index(17), Index(49)})
         for (Index n : {Index(1), Index(16), Index(33)})
@@ -100,6 +104,11 @@ TEST_CASE_TEMPLATE("kernels::gemm: split products equal the plain reference on o
                             Mat<T> A(opa == kernels::Op::none ? m : k, opa == kernels::Op::none ? k : m, rng);
                             Mat<T> B(opb == kernels::Op::none ? k : n, opb == kernels::Op::none ? n : k, rng);
                             Mat<T> C(m, n, rng, 2);
+                            if (beta == T(0))
+                                for (Index i = 0; i < m; ++i)
+                                    for (Index j = 0; j < n; ++j)
+                                        C.buf[static_cast<std::size_t>(1 + i * (n + 2) + j)] =
+                                            std::numeric_limits<T>::quiet_NaN();
                             const Mat<T> C0 = C;
                             const T alpha = T(0.75);
                             MatrixView<T> Cv(C.buf.data() + 1, m, n, n + 2);
@@ -113,30 +122,48 @@ TEST_CASE_TEMPLATE("kernels::gemm: split products equal the plain reference on o
                                         ref += a * b;
                                         mag += std::abs(a * b);
                                     }
-                                    const double c0 = C0.buf[static_cast<std::size_t>(1 + i * (n + 2) + j)];
-                                    ref = alpha * ref + (beta == T(1) ? c0 : 0.0);
+                                    const double c0 = beta == T(1) ? double(C0.buf[static_cast<std::size_t>(1 + i * (n + 2) + j)]) : 0.0;
+                                    ref = alpha * ref + c0;
                                     const double tol = (double(k) + 2) * eps<T>() * (mag + std::abs(c0)) + 1e-300;
                                     REQUIRE(std::abs(double(Cv(i, j)) - ref) <= tol);
                                     ++checked;
                                 }
                             // Padding between rows untouched.
-                            if (n + 2 > n && m > 1) CHECK(C.buf[static_cast<std::size_t>(1 + n)] == C0.buf[static_cast<std::size_t>(1 + n)]);
+                            if (m > 1) CHECK(C.buf[static_cast<std::size_t>(1 + n)] == C0.buf[static_cast<std::size_t>(1 + n)]);
                         }
-    CHECK(checked > 10000);
+    return checked;
 }
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("kernels::gemm: split products equal the plain reference on odd shapes and ops", T, float, double) {
+    Rng rng(1);
+    CHECK(check_gemm_against_reference<T>(rng) > 10000);
+}
+
+#ifdef COMIGS_HAVE_ONEDNN
+TEST_CASE("kernels::gemm: the oneDNN sgemm path equals the plain reference on odd shapes and ops") {
+    Knob<Index> all(kernels::detail::gemm_onednn_min(), 0);  // every fp32 product through oneDNN
+    Rng rng(4);
+    CHECK(check_gemm_against_reference<float>(rng) > 10000);
+}
+#endif
 
 TEST_CASE("kernels::gemm: identical results for a fixed thread count, run after run") {
     Knob<Index> pmin(kernels::detail::gemm_parallel_min(), 0);
-    Rng rng(2);
-    const Index m = 67, n = 45, k = 301;
-    auto A = randn<float>(static_cast<std::size_t>(m * k), rng), B = randn<float>(static_cast<std::size_t>(k * n), rng);
-    std::vector<float> C1(static_cast<std::size_t>(m * n)), C2(C1.size());
-    kernels::gemm<float>(MatrixView<float>(C1.data(), m, n), ConstMatrixView<float>(A.data(), m, k), kernels::Op::none,
-                         ConstMatrixView<float>(B.data(), k, n), kernels::Op::none);
-    for (int run = 0; run < 3; ++run) {
-        kernels::gemm<float>(MatrixView<float>(C2.data(), m, n), ConstMatrixView<float>(A.data(), m, k),
+    for (Index onednn_min : {kernels::detail::gemm_onednn_min(), Index(0)}) {
+        Knob<Index> backend(kernels::detail::gemm_onednn_min(), onednn_min);
+        Rng rng(2);
+        const Index m = 67, n = 45, k = 301;
+        auto A = randn<float>(static_cast<std::size_t>(m * k), rng), B = randn<float>(static_cast<std::size_t>(k * n), rng);
+        std::vector<float> C1(static_cast<std::size_t>(m * n)), C2(C1.size());
+        kernels::gemm<float>(MatrixView<float>(C1.data(), m, n), ConstMatrixView<float>(A.data(), m, k),
                              kernels::Op::none, ConstMatrixView<float>(B.data(), k, n), kernels::Op::none);
-        CHECK(std::memcmp(C1.data(), C2.data(), C1.size() * sizeof(float)) == 0);
+        for (int run = 0; run < 3; ++run) {
+            kernels::gemm<float>(MatrixView<float>(C2.data(), m, n), ConstMatrixView<float>(A.data(), m, k),
+                                 kernels::Op::none, ConstMatrixView<float>(B.data(), k, n), kernels::Op::none);
+            CHECK(std::memcmp(C1.data(), C2.data(), C1.size() * sizeof(float)) == 0);
+        }
     }
 }
 

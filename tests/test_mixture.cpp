@@ -270,6 +270,17 @@ TEST_CASE("MixtureOfLoraMlp: bad input raises comigs errors naming the value") {
 
 TEST_CASE("MixtureOfLoraMlp: float matches double; results bitwise stable across runs and thread counts") {
     using namespace comigs;
+    // Both fp32 GEMM backends: Eigen (the default at these sizes) and oneDNN's sgemm for every product.
+    Index onednn_min = kernels::detail::gemm_onednn_min();
+#ifdef COMIGS_HAVE_ONEDNN
+    SUBCASE("Eigen GEMMs") {}
+    SUBCASE("oneDNN GEMMs") { onednn_min = 0; }
+#endif
+    struct Restore {
+        Index saved = kernels::detail::gemm_onednn_min();
+        ~Restore() { kernels::detail::gemm_onednn_min() = saved; }
+    } restore;
+    kernels::detail::gemm_onednn_min() = onednn_min;
     const Index d = 48, h = 96, n = 67;
     MixtureConfig cfg;
     cfg.d_model = d;
