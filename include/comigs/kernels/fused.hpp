@@ -205,9 +205,12 @@ struct MixRow {
 /// Forward of R routed rows of one expert on nc columns (fb, fa its packed B1^T and A2 columns, row
 /// stride ld; b1 at the first column or null): u = gelu(H + b1 + zs^T B1T), m (= when first, else +=)
 /// g u, and part[q] = the partial sum of A2 u over these columns, q < Q. Rows share the factor loads
-/// and give the core independent chains to overlap.
+/// and give the core independent chains to overlap. The A2 projection is a second sweep over u (kept
+/// in su[x], L1): with its 2 Q accumulators out of the GELU loop, that loop holds few registers and
+/// the core overlaps the long GELU chains of consecutive columns.
 template <int Q, int R, class T>
-inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb, const T* fa, Index ld, Index nc) {
+inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb, const T* fa, T* const* su, Index ld,
+                             Index nc) {
     using B = simd::batch<T>;
     constexpr Index w = static_cast<Index>(simd::width<T>);
     const Index cv = nc / w * w;
@@ -234,13 +237,17 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
                 p1[x] = simd::fma(B(zs[x][q + 1]), f1, p1[x]);
             }
         }
-        B u[R];
         for (int x = 0; x < R; ++x) {
             const B p = p0[x] + p1[x];
-            u[x] = p * gelu_sigmoid(p);
+            const B u = p * gelu_sigmoid(p);
             T* m = rows[x].out + c;
-            simd::store(m, rows[x].first ? B(g[x]) * u[x] : simd::fma(B(g[x]), u[x], simd::load(m)));
+            simd::store(m, rows[x].first ? B(g[x]) * u : simd::fma(B(g[x]), u, simd::load(m)));
+            simd::store(su[x] + c, u);
         }
+    }
+    for (Index c = 0; c < cv; c += w) {
+        B u[R];
+        for (int x = 0; x < R; ++x) u[x] = simd::load(su[x] + c);
         for (int q = 0; q < Q; ++q) {
             const B f = simd::load(fa + q * ld + c);
             for (int x = 0; x < R; ++x) acc[x][q] = simd::fma(f, u[x], acc[x][q]);
@@ -271,6 +278,7 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
 /// of each row's token and qg = g s B2^T dy: du = g dm + qg^T A2, p recomputed, u = gelu(p),
 /// dp = du * gelu'(p); dH (= when first, else +=) dp, part[q] = the partial sum of B1T dp (q < Q) and
 /// part[Q] of u . dm; u and dp go to the rows su[x], sd[x] for the gradient sweep (mix_grad_span).
+/// The B1T dp sums are a second sweep over sd (as in mix_forward_rows: registers free for the GELU loop).
 template <int Q, int R, class T>
 inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb, const T* fa, T* const* su,
                               T* const* sd, Index ld, Index nc) {
@@ -321,6 +329,10 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
             simd::store(su[x] + c, u[x]);
             simd::store(sd[x] + c, dp[x]);
         }
+    }
+    for (Index c = 0; c < cv; c += w) {
+        B dp[R];
+        for (int x = 0; x < R; ++x) dp[x] = simd::load(sd[x] + c);
         for (int q = 0; q < Q; ++q) {
             const B f = simd::load(fb + q * ld + c);
             for (int x = 0; x < R; ++x) acc[x][q] = simd::fma(f, dp[x], acc[x][q]);
@@ -438,6 +450,9 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
             pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc);
         }
         const Index ld = direct ? h : nc;
+        auto& rowbuf = fused_rows_scratch<T>();
+        rowbuf.resize(static_cast<std::size_t>(2 * nc));
+        T* const su[2] = {rowbuf.data(), rowbuf.data() + nc};
         T* pg = part.data() + grp * rows * Q;
         const T* bias = b1 ? b1 + c0 : nullptr;
         const Index total = static_cast<Index>(order.rows.size());
@@ -458,9 +473,9 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
                     if (x + y + 2 < total) prefetch(H.row_ptr(order.rows[static_cast<std::size_t>(x + y + 2)] / k) + c0, nc);
                 }
                 if (R == 2)
-                    mix_forward_rows<Q, 2>(rw, bias, fbe, fae, ld, nc);
+                    mix_forward_rows<Q, 2>(rw, bias, fbe, fae, su, ld, nc);
                 else
-                    mix_forward_rows<Q, 1>(rw, bias, fbe, fae, ld, nc);
+                    mix_forward_rows<Q, 1>(rw, bias, fbe, fae, su, ld, nc);
             }
         }
     });
