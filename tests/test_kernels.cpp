@@ -772,6 +772,82 @@ TEST_CASE("fused mixture passes: bitwise identical for 1, 2 and 3 threads and fr
         CHECK(std::memcmp(results[0].data(), results[i].data(), results[0].size() * sizeof(float)) == 0);
 }
 
+TEST_CASE("fused mixture passes: bf16 output rows are the finished fp32 rows rounded, everything else unchanged") {
+    Knob<Index> pmin(kernels::detail::mix_parallel_min(), 0);
+    Rng rng(23);
+    const Index n = 23, h = 203, E = 4, r = 8;  // h: column tails after the vector batches
+    for (Index k : {Index(1), Index(2), Index(3)})
+        for (Index group : {Index(16), Index(256)})
+            for (Index block : {Index(3), Index(64)}) {
+                CAPTURE(k);
+                CAPTURE(group);
+                CAPTURE(block);
+                Knob<Index> gc(kernels::detail::mix_group_cols(), group);
+                Knob<Index> tb(kernels::detail::mix_token_block(), block);
+                const RoutedRows route(n, k, E, rng);
+                const auto gate = cast_vec<float>(route.gate);
+                auto rnd = [&](Index count) { return randn<float>(static_cast<std::size_t>(count), rng, 0.5); };
+                const auto H = rnd(n * h), dM = rnd(n * h), b1 = rnd(h), zs = rnd(n * k * r), qg = rnd(n * k * r);
+                const auto B1T = rnd(E * r * h), A2 = rnd(E * r * h);
+                struct Out {
+                    std::vector<float> M, dH, rest;
+                    std::vector<kernels::bf16> Mb, dHb;
+                };
+                auto run = [&](bool bf16_out) {
+                    Out o;
+                    const Index ldb = h + 5;  // padded bf16 rows
+                    o.M.assign(H.size(), 0.0f);
+                    o.dH.assign(H.size(), 0.0f);
+                    o.Mb.assign(static_cast<std::size_t>(n * ldb), kernels::bf16{0x7fc1});
+                    o.dHb = o.Mb;
+                    std::vector<float> z2(static_cast<std::size_t>(n * k * r)), dz(z2.size()),
+                        udm(static_cast<std::size_t>(n * k)), gA2(B1T.size(), 0.5f), gB1T(B1T.size()), part;
+                    std::vector<const float*> fb, fa;
+                    std::vector<float*> ga, gb;
+                    for (Index e = 0; e < E; ++e) {
+                        fb.push_back(B1T.data() + e * r * h);
+                        fa.push_back(A2.data() + e * r * h);
+                        ga.push_back(gA2.data() + e * r * h);
+                        gb.push_back(gB1T.data() + e * r * h);
+                    }
+                    const auto Mb = bf16_out ? MatrixView<kernels::bf16>(o.Mb.data(), n, h, ldb) : MatrixView<kernels::bf16>();
+                    const auto dHb = bf16_out ? MatrixView<kernels::bf16>(o.dHb.data(), n, h, ldb) : MatrixView<kernels::bf16>();
+                    kernels::gelu_mixture_forward(MatrixView<float>(o.M.data(), n, h), z2.data(),
+                                                  ConstMatrixView<float>(H.data(), n, h), b1.data(), k, route.expert.data(),
+                                                  gate.data(), zs.data(), fb.data(), fa.data(), E, r, part, Mb);
+                    kernels::gelu_mixture_backward(MatrixView<float>(o.dH.data(), n, h), dz.data(), udm.data(),
+                                                   ConstMatrixView<float>(dM.data(), n, h),
+                                                   ConstMatrixView<float>(H.data(), n, h), b1.data(), k,
+                                                   route.expert.data(), gate.data(), zs.data(), qg.data(), fb.data(),
+                                                   fa.data(), ga.data(), h, gb.data(), E, 0.5f, r, part, dHb);
+                    for (const auto* v : {&z2, &dz, &udm, &gA2, &gB1T}) o.rest.insert(o.rest.end(), v->begin(), v->end());
+                    return o;
+                };
+                const Out plain = run(false), rounded = run(true);
+                CHECK(std::memcmp(plain.rest.data(), rounded.rest.data(), plain.rest.size() * sizeof(float)) == 0);
+                const Index ldb = h + 5;
+                for (Index t = 0; t < n; ++t) {
+                    for (Index c = 0; c < h; ++c) {
+                        const auto at = static_cast<std::size_t>(t * h + c), atb = static_cast<std::size_t>(t * ldb + c);
+                        REQUIRE(rounded.Mb[atb].bits == kernels::to_bf16(plain.M[at]).bits);
+                        REQUIRE(rounded.dHb[atb].bits == kernels::to_bf16(plain.dH[at]).bits);
+                    }
+                    for (Index c = h; c < ldb; ++c)  // padding untouched
+                        REQUIRE(rounded.Mb[static_cast<std::size_t>(t * ldb + c)].bits == 0x7fc1);
+                }
+            }
+    // A bf16 output of another shape is refused.
+    std::vector<float> M(4), H(4), z2(2), part;
+    std::vector<kernels::bf16> Mb(4);
+    const std::int32_t expert[2] = {0, 1};
+    const float gate[2] = {1.0f, 1.0f}, zs[2] = {0, 0}, f[2] = {0, 0};
+    const float* fp[2] = {f, f};
+    CHECK_THROWS_AS(kernels::gelu_mixture_forward<float>(MatrixView<float>(M.data(), 2, 2), z2.data(),
+                                                  ConstMatrixView<float>(H.data(), 2, 2), nullptr, 1, expert, gate, zs, fp,
+                                                  fp, 2, 1, part, MatrixView<kernels::bf16>(Mb.data(), 1, 2)),
+                    ShapeError);
+}
+
 TEST_CASE_TEMPLATE("simd::reduce_add_rows sums each batch; simd::sigmoid_fast is within a few ulp", T, float, double) {
     using B = kernels::simd::batch<T>;
     constexpr Index w = static_cast<Index>(kernels::simd::width<T>);

@@ -37,14 +37,35 @@ struct FrozenLinear {
         } else {
             kernels::gemm<T>(y, x, kernels::Op::none, weight, kernels::Op::trans, T(1), accumulate ? T(1) : T(0));
         }
-        if (!bias.empty()) {
-            const Index n = y.rows, m = y.cols;
+        add_bias(y);
+    }
+
+    /// y[i] += b for every row (nothing without a bias).
+    void add_bias(MatrixView<T> y) const {
+        if (bias.empty()) return;
+        const Index n = y.rows, m = y.cols;
 #pragma omp parallel for schedule(static) if (n * m > 32768)
-            for (Index i = 0; i < n; ++i) {
-                T* yi = y.row_ptr(i);
-                for (Index j = 0; j < m; ++j) yi[j] += bias[static_cast<std::size_t>(j)];
-            }
+        for (Index i = 0; i < n; ++i) {
+            T* yi = y.row_ptr(i);
+            for (Index j = 0; j < m; ++j) yi[j] += bias[static_cast<std::size_t>(j)];
         }
+    }
+
+    /// y[N, out] = x W^T + b for activations already in bf16 (a bf16-held weight only; float only).
+    void forward(MatrixView<float> y, ConstMatrixView<kernels::bf16> xb, bool accumulate = false) const
+        requires std::is_same_v<T, float>
+    {
+        require(is_bf16(), "FrozenLinear: bf16 activations need a weight held in bf16");
+        kernels::gemm_bf16_from(y, xb, weight_bf16, kernels::Op::trans, 1.0f, accumulate ? 1.0f : 0.0f);
+        add_bias(y);
+    }
+
+    /// dx[N, in] (+)= dy W for gradients already in bf16 (a bf16-held weight only; float only).
+    void backward_input(MatrixView<float> dx, ConstMatrixView<kernels::bf16> dyb, bool accumulate = true) const
+        requires std::is_same_v<T, float>
+    {
+        require(is_bf16(), "FrozenLinear: bf16 gradients need a weight held in bf16");
+        kernels::gemm_bf16_from(dx, dyb, weight_bf16, kernels::Op::none, 1.0f, accumulate ? 1.0f : 0.0f);
     }
 
     /// dx[N, in] (+)= dy[N, out] W.

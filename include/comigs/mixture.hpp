@@ -513,6 +513,10 @@ private:
     /// and B2 are transposed into fb1t_ / fb2t_ (they are stored [out, r]). Called by forward and by
     /// backward (the parameters may have changed in between only if the caller broke the contract,
     /// but recomputing is cheap: E (h + d) r elements).
+    MatrixView<kernels::bf16> bf16_view(Index rows, Index cols) {
+        if (act_bf16_.size() < static_cast<std::size_t>(rows * cols)) act_bf16_.resize(static_cast<std::size_t>(rows * cols));
+        return MatrixView<kernels::bf16>(act_bf16_.data(), rows, cols);
+    }
     void prepare_factors() {
         const Index E = cfg_.n_experts, r = cfg_.rank, h = cfg_.d_hidden, d = cfg_.d_model;
         const std::size_t nf = first_.size();
@@ -562,15 +566,24 @@ private:
             }
         const auto M = detail::as_view(m_, n, h);
         T* z2 = detail::as_view(rz2_, rows, r).data;
+        auto second = base_->linear(second_);
+        // With the second weight in bf16 the row pass writes m in bf16 itself: no conversion pass.
+        const auto Mb = second.is_bf16() ? bf16_view(n, h) : MatrixView<kernels::bf16>();
         kernels::gelu_mixture_forward(M, z2, ConstMatrixView<T>(H), b1.empty() ? nullptr : b1.data(), k,
                                       route_.expert.data(), route_.gate.data(), zs, fb1t_.data(), fa2_.data(), cfg_.n_experts, r,
-                                      part_);
+                                      part_, Mb);
 
         // y = W2 m (one base GEMM) + (sum g) b2 + sum_j B2e (s g z2).
-        auto second = base_->linear(second_);
         const auto b2 = second.bias;
         second.bias = {};
-        second.forward(y, M);
+        if constexpr (std::is_same_v<T, float>) {
+            if (Mb.data)
+                second.forward(y, ConstMatrixView<kernels::bf16>(Mb));
+            else
+                second.forward(y, M);
+        } else {
+            second.forward(y, M);
+        }
         T* z2g = detail::as_view(rz2g_, rows, r).data;
 #pragma omp parallel for schedule(static) if (rows * r * d > 65536)
         for (Index t = 0; t < n; ++t) {
@@ -630,9 +643,11 @@ private:
             gA2_[static_cast<std::size_t>(e)] = ga.data;
             gB1_[static_cast<std::size_t>(e)] = gb1t_.data() + e * r * h;
         }
+        const bool dx_from_bf16 = !dx.empty() && fc.is_bf16();  // dH in bf16 straight from the row pass
+        const auto dHb = dx_from_bf16 ? bf16_view(n, h) : MatrixView<kernels::bf16>();
         kernels::gelu_mixture_backward(dH, dz, udm, ConstMatrixView<T>(dM), ConstMatrixView<T>(pre_[0].data(), n, h),
                                        b1, k, route_.expert.data(), route_.gate.data(), rz1_.data(), qg, fb1t_.data(),
-                                       fa2_.data(), gA2_.data(), ldg, gB1_.data(), E, s_, r, part_);
+                                       fa2_.data(), gA2_.data(), ldg, gB1_.data(), E, s_, r, part_, dHb);
         for (Index e = 0; e < E; ++e) kernels::add_transposed(grad_B(e, first_[0]), gB1_[static_cast<std::size_t>(e)]);
 
         // Per token: the gate gradients and the LoRA part of dx (A1e^T dz per routed row).
@@ -682,7 +697,14 @@ private:
             if (groups_.count(e) > 0) kernels::add_transposed(grad_B(e, second_), work_t_.data() + e * r * d);
 
         // The base input gradient: one GEMM, accumulated into dx.
-        if (!dx.empty()) fc.backward_input(dx, ConstMatrixView<T>(dH), true);
+        if constexpr (std::is_same_v<T, float>) {
+            if (dx_from_bf16)
+                fc.backward_input(dx, ConstMatrixView<kernels::bf16>(dHb), true);
+            else if (!dx.empty())
+                fc.backward_input(dx, ConstMatrixView<T>(dH), true);
+        } else {
+            if (!dx.empty()) fc.backward_input(dx, ConstMatrixView<T>(dH), true);
+        }
         if (rcfg_.has_weight())
             router_backward(dx, grads_.view("router.weight"), ConstMatrixView<T>(dgate.data(), n, k), lb_grad, xs,
                             router_weight(), route_, rcfg_);
@@ -744,6 +766,7 @@ private:
     std::vector<T> fb1t_store_, fb2t_store_;
     // Work space reused between calls.
     std::vector<T> work_h_, work_r_, work_gather_, work_dx_, work_t_, dgate_;
+    comigs::detail::aligned_vector<kernels::bf16> act_bf16_;  // m (forward) or dH (backward) in bf16 for a bf16 base GEMM
     std::vector<std::vector<T>> dpre_, dh_, dz_;
 };
 

@@ -25,6 +25,7 @@
 #endif
 
 #include "../view.hpp"
+#include "bf16.hpp"
 #include "elementwise.hpp"
 #include "lowrank.hpp"
 #include "simd.hpp"
@@ -146,22 +147,28 @@ struct Coef {
 
 /// The order the fused passes visit the routed rows in: token blocks in order, inside a block expert
 /// by expert, inside an expert in token order. Also whether each row is its token's first visit (its
-/// expert is the smallest of the token's), which stores m and dH instead of adding to them.
+/// expert is the smallest of the token's), which stores m and dH instead of adding to them, and its
+/// last (the largest expert), which may write the finished m or dH row in bf16 instead.
 struct MixOrder {
     std::vector<Index> rows;          ///< row ids i = t k + j, in visiting order
     std::vector<Index> span;          ///< [blocks * experts + 1] offsets into rows
     std::vector<unsigned char> first;  ///< per row id
+    std::vector<unsigned char> last;   ///< per row id
 
     void build(Index n, Index k, Index experts, const std::int32_t* expert, Index tb) {
         const Index blocks = (n + tb - 1) / tb;
         rows.resize(static_cast<std::size_t>(n * k));
         span.assign(static_cast<std::size_t>(blocks * experts + 1), 0);
         first.assign(static_cast<std::size_t>(n * k), 0);
+        last.assign(static_cast<std::size_t>(n * k), 0);
         for (Index t = 0; t < n; ++t) {
-            Index lowest = 0;
-            for (Index j = 1; j < k; ++j)
+            Index lowest = 0, highest = 0;
+            for (Index j = 1; j < k; ++j) {
                 if (expert[t * k + j] < expert[t * k + lowest]) lowest = j;
+                if (expert[t * k + j] > expert[t * k + highest]) highest = j;
+            }
             first[static_cast<std::size_t>(t * k + lowest)] = 1;
+            last[static_cast<std::size_t>(t * k + highest)] = 1;
         }
         Index pos = 0;
         for (Index b = 0; b < blocks; ++b) {
@@ -200,7 +207,48 @@ struct MixRow {
     T g;                   // gate weight
     bool first;            // first visit of the token: store instead of add
     T* part;               // the row's partial sums over the group's columns
+    bf16* outb;            // when set, the last visit writes the finished row here (bf16), not to out
+    bool last;             // last visit of the token
 };
+
+/// Stores the lanes of v as bf16, rounded as convert_to_bf16 rounds.
+template <class B>
+inline void store_bf16(bf16* dst, const B& v) {
+    static_assert(std::is_same_v<typename B::value_type, float>);
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    if constexpr (B::size == 16) {
+        const __m256bh h = _mm512_cvtneps_pbh(v);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), reinterpret_cast<const __m256i&>(h));
+        return;
+    }
+#endif
+    alignas(64) float tmp[B::size];
+    v.store_aligned(tmp);
+    convert_to_bf16(dst, tmp, static_cast<Index>(B::size));
+}
+
+/// Writes the row value v of m or dH at column c: to the bf16 row on the token's last visit when the
+/// caller asked for bf16 output, else to the fp32 row.
+template <int Q, class T, class B>
+inline void put_row(const MixRow<Q, T>& row, Index c, const B& v) {
+    if constexpr (std::is_same_v<T, float>) {
+        if (row.outb && row.last) {
+            store_bf16(row.outb + c, v);
+            return;
+        }
+    }
+    simd::store(row.out + c, v);
+}
+template <int Q, class T>
+inline void put_row_scalar(const MixRow<Q, T>& row, Index c, T v) {
+    if constexpr (std::is_same_v<T, float>) {
+        if (row.outb && row.last) {
+            row.outb[c] = to_bf16(v);
+            return;
+        }
+    }
+    row.out[c] = v;
+}
 
 /// Forward of R routed rows of one expert on nc columns (fb, fa its packed B1^T and A2 columns, row
 /// stride ld; b1 at the first column or null): u = gelu(H + b1 + zs^T B1T), m (= when first, else +=)
@@ -240,8 +288,7 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
         for (int x = 0; x < R; ++x) {
             const B p = p0[x] + p1[x];
             const B u = p * gelu_sigmoid(p);
-            T* m = rows[x].out + c;
-            simd::store(m, rows[x].first ? B(g[x]) * u : simd::fma(B(g[x]), u, simd::load(m)));
+            put_row(rows[x], c, rows[x].first ? B(g[x]) * u : simd::fma(B(g[x]), u, simd::load(rows[x].out + c)));
             simd::store(su[x] + c, u);
         }
     }
@@ -267,8 +314,7 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
             }
             const T p = p0 + p1;
             const T u = p * gelu_sigmoid_scalar(p);
-            T* m = rows[x].out + c;
-            *m = rows[x].first ? g[x] * u : *m + g[x] * u;
+            put_row_scalar(rows[x], c, rows[x].first ? g[x] * u : rows[x].out[c] + g[x] * u);
             for (int q = 0; q < Q; ++q) out[q] += fa[q * ld + c] * u;
         }
     }
@@ -324,8 +370,7 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
             u[x] = p * s;
             dp[x] = (du0[x] + du1[x]) * gelu_grad_from(p, s, oms);
             dot[x] = simd::fma(u[x], dmc[x], dot[x]);
-            T* dh = rows[x].out + c;
-            simd::store(dh, rows[x].first ? dp[x] : simd::load(dh) + dp[x]);
+            put_row(rows[x], c, rows[x].first ? dp[x] : simd::load(rows[x].out + c) + dp[x]);
             simd::store(su[x] + c, u[x]);
             simd::store(sd[x] + c, dp[x]);
         }
@@ -364,8 +409,7 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
             const T dp = (du0 + du1) * gelu_grad_from_scalar(p, s, oms);
             T* out = rows[x].part;
             out[Q] += u * dmv;
-            T* dh = rows[x].out + c;
-            *dh = rows[x].first ? dp : *dh + dp;
+            put_row_scalar(rows[x], c, rows[x].first ? dp : rows[x].out[c] + dp);
             su[x][c] = u;
             sd[x][c] = dp;
             for (int q = 0; q < Q; ++q) out[q] += fb[q * ld + c] * dp;
@@ -426,7 +470,7 @@ void sum_groups(T* dst, const T* part, Index groups, Index len, bool parallel) {
 template <int Q, class T>
 void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1, Index k, const std::int32_t* expert,
                        const T* gate, const T* zs, const T* const* B1T, const T* const* A2, Index experts, Index r,
-                       std::vector<T>& part) {
+                       std::vector<T>& part, MatrixView<bf16> Mb) {
     const Index n = H.rows, h = H.cols, rows = n * k;
     const Index W = std::max<Index>(1, mix_group_cols()), groups = (h + W - 1) / W;
     MixOrder order;
@@ -469,7 +513,8 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
                 for (int y = 0; y < R; ++y) {
                     const Index i = order.rows[static_cast<std::size_t>(x + y)], t = i / k;
                     rw[y] = {M.row_ptr(t) + c0, H.row_ptr(t) + c0, nullptr, &zc[static_cast<std::size_t>(i)], nullptr,
-                             gate[i], order.first[static_cast<std::size_t>(i)] != 0, pg + i * Q};
+                             gate[i], order.first[static_cast<std::size_t>(i)] != 0, pg + i * Q,
+                             Mb.data ? Mb.row_ptr(t) + c0 : nullptr, order.last[static_cast<std::size_t>(i)] != 0};
                     if (x + y + 2 < total) prefetch(H.row_ptr(order.rows[static_cast<std::size_t>(x + y + 2)] / k) + c0, nc);
                 }
                 if (R == 2)
@@ -493,7 +538,7 @@ template <int Q, class T>
 void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, ConstMatrixView<T> H, const T* b1,
                         Index k, const std::int32_t* expert, const T* gate, const T* zs, const T* qg,
                         const T* const* B1T, const T* const* A2, T* const* gA2, Index ldg, T* const* gB1T,
-                        Index experts, T s, Index r, std::vector<T>& part) {
+                        Index experts, T s, Index r, std::vector<T>& part, MatrixView<bf16> dHb) {
     const Index n = H.rows, h = H.cols, rows = n * k;
     const Index W = std::max<Index>(1, mix_group_cols()), groups = (h + W - 1) / W;
     constexpr Index P = Q + 1;
@@ -545,7 +590,8 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
                     const Index i = order.rows[static_cast<std::size_t>(x + y)], t = i / k;
                     rw[y] = {dH.row_ptr(t) + c0, H.row_ptr(t) + c0, dM.row_ptr(t) + c0, &zc[static_cast<std::size_t>(i)],
                              &qc[static_cast<std::size_t>(i)], gate[i], order.first[static_cast<std::size_t>(i)] != 0,
-                             pg + i * P};
+                             pg + i * P, dHb.data ? dHb.row_ptr(t) + c0 : nullptr,
+                             order.last[static_cast<std::size_t>(i)] != 0};
                     sur[y] = su + (x + y - x0) * nc;
                     sdr[y] = sd + (x + y - x0) * nc;
                     std::copy_n(qc[static_cast<std::size_t>(i)].v, Q, xq + (x + y - x0) * Q);
@@ -588,18 +634,23 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
 /// p = H[t] + b1 + zs_i^T B1T (b1 may be null):
 ///   M[t] = sum_j gate[i] gelu(p_i)   and   z2[i] = A2 gelu(p_i)   (z2 [n k, r]).
 /// `part` is work space. Results do not depend on the thread count.
+/// With Mb set (float only, same shape as M), the finished rows of M go to Mb in bf16 (as
+/// convert_to_bf16 would round them; the input of a bf16 GEMM) and M keeps only partial sums.
 template <class T>
 void gelu_mixture_forward(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1, Index k,
                           const std::int32_t* expert, const T* gate, const T* zs, const T* const* B1T,
-                          const T* const* A2, Index experts, Index r, std::vector<T>& part) {
+                          const T* const* A2, Index experts, Index r, std::vector<T>& part,
+                          MatrixView<bf16> Mb = {}) {
     require<ShapeError>(M.rows == H.rows && M.cols == H.cols, "gelu_mixture_forward: M [", M.rows, ", ", M.cols,
                         "] and H [", H.rows, ", ", H.cols, "] differ");
+    require<ShapeError>(Mb.data == nullptr || (std::is_same_v<T, float> && Mb.rows == M.rows && Mb.cols == M.cols),
+                        "gelu_mixture_forward: bf16 output [", Mb.rows, ", ", Mb.cols, "] must be float and match M");
     require(r >= 1 && r <= fused_max_rank, "gelu_mixture_forward rank ", r, ": the fused kernel takes 1..",
             fused_max_rank);
     if (detail::padded_rank(r) == 4)
-        detail::mixture_forward_q<4>(M, z2, H, b1, k, expert, gate, zs, B1T, A2, experts, r, part);
+        detail::mixture_forward_q<4>(M, z2, H, b1, k, expert, gate, zs, B1T, A2, experts, r, part, Mb);
     else
-        detail::mixture_forward_q<8>(M, z2, H, b1, k, expert, gate, zs, B1T, A2, experts, r, part);
+        detail::mixture_forward_q<8>(M, z2, H, b1, k, expert, gate, zs, B1T, A2, experts, r, part, Mb);
 }
 
 /// Backward of gelu_mixture_forward, given dM = dL/dM [n, h] and qg [n k, r] = gate s B2^T dy per row:
@@ -607,22 +658,24 @@ void gelu_mixture_forward(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T*
 ///   dz[i] = s B1T dp_i,   udm[i] = gelu(p_i) . dM[t],
 ///   gA2[e] ([r, h], row stride ldg) += sum over e's rows of qg_i gelu(p_i)^T,
 ///   gB1T[e] ([r, h], row stride h) = sum over e's rows of zs_i dp_i^T (overwritten: dB1 transposed).
-/// Results do not depend on the thread count.
+/// Results do not depend on the thread count. With dHb set, as Mb in gelu_mixture_forward for dH.
 template <class T>
 void gelu_mixture_backward(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, ConstMatrixView<T> H, const T* b1,
                            Index k, const std::int32_t* expert, const T* gate, const T* zs, const T* qg,
                            const T* const* B1T, const T* const* A2, T* const* gA2, Index ldg, T* const* gB1T,
-                           Index experts, T s, Index r, std::vector<T>& part) {
+                           Index experts, T s, Index r, std::vector<T>& part, MatrixView<bf16> dHb = {}) {
     require<ShapeError>(dH.rows == H.rows && dH.cols == H.cols && dM.rows == H.rows && dM.cols == H.cols,
                         "gelu_mixture_backward: dH, dM and H must have the same shape");
+    require<ShapeError>(dHb.data == nullptr || (std::is_same_v<T, float> && dHb.rows == dH.rows && dHb.cols == dH.cols),
+                        "gelu_mixture_backward: bf16 output [", dHb.rows, ", ", dHb.cols, "] must be float and match dH");
     require(r >= 1 && r <= fused_max_rank, "gelu_mixture_backward rank ", r, ": the fused kernel takes 1..",
             fused_max_rank);
     if (detail::padded_rank(r) == 4)
         detail::mixture_backward_q<4>(dH, dz, udm, dM, H, b1, k, expert, gate, zs, qg, B1T, A2, gA2, ldg, gB1T, experts,
-                                      s, r, part);
+                                      s, r, part, dHb);
     else
         detail::mixture_backward_q<8>(dH, dz, udm, dM, H, b1, k, expert, gate, zs, qg, B1T, A2, gA2, ldg, gB1T, experts,
-                                      s, r, part);
+                                      s, r, part, dHb);
 }
 
 }  // namespace comigs::kernels

@@ -41,11 +41,10 @@ inline Bf16Backend bf16_backend() {
     return Bf16Backend::fp32_fallback;
 }
 
-/// C[M, N] = alpha * A[M, K] op(W) + beta * C (beta 0 or 1), A fp32 (rounded to bf16 on the way in),
-/// W bf16: op = trans means W is [N, K] (y = x W^T, nn.Linear forward), none means W is [K, N]
-/// (dx = dy W, the input gradient). Accumulation in fp32.
-inline void gemm_bf16(MatrixView<float> C, ConstMatrixView<float> A, ConstMatrixView<bf16> W, Op opw,
-                      float alpha = 1.0f, float beta = 0.0f) {
+/// C[M, N] = alpha * A[M, K] op(W) + beta * C (beta 0 or 1) with the activations already in bf16
+/// (e.g. written so by the fused row passes), W bf16 as for gemm_bf16. Accumulation in fp32.
+inline void gemm_bf16_from(MatrixView<float> C, ConstMatrixView<bf16> A, ConstMatrixView<bf16> W, Op opw,
+                           float alpha = 1.0f, float beta = 0.0f) {
     const Index m = A.rows, k = A.cols;
     const Index kw = opw == Op::none ? W.rows : W.cols;
     const Index n = opw == Op::none ? W.cols : W.rows;
@@ -58,24 +57,19 @@ inline void gemm_bf16(MatrixView<float> C, ConstMatrixView<float> A, ConstMatrix
             for (Index i = 0; i < m; ++i) std::fill(C.row_ptr(i), C.row_ptr(i) + n, 0.0f);
         return;
     }
-    // The activations in bf16, contiguous; the buffer is kept between calls.
-    thread_local comigs::detail::aligned_vector<bf16> abuf;
-    if (abuf.size() < static_cast<std::size_t>(m * k)) abuf.resize(static_cast<std::size_t>(m * k));
-    convert_rows_to_bf16(abuf.data(), A);
-
 #ifdef COMIGS_HAVE_ONEDNN
     if (bf16_backend() == Bf16Backend::onednn) {
-        const onednn::Operand a{abuf.data(), m, k, k, 1};
+        const onednn::Operand a{A.data, m, k, A.stride, 1};
         const onednn::Operand b = opw == Op::none ? onednn::Operand{W.data, k, n, W.stride, 1}
                                                   : onednn::Operand{W.data, k, n, 1, W.stride};
         onednn::matmul(onednn::Type::bf16, a, b, C.data, C.stride, alpha, beta != 0.0f);
         return;
     }
 #endif
-    // fp32 fallback: the rounded activations and a panel of widened weights through the fp32 GEMM.
+    // fp32 fallback: the activations and a panel of widened weights through the fp32 GEMM.
     thread_local std::vector<float> af, wf;
     af.resize(static_cast<std::size_t>(m * k));
-    convert_to_float(af.data(), abuf.data(), m * k);
+    for (Index i = 0; i < m; ++i) convert_to_float(af.data() + i * k, A.row_ptr(i), k);
     const ConstMatrixView<float> Af(af.data(), m, k);
     const Index panel = std::max<Index>(1, detail::bf16_fallback_panel());
     for (Index j0 = 0; j0 < n; j0 += panel) {
@@ -91,6 +85,19 @@ inline void gemm_bf16(MatrixView<float> C, ConstMatrixView<float> A, ConstMatrix
                         beta);
         }
     }
+}
+
+/// C[M, N] = alpha * A[M, K] op(W) + beta * C (beta 0 or 1), A fp32 (rounded to bf16 on the way in),
+/// W bf16: op = trans means W is [N, K] (y = x W^T, nn.Linear forward), none means W is [K, N]
+/// (dx = dy W, the input gradient). Accumulation in fp32.
+inline void gemm_bf16(MatrixView<float> C, ConstMatrixView<float> A, ConstMatrixView<bf16> W, Op opw,
+                      float alpha = 1.0f, float beta = 0.0f) {
+    const Index m = A.rows, k = A.cols;
+    // The activations in bf16, contiguous; the buffer is kept between calls.
+    thread_local comigs::detail::aligned_vector<bf16> abuf;
+    if (abuf.size() < static_cast<std::size_t>(m * k)) abuf.resize(static_cast<std::size_t>(m * k));
+    if (m > 0 && k > 0) convert_rows_to_bf16(abuf.data(), A);
+    gemm_bf16_from(C, ConstMatrixView<bf16>(abuf.data(), m, k), W, opw, alpha, beta);
 }
 
 }  // namespace comigs::kernels
