@@ -732,21 +732,35 @@ TEST_CASE_TEMPLATE("fused mixture passes equal plain loops: ranks 1..8, odd widt
                     }
 }
 
-TEST_CASE("fused mixture passes: bitwise identical for 1, 2 and 3 threads and from run to run") {
-    Knob<Index> pmin(kernels::detail::mix_parallel_min(), 0);
-    Knob<Index> gc(kernels::detail::mix_group_cols(), 16);
-    Knob<Index> tb(kernels::detail::mix_token_block(), 5);
-    Rng rng(22);
-    const Index n = 29, h = 203, k = 2, E = 3, r = 7;
-    const RoutedRows route(n, k, E, rng);
-    const auto gate = cast_vec<float>(route.gate);
-    auto rnd = [&](Index count) { return randn<float>(static_cast<std::size_t>(count), rng, 0.5); };
-    const auto H = rnd(n * h), dM = rnd(n * h), b1 = rnd(h), zs = rnd(n * k * r), qg = rnd(n * k * r);
-    const auto B1T = rnd(E * r * h), A2 = rnd(E * r * h);
-    std::vector<std::vector<float>> results;
-    for (int threads : {1, 2, 3, 2}) {
-        std::vector<float> M(H.size()), dH(H.size()), z2(static_cast<std::size_t>(n * k * r)), dz(z2.size()),
-            udm(static_cast<std::size_t>(n * k)), gA2(B1T.size(), 0.5f), gB1T(B1T.size()), part;
+namespace {
+
+/// Random routed rows and operands of the fused float passes, and one forward + backward over them.
+struct FusedCase {
+    Index n, h, k, E, r;
+    RoutedRows route;
+    std::vector<float> gate, H, dM, b1, zs, qg, B1T, A2;
+    FusedCase(Index n_, Index h_, Index k_, Index E_, Index r_, Rng& rng)
+        : n(n_), h(h_), k(k_), E(E_), r(r_), route(n_, k_, E_, rng) {
+        gate = cast_vec<float>(route.gate);
+        auto rnd = [&](Index count) { return randn<float>(static_cast<std::size_t>(count), rng, 0.5); };
+        H = rnd(n * h);
+        dM = rnd(n * h);
+        b1 = rnd(h);
+        zs = rnd(n * k * r);
+        qg = rnd(n * k * r);
+        B1T = rnd(E * r * h);
+        A2 = rnd(E * r * h);
+    }
+    struct Out {
+        std::vector<float> M, dH, rest;  // rest: z2, dz, u.dm, dA2, dB1^T
+    };
+    /// Forward then backward; Mb and dHb as in gelu_mixture_forward / gelu_mixture_backward.
+    Out run(MatrixView<kernels::bf16> Mb = {}, MatrixView<kernels::bf16> dHb = {}) const {
+        Out o;
+        o.M.assign(H.size(), 0.0f);
+        o.dH.assign(H.size(), 0.0f);
+        std::vector<float> z2(static_cast<std::size_t>(n * k * r)), dz(z2.size()), udm(static_cast<std::size_t>(n * k)),
+            gA2(B1T.size(), 0.5f), gB1T(B1T.size()), part;
         std::vector<const float*> fb, fa;
         std::vector<float*> ga, gb;
         for (Index e = 0; e < E; ++e) {
@@ -755,17 +769,33 @@ TEST_CASE("fused mixture passes: bitwise identical for 1, 2 and 3 threads and fr
             ga.push_back(gA2.data() + e * r * h);
             gb.push_back(gB1T.data() + e * r * h);
         }
-        with_threads(threads, [&] {
-            kernels::gelu_mixture_forward(MatrixView<float>(M.data(), n, h), z2.data(), ConstMatrixView<float>(H.data(), n, h),
-                                          b1.data(), k, route.expert.data(), gate.data(), zs.data(), fb.data(), fa.data(), E,
-                                          r, part);
-            kernels::gelu_mixture_backward(MatrixView<float>(dH.data(), n, h), dz.data(), udm.data(),
-                                           ConstMatrixView<float>(dM.data(), n, h), ConstMatrixView<float>(H.data(), n, h),
-                                           b1.data(), k, route.expert.data(), gate.data(), zs.data(), qg.data(), fb.data(),
-                                           fa.data(), ga.data(), h, gb.data(), E, 0.5f, r, part);
-        });
-        std::vector<float> all(M);
-        for (const auto* v : {&dH, &z2, &dz, &udm, &gA2, &gB1T}) all.insert(all.end(), v->begin(), v->end());
+        kernels::gelu_mixture_forward(MatrixView<float>(o.M.data(), n, h), z2.data(), ConstMatrixView<float>(H.data(), n, h),
+                                      b1.data(), k, route.expert.data(), gate.data(), zs.data(), fb.data(), fa.data(), E, r,
+                                      part, Mb);
+        kernels::gelu_mixture_backward(MatrixView<float>(o.dH.data(), n, h), dz.data(), udm.data(),
+                                       ConstMatrixView<float>(dM.data(), n, h), ConstMatrixView<float>(H.data(), n, h),
+                                       b1.data(), k, route.expert.data(), gate.data(), zs.data(), qg.data(), fb.data(),
+                                       fa.data(), ga.data(), h, gb.data(), E, 0.5f, r, part, dHb);
+        for (const auto* v : {&z2, &dz, &udm, &gA2, &gB1T}) o.rest.insert(o.rest.end(), v->begin(), v->end());
+        return o;
+    }
+};
+
+}  // namespace
+
+TEST_CASE("fused mixture passes: bitwise identical for 1, 2 and 3 threads and from run to run") {
+    Knob<Index> pmin(kernels::detail::mix_parallel_min(), 0);
+    Knob<Index> gc(kernels::detail::mix_group_cols(), 16);
+    Knob<Index> tb(kernels::detail::mix_token_block(), 5);
+    Rng rng(22);
+    const FusedCase fc(29, 203, 2, 3, 7, rng);
+    std::vector<std::vector<float>> results;
+    for (int threads : {1, 2, 3, 2}) {
+        FusedCase::Out o;
+        with_threads(threads, [&] { o = fc.run(); });
+        std::vector<float> all(o.M);
+        all.insert(all.end(), o.dH.begin(), o.dH.end());
+        all.insert(all.end(), o.rest.begin(), o.rest.end());
         results.push_back(all);
     }
     for (std::size_t i = 1; i < results.size(); ++i)
@@ -775,7 +805,8 @@ TEST_CASE("fused mixture passes: bitwise identical for 1, 2 and 3 threads and fr
 TEST_CASE("fused mixture passes: bf16 output rows are the finished fp32 rows rounded, everything else unchanged") {
     Knob<Index> pmin(kernels::detail::mix_parallel_min(), 0);
     Rng rng(23);
-    const Index n = 23, h = 203, E = 4, r = 8;  // h: column tails after the vector batches
+    const Index n = 23, h = 203;  // h: column tails after the vector batches
+    const Index ldb = h + 5;      // padded bf16 rows
     for (Index k : {Index(1), Index(2), Index(3)})
         for (Index group : {Index(16), Index(256)})
             for (Index block : {Index(3), Index(64)}) {
@@ -784,56 +815,20 @@ TEST_CASE("fused mixture passes: bf16 output rows are the finished fp32 rows rou
                 CAPTURE(block);
                 Knob<Index> gc(kernels::detail::mix_group_cols(), group);
                 Knob<Index> tb(kernels::detail::mix_token_block(), block);
-                const RoutedRows route(n, k, E, rng);
-                const auto gate = cast_vec<float>(route.gate);
-                auto rnd = [&](Index count) { return randn<float>(static_cast<std::size_t>(count), rng, 0.5); };
-                const auto H = rnd(n * h), dM = rnd(n * h), b1 = rnd(h), zs = rnd(n * k * r), qg = rnd(n * k * r);
-                const auto B1T = rnd(E * r * h), A2 = rnd(E * r * h);
-                struct Out {
-                    std::vector<float> M, dH, rest;
-                    std::vector<kernels::bf16> Mb, dHb;
-                };
-                auto run = [&](bool bf16_out) {
-                    Out o;
-                    const Index ldb = h + 5;  // padded bf16 rows
-                    o.M.assign(H.size(), 0.0f);
-                    o.dH.assign(H.size(), 0.0f);
-                    o.Mb.assign(static_cast<std::size_t>(n * ldb), kernels::bf16{0x7fc1});
-                    o.dHb = o.Mb;
-                    std::vector<float> z2(static_cast<std::size_t>(n * k * r)), dz(z2.size()),
-                        udm(static_cast<std::size_t>(n * k)), gA2(B1T.size(), 0.5f), gB1T(B1T.size()), part;
-                    std::vector<const float*> fb, fa;
-                    std::vector<float*> ga, gb;
-                    for (Index e = 0; e < E; ++e) {
-                        fb.push_back(B1T.data() + e * r * h);
-                        fa.push_back(A2.data() + e * r * h);
-                        ga.push_back(gA2.data() + e * r * h);
-                        gb.push_back(gB1T.data() + e * r * h);
-                    }
-                    const auto Mb = bf16_out ? MatrixView<kernels::bf16>(o.Mb.data(), n, h, ldb) : MatrixView<kernels::bf16>();
-                    const auto dHb = bf16_out ? MatrixView<kernels::bf16>(o.dHb.data(), n, h, ldb) : MatrixView<kernels::bf16>();
-                    kernels::gelu_mixture_forward(MatrixView<float>(o.M.data(), n, h), z2.data(),
-                                                  ConstMatrixView<float>(H.data(), n, h), b1.data(), k, route.expert.data(),
-                                                  gate.data(), zs.data(), fb.data(), fa.data(), E, r, part, Mb);
-                    kernels::gelu_mixture_backward(MatrixView<float>(o.dH.data(), n, h), dz.data(), udm.data(),
-                                                   ConstMatrixView<float>(dM.data(), n, h),
-                                                   ConstMatrixView<float>(H.data(), n, h), b1.data(), k,
-                                                   route.expert.data(), gate.data(), zs.data(), qg.data(), fb.data(),
-                                                   fa.data(), ga.data(), h, gb.data(), E, 0.5f, r, part, dHb);
-                    for (const auto* v : {&z2, &dz, &udm, &gA2, &gB1T}) o.rest.insert(o.rest.end(), v->begin(), v->end());
-                    return o;
-                };
-                const Out plain = run(false), rounded = run(true);
+                const FusedCase fc(n, h, k, 4, 8, rng);
+                std::vector<kernels::bf16> Mb(static_cast<std::size_t>(n * ldb), kernels::bf16{0x7fc1}), dHb(Mb);
+                const auto plain = fc.run();
+                const auto rounded = fc.run(MatrixView<kernels::bf16>(Mb.data(), n, h, ldb),
+                                            MatrixView<kernels::bf16>(dHb.data(), n, h, ldb));
                 CHECK(std::memcmp(plain.rest.data(), rounded.rest.data(), plain.rest.size() * sizeof(float)) == 0);
-                const Index ldb = h + 5;
                 for (Index t = 0; t < n; ++t) {
                     for (Index c = 0; c < h; ++c) {
                         const auto at = static_cast<std::size_t>(t * h + c), atb = static_cast<std::size_t>(t * ldb + c);
-                        REQUIRE(rounded.Mb[atb].bits == kernels::to_bf16(plain.M[at]).bits);
-                        REQUIRE(rounded.dHb[atb].bits == kernels::to_bf16(plain.dH[at]).bits);
+                        REQUIRE(Mb[atb].bits == kernels::to_bf16(plain.M[at]).bits);
+                        REQUIRE(dHb[atb].bits == kernels::to_bf16(plain.dH[at]).bits);
                     }
                     for (Index c = h; c < ldb; ++c)  // padding untouched
-                        REQUIRE(rounded.Mb[static_cast<std::size_t>(t * ldb + c)].bits == 0x7fc1);
+                        REQUIRE(Mb[static_cast<std::size_t>(t * ldb + c)].bits == 0x7fc1);
                 }
             }
     // A bf16 output of another shape is refused.
