@@ -90,6 +90,20 @@ void mixture_fwd_bwd(benchmark::State& state, Index tokens, bool bf16) {
     set_counters(state, tokens, base_flops_fwd_bwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
 }
 
+// Kernel: MixtureOfLoraMlp::backward alone (2 base GEMMs), after one forward outside the timing
+// (backward may run again on the same forward; the gradients keep accumulating).
+void mixture_bwd(benchmark::State& state, Index tokens, bool bf16) {
+    LayerSetup s(tokens, bf16);
+    s.mix->forward(s.Y(), s.X());
+    for (auto _ : state) {
+        s.mix->backward(s.DX(), s.DY(), 0.01f);
+        benchmark::DoNotOptimize(s.dx.data());
+    }
+    if (bf16) state.SetLabel(kernels::to_string(kernels::bf16_backend()));
+    set_counters(state, tokens,
+                 base_flops_fwd_bwd(tokens, s.cfg.d_model, s.cfg.d_hidden) - base_flops_fwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
+}
+
 // Kernel: MixtureOfLoraMlp::forward + backward with the one-pass row kernels (kernels/fused.hpp)
 // switched off: the separate rank-r and activation kernels, for comparison in the same run.
 void mixture_fwd_bwd_unfused(benchmark::State& state, Index tokens, bool bf16) {
@@ -260,6 +274,9 @@ BENCHMARK_CAPTURE(memory, bf16/gpt2, true)->Name("memory/bf16/gpt2")->Iterations
 
 BENCHMARK_CAPTURE(mixture_fwd, fp32/gpt2, kTokens, false)->Name("mixture_fwd/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(mixture_fwd_bwd, fp32/gpt2, kTokens, false)->Name("mixture_fwd_bwd/fp32/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_bwd, fp32/gpt2, kTokens, false)->Name("mixture_bwd/fp32/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_bwd, bf16/gpt2, kTokens, true)->Name("mixture_bwd/bf16/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_bwd, fp32/decode, 1, false)->Name("mixture_bwd/fp32/decode")->UseRealTime();
 BENCHMARK_CAPTURE(dense_mlp_fwd, fp32/gpt2, kTokens, false)->Name("dense_mlp_fwd/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(dense_mlp_fwd_bwd, fp32/gpt2, kTokens, false)->Name("dense_mlp_fwd_bwd/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(naive_mixture_fwd_bwd, fp32/gpt2, kTokens)->Name("naive_mixture_fwd_bwd/fp32/gpt2")->UseRealTime();
