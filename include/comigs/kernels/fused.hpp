@@ -254,8 +254,7 @@ inline void put_row_scalar(const MixRow<Q, T>& row, Index c, T v) {
 /// stride ld; b1 at the first column or null): u = gelu(H + b1 + zs^T B1T), m (= when first, else +=)
 /// g u, and part[q] = the partial sum of A2 u over these columns, q < Q. Rows share the factor loads
 /// and give the core independent chains to overlap. The A2 projection is a second sweep over u (kept
-/// in su[x], L1): with its 2 Q accumulators out of the GELU loop, that loop holds few registers and
-/// the core overlaps the long GELU chains of consecutive columns.
+/// in su[x], in L1), so the GELU loop holds none of its 2 Q accumulators.
 template <int Q, int R, class T>
 inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb, const T* fa, T* const* su, Index ld,
                              Index nc) {
@@ -324,7 +323,7 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
 /// of each row's token and qg = g s B2^T dy: du = g dm + qg^T A2, p recomputed, u = gelu(p),
 /// dp = du * gelu'(p); dH (= when first, else +=) dp, part[q] = the partial sum of B1T dp (q < Q) and
 /// part[Q] of u . dm; u and dp go to the rows su[x], sd[x] for the gradient sweep (mix_grad_span).
-/// The B1T dp sums are a second sweep over sd (as in mix_forward_rows: registers free for the GELU loop).
+/// The B1T dp sums are a second sweep over sd, as the A2 projection in mix_forward_rows.
 template <int Q, int R, class T>
 inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb, const T* fa, T* const* su,
                               T* const* sd, Index ld, Index nc) {
