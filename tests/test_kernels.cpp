@@ -628,6 +628,14 @@ struct FusedReference {
     }
 };
 
+/// Pointers to the E expert blocks of `stride` elements in buf (the kernels' per-expert factor tables).
+template <class P, class V>
+std::vector<P> expert_blocks(V& buf, Index E, Index stride) {
+    std::vector<P> p;
+    for (Index e = 0; e < E; ++e) p.push_back(buf.data() + e * stride);
+    return p;
+}
+
 template <class T>
 std::vector<T> cast_vec(const std::vector<double>& v) {
     return std::vector<T>(v.begin(), v.end());
@@ -698,14 +706,8 @@ TEST_CASE_TEMPLATE("fused mixture passes equal plain loops: ranks 1..8, odd widt
                         const auto B1Tf = cast_vec<T>(B1T), A2f = cast_vec<T>(A2);
                         auto gA2f = cast_vec<T>(gA2_0);
                         std::vector<T> gB1Tf(B1Tf.size(), T(7));
-                        std::vector<const T*> fb, fa;
-                        std::vector<T*> ga, gb;
-                        for (Index e = 0; e < E; ++e) {
-                            fb.push_back(B1Tf.data() + e * r * h);
-                            fa.push_back(A2f.data() + e * r * h);
-                            ga.push_back(gA2f.data() + e * r * h);
-                            gb.push_back(gB1Tf.data() + e * r * h);
-                        }
+                        const auto fb = expert_blocks<const T*>(B1Tf, E, r * h), fa = expert_blocks<const T*>(A2f, E, r * h);
+                        const auto ga = expert_blocks<T*>(gA2f, E, r * h), gb = expert_blocks<T*>(gB1Tf, E, r * h);
                         const auto gate = cast_vec<T>(route.gate);
                         std::vector<T> z2(static_cast<std::size_t>(n * k * r)), dz(z2.size()), udm(static_cast<std::size_t>(n * k)),
                             part;
@@ -761,14 +763,8 @@ struct FusedCase {
         o.dH.assign(H.size(), 0.0f);
         std::vector<float> z2(static_cast<std::size_t>(n * k * r)), dz(z2.size()), udm(static_cast<std::size_t>(n * k)),
             gA2(B1T.size(), 0.5f), gB1T(B1T.size()), part;
-        std::vector<const float*> fb, fa;
-        std::vector<float*> ga, gb;
-        for (Index e = 0; e < E; ++e) {
-            fb.push_back(B1T.data() + e * r * h);
-            fa.push_back(A2.data() + e * r * h);
-            ga.push_back(gA2.data() + e * r * h);
-            gb.push_back(gB1T.data() + e * r * h);
-        }
+        const auto fb = expert_blocks<const float*>(B1T, E, r * h), fa = expert_blocks<const float*>(A2, E, r * h);
+        const auto ga = expert_blocks<float*>(gA2, E, r * h), gb = expert_blocks<float*>(gB1T, E, r * h);
         kernels::gelu_mixture_forward(MatrixView<float>(o.M.data(), n, h), z2.data(), ConstMatrixView<float>(H.data(), n, h),
                                       b1.data(), k, route.expert.data(), gate.data(), zs.data(), fb.data(), fa.data(), E, r,
                                       part, Mb);

@@ -576,13 +576,10 @@ private:
         // y = W2 m (one base GEMM) + (sum g) b2 + sum_j B2e (s g z2).
         const auto b2 = second.bias;
         second.bias = {};
-        if constexpr (std::is_same_v<T, float>) {
-            if (Mb.data)
-                second.forward(y, ConstMatrixView<kernels::bf16>(Mb));
-            else
-                second.forward(y, M);
-        } else {
+        if (!Mb.data) {
             second.forward(y, M);
+        } else if constexpr (std::is_same_v<T, float>) {
+            second.forward(y, ConstMatrixView<kernels::bf16>(Mb));
         }
         T* z2g = detail::as_view(rz2g_, rows, r).data;
 #pragma omp parallel for schedule(static) if (rows * r * d > 65536)
@@ -643,8 +640,8 @@ private:
             gA2_[static_cast<std::size_t>(e)] = ga.data;
             gB1_[static_cast<std::size_t>(e)] = gb1t_.data() + e * r * h;
         }
-        const bool dx_from_bf16 = !dx.empty() && fc.is_bf16();  // dH in bf16 straight from the row pass
-        const auto dHb = dx_from_bf16 ? bf16_view(n, h) : MatrixView<kernels::bf16>();
+        // dH in bf16 straight from the row pass when it feeds a bf16 product.
+        const auto dHb = !dx.empty() && fc.is_bf16() ? bf16_view(n, h) : MatrixView<kernels::bf16>();
         kernels::gelu_mixture_backward(dH, dz, udm, ConstMatrixView<T>(dM), ConstMatrixView<T>(pre_[0].data(), n, h),
                                        b1, k, route_.expert.data(), route_.gate.data(), rz1_.data(), qg, fb1t_.data(),
                                        fa2_.data(), gA2_.data(), ldg, gB1_.data(), E, s_, r, part_, dHb);
@@ -697,13 +694,10 @@ private:
             if (groups_.count(e) > 0) kernels::add_transposed(grad_B(e, second_), work_t_.data() + e * r * d);
 
         // The base input gradient: one GEMM, accumulated into dx.
-        if constexpr (std::is_same_v<T, float>) {
-            if (dx_from_bf16)
-                fc.backward_input(dx, ConstMatrixView<kernels::bf16>(dHb), true);
-            else if (!dx.empty())
-                fc.backward_input(dx, ConstMatrixView<T>(dH), true);
-        } else {
-            if (!dx.empty()) fc.backward_input(dx, ConstMatrixView<T>(dH), true);
+        if (dHb.data) {
+            if constexpr (std::is_same_v<T, float>) fc.backward_input(dx, ConstMatrixView<kernels::bf16>(dHb), true);
+        } else if (!dx.empty()) {
+            fc.backward_input(dx, ConstMatrixView<T>(dH), true);
         }
         if (rcfg_.has_weight())
             router_backward(dx, grads_.view("router.weight"), ConstMatrixView<T>(dgate.data(), n, k), lb_grad, xs,

@@ -250,6 +250,22 @@ inline void put_row_scalar(const MixRow<Q, T>& row, Index c, T v) {
     row.out[c] = v;
 }
 
+/// acc[x][q] += f[q] * v[x] lane by lane over columns [0, cv) (whole batches), x < R, q < Q: the
+/// second sweep of the row kernels, projecting rows kept in L1 onto Q packed factor rows (stride ld).
+template <int Q, int R, class T>
+inline void project_rows(simd::batch<T> (&acc)[R][Q], T* const* v, const T* f, Index ld, Index cv) {
+    using B = simd::batch<T>;
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    for (Index c = 0; c < cv; c += w) {
+        B vc[R];
+        for (int x = 0; x < R; ++x) vc[x] = simd::load(v[x] + c);
+        for (int q = 0; q < Q; ++q) {
+            const B fq = simd::load(f + q * ld + c);
+            for (int x = 0; x < R; ++x) acc[x][q] = simd::fma(fq, vc[x], acc[x][q]);
+        }
+    }
+}
+
 /// Forward of R routed rows of one expert on nc columns (fb, fa its packed B1^T and A2 columns, row
 /// stride ld; b1 at the first column or null): u = gelu(H + b1 + zs^T B1T), m (= when first, else +=)
 /// g u, and part[q] = the partial sum of A2 u over these columns, q < Q. Rows share the factor loads
@@ -291,14 +307,7 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
             simd::store(su[x] + c, u);
         }
     }
-    for (Index c = 0; c < cv; c += w) {
-        B u[R];
-        for (int x = 0; x < R; ++x) u[x] = simd::load(su[x] + c);
-        for (int q = 0; q < Q; ++q) {
-            const B f = simd::load(fa + q * ld + c);
-            for (int x = 0; x < R; ++x) acc[x][q] = simd::fma(f, u[x], acc[x][q]);
-        }
-    }
+    project_rows<Q, R>(acc, su, fa, ld, cv);
     for (int x = 0; x < R; ++x) {
         T* out = rows[x].part;
         if (cv > 0)
@@ -374,14 +383,7 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
             simd::store(sd[x] + c, dp[x]);
         }
     }
-    for (Index c = 0; c < cv; c += w) {
-        B dp[R];
-        for (int x = 0; x < R; ++x) dp[x] = simd::load(sd[x] + c);
-        for (int q = 0; q < Q; ++q) {
-            const B f = simd::load(fb + q * ld + c);
-            for (int x = 0; x < R; ++x) acc[x][q] = simd::fma(f, dp[x], acc[x][q]);
-        }
-    }
+    project_rows<Q, R>(acc, sd, fb, ld, cv);
     for (int x = 0; x < R; ++x) {
         T* out = rows[x].part;
         if (cv > 0) {
