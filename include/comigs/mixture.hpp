@@ -611,11 +611,13 @@ private:
         const auto dM = detail::as_view(work_h_, n, h);
         second.backward_input(dM, dy, false);
 
-        // Per routed row: q = B2e^T dy and qg = g s q (rank r).
+        // Per routed row: q = B2e^T dy and qg = g s q (rank r); per token b2 . dy (for the gate gradient).
         T* q = detail::as_view(rq_, rows, r).data;
         T* qg = detail::as_view(rqg_, rows, r).data;
+        T* bias_dot = detail::as_view(rbd_, n, 1).data;
 #pragma omp parallel for schedule(static) if (rows * r * d > 65536)
-        for (Index t = 0; t < n; ++t)
+        for (Index t = 0; t < n; ++t) {
+            bias_dot[t] = second.bias.empty() ? T(0) : kernels::dot(second.bias.data(), dy.row_ptr(t), d);
             for (Index j = 0; j < k; ++j) {
                 const Index i = t * k + j;
                 const T g = route_.gate[static_cast<std::size_t>(i)];
@@ -623,6 +625,7 @@ private:
                                          dy.row_ptr(t), r, d);
                 for (Index c = 0; c < r; ++c) qg[i * r + c] = g * s_ * q[i * r + c];
             }
+        }
 
         // The hidden-size pass: dH (input of the base input-gradient GEMM), dz = s B1^T dp, u . dm, and
         // the gradients of A2 (in place) and B1 (transposed in gb1t_).
@@ -647,49 +650,29 @@ private:
                                        fa2_.data(), gA2_.data(), ldg, gB1_.data(), E, s_, r, part_, dHb);
         for (Index e = 0; e < E; ++e) kernels::add_transposed(grad_B(e, first_[0]), gB1_[static_cast<std::size_t>(e)]);
 
-        // Per token: the gate gradients and the LoRA part of dx (A1e^T dz per routed row).
+        // The gate gradients, then everything over the model width in one pass (kernels/fused.hpp): the
+        // LoRA and router parts of dx, dA1 [r, d] += dz x^T and dB2 [d, r] += dy (s g z2)^T per expert
+        // over its rows, and the router weight's gradient.
         const T* z2 = rz2_.data();
         std::vector<T>& dgate = dgate_;
         dgate.resize(static_cast<std::size_t>(rows));
-#pragma omp parallel for schedule(static) if (rows * r * d > 65536)
-        for (Index t = 0; t < n; ++t) {
-            const T bias_dot = second.bias.empty() ? T(0) : kernels::dot(second.bias.data(), dy.row_ptr(t), d);
-            for (Index j = 0; j < k; ++j) {
-                const Index i = t * k + j;
-                dgate[static_cast<std::size_t>(i)] = udm[i] + bias_dot + s_ * kernels::dot(z2 + i * r, q + i * r, r);
-                if (!dx.empty())
-                    kernels::lowrank_accumulate(dx.row_ptr(t), dz + i * r,
-                                                factor(fa1_, 0, route_.expert[static_cast<std::size_t>(i)]), r, d);
-            }
-        }
-
-        // LoRA gradients over the model width, per expert over its routed rows:
-        // dB2 [d, r] += sum_i dy[t_i] (s g z2_i)^T and dA1 [r, d] += sum_i dz_i x[t_i]^T. Every expert's
-        // products in one parallel region: (expert, product, column part) items, round-robin.
-        auto zg = detail::as_view(work_gather_, rows, 2 * r);  // [s g z2 | dz] rows in group order
-        for (Index x = 0; x < rows; ++x) {
-            const auto gx = static_cast<std::size_t>(x);
-            const Index i = groups_.token[gx] * k + groups_.slot[gx];
-            std::copy(rz2g_.data() + i * r, rz2g_.data() + (i + 1) * r, zg.row_ptr(x));
-            std::copy(dz + i * r, dz + (i + 1) * r, zg.row_ptr(x) + r);
-        }
+        for (Index i = 0; i < rows; ++i)
+            dgate[static_cast<std::size_t>(i)] = udm[i] + bias_dot[i / k] + s_ * kernels::dot(z2 + i * r, q + i * r, r);
+        const bool routed = rcfg_.has_weight();
+        if (routed) router_logit_grad(dlog_, ConstMatrixView<T>(dgate.data(), n, k), lb_grad, route_, rcfg_);
+        gA1_.resize(static_cast<std::size_t>(E));
+        gB2t_.resize(static_cast<std::size_t>(E));
         work_t_.assign(static_cast<std::size_t>(E * r * d), T(0));
-        const Index parts = kernels::lowrank_outer_parts<T>(d);
-#pragma omp parallel for schedule(static, 1) if (rows * r * d > 65536)
-        for (Index item = 0; item < E * 2 * parts; ++item) {
-            const Index e = item / (2 * parts), which = item / parts % 2, part = item % parts;
-            const Index ne = groups_.count(e), b = groups_.begin(e);
-            if (ne == 0) continue;
-            const Index* tok = groups_.token.data() + b;
-            if (which == 0) {
-                kernels::lowrank_outer_part(work_t_.data() + e * r * d, d, zg.row_ptr(b), 2 * r, dy.data, dy.stride,
-                                            tok, ne, r, d, T(1), part);
-            } else {
-                auto gA1 = grad_A(e, first_[0]);
-                kernels::lowrank_outer_part(gA1.data, gA1.stride, zg.row_ptr(b) + r, 2 * r, xs.data, xs.stride, tok,
-                                            ne, r, d, T(1), part);
-            }
+        Index lda = d;
+        for (Index e = 0; e < E; ++e) {
+            const auto ga = grad_A(e, first_[0]);
+            lda = ga.stride;
+            gA1_[static_cast<std::size_t>(e)] = ga.data;
+            gB2t_[static_cast<std::size_t>(e)] = work_t_.data() + e * r * d;
         }
+        kernels::mixture_width_backward(dx, xs, dy, k, route_.expert.data(), dz, rz2g_.data(), r, fa1_.data(), gA1_.data(),
+                                        lda, gB2t_.data(), routed ? dlog_.data() : nullptr, router_weight(),
+                                        routed ? grads_.view("router.weight") : MatrixView<T>(), E);
         for (Index e = 0; e < E; ++e)
             if (groups_.count(e) > 0) kernels::add_transposed(grad_B(e, second_), work_t_.data() + e * r * d);
 
@@ -699,9 +682,6 @@ private:
         } else if (!dx.empty()) {
             fc.backward_input(dx, ConstMatrixView<T>(dH), true);
         }
-        if (rcfg_.has_weight())
-            router_backward(dx, grads_.view("router.weight"), ConstMatrixView<T>(dgate.data(), n, k), lb_grad, xs,
-                            router_weight(), route_, rcfg_);
     }
 
     /// Whether the one-pass row kernels (kernels/fused.hpp) apply: GELU form, no dropout, r <= 8.
@@ -749,8 +729,8 @@ private:
     bool fused_ = false;  // forward took forward_fused: backward takes backward_fused
     // Per routed row (token-major, fused path): zs = s A1 x, z2 = A2 u, s g z2; backward's q, g s q,
     // dz and u . dm; dB1 transposed per expert; the chunk partial sums of the fused kernels.
-    std::vector<T> rz1_, rz2_, rz2g_, rq_, rqg_, rdz_, rudm_, gb1t_, part_;
-    std::vector<T*> gA2_, gB1_;
+    std::vector<T> rz1_, rz2_, rz2g_, rq_, rqg_, rdz_, rudm_, rbd_, gb1t_, part_;
+    std::vector<T*> gA2_, gB1_, gA1_, gB2t_;
     RoutingResult<T> route_;
     detail::ExpertGroups groups_;
     std::vector<T> x_, xdrop_, mask1_, udrop_, mask2_, act_, m_, z2_, z2s_;
@@ -759,7 +739,7 @@ private:
     std::vector<const T*> fa1_, fa2_, fb1t_, fb2t_;
     std::vector<T> fb1t_store_, fb2t_store_;
     // Work space reused between calls.
-    std::vector<T> work_h_, work_r_, work_gather_, work_dx_, work_t_, dgate_;
+    std::vector<T> work_h_, work_r_, work_gather_, work_dx_, work_t_, dgate_, dlog_;
     comigs::detail::aligned_vector<kernels::bf16> act_bf16_;  // m (forward) or dH (backward) in bf16 for a bf16 base GEMM
     std::vector<std::vector<T>> dpre_, dh_, dz_;
 };

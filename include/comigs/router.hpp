@@ -183,18 +183,15 @@ void router_forward(RoutingResult<T>& r, ConstMatrixView<T> x, ConstMatrixView<T
     r.lb_loss = lb;
 }
 
-/// Backward of the router: given dgate[N, slots] (dL/d gate weight of each slot) and lb_grad
-/// (dL/d lb_loss), accumulates dW[E, d] += dlogits^T x and dx[N, d] += dlogits W (dx may be empty).
-/// A no-op without a router.
+/// dL/d logits [N, E] of the router (into dlog, resized) given dgate[N, slots] (dL/d gate weight of
+/// each slot) and lb_grad (dL/d lb_loss): the part of router_backward before its two products, for
+/// callers that fuse those into their own passes over x.
 template <class T>
-void router_backward(MatrixView<T> dx, MatrixView<T> dW, ConstMatrixView<T> dgate, T lb_grad, ConstMatrixView<T> x,
-                     ConstMatrixView<T> W, const RoutingResult<T>& r, const RouterConfig& cfg) {
-    if (!cfg.has_weight()) return;
+void router_logit_grad(std::vector<T>& dlog, ConstMatrixView<T> dgate, T lb_grad, const RoutingResult<T>& r,
+                       const RouterConfig& cfg) {
     const Index n = r.tokens, E = r.experts, k = r.slots;
     require_shape(dgate, n, k, "router gate gradient");
-    require_shape(x, n, cfg.d_model, "router input x");
-    require_shape(dW, E, cfg.d_model, "router.weight gradient");
-    std::vector<T> dlog(static_cast<std::size_t>(n * E), T(0));
+    dlog.assign(static_cast<std::size_t>(n * E), T(0));
     std::vector<double> c(static_cast<std::size_t>(E));
     for (Index e = 0; e < E; ++e)
         c[static_cast<std::size_t>(e)] = n > 0 ? static_cast<double>(r.counts[static_cast<std::size_t>(e)]) /
@@ -227,6 +224,20 @@ void router_backward(MatrixView<T> dx, MatrixView<T> dW, ConstMatrixView<T> dgat
                 dl[e] += static_cast<T>(lb_scale * static_cast<double>(p[e]) * (c[static_cast<std::size_t>(e)] - cp));
         }
     }
+}
+
+/// Backward of the router: given dgate[N, slots] (dL/d gate weight of each slot) and lb_grad
+/// (dL/d lb_loss), accumulates dW[E, d] += dlogits^T x and dx[N, d] += dlogits W (dx may be empty).
+/// A no-op without a router.
+template <class T>
+void router_backward(MatrixView<T> dx, MatrixView<T> dW, ConstMatrixView<T> dgate, T lb_grad, ConstMatrixView<T> x,
+                     ConstMatrixView<T> W, const RoutingResult<T>& r, const RouterConfig& cfg) {
+    if (!cfg.has_weight()) return;
+    const Index n = r.tokens, E = r.experts;
+    require_shape(x, n, cfg.d_model, "router input x");
+    require_shape(dW, E, cfg.d_model, "router.weight gradient");
+    std::vector<T> dlog;
+    router_logit_grad(dlog, dgate, lb_grad, r, cfg);
     ConstMatrixView<T> dlogits(dlog.data(), n, E);
     kernels::gemm<T>(dW, dlogits, kernels::Op::trans, x, kernels::Op::none, T(1), T(1));
     if (!dx.empty()) {

@@ -626,6 +626,89 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
     }
 }
 
+/// How many tokens ahead mixture_width_backward fetches its rows.
+inline constexpr Index width_prefetch_tokens = 4;
+
+/// Columns [c0, c0 + nc) of mixture_width_backward for every token, in token order, with the block's
+/// accumulators accA [E, r, nc], accB [E, r, nc], accW [E, nc] (from zero). NV > 0: nc = NV batches;
+/// NV = 0: any nc, lane by lane (the tail block).
+template <int NV, class T>
+void width_backward_block(MatrixView<T> dx, ConstMatrixView<T> x, ConstMatrixView<T> dy, Index k,
+                          const std::int32_t* expert, const T* dz, const T* z2g, Index r, const T* const* A1,
+                          const T* dlog, ConstMatrixView<T> Wr, Index experts, Index c0, Index nc, T* accA, T* accB,
+                          T* accW) {
+    using B = simd::batch<T>;
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    constexpr Index V = NV > 0 ? NV : 1;
+    const Index d = x.cols, lanes = NV > 0 ? V : nc;  // batches per row, or columns for NV = 0
+    for (Index t = 0; t < x.rows; ++t) {
+        const T* xt = x.row_ptr(t) + c0;
+        const T* yt = dy.row_ptr(t) + c0;
+        T* dxt = dx.empty() ? nullptr : dx.row_ptr(t) + c0;
+        // Rows d apart are beyond the hardware prefetchers' strides: fetch a few tokens ahead.
+        if (t + width_prefetch_tokens < x.rows) {
+            prefetch(x.row_ptr(t + width_prefetch_tokens) + c0, nc);
+            prefetch(dy.row_ptr(t + width_prefetch_tokens) + c0, nc);
+            if (dxt) prefetch(dx.row_ptr(t + width_prefetch_tokens) + c0, nc);
+        }
+        if constexpr (NV > 0) {
+            B xv[V], yv[V], dv[V];
+            for (Index v = 0; v < V; ++v) {
+                xv[v] = simd::load(xt + v * w);
+                yv[v] = simd::load(yt + v * w);
+                dv[v] = B(T(0));
+            }
+            for (Index j = 0; j < k; ++j) {
+                const Index i = t * k + j, e = expert[i];
+                const T* a1 = A1[e] + c0;
+                T* pa = accA + e * r * nc;
+                T* pb = accB + e * r * nc;
+                for (Index q = 0; q < r; ++q) {
+                    const B a(dz[i * r + q]), g(z2g[i * r + q]);
+                    for (Index v = 0; v < V; ++v) {
+                        T* ca = pa + q * nc + v * w;
+                        T* cb = pb + q * nc + v * w;
+                        simd::store(ca, simd::fma(a, xv[v], simd::load(ca)));
+                        simd::store(cb, simd::fma(g, yv[v], simd::load(cb)));
+                        if (dxt) dv[v] = simd::fma(a, simd::load(a1 + q * d + v * w), dv[v]);
+                    }
+                }
+            }
+            if (dlog) {
+                for (Index e = 0; e < experts; ++e) {
+                    const B l(dlog[t * experts + e]);
+                    const T* we = Wr.row_ptr(e) + c0;
+                    for (Index v = 0; v < V; ++v) {
+                        T* cw = accW + e * nc + v * w;
+                        simd::store(cw, simd::fma(l, xv[v], simd::load(cw)));
+                        if (dxt) dv[v] = simd::fma(l, simd::load(we + v * w), dv[v]);
+                    }
+                }
+            }
+            if (dxt)
+                for (Index v = 0; v < V; ++v) simd::store(dxt + v * w, simd::load(dxt + v * w) + dv[v]);
+        } else {
+            for (Index c = 0; c < lanes; ++c) {
+                T dv = T(0);
+                for (Index j = 0; j < k; ++j) {
+                    const Index i = t * k + j, e = expert[i];
+                    for (Index q = 0; q < r; ++q) {
+                        accA[(e * r + q) * nc + c] += dz[i * r + q] * xt[c];
+                        accB[(e * r + q) * nc + c] += z2g[i * r + q] * yt[c];
+                        dv += dz[i * r + q] * A1[e][q * d + c0 + c];
+                    }
+                }
+                if (dlog)
+                    for (Index e = 0; e < experts; ++e) {
+                        accW[e * nc + c] += dlog[t * experts + e] * xt[c];
+                        dv += dlog[t * experts + e] * Wr.row_ptr(e)[c0 + c];
+                    }
+                if (dxt) dxt[c] += dv;
+            }
+        }
+    }
+}
+
 }  // namespace detail
 
 /// Forward of the routed rows of a GELU mixture, one pass over the hidden size for all of them.
@@ -677,6 +760,70 @@ void gelu_mixture_backward(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> d
     else
         detail::mixture_backward_q<8>(dH, dz, udm, dM, H, b1, k, expert, gate, zs, qg, B1T, A2, gA2, ldg, gB1T, experts,
                                       s, r, part, dHb);
+}
+
+/// The model-width side of the mixture's backward after the row pass, in one pass over the tokens per
+/// block of columns. Token t's slot j is row i = t k + j, routed to expert[i]; dz [n k, r] and
+/// z2g [n k, r] are per row; dlog [n, experts] is dL/d router logits (null without a router: Wr and
+/// GW are then not read). With x, dy [n, d]:
+///   dx[t] += sum_j dz_i^T A1[e_i] + dlog[t]^T Wr                     (skipped when dx is empty)
+///   GA[e] ([r, d], row stride lda) += sum over e's rows of dz_i x[t]^T (dA1)
+///   GBt[e] ([r, d], row stride d)  += sum over e's rows of z2g_i dy[t]^T (dB2 transposed)
+///   GW [experts, d] += dlog^T x                                      (the router weight's gradient)
+/// A1[e] is [r, d] with row stride d. Threads split the columns and every sum runs in token order, so
+/// the results do not depend on the thread count.
+template <class T>
+void mixture_width_backward(MatrixView<T> dx, ConstMatrixView<T> x, ConstMatrixView<T> dy, Index k,
+                            const std::int32_t* expert, const T* dz, const T* z2g, Index r, const T* const* A1,
+                            T* const* GA, Index lda, T* const* GBt, const T* dlog, ConstMatrixView<T> Wr,
+                            MatrixView<T> GW, Index experts) {
+    const Index n = x.rows, d = x.cols;
+    require<ShapeError>(dy.rows == n && dy.cols == d && (dx.empty() || (dx.rows == n && dx.cols == d)),
+                        "mixture_width_backward: x, dy and dx must have the same shape");
+    require<ShapeError>(!dlog || (Wr.rows == experts && Wr.cols == d && GW.rows == experts && GW.cols == d),
+                        "mixture_width_backward: router weight and gradient must be [", experts, ", ", d, "]");
+    constexpr Index V = 4, cb = V * static_cast<Index>(simd::width<T>);
+    const Index blocks = (d + cb - 1) / cb;
+    // The three accumulators sit `pad` elements apart beyond their sizes: with sizes of whole KiB, a
+    // store to one and a load from the other at the same 4 KiB offset would stall (4K aliasing).
+    constexpr Index pad = 48;
+    const std::size_t acc = static_cast<std::size_t>((2 * experts * r + (dlog ? experts : 0)) * cb + 2 * pad);
+#pragma omp parallel if (n * d * k * r > 65536 && blocks > 1)
+    {
+        Index lo, hi;
+        detail::thread_range(blocks, lo, hi);
+        auto& buf = detail::fused_scratch<T>();
+        buf.resize(acc);
+        for (Index b = lo; b < hi; ++b) {
+            const Index c0 = b * cb, nc = std::min(cb, d - c0);
+            T* accA = buf.data();
+            T* accB = accA + experts * r * nc + pad;
+            T* accW = accB + experts * r * nc + pad;
+            std::fill_n(buf.data(), acc, T(0));
+            if (nc == cb)
+                detail::width_backward_block<V>(dx, x, dy, k, expert, dz, z2g, r, A1, dlog, Wr, experts, c0, nc, accA,
+                                                accB, accW);
+            else
+                detail::width_backward_block<0>(dx, x, dy, k, expert, dz, z2g, r, A1, dlog, Wr, experts, c0, nc, accA,
+                                                accB, accW);
+            for (Index e = 0; e < experts; ++e) {
+                for (Index q = 0; q < r; ++q) {
+                    T* ga = GA[e] + q * lda + c0;
+                    T* gb = GBt[e] + q * d + c0;
+                    const T* sa = accA + (e * r + q) * nc;
+                    const T* sb = accB + (e * r + q) * nc;
+                    for (Index c = 0; c < nc; ++c) {
+                        ga[c] += sa[c];
+                        gb[c] += sb[c];
+                    }
+                }
+                if (dlog) {
+                    T* gw = GW.row_ptr(e) + c0;
+                    for (Index c = 0; c < nc; ++c) gw[c] += accW[e * nc + c];
+                }
+            }
+        }
+    }
 }
 
 }  // namespace comigs::kernels
