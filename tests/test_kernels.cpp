@@ -829,15 +829,19 @@ TEST_CASE_TEMPLATE("fused mixture passes equal plain loops: ranks 1..8, odd widt
                                     p[static_cast<std::size_t>(1 + t * ld + c)] = static_cast<T>(v[static_cast<std::size_t>(t * h + c)]);
                             return p;
                         };
-                        auto unpad = [&](const std::vector<T>& p) {
+                        // The outputs: one element off alignment too, or (block 4) 64-byte aligned rows, which the
+                        // passes write with streaming stores.
+                        const bool aligned = block == 4;
+                        const Index ldo = aligned ? (h + 15) / 16 * 16 : ld, off = aligned ? 0 : 1;
+                        auto unpad = [&](const auto& p) {
                             std::vector<T> v(static_cast<std::size_t>(n * h));
                             for (Index t = 0; t < n; ++t)
                                 for (Index c = 0; c < h; ++c)
-                                    v[static_cast<std::size_t>(t * h + c)] = p[static_cast<std::size_t>(1 + t * ld + c)];
+                                    v[static_cast<std::size_t>(t * h + c)] = p[static_cast<std::size_t>(off + t * ldo + c)];
                             return v;
                         };
                         const auto Hp = padded(H), dMp = padded(dM);
-                        std::vector<T> Mp(Hp.size(), T(7)), dHp(Hp.size(), T(7));
+                        comigs::detail::aligned_vector<T> Mp(static_cast<std::size_t>(n * ldo + 1), T(7)), dHp(Mp);
                         const auto b1f = cast_vec<T>(b1), zsf = cast_vec<T>(zs), qgf = cast_vec<T>(qg);
                         const auto B1Tf = cast_vec<T>(B1T), A2f = cast_vec<T>(A2);
                         auto gA2f = cast_vec<T>(gA2_0);
@@ -847,11 +851,11 @@ TEST_CASE_TEMPLATE("fused mixture passes equal plain loops: ranks 1..8, odd widt
                         const auto gate = cast_vec<T>(route.gate);
                         std::vector<T> z2(static_cast<std::size_t>(n * k * r)), dz(z2.size()), udm(static_cast<std::size_t>(n * k)),
                             part;
-                        kernels::gelu_mixture_forward(MatrixView<T>(Mp.data() + 1, n, h, ld), z2.data(),
+                        kernels::gelu_mixture_forward(MatrixView<T>(Mp.data() + off, n, h, ldo), z2.data(),
                                                       ConstMatrixView<T>(Hp.data() + 1, n, h, ld), b1f.data(), k,
                                                       route.expert.data(), gate.data(), zsf.data(), fb.data(), fa.data(),
                                                       E, r, part);
-                        kernels::gelu_mixture_backward(MatrixView<T>(dHp.data() + 1, n, h, ld), dz.data(), udm.data(),
+                        kernels::gelu_mixture_backward(MatrixView<T>(dHp.data() + off, n, h, ldo), dz.data(), udm.data(),
                                                        ConstMatrixView<T>(dMp.data() + 1, n, h, ld),
                                                        ConstMatrixView<T>(Hp.data() + 1, n, h, ld), b1f.data(), k,
                                                        route.expert.data(), gate.data(), zsf.data(), qgf.data(), fb.data(),
@@ -864,9 +868,9 @@ TEST_CASE_TEMPLATE("fused mixture passes equal plain loops: ranks 1..8, odd widt
                         check_close(gA2f.data(), ref.gA2, tol, "dA2");
                         check_close(gB1Tf.data(), ref.gB1T, tol, "dB1^T");
                         // The padding between rows is never written.
-                        CHECK(Mp[0] == T(7));
-                        if (h > 0) CHECK(Mp[static_cast<std::size_t>(1 + h)] == T(7));
-                        CHECK(dHp[static_cast<std::size_t>(1 + h + 1)] == T(7));
+                        if (!aligned) CHECK(Mp[0] == T(7));
+                        if (ldo > h) CHECK(Mp[static_cast<std::size_t>(off + h)] == T(7));
+                        if (ldo > h) CHECK(dHp[static_cast<std::size_t>(off + h)] == T(7));
                     }
 }
 
@@ -890,21 +894,25 @@ struct FusedCase {
         A2 = rnd(E * r * h);
     }
     struct Out {
-        std::vector<float> M, dH, rest;  // rest: z2, dz, u.dm, dA2, dB1^T
+        comigs::detail::aligned_vector<float> M, dH;  // aligned: rows at 64-byte starts take streaming stores
+        std::vector<float> rest;                       // z2, dz, u.dm, dA2, dB1^T
     };
-    /// Forward then backward; Mb and dHb as in gelu_mixture_forward / gelu_mixture_backward.
-    Out run(MatrixView<kernels::bf16> Mb = {}, MatrixView<kernels::bf16> dHb = {}) const {
+    /// Forward then backward; Mb and dHb as in gelu_mixture_forward / gelu_mixture_backward (with them
+    /// set, `fp32_out` false passes empty fp32 outputs).
+    Out run(MatrixView<kernels::bf16> Mb = {}, MatrixView<kernels::bf16> dHb = {}, bool fp32_out = true) const {
         Out o;
         o.M.assign(H.size(), 0.0f);
         o.dH.assign(H.size(), 0.0f);
+        const auto Mv = fp32_out ? MatrixView<float>(o.M.data(), n, h) : MatrixView<float>();
+        const auto dHv = fp32_out ? MatrixView<float>(o.dH.data(), n, h) : MatrixView<float>();
         std::vector<float> z2(static_cast<std::size_t>(n * k * r)), dz(z2.size()), udm(static_cast<std::size_t>(n * k)),
             gA2(B1T.size(), 0.5f), gB1T(B1T.size()), part;
         const auto fb = expert_blocks<const float*>(B1T, E, r * h), fa = expert_blocks<const float*>(A2, E, r * h);
         const auto ga = expert_blocks<float*>(gA2, E, r * h), gb = expert_blocks<float*>(gB1T, E, r * h);
-        kernels::gelu_mixture_forward(MatrixView<float>(o.M.data(), n, h), z2.data(), ConstMatrixView<float>(H.data(), n, h),
+        kernels::gelu_mixture_forward(Mv, z2.data(), ConstMatrixView<float>(H.data(), n, h),
                                       b1.data(), k, route.expert.data(), gate.data(), zs.data(), fb.data(), fa.data(), E, r,
                                       part, Mb);
-        kernels::gelu_mixture_backward(MatrixView<float>(o.dH.data(), n, h), dz.data(), udm.data(),
+        kernels::gelu_mixture_backward(dHv, dz.data(), udm.data(),
                                        ConstMatrixView<float>(dM.data(), n, h), ConstMatrixView<float>(H.data(), n, h),
                                        b1.data(), k, route.expert.data(), gate.data(), zs.data(), qg.data(), fb.data(),
                                        fa.data(), ga.data(), h, gb.data(), E, 0.5f, r, part, dHb);
@@ -920,18 +928,21 @@ TEST_CASE("fused mixture passes: bitwise identical for 1, 2 and 3 threads and fr
     Knob<Index> gc(kernels::detail::mix_group_cols(), 16);
     Knob<Index> tb(kernels::detail::mix_token_block(), 5);
     Rng rng(22);
-    const FusedCase fc(29, 203, 2, 3, 7, rng);
-    std::vector<std::vector<float>> results;
-    for (int threads : {1, 2, 3, 2}) {
-        FusedCase::Out o;
-        with_threads(threads, [&] { o = fc.run(); });
-        std::vector<float> all(o.M);
-        all.insert(all.end(), o.dH.begin(), o.dH.end());
-        all.insert(all.end(), o.rest.begin(), o.rest.end());
-        results.push_back(all);
+    // h = 203: rows of m and dH start at every alignment; 208: all start 64-byte aligned (streamed).
+    for (Index h : {Index(203), Index(208)}) {
+        const FusedCase fc(29, h, 2, 3, 7, rng);
+        std::vector<std::vector<float>> results;
+        for (int threads : {1, 2, 3, 2}) {
+            FusedCase::Out o;
+            with_threads(threads, [&] { o = fc.run(); });
+            std::vector<float> all(o.M.begin(), o.M.end());
+            all.insert(all.end(), o.dH.begin(), o.dH.end());
+            all.insert(all.end(), o.rest.begin(), o.rest.end());
+            results.push_back(all);
+        }
+        for (std::size_t i = 1; i < results.size(); ++i)
+            CHECK(std::memcmp(results[0].data(), results[i].data(), results[0].size() * sizeof(float)) == 0);
     }
-    for (std::size_t i = 1; i < results.size(); ++i)
-        CHECK(std::memcmp(results[0].data(), results[i].data(), results[0].size() * sizeof(float)) == 0);
 }
 
 TEST_CASE("fused mixture passes: bf16 output rows are the finished fp32 rows rounded, everything else unchanged") {
@@ -953,6 +964,13 @@ TEST_CASE("fused mixture passes: bf16 output rows are the finished fp32 rows rou
                 const auto rounded = fc.run(MatrixView<kernels::bf16>(Mb.data(), n, h, ldb),
                                             MatrixView<kernels::bf16>(dHb.data(), n, h, ldb));
                 CHECK(std::memcmp(plain.rest.data(), rounded.rest.data(), plain.rest.size() * sizeof(float)) == 0);
+                // Without fp32 outputs (they are not written when the bf16 ones are set): the same bits.
+                std::vector<kernels::bf16> Mb2(Mb.size(), kernels::bf16{0x7fc1}), dHb2(Mb2);
+                const auto alone = fc.run(MatrixView<kernels::bf16>(Mb2.data(), n, h, ldb),
+                                          MatrixView<kernels::bf16>(dHb2.data(), n, h, ldb), false);
+                CHECK(std::memcmp(plain.rest.data(), alone.rest.data(), plain.rest.size() * sizeof(float)) == 0);
+                CHECK(std::memcmp(Mb.data(), Mb2.data(), Mb.size() * sizeof(kernels::bf16)) == 0);
+                CHECK(std::memcmp(dHb.data(), dHb2.data(), dHb.size() * sizeof(kernels::bf16)) == 0);
                 for (Index t = 0; t < n; ++t) {
                     for (Index c = 0; c < h; ++c) {
                         const auto at = static_cast<std::size_t>(t * h + c), atb = static_cast<std::size_t>(t * ldb + c);

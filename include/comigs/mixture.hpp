@@ -17,6 +17,7 @@
 #include <string_view>
 #include <vector>
 
+#include "detail/aligned.hpp"
 #include "frozen.hpp"
 #include "kernels/activation.hpp"
 #include "kernels/elementwise.hpp"
@@ -139,8 +140,8 @@ struct ExpertGroups {
     Index count(Index e) const { return offset[static_cast<std::size_t>(e + 1)] - offset[static_cast<std::size_t>(e)]; }
 };
 
-template <class T>
-MatrixView<T> as_view(std::vector<T>& v, Index rows, Index cols) {
+template <class T, class Alloc>
+MatrixView<T> as_view(std::vector<T, Alloc>& v, Index rows, Index cols) {
     if (v.size() < static_cast<std::size_t>(rows * cols)) v.resize(static_cast<std::size_t>(rows * cols));
     return MatrixView<T>(v.data(), rows, cols);
 }
@@ -564,11 +565,12 @@ private:
                 kernels::lowrank_project(zs + i * r, factor(fa1_, 0, route_.expert[static_cast<std::size_t>(i)]),
                                          xs.row_ptr(t), r, d, s_);
             }
-        const auto M = detail::as_view(m_, n, h);
         T* z2 = detail::as_view(rz2_, rows, r).data;
         auto second = base_->linear(second_);
-        // With the second weight in bf16 the row pass writes m in bf16 itself: no conversion pass.
+        // With the second weight in bf16 the row pass writes m in bf16 itself (no conversion pass, no
+        // fp32 m at all).
         const auto Mb = second.is_bf16() ? bf16_view(n, h) : MatrixView<kernels::bf16>();
+        const auto M = Mb.data ? MatrixView<T>() : detail::as_view(m_, n, h);
         kernels::gelu_mixture_forward(M, z2, ConstMatrixView<T>(H), b1.empty() ? nullptr : b1.data(), k,
                                       route_.expert.data(), route_.gate.data(), zs, fb1t_.data(), fa2_.data(), cfg_.n_experts, r,
                                       part_, Mb);
@@ -629,8 +631,10 @@ private:
 
         // The hidden-size pass: dH (input of the base input-gradient GEMM), dz = s B1^T dp, u . dm, and
         // the gradients of A2 (in place) and B1 (transposed in gb1t_).
+        // dH in bf16 straight from the row pass when it feeds a bf16 product (then no fp32 dH at all).
+        const auto dHb = !dx.empty() && fc.is_bf16() ? bf16_view(n, h) : MatrixView<kernels::bf16>();
         dh_.resize(1);
-        const auto dH = detail::as_view(dh_[0], n, h);
+        const auto dH = dHb.data ? MatrixView<T>() : detail::as_view(dh_[0], n, h);
         T* dz = detail::as_view(rdz_, rows, r).data;
         T* udm = detail::as_view(rudm_, rows, 1).data;
         detail::as_view(gb1t_, E * r, h);
@@ -643,8 +647,6 @@ private:
             gA2_[static_cast<std::size_t>(e)] = ga.data;
             gB1_[static_cast<std::size_t>(e)] = gb1t_.data() + e * r * h;
         }
-        // dH in bf16 straight from the row pass when it feeds a bf16 product.
-        const auto dHb = !dx.empty() && fc.is_bf16() ? bf16_view(n, h) : MatrixView<kernels::bf16>();
         kernels::gelu_mixture_backward(dH, dz, udm, ConstMatrixView<T>(dM), ConstMatrixView<T>(pre_[0].data(), n, h),
                                        b1, k, route_.expert.data(), route_.gate.data(), rz1_.data(), qg, fb1t_.data(),
                                        fa2_.data(), gA2_.data(), ldg, gB1_.data(), E, s_, r, part_, dHb);
@@ -733,7 +735,8 @@ private:
     std::vector<T*> gA2_, gB1_, gA1_, gB2t_;
     RoutingResult<T> route_;
     detail::ExpertGroups groups_;
-    std::vector<T> x_, xdrop_, mask1_, udrop_, mask2_, act_, m_, z2_, z2s_;
+    std::vector<T> x_, xdrop_, mask1_, udrop_, mask2_, act_, z2_, z2s_;
+    comigs::detail::aligned_vector<T> m_;  // aligned: the row passes stream the finished rows of m and dH
     std::vector<std::vector<T>> pre_, z1_;  // per first-stage linear: H [N, h], z1 [N, E r]
     // LoRA factors as [r, *] rows (prepare_factors).
     std::vector<const T*> fa1_, fa2_, fb1t_, fb2t_;
@@ -741,7 +744,8 @@ private:
     // Work space reused between calls.
     std::vector<T> work_h_, work_r_, work_gather_, work_dx_, work_t_, dgate_, dlog_;
     comigs::detail::aligned_vector<kernels::bf16> act_bf16_;  // m (forward) or dH (backward) in bf16 for a bf16 base GEMM
-    std::vector<std::vector<T>> dpre_, dh_, dz_;
+    std::vector<std::vector<T>> dpre_, dz_;
+    std::vector<comigs::detail::aligned_vector<T>> dh_;
 };
 
 }  // namespace comigs

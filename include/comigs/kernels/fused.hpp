@@ -199,7 +199,9 @@ inline std::vector<T>& fused_rows_scratch() {
 /// One routed row as the row kernels see it (pointers at the group's first column).
 template <int Q, class T>
 struct MixRow {
-    T* out;                // m (forward) or dH (backward) of the row's token
+    T* out;                // where the row's sum goes: the token's row of m (forward) or dH (backward)
+                           // on its last visit, else its row of the block's partial sums
+    const T* prev;         // the token's partial sums so far (not read on its first visit)
     const T* H;            // the token's pre-activation without bias
     const T* dm;           // backward: dL/dm of the token
     const Coef<Q, T>* zs;  // s A1 x of the row
@@ -209,6 +211,7 @@ struct MixRow {
     T* part;               // the row's partial sums over the group's columns
     bf16* outb;            // when set, the last visit writes the finished row here (bf16), not to out
     bool last;             // last visit of the token
+    bool stream;           // out takes streaming stores (a finished fp32 row, 64-byte aligned)
 };
 
 /// Stores the lanes of v as bf16, rounded as convert_to_bf16 rounds.
@@ -237,7 +240,10 @@ inline void put_row(const MixRow<Q, T>& row, Index c, const B& v) {
             return;
         }
     }
-    simd::store(row.out + c, v);
+    if (row.stream)
+        simd::store_stream(row.out + c, v);
+    else
+        simd::store(row.out + c, v);
 }
 template <int Q, class T>
 inline void put_row_scalar(const MixRow<Q, T>& row, Index c, T v) {
@@ -248,6 +254,25 @@ inline void put_row_scalar(const MixRow<Q, T>& row, Index c, T v) {
         }
     }
     row.out[c] = v;
+}
+
+/// Points a row at its sums: it adds to the token's row of the block's partial sums (`partial`, in a
+/// per-thread buffer) and writes there until its last visit, which writes `dst` (its row of m or dH)
+/// instead, with streaming stores when dst holds whole aligned batches: the finished rows are read
+/// next by a GEMM, not by this pass, and streaming them saves reading each line in first.
+template <int Q, class T>
+inline void point_sums(MixRow<Q, T>& row, T* dst, T* partial, Index nc) {
+    constexpr std::size_t bytes = simd::width<T> * sizeof(T);
+    row.prev = partial;
+    row.out = row.last && dst ? dst : partial;  // no dst: the last visit writes the bf16 row alone
+    row.stream = row.last && !row.outb && nc % static_cast<Index>(simd::width<T>) == 0 &&
+                 reinterpret_cast<std::uintptr_t>(dst) % bytes == 0;
+}
+/// Per-thread partial sums of the fused passes: one row of the group's columns per token of a block.
+template <class T>
+inline std::vector<T>& fused_partial_scratch() {
+    thread_local std::vector<T> buf;
+    return buf;
 }
 
 /// acc[x][q] += f[q] * v[x] lane by lane over columns [0, cv) (whole batches), x < R, q < Q: the
@@ -303,7 +328,7 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
         for (int x = 0; x < R; ++x) {
             const B p = p0[x] + p1[x];
             const B u = p * gelu_sigmoid(p);
-            put_row(rows[x], c, rows[x].first ? B(g[x]) * u : simd::fma(B(g[x]), u, simd::load(rows[x].out + c)));
+            put_row(rows[x], c, rows[x].first ? B(g[x]) * u : simd::fma(B(g[x]), u, simd::load(rows[x].prev + c)));
             simd::store(su[x] + c, u);
         }
     }
@@ -322,7 +347,7 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
             }
             const T p = p0 + p1;
             const T u = p * gelu_sigmoid_scalar(p);
-            put_row_scalar(rows[x], c, rows[x].first ? g[x] * u : rows[x].out[c] + g[x] * u);
+            put_row_scalar(rows[x], c, rows[x].first ? g[x] * u : rows[x].prev[c] + g[x] * u);
             for (int q = 0; q < Q; ++q) out[q] += fa[q * ld + c] * u;
         }
     }
@@ -378,7 +403,7 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
             u[x] = p * s;
             dp[x] = (du0[x] + du1[x]) * gelu_grad_from(p, s, oms);
             dot[x] = simd::fma(u[x], dmc[x], dot[x]);
-            put_row(rows[x], c, rows[x].first ? dp[x] : simd::load(rows[x].out + c) + dp[x]);
+            put_row(rows[x], c, rows[x].first ? dp[x] : simd::load(rows[x].prev + c) + dp[x]);
             simd::store(su[x] + c, u[x]);
             simd::store(sd[x] + c, dp[x]);
         }
@@ -410,7 +435,7 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
             const T dp = (du0 + du1) * gelu_grad_from_scalar(p, s, oms);
             T* out = rows[x].part;
             out[Q] += u * dmv;
-            put_row_scalar(rows[x], c, rows[x].first ? dp : rows[x].out[c] + dp);
+            put_row_scalar(rows[x], c, rows[x].first ? dp : rows[x].prev[c] + dp);
             su[x][c] = u;
             sd[x][c] = dp;
             for (int q = 0; q < Q; ++q) out[q] += fb[q * ld + c] * dp;
@@ -474,8 +499,9 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
                        std::vector<T>& part, MatrixView<bf16> Mb) {
     const Index n = H.rows, h = H.cols, rows = n * k;
     const Index W = std::max<Index>(1, mix_group_cols()), groups = (h + W - 1) / W;
+    const Index tb = std::max<Index>(1, mix_token_block());
     MixOrder order;
-    order.build(n, k, experts, expert, std::max<Index>(1, mix_token_block()));
+    order.build(n, k, experts, expert, tb);
     std::vector<Coef<Q, T>> zc;
     zc.reserve(static_cast<std::size_t>(rows));
     for (Index i = 0; i < rows; ++i) zc.emplace_back(zs + i * r, r);
@@ -498,6 +524,8 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
         auto& rowbuf = fused_rows_scratch<T>();
         rowbuf.resize(static_cast<std::size_t>(2 * nc));
         T* const su[2] = {rowbuf.data(), rowbuf.data() + nc};
+        auto& partial = fused_partial_scratch<T>();
+        partial.resize(static_cast<std::size_t>(tb * nc));
         T* pg = part.data() + grp * rows * Q;
         const T* bias = b1 ? b1 + c0 : nullptr;
         const Index total = static_cast<Index>(order.rows.size());
@@ -513,9 +541,17 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
                 MixRow<Q, T> rw[2];
                 for (int y = 0; y < R; ++y) {
                     const Index i = order.rows[static_cast<std::size_t>(x + y)], t = i / k;
-                    rw[y] = {M.row_ptr(t) + c0, H.row_ptr(t) + c0, nullptr, &zc[static_cast<std::size_t>(i)], nullptr,
-                             gate[i], order.first[static_cast<std::size_t>(i)] != 0, pg + i * Q,
-                             Mb.data ? Mb.row_ptr(t) + c0 : nullptr, order.last[static_cast<std::size_t>(i)] != 0};
+                    MixRow<Q, T>& row = rw[y];
+                    row.H = H.row_ptr(t) + c0;
+                    row.dm = nullptr;
+                    row.zs = &zc[static_cast<std::size_t>(i)];
+                    row.qg = nullptr;
+                    row.g = gate[i];
+                    row.first = order.first[static_cast<std::size_t>(i)] != 0;
+                    row.last = order.last[static_cast<std::size_t>(i)] != 0;
+                    row.part = pg + i * Q;
+                    row.outb = Mb.data ? Mb.row_ptr(t) + c0 : nullptr;
+                    point_sums(row, M.data ? M.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * nc, nc);
                     if (x + y + 2 < total) prefetch(H.row_ptr(order.rows[static_cast<std::size_t>(x + y + 2)] / k) + c0, nc);
                 }
                 if (R == 2)
@@ -524,6 +560,7 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
                     mix_forward_rows<Q, 1>(rw, bias, fbe, fae, su, ld, nc);
             }
         }
+        simd::stream_fence();
     });
     if (r == Q) {
         sum_groups(z2, part.data(), groups, rows * Q, par);
@@ -543,8 +580,9 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
     const Index n = H.rows, h = H.cols, rows = n * k;
     const Index W = std::max<Index>(1, mix_group_cols()), groups = (h + W - 1) / W;
     constexpr Index P = Q + 1;
+    const Index tb = std::max<Index>(1, mix_token_block());
     MixOrder order;
-    order.build(n, k, experts, expert, std::max<Index>(1, mix_token_block()));
+    order.build(n, k, experts, expert, tb);
     std::vector<Coef<Q, T>> zc, qc;
     zc.reserve(static_cast<std::size_t>(rows));
     qc.reserve(static_cast<std::size_t>(rows));
@@ -578,6 +616,8 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
         T* sd = su + longest * nc;
         T* xq = sd + longest * nc;
         T* xz = xq + longest * Q;
+        auto& partial = fused_partial_scratch<T>();
+        partial.resize(static_cast<std::size_t>(tb * nc));
         for (Index sp = 0; sp < spans; ++sp) {
             const Index e = sp % experts, off = e * Q * nc;
             const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
@@ -589,10 +629,17 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
                 T* sdr[2];
                 for (int y = 0; y < R; ++y) {
                     const Index i = order.rows[static_cast<std::size_t>(x + y)], t = i / k;
-                    rw[y] = {dH.row_ptr(t) + c0, H.row_ptr(t) + c0, dM.row_ptr(t) + c0, &zc[static_cast<std::size_t>(i)],
-                             &qc[static_cast<std::size_t>(i)], gate[i], order.first[static_cast<std::size_t>(i)] != 0,
-                             pg + i * P, dHb.data ? dHb.row_ptr(t) + c0 : nullptr,
-                             order.last[static_cast<std::size_t>(i)] != 0};
+                    MixRow<Q, T>& row = rw[y];
+                    row.H = H.row_ptr(t) + c0;
+                    row.dm = dM.row_ptr(t) + c0;
+                    row.zs = &zc[static_cast<std::size_t>(i)];
+                    row.qg = &qc[static_cast<std::size_t>(i)];
+                    row.g = gate[i];
+                    row.first = order.first[static_cast<std::size_t>(i)] != 0;
+                    row.last = order.last[static_cast<std::size_t>(i)] != 0;
+                    row.part = pg + i * P;
+                    row.outb = dHb.data ? dHb.row_ptr(t) + c0 : nullptr;
+                    point_sums(row, dH.data ? dH.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * nc, nc);
                     sur[y] = su + (x + y - x0) * nc;
                     sdr[y] = sd + (x + y - x0) * nc;
                     std::copy_n(qc[static_cast<std::size_t>(i)].v, Q, xq + (x + y - x0) * Q);
@@ -610,6 +657,7 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
             }
             mix_grad_span<Q>(ga + off, gb + off, nc, xq, xz, su, sd, x1 - x0);
         }
+        simd::stream_fence();
         for (Index e = 0; e < experts; ++e)
             for (Index q = 0; q < r; ++q) {
                 const T* src = ga + (e * Q + q) * nc;
@@ -718,17 +766,17 @@ void width_backward_block(MatrixView<T> dx, ConstMatrixView<T> x, ConstMatrixVie
 /// p = H[t] + b1 + zs_i^T B1T (b1 may be null):
 ///   M[t] = sum_j gate[i] gelu(p_i)   and   z2[i] = A2 gelu(p_i)   (z2 [n k, r]).
 /// `part` is work space. Results do not depend on the thread count.
-/// With Mb set (float only, same shape as M), the finished rows of M go to Mb in bf16 (as
-/// convert_to_bf16 would round them; the input of a bf16 GEMM) and M keeps only partial sums.
+/// With Mb set (float only, the shape of H), the finished rows go to Mb in bf16 (as convert_to_bf16
+/// would round them; the input of a bf16 GEMM) instead of to M, which is not written and may be empty.
 template <class T>
 void gelu_mixture_forward(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1, Index k,
                           const std::int32_t* expert, const T* gate, const T* zs, const T* const* B1T,
                           const T* const* A2, Index experts, Index r, std::vector<T>& part,
                           MatrixView<bf16> Mb = {}) {
-    require<ShapeError>(M.rows == H.rows && M.cols == H.cols, "gelu_mixture_forward: M [", M.rows, ", ", M.cols,
-                        "] and H [", H.rows, ", ", H.cols, "] differ");
-    require<ShapeError>(Mb.data == nullptr || (std::is_same_v<T, float> && Mb.rows == M.rows && Mb.cols == M.cols),
-                        "gelu_mixture_forward: bf16 output [", Mb.rows, ", ", Mb.cols, "] must be float and match M");
+    require<ShapeError>((M.rows == H.rows && M.cols == H.cols) || (Mb.data && !M.data), "gelu_mixture_forward: M [",
+                        M.rows, ", ", M.cols, "] and H [", H.rows, ", ", H.cols, "] differ");
+    require<ShapeError>(Mb.data == nullptr || (std::is_same_v<T, float> && Mb.rows == H.rows && Mb.cols == H.cols),
+                        "gelu_mixture_forward: bf16 output [", Mb.rows, ", ", Mb.cols, "] must be float and match H");
     require(r >= 1 && r <= fused_max_rank, "gelu_mixture_forward rank ", r, ": the fused kernel takes 1..",
             fused_max_rank);
     if (detail::padded_rank(r) == 4)
@@ -742,16 +790,18 @@ void gelu_mixture_forward(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T*
 ///   dz[i] = s B1T dp_i,   udm[i] = gelu(p_i) . dM[t],
 ///   gA2[e] ([r, h], row stride ldg) += sum over e's rows of qg_i gelu(p_i)^T,
 ///   gB1T[e] ([r, h], row stride h) = sum over e's rows of zs_i dp_i^T (overwritten: dB1 transposed).
-/// Results do not depend on the thread count. With dHb set, as Mb in gelu_mixture_forward for dH.
+/// Results do not depend on the thread count. With dHb set, as Mb in gelu_mixture_forward for dH (dH
+/// then not written; it may be empty).
 template <class T>
 void gelu_mixture_backward(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, ConstMatrixView<T> H, const T* b1,
                            Index k, const std::int32_t* expert, const T* gate, const T* zs, const T* qg,
                            const T* const* B1T, const T* const* A2, T* const* gA2, Index ldg, T* const* gB1T,
                            Index experts, T s, Index r, std::vector<T>& part, MatrixView<bf16> dHb = {}) {
-    require<ShapeError>(dH.rows == H.rows && dH.cols == H.cols && dM.rows == H.rows && dM.cols == H.cols,
+    require<ShapeError>(((dH.rows == H.rows && dH.cols == H.cols) || (dHb.data && !dH.data)) && dM.rows == H.rows &&
+                            dM.cols == H.cols,
                         "gelu_mixture_backward: dH, dM and H must have the same shape");
-    require<ShapeError>(dHb.data == nullptr || (std::is_same_v<T, float> && dHb.rows == dH.rows && dHb.cols == dH.cols),
-                        "gelu_mixture_backward: bf16 output [", dHb.rows, ", ", dHb.cols, "] must be float and match dH");
+    require<ShapeError>(dHb.data == nullptr || (std::is_same_v<T, float> && dHb.rows == H.rows && dHb.cols == H.cols),
+                        "gelu_mixture_backward: bf16 output [", dHb.rows, ", ", dHb.cols, "] must be float and match H");
     require(r >= 1 && r <= fused_max_rank, "gelu_mixture_backward rank ", r, ": the fused kernel takes 1..",
             fused_max_rank);
     if (detail::padded_rank(r) == 4)

@@ -29,6 +29,28 @@ template <class T>
 inline void store(T* p, const batch<T>& v) {
     v.store_unaligned(p);
 }
+/// Stores v at p (aligned to the batch's size) bypassing the caches where the target has streaming
+/// stores: for a row nobody reads again soon, it saves reading the line in before writing it. The
+/// caller orders these stores before another thread reads them (stream_fence).
+template <class T>
+inline void store_stream(T* p, const batch<T>& v) {
+#if defined(__AVX512F__)
+    if constexpr (batch<T>::size * sizeof(T) == 64) {
+        if constexpr (std::is_same_v<T, float>)
+            _mm512_stream_ps(p, v);
+        else
+            _mm512_stream_pd(p, v);
+        return;
+    }
+#endif
+    v.store_aligned(p);
+}
+/// Orders the streaming stores of the calling thread before its later stores (e.g. a barrier's).
+inline void stream_fence() {
+#if defined(__AVX512F__)
+    _mm_sfence();
+#endif
+}
 template <class T>
 inline batch<T> splat(T v) {
     return batch<T>(v);
