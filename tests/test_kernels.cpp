@@ -501,6 +501,11 @@ TEST_CASE_TEMPLATE("mixture_width_backward equals plain loops: ranks, odd widths
                 CAPTURE(d);
                 CAPTURE(variant);
                 const double tol = 4 * (n + r + E) * eps<T>();
+                // Adds a term to a sum and to the sum of magnitudes its rounding is measured against.
+                auto add = [](double& sum, double& mag, double term) {
+                    sum += term;
+                    mag += std::abs(term);
+                };
                 for (Index t = 0; t < n; ++t)
                     for (Index c = 0; c < d; ++c) {
                         const std::size_t at = static_cast<std::size_t>(1 + t * ld + c);
@@ -509,17 +514,13 @@ TEST_CASE_TEMPLATE("mixture_width_backward equals plain loops: ranks, odd widths
                             for (Index j = 0; j < k; ++j)
                                 for (Index q = 0; q < r; ++q) {
                                     const Index i = t * k + j, e = expert[static_cast<std::size_t>(i)];
-                                    const double p = double(dz[static_cast<std::size_t>(i * r + q)]) *
-                                                     A1[static_cast<std::size_t>(e * r * d + q * d + c)];
-                                    s += p;
-                                    mag += std::abs(p);
+                                    add(s, mag, double(dz[static_cast<std::size_t>(i * r + q)]) *
+                                                    A1[static_cast<std::size_t>(e * r * d + q * d + c)]);
                                 }
                             if (router)
                                 for (Index e = 0; e < E; ++e) {
-                                    const double p = double(dlog[static_cast<std::size_t>(t * E + e)]) *
-                                                     Wr[static_cast<std::size_t>(1 + e * ld + c)];
-                                    s += p;
-                                    mag += std::abs(p);
+                                    add(s, mag, double(dlog[static_cast<std::size_t>(t * E + e)]) *
+                                                    Wr[static_cast<std::size_t>(1 + e * ld + c)]);
                                 }
                         }
                         REQUIRE(std::abs(dx[at] - s) <= tol * (mag + 1e-30));
@@ -533,14 +534,10 @@ TEST_CASE_TEMPLATE("mixture_width_backward equals plain loops: ranks, odd widths
                             for (Index i = 0; i < n * k; ++i) {
                                 if (expert[static_cast<std::size_t>(i)] != e) continue;
                                 const Index t = i / k;
-                                const double pa = double(dz[static_cast<std::size_t>(i * r + q)]) *
-                                                  x[static_cast<std::size_t>(1 + t * ld + c)];
-                                const double pb = double(z2g[static_cast<std::size_t>(i * r + q)]) *
-                                                  dy[static_cast<std::size_t>(1 + t * ld + c)];
-                                sa += pa;
-                                ma += std::abs(pa);
-                                sb += pb;
-                                mb += std::abs(pb);
+                                add(sa, ma, double(dz[static_cast<std::size_t>(i * r + q)]) *
+                                                x[static_cast<std::size_t>(1 + t * ld + c)]);
+                                add(sb, mb, double(z2g[static_cast<std::size_t>(i * r + q)]) *
+                                                dy[static_cast<std::size_t>(1 + t * ld + c)]);
                             }
                             REQUIRE(std::abs(GA[ai] - sa) <= tol * ma);
                             REQUIRE(std::abs(GB[bi] - sb) <= tol * mb);
@@ -549,10 +546,8 @@ TEST_CASE_TEMPLATE("mixture_width_backward equals plain loops: ranks, odd widths
                         double sw = GW0[wi], mw = std::abs(sw);
                         if (router)
                             for (Index t = 0; t < n; ++t) {
-                                const double p = double(dlog[static_cast<std::size_t>(t * E + e)]) *
-                                                 x[static_cast<std::size_t>(1 + t * ld + c)];
-                                sw += p;
-                                mw += std::abs(p);
+                                add(sw, mw, double(dlog[static_cast<std::size_t>(t * E + e)]) *
+                                                x[static_cast<std::size_t>(1 + t * ld + c)]);
                             }
                         REQUIRE(std::abs(GW[wi] - sw) <= tol * mw);
                     }

@@ -268,6 +268,18 @@ inline void point_sums(MixRow<Q, T>& row, T* dst, T* partial, Index nc) {
     row.stream = row.last && !row.outb && nc % static_cast<Index>(simd::width<T>) == 0 &&
                  reinterpret_cast<std::uintptr_t>(dst) % bytes == 0;
 }
+/// The visit-dependent fields of a row (visit i of the order): its first/last flags, its slot of the
+/// group's per-row sums, and where its m or dH sums go (point_sums; dst null when the caller passed
+/// no fp32 output, dstb its bf16 row or null).
+template <int Q, class T>
+inline void set_visit(MixRow<Q, T>& row, const MixOrder& order, Index i, T* part, T* dst, bf16* dstb, T* partial,
+                      Index nc) {
+    row.first = order.first[static_cast<std::size_t>(i)] != 0;
+    row.last = order.last[static_cast<std::size_t>(i)] != 0;
+    row.part = part;
+    row.outb = dstb;
+    point_sums(row, dst, partial, nc);
+}
 /// Per-thread partial sums of the fused passes: one row of the group's columns per token of a block.
 template <class T>
 inline std::vector<T>& fused_partial_scratch() {
@@ -547,11 +559,8 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
                     row.zs = &zc[static_cast<std::size_t>(i)];
                     row.qg = nullptr;
                     row.g = gate[i];
-                    row.first = order.first[static_cast<std::size_t>(i)] != 0;
-                    row.last = order.last[static_cast<std::size_t>(i)] != 0;
-                    row.part = pg + i * Q;
-                    row.outb = Mb.data ? Mb.row_ptr(t) + c0 : nullptr;
-                    point_sums(row, M.data ? M.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * nc, nc);
+                    set_visit(row, order, i, pg + i * Q, M.data ? M.row_ptr(t) + c0 : nullptr,
+                              Mb.data ? Mb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * nc, nc);
                     if (x + y + 2 < total) prefetch(H.row_ptr(order.rows[static_cast<std::size_t>(x + y + 2)] / k) + c0, nc);
                 }
                 if (R == 2)
@@ -635,11 +644,8 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
                     row.zs = &zc[static_cast<std::size_t>(i)];
                     row.qg = &qc[static_cast<std::size_t>(i)];
                     row.g = gate[i];
-                    row.first = order.first[static_cast<std::size_t>(i)] != 0;
-                    row.last = order.last[static_cast<std::size_t>(i)] != 0;
-                    row.part = pg + i * P;
-                    row.outb = dHb.data ? dHb.row_ptr(t) + c0 : nullptr;
-                    point_sums(row, dH.data ? dH.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * nc, nc);
+                    set_visit(row, order, i, pg + i * P, dH.data ? dH.row_ptr(t) + c0 : nullptr,
+                              dHb.data ? dHb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * nc, nc);
                     sur[y] = su + (x + y - x0) * nc;
                     sdr[y] = sd + (x + y - x0) * nc;
                     std::copy_n(qc[static_cast<std::size_t>(i)].v, Q, xq + (x + y - x0) * Q);
