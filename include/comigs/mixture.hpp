@@ -638,14 +638,22 @@ private:
         T* dz = detail::as_view(rdz_, rows, r).data;
         T* udm = detail::as_view(rudm_, rows, 1).data;
         detail::as_view(gb1t_, E * r, h);
+        // Where each expert's LoRA gradients accumulate: dA2 and dA1 in place, dB1 and dB2 transposed
+        // (gb1t_, work_t_) for the passes, added into the [out, r] gradients afterwards.
+        work_t_.assign(static_cast<std::size_t>(E * r * d), T(0));
         gA2_.resize(static_cast<std::size_t>(E));
         gB1_.resize(static_cast<std::size_t>(E));
-        Index ldg = h;
+        gA1_.resize(static_cast<std::size_t>(E));
+        gB2t_.resize(static_cast<std::size_t>(E));
+        Index ldg = h, lda = d;
         for (Index e = 0; e < E; ++e) {
-            const auto ga = grad_A(e, second_);
-            ldg = ga.stride;
-            gA2_[static_cast<std::size_t>(e)] = ga.data;
+            const auto ga2 = grad_A(e, second_), ga1 = grad_A(e, first_[0]);
+            ldg = ga2.stride;
+            lda = ga1.stride;
+            gA2_[static_cast<std::size_t>(e)] = ga2.data;
             gB1_[static_cast<std::size_t>(e)] = gb1t_.data() + e * r * h;
+            gA1_[static_cast<std::size_t>(e)] = ga1.data;
+            gB2t_[static_cast<std::size_t>(e)] = work_t_.data() + e * r * d;
         }
         kernels::gelu_mixture_backward(dH, dz, udm, ConstMatrixView<T>(dM), ConstMatrixView<T>(pre_[0].data(), n, h),
                                        b1, k, route_.expert.data(), route_.gate.data(), rz1_.data(), qg, fb1t_.data(),
@@ -662,16 +670,6 @@ private:
             dgate[static_cast<std::size_t>(i)] = udm[i] + bias_dot[i / k] + s_ * kernels::dot(z2 + i * r, q + i * r, r);
         const bool routed = rcfg_.has_weight();
         if (routed) router_logit_grad(dlog_, ConstMatrixView<T>(dgate.data(), n, k), lb_grad, route_, rcfg_);
-        gA1_.resize(static_cast<std::size_t>(E));
-        gB2t_.resize(static_cast<std::size_t>(E));
-        work_t_.assign(static_cast<std::size_t>(E * r * d), T(0));
-        Index lda = d;
-        for (Index e = 0; e < E; ++e) {
-            const auto ga = grad_A(e, first_[0]);
-            lda = ga.stride;
-            gA1_[static_cast<std::size_t>(e)] = ga.data;
-            gB2t_[static_cast<std::size_t>(e)] = work_t_.data() + e * r * d;
-        }
         kernels::mixture_width_backward(dx, xs, dy, k, route_.expert.data(), dz, rz2g_.data(), r, fa1_.data(), gA1_.data(),
                                         lda, gB2t_.data(), routed ? dlog_.data() : nullptr, router_weight(),
                                         routed ? grads_.view("router.weight") : MatrixView<T>(), E);
