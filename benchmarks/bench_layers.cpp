@@ -71,6 +71,7 @@ struct LayerSetup {
 // Kernel: MixtureOfLoraMlp::forward (base GEMMs once via FrozenLinear, rank-r on routed rows).
 void mixture_fwd(benchmark::State& state, Index tokens, bool bf16) {
     LayerSetup s(tokens, bf16);
+    s.mix->forward(s.Y(), s.X());  // warm-up: first touches of the layer's buffers are not steady state
     for (auto _ : state) {
         s.mix->forward(s.Y(), s.X());
         benchmark::DoNotOptimize(s.y.data());
@@ -81,6 +82,8 @@ void mixture_fwd(benchmark::State& state, Index tokens, bool bf16) {
 // Kernel: MixtureOfLoraMlp::forward + backward (4 base GEMMs in total).
 void mixture_fwd_bwd(benchmark::State& state, Index tokens, bool bf16) {
     LayerSetup s(tokens, bf16);
+    s.mix->forward(s.Y(), s.X());  // warm-up
+    s.mix->backward(s.DX(), s.DY(), 0.01f);
     for (auto _ : state) {
         s.mix->forward(s.Y(), s.X());
         s.mix->backward(s.DX(), s.DY(), 0.01f);
@@ -95,6 +98,7 @@ void mixture_fwd_bwd(benchmark::State& state, Index tokens, bool bf16) {
 void mixture_bwd(benchmark::State& state, Index tokens, bool bf16) {
     LayerSetup s(tokens, bf16);
     s.mix->forward(s.Y(), s.X());
+    s.mix->backward(s.DX(), s.DY(), 0.01f);  // warm-up
     for (auto _ : state) {
         s.mix->backward(s.DX(), s.DY(), 0.01f);
         benchmark::DoNotOptimize(s.dx.data());
@@ -109,6 +113,8 @@ void mixture_bwd(benchmark::State& state, Index tokens, bool bf16) {
 void mixture_fwd_bwd_unfused(benchmark::State& state, Index tokens, bool bf16) {
     LayerSetup s(tokens, bf16);
     kernels::detail::fused_rows_enabled() = false;
+    s.mix->forward(s.Y(), s.X());  // warm-up
+    s.mix->backward(s.DX(), s.DY(), 0.01f);
     for (auto _ : state) {
         s.mix->forward(s.Y(), s.X());
         s.mix->backward(s.DX(), s.DY(), 0.01f);
@@ -122,6 +128,7 @@ void mixture_fwd_bwd_unfused(benchmark::State& state, Index tokens, bool bf16) {
 void dense_mlp_fwd(benchmark::State& state, Index tokens, bool bf16) {
     LayerSetup s(tokens, bf16);
     DenseMlp mlp{s.base, {}, {}, {}, {}};
+    mlp.forward(s.Y(), s.X());  // warm-up
     for (auto _ : state) {
         mlp.forward(s.Y(), s.X());
         benchmark::DoNotOptimize(s.y.data());
@@ -133,6 +140,8 @@ void dense_mlp_fwd(benchmark::State& state, Index tokens, bool bf16) {
 void dense_mlp_fwd_bwd(benchmark::State& state, Index tokens, bool bf16) {
     LayerSetup s(tokens, bf16);
     DenseMlp mlp{s.base, {}, {}, {}, {}};
+    mlp.forward(s.Y(), s.X());  // warm-up
+    mlp.backward(s.DX(), s.DY());
     for (auto _ : state) {
         mlp.forward(s.Y(), s.X());
         mlp.backward(s.DX(), s.DY());
@@ -204,16 +213,21 @@ void naive_mixture_fwd_bwd(benchmark::State& state, Index tokens) {
 void base_gemms(benchmark::State& state, Index tokens, bool bf16) {
     LayerSetup s(tokens, bf16);
     const Index d = s.cfg.d_model, h = s.cfg.d_hidden;
-    std::vector<float> hbuf(static_cast<std::size_t>(tokens * h)), mbuf(hbuf.size(), 0.01f);
+    // Aligned as the layer's own H and m are.
+    comigs::detail::aligned_vector<float> hbuf(static_cast<std::size_t>(tokens * h)), mbuf(hbuf.size(), 0.01f);
     auto fc = s.base->linear("fc");
     fc.bias = {};
     auto proj = s.base->linear("proj");
     proj.bias = {};
-    for (auto _ : state) {
+    auto gemms = [&] {
         fc.forward(MatrixView<float>(hbuf.data(), tokens, h), s.X());
         proj.forward(s.Y(), ConstMatrixView<float>(mbuf.data(), tokens, h));
         proj.backward_input(MatrixView<float>(hbuf.data(), tokens, h), s.DY(), false);
         fc.backward_input(s.DX(), ConstMatrixView<float>(hbuf.data(), tokens, h), true);
+    };
+    gemms();  // warm-up
+    for (auto _ : state) {
+        gemms();
         benchmark::DoNotOptimize(s.dx.data());
     }
     set_counters(state, tokens, base_flops_fwd_bwd(tokens, d, h));

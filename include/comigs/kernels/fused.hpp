@@ -24,6 +24,7 @@
 #include <omp.h>
 #endif
 
+#include "../detail/aligned.hpp"
 #include "../view.hpp"
 #include "bf16.hpp"
 #include "elementwise.hpp"
@@ -122,13 +123,14 @@ inline void prefetch(const T* p, Index n) {
 inline constexpr int padded_rank(Index r) { return r <= 4 ? 4 : 8; }
 
 /// Columns [c0, c0 + nc) of the r rows of each expert's [r, h] factor (row stride h) packed into
-/// dst[e][q][0 .. nc), q < Q (rows r .. Q zero): contiguous, so that the rows share no L1 sets (rows h
-/// apart would, for h a multiple of 1024).
+/// dst[e][q][0 .. nc), q < Q (rows r .. Q zero), rows ld apart: contiguous, so that the rows share no
+/// L1 sets (rows h apart would, for h a multiple of 1024).
 template <int Q, class T>
-inline void pack_factor_cols(T* dst, const T* const* src, Index experts, Index r, Index h, Index c0, Index nc) {
+inline void pack_factor_cols(T* dst, const T* const* src, Index experts, Index r, Index h, Index c0, Index nc,
+                             Index ld) {
     for (Index e = 0; e < experts; ++e)
         for (Index q = 0; q < Q; ++q) {
-            T* d = dst + (e * Q + q) * nc;
+            T* d = dst + (e * Q + q) * ld;
             if (q < r)
                 std::copy_n(src[e] + q * h + c0, nc, d);
             else
@@ -184,16 +186,25 @@ struct MixOrder {
 };
 
 /// Per-thread work space of the fused passes (packed factor columns and gradient accumulators).
+/// Every work buffer is 64-byte aligned and its rows start on whole batches (padded_cols): a batch
+/// load that straddles two cache lines costs two, and the rank-r loops are bound by their loads (a
+/// plain std::vector of this size is 16-byte aligned; the loops ran twice as long on one).
 template <class T>
-inline std::vector<T>& fused_scratch() {
-    thread_local std::vector<T> buf;
+inline comigs::detail::aligned_vector<T>& fused_scratch() {
+    thread_local comigs::detail::aligned_vector<T> buf;
     return buf;
 }
 /// Per-thread work space of the backward's gradient sweep (a span's u and dp rows).
 template <class T>
-inline std::vector<T>& fused_rows_scratch() {
-    thread_local std::vector<T> buf;
+inline comigs::detail::aligned_vector<T>& fused_rows_scratch() {
+    thread_local comigs::detail::aligned_vector<T> buf;
     return buf;
+}
+/// nc rounded up to whole batches: the row stride of the work buffers.
+template <class T>
+inline Index padded_cols(Index nc) {
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    return (nc + w - 1) / w * w;
 }
 
 /// One routed row as the row kernels see it (pointers at the group's first column).
@@ -282,8 +293,8 @@ inline void set_visit(MixRow<Q, T>& row, const MixOrder& order, Index i, T* part
 }
 /// Per-thread partial sums of the fused passes: one row of the group's columns per token of a block.
 template <class T>
-inline std::vector<T>& fused_partial_scratch() {
-    thread_local std::vector<T> buf;
+inline comigs::detail::aligned_vector<T>& fused_partial_scratch() {
+    thread_local comigs::detail::aligned_vector<T> buf;
     return buf;
 }
 
@@ -458,22 +469,23 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
 /// gb[q][c] += sum_x zs_x[q] sd[x][c] over the span's `count` rows, ga and gb packed [Q, nc], xq and
 /// xz the rows' coefficients [count, Q]: register-blocked rank-Q outer products (lowrank.hpp).
 template <int Q, class T>
-inline void mix_grad_span(T* ga, T* gb, Index nc, const T* xq, const T* xz, const T* su, const T* sd, Index count) {
+inline void mix_grad_span(T* ga, T* gb, Index nc, Index ld, const T* xq, const T* xz, const T* su, const T* sd,
+                          Index count) {
     constexpr Index cb = 2 * static_cast<Index>(simd::width<T>);
     const Index cv = nc / cb * cb;
     if (cv > 0) {
-        lowrank_outer_cols<Q>(ga, nc, xq, Q, su, nc, static_cast<const Index*>(nullptr), count, 0, cv, T(1));
-        lowrank_outer_cols<Q>(gb, nc, xz, Q, sd, nc, static_cast<const Index*>(nullptr), count, 0, cv, T(1));
+        lowrank_outer_cols<Q>(ga, ld, xq, Q, su, ld, static_cast<const Index*>(nullptr), count, 0, cv, T(1));
+        lowrank_outer_cols<Q>(gb, ld, xz, Q, sd, ld, static_cast<const Index*>(nullptr), count, 0, cv, T(1));
     }
     for (Index q = 0; q < Q; ++q)
         for (Index c = cv; c < nc; ++c) {
             T a = T(0), b = T(0);
             for (Index x = 0; x < count; ++x) {
-                a += xq[x * Q + q] * su[x * nc + c];
-                b += xz[x * Q + q] * sd[x * nc + c];
+                a += xq[x * Q + q] * su[x * ld + c];
+                b += xz[x * Q + q] * sd[x * ld + c];
             }
-            ga[q * nc + c] += a;
-            gb[q * nc + c] += b;
+            ga[q * ld + c] += a;
+            gb[q * ld + c] += b;
         }
 }
 
@@ -523,21 +535,21 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
     // factors in place (possible when no padding rows are needed; same values, same order).
     const bool direct = r == Q && rows < 4 * experts;
     for_groups(h, par, [&](Index c0, Index c1, Index grp) {
-        const Index nc = c1 - c0, fsize = direct ? 0 : experts * Q * nc;
+        const Index nc = c1 - c0, ncp = padded_cols<T>(nc), fsize = direct ? 0 : experts * Q * ncp;
         auto& buf = fused_scratch<T>();
         buf.resize(static_cast<std::size_t>(2 * fsize));
         T* fb = buf.data();
         T* fa = fb + fsize;
         if (!direct) {
-            pack_factor_cols<Q>(fb, B1T, experts, r, h, c0, nc);
-            pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc);
+            pack_factor_cols<Q>(fb, B1T, experts, r, h, c0, nc, ncp);
+            pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc, ncp);
         }
-        const Index ld = direct ? h : nc;
+        const Index ld = direct ? h : ncp;
         auto& rowbuf = fused_rows_scratch<T>();
-        rowbuf.resize(static_cast<std::size_t>(2 * nc));
-        T* const su[2] = {rowbuf.data(), rowbuf.data() + nc};
+        rowbuf.resize(static_cast<std::size_t>(2 * ncp));
+        T* const su[2] = {rowbuf.data(), rowbuf.data() + ncp};
         auto& partial = fused_partial_scratch<T>();
-        partial.resize(static_cast<std::size_t>(tb * nc));
+        partial.resize(static_cast<std::size_t>(tb * ncp));
         T* pg = part.data() + grp * rows * Q;
         const T* bias = b1 ? b1 + c0 : nullptr;
         const Index total = static_cast<Index>(order.rows.size());
@@ -545,8 +557,8 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
         const Index spans = static_cast<Index>(order.span.size()) - 1;
         for (Index sp = 0; sp < spans; ++sp) {
             const Index e = sp % experts;
-            const T* fbe = direct ? B1T[e] + c0 : fb + e * Q * nc;
-            const T* fae = direct ? A2[e] + c0 : fa + e * Q * nc;
+            const T* fbe = direct ? B1T[e] + c0 : fb + e * Q * ncp;
+            const T* fae = direct ? A2[e] + c0 : fa + e * Q * ncp;
             const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
             for (Index x = x0; x < x1; x += 2) {
                 const int R = x + 1 < x1 ? 2 : 1;
@@ -560,7 +572,7 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
                     row.qg = nullptr;
                     row.g = gate[i];
                     set_visit(row, order, i, pg + i * Q, M.data ? M.row_ptr(t) + c0 : nullptr,
-                              Mb.data ? Mb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * nc, nc);
+                              Mb.data ? Mb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * ncp, nc);
                     if (x + y + 2 < total) prefetch(H.row_ptr(order.rows[static_cast<std::size_t>(x + y + 2)] / k) + c0, nc);
                 }
                 if (R == 2)
@@ -604,15 +616,15 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
     for (std::size_t sp = 0; sp + 1 < order.span.size(); ++sp) longest = std::max(longest, order.span[sp + 1] - order.span[sp]);
     const bool par = rows * h >= mix_parallel_min();
     for_groups(h, par, [&](Index c0, Index c1, Index grp) {
-        const Index nc = c1 - c0, fsize = experts * Q * nc;
+        const Index nc = c1 - c0, ncp = padded_cols<T>(nc), fsize = experts * Q * ncp;
         auto& buf = fused_scratch<T>();
         buf.resize(static_cast<std::size_t>(4 * fsize));
         T* fb = buf.data();
         T* fa = fb + fsize;
         T* ga = fa + fsize;  // dA2 of the group's columns, from zero
         T* gb = ga + fsize;  // dB1^T of the group's columns, from zero
-        pack_factor_cols<Q>(fb, B1T, experts, r, h, c0, nc);
-        pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc);
+        pack_factor_cols<Q>(fb, B1T, experts, r, h, c0, nc, ncp);
+        pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc, ncp);
         std::fill(ga, ga + 2 * fsize, T(0));
         T* pg = part.data() + grp * rows * P;
         const T* bias = b1 ? b1 + c0 : nullptr;
@@ -620,15 +632,15 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
         const Index spans = static_cast<Index>(order.span.size()) - 1;
         // Per span: u and dp rows, and the rows' coefficients, for the gradient sweep.
         auto& rowbuf = fused_rows_scratch<T>();
-        rowbuf.resize(static_cast<std::size_t>(longest * (2 * nc + 2 * Q)));
+        rowbuf.resize(static_cast<std::size_t>(longest * (2 * ncp + 2 * Q)));
         T* su = rowbuf.data();
-        T* sd = su + longest * nc;
-        T* xq = sd + longest * nc;
+        T* sd = su + longest * ncp;
+        T* xq = sd + longest * ncp;
         T* xz = xq + longest * Q;
         auto& partial = fused_partial_scratch<T>();
-        partial.resize(static_cast<std::size_t>(tb * nc));
+        partial.resize(static_cast<std::size_t>(tb * ncp));
         for (Index sp = 0; sp < spans; ++sp) {
-            const Index e = sp % experts, off = e * Q * nc;
+            const Index e = sp % experts, off = e * Q * ncp;
             const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
             if (x1 == x0) continue;
             for (Index x = x0; x < x1; x += 2) {
@@ -645,9 +657,9 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
                     row.qg = &qc[static_cast<std::size_t>(i)];
                     row.g = gate[i];
                     set_visit(row, order, i, pg + i * P, dH.data ? dH.row_ptr(t) + c0 : nullptr,
-                              dHb.data ? dHb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * nc, nc);
-                    sur[y] = su + (x + y - x0) * nc;
-                    sdr[y] = sd + (x + y - x0) * nc;
+                              dHb.data ? dHb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * ncp, nc);
+                    sur[y] = su + (x + y - x0) * ncp;
+                    sdr[y] = sd + (x + y - x0) * ncp;
                     std::copy_n(qc[static_cast<std::size_t>(i)].v, Q, xq + (x + y - x0) * Q);
                     std::copy_n(zc[static_cast<std::size_t>(i)].v, Q, xz + (x + y - x0) * Q);
                     if (x + y + 2 < total) {
@@ -657,19 +669,19 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
                     }
                 }
                 if (R == 2)
-                    mix_backward_rows<Q, 2>(rw, bias, fb + off, fa + off, sur, sdr, nc, nc);
+                    mix_backward_rows<Q, 2>(rw, bias, fb + off, fa + off, sur, sdr, ncp, nc);
                 else
-                    mix_backward_rows<Q, 1>(rw, bias, fb + off, fa + off, sur, sdr, nc, nc);
+                    mix_backward_rows<Q, 1>(rw, bias, fb + off, fa + off, sur, sdr, ncp, nc);
             }
-            mix_grad_span<Q>(ga + off, gb + off, nc, xq, xz, su, sd, x1 - x0);
+            mix_grad_span<Q>(ga + off, gb + off, nc, ncp, xq, xz, su, sd, x1 - x0);
         }
         simd::stream_fence();
         for (Index e = 0; e < experts; ++e)
             for (Index q = 0; q < r; ++q) {
-                const T* src = ga + (e * Q + q) * nc;
+                const T* src = ga + (e * Q + q) * ncp;
                 T* dst = gA2[e] + q * ldg + c0;
                 for (Index c = 0; c < nc; ++c) dst[c] += src[c];
-                std::copy_n(gb + (e * Q + q) * nc, nc, gB1T[e] + q * h + c0);
+                std::copy_n(gb + (e * Q + q) * ncp, nc, gB1T[e] + q * h + c0);
             }
     });
     std::vector<T> sums(static_cast<std::size_t>(rows * P));
