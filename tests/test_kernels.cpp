@@ -13,6 +13,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -90,8 +91,9 @@ namespace {
 
 /// Every op, beta, odd shape, unaligned and padded operand of kernels::gemm against a double-precision
 /// product; returns the number of elements checked. C starts as NaN when beta is 0 (must not be read).
+/// chunk > 0 checks kernels::gemm_chunked with that chunk size instead of kernels::gemm.
 template <class T>
-int check_gemm_against_reference(Rng& rng) {
+int check_gemm_against_reference(Rng& rng, Index chunk = 0) {
     Knob<Index> q(kernels::detail::gemm_split_quantum(), 1);
     Knob<Index> pmin(kernels::detail::gemm_parallel_min(), 0);
     int checked = 0;
@@ -112,8 +114,12 @@ int check_gemm_against_reference(Rng& rng) {
                             const Mat<T> C0 = C;
                             const T alpha = T(0.75);
                             MatrixView<T> Cv(C.buf.data() + 1, m, n, n + 2);
-                            kernels::gemm<T>(Cv, ConstMatrixView<T>(A.v), opa, ConstMatrixView<T>(B.v), opb, alpha,
-                                             beta);
+                            if (chunk > 0)
+                                kernels::gemm_chunked<T>(Cv, ConstMatrixView<T>(A.v), opa, ConstMatrixView<T>(B.v), opb,
+                                                         alpha, beta, chunk);
+                            else
+                                kernels::gemm<T>(Cv, ConstMatrixView<T>(A.v), opa, ConstMatrixView<T>(B.v), opb, alpha,
+                                                 beta);
                             for (Index i = 0; i < m; ++i)
                                 for (Index j = 0; j < n; ++j) {
                                     double ref = 0, mag = 0;
@@ -148,6 +154,46 @@ TEST_CASE("kernels::gemm: the oneDNN sgemm path equals the plain reference on od
     CHECK(check_gemm_against_reference<float>(rng) > 10000);
 }
 #endif
+
+TEST_CASE_TEMPLATE("kernels::gemm_chunked: equals the plain reference on odd shapes and ops, any chunk size", T, float,
+                   double) {
+    Rng rng(6);
+    for (Index chunk : {Index(1), Index(5), Index(16), Index(128)}) {
+        CAPTURE(chunk);
+        CHECK(check_gemm_against_reference<T>(rng, chunk) > 10000);
+    }
+#ifdef COMIGS_HAVE_ONEDNN
+    if constexpr (std::is_same_v<T, float>) {
+        Knob<Index> small(kernels::detail::gemm_onednn_small_min(), 0);  // every chunk through oneDNN
+        for (Index chunk : {Index(1), Index(16)}) CHECK(check_gemm_against_reference<T>(rng, chunk) > 10000);
+    }
+#endif
+}
+
+TEST_CASE("kernels::gemm_chunked: bitwise identical for 1, 2 and 3 threads (either side split, both backends)") {
+    Knob<Index> pmin(kernels::detail::gemm_parallel_min(), 0);
+    for (Index small_min : {kernels::detail::gemm_onednn_small_min(), Index(0)})
+        for (auto [m, n, k] : {std::array<Index, 3>{301, 36, 97}, std::array<Index, 3>{36, 301, 211}}) {
+            CAPTURE(small_min);
+            CAPTURE(m);
+            Knob<Index> backend(kernels::detail::gemm_onednn_small_min(), small_min);
+            Rng rng(12);
+            auto A = randn<float>(static_cast<std::size_t>(m * k), rng), B = randn<float>(static_cast<std::size_t>(k * n), rng);
+            auto run = [&](int threads) {
+                std::vector<float> C(static_cast<std::size_t>(m * n), 1.0f);
+                with_threads(threads, [&] {
+                    kernels::gemm_chunked<float>(MatrixView<float>(C.data(), m, n), ConstMatrixView<float>(A.data(), k, m),
+                                                 kernels::Op::trans, ConstMatrixView<float>(B.data(), k, n),
+                                                 kernels::Op::none, 1.0f, 1.0f, 32);
+                });
+                return C;
+            };
+            const auto one = run(1);
+            CHECK(run(2) == one);
+            CHECK(run(3) == one);
+            CHECK(run(2) == one);
+        }
+}
 
 TEST_CASE("kernels::gemm: identical results for a fixed thread count, run after run") {
     Knob<Index> pmin(kernels::detail::gemm_parallel_min(), 0);

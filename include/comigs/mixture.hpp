@@ -262,16 +262,16 @@ public:
         MatrixView<T> xs(x_.data(), n, d);
 #pragma omp parallel for schedule(static) if (n * d > 65536)
         for (Index t = 0; t < n; ++t) std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs.row_ptr(t));
+        dropped_ = training && cfg_.dropout > 0.0;
+        fused_ = fused_path();
+        if (fused_) {
+            forward_fused(y, xs, training, rng);
+            return route_.lb_loss;
+        }
         router_forward(route_, ConstMatrixView<T>(xs), router_weight(), rcfg_, training, rng);
         groups_.build(route_);
         const Index k = route_.slots, rows = n * k;
-        dropped_ = training && cfg_.dropout > 0.0;
         if (dropped_) require(rng != nullptr, "rng: dropout ", cfg_.dropout, " in training needs a generator");
-        fused_ = fused_path();
-        if (fused_) {
-            forward_fused(y, xs);
-            return route_.lb_loss;
-        }
 
         // LoRA input of the first stage: x, or x with one dropout mask shared by the experts.
         ConstMatrixView<T> xl = xs;
@@ -368,11 +368,11 @@ public:
         require(!x_.empty() || n == 0, "mixture backward: no forward to differentiate");
         require_shape(dy, n, d, "mixture output gradient dy");
         if (!dx.empty()) require_shape(dx, n, d, "mixture input gradient dx");
-        prepare_factors();
-        if (fused_) {
+        if (fused_) {  // uses the factors forward_fused prepared (the parameters do not change in between)
             backward_fused(dx, dy, lb_grad);
             return;
         }
+        prepare_factors();
         const Index k = route_.slots, rows = n * k;
         const Index nf = static_cast<Index>(first_.size());
         const ConstMatrixView<T> xs(x_.data(), n, d);
@@ -502,6 +502,12 @@ public:
     }
 
 private:
+    // Every buffer a kernel streams over is 64-byte aligned: a plain std::vector of this size comes from
+    // mmap 16 bytes past a page, so each 64-byte load of a row would straddle two cache lines (the row
+    // passes ran 25-30% slower on such H and dM rows).
+    template <class U>
+    using Aligned = comigs::detail::aligned_vector<U>;
+
     ConstMatrixView<T> router_weight() const {
         return rcfg_.has_weight() ? params_.view("router.weight") : ConstMatrixView<T>();
     }
@@ -524,11 +530,13 @@ private:
         fa1_.assign(nf * static_cast<std::size_t>(E), nullptr);
         fa2_.assign(static_cast<std::size_t>(E), nullptr);
         fb1t_store_.resize(nf * static_cast<std::size_t>(E * r * h));
-        fb2t_store_.resize(static_cast<std::size_t>(E * r * d));
+        // B2^T of every expert, [E r, d], then the second bias as one more row: the fused path
+        // multiplies all of it at once ([s g z2 | sum g] and dy times this matrix).
+        fb2t_store_.resize(static_cast<std::size_t>((E * r + 1) * d));
         fb1t_.assign(nf * static_cast<std::size_t>(E), nullptr);
         fb2t_.assign(static_cast<std::size_t>(E), nullptr);
         for (Index e = 0; e < E; ++e) {
-            // An expert no token chose is never multiplied with: its transposes are skipped (decode
+            // An expert no token chose is never multiplied with: its B1 transposes are skipped (decode
             // routes one token to k of E experts). Its pointers stay valid for the packing loops.
             const bool used = groups_.count(e) > 0;
             for (std::size_t f = 0; f < nf; ++f) {
@@ -540,15 +548,47 @@ private:
             }
             fa2_[static_cast<std::size_t>(e)] = A(e, second_).data;
             T* b2t = fb2t_store_.data() + e * r * d;
-            if (used) kernels::transpose_into(b2t, B(e, second_));
+            kernels::transpose_into(b2t, B(e, second_));  // all experts: multiplied by zeros, never by garbage
             fb2t_[static_cast<std::size_t>(e)] = b2t;
         }
+        const auto b2 = base_->linear(second_).bias;
+        if (!b2.empty()) std::copy(b2.begin(), b2.end(), fb2t_store_.data() + E * r * d);
     }
-    /// Forward of the GELU form through the one-pass kernels (kernels/fused.hpp), after routing.
+    /// Columns of the fused path's small products with x: the router logits (E, when there is a
+    /// router), then every expert's r LoRA inputs.
+    Index router_cols() const { return rcfg_.has_weight() ? cfg_.n_experts : 0; }
+    /// [router weight; scale A1_0; ...; scale A1_{E-1}] as one [E (+ E r), d] matrix (wcat_).
+    ConstMatrixView<T> stacked_first_inputs(Aligned<T>& buf, T scale) {
+        const Index E = cfg_.n_experts, r = cfg_.rank, d = cfg_.d_model, er = router_cols();
+        auto W = detail::as_view(buf, er + E * r, d);
+        if (er) {
+            const auto wr = router_weight();
+            for (Index e = 0; e < E; ++e) std::copy_n(wr.row_ptr(e), d, W.row_ptr(e));
+        }
+        for (Index e = 0; e < E; ++e) {
+            const auto a1 = A(e, first_[0]);
+            for (Index q = 0; q < r; ++q) {
+                T* dst = W.row_ptr(er + e * r + q);
+                for (Index c = 0; c < d; ++c) dst[c] = scale * a1(q, c);
+            }
+        }
+        return W;
+    }
+
+    /// Forward of the GELU form through the one-pass kernels (kernels/fused.hpp), routing included.
     /// Per routed row i = t k + j (token-major): zs = s A1e x, z2 = A2e u; nothing of size
-    /// [rows, hidden] is kept: backward recomputes u from H.
-    void forward_fused(MatrixView<T> y, ConstMatrixView<T> xs) {
-        const Index n = xs.rows, d = cfg_.d_model, h = cfg_.d_hidden, r = cfg_.rank, k = route_.slots, rows = n * k;
+    /// [rows, hidden] is kept: backward recomputes u from H. The model-width products (router logits,
+    /// s A1 x, and y's LoRA part with the second bias) are small GEMMs over every expert's columns:
+    /// twice the multiply-adds of k rank-r products per token, in a fraction of their time.
+    void forward_fused(MatrixView<T> y, ConstMatrixView<T> xs, bool training, Rng* rng) {
+        const Index n = xs.rows, d = cfg_.d_model, h = cfg_.d_hidden, r = cfg_.rank, E = cfg_.n_experts;
+        const Index er = router_cols(), pc = er + E * r;
+        const auto P = detail::as_view(pcat_, n, pc);
+        kernels::gemm_chunked<T>(P, xs, kernels::Op::none, stacked_first_inputs(wcat_, s_), kernels::Op::trans);
+        router_forward_logits(route_, ConstMatrixView<T>(P.data, n, er, pc), rcfg_, training, rng);
+        groups_.build(route_);
+        const Index k = route_.slots, rows = n * k;
+
         // H = x W1^T without the bias: the row passes add it while H is in registers.
         auto fc = base_->linear(first_[0]);
         const auto b1 = fc.bias;
@@ -558,13 +598,8 @@ private:
         fc.forward(H, xs);
         prepare_factors();
         T* zs = detail::as_view(rz1_, rows, r).data;
-#pragma omp parallel for schedule(static) if (rows * r * d > 65536)
-        for (Index t = 0; t < n; ++t)
-            for (Index j = 0; j < k; ++j) {
-                const Index i = t * k + j;
-                kernels::lowrank_project(zs + i * r, factor(fa1_, 0, route_.expert[static_cast<std::size_t>(i)]),
-                                         xs.row_ptr(t), r, d, s_);
-            }
+        for (Index i = 0; i < rows; ++i)
+            std::copy_n(P.row_ptr(i / k) + er + route_.expert[static_cast<std::size_t>(i)] * r, r, zs + i * r);
         T* z2 = detail::as_view(rz2_, rows, r).data;
         auto second = base_->linear(second_);
         // With the second weight in bf16 the row pass writes m in bf16 itself (no conversion pass, no
@@ -572,60 +607,63 @@ private:
         const auto Mb = second.is_bf16() ? bf16_view(n, h) : MatrixView<kernels::bf16>();
         const auto M = Mb.data ? MatrixView<T>() : detail::as_view(m_, n, h);
         kernels::gelu_mixture_forward(M, z2, ConstMatrixView<T>(H), b1.empty() ? nullptr : b1.data(), k,
-                                      route_.expert.data(), route_.gate.data(), zs, fb1t_.data(), fa2_.data(), cfg_.n_experts, r,
+                                      route_.expert.data(), route_.gate.data(), zs, fb1t_.data(), fa2_.data(), E, r,
                                       part_, Mb);
 
-        // y = W2 m (one base GEMM) + (sum g) b2 + sum_j B2e (s g z2).
-        const auto b2 = second.bias;
+        // y = W2 m (one base GEMM) + [s g z2 per expert | sum g] [B2^T; b2] (one small GEMM; the
+        // unchosen experts' columns are zero). The left factor is kept: backward's dB2 is its
+        // transpose times dy.
+        const bool bias2 = !second.bias.empty();
         second.bias = {};
         if (!Mb.data) {
             second.forward(y, M);
         } else if constexpr (std::is_same_v<T, float>) {
             second.forward(y, ConstMatrixView<kernels::bf16>(Mb));
         }
-        T* z2g = detail::as_view(rz2g_, rows, r).data;
-#pragma omp parallel for schedule(static) if (rows * r * d > 65536)
+        const Index zc = E * r + 1;
+        const auto Z = detail::as_view(zfull_, n, zc);
+        std::fill_n(Z.data, n * zc, T(0));
         for (Index t = 0; t < n; ++t) {
-            T* yt = y.row_ptr(t);
-            T gs = T(0);
+            T* zt = Z.row_ptr(t);
             for (Index j = 0; j < k; ++j) {
                 const Index i = t * k + j;
                 const T g = route_.gate[static_cast<std::size_t>(i)];
-                gs += g;
-                for (Index c = 0; c < r; ++c) z2g[i * r + c] = s_ * g * z2[i * r + c];
-                kernels::lowrank_accumulate(yt, z2g + i * r, factor(fb2t_, 0, route_.expert[static_cast<std::size_t>(i)]),
-                                            r, d);
+                T* dst = zt + route_.expert[static_cast<std::size_t>(i)] * r;
+                for (Index c = 0; c < r; ++c) dst[c] = s_ * g * z2[i * r + c];
+                zt[E * r] += g;
             }
-            if (!b2.empty()) kernels::axpy(yt, gs, b2.data(), d);
         }
+        kernels::gemm_chunked<T>(y, ConstMatrixView<T>(Z.data, n, bias2 ? zc : E * r, zc), kernels::Op::none,
+                         ConstMatrixView<T>(fb2t_store_.data(), bias2 ? zc : E * r, d), kernels::Op::none, T(1), T(1));
     }
 
-    /// Backward of forward_fused (prepare_factors() already ran).
+    /// Backward of forward_fused (with the factors it prepared).
     void backward_fused(MatrixView<T> dx, ConstMatrixView<T> dy, T lb_grad) {
         const Index n = n_, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
-        const Index k = route_.slots, rows = n * k;
+        const Index k = route_.slots, rows = n * k, er = router_cols(), pc = er + E * r, zc = E * r + 1;
         const ConstMatrixView<T> xs(x_.data(), n, d);
         const auto fc = base_->linear(first_[0]);
         const auto second = base_->linear(second_);
         const T* b1 = fc.bias.empty() ? nullptr : fc.bias.data();
+        const bool bias2 = !second.bias.empty();
 
         // dm = dy W2: one base GEMM.
         const auto dM = detail::as_view(work_h_, n, h);
         second.backward_input(dM, dy, false);
 
-        // Per routed row: q = B2e^T dy and qg = g s q (rank r); per token b2 . dy (for the gate gradient).
+        // dy [B2^T; b2]^T for every expert (one small GEMM): per routed row q = B2e^T dy and
+        // qg = g s q, per token b2 . dy (for the gate gradient).
+        const auto Qf = detail::as_view(qfull_, n, zc);
+        kernels::gemm_chunked<T>(MatrixView<T>(Qf.data, n, bias2 ? zc : E * r, zc), dy, kernels::Op::none,
+                         ConstMatrixView<T>(fb2t_store_.data(), bias2 ? zc : E * r, d), kernels::Op::trans);
         T* q = detail::as_view(rq_, rows, r).data;
         T* qg = detail::as_view(rqg_, rows, r).data;
-        T* bias_dot = detail::as_view(rbd_, n, 1).data;
-#pragma omp parallel for schedule(static) if (rows * r * d > 65536)
-        for (Index t = 0; t < n; ++t) {
-            bias_dot[t] = second.bias.empty() ? T(0) : kernels::dot(second.bias.data(), dy.row_ptr(t), d);
-            for (Index j = 0; j < k; ++j) {
-                const Index i = t * k + j;
-                const T g = route_.gate[static_cast<std::size_t>(i)];
-                kernels::lowrank_project(q + i * r, factor(fb2t_, 0, route_.expert[static_cast<std::size_t>(i)]),
-                                         dy.row_ptr(t), r, d);
-                for (Index c = 0; c < r; ++c) qg[i * r + c] = g * s_ * q[i * r + c];
+        for (Index i = 0; i < rows; ++i) {
+            const T* src = Qf.row_ptr(i / k) + route_.expert[static_cast<std::size_t>(i)] * r;
+            const T g = route_.gate[static_cast<std::size_t>(i)];
+            for (Index c = 0; c < r; ++c) {
+                q[i * r + c] = src[c];
+                qg[i * r + c] = g * s_ * src[c];
             }
         }
 
@@ -638,43 +676,56 @@ private:
         T* dz = detail::as_view(rdz_, rows, r).data;
         T* udm = detail::as_view(rudm_, rows, 1).data;
         detail::as_view(gb1t_, E * r, h);
-        // Where each expert's LoRA gradients accumulate: dA2 and dA1 in place, dB1 and dB2 transposed
-        // (gb1t_, work_t_) for the passes, added into the [out, r] gradients afterwards.
-        work_t_.assign(static_cast<std::size_t>(E * r * d), T(0));
         gA2_.resize(static_cast<std::size_t>(E));
         gB1_.resize(static_cast<std::size_t>(E));
-        gA1_.resize(static_cast<std::size_t>(E));
-        gB2t_.resize(static_cast<std::size_t>(E));
-        Index ldg = h, lda = d;
+        Index ldg = h;
         for (Index e = 0; e < E; ++e) {
-            const auto ga2 = grad_A(e, second_), ga1 = grad_A(e, first_[0]);
+            const auto ga2 = grad_A(e, second_);
             ldg = ga2.stride;
-            lda = ga1.stride;
             gA2_[static_cast<std::size_t>(e)] = ga2.data;
             gB1_[static_cast<std::size_t>(e)] = gb1t_.data() + e * r * h;
-            gA1_[static_cast<std::size_t>(e)] = ga1.data;
-            gB2t_[static_cast<std::size_t>(e)] = work_t_.data() + e * r * d;
         }
         kernels::gelu_mixture_backward(dH, dz, udm, ConstMatrixView<T>(dM), ConstMatrixView<T>(pre_[0].data(), n, h),
                                        b1, k, route_.expert.data(), route_.gate.data(), rz1_.data(), qg, fb1t_.data(),
                                        fa2_.data(), gA2_.data(), ldg, gB1_.data(), E, s_, r, part_, dHb);
         for (Index e = 0; e < E; ++e) kernels::add_transposed(grad_B(e, first_[0]), gB1_[static_cast<std::size_t>(e)]);
 
-        // The gate gradients, then everything over the model width in one pass (kernels/fused.hpp): the
-        // LoRA and router parts of dx, dA1 [r, d] += dz x^T and dB2 [d, r] += dy (s g z2)^T per expert
-        // over its rows, and the router weight's gradient.
+        // The gate gradients, then the model width in three small GEMMs over every expert's columns
+        // (zero where a token did not choose the expert), with D = [dL/d logits | dz]:
+        //   dx += D [router weight; A1],  [dW_router; dA1] += D^T x,  dB2^T += [s g z2]^T dy.
         const T* z2 = rz2_.data();
         std::vector<T>& dgate = dgate_;
         dgate.resize(static_cast<std::size_t>(rows));
         for (Index i = 0; i < rows; ++i)
-            dgate[static_cast<std::size_t>(i)] = udm[i] + bias_dot[i / k] + s_ * kernels::dot(z2 + i * r, q + i * r, r);
-        const bool routed = rcfg_.has_weight();
-        if (routed) router_logit_grad(dlog_, ConstMatrixView<T>(dgate.data(), n, k), lb_grad, route_, rcfg_);
-        kernels::mixture_width_backward(dx, xs, dy, k, route_.expert.data(), dz, rz2g_.data(), r, fa1_.data(), gA1_.data(),
-                                        lda, gB2t_.data(), routed ? dlog_.data() : nullptr, router_weight(),
-                                        routed ? grads_.view("router.weight") : MatrixView<T>(), E);
+            dgate[static_cast<std::size_t>(i)] = udm[i] + (bias2 ? Qf(i / k, E * r) : T(0)) +
+                                                 s_ * kernels::dot(z2 + i * r, q + i * r, r);
+        if (er) router_logit_grad(dlog_, ConstMatrixView<T>(dgate.data(), n, k), lb_grad, route_, rcfg_);
+        const auto D = detail::as_view(dfull_, n, pc);
+        std::fill_n(D.data, n * pc, T(0));
+        for (Index t = 0; t < n; ++t) {
+            T* dt = D.row_ptr(t);
+            if (er) std::copy_n(dlog_.data() + t * E, E, dt);
+            for (Index j = 0; j < k; ++j) {
+                const Index i = t * k + j;
+                std::copy_n(dz + i * r, r, dt + er + route_.expert[static_cast<std::size_t>(i)] * r);
+            }
+        }
+        const auto W = stacked_first_inputs(wcat_, T(1));
+        if (!dx.empty()) kernels::gemm_chunked<T>(dx, ConstMatrixView<T>(D), kernels::Op::none, W, kernels::Op::none, T(1), T(1));
+        const auto G = detail::as_view(work_t_, std::max(pc, E * r), d);
+        kernels::gemm_chunked<T>(MatrixView<T>(G.data, pc, d), ConstMatrixView<T>(D), kernels::Op::trans, xs, kernels::Op::none);
+        if (er) {
+            auto gw = grads_.view("router.weight");
+            for (Index e = 0; e < E; ++e) kernels::axpy(gw.row_ptr(e), T(1), G.row_ptr(e), d);
+        }
+        for (Index e = 0; e < E; ++e) {
+            auto ga1 = grad_A(e, first_[0]);
+            for (Index q2 = 0; q2 < r; ++q2) kernels::axpy(ga1.row_ptr(q2), T(1), G.row_ptr(er + e * r + q2), d);
+        }
+        kernels::gemm_chunked<T>(MatrixView<T>(G.data, E * r, d), ConstMatrixView<T>(zfull_.data(), n, E * r, zc),
+                         kernels::Op::trans, dy, kernels::Op::none);
         for (Index e = 0; e < E; ++e)
-            if (groups_.count(e) > 0) kernels::add_transposed(grad_B(e, second_), work_t_.data() + e * r * d);
+            if (groups_.count(e) > 0) kernels::add_transposed(grad_B(e, second_), G.data + e * r * d);
 
         // The base input gradient: one GEMM, accumulated into dx.
         if (dHb.data) {
@@ -733,11 +784,7 @@ private:
     std::vector<T*> gA2_, gB1_, gA1_, gB2t_;
     RoutingResult<T> route_;
     detail::ExpertGroups groups_;
-    // Every buffer a kernel streams over is 64-byte aligned: a plain std::vector of this size comes from
-    // mmap 16 bytes past a page, so each 64-byte load of a row would straddle two cache lines (the row
-    // passes ran 25-30% slower on such H and dM rows).
-    template <class U>
-    using Aligned = comigs::detail::aligned_vector<U>;
+    // Every buffer a kernel streams over is Aligned (below).
     Aligned<T> x_, xdrop_, udrop_, act_;
     std::vector<T> mask1_, mask2_, z2_, z2s_;
     Aligned<T> m_;  // the row passes stream the finished rows of m and dH
@@ -748,6 +795,9 @@ private:
     Aligned<T> fb1t_store_, fb2t_store_;
     // Work space reused between calls.
     Aligned<T> work_h_, work_dx_, work_t_;
+    // The fused path's small products: stacked [router weight; A1], x times it, [s g z2 | sum g],
+    // dy [B2^T; b2]^T and [dL/d logits | dz].
+    Aligned<T> wcat_, pcat_, zfull_, qfull_, dfull_;
     std::vector<T> work_r_, work_gather_, dgate_, dlog_;
     Aligned<kernels::bf16> act_bf16_;  // m (forward) or dH (backward) in bf16 for a bf16 base GEMM
     std::vector<Aligned<T>> dpre_;

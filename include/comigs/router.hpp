@@ -91,13 +91,11 @@ void softmax_row(const T* in, T* out, Index n) {
 }
 }  // namespace detail
 
-/// Routes the N tokens of x[N, d] with router weight W[E, d] (empty without a router). `training`
-/// enables the configured noise, drawn from `rng` (required then).
+namespace detail {
+/// router_forward after its product: r.logits [n, E] already hold x W^T when the config has a router.
 template <class T>
-void router_forward(RoutingResult<T>& r, ConstMatrixView<T> x, ConstMatrixView<T> W, const RouterConfig& cfg,
-                    bool training = false, Rng* rng = nullptr) {
-    const Index n = x.rows, E = cfg.n_experts, k = cfg.slots();
-    require_shape(x, n, cfg.d_model, "router input x");
+void route_tokens(RoutingResult<T>& r, Index n, const RouterConfig& cfg, bool training, Rng* rng) {
+    const Index E = cfg.n_experts, k = cfg.slots();
     r.tokens = n;
     r.slots = k;
     r.experts = E;
@@ -119,11 +117,8 @@ void router_forward(RoutingResult<T>& r, ConstMatrixView<T> x, ConstMatrixView<T
         for (Index e = 0; e < E; ++e) r.counts[static_cast<std::size_t>(e)] = n;
         return;
     }
-    require_shape(W, E, cfg.d_model, "router.weight");
-    r.logits.assign(static_cast<std::size_t>(n * E), T(0));
     r.probs.assign(static_cast<std::size_t>(n * E), T(0));
     MatrixView<T> logits(r.logits.data(), n, E);
-    kernels::gemm<T>(logits, x, kernels::Op::none, W, kernels::Op::trans);
 #pragma omp parallel for schedule(static) if (n * E > 65536)
     for (Index t = 0; t < n; ++t) detail::softmax_row(logits.row_ptr(t), r.probs.data() + t * E, E);
 
@@ -181,6 +176,36 @@ void router_forward(RoutingResult<T>& r, ConstMatrixView<T> x, ConstMatrixView<T
         lb += P * f / cfg.target_share(e);
     }
     r.lb_loss = lb;
+}
+}  // namespace detail
+
+/// Routes the N tokens of x[N, d] with router weight W[E, d] (empty without a router). `training`
+/// enables the configured noise, drawn from `rng` (required then).
+template <class T>
+void router_forward(RoutingResult<T>& r, ConstMatrixView<T> x, ConstMatrixView<T> W, const RouterConfig& cfg,
+                    bool training = false, Rng* rng = nullptr) {
+    const Index n = x.rows, E = cfg.n_experts;
+    require_shape(x, n, cfg.d_model, "router input x");
+    if (cfg.has_weight()) {
+        require_shape(W, E, cfg.d_model, "router.weight");
+        r.logits.assign(static_cast<std::size_t>(n * E), T(0));
+        kernels::gemm<T>(MatrixView<T>(r.logits.data(), n, E), x, kernels::Op::none, W, kernels::Op::trans);
+    }
+    detail::route_tokens(r, n, cfg, training, rng);
+}
+
+/// router_forward from logits [N, E] = x W^T computed by the caller (a layer that multiplies x by the
+/// router weight together with other matrices in one product). Without a router the logits are not read.
+template <class T>
+void router_forward_logits(RoutingResult<T>& r, ConstMatrixView<T> logits, const RouterConfig& cfg,
+                           bool training = false, Rng* rng = nullptr) {
+    const Index n = logits.rows, E = cfg.n_experts;
+    if (cfg.has_weight()) {
+        require_shape(logits, n, E, "router logits");
+        r.logits.resize(static_cast<std::size_t>(n * E));
+        for (Index t = 0; t < n; ++t) std::copy_n(logits.row_ptr(t), E, r.logits.data() + t * E);
+    }
+    detail::route_tokens(r, n, cfg, training, rng);
 }
 
 /// dL/d logits [N, E] of the router (into dlog, resized) given dgate[N, slots] (dL/d gate weight of
