@@ -536,7 +536,7 @@ private:
         fb1t_.assign(nf * static_cast<std::size_t>(E), nullptr);
         fb2t_.assign(static_cast<std::size_t>(E), nullptr);
         for (Index e = 0; e < E; ++e) {
-            // An expert no token chose is never multiplied with: its B1 transposes are skipped (decode
+            // An expert no token chose is never multiplied with: its transposes are skipped (decode
             // routes one token to k of E experts). Its pointers stay valid for the packing loops.
             const bool used = groups_.count(e) > 0;
             for (std::size_t f = 0; f < nf; ++f) {
@@ -548,7 +548,12 @@ private:
             }
             fa2_[static_cast<std::size_t>(e)] = A(e, second_).data;
             T* b2t = fb2t_store_.data() + e * r * d;
-            kernels::transpose_into(b2t, B(e, second_));  // all experts: multiplied by zeros, never by garbage
+            // An unused expert's rows are multiplied by zeros in the fused path's products: zeros, never
+            // stale values (0 times inf or NaN would not be 0).
+            if (used)
+                kernels::transpose_into(b2t, B(e, second_));
+            else
+                std::fill_n(b2t, r * d, T(0));
             fb2t_[static_cast<std::size_t>(e)] = b2t;
         }
         const auto b2 = base_->linear(second_).bias;
