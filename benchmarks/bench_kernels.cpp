@@ -245,41 +245,7 @@ void mixture_rows_bwd(benchmark::State& state) {
     state.SetItemsProcessed(state.iterations() * f.n);
 }
 
-// Kernel: kernels::mixture_width_backward, the model-width side of the layer's backward (LoRA and
-// router parts of dx, dA1, dB2 and the router weight's gradient) for the 2048 routed rows at GPT-2 shapes.
-void mixture_width_bwd(benchmark::State& state) {
-    FusedRows f;
-    const Index d = Gpt2Shape::d, n = f.n, r = f.r, E = f.E;
-    Rng rng(6);
-    auto x = random_vector<float>(static_cast<std::size_t>(n * d), rng);
-    auto dy = random_vector<float>(x.size(), rng);
-    std::vector<float> dx(x.size(), 0.0f), dlog = random_vector<float>(static_cast<std::size_t>(n * E), rng);
-    auto Wr = random_vector<float>(static_cast<std::size_t>(E * d), rng, 0.02);
-    std::vector<float> gW(Wr.size(), 0.0f), A1 = random_vector<float>(static_cast<std::size_t>(E * r * d), rng, 0.02);
-    std::vector<float> gA(A1.size(), 0.0f), gB(A1.size(), 0.0f);
-    std::vector<const float*> a1;
-    std::vector<float*> ga, gb;
-    for (Index e = 0; e < E; ++e) {
-        a1.push_back(A1.data() + e * r * d);
-        ga.push_back(gA.data() + e * r * d);
-        gb.push_back(gB.data() + e * r * d);
-    }
-    for (auto _ : state) {
-        kernels::mixture_width_backward(MatrixView<float>(dx.data(), n, d), ConstMatrixView<float>(x.data(), n, d),
-                                        ConstMatrixView<float>(dy.data(), n, d), f.k, f.expert.data(), f.qg.data(),
-                                        f.zs.data(), r, a1.data(), ga.data(), d, gb.data(), dlog.data(),
-                                        ConstMatrixView<float>(Wr.data(), E, d), MatrixView<float>(gW.data(), E, d), E);
-        benchmark::DoNotOptimize(dx.data());
-    }
-    state.SetItemsProcessed(state.iterations() * n);
-    // Multiply-adds: (3 r) per routed row and column, plus 2 E per token and column for the router.
-    state.counters["GFLOP/s"] = benchmark::Counter(2.0 * double(n * d) * double(3 * r * f.k + 2 * E) * 1e-9 *
-                                                       double(state.iterations()),
-                                                   benchmark::Counter::kIsRate);
-}
-
 BENCHMARK(mixture_rows_fwd)->Name("mixture_rows_fwd/fp32/gpt2")->UseRealTime();
-BENCHMARK(mixture_width_bwd)->Name("mixture_width_bwd/fp32/gpt2")->UseRealTime();
 BENCHMARK(mixture_rows_bwd)->Name("mixture_rows_bwd/fp32/gpt2")->UseRealTime();
 BENCHMARK(lowrank_outer_bench)->Name("lowrank_outer/fp32/gpt2")->UseRealTime();
 BENCHMARK(lowrank_rows_bench)->Name("lowrank_rows/fp32/gpt2")->UseRealTime();
