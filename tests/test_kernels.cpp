@@ -196,6 +196,53 @@ TEST_CASE("kernels::gemm_chunked: bitwise identical for 1, 2 and 3 threads (eith
         }
 }
 
+TEST_CASE("kernels::gemm_chunked: a batch of products equals each product alone, bitwise, for 1 and 2 threads") {
+    Knob<Index> pmin(kernels::detail::gemm_parallel_min(), 0);
+    for (Index small_min : {kernels::detail::gemm_onednn_small_min(), Index(0)}) {
+        CAPTURE(small_min);
+        Knob<Index> backend(kernels::detail::gemm_onednn_small_min(), small_min);
+        Rng rng(13);
+        const Index n = 203, d = 77, c = 19;
+        const auto D = randn<float>(static_cast<std::size_t>(n * c), rng), X = randn<float>(static_cast<std::size_t>(n * d), rng);
+        const auto W = randn<float>(static_cast<std::size_t>(c * d), rng), Y0 = randn<float>(static_cast<std::size_t>(n * d), rng);
+        const ConstMatrixView<float> Dv(D.data(), n, c), Xv(X.data(), n, d), Wv(W.data(), c, d);
+        auto alone = [&] {
+            std::vector<float> G(static_cast<std::size_t>(c * d)), Y(Y0);
+            kernels::gemm_chunked<float>(MatrixView<float>(G.data(), c, d), Dv, kernels::Op::trans, Xv, kernels::Op::none,
+                                         1.0f, 0.0f, 16);
+            kernels::gemm_chunked<float>(MatrixView<float>(Y.data(), n, d), Dv, kernels::Op::none, Wv, kernels::Op::none,
+                                         1.0f, 1.0f, 16);
+            G.insert(G.end(), Y.begin(), Y.end());
+            return G;
+        };
+        auto batch = [&](int threads) {
+            std::vector<float> G(static_cast<std::size_t>(c * d)), Y(Y0);
+            with_threads(threads, [&] {
+                using P = kernels::GemmProduct<float>;
+                kernels::gemm_chunked<float>({P{MatrixView<float>(G.data(), c, d), Dv, kernels::Op::trans, Xv, kernels::Op::none},
+                                              P{MatrixView<float>(Y.data(), n, d), Dv, kernels::Op::none, Wv, kernels::Op::none,
+                                                1.0f, 1.0f}},
+                                             16);
+            });
+            G.insert(G.end(), Y.begin(), Y.end());
+            return G;
+        };
+        const auto ref = alone();
+        CHECK(batch(1) == ref);
+        CHECK(batch(2) == ref);
+        CHECK(batch(3) == ref);
+        // and against the plain double product
+        double worst = 0;
+        for (Index i = 0; i < c; ++i)
+            for (Index j = 0; j < d; ++j) {
+                double sum = 0;
+                for (Index t = 0; t < n; ++t) sum += double(D[static_cast<std::size_t>(t * c + i)]) * X[static_cast<std::size_t>(t * d + j)];
+                worst = std::max(worst, std::abs(sum - ref[static_cast<std::size_t>(i * d + j)]));
+            }
+        CHECK(worst < 1e-3);
+    }
+}
+
 TEST_CASE("kernels::gemm: identical results for a fixed thread count, run after run") {
     Knob<Index> pmin(kernels::detail::gemm_parallel_min(), 0);
     for (Index onednn_min : {kernels::detail::gemm_onednn_min(), Index(0)}) {

@@ -716,21 +716,24 @@ private:
             }
         }
         const auto W = stacked_first_inputs(wcat_, T(1));
-        if (!dx.empty()) kernels::gemm_chunked<T>(dx, ConstMatrixView<T>(D), kernels::Op::none, W, kernels::Op::none, T(1), T(1));
-        const auto G = detail::as_view(work_t_, std::max(pc, E * r), d);
-        kernels::gemm_chunked<T>(MatrixView<T>(G.data, pc, d), ConstMatrixView<T>(D), kernels::Op::trans, xs, kernels::Op::none);
+        const auto G = detail::as_view(work_t_, pc, d);    // [dW_router; dA1]
+        const auto GB = detail::as_view(gbt_, E * r, d);   // dB2^T
+        const ConstMatrixView<T> Dc(D), Zc(zfull_.data(), n, E * r, zc);
+        using Prod = kernels::GemmProduct<T>;
+        const Prod gw{G, Dc, kernels::Op::trans, xs, kernels::Op::none}, gb{GB, Zc, kernels::Op::trans, dy, kernels::Op::none};
+        if (dx.empty())
+            kernels::gemm_chunked<T>({gw, gb});
+        else
+            kernels::gemm_chunked<T>({gw, gb, Prod{dx, Dc, kernels::Op::none, W, kernels::Op::none, T(1), T(1)}});
         if (er) {
-            auto gw = grads_.view("router.weight");
-            for (Index e = 0; e < E; ++e) kernels::axpy(gw.row_ptr(e), T(1), G.row_ptr(e), d);
+            auto gwr = grads_.view("router.weight");
+            for (Index e = 0; e < E; ++e) kernels::axpy(gwr.row_ptr(e), T(1), G.row_ptr(e), d);
         }
         for (Index e = 0; e < E; ++e) {
             auto ga1 = grad_A(e, first_[0]);
             for (Index q2 = 0; q2 < r; ++q2) kernels::axpy(ga1.row_ptr(q2), T(1), G.row_ptr(er + e * r + q2), d);
+            if (groups_.count(e) > 0) kernels::add_transposed(grad_B(e, second_), GB.data + e * r * d);
         }
-        kernels::gemm_chunked<T>(MatrixView<T>(G.data, E * r, d), ConstMatrixView<T>(zfull_.data(), n, E * r, zc),
-                         kernels::Op::trans, dy, kernels::Op::none);
-        for (Index e = 0; e < E; ++e)
-            if (groups_.count(e) > 0) kernels::add_transposed(grad_B(e, second_), G.data + e * r * d);
 
         // The base input gradient: one GEMM, accumulated into dx.
         if (dHb.data) {
@@ -802,7 +805,7 @@ private:
     Aligned<T> work_h_, work_dx_, work_t_;
     // The fused path's small products: stacked [router weight; A1], x times it, [s g z2 | sum g],
     // dy [B2^T; b2]^T and [dL/d logits | dz].
-    Aligned<T> wcat_, pcat_, zfull_, qfull_, dfull_;
+    Aligned<T> wcat_, pcat_, zfull_, qfull_, dfull_, gbt_;
     std::vector<T> work_r_, work_gather_, dgate_, dlog_;
     Aligned<kernels::bf16> act_bf16_;  // m (forward) or dH (backward) in bf16 for a bf16 base GEMM
     std::vector<Aligned<T>> dpre_;

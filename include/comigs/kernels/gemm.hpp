@@ -3,6 +3,8 @@
 // backend can be swapped or specialised (bf16 frozen weights) in one place. Backends: Eigen for
 // everything; for large fp32 products oneDNN's sgemm when comigs is built with oneDNN.
 #include <algorithm>
+#include <initializer_list>
+#include <vector>
 #include <type_traits>
 
 #ifdef _OPENMP
@@ -172,45 +174,84 @@ void gemm(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView<T> B, O
     }
 }
 
+/// One product C = alpha op(A) op(B) + beta C of a gemm_chunked batch.
+template <class T>
+struct GemmProduct {
+    MatrixView<T> C;
+    ConstMatrixView<T> A;
+    Op opa = Op::none;
+    ConstMatrixView<T> B;
+    Op opb = Op::none;
+    T alpha = T(1);
+    T beta = T(0);
+};
+
 /// gemm with the longer side of C cut into fixed chunks of `chunk` rows or columns, which the threads
 /// share: every element comes from the same serial product whatever the thread count, so results
 /// are identical for any number of threads (gemm promises that for a fixed count only). For the
-/// small products of a layer (a few dozen rows or columns against the model width).
+/// small products of a layer (a few dozen rows or columns against the model width). A batch of
+/// independent products (none writes what another reads) runs in one parallel region: a region
+/// costs a wake-up of the sleeping threads (20-80 us under OMP_WAIT_POLICY=PASSIVE here).
 template <class T>
-void gemm_chunked(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView<T> B, Op opb, T alpha = T(1),
-                  T beta = T(0), Index chunk = 128) {
-    if (!detail::gemm_prologue(C, A, opa, B, opb, beta)) return;
+void gemm_chunked(std::initializer_list<GemmProduct<T>> products, Index chunk = 128) {
     require(chunk >= 1, "gemm_chunked chunk ", chunk, ": must be >= 1");
-    const Index m = C.rows, n = C.cols, ka = opa == Op::none ? A.cols : A.rows;
-    const bool split_rows = m >= n;
-    const Index len = split_rows ? m : n, chunks = (len + chunk - 1) / chunk;
+    struct Plan {
+        GemmProduct<T> p;
+        bool split_rows, onednn;
+        Index len, first;  // first: index of its first chunk in the batch
+    };
+    std::vector<Plan> plans;
+    plans.reserve(products.size());
+    Index chunks = 0, work = 0;
+    for (const auto& p : products) {
+        if (!detail::gemm_prologue(p.C, p.A, p.opa, p.B, p.opb, p.beta)) continue;
+        const Index m = p.C.rows, n = p.C.cols, ka = p.opa == Op::none ? p.A.cols : p.A.rows;
+        bool onednn = false;
+#ifdef COMIGS_HAVE_ONEDNN
+        if constexpr (std::is_same_v<T, float>)
+            onednn = m * n * ka >= std::min(detail::gemm_onednn_small_min(), detail::gemm_onednn_min());
+#endif
+        const bool split_rows = m >= n;
+        const Index len = split_rows ? m : n;
+        plans.push_back({p, split_rows, onednn, len, chunks});
+        chunks += (len + chunk - 1) / chunk;
+        work += m * n * ka;
+    }
     bool parallel = false;
 #ifdef _OPENMP
-    parallel = !omp_in_parallel() && chunks > 1 && m * n * ka >= detail::gemm_parallel_min();
+    parallel = !omp_in_parallel() && chunks > 1 && work >= detail::gemm_parallel_min();
 #endif
-    bool onednn = false;
-#ifdef COMIGS_HAVE_ONEDNN
-    if constexpr (std::is_same_v<T, float>)
-        onednn = m * n * ka >= std::min(detail::gemm_onednn_small_min(), detail::gemm_onednn_min());
-#endif
-#pragma omp parallel for schedule(static) if (parallel)
+    // Chunks of different products differ in size: handed out one at a time (which thread computes a
+    // chunk does not change its result).
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
     for (Index c = 0; c < chunks; ++c) {
-        const Index lo = c * chunk, cnt = std::min(chunk, len - lo);
+        std::size_t j = 0;
+        while (j + 1 < plans.size() && plans[j + 1].first <= c) ++j;
+        const Plan& pl = plans[j];
+        const GemmProduct<T>& p = pl.p;
+        const Index lo = (c - pl.first) * chunk, cnt = std::min(chunk, pl.len - lo);
 #ifdef COMIGS_HAVE_ONEDNN
         if constexpr (std::is_same_v<T, float>) {
-            if (onednn) {
-                if (split_rows)
-                    detail::gemm_onednn(C.middle_rows(lo, cnt), detail::op_rows(A, opa, lo, cnt), opa, B, opb, alpha, beta);
+            if (pl.onednn) {
+                if (pl.split_rows)
+                    detail::gemm_onednn(p.C.middle_rows(lo, cnt), detail::op_rows(p.A, p.opa, lo, cnt), p.opa, p.B, p.opb,
+                                        p.alpha, p.beta);
                 else
-                    detail::gemm_onednn(MatrixView<T>(C.data + lo, m, cnt, C.stride), A, opa,
-                                        detail::op_cols(B, opb, lo, cnt), opb, alpha, beta);
+                    detail::gemm_onednn(MatrixView<T>(p.C.data + lo, p.C.rows, cnt, p.C.stride), p.A, p.opa,
+                                        detail::op_cols(p.B, p.opb, lo, cnt), p.opb, p.alpha, p.beta);
                 continue;
             }
         }
 #endif
-        (void)onednn;
-        detail::gemm_part(C, A, opa, B, opb, alpha, beta, split_rows, lo, cnt);
+        detail::gemm_part(p.C, p.A, p.opa, p.B, p.opb, p.alpha, p.beta, pl.split_rows, lo, cnt);
     }
+}
+
+/// gemm_chunked of one product.
+template <class T>
+void gemm_chunked(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView<T> B, Op opb, T alpha = T(1),
+                  T beta = T(0), Index chunk = 128) {
+    gemm_chunked<T>({GemmProduct<T>{C, A, opa, B, opb, alpha, beta}}, chunk);
 }
 
 }  // namespace comigs::kernels
