@@ -142,6 +142,9 @@ def main():
     import torch
     blas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
     print(f"PyTorch {torch.__version__}; system BLAS used by torch: {blas}")
+    if "openblas" not in blas and "mkl" not in blas:
+        print("WARNING: torch is on netlib's reference BLAS (about 50x slower than OpenBLAS): the reference "
+              "times and every ratio against them mean nothing. Install libopenblas0-pthread first.")
     wanted = ("mixture_fwd_bwd/fp32/gpt2|mixture_fwd/fp32/gpt2|dense_mlp_fwd_bwd/fp32/gpt2|"
               "naive_mixture_fwd_bwd/fp32/gpt2|mixture_fwd_bwd/bf16/gpt2|mixture_fwd/fp32/decode|"
               "dense_mlp_fwd/fp32/decode|base_gemms/fp32/gpt2|base_gemms/bf16/gpt2|gemm_.*/gpt2|memory/")
