@@ -534,6 +534,32 @@ TEST_CASE_TEMPLATE("lowrank_outer: gradient outer products equal plain loops; th
                 }
 }
 
+TEST_CASE_TEMPLATE("transpose_into / add_transposed: exact on odd shapes, strides and unaligned pointers", T, float,
+                   double) {
+    Rng rng(9);
+    for (Index rows : {Index(1), Index(7), Index(8), Index(9), Index(16), Index(37), Index(3072)})
+        for (Index cols : {Index(1), Index(3), Index(8), Index(11), Index(16), Index(17)}) {
+            const Index stride = cols + (rows % 3);  // padded rows too
+            const auto S = randn<T>(static_cast<std::size_t>(rows * stride + 1), rng);
+            const ConstMatrixView<T> src(S.data() + 1, rows, cols, stride);
+            std::vector<T> t(static_cast<std::size_t>(rows * cols + 1), T(-7));
+            kernels::transpose_into(t.data() + 1, src);  // unaligned destination
+            REQUIRE(t[0] == T(-7));
+            for (Index i = 0; i < rows; ++i)
+                for (Index q = 0; q < cols; ++q) REQUIRE(t[static_cast<std::size_t>(1 + q * rows + i)] == src(i, q));
+            // Added back with alpha 1/2 (exact products: fused or not, the same sums), into padded rows.
+            const Index ld = cols + 2;
+            const auto D0 = randn<T>(static_cast<std::size_t>(rows * ld + 1), rng);
+            auto D = D0;
+            kernels::add_transposed(MatrixView<T>(D.data() + 1, rows, cols, ld), t.data() + 1, T(0.5));
+            for (Index i = 0; i < rows; ++i)
+                for (Index q = 0; q < ld; ++q) {
+                    const auto at = static_cast<std::size_t>(1 + i * ld + q);
+                    REQUIRE(D[at] == (q < cols ? D0[at] + T(0.5) * src(i, q) : D0[at]));
+                }
+        }
+}
+
 TEST_CASE("FrozenMlp precision: bf16 storage halves the bytes, stays within bf16 tolerance, converts back") {
     Rng rng(9);
     const Index d = 24, h = 56, n = 5;

@@ -100,7 +100,11 @@ def torch_reference(threads, reps):
 
 def run_bench(bench, threads, reps, bench_filter, min_time):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    # Repetitions of the cases run in random interleaved order: a ratio of two cases (the non-GEMM share
+    # divides base_gemms by mixture_fwd_bwd) then compares medians taken over the same stretch of time,
+    # not over two stretches half a minute apart on a machine whose speed drifts by 10-25%.
     cmd = [bench, f"--benchmark_filter={bench_filter}", f"--benchmark_repetitions={reps}",
+           "--benchmark_enable_random_interleaving=true",
            "--benchmark_report_aggregates_only=true", "--benchmark_format=json",
            f"--benchmark_min_time={min_time}"]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
