@@ -376,6 +376,27 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
     }
 }
 
+/// out[x][c] = a0 + a1 + sum_q coef[x][q] f[q * ld + c] over columns [0, cv) (whole batches), x < R,
+/// with init(x, c, a0, a1) giving the two starting terms: even q go to a0 and odd q to a1, two chains
+/// per row (half the latency of one) sharing each load of f among the R rows.
+template <int Q, int R, class T, class Init>
+inline void rank_sweep(T* const* out, const T (&coef)[R][Q], const T* f, Index ld, Index cv, Init init) {
+    using B = simd::batch<T>;
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    for (Index c = 0; c < cv; c += w) {
+        B a0[R], a1[R];
+        for (int x = 0; x < R; ++x) init(x, c, a0[x], a1[x]);
+        for (int q = 0; q < Q; q += 2) {
+            const B f0 = simd::load(f + q * ld + c), f1 = simd::load(f + (q + 1) * ld + c);
+            for (int x = 0; x < R; ++x) {
+                a0[x] = simd::fma(B(coef[x][q]), f0, a0[x]);
+                a1[x] = simd::fma(B(coef[x][q + 1]), f1, a1[x]);
+            }
+        }
+        for (int x = 0; x < R; ++x) simd::store(out[x] + c, a0[x] + a1[x]);
+    }
+}
+
 /// Backward of R routed rows of one expert on nc columns (layout as mix_forward_rows), with dm = dL/dm
 /// of each row's token and qg = g s B2^T dy: du = g dm + qg^T A2, p recomputed, u = gelu(p),
 /// dp = du * gelu'(p); dH (= when first, else +=) dp, part[q] = the partial sum of B1T dp (q < Q) and
@@ -401,37 +422,14 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
     // Three sweeps over the columns, each holding few coefficients and short chains (one sweep doing
     // all of it keeps 4 Q broadcast coefficients, spills, and ran ~10% slower): p into su, du into
     // sd, then row by row u = gelu(p) and dp = du gelu'(p) in place with u . dm and the dH sums.
-    for (Index c = 0; c < cv; c += w) {
-        const B bias = b1 ? simd::load(b1 + c) : B(T(0));
-        B p0[R], p1[R];
-        for (int x = 0; x < R; ++x) {
-            p0[x] = simd::load(rows[x].H + c);
-            p1[x] = bias;
-        }
-        for (int q = 0; q < Q; q += 2) {
-            const B f0 = simd::load(fb + q * ld + c), f1 = simd::load(fb + (q + 1) * ld + c);
-            for (int x = 0; x < R; ++x) {
-                p0[x] = simd::fma(B(zs[x][q]), f0, p0[x]);
-                p1[x] = simd::fma(B(zs[x][q + 1]), f1, p1[x]);
-            }
-        }
-        for (int x = 0; x < R; ++x) simd::store(su[x] + c, p0[x] + p1[x]);
-    }
-    for (Index c = 0; c < cv; c += w) {
-        B du0[R], du1[R];
-        for (int x = 0; x < R; ++x) {
-            du0[x] = B(g[x]) * simd::load(rows[x].dm + c);
-            du1[x] = B(T(0));
-        }
-        for (int q = 0; q < Q; q += 2) {
-            const B a0 = simd::load(fa + q * ld + c), a1 = simd::load(fa + (q + 1) * ld + c);
-            for (int x = 0; x < R; ++x) {
-                du0[x] = simd::fma(B(qg[x][q]), a0, du0[x]);
-                du1[x] = simd::fma(B(qg[x][q + 1]), a1, du1[x]);
-            }
-        }
-        for (int x = 0; x < R; ++x) simd::store(sd[x] + c, du0[x] + du1[x]);
-    }
+    rank_sweep<Q, R>(su, zs, fb, ld, cv, [&](int x, Index c, B& a0, B& a1) {
+        a0 = simd::load(rows[x].H + c);
+        a1 = b1 ? simd::load(b1 + c) : B(T(0));
+    });
+    rank_sweep<Q, R>(sd, qg, fa, ld, cv, [&](int x, Index c, B& a0, B& a1) {
+        a0 = B(g[x]) * simd::load(rows[x].dm + c);
+        a1 = B(T(0));
+    });
     for (int x = 0; x < R; ++x) {
         const MixRow<Q, T>& row = rows[x];
         T* sux = su[x];
