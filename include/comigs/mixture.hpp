@@ -516,14 +516,14 @@ private:
     MatrixView<T> grad_A(Index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'A')); }
     MatrixView<T> grad_B(Index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'B')); }
 
-    /// The LoRA factors as [r, *] row blocks for the rank-r kernels: A1 and A2 point into params(); B1
-    /// and B2 are transposed into fb1t_ / fb2t_ (they are stored [out, r]). Called by forward and by
-    /// backward (the parameters may have changed in between only if the caller broke the contract,
-    /// but recomputing is cheap: E (h + d) r elements).
+    /// act_bf16_ as a [rows, cols] bf16 matrix (grown when needed).
     MatrixView<kernels::bf16> bf16_view(Index rows, Index cols) {
         if (act_bf16_.size() < static_cast<std::size_t>(rows * cols)) act_bf16_.resize(static_cast<std::size_t>(rows * cols));
         return MatrixView<kernels::bf16>(act_bf16_.data(), rows, cols);
     }
+    /// The LoRA factors as [r, *] row blocks for the rank-r kernels: A1 and A2 point into params(); B1
+    /// and B2 are transposed into fb1t_ / fb2t_ (they are stored [out, r]). Called by forward; the
+    /// unfused backward calls it again (cheap: E (h + d) r elements), the fused one uses forward's.
     void prepare_factors() {
         const Index E = cfg_.n_experts, r = cfg_.rank, h = cfg_.d_hidden, d = cfg_.d_model;
         const std::size_t nf = first_.size();
@@ -788,8 +788,8 @@ private:
     bool fused_ = false;  // forward took forward_fused: backward takes backward_fused
     // Per routed row (token-major, fused path): zs = s A1 x, z2 = A2 u, s g z2; backward's q, g s q,
     // dz and u . dm; dB1 transposed per expert; the chunk partial sums of the fused kernels.
-    std::vector<T> rz1_, rz2_, rz2g_, rq_, rqg_, rdz_, rudm_, rbd_, gb1t_, part_;
-    std::vector<T*> gA2_, gB1_, gA1_, gB2t_;
+    std::vector<T> rz1_, rz2_, rq_, rqg_, rdz_, rudm_, gb1t_, part_;
+    std::vector<T*> gA2_, gB1_;
     RoutingResult<T> route_;
     detail::ExpertGroups groups_;
     // Every buffer a kernel streams over is Aligned (below).

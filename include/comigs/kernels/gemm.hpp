@@ -4,6 +4,7 @@
 // everything; for large fp32 products oneDNN's sgemm when comigs is built with oneDNN.
 #include <algorithm>
 #include <initializer_list>
+#include <limits>
 #include <vector>
 #include <type_traits>
 
@@ -72,12 +73,14 @@ inline void gemm_onednn(MatrixView<float> C, ConstMatrixView<float> A, Op opa, C
 
 /// The serial product on Eigen maps (four static cases so that Eigen sees the transposes), or oneDNN's
 /// sgemm for large fp32 products.
+/// fp32 products of at least onednn_min multiply-adds take oneDNN.
 template <class T>
-void gemm_serial(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView<T> B, Op opb, T alpha, T beta) {
+void gemm_serial(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView<T> B, Op opb, T alpha, T beta,
+                 Index onednn_min = gemm_onednn_min()) {
 #ifdef COMIGS_HAVE_ONEDNN
     if constexpr (std::is_same_v<T, float>) {
         const Index k = opa == Op::none ? A.cols : A.rows;
-        if (C.rows * C.cols * k >= gemm_onednn_min()) {
+        if (C.rows * C.cols * k >= onednn_min) {
             gemm_onednn(C, A, opa, B, opb, alpha, beta);
             return;
         }
@@ -134,12 +137,12 @@ bool gemm_prologue(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixVie
 /// Part [lo, lo + cnt) of the rows (split_rows) or columns of C as a serial product.
 template <class T>
 void gemm_part(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView<T> B, Op opb, T alpha, T beta,
-               bool split_rows, Index lo, Index cnt) {
+               bool split_rows, Index lo, Index cnt, Index onednn_min = gemm_onednn_min()) {
     if (split_rows)
-        gemm_serial(C.middle_rows(lo, cnt), op_rows(A, opa, lo, cnt), opa, B, opb, alpha, beta);
+        gemm_serial(C.middle_rows(lo, cnt), op_rows(A, opa, lo, cnt), opa, B, opb, alpha, beta, onednn_min);
     else
         gemm_serial(MatrixView<T>(C.data + lo, C.rows, cnt, C.stride), A, opa, op_cols(B, opb, lo, cnt), opb, alpha,
-                    beta);
+                    beta, onednn_min);
 }
 }  // namespace detail
 
@@ -230,20 +233,9 @@ void gemm_chunked(std::initializer_list<GemmProduct<T>> products, Index chunk = 
         const Plan& pl = plans[j];
         const GemmProduct<T>& p = pl.p;
         const Index lo = (c - pl.first) * chunk, cnt = std::min(chunk, pl.len - lo);
-#ifdef COMIGS_HAVE_ONEDNN
-        if constexpr (std::is_same_v<T, float>) {
-            if (pl.onednn) {
-                if (pl.split_rows)
-                    detail::gemm_onednn(p.C.middle_rows(lo, cnt), detail::op_rows(p.A, p.opa, lo, cnt), p.opa, p.B, p.opb,
-                                        p.alpha, p.beta);
-                else
-                    detail::gemm_onednn(MatrixView<T>(p.C.data + lo, p.C.rows, cnt, p.C.stride), p.A, p.opa,
-                                        detail::op_cols(p.B, p.opb, lo, cnt), p.opb, p.alpha, p.beta);
-                continue;
-            }
-        }
-#endif
-        detail::gemm_part(p.C, p.A, p.opa, p.B, p.opb, p.alpha, p.beta, pl.split_rows, lo, cnt);
+        // The backend is chosen for the whole product (a chunk alone may be below the threshold).
+        detail::gemm_part(p.C, p.A, p.opa, p.B, p.opb, p.alpha, p.beta, pl.split_rows, lo, cnt,
+                          pl.onednn ? Index(0) : std::numeric_limits<Index>::max());
     }
 }
 
