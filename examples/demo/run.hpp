@@ -635,7 +635,12 @@ inline std::string hex64(std::uint64_t v) {
 /// The whole run. With `place` over MPI ranks (comigs-demo-mpi), every rank calls it: rank 0 pretrains
 /// the host (the others load it from the cache file), each rank trains its users, and rank 0 writes
 /// the outputs; every rank returns the same numbers.
-inline DemoOutput run_demo(DemoConfig c, Placement place = {}) {
+DemoOutput run_demo(DemoConfig c, Placement place = {});
+
+#ifdef COMIGS_DEMO_IMPLEMENTATION
+// Compiled once, in demo.cpp (the comigs_demo library): the run instantiates most of the library
+// and took a minute and a half to compile in each of comigs-demo, comigs-demo-mpi and the tests.
+DemoOutput run_demo(DemoConfig c, Placement place) {
     c.validate();
     const auto t0 = std::chrono::steady_clock::now();
     omp_set_num_threads(c.threads);
@@ -811,5 +816,6 @@ inline DemoOutput run_demo(DemoConfig c, Placement place = {}) {
     }
     return out;
 }
+#endif  // COMIGS_DEMO_IMPLEMENTATION
 
 }  // namespace comigs::demo
