@@ -599,8 +599,10 @@ Mat to_double(ConstMatrixView<T> v) {
     return eigen(v).template cast<double>();
 }
 
-/// Thin QR: M [rows, K] = Q [rows, p] R [p, K], p = min(rows, K).
-inline void thin_qr(const Mat& M, Mat& Q, Mat& R) {
+/// Thin QR: M [rows, K] = Q [rows, p] R [p, K], p = min(rows, K). A template (any Eigen expression) so
+/// that a file including this header does not compile the QR unless it aggregates with FlexLoRA.
+template <class Matrix>
+void thin_qr(const Matrix& M, Mat& Q, Mat& R) {
     const Index p = std::min<Index>(M.rows(), M.cols());
     Eigen::HouseholderQR<Mat> qr(M);
     Q = qr.householderQ() * Mat::Identity(M.rows(), p);

@@ -100,7 +100,7 @@ struct Strategy {
             std::vector<Role> r = roles;
             base.frozen = [r](std::string_view, std::string_view tensor) {
                 if (!tensor.ends_with("lora_A")) return false;
-                const Index e = MixtureOfLoraMlp<double>::expert_of_tensor(tensor);
+                const Index e = comigs::expert_of_tensor(tensor);
                 if (e < 0) return true;  // a plain shared adapter
                 return e < static_cast<Index>(r.size()) && r[static_cast<std::size_t>(e)] == Role::generalist;
             };

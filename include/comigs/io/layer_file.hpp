@@ -8,6 +8,7 @@
 // fc.bias [h], proj.weight [d, h], proj.bias [d]; swiglu: gate.weight, up.weight [h, d], down.weight
 // [d, h]; experts.{e}.{linear}.lora_A [r, in], .lora_B [out, r]; router.weight [E, d] (topk, E > 1).
 #include <charconv>
+#include <concepts>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -111,8 +112,11 @@ SafetensorsFile run_layer_file(const SafetensorsFile& in) {
     return out;
 }
 
-/// run_layer_file in the precision of the file's `x` (F32 -> float, F64 -> double).
-inline SafetensorsFile run_layer_file(const SafetensorsFile& in) {
+/// run_layer_file in the precision of the file's `x` (F32 -> float, F64 -> double). A template only so
+/// that including this header does not compile the float and double layers for every file that
+/// never calls it.
+template <std::same_as<SafetensorsFile> File>
+SafetensorsFile run_layer_file(const File& in) {
     const Dtype dt = in.at("x").dtype;
     if (dt == Dtype::F64) return run_layer_file<double>(in);
     require<FormatError>(dt == Dtype::F32, "tensor x: dtype ", dtype_name(dt), " not supported (F32 or F64)");
