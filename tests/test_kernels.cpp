@@ -977,7 +977,7 @@ TEST_CASE("fused mixture passes: bf16 output rows are the finished fp32 rows rou
                     ShapeError);
 }
 
-TEST_CASE_TEMPLATE("simd::reduce_add_rows sums each batch; simd::sigmoid_fast is within a few ulp", T, float, double) {
+TEST_CASE_TEMPLATE("simd::reduce_add_rows sums each batch; simd::sigmoid_fast, sigmoid_pow2 and the fused GELU are within a few ulp", T, float, double) {
     using B = kernels::simd::batch<T>;
     constexpr Index w = static_cast<Index>(kernels::simd::width<T>);
     Rng rng(23);
@@ -1019,5 +1019,45 @@ TEST_CASE_TEMPLATE("simd::reduce_add_rows sums each batch; simd::sigmoid_fast is
         for (Index l = 0; l < w; ++l) nan_in[l] = std::numeric_limits<float>::quiet_NaN();
         kernels::simd::store(nan_out, kernels::simd::sigmoid_fast(kernels::simd::load(nan_in)));
         for (Index l = 0; l < w; ++l) CHECK(std::isfinite(nan_out[l]));
+
+        // sigmoid_pow2: s = 1 / (1 + 2^t) and 1 - s for t from -140 to 140 (clamped at +-120).
+        std::vector<float> ts;
+        for (int i = -140 * 64; i <= 140 * 64; ++i) ts.push_back(float(i) / 64.0f + 1.0f / 4096.0f);
+        while (ts.size() % static_cast<std::size_t>(w) != 0) ts.push_back(0.25f);
+        for (std::size_t i = 0; i < ts.size(); i += static_cast<std::size_t>(w)) {
+            alignas(64) float s[64], oms[64];
+            B sb, ob;
+            kernels::simd::sigmoid_pow2(kernels::simd::load(ts.data() + i), sb, ob);
+            kernels::simd::store(s, sb);
+            kernels::simd::store(oms, ob);
+            for (std::size_t l = 0; l < static_cast<std::size_t>(w); ++l) {
+                const double e = std::exp2(std::clamp(double(ts[i + l]), -120.0, 120.0));
+                CAPTURE(ts[i + l]);
+                REQUIRE(std::abs(s[l] - 1.0 / (1.0 + e)) <= 8 * eps<float>() / (1.0 + e));
+                REQUIRE(std::abs(oms[l] - e / (1.0 + e)) <= 8 * eps<float>() * e / (1.0 + e));
+            }
+        }
+
+        // The fused kernels' GELU pieces against double: sigmoid(2a(x)), 1 - it and gelu'(x). Their
+        // error is that of 2a(x) in float times its size, as for any float evaluation of the formula.
+        for (int i = -9 * 256; i <= 9 * 256; i += static_cast<int>(w)) {  // 2a(x) / ln 2 within +-120
+            alignas(64) float xv[64], s[64], oms[64], gd[64];
+            for (Index l = 0; l < w; ++l) xv[l] = float(i + l) / 256.0f;
+            B ob;
+            const B xb = kernels::simd::load(xv), sb = kernels::detail::gelu_sigmoid(xb, &ob);
+            kernels::simd::store(s, sb);
+            kernels::simd::store(oms, ob);
+            kernels::simd::store(gd, kernels::detail::gelu_grad_from(xb, sb, ob));
+            for (Index l = 0; l < w; ++l) {
+                const double x = xv[l], two_a = 2 * 0.7978845608028654 * (x + 0.044715 * x * x * x);
+                const double e = std::exp(-two_a), S = 1 / (1 + e), C = e / (1 + e);
+                const double G = S + x * S * C * 2 * 0.7978845608028654 * (1 + 3 * 0.044715 * x * x);
+                const double tol = (8 + 4 * std::abs(two_a)) * eps<float>();  // two_a rounded: ~2 ulp of it
+                CAPTURE(x);
+                REQUIRE(std::abs(s[l] - S) <= tol * S);
+                REQUIRE(std::abs(oms[l] - C) <= tol * C);
+                REQUIRE(std::abs(gd[l] - G) <= tol * std::max(1.0, std::abs(G)) * 4);
+            }
+        }
     }
 }

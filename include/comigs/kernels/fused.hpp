@@ -70,13 +70,16 @@ inline T gelu_sigmoid_scalar(T x, T* oms = nullptr) {
 /// s = sigmoid(2a(x)) (gelu(x) = x s) and 1 - s, the latter without cancellation.
 template <class B, class T = typename B::value_type>
 inline B gelu_sigmoid(const B& x, B* oms = nullptr) {
-    const B two_a = x * simd::fma(B(T(2) * GeluConst<T>::c * GeluConst<T>::a), x * x, B(T(2) * GeluConst<T>::c));
     if constexpr (std::is_same_v<T, float>) {
+        // sigmoid(2a) = 1 / (1 + 2^t), t = -2a / ln 2: the 1 / ln 2 folded into a's coefficients.
+        constexpr double k = -2.0 * GeluConst<double>::c * 1.4426950408889634;
+        const B t = x * simd::fma(B(static_cast<T>(k * GeluConst<double>::a)), x * x, B(static_cast<T>(k)));
         B s, c;
-        simd::sigmoid_fast(two_a, s, c);  // a few ulp; the exact division costs more than the rest
+        simd::sigmoid_pow2(t, s, c);  // a few ulp; the exact division costs more than the rest
         if (oms) *oms = c;
         return s;
     } else {
+        const B two_a = x * simd::fma(B(T(2) * GeluConst<T>::c * GeluConst<T>::a), x * x, B(T(2) * GeluConst<T>::c));
         const B e = simd::exp(-two_a), s = B(T(1)) / (B(T(1)) + e);
         if (oms) *oms = simd::select(s < B(T(0.5)), B(T(1)) - s, e * s);  // e may be inf where s = 0
         return s;
