@@ -243,6 +243,28 @@ TEST_CASE("kernels::gemm_chunked: a batch of products equals each product alone,
     }
 }
 
+TEST_CASE("kernels::gemm_chunked_and: the side work runs once per index beside the products, any thread count") {
+    Knob<Index> pmin(kernels::detail::gemm_parallel_min(), 0);
+    Rng rng(29);
+    const Index n = 150, d = 33, c = 7, side = 1000;
+    const auto X = randn<float>(static_cast<std::size_t>(n * d), rng), W = randn<float>(static_cast<std::size_t>(c * d), rng);
+    std::vector<float> ref(static_cast<std::size_t>(n * c));
+    kernels::gemm_chunked<float>(MatrixView<float>(ref.data(), n, c), ConstMatrixView<float>(X.data(), n, d), kernels::Op::none,
+                                 ConstMatrixView<float>(W.data(), c, d), kernels::Op::trans, 1.0f, 0.0f, 16);
+    for (int threads : {1, 2, 3}) {
+        CAPTURE(threads);
+        std::vector<float> Y(static_cast<std::size_t>(n * c), -1.0f);
+        std::vector<int> hits(static_cast<std::size_t>(side), 0);
+        with_threads(threads, [&] {
+            kernels::gemm_chunked_and<float>({{MatrixView<float>(Y.data(), n, c), ConstMatrixView<float>(X.data(), n, d),
+                                               kernels::Op::none, ConstMatrixView<float>(W.data(), c, d), kernels::Op::trans}},
+                                             side, 100000, [&](Index i) { ++hits[static_cast<std::size_t>(i)]; }, 16);
+        });
+        CHECK(Y == ref);
+        CHECK(std::count(hits.begin(), hits.end(), 1) == side);
+    }
+}
+
 TEST_CASE("kernels::gemm: identical results for a fixed thread count, run after run") {
     Knob<Index> pmin(kernels::detail::gemm_parallel_min(), 0);
     for (Index onednn_min : {kernels::detail::gemm_onednn_min(), Index(0)}) {

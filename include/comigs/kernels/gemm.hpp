@@ -195,8 +195,12 @@ struct GemmProduct {
 /// small products of a layer (a few dozen rows or columns against the model width). A batch of
 /// independent products (none writes what another reads) runs in one parallel region: a region
 /// costs a wake-up of the sleeping threads (20-80 us under OMP_WAIT_POLICY=PASSIVE here).
-template <class T>
-void gemm_chunked(std::initializer_list<GemmProduct<T>> products, Index chunk = 128) {
+///
+/// gemm_chunked_and also runs side(i) for i < side_count (work independent of the products, side_work
+/// elements in all) on the same threads in the same region: one wake-up instead of two.
+template <class T, class Side>
+void gemm_chunked_and(std::initializer_list<GemmProduct<T>> products, Index side_count, Index side_work, Side&& side,
+                      Index chunk = 128) {
     require(chunk >= 1, "gemm_chunked chunk ", chunk, ": must be >= 1");
     struct Plan {
         GemmProduct<T> p;
@@ -222,21 +226,32 @@ void gemm_chunked(std::initializer_list<GemmProduct<T>> products, Index chunk = 
     }
     bool parallel = false;
 #ifdef _OPENMP
-    parallel = !omp_in_parallel() && chunks > 1 && work >= detail::gemm_parallel_min();
+    parallel = !omp_in_parallel() && ((chunks > 1 && work >= detail::gemm_parallel_min()) ||
+                                      (side_count > 1 && side_work > 65536));
 #endif
-    // Chunks of different products differ in size: handed out one at a time (which thread computes a
-    // chunk does not change its result).
-#pragma omp parallel for schedule(dynamic, 1) if (parallel)
-    for (Index c = 0; c < chunks; ++c) {
-        std::size_t j = 0;
-        while (j + 1 < plans.size() && plans[j + 1].first <= c) ++j;
-        const Plan& pl = plans[j];
-        const GemmProduct<T>& p = pl.p;
-        const Index lo = (c - pl.first) * chunk, cnt = std::min(chunk, pl.len - lo);
-        // The backend is chosen for the whole product (a chunk alone may be below the threshold).
-        detail::gemm_part(p.C, p.A, p.opa, p.B, p.opb, p.alpha, p.beta, pl.split_rows, lo, cnt,
-                          pl.onednn ? Index(0) : std::numeric_limits<Index>::max());
+#pragma omp parallel if (parallel)
+    {
+#pragma omp for schedule(static) nowait
+        for (Index i = 0; i < side_count; ++i) side(i);
+        // Chunks of different products differ in size: handed out one at a time (which thread computes
+        // a chunk does not change its result).
+#pragma omp for schedule(dynamic, 1)
+        for (Index c = 0; c < chunks; ++c) {
+            std::size_t j = 0;
+            while (j + 1 < plans.size() && plans[j + 1].first <= c) ++j;
+            const Plan& pl = plans[j];
+            const GemmProduct<T>& p = pl.p;
+            const Index lo = (c - pl.first) * chunk, cnt = std::min(chunk, pl.len - lo);
+            // The backend is chosen for the whole product (a chunk alone may be below the threshold).
+            detail::gemm_part(p.C, p.A, p.opa, p.B, p.opb, p.alpha, p.beta, pl.split_rows, lo, cnt,
+                              pl.onednn ? Index(0) : std::numeric_limits<Index>::max());
+        }
     }
+}
+
+template <class T>
+void gemm_chunked(std::initializer_list<GemmProduct<T>> products, Index chunk = 128) {
+    gemm_chunked_and<T>(products, 0, 0, [](Index) {}, chunk);
 }
 
 /// gemm_chunked of one product.
