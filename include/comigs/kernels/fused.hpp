@@ -2,7 +2,8 @@
 // One-pass kernels for the routed rows of the GELU mixture (rank r <= 8, no dropout).
 //
 // Work is split over the hidden size: it is cut into fixed groups of columns (mix_group_cols), each
-// thread owns a contiguous range of groups for the whole pass, and inside a group it walks the tokens
+// thread starts on a contiguous range of groups (GroupQueue: a thread done early takes the others'
+// last groups), and inside a group it walks the tokens
 // a block at a time (mix_token_block), expert by expert. So:
 //   - an expert's factor columns for the group (B1^T and A2: 2 r rows, packed contiguously) stay in
 //     L1 while that expert's rows of the block go through, instead of being streamed from L2 per row;
@@ -15,6 +16,7 @@
 // mixture falls back to the separate kernels (lowrank.hpp, elementwise.hpp) when these do not apply;
 // both give the same values up to rounding.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -509,18 +511,74 @@ inline void mix_grad_span(T* ga, T* gb, Index nc, Index ld, const T* xq, const T
         }
 }
 
-/// Runs body(c0, c1, group) for every column group of [0, h), each thread a contiguous range of
-/// groups, then finish() on every thread once all groups are done: one parallel region for both
-/// (a region costs a wake-up of the sleeping threads, 20-80 us under OMP_WAIT_POLICY=PASSIVE here).
+/// The groups of one pass: slot s starts as the contiguous range [groups s / S, groups (s + 1) / S)
+/// of S slots. Thread s takes its own slot from the front; a thread whose slot is empty takes from
+/// the back of the next slots. A thread that runs slower (this machine's vCPU 0 takes the host's
+/// interrupts and runs 8-10% slower) gives up its last groups instead of keeping the others waiting
+/// at the barrier, and each thread still walks adjacent groups. Which thread runs a group does not
+/// change any result: a group's outputs are its own.
+class GroupQueue {
+public:
+    GroupQueue(Index groups, Index slots) : slots_(static_cast<std::size_t>(std::max<Index>(1, slots))) {
+        const Index S = static_cast<Index>(slots_.size());
+        for (Index s = 0; s < S; ++s)
+            slots_[static_cast<std::size_t>(s)].range.store(pack(groups * s / S, groups * (s + 1) / S),
+                                                             std::memory_order_relaxed);
+    }
+    /// The next group for thread `tid`, or -1 once every slot is empty.
+    Index next(Index tid) {
+        const Index S = static_cast<Index>(slots_.size());
+        if (tid < S) {
+            const Index g = take(slots_[static_cast<std::size_t>(tid)], true);
+            if (g >= 0) return g;
+        }
+        for (Index j = 1; j <= S; ++j) {
+            const Index g = take(slots_[static_cast<std::size_t>((tid + j) % S)], false);
+            if (g >= 0) return g;
+        }
+        return -1;
+    }
+
+private:
+    struct alignas(64) Slot {
+        std::atomic<std::uint64_t> range{0};  // front in the low half, end in the high half
+    };
+    static std::uint64_t pack(Index front, Index end) {
+        return static_cast<std::uint64_t>(front) | (static_cast<std::uint64_t>(end) << 32);
+    }
+    static Index take(Slot& slot, bool front) {
+        std::uint64_t v = slot.range.load(std::memory_order_relaxed);
+        for (;;) {
+            const Index f = static_cast<Index>(v & 0xffffffffu), e = static_cast<Index>(v >> 32);
+            if (f >= e) return -1;
+            const std::uint64_t w = front ? pack(f + 1, e) : pack(f, e - 1);
+            if (slot.range.compare_exchange_weak(v, w, std::memory_order_relaxed)) return front ? f : e - 1;
+        }
+    }
+    std::vector<Slot> slots_;
+};
+
+/// Runs body(c0, c1, group) for every column group of [0, h) (groups handed out by a GroupQueue),
+/// then finish() on every thread once all groups are done: one parallel region for both (a region
+/// costs a wake-up of the sleeping threads, 20-80 us under OMP_WAIT_POLICY=PASSIVE here).
 template <class F, class G>
 void for_groups(Index h, bool parallel, F body, G finish) {
     const Index W = std::max<Index>(1, mix_group_cols());
     const Index groups = (h + W - 1) / W;
-#pragma omp parallel if (parallel && groups > 1)
+    const bool par = parallel && groups > 1;
+#ifdef _OPENMP
+    GroupQueue queue(groups, par ? omp_get_max_threads() : 1);
+#else
+    GroupQueue queue(groups, 1);
+#endif
+#pragma omp parallel if (par)
     {
-        Index lo, hi;
-        thread_range(groups, lo, hi);
-        for (Index g = lo; g < hi; ++g) body(g * W, std::min(h, g * W + W), g);
+#ifdef _OPENMP
+        const Index tid = omp_get_thread_num();
+#else
+        const Index tid = 0;
+#endif
+        for (Index g = queue.next(tid); g >= 0; g = queue.next(tid)) body(g * W, std::min(h, g * W + W), g);
 #pragma omp barrier
         finish();
     }
