@@ -590,20 +590,24 @@ private:
         const Index n = x.rows, d = cfg_.d_model, h = cfg_.d_hidden, r = cfg_.rank, E = cfg_.n_experts;
         const Index er = router_cols(), pc = er + E * r;
         const auto P = detail::as_view(pcat_, n, pc);
-        kernels::gemm_chunked_and<T>({{P, x, kernels::Op::none, stacked_first_inputs(wcat_, s_), kernels::Op::trans}},
-                                     n, n * d, [&](Index t) { std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs_out.row_ptr(t)); });
-        const ConstMatrixView<T> xs = xs_out;
-        router_forward_logits(route_, ConstMatrixView<T>(P.data, n, er, pc), rcfg_, training, rng);
-        groups_.build(route_);
-        const Index k = route_.slots, rows = n * k;
-
         // H = x W1^T without the bias: the row passes add it while H is in registers.
         auto fc = base_->linear(first_[0]);
         const auto b1 = fc.bias;
         fc.bias = {};
         pre_.resize(1);
         const auto H = detail::as_view(pre_[0], n, h);
-        fc.forward(H, xs);
+        using Prod = kernels::GemmProduct<T>;
+        const Prod proj{P, x, kernels::Op::none, stacked_first_inputs(wcat_, s_), kernels::Op::trans};
+        const auto copy_x = [&](Index t) { std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs_out.row_ptr(t)); };
+        if (fc.is_bf16()) {
+            kernels::gemm_chunked_and<T>({proj}, n, n * d, copy_x);
+            fc.forward(H, ConstMatrixView<T>(xs_out));
+        } else {  // the small product and the copy on the threads done with their part of H
+            kernels::gemm_with<T>({H, x, kernels::Op::none, fc.weight, kernels::Op::trans}, {}, {proj}, n, n * d, copy_x);
+        }
+        router_forward_logits(route_, ConstMatrixView<T>(P.data, n, er, pc), rcfg_, training, rng);
+        groups_.build(route_);
+        const Index k = route_.slots, rows = n * k;
         prepare_factors();
         T* zs = detail::as_view(rz1_, rows, r).data;
         for (Index i = 0; i < rows; ++i)
@@ -623,11 +627,6 @@ private:
         // transpose times dy.
         const bool bias2 = !second.bias.empty();
         second.bias = {};
-        if (!Mb.data) {
-            second.forward(y, M);
-        } else if constexpr (std::is_same_v<T, float>) {
-            second.forward(y, ConstMatrixView<kernels::bf16>(Mb));
-        }
         const Index zc = E * r + 1;
         const auto Z = detail::as_view(zfull_, n, zc);
         std::fill_n(Z.data, n * zc, T(0));
@@ -641,8 +640,15 @@ private:
                 zt[E * r] += g;
             }
         }
-        kernels::gemm_chunked<T>(y, ConstMatrixView<T>(Z.data, n, bias2 ? zc : E * r, zc), kernels::Op::none,
-                         ConstMatrixView<T>(fb2t_store_.data(), bias2 ? zc : E * r, d), kernels::Op::none, T(1), T(1));
+        const Prod lora{y, ConstMatrixView<T>(Z.data, n, bias2 ? zc : E * r, zc), kernels::Op::none,
+                        ConstMatrixView<T>(fb2t_store_.data(), bias2 ? zc : E * r, d), kernels::Op::none, T(1), T(1)};
+        if (second.is_bf16()) {
+            if constexpr (std::is_same_v<T, float>) second.forward(y, ConstMatrixView<kernels::bf16>(Mb));
+            kernels::gemm_chunked<T>({lora});
+        } else {  // each thread adds the LoRA part to its rows of y while they are in its cache
+            kernels::gemm_with<T>({y, ConstMatrixView<T>(M), kernels::Op::none, second.weight, kernels::Op::trans},
+                                  {lora}, {}, 0, 0, [](Index) {});
+        }
     }
 
     /// Backward of forward_fused (with the factors it prepared).
@@ -655,9 +661,7 @@ private:
         const T* b1 = fc.bias.empty() ? nullptr : fc.bias.data();
         const bool bias2 = !second.bias.empty();
 
-        // dm = dy W2: one base GEMM.
         const auto dM = detail::as_view(work_h_, n, h);
-        second.backward_input(dM, dy, false);
 
         // dy [B2^T; b2]^T for every expert (one small GEMM): per routed row q = B2e^T dy and
         // qg = g s q, per token b2 . dy (for the gate gradient).
@@ -667,11 +671,22 @@ private:
         using Prod = kernels::GemmProduct<T>;
         const Prod pq{MatrixView<T>(Qf.data, n, E * r, zc), dy, kernels::Op::none,
                       ConstMatrixView<T>(fb2t_store_.data(), E * r, d), kernels::Op::trans};
+        const Prod pb{MatrixView<T>(Qf.data + E * r, n, 1, zc), dy, kernels::Op::none,
+                      ConstMatrixView<T>(fb2t_store_.data() + E * r * d, 1, d), kernels::Op::trans};
+        // dm = dy W2 (one base GEMM), with the small products on the threads done with their part.
+        const auto with_dm = [&](std::initializer_list<Prod> small) {
+            if (second.is_bf16()) {
+                second.backward_input(dM, dy, false);
+                kernels::gemm_chunked<T>(small);
+            } else {
+                kernels::gemm_with<T>({dM, dy, kernels::Op::none, second.weight, kernels::Op::none}, {}, small, 0, 0,
+                                      [](Index) {});
+            }
+        };
         if (bias2)
-            kernels::gemm_chunked<T>({pq, Prod{MatrixView<T>(Qf.data + E * r, n, 1, zc), dy, kernels::Op::none,
-                                               ConstMatrixView<T>(fb2t_store_.data() + E * r * d, 1, d), kernels::Op::trans}});
+            with_dm({pq, pb});
         else
-            kernels::gemm_chunked<T>({pq});
+            with_dm({pq});
         T* q = detail::as_view(rq_, rows, r).data;
         T* qg = detail::as_view(rqg_, rows, r).data;
         for (Index i = 0; i < rows; ++i) {
@@ -731,8 +746,15 @@ private:
         const auto GB = detail::as_view(gbt_, E * r, d);   // dB2^T
         const ConstMatrixView<T> Dc(D), Zc(zfull_.data(), n, E * r, zc);
         const Prod gw{G, Dc, kernels::Op::trans, xs, kernels::Op::none}, gb{GB, Zc, kernels::Op::trans, dy, kernels::Op::none};
+        // The base input gradient dx += dH W1 in the same region when W1 is fp32 (dx += D [..] added to
+        // each thread's rows after them); with a bf16 W1 after the gradients below.
+        const bool dx_here = !dx.empty() && !fc.is_bf16();
         if (dx.empty())
             kernels::gemm_chunked<T>({gw, gb});
+        else if (dx_here)
+            kernels::gemm_with<T>({dx, ConstMatrixView<T>(dH), kernels::Op::none, fc.weight, kernels::Op::none, T(1), T(1)},
+                                  {Prod{dx, Dc, kernels::Op::none, W, kernels::Op::none, T(1), T(1)}}, {gw, gb}, 0, 0,
+                                  [](Index) {});
         else
             kernels::gemm_chunked<T>({gw, gb, Prod{dx, Dc, kernels::Op::none, W, kernels::Op::none, T(1), T(1)}});
         if (er) {
@@ -748,7 +770,7 @@ private:
         // The base input gradient: one GEMM, accumulated into dx.
         if (dHb.data) {
             if constexpr (std::is_same_v<T, float>) fc.backward_input(dx, ConstMatrixView<kernels::bf16>(dHb), true);
-        } else if (!dx.empty()) {
+        } else if (!dx.empty() && !dx_here) {
             fc.backward_input(dx, ConstMatrixView<T>(dH), true);
         }
     }

@@ -205,6 +205,22 @@ inline comigs::detail::aligned_vector<T>& fused_rows_scratch() {
     thread_local comigs::detail::aligned_vector<T> buf;
     return buf;
 }
+/// The backward's dA2 and dB1^T sums of every unit of work (group, token half), on the calling thread.
+template <class T>
+inline comigs::detail::aligned_vector<T>& fused_unit_grads() {
+    thread_local comigs::detail::aligned_vector<T> buf;
+    return buf;
+}
+/// Token halves of a pass: the unit of work is a column group on one half of the token blocks, so
+/// that a thread done early can take half a group from a slower one. Fixed (not the thread count):
+/// the backward sums the two halves' gradient parts in order, the same for any number of threads.
+inline constexpr Index mix_token_parts = 2;
+/// Spans [first, last) of the token blocks of half `part` in a MixOrder of `spans` spans.
+inline void half_spans(Index spans, Index experts, Index part, Index& first, Index& last) {
+    const Index blocks = spans / experts;
+    first = blocks * part / mix_token_parts * experts;
+    last = blocks * (part + 1) / mix_token_parts * experts;
+}
 /// nc rounded up to whole batches: the row stride of the work buffers.
 template <class T>
 inline Index padded_cols(Index nc) {
@@ -558,18 +574,19 @@ private:
     std::vector<Slot> slots_;
 };
 
-/// Runs body(c0, c1, group) for every column group of [0, h) (groups handed out by a GroupQueue),
-/// then finish() on every thread once all groups are done: one parallel region for both (a region
-/// costs a wake-up of the sleeping threads, 20-80 us under OMP_WAIT_POLICY=PASSIVE here).
+/// Runs body(c0, c1, group, half) for every column group of [0, h) and token half (units handed out
+/// by a GroupQueue, a group's halves adjacent), then finish() on every thread once all are done: one
+/// parallel region for both (a region costs a wake-up of the sleeping threads, 20-80 us under
+/// OMP_WAIT_POLICY=PASSIVE here).
 template <class F, class G>
 void for_groups(Index h, bool parallel, F body, G finish) {
     const Index W = std::max<Index>(1, mix_group_cols());
-    const Index groups = (h + W - 1) / W;
-    const bool par = parallel && groups > 1;
+    const Index groups = (h + W - 1) / W, units = groups * mix_token_parts;
+    const bool par = parallel && units > 1;
 #ifdef _OPENMP
-    GroupQueue queue(groups, par ? omp_get_max_threads() : 1);
+    GroupQueue queue(units, par ? omp_get_max_threads() : 1);
 #else
-    GroupQueue queue(groups, 1);
+    GroupQueue queue(units, 1);
 #endif
 #pragma omp parallel if (par)
     {
@@ -578,7 +595,10 @@ void for_groups(Index h, bool parallel, F body, G finish) {
 #else
         const Index tid = 0;
 #endif
-        for (Index g = queue.next(tid); g >= 0; g = queue.next(tid)) body(g * W, std::min(h, g * W + W), g);
+        for (Index u = queue.next(tid); u >= 0; u = queue.next(tid)) {
+            const Index g = u / mix_token_parts;
+            body(g * W, std::min(h, g * W + W), g, u % mix_token_parts);
+        }
 #pragma omp barrier
         finish();
     }
@@ -615,7 +635,11 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
     // factors in place (possible when no padding rows are needed; same values, same order).
     const bool direct = r == Q && rows < 4 * experts;
     std::vector<T> full(r == Q ? 0 : static_cast<std::size_t>(rows * Q));
-    for_groups(h, par, [&](Index c0, Index c1, Index grp) {
+    const Index spans = static_cast<Index>(order.span.size()) - 1;
+    for_groups(h, par, [&](Index c0, Index c1, Index grp, Index half) {
+        Index sp0, sp1;
+        half_spans(spans, experts, half, sp0, sp1);
+        if (sp0 == sp1) return;
         const Index nc = c1 - c0, ncp = padded_cols<T>(nc), fsize = direct ? 0 : experts * Q * ncp;
         auto& buf = fused_scratch<T>();
         buf.resize(static_cast<std::size_t>(2 * fsize));
@@ -635,8 +659,7 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
         const T* bias = b1 ? b1 + c0 : nullptr;
         const Index total = static_cast<Index>(order.rows.size());
         // Span sp = (block, expert) of the visiting order: expert sp % experts.
-        const Index spans = static_cast<Index>(order.span.size()) - 1;
-        for (Index sp = 0; sp < spans; ++sp) {
+        for (Index sp = sp0; sp < sp1; ++sp) {
             const Index e = sp % experts;
             const T* fbe = direct ? B1T[e] + c0 : fb + e * Q * ncp;
             const T* fae = direct ? A2[e] + c0 : fa + e * Q * ncp;
@@ -692,21 +715,28 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
     for (std::size_t sp = 0; sp + 1 < order.span.size(); ++sp) longest = std::max(longest, order.span[sp + 1] - order.span[sp]);
     const bool par = rows * h >= mix_parallel_min();
     std::vector<T> sums(static_cast<std::size_t>(rows * P));
-    for_groups(h, par, [&](Index c0, Index c1, Index grp) {
+    const Index spans = static_cast<Index>(order.span.size()) - 1;
+    // Each unit's dA2 and dB1^T parts ([experts Q, ncp] each); the halves are added in finish.
+    const Index ustride = 2 * experts * Q * padded_cols<T>(std::min(W, h));
+    auto& ugrads = fused_unit_grads<T>();
+    ugrads.resize(static_cast<std::size_t>(groups * mix_token_parts * ustride));
+    for_groups(h, par, [&](Index c0, Index c1, Index grp, Index half) {
         const Index nc = c1 - c0, ncp = padded_cols<T>(nc), fsize = experts * Q * ncp;
+        T* ga = ugrads.data() + (grp * mix_token_parts + half) * ustride;  // dA2 of the unit, from zero
+        T* gb = ga + fsize;                                                  // dB1^T of the unit, from zero
+        std::fill(ga, ga + 2 * fsize, T(0));
+        Index sp0, sp1;
+        half_spans(spans, experts, half, sp0, sp1);
+        if (sp0 == sp1) return;
         auto& buf = fused_scratch<T>();
-        buf.resize(static_cast<std::size_t>(4 * fsize));
+        buf.resize(static_cast<std::size_t>(2 * fsize));
         T* fb = buf.data();
         T* fa = fb + fsize;
-        T* ga = fa + fsize;  // dA2 of the group's columns, from zero
-        T* gb = ga + fsize;  // dB1^T of the group's columns, from zero
         pack_factor_cols<Q>(fb, B1T, experts, r, h, c0, nc, ncp);
         pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc, ncp);
-        std::fill(ga, ga + 2 * fsize, T(0));
         T* pg = part.data() + grp * rows * P;
         const T* bias = b1 ? b1 + c0 : nullptr;
         const Index total = static_cast<Index>(order.rows.size());
-        const Index spans = static_cast<Index>(order.span.size()) - 1;
         // Per span: u and dp rows, and the rows' coefficients, for the gradient sweep.
         auto& rowbuf = fused_rows_scratch<T>();
         rowbuf.resize(static_cast<std::size_t>(longest * (2 * ncp + 2 * Q)));
@@ -716,7 +746,7 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
         T* xz = xq + longest * Q;
         auto& partial = fused_partial_scratch<T>();
         partial.resize(static_cast<std::size_t>(tb * ncp));
-        for (Index sp = 0; sp < spans; ++sp) {
+        for (Index sp = sp0; sp < sp1; ++sp) {
             const Index e = sp % experts, off = e * Q * ncp;
             const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
             if (x1 == x0) continue;
@@ -753,14 +783,28 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
             mix_grad_span<Q>(ga + off, gb + off, nc, ncp, xq, xz, su, sd, x1 - x0);
         }
         simd::stream_fence();
-        for (Index e = 0; e < experts; ++e)
-            for (Index q = 0; q < r; ++q) {
-                const T* src = ga + (e * Q + q) * ncp;
-                T* dst = gA2[e] + q * ldg + c0;
-                for (Index c = 0; c < nc; ++c) dst[c] += src[c];
-                std::copy_n(gb + (e * Q + q) * ncp, nc, gB1T[e] + q * h + c0);
-            }
-    }, [&] { sum_groups_part(sums.data(), part.data(), groups, rows * P); });
+    }, [&] {
+        sum_groups_part(sums.data(), part.data(), groups, rows * P);
+        // The calling thread's groups: dA2 += half 0 + half 1, dB1^T = half 0 + half 1.
+        static_assert(mix_token_parts == 2, "the halves are added as a pair");
+        Index g0, g1;
+        thread_range(groups, g0, g1);
+        for (Index g = g0; g < g1; ++g) {
+            const Index c0 = g * W, nc = std::min(h, c0 + W) - c0, ncp = padded_cols<T>(nc), fsize = experts * Q * ncp;
+            const T* u0 = ugrads.data() + g * mix_token_parts * ustride;
+            const T* u1 = u0 + ustride;
+            for (Index e = 0; e < experts; ++e)
+                for (Index q = 0; q < r; ++q) {
+                    const Index o = (e * Q + q) * ncp;
+                    T* da = gA2[e] + q * ldg + c0;
+                    T* db = gB1T[e] + q * h + c0;
+                    for (Index c = 0; c < nc; ++c) {
+                        da[c] += u0[o + c] + u1[o + c];
+                        db[c] = u0[fsize + o + c] + u1[fsize + o + c];
+                    }
+                }
+        }
+    });
     for (Index i = 0; i < rows; ++i) {
         for (Index q = 0; q < r; ++q) dz[i * r + q] = s * sums[static_cast<std::size_t>(i * P + q)];
         udm[i] = sums[static_cast<std::size_t>(i * P + Q)];

@@ -235,7 +235,7 @@ void gemm_chunked_and(std::initializer_list<GemmProduct<T>> products, Index side
         for (Index i = 0; i < side_count; ++i) side(i);
         // Chunks of different products differ in size: handed out one at a time (which thread computes
         // a chunk does not change its result).
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
         for (Index c = 0; c < chunks; ++c) {
             std::size_t j = 0;
             while (j + 1 < plans.size() && plans[j + 1].first <= c) ++j;
@@ -246,6 +246,106 @@ void gemm_chunked_and(std::initializer_list<GemmProduct<T>> products, Index side
             detail::gemm_part(p.C, p.A, p.opa, p.B, p.opb, p.alpha, p.beta, pl.split_rows, lo, cnt,
                               pl.onednn ? Index(0) : std::numeric_limits<Index>::max());
         }
+    }
+}
+
+/// One parallel region for a layer's large product and the small products around it (a region costs
+/// a wake-up of the sleeping threads, and a thread done with its part of one product would otherwise
+/// wait at the end of the region for the other):
+///   - `base` is split between the threads along the longer side of C, as gemm() splits it (identical
+///     results for a fixed thread count);
+///   - each product of `after` accumulates into base.C (the same view) and runs, chunk by chunk of
+///     `chunk` rows, on the thread that computed those rows of base, right after them (when base is
+///     split by rows: C has at least as many rows as columns);
+///   - the products of `others` are independent of base and of each other, cut into chunks as
+///     gemm_chunked cuts them and handed out one at a time to the threads done with their part;
+///   - side(i), i < side_count, is independent work (side_work elements in all), shared statically.
+/// `after` and `others` give what gemm_chunked gives for them (the same chunks, identical for any
+/// thread count). Otherwise, or when base's split does not fall on chunk boundaries, `after` runs
+/// after the region.
+template <class T, class Side>
+void gemm_with(GemmProduct<T> base, std::initializer_list<GemmProduct<T>> after,
+               std::initializer_list<GemmProduct<T>> others, Index side_count, Index side_work, Side&& side,
+               Index chunk = 128) {
+    require(chunk >= 1, "gemm_with chunk ", chunk, ": must be >= 1");
+    struct Plan {
+        GemmProduct<T> p;
+        bool split_rows, onednn;
+        Index len, first;  // first: index of its first chunk in its list
+    };
+    Index work = 0;
+    const auto plan = [&work, chunk](std::initializer_list<GemmProduct<T>> list, Index& chunks) {
+        std::vector<Plan> plans;
+        for (const auto& p : list) {
+            if (!detail::gemm_prologue(p.C, p.A, p.opa, p.B, p.opb, p.beta)) continue;
+            const Index m = p.C.rows, n = p.C.cols, ka = p.opa == Op::none ? p.A.cols : p.A.rows;
+            bool onednn = false;
+#ifdef COMIGS_HAVE_ONEDNN
+            if constexpr (std::is_same_v<T, float>)
+                onednn = m * n * ka >= std::min(detail::gemm_onednn_small_min(), detail::gemm_onednn_min());
+#endif
+            const bool split_rows = m >= n;
+            const Index len = split_rows ? m : n;
+            plans.push_back({p, split_rows, onednn, len, chunks});
+            chunks += (len + chunk - 1) / chunk;
+            work += m * n * ka;
+        }
+        return plans;
+    };
+    const auto run_chunk = [chunk](const std::vector<Plan>& plans, Index c) {
+        std::size_t j = 0;
+        while (j + 1 < plans.size() && plans[j + 1].first <= c) ++j;
+        const Plan& pl = plans[j];
+        const GemmProduct<T>& p = pl.p;
+        const Index lo = (c - pl.first) * chunk, cnt = std::min(chunk, pl.len - lo);
+        detail::gemm_part(p.C, p.A, p.opa, p.B, p.opb, p.alpha, p.beta, pl.split_rows, lo, cnt,
+                          pl.onednn ? Index(0) : std::numeric_limits<Index>::max());
+    };
+    Index after_chunks = 0, other_chunks = 0;
+    const std::vector<Plan> post = plan(after, after_chunks), rest = plan(others, other_chunks);
+    const bool has_base = detail::gemm_prologue(base.C, base.A, base.opa, base.B, base.opb, base.beta);
+    const Index m = base.C.rows, n = base.C.cols, ka = base.opa == Op::none ? base.A.cols : base.A.rows;
+    const bool split_rows = m >= n;
+    const Index len = split_rows ? m : n;
+    for (const Plan& pl : post)
+        require<ShapeError>(pl.p.C.data == base.C.data && pl.p.C.rows == m && pl.p.C.cols == n &&
+                                pl.p.C.stride == base.C.stride,
+                            "gemm_with: a product after the base must accumulate into the base's C");
+    int threads = 1;
+#ifdef _OPENMP
+    if (!omp_in_parallel()) threads = omp_get_max_threads();
+#endif
+    const Index parts = has_base ? std::min<Index>(m * n * ka >= detail::gemm_parallel_min() ? threads : 1, len) : 0;
+    // The base split as gemm() makes it, in multiples of `chunk` when `after` goes with it.
+    const Index q = post.empty() ? std::max<Index>(1, detail::gemm_split_quantum()) : chunk;
+    const Index per = parts == 0 ? 0
+                      : len >= parts * q ? (len + parts * q - 1) / (parts * q) * q
+                                         : (len + parts - 1) / parts;
+    const bool fuse_after = has_base && split_rows && (parts <= 1 || per % chunk == 0);
+    bool parallel = false;
+#ifdef _OPENMP
+    parallel = threads > 1 && (parts > 1 || (other_chunks > 1 && work >= detail::gemm_parallel_min()) ||
+                               (side_count > 1 && side_work > 65536));
+#endif
+#pragma omp parallel if (parallel)
+    {
+#pragma omp for schedule(static) nowait
+        for (Index i = 0; i < side_count; ++i) side(i);
+#pragma omp for schedule(static, 1) nowait
+        for (Index p = 0; p < parts; ++p) {
+            const Index lo = std::min(len, p * per), cnt = std::min(len, lo + per) - lo;
+            if (cnt <= 0) continue;
+            detail::gemm_part(base.C, base.A, base.opa, base.B, base.opb, base.alpha, base.beta, split_rows, lo, cnt);
+            if (fuse_after)
+                for (const Plan& pl : post)
+                    for (Index c = lo / chunk; c * chunk < lo + cnt; ++c) run_chunk(post, pl.first + c);
+        }
+#pragma omp for schedule(dynamic, 1) nowait
+        for (Index c = 0; c < other_chunks; ++c) run_chunk(rest, c);
+    }
+    if (!fuse_after && !post.empty()) {
+#pragma omp parallel for schedule(dynamic, 1) if (parallel && after_chunks > 1)
+        for (Index c = 0; c < after_chunks; ++c) run_chunk(post, c);
     }
 }
 
