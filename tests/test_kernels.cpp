@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -263,6 +264,108 @@ TEST_CASE("kernels::gemm_chunked_and: the side work runs once per index beside t
         CHECK(Y == ref);
         CHECK(std::count(hits.begin(), hits.end(), 1) == side);
     }
+}
+
+TEST_CASE("kernels::gemm_with: base, products after it on its rows, independent products and side work") {
+    Knob<Index> pmin(kernels::detail::gemm_parallel_min(), 0);
+    using P = kernels::GemmProduct<float>;
+    // (m, nb): rows split with 16-row chunks, a row count off the chunk grid, and columns split (the
+    // products after the base then run after the region).
+    for (auto [m, nb] : {std::array<Index, 2>{150, 40}, std::array<Index, 2>{67, 13}, std::array<Index, 2>{20, 90}}) {
+        CAPTURE(m);
+        CAPTURE(nb);
+        Rng rng(31);
+        const Index k = 37, c = 5, side = 300;
+        // one float of offset: unaligned data
+        const auto A = randn<float>(static_cast<std::size_t>(m * k + 1), rng), W = randn<float>(static_cast<std::size_t>(nb * k + 1), rng);
+        const auto Z = randn<float>(static_cast<std::size_t>(m * c + 1), rng), V = randn<float>(static_cast<std::size_t>(c * nb + 1), rng);
+        const ConstMatrixView<float> Av(A.data() + 1, m, k), Wv(W.data() + 1, nb, k), Zv(Z.data() + 1, m, c), Vv(V.data() + 1, c, nb);
+        // plain double reference of C = A W^T + Z V
+        std::vector<double> ref(static_cast<std::size_t>(m * nb));
+        for (Index i = 0; i < m; ++i)
+            for (Index j = 0; j < nb; ++j) {
+                double sum = 0;
+                for (Index t = 0; t < k; ++t) sum += double(Av(i, t)) * Wv(j, t);
+                for (Index t = 0; t < c; ++t) sum += double(Zv(i, t)) * Vv(t, j);
+                ref[static_cast<std::size_t>(i * nb + j)] = sum;
+            }
+        // the independent products alone: G = Z^T A and H = Z V (thread-count independent)
+        std::vector<float> G0(static_cast<std::size_t>(c * k)), H0(static_cast<std::size_t>(m * nb));
+        kernels::gemm_chunked<float>({P{MatrixView<float>(G0.data(), c, k), Zv, kernels::Op::trans, Av, kernels::Op::none},
+                                      P{MatrixView<float>(H0.data(), m, nb), Zv, kernels::Op::none, Vv, kernels::Op::none}},
+                                     16);
+        for (int threads : {1, 2, 3}) {
+            CAPTURE(threads);
+            const auto run = [&](std::vector<int>& hits) {
+                std::vector<float> C(static_cast<std::size_t>(m * nb + 1), -7.0f), G(G0.size(), -7.0f), H(H0.size(), -7.0f);
+                const MatrixView<float> Cv(C.data() + 1, m, nb);
+                with_threads(threads, [&] {
+                    kernels::gemm_with<float>({Cv, Av, kernels::Op::none, Wv, kernels::Op::trans},
+                                              {P{Cv, Zv, kernels::Op::none, Vv, kernels::Op::none, 1.0f, 1.0f}},
+                                              {P{MatrixView<float>(G.data(), c, k), Zv, kernels::Op::trans, Av, kernels::Op::none},
+                                               P{MatrixView<float>(H.data(), m, nb), Zv, kernels::Op::none, Vv, kernels::Op::none}},
+                                              side, 100000, [&](Index i) { ++hits[static_cast<std::size_t>(i)]; }, 16);
+                });
+                C.erase(C.begin());
+                CHECK(G == G0);
+                CHECK(H == H0);
+                return C;
+            };
+            std::vector<int> hits(static_cast<std::size_t>(side), 0);
+            const auto C = run(hits);
+            CHECK(std::count(hits.begin(), hits.end(), 1) == side);
+            double worst = 0;
+            for (std::size_t i = 0; i < ref.size(); ++i) worst = std::max(worst, std::abs(ref[i] - C[i]));
+            CHECK(worst < 1e-4);
+            std::vector<int> again(static_cast<std::size_t>(side), 0);
+            CHECK(run(again) == C);  // identical run after run
+        }
+    }
+}
+
+TEST_CASE("kernels::gemm_with: a product after the base must write the base's C") {
+    std::vector<float> A(6, 1.0f), C(4), D(4);
+    const ConstMatrixView<float> Av(A.data(), 2, 3);
+    using P = kernels::GemmProduct<float>;
+    CHECK_THROWS_AS(kernels::gemm_with<float>({MatrixView<float>(C.data(), 2, 2), Av, kernels::Op::none, Av, kernels::Op::trans},
+                                              {P{MatrixView<float>(D.data(), 2, 2), Av, kernels::Op::none, Av, kernels::Op::trans}},
+                                              {}, 0, 0, [](Index) {}),
+                    ShapeError);
+}
+
+TEST_CASE("kernels::detail::GroupQueue: every unit handed out once, owners from the front, thieves from the back") {
+    using kernels::detail::GroupQueue;
+    SUBCASE("one thread drains every slot: its own in order, then the others' from their ends") {
+        GroupQueue q(7, 3);  // slots [0,2) [2,4) [4,7)
+        std::vector<Index> got;
+        for (Index u = q.next(0); u >= 0; u = q.next(0)) got.push_back(u);
+        CHECK(got == std::vector<Index>{0, 1, 3, 2, 6, 5, 4});
+        CHECK(q.next(1) == -1);
+        CHECK(q.next(2) == -1);
+    }
+    SUBCASE("more slots than units, and a thread id past the slots") {
+        GroupQueue q(2, 4);
+        CHECK(q.next(3) == 1);
+        CHECK(q.next(7) == 0);
+        CHECK(q.next(0) == -1);
+    }
+#ifdef _OPENMP
+    SUBCASE("threads taking concurrently") {
+        for (int threads : {2, 3, 4}) {
+            CAPTURE(threads);
+            const Index units = 1000;
+            GroupQueue q(units, threads);
+            std::vector<std::atomic<int>> seen(static_cast<std::size_t>(units));
+            for (auto& s : seen) s.store(0);
+#pragma omp parallel num_threads(threads)
+            {
+                const Index tid = omp_get_thread_num();
+                for (Index u = q.next(tid); u >= 0; u = q.next(tid)) seen[static_cast<std::size_t>(u)].fetch_add(1);
+            }
+            CHECK(std::all_of(seen.begin(), seen.end(), [](const std::atomic<int>& s) { return s.load() == 1; }));
+        }
+    }
+#endif
 }
 
 TEST_CASE("kernels::gemm: identical results for a fixed thread count, run after run") {

@@ -273,8 +273,7 @@ void gemm_with(GemmProduct<T> base, std::initializer_list<GemmProduct<T>> after,
         bool split_rows, onednn;
         Index len, first;  // first: index of its first chunk in its list
     };
-    Index work = 0;
-    const auto plan = [&work, chunk](std::initializer_list<GemmProduct<T>> list, Index& chunks) {
+    const auto plan = [chunk](std::initializer_list<GemmProduct<T>> list, Index& chunks, Index& work) {
         std::vector<Plan> plans;
         for (const auto& p : list) {
             if (!detail::gemm_prologue(p.C, p.A, p.opa, p.B, p.opb, p.beta)) continue;
@@ -301,8 +300,8 @@ void gemm_with(GemmProduct<T> base, std::initializer_list<GemmProduct<T>> after,
         detail::gemm_part(p.C, p.A, p.opa, p.B, p.opb, p.alpha, p.beta, pl.split_rows, lo, cnt,
                           pl.onednn ? Index(0) : std::numeric_limits<Index>::max());
     };
-    Index after_chunks = 0, other_chunks = 0;
-    const std::vector<Plan> post = plan(after, after_chunks), rest = plan(others, other_chunks);
+    Index after_chunks = 0, other_chunks = 0, after_work = 0, work = 0;
+    const std::vector<Plan> post = plan(after, after_chunks, after_work), rest = plan(others, other_chunks, work);
     const bool has_base = detail::gemm_prologue(base.C, base.A, base.opa, base.B, base.opb, base.beta);
     const Index m = base.C.rows, n = base.C.cols, ka = base.opa == Op::none ? base.A.cols : base.A.rows;
     const bool split_rows = m >= n;
@@ -344,7 +343,9 @@ void gemm_with(GemmProduct<T> base, std::initializer_list<GemmProduct<T>> after,
         for (Index c = 0; c < other_chunks; ++c) run_chunk(rest, c);
     }
     if (!fuse_after && !post.empty()) {
-#pragma omp parallel for schedule(dynamic, 1) if (parallel && after_chunks > 1)
+        // Its own region only when it is worth a wake-up (as gemm_chunked decides): at T = 1 it is not.
+        const bool par_after = threads > 1 && after_chunks > 1 && after_work >= detail::gemm_parallel_min();
+#pragma omp parallel for schedule(dynamic, 1) if (par_after)
         for (Index c = 0; c < after_chunks; ++c) run_chunk(post, c);
     }
 }
