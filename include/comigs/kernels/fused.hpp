@@ -211,9 +211,10 @@ inline comigs::detail::aligned_vector<T>& fused_unit_grads() {
     thread_local comigs::detail::aligned_vector<T> buf;
     return buf;
 }
-/// Token halves of a pass: the unit of work is a column group on one half of the token blocks, so
-/// that a thread done early can take half a group from a slower one. Fixed (not the thread count):
-/// the backward sums the two halves' gradient parts in order, the same for any number of threads.
+/// Token parts of a pass: the unit of work is a column group on one part of the token blocks, so
+/// that a thread done early can take part of a group from a slower one. Fixed (not the thread count):
+/// the backward sums the parts' gradient sums in order, the same for any number of threads. (4 parts
+/// measured no faster than 2: each unit packs its factor columns again.)
 inline constexpr Index mix_token_parts = 2;
 /// Spans [first, last) of the token blocks of half `part` in a MixOrder of `spans` spans.
 inline void half_spans(Index spans, Index experts, Index part, Index& first, Index& last) {
@@ -785,22 +786,25 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
         simd::stream_fence();
     }, [&] {
         sum_groups_part(sums.data(), part.data(), groups, rows * P);
-        // The calling thread's groups: dA2 += half 0 + half 1, dB1^T = half 0 + half 1.
-        static_assert(mix_token_parts == 2, "the halves are added as a pair");
+        // The calling thread's groups: dA2 += the parts' sums, dB1^T = the parts' sums, added in part order.
         Index g0, g1;
         thread_range(groups, g0, g1);
         for (Index g = g0; g < g1; ++g) {
             const Index c0 = g * W, nc = std::min(h, c0 + W) - c0, ncp = padded_cols<T>(nc), fsize = experts * Q * ncp;
             const T* u0 = ugrads.data() + g * mix_token_parts * ustride;
-            const T* u1 = u0 + ustride;
             for (Index e = 0; e < experts; ++e)
                 for (Index q = 0; q < r; ++q) {
                     const Index o = (e * Q + q) * ncp;
                     T* da = gA2[e] + q * ldg + c0;
                     T* db = gB1T[e] + q * h + c0;
                     for (Index c = 0; c < nc; ++c) {
-                        da[c] += u0[o + c] + u1[o + c];
-                        db[c] = u0[fsize + o + c] + u1[fsize + o + c];
+                        T a = u0[o + c], b = u0[fsize + o + c];
+                        for (Index pt = 1; pt < mix_token_parts; ++pt) {
+                            a += u0[pt * ustride + o + c];
+                            b += u0[pt * ustride + fsize + o + c];
+                        }
+                        da[c] += a;
+                        db[c] = b;
                     }
                 }
         }
