@@ -271,7 +271,8 @@ TEST_CASE("kernels::gemm_with: base, products after it on its rows, independent 
     using P = kernels::GemmProduct<float>;
     // (m, nb): rows split with 16-row chunks, a row count off the chunk grid, and columns split (the
     // products after the base then run after the region).
-    for (auto [m, nb] : {std::array<Index, 2>{150, 40}, std::array<Index, 2>{67, 13}, std::array<Index, 2>{20, 90}}) {
+    for (const auto& shape : {std::array<Index, 2>{150, 40}, std::array<Index, 2>{67, 13}, std::array<Index, 2>{20, 90}}) {
+        const Index m = shape[0], nb = shape[1];  // not a structured binding: clang 14 cannot capture one
         CAPTURE(m);
         CAPTURE(nb);
         Rng rng(31);
