@@ -452,23 +452,21 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
         a0 = B(g[x]) * simd::load(rows[x].dm + c);
         a1 = B(T(0));
     });
-    for (int x = 0; x < R; ++x) {
-        const MixRow<Q, T>& row = rows[x];
-        T* sux = su[x];
-        T* sdx = sd[x];
-        B dt = B(T(0));
-        for (Index c = 0; c < cv; c += w) {
-            const B p = simd::load(sux + c);
+    // The R rows side by side: each element is one long dependency chain (GELU and its derivative),
+    // and R independent chains per column batch give the core more to overlap.
+    for (Index c = 0; c < cv; c += w) {
+        for (int x = 0; x < R; ++x) {
+            const MixRow<Q, T>& row = rows[x];
+            const B p = simd::load(su[x] + c);
             B oms;
             const B s = gelu_sigmoid(p, &oms);
             const B u = p * s;
-            const B dp = simd::load(sdx + c) * gelu_grad_from(p, s, oms);
-            dt = simd::fma(u, simd::load(row.dm + c), dt);
+            const B dp = simd::load(sd[x] + c) * gelu_grad_from(p, s, oms);
+            dot[x] = simd::fma(u, simd::load(row.dm + c), dot[x]);
             put_row(row, c, row.first ? dp : simd::load(row.prev + c) + dp);
-            simd::store(sux + c, u);
-            simd::store(sdx + c, dp);
+            simd::store(su[x] + c, u);
+            simd::store(sd[x] + c, dp);
         }
-        dot[x] = dt;
     }
     project_rows<Q, R>(acc, sd, fb, ld, cv);
     for (int x = 0; x < R; ++x) {
