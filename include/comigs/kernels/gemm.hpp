@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <initializer_list>
 #include <limits>
+#include <utility>
 #include <vector>
 #include <type_traits>
 
@@ -189,65 +190,52 @@ struct GemmProduct {
     T beta = T(0);
 };
 
-/// gemm with the longer side of C cut into fixed chunks of `chunk` rows or columns, which the threads
-/// share: every element comes from the same serial product whatever the thread count, so results
-/// are identical for any number of threads (gemm promises that for a fixed count only). For the
-/// small products of a layer (a few dozen rows or columns against the model width). A batch of
-/// independent products (none writes what another reads) runs in one parallel region: a region
-/// costs a wake-up of the sleeping threads (20-80 us under OMP_WAIT_POLICY=PASSIVE here).
-///
-/// gemm_chunked_and also runs side(i) for i < side_count (work independent of the products, side_work
-/// elements in all) on the same threads in the same region: one wake-up instead of two.
-template <class T, class Side>
-void gemm_chunked_and(std::initializer_list<GemmProduct<T>> products, Index side_count, Index side_work, Side&& side,
-                      Index chunk = 128) {
-    require(chunk >= 1, "gemm_chunked chunk ", chunk, ": must be >= 1");
+namespace detail {
+
+/// Products cut into fixed chunks of `chunk` rows or columns (along the longer side of each C),
+/// numbered in order across the list: what a chunk computes does not depend on the thread running it.
+template <class T>
+struct ChunkedProducts {
     struct Plan {
         GemmProduct<T> p;
         bool split_rows, onednn;
-        Index len, first;  // first: index of its first chunk in the batch
+        Index len, first;  // first: number of its first chunk
     };
     std::vector<Plan> plans;
-    plans.reserve(products.size());
-    Index chunks = 0, work = 0;
-    for (const auto& p : products) {
-        if (!detail::gemm_prologue(p.C, p.A, p.opa, p.B, p.opb, p.beta)) continue;
-        const Index m = p.C.rows, n = p.C.cols, ka = p.opa == Op::none ? p.A.cols : p.A.rows;
-        bool onednn = false;
+    Index chunk, chunks = 0, work = 0;  // work: multiply-adds of all the products
+
+    ChunkedProducts(std::initializer_list<GemmProduct<T>> products, Index chunk_) : chunk(chunk_) {
+        require(chunk >= 1, "chunk size ", chunk, " of a chunked product: must be >= 1");
+        plans.reserve(products.size());
+        for (const auto& p : products) {
+            if (!gemm_prologue(p.C, p.A, p.opa, p.B, p.opb, p.beta)) continue;
+            const Index m = p.C.rows, n = p.C.cols, ka = p.opa == Op::none ? p.A.cols : p.A.rows;
+            bool onednn = false;
 #ifdef COMIGS_HAVE_ONEDNN
-        if constexpr (std::is_same_v<T, float>)
-            onednn = m * n * ka >= std::min(detail::gemm_onednn_small_min(), detail::gemm_onednn_min());
+            if constexpr (std::is_same_v<T, float>)
+                onednn = m * n * ka >= std::min(gemm_onednn_small_min(), gemm_onednn_min());
 #endif
-        const bool split_rows = m >= n;
-        const Index len = split_rows ? m : n;
-        plans.push_back({p, split_rows, onednn, len, chunks});
-        chunks += (len + chunk - 1) / chunk;
-        work += m * n * ka;
-    }
-    bool parallel = false;
-#ifdef _OPENMP
-    parallel = !omp_in_parallel() && ((chunks > 1 && work >= detail::gemm_parallel_min()) ||
-                                      (side_count > 1 && side_work > 65536));
-#endif
-#pragma omp parallel if (parallel)
-    {
-#pragma omp for schedule(static) nowait
-        for (Index i = 0; i < side_count; ++i) side(i);
-        // Chunks of different products differ in size: handed out one at a time (which thread computes
-        // a chunk does not change its result).
-#pragma omp for schedule(dynamic, 1) nowait
-        for (Index c = 0; c < chunks; ++c) {
-            std::size_t j = 0;
-            while (j + 1 < plans.size() && plans[j + 1].first <= c) ++j;
-            const Plan& pl = plans[j];
-            const GemmProduct<T>& p = pl.p;
-            const Index lo = (c - pl.first) * chunk, cnt = std::min(chunk, pl.len - lo);
-            // The backend is chosen for the whole product (a chunk alone may be below the threshold).
-            detail::gemm_part(p.C, p.A, p.opa, p.B, p.opb, p.alpha, p.beta, pl.split_rows, lo, cnt,
-                              pl.onednn ? Index(0) : std::numeric_limits<Index>::max());
+            const bool split_rows = m >= n;
+            const Index len = split_rows ? m : n;
+            plans.push_back({p, split_rows, onednn, len, chunks});
+            chunks += (len + chunk - 1) / chunk;
+            work += m * n * ka;
         }
     }
-}
+    /// Computes chunk c < chunks.
+    void run(Index c) const {
+        std::size_t j = 0;
+        while (j + 1 < plans.size() && plans[j + 1].first <= c) ++j;
+        const Plan& pl = plans[j];
+        const GemmProduct<T>& p = pl.p;
+        const Index lo = (c - pl.first) * chunk, cnt = std::min(chunk, pl.len - lo);
+        // The backend is chosen for the whole product (a chunk alone may be below the threshold).
+        gemm_part(p.C, p.A, p.opa, p.B, p.opb, p.alpha, p.beta, pl.split_rows, lo, cnt,
+                  pl.onednn ? Index(0) : std::numeric_limits<Index>::max());
+    }
+};
+
+}  // namespace detail
 
 /// One parallel region for a layer's large product and the small products around it (a region costs
 /// a wake-up of the sleeping threads, and a thread done with its part of one product would otherwise
@@ -255,7 +243,7 @@ void gemm_chunked_and(std::initializer_list<GemmProduct<T>> products, Index side
 ///   - `base` is split between the threads along the longer side of C, as gemm() splits it (identical
 ///     results for a fixed thread count);
 ///   - each product of `after` accumulates into base.C (the same view) and runs, chunk by chunk of
-///     `chunk` rows, on the thread that computed those rows of base, right after them (when base is
+///     `chunk` rows, on the thread that computed those rows of base, after its part (when base is
 ///     split by rows: C has at least as many rows as columns);
 ///   - the products of `others` are independent of base and of each other, cut into chunks as
 ///     gemm_chunked cuts them and handed out one at a time to the threads done with their part;
@@ -267,46 +255,12 @@ template <class T, class Side>
 void gemm_with(GemmProduct<T> base, std::initializer_list<GemmProduct<T>> after,
                std::initializer_list<GemmProduct<T>> others, Index side_count, Index side_work, Side&& side,
                Index chunk = 128) {
-    require(chunk >= 1, "gemm_with chunk ", chunk, ": must be >= 1");
-    struct Plan {
-        GemmProduct<T> p;
-        bool split_rows, onednn;
-        Index len, first;  // first: index of its first chunk in its list
-    };
-    const auto plan = [chunk](std::initializer_list<GemmProduct<T>> list, Index& chunks, Index& work) {
-        std::vector<Plan> plans;
-        for (const auto& p : list) {
-            if (!detail::gemm_prologue(p.C, p.A, p.opa, p.B, p.opb, p.beta)) continue;
-            const Index m = p.C.rows, n = p.C.cols, ka = p.opa == Op::none ? p.A.cols : p.A.rows;
-            bool onednn = false;
-#ifdef COMIGS_HAVE_ONEDNN
-            if constexpr (std::is_same_v<T, float>)
-                onednn = m * n * ka >= std::min(detail::gemm_onednn_small_min(), detail::gemm_onednn_min());
-#endif
-            const bool split_rows = m >= n;
-            const Index len = split_rows ? m : n;
-            plans.push_back({p, split_rows, onednn, len, chunks});
-            chunks += (len + chunk - 1) / chunk;
-            work += m * n * ka;
-        }
-        return plans;
-    };
-    const auto run_chunk = [chunk](const std::vector<Plan>& plans, Index c) {
-        std::size_t j = 0;
-        while (j + 1 < plans.size() && plans[j + 1].first <= c) ++j;
-        const Plan& pl = plans[j];
-        const GemmProduct<T>& p = pl.p;
-        const Index lo = (c - pl.first) * chunk, cnt = std::min(chunk, pl.len - lo);
-        detail::gemm_part(p.C, p.A, p.opa, p.B, p.opb, p.alpha, p.beta, pl.split_rows, lo, cnt,
-                          pl.onednn ? Index(0) : std::numeric_limits<Index>::max());
-    };
-    Index after_chunks = 0, other_chunks = 0, after_work = 0, work = 0;
-    const std::vector<Plan> post = plan(after, after_chunks, after_work), rest = plan(others, other_chunks, work);
+    const detail::ChunkedProducts<T> post(after, chunk), rest(others, chunk);
     const bool has_base = detail::gemm_prologue(base.C, base.A, base.opa, base.B, base.opb, base.beta);
     const Index m = base.C.rows, n = base.C.cols, ka = base.opa == Op::none ? base.A.cols : base.A.rows;
     const bool split_rows = m >= n;
     const Index len = split_rows ? m : n;
-    for (const Plan& pl : post)
+    for (const auto& pl : post.plans)
         require<ShapeError>(pl.p.C.data == base.C.data && pl.p.C.rows == m && pl.p.C.cols == n &&
                                 pl.p.C.stride == base.C.stride,
                             "gemm_with: a product after the base must accumulate into the base's C");
@@ -316,14 +270,14 @@ void gemm_with(GemmProduct<T> base, std::initializer_list<GemmProduct<T>> after,
 #endif
     const Index parts = has_base ? std::min<Index>(m * n * ka >= detail::gemm_parallel_min() ? threads : 1, len) : 0;
     // The base split as gemm() makes it, in multiples of `chunk` when `after` goes with it.
-    const Index q = post.empty() ? std::max<Index>(1, detail::gemm_split_quantum()) : chunk;
+    const Index q = post.plans.empty() ? std::max<Index>(1, detail::gemm_split_quantum()) : chunk;
     const Index per = parts == 0 ? 0
                       : len >= parts * q ? (len + parts * q - 1) / (parts * q) * q
                                          : (len + parts - 1) / parts;
     const bool fuse_after = has_base && split_rows && (parts <= 1 || per % chunk == 0);
     bool parallel = false;
 #ifdef _OPENMP
-    parallel = threads > 1 && (parts > 1 || (other_chunks > 1 && work >= detail::gemm_parallel_min()) ||
+    parallel = threads > 1 && (parts > 1 || (rest.chunks > 1 && rest.work >= detail::gemm_parallel_min()) ||
                                (side_count > 1 && side_work > 65536));
 #endif
 #pragma omp parallel if (parallel)
@@ -336,18 +290,33 @@ void gemm_with(GemmProduct<T> base, std::initializer_list<GemmProduct<T>> after,
             if (cnt <= 0) continue;
             detail::gemm_part(base.C, base.A, base.opa, base.B, base.opb, base.alpha, base.beta, split_rows, lo, cnt);
             if (fuse_after)
-                for (const Plan& pl : post)
-                    for (Index c = lo / chunk; c * chunk < lo + cnt; ++c) run_chunk(post, pl.first + c);
+                for (const auto& pl : post.plans)
+                    for (Index c = lo / chunk; c * chunk < lo + cnt; ++c) post.run(pl.first + c);
         }
 #pragma omp for schedule(dynamic, 1) nowait
-        for (Index c = 0; c < other_chunks; ++c) run_chunk(rest, c);
+        for (Index c = 0; c < rest.chunks; ++c) rest.run(c);
     }
-    if (!fuse_after && !post.empty()) {
+    if (!fuse_after && post.chunks > 0) {
         // Its own region only when it is worth a wake-up (as gemm_chunked decides): at T = 1 it is not.
-        const bool par_after = threads > 1 && after_chunks > 1 && after_work >= detail::gemm_parallel_min();
+        const bool par_after = threads > 1 && post.chunks > 1 && post.work >= detail::gemm_parallel_min();
 #pragma omp parallel for schedule(dynamic, 1) if (par_after)
-        for (Index c = 0; c < after_chunks; ++c) run_chunk(post, c);
+        for (Index c = 0; c < post.chunks; ++c) post.run(c);
     }
+}
+
+/// gemm with the longer side of C cut into fixed chunks of `chunk` rows or columns, which the threads
+/// share: every element comes from the same serial product whatever the thread count, so results
+/// are identical for any number of threads (gemm promises that for a fixed count only). For the
+/// small products of a layer (a few dozen rows or columns against the model width). A batch of
+/// independent products (none writes what another reads) runs in one parallel region: a region
+/// costs a wake-up of the sleeping threads (20-80 us under OMP_WAIT_POLICY=PASSIVE here).
+///
+/// gemm_chunked_and also runs side(i) for i < side_count (work independent of the products, side_work
+/// elements in all) on the same threads in the same region: one wake-up instead of two.
+template <class T, class Side>
+void gemm_chunked_and(std::initializer_list<GemmProduct<T>> products, Index side_count, Index side_work, Side&& side,
+                      Index chunk = 128) {
+    gemm_with<T>(GemmProduct<T>{}, {}, products, side_count, side_work, std::forward<Side>(side), chunk);  // no base
 }
 
 template <class T>
