@@ -302,6 +302,8 @@ BENCHMARK_CAPTURE(mixture_fwd, fp32/decode, 1, false)->Name("mixture_fwd/fp32/de
 BENCHMARK_CAPTURE(dense_mlp_fwd, fp32/decode, 1, false)->Name("dense_mlp_fwd/fp32/decode")->UseRealTime();
 BENCHMARK_CAPTURE(mixture_fwd_bwd, fp32/decode, 1, false)->Name("mixture_fwd_bwd/fp32/decode")->UseRealTime();
 BENCHMARK_CAPTURE(mixture_fwd, bf16/decode, 1, true)->Name("mixture_fwd/bf16/decode")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_bwd, bf16/decode, 1, true)->Name("mixture_bwd/bf16/decode")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_fwd_bwd, bf16/decode, 1, true)->Name("mixture_fwd_bwd/bf16/decode")->UseRealTime();
 BENCHMARK_CAPTURE(dense_mlp_fwd, bf16/decode, 1, true)->Name("dense_mlp_fwd/bf16/decode")->UseRealTime();
 
 }  // namespace
