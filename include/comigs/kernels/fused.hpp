@@ -205,7 +205,7 @@ inline comigs::detail::aligned_vector<T>& fused_rows_scratch() {
     thread_local comigs::detail::aligned_vector<T> buf;
     return buf;
 }
-/// The backward's dA2 and dB1^T sums of every unit of work (group, token half), on the calling thread.
+/// The backward's dA2 and dB1^T sums of every unit of work (group, token part), on the calling thread.
 template <class T>
 inline comigs::detail::aligned_vector<T>& fused_unit_grads() {
     thread_local comigs::detail::aligned_vector<T> buf;
@@ -216,8 +216,9 @@ inline comigs::detail::aligned_vector<T>& fused_unit_grads() {
 /// the backward sums the parts' gradient sums in order, the same for any number of threads. (4 parts
 /// measured no faster than 2: each unit packs its factor columns again.)
 inline constexpr Index mix_token_parts = 2;
-/// Spans [first, last) of the token blocks of half `part` in a MixOrder of `spans` spans.
-inline void half_spans(Index spans, Index experts, Index part, Index& first, Index& last) {
+/// Spans [first, last) of the token blocks of token part `part` (of mix_token_parts) in a MixOrder of
+/// `spans` spans.
+inline void part_spans(Index spans, Index experts, Index part, Index& first, Index& last) {
     const Index blocks = spans / experts;
     first = blocks * part / mix_token_parts * experts;
     last = blocks * (part + 1) / mix_token_parts * experts;
@@ -573,8 +574,8 @@ private:
     std::vector<Slot> slots_;
 };
 
-/// Runs body(c0, c1, group, half) for every column group of [0, h) and token half (units handed out
-/// by a GroupQueue, a group's halves adjacent), then finish() on every thread once all are done: one
+/// Runs body(c0, c1, group, tp) for every column group of [0, h) and token part tp (units handed out
+/// by a GroupQueue, a group's parts adjacent), then finish() on every thread once all are done: one
 /// parallel region for both (a region costs a wake-up of the sleeping threads, 20-80 us under
 /// OMP_WAIT_POLICY=PASSIVE here).
 template <class F, class G>
@@ -635,9 +636,9 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
     const bool direct = r == Q && rows < 4 * experts;
     std::vector<T> full(r == Q ? 0 : static_cast<std::size_t>(rows * Q));
     const Index spans = static_cast<Index>(order.span.size()) - 1;
-    for_groups(h, par, [&](Index c0, Index c1, Index grp, Index half) {
+    for_groups(h, par, [&](Index c0, Index c1, Index grp, Index tp) {
         Index sp0, sp1;
-        half_spans(spans, experts, half, sp0, sp1);
+        part_spans(spans, experts, tp, sp0, sp1);
         if (sp0 == sp1) return;
         const Index nc = c1 - c0, ncp = padded_cols<T>(nc), fsize = direct ? 0 : experts * Q * ncp;
         auto& buf = fused_scratch<T>();
@@ -715,17 +716,17 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
     const bool par = rows * h >= mix_parallel_min();
     std::vector<T> sums(static_cast<std::size_t>(rows * P));
     const Index spans = static_cast<Index>(order.span.size()) - 1;
-    // Each unit's dA2 and dB1^T parts ([experts Q, ncp] each); the halves are added in finish.
+    // Each unit's dA2 and dB1^T parts ([experts Q, ncp] each); the parts are added in finish.
     const Index ustride = 2 * experts * Q * padded_cols<T>(std::min(W, h));
     auto& ugrads = fused_unit_grads<T>();
     ugrads.resize(static_cast<std::size_t>(groups * mix_token_parts * ustride));
-    for_groups(h, par, [&](Index c0, Index c1, Index grp, Index half) {
+    for_groups(h, par, [&](Index c0, Index c1, Index grp, Index tp) {
         const Index nc = c1 - c0, ncp = padded_cols<T>(nc), fsize = experts * Q * ncp;
-        T* ga = ugrads.data() + (grp * mix_token_parts + half) * ustride;  // dA2 of the unit, from zero
-        T* gb = ga + fsize;                                                  // dB1^T of the unit, from zero
+        T* ga = ugrads.data() + (grp * mix_token_parts + tp) * ustride;  // dA2 of the unit, from zero
+        T* gb = ga + fsize;                                                // dB1^T of the unit, from zero
         std::fill(ga, ga + 2 * fsize, T(0));
         Index sp0, sp1;
-        half_spans(spans, experts, half, sp0, sp1);
+        part_spans(spans, experts, tp, sp0, sp1);
         if (sp0 == sp1) return;
         auto& buf = fused_scratch<T>();
         buf.resize(static_cast<std::size_t>(2 * fsize));

@@ -222,13 +222,16 @@ struct ChunkedProducts {
             work += m * n * ka;
         }
     }
-    /// Computes chunk c < chunks.
+    /// Computes chunk c < chunks of the batch.
     void run(Index c) const {
         std::size_t j = 0;
         while (j + 1 < plans.size() && plans[j + 1].first <= c) ++j;
-        const Plan& pl = plans[j];
+        run(plans[j], c - plans[j].first);
+    }
+    /// Computes chunk c of the product planned in pl.
+    void run(const Plan& pl, Index c) const {
         const GemmProduct<T>& p = pl.p;
-        const Index lo = (c - pl.first) * chunk, cnt = std::min(chunk, pl.len - lo);
+        const Index lo = c * chunk, cnt = std::min(chunk, pl.len - lo);
         // The backend is chosen for the whole product (a chunk alone may be below the threshold).
         gemm_part(p.C, p.A, p.opa, p.B, p.opb, p.alpha, p.beta, pl.split_rows, lo, cnt,
                   pl.onednn ? Index(0) : std::numeric_limits<Index>::max());
@@ -270,7 +273,7 @@ void gemm_with(GemmProduct<T> base, std::initializer_list<GemmProduct<T>> after,
 #endif
     const Index parts = has_base ? std::min<Index>(m * n * ka >= detail::gemm_parallel_min() ? threads : 1, len) : 0;
     // The base split as gemm() makes it, in multiples of `chunk` when `after` goes with it.
-    const Index q = post.plans.empty() ? std::max<Index>(1, detail::gemm_split_quantum()) : chunk;
+    const Index q = post.chunks == 0 ? std::max<Index>(1, detail::gemm_split_quantum()) : chunk;
     const Index per = parts == 0 ? 0
                       : len >= parts * q ? (len + parts * q - 1) / (parts * q) * q
                                          : (len + parts - 1) / parts;
@@ -291,7 +294,7 @@ void gemm_with(GemmProduct<T> base, std::initializer_list<GemmProduct<T>> after,
             detail::gemm_part(base.C, base.A, base.opa, base.B, base.opb, base.alpha, base.beta, split_rows, lo, cnt);
             if (fuse_after)
                 for (const auto& pl : post.plans)
-                    for (Index c = lo / chunk; c * chunk < lo + cnt; ++c) post.run(pl.first + c);
+                    for (Index c = lo / chunk; c * chunk < lo + cnt; ++c) post.run(pl, c);
         }
 #pragma omp for schedule(dynamic, 1) nowait
         for (Index c = 0; c < rest.chunks; ++c) rest.run(c);
