@@ -322,7 +322,7 @@ inline comigs::detail::aligned_vector<T>& fused_partial_scratch() {
 }
 
 /// acc[x][q] += f[q] * v[x] lane by lane over columns [0, cv) (whole batches), x < R, q < Q: the
-/// second sweep of the row kernels, projecting rows kept in L1 onto Q packed factor rows (stride ld).
+/// last sweep of the row kernels, projecting rows kept in L1 onto Q packed factor rows (stride ld).
 template <int Q, int R, class T>
 inline void project_rows(simd::batch<T> (&acc)[R][Q], T* const* v, const T* f, Index ld, Index cv) {
     using B = simd::batch<T>;
@@ -337,11 +337,34 @@ inline void project_rows(simd::batch<T> (&acc)[R][Q], T* const* v, const T* f, I
     }
 }
 
+/// out[x][c] = a0 + a1 + sum_q coef[x][q] f[q * ld + c] over columns [0, cv) (whole batches), x < R,
+/// with init(x, c, a0, a1) giving the two starting terms: even q go to a0 and odd q to a1, two chains
+/// per row (half the latency of one) sharing each load of f among the R rows.
+template <int Q, int R, class T, class Init>
+inline void rank_sweep(T* const* out, const T (&coef)[R][Q], const T* f, Index ld, Index cv, Init init) {
+    using B = simd::batch<T>;
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    for (Index c = 0; c < cv; c += w) {
+        B a0[R], a1[R];
+        for (int x = 0; x < R; ++x) init(x, c, a0[x], a1[x]);
+        for (int q = 0; q < Q; q += 2) {
+            const B f0 = simd::load(f + q * ld + c), f1 = simd::load(f + (q + 1) * ld + c);
+            for (int x = 0; x < R; ++x) {
+                a0[x] = simd::fma(B(coef[x][q]), f0, a0[x]);
+                a1[x] = simd::fma(B(coef[x][q + 1]), f1, a1[x]);
+            }
+        }
+        for (int x = 0; x < R; ++x) simd::store(out[x] + c, a0[x] + a1[x]);
+    }
+}
+
 /// Forward of R routed rows of one expert on nc columns (fb, fa its packed B1^T and A2 columns, row
 /// stride ld; b1 at the first column or null): u = gelu(H + b1 + zs^T B1T), m (= when first, else +=)
-/// g u, and part[q] = the partial sum of A2 u over these columns, q < Q. Rows share the factor loads
-/// and give the core independent chains to overlap. The A2 projection is a second sweep over u (kept
-/// in su[x], in L1), so the GELU loop holds none of its 2 Q accumulators.
+/// g u, and part[q] = the partial sum of A2 u over these columns, q < Q. Three sweeps over the
+/// columns, the rows side by side in each (they share the factor loads and give the core independent
+/// chains): p into su[x] (kept in L1), then u = gelu(p) in place with the gate mix into m, then the A2
+/// projection of u. One sweep doing the rank-r update and the GELU together holds 2 Q broadcast
+/// coefficients beside the GELU's constants and spills; it ran 10-15% slower.
 template <int Q, int R, class T>
 inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb, const T* fa, T* const* su, Index ld,
                              Index nc) {
@@ -356,23 +379,13 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
         for (int q = 0; q < Q; ++q) zs[x][q] = rows[x].zs->v[q];
         g[x] = rows[x].g;
     }
+    rank_sweep<Q, R>(su, zs, fb, ld, cv, [&](int x, Index c, B& a0, B& a1) {
+        a0 = simd::load(rows[x].H + c);
+        a1 = b1 ? simd::load(b1 + c) : B(T(0));
+    });
     for (Index c = 0; c < cv; c += w) {
-        const B bias = b1 ? simd::load(b1 + c) : B(T(0));
-        B p0[R], p1[R];
         for (int x = 0; x < R; ++x) {
-            p0[x] = simd::load(rows[x].H + c);
-            p1[x] = bias;
-        }
-        // Two chains per row for the rank-r update: half the latency of one.
-        for (int q = 0; q < Q; q += 2) {
-            const B f0 = simd::load(fb + q * ld + c), f1 = simd::load(fb + (q + 1) * ld + c);
-            for (int x = 0; x < R; ++x) {
-                p0[x] = simd::fma(B(zs[x][q]), f0, p0[x]);
-                p1[x] = simd::fma(B(zs[x][q + 1]), f1, p1[x]);
-            }
-        }
-        for (int x = 0; x < R; ++x) {
-            const B p = p0[x] + p1[x];
+            const B p = simd::load(su[x] + c);
             const B u = p * gelu_sigmoid(p);
             put_row(rows[x], c, rows[x].first ? B(g[x]) * u : simd::fma(B(g[x]), u, simd::load(rows[x].prev + c)));
             simd::store(su[x] + c, u);
@@ -396,27 +409,6 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
             put_row_scalar(rows[x], c, rows[x].first ? g[x] * u : rows[x].prev[c] + g[x] * u);
             for (int q = 0; q < Q; ++q) out[q] += fa[q * ld + c] * u;
         }
-    }
-}
-
-/// out[x][c] = a0 + a1 + sum_q coef[x][q] f[q * ld + c] over columns [0, cv) (whole batches), x < R,
-/// with init(x, c, a0, a1) giving the two starting terms: even q go to a0 and odd q to a1, two chains
-/// per row (half the latency of one) sharing each load of f among the R rows.
-template <int Q, int R, class T, class Init>
-inline void rank_sweep(T* const* out, const T (&coef)[R][Q], const T* f, Index ld, Index cv, Init init) {
-    using B = simd::batch<T>;
-    constexpr Index w = static_cast<Index>(simd::width<T>);
-    for (Index c = 0; c < cv; c += w) {
-        B a0[R], a1[R];
-        for (int x = 0; x < R; ++x) init(x, c, a0[x], a1[x]);
-        for (int q = 0; q < Q; q += 2) {
-            const B f0 = simd::load(f + q * ld + c), f1 = simd::load(f + (q + 1) * ld + c);
-            for (int x = 0; x < R; ++x) {
-                a0[x] = simd::fma(B(coef[x][q]), f0, a0[x]);
-                a1[x] = simd::fma(B(coef[x][q + 1]), f1, a1[x]);
-            }
-        }
-        for (int x = 0; x < R; ++x) simd::store(out[x] + c, a0[x] + a1[x]);
     }
 }
 
