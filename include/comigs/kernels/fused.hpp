@@ -110,16 +110,17 @@ inline void thread_range(Index count, Index& lo, Index& hi) {
     hi = count * (tid + 1) / nth;
 }
 
-/// Prefetches [p, p + n) (elements) towards the cache for a later read.
+/// Asks for the cache line holding p in L2, for a read a little later. The row kernels issue one
+/// per batch of their GELU sweep for the rows they visit next: spread out like that, the next rows
+/// arrive while the arithmetic runs. (The whole next row at once, 16-32 prefetches in a burst, took
+/// every L1 miss buffer and stalled the core until memory answered: the passes then ran at the
+/// speed of memory plus the speed of the arithmetic instead of the slower of the two.)
 template <class T>
-inline void prefetch(const T* p, Index n) {
+inline void prefetch_line(const T* p) {
 #if defined(__GNUC__) || defined(__clang__)
-    const char* b = reinterpret_cast<const char*>(p);
-    const Index bytes = n * static_cast<Index>(sizeof(T));
-    for (Index o = 0; o < bytes; o += 64) __builtin_prefetch(b + o, 0, 3);
+    __builtin_prefetch(p, 0, 2);
 #else
     (void)p;
-    (void)n;
 #endif
 }
 
@@ -246,6 +247,8 @@ struct MixRow {
     bf16* outb;            // when set, the last visit writes the finished row here (bf16), not to out
     bool last;             // last visit of the token
     bool stream;           // out takes streaming stores (a finished fp32 row, 64-byte aligned)
+    const T* next_h;       // the H (and, backward, dM) columns of the row visited two rows later,
+    const T* next_dm;      // prefetched a line per batch during the GELU sweep; null: none
 };
 
 /// Stores the lanes of v as bf16, rounded as convert_to_bf16 rounds.
@@ -385,6 +388,7 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
     });
     for (Index c = 0; c < cv; c += w) {
         for (int x = 0; x < R; ++x) {
+            if (rows[x].next_h) prefetch_line(rows[x].next_h + c);
             const B p = simd::load(su[x] + c);
             const B u = p * gelu_sigmoid(p);
             put_row(rows[x], c, rows[x].first ? B(g[x]) * u : simd::fma(B(g[x]), u, simd::load(rows[x].prev + c)));
@@ -450,6 +454,8 @@ inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb
     for (Index c = 0; c < cv; c += w) {
         for (int x = 0; x < R; ++x) {
             const MixRow<Q, T>& row = rows[x];
+            if (row.next_h) prefetch_line(row.next_h + c);
+            if (row.next_dm) prefetch_line(row.next_dm + c);
             const B p = simd::load(su[x] + c);
             B oms;
             const B s = gelu_sigmoid(p, &oms);
@@ -669,7 +675,9 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
                     row.g = gate[i];
                     set_visit(row, order, i, pg + i * Q, M.data ? M.row_ptr(t) + c0 : nullptr,
                               Mb.data ? Mb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * ncp, nc);
-                    if (x + y + 2 < total) prefetch(H.row_ptr(order.rows[static_cast<std::size_t>(x + y + 2)] / k) + c0, nc);
+                    const Index tn = x + y + 2 < total ? order.rows[static_cast<std::size_t>(x + y + 2)] / k : -1;
+                    row.next_h = tn >= 0 ? H.row_ptr(tn) + c0 : nullptr;
+                    row.next_dm = nullptr;
                 }
                 if (R == 2)
                     mix_forward_rows<Q, 2>(rw, bias, fbe, fae, su, ld, nc);
@@ -761,11 +769,9 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
                     sdr[y] = sd + (x + y - x0) * ncp;
                     std::copy_n(qc[static_cast<std::size_t>(i)].v, Q, xq + (x + y - x0) * Q);
                     std::copy_n(zc[static_cast<std::size_t>(i)].v, Q, xz + (x + y - x0) * Q);
-                    if (x + y + 2 < total) {
-                        const Index tn = order.rows[static_cast<std::size_t>(x + y + 2)] / k;
-                        prefetch(H.row_ptr(tn) + c0, nc);
-                        prefetch(dM.row_ptr(tn) + c0, nc);
-                    }
+                    const Index tn = x + y + 2 < total ? order.rows[static_cast<std::size_t>(x + y + 2)] / k : -1;
+                    row.next_h = tn >= 0 ? H.row_ptr(tn) + c0 : nullptr;
+                    row.next_dm = tn >= 0 ? dM.row_ptr(tn) + c0 : nullptr;
                 }
                 if (R == 2)
                     mix_backward_rows<Q, 2>(rw, bias, fb + off, fa + off, sur, sdr, ncp, nc);
