@@ -1059,38 +1059,42 @@ TEST_CASE("fused mixture passes: bf16 output rows are the finished fp32 rows rou
     Knob<Index> pmin(kernels::detail::mix_parallel_min(), 0);
     Rng rng(23);
     const Index n = 23, h = 203;  // h: column tails after the vector batches
-    const Index ldb = h + 5;      // padded bf16 rows
-    for (Index k : {Index(1), Index(2), Index(3)})
-        for (Index group : {Index(16), Index(256)})
-            for (Index block : {Index(3), Index(64)}) {
-                CAPTURE(k);
-                CAPTURE(group);
-                CAPTURE(block);
-                Knob<Index> gc(kernels::detail::mix_group_cols(), group);
-                Knob<Index> tb(kernels::detail::mix_token_block(), block);
-                const FusedCase fc(n, h, k, 4, 8, rng);
-                std::vector<kernels::bf16> Mb(static_cast<std::size_t>(n * ldb), kernels::bf16{0x7fc1}), dHb(Mb);
-                const auto plain = fc.run();
-                const auto rounded = fc.run(MatrixView<kernels::bf16>(Mb.data(), n, h, ldb),
-                                            MatrixView<kernels::bf16>(dHb.data(), n, h, ldb));
-                CHECK(std::memcmp(plain.rest.data(), rounded.rest.data(), plain.rest.size() * sizeof(float)) == 0);
-                // Without fp32 outputs (they are not written when the bf16 ones are set): the same bits.
-                std::vector<kernels::bf16> Mb2(Mb.size(), kernels::bf16{0x7fc1}), dHb2(Mb2);
-                const auto alone = fc.run(MatrixView<kernels::bf16>(Mb2.data(), n, h, ldb),
-                                          MatrixView<kernels::bf16>(dHb2.data(), n, h, ldb), false);
-                CHECK(std::memcmp(plain.rest.data(), alone.rest.data(), plain.rest.size() * sizeof(float)) == 0);
-                CHECK(std::memcmp(Mb.data(), Mb2.data(), Mb.size() * sizeof(kernels::bf16)) == 0);
-                CHECK(std::memcmp(dHb.data(), dHb2.data(), dHb.size() * sizeof(kernels::bf16)) == 0);
-                for (Index t = 0; t < n; ++t) {
-                    for (Index c = 0; c < h; ++c) {
-                        const auto at = static_cast<std::size_t>(t * h + c), atb = static_cast<std::size_t>(t * ldb + c);
-                        REQUIRE(Mb[atb].bits == kernels::to_bf16(plain.M[at]).bits);
-                        REQUIRE(dHb[atb].bits == kernels::to_bf16(plain.dH[at]).bits);
+    // Padded bf16 rows: odd (no row but the first 32-byte aligned) and whole batches (every row
+    // aligned, so the finished rows take the streaming stores).
+    for (Index ldb : {h + 5, Index(208)})
+        for (Index k : {Index(1), Index(2), Index(3)})
+            for (Index group : {Index(16), Index(256)})
+                for (Index block : {Index(3), Index(64)}) {
+                    CAPTURE(ldb);
+                    CAPTURE(k);
+                    CAPTURE(group);
+                    CAPTURE(block);
+                    Knob<Index> gc(kernels::detail::mix_group_cols(), group);
+                    Knob<Index> tb(kernels::detail::mix_token_block(), block);
+                    const FusedCase fc(n, h, k, 4, 8, rng);
+                    comigs::detail::aligned_vector<kernels::bf16> Mb(static_cast<std::size_t>(n * ldb), kernels::bf16{0x7fc1}),
+                        dHb(Mb);
+                    const auto plain = fc.run();
+                    const auto rounded = fc.run(MatrixView<kernels::bf16>(Mb.data(), n, h, ldb),
+                                                MatrixView<kernels::bf16>(dHb.data(), n, h, ldb));
+                    CHECK(std::memcmp(plain.rest.data(), rounded.rest.data(), plain.rest.size() * sizeof(float)) == 0);
+                    // Without fp32 outputs (they are not written when the bf16 ones are set): the same bits.
+                    comigs::detail::aligned_vector<kernels::bf16> Mb2(Mb.size(), kernels::bf16{0x7fc1}), dHb2(Mb2);
+                    const auto alone = fc.run(MatrixView<kernels::bf16>(Mb2.data(), n, h, ldb),
+                                              MatrixView<kernels::bf16>(dHb2.data(), n, h, ldb), false);
+                    CHECK(std::memcmp(plain.rest.data(), alone.rest.data(), plain.rest.size() * sizeof(float)) == 0);
+                    CHECK(std::memcmp(Mb.data(), Mb2.data(), Mb.size() * sizeof(kernels::bf16)) == 0);
+                    CHECK(std::memcmp(dHb.data(), dHb2.data(), dHb.size() * sizeof(kernels::bf16)) == 0);
+                    for (Index t = 0; t < n; ++t) {
+                        for (Index c = 0; c < h; ++c) {
+                            const auto at = static_cast<std::size_t>(t * h + c), atb = static_cast<std::size_t>(t * ldb + c);
+                            REQUIRE(Mb[atb].bits == kernels::to_bf16(plain.M[at]).bits);
+                            REQUIRE(dHb[atb].bits == kernels::to_bf16(plain.dH[at]).bits);
+                        }
+                        for (Index c = h; c < ldb; ++c)  // padding untouched
+                            REQUIRE(Mb[static_cast<std::size_t>(t * ldb + c)].bits == 0x7fc1);
                     }
-                    for (Index c = h; c < ldb; ++c)  // padding untouched
-                        REQUIRE(Mb[static_cast<std::size_t>(t * ldb + c)].bits == 0x7fc1);
                 }
-            }
     // A bf16 output of another shape is refused.
     std::vector<float> M(4), H(4), z2(2), part;
     std::vector<kernels::bf16> Mb(4);
