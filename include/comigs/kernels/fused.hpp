@@ -246,7 +246,7 @@ struct MixRow {
     T* part;               // the row's partial sums over the group's columns
     bf16* outb;            // when set, the last visit writes the finished row here (bf16), not to out
     bool last;             // last visit of the token
-    bool stream;           // out takes streaming stores (a finished fp32 row, 64-byte aligned)
+    bool stream;           // the finished row takes streaming stores (fp32 out 64-, bf16 outb 32-byte aligned)
     const T* next_h;       // the H (and, backward, dM) columns of the row visited two rows later,
     const T* next_dm;      // prefetched a line per batch during the GELU sweep; null: none
 };
@@ -324,6 +324,16 @@ inline void set_visit(MixRow<Q, T>& row, const MixOrder& order, Index i, T* part
     row.part = part;
     row.outb = dstb;
     point_sums(row, dst, partial, nc);
+}
+/// Points a row at what its GELU sweep prefetches: the H (and, when dM has data, dM) columns from
+/// c0 of the token visited at position `pos` of the order; nothing past the order's end.
+template <int Q, class T>
+inline void point_next(MixRow<Q, T>& row, const MixOrder& order, Index pos, Index k, ConstMatrixView<T> H,
+                       ConstMatrixView<T> dM, Index c0) {
+    const bool any = pos < static_cast<Index>(order.rows.size());
+    const Index t = any ? order.rows[static_cast<std::size_t>(pos)] / k : 0;
+    row.next_h = any ? H.row_ptr(t) + c0 : nullptr;
+    row.next_dm = any && dM.data ? dM.row_ptr(t) + c0 : nullptr;
 }
 /// Per-thread partial sums of the fused passes: one row of the group's columns per token of a block.
 template <class T>
@@ -663,7 +673,6 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
         partial.resize(static_cast<std::size_t>(tb * ncp));
         T* pg = part.data() + grp * rows * Q;
         const T* bias = b1 ? b1 + c0 : nullptr;
-        const Index total = static_cast<Index>(order.rows.size());
         // Span sp = (block, expert) of the visiting order: expert sp % experts.
         for (Index sp = sp0; sp < sp1; ++sp) {
             const Index e = sp % experts;
@@ -683,9 +692,7 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
                     row.g = gate[i];
                     set_visit(row, order, i, pg + i * Q, M.data ? M.row_ptr(t) + c0 : nullptr,
                               Mb.data ? Mb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * ncp, nc);
-                    const Index tn = x + y + 2 < total ? order.rows[static_cast<std::size_t>(x + y + 2)] / k : -1;
-                    row.next_h = tn >= 0 ? H.row_ptr(tn) + c0 : nullptr;
-                    row.next_dm = nullptr;
+                    point_next(row, order, x + y + 2, k, H, ConstMatrixView<T>(), c0);
                 }
                 if (R == 2)
                     mix_forward_rows<Q, 2>(rw, bias, fbe, fae, su, ld, nc);
@@ -744,7 +751,6 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
         pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc, ncp);
         T* pg = part.data() + grp * rows * P;
         const T* bias = b1 ? b1 + c0 : nullptr;
-        const Index total = static_cast<Index>(order.rows.size());
         // Per span: u and dp rows, and the rows' coefficients, for the gradient sweep.
         auto& rowbuf = fused_rows_scratch<T>();
         rowbuf.resize(static_cast<std::size_t>(longest * (2 * ncp + 2 * Q)));
@@ -777,9 +783,7 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
                     sdr[y] = sd + (x + y - x0) * ncp;
                     std::copy_n(qc[static_cast<std::size_t>(i)].v, Q, xq + (x + y - x0) * Q);
                     std::copy_n(zc[static_cast<std::size_t>(i)].v, Q, xz + (x + y - x0) * Q);
-                    const Index tn = x + y + 2 < total ? order.rows[static_cast<std::size_t>(x + y + 2)] / k : -1;
-                    row.next_h = tn >= 0 ? H.row_ptr(tn) + c0 : nullptr;
-                    row.next_dm = tn >= 0 ? dM.row_ptr(tn) + c0 : nullptr;
+                    point_next(row, order, x + y + 2, k, H, dM, c0);
                 }
                 if (R == 2)
                     mix_backward_rows<Q, 2>(rw, bias, fb + off, fa + off, sur, sdr, ncp, nc);
