@@ -9,6 +9,10 @@
 
 #include <limits>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace comigs::bench {
 namespace {
 
@@ -245,6 +249,44 @@ void mixture_rows_bwd(benchmark::State& state) {
     state.SetItemsProcessed(state.iterations() * f.n);
 }
 
+// Not a comigs kernel: the host's vector FMA throughput per thread, on one thread and on all. On a
+// shared VM another tenant on a core's sibling lowers the clock and the 1 -> n thread ceiling that the
+// layer's thread scaling is held against; tools/bench_compare.py prints both beside each round.
+void host_fma(benchmark::State& state, bool all_threads) {
+    using B = kernels::simd::batch<float>;
+    constexpr long kSteps = 1L << 18;
+    constexpr int kChains = 12;  // independent FMAs in flight: more than latency x issue width
+    int threads = 1;
+#ifdef _OPENMP
+    if (all_threads) threads = omp_get_max_threads();
+#endif
+    float sink = 0;
+    for (auto _ : state) {
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+        {
+            // Values the compiler cannot see, or it folds the whole loop (volatile reads: GCC 12 turned
+            // benchmark::DoNotOptimize'd floats into denormals here, and denormal FMAs take assists).
+            volatile float mvv = 0.9999999f, cvv = 1e-7f, avv = 1.0f;
+            const float mv = mvv, cv = cvv, av = avv;
+            const B m = kernels::simd::splat(mv), c = kernels::simd::splat(cv);
+            B acc[kChains];
+            for (int j = 0; j < kChains; ++j) acc[j] = kernels::simd::splat(av + float(j) * cv);
+            for (long i = 0; i < kSteps; ++i)
+                for (int j = 0; j < kChains; ++j) acc[j] = xsimd::fma(acc[j], m, c);
+            for (int j = 1; j < kChains; ++j) acc[0] += acc[j];
+            sink += kernels::simd::reduce_add(acc[0]);
+        }
+        benchmark::DoNotOptimize(sink);
+    }
+    state.counters["threads"] = threads;
+    // Vector FMAs per second on each thread (G = 1e9 with the default 1000 divisor).
+    state.counters["vector_fma_per_thread"] =
+        benchmark::Counter(double(kSteps) * kChains * double(state.iterations()), benchmark::Counter::kIsRate);
+    state.SetLabel(std::to_string(B::size) + " floats per vector");
+}
+
+BENCHMARK_CAPTURE(host_fma, one_thread, false)->Name("host_fma/one_thread")->UseRealTime();
+BENCHMARK_CAPTURE(host_fma, all_threads, true)->Name("host_fma/all_threads")->UseRealTime();
 BENCHMARK(mixture_rows_fwd)->Name("mixture_rows_fwd/fp32/gpt2")->UseRealTime();
 BENCHMARK(mixture_rows_bwd)->Name("mixture_rows_bwd/fp32/gpt2")->UseRealTime();
 BENCHMARK(lowrank_outer_bench)->Name("lowrank_outer/fp32/gpt2")->UseRealTime();

@@ -3,6 +3,10 @@
 #include "bench_common.hpp"
 #include "bench_memory.hpp"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace comigs::bench {
 namespace {
 
@@ -91,6 +95,20 @@ void mixture_fwd_bwd(benchmark::State& state, Index tokens, bool bf16) {
     }
     if (bf16) state.SetLabel(kernels::to_string(kernels::bf16_backend()));
     set_counters(state, tokens, base_flops_fwd_bwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
+}
+
+// Kernel: mixture_fwd_bwd on one thread, set inside the case. With random interleaving its repetitions
+// alternate with the all-threads case's in one process, so the scaling ratio compares two medians taken
+// over the same stretch of a shared machine's time (two processes half a minute apart did not).
+void mixture_fwd_bwd_one_thread(benchmark::State& state, Index tokens, bool bf16) {
+#ifdef _OPENMP
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    mixture_fwd_bwd(state, tokens, bf16);
+#ifdef _OPENMP
+    omp_set_num_threads(saved);
+#endif
 }
 
 // Kernel: MixtureOfLoraMlp::backward alone (2 base GEMMs), after one forward outside the timing
@@ -288,6 +306,9 @@ BENCHMARK_CAPTURE(memory, bf16/gpt2, true)->Name("memory/bf16/gpt2")->Iterations
 
 BENCHMARK_CAPTURE(mixture_fwd, fp32/gpt2, kTokens, false)->Name("mixture_fwd/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(mixture_fwd_bwd, fp32/gpt2, kTokens, false)->Name("mixture_fwd_bwd/fp32/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_fwd_bwd_one_thread, fp32/gpt2, kTokens, false)
+    ->Name("mixture_fwd_bwd/fp32/gpt2/one_thread")
+    ->UseRealTime();
 BENCHMARK_CAPTURE(mixture_bwd, fp32/gpt2, kTokens, false)->Name("mixture_bwd/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(mixture_bwd, bf16/gpt2, kTokens, true)->Name("mixture_bwd/bf16/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(mixture_bwd, fp32/decode, 1, false)->Name("mixture_bwd/fp32/decode")->UseRealTime();
