@@ -3,6 +3,9 @@
 #include "bench_common.hpp"
 #include "bench_memory.hpp"
 
+#include <algorithm>
+#include <chrono>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -225,30 +228,89 @@ void naive_mixture_fwd_bwd(benchmark::State& state, Index tokens) {
     set_counters(state, tokens, base_flops_fwd_bwd(tokens, d, s.cfg.d_hidden));
 }
 
-// Kernel: the four frozen base GEMMs exactly as the layer issues them (FrozenLinear::forward without
-// bias for fc and proj: the layer adds both biases in its own passes; backward_input for both), at
-// the layer's shapes.
+/// The four frozen base GEMMs exactly as the layer issues them (FrozenLinear::forward without bias for
+/// fc and proj: the layer adds both biases in its own passes; backward_input for both), at the
+/// layer's shapes.
+struct BaseGemms {
+    LayerSetup& s;
+    // Aligned as the layer's own H and m are.
+    comigs::detail::aligned_vector<float> hbuf, mbuf;
+    FrozenLinear<float> fc, proj;
+
+    explicit BaseGemms(LayerSetup& setup)
+        : s(setup),
+          hbuf(static_cast<std::size_t>(setup.n * setup.cfg.d_hidden)),
+          mbuf(hbuf.size(), 0.01f),
+          fc(setup.base->linear("fc")),
+          proj(setup.base->linear("proj")) {
+        fc.bias = {};
+        proj.bias = {};
+    }
+    void run() {
+        const Index n = s.n, h = s.cfg.d_hidden;
+        fc.forward(MatrixView<float>(hbuf.data(), n, h), s.X());
+        proj.forward(s.Y(), ConstMatrixView<float>(mbuf.data(), n, h));
+        proj.backward_input(MatrixView<float>(hbuf.data(), n, h), s.DY(), false);
+        fc.backward_input(s.DX(), ConstMatrixView<float>(hbuf.data(), n, h), true);
+    }
+};
+
+// Kernel: BaseGemms::run, the layer's four base GEMMs alone.
 void base_gemms(benchmark::State& state, Index tokens, bool bf16) {
     LayerSetup s(tokens, bf16);
-    const Index d = s.cfg.d_model, h = s.cfg.d_hidden;
-    // Aligned as the layer's own H and m are.
-    comigs::detail::aligned_vector<float> hbuf(static_cast<std::size_t>(tokens * h)), mbuf(hbuf.size(), 0.01f);
-    auto fc = s.base->linear("fc");
-    fc.bias = {};
-    auto proj = s.base->linear("proj");
-    proj.bias = {};
-    auto gemms = [&] {
-        fc.forward(MatrixView<float>(hbuf.data(), tokens, h), s.X());
-        proj.forward(s.Y(), ConstMatrixView<float>(mbuf.data(), tokens, h));
-        proj.backward_input(MatrixView<float>(hbuf.data(), tokens, h), s.DY(), false);
-        fc.backward_input(s.DX(), ConstMatrixView<float>(hbuf.data(), tokens, h), true);
-    };
-    gemms();  // warm-up
+    BaseGemms gemms(s);
+    gemms.run();  // warm-up
     for (auto _ : state) {
-        gemms();
+        gemms.run();
         benchmark::DoNotOptimize(s.dx.data());
     }
-    set_counters(state, tokens, base_flops_fwd_bwd(tokens, d, h));
+    set_counters(state, tokens, base_flops_fwd_bwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
+}
+
+// Kernel: MixtureOfLoraMlp forward + backward and BaseGemms::run timed pair by pair, in alternating
+// order; counter `share` = the median over the pairs of 1 - gemms / layer, the part of the layer's
+// time spent outside its base GEMMs (`layer_ms`, `gemms_ms`: medians). A ratio of two cases' medians
+// compares stretches of time seconds or minutes apart, and a shared host's speed drifts by 10-30%
+// between them; the two halves of a pair run 50-100 ms apart.
+void mixture_share(benchmark::State& state, Index tokens, bool bf16) {
+    LayerSetup s(tokens, bf16);
+    BaseGemms gemms(s);
+    const auto layer = [&] {
+        s.mix->forward(s.Y(), s.X());
+        s.mix->backward(s.DX(), s.DY(), 0.01f);
+    };
+    const auto seconds = [](auto&& f) {
+        const auto t0 = std::chrono::steady_clock::now();
+        f();
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    };
+    layer();  // warm-up
+    gemms.run();
+    std::vector<double> share, tl, tg;
+    bool layer_first = true;
+    for (auto _ : state) {
+        double a, b;
+        if (layer_first) {
+            a = seconds(layer);
+            b = seconds([&] { gemms.run(); });
+        } else {
+            b = seconds([&] { gemms.run(); });
+            a = seconds(layer);
+        }
+        layer_first = !layer_first;
+        benchmark::DoNotOptimize(s.dx.data());
+        share.push_back(1.0 - b / a);
+        tl.push_back(a);
+        tg.push_back(b);
+    }
+    const auto median = [](std::vector<double>& v) {
+        std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+        return v[v.size() / 2];
+    };
+    if (share.empty()) return;
+    state.counters["share"] = median(share);
+    state.counters["layer_ms"] = 1e3 * median(tl);
+    state.counters["gemms_ms"] = 1e3 * median(tg);
 }
 
 // Kernel: none timed; reports the heap bytes of one layer (frozen base, LoRA and router parameters
@@ -301,6 +363,8 @@ constexpr Index kTokens = 1024;
 
 BENCHMARK_CAPTURE(base_gemms, fp32/gpt2, kTokens, false)->Name("base_gemms/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(base_gemms, bf16/gpt2, kTokens, true)->Name("base_gemms/bf16/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_share, fp32/gpt2, kTokens, false)->Name("mixture_share/fp32/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(mixture_share, bf16/gpt2, kTokens, true)->Name("mixture_share/bf16/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(memory, fp32/gpt2, false)->Name("memory/fp32/gpt2")->Iterations(1);
 BENCHMARK_CAPTURE(memory, bf16/gpt2, true)->Name("memory/bf16/gpt2")->Iterations(1);
 
