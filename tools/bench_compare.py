@@ -217,7 +217,8 @@ def main():
     rows = []
 
     def target(what, value, goal, ok, how):
-        rows.append((what, value, goal, "MET" if ok else "MISSED", how))
+        # ok None: a figure shown for context, with no target of its own.
+        rows.append((what, value, goal, "INFO" if ok is None else "MET" if ok else "MISSED", how))
 
     target("fp32 fwd+bwd speed-up vs PyTorch reference", f"{med('fp32'):.2f}x", ">= 3x", med("fp32") >= 3.0,
            f"reference / mixture_fwd_bwd/fp32/gpt2; rounds: {each('fp32', '{:.2f}')}")
@@ -230,10 +231,10 @@ def main():
     target("non-GEMM share of the fp32 layer time", f"{100 * med('share32'):.1f}%", "< 15%", med("share32") < 0.15,
            f"mixture_share/fp32/gpt2: median of 1 - base GEMMs / layer over back-to-back pairs; rounds: "
            f"{each('share32', '{:.3f}')}; as 1 - base_gemms / mixture_fwd_bwd medians: {each('share32_cases', '{:.2f}')}")
-    target("non-GEMM share of the bf16 layer time", f"{100 * med('share16'):.1f}%", "(< 15% fp32)",
-           med("share16") < 0.15, f"mixture_share/bf16/gpt2; rounds: {each('share16', '{:.3f}')}; "
+    target("non-GEMM share of the bf16 layer time", f"{100 * med('share16'):.1f}%", "(context)",
+           None, f"mixture_share/bf16/gpt2; rounds: {each('share16', '{:.3f}')}; "
            f"from the cases' medians: {each('share16_cases', '{:.2f}')}")
-    target("shared base vs naive per-expert (same backend)", f"{med('naive'):.2f}x", "(context)", True,
+    target("shared base vs naive per-expert (same backend)", f"{med('naive'):.2f}x", "(context)", None,
            f"naive_mixture_fwd_bwd/fp32/gpt2 / mixture_fwd_bwd/fp32/gpt2; rounds: {each('naive', '{:.2f}')}")
     for prec in ("fp32", "bf16"):
         mm = rounds[-1]["mem"][prec]
@@ -249,7 +250,7 @@ def main():
                f"interleaved in one process; rounds: {each('scaling', '{:.2f}')}")
     host = all("host_ceiling" in r for r in rounds)
     if host:
-        target("host: FMA throughput scaling 1 -> all threads", f"{med('host_ceiling'):.2f}x", "(context)", True,
+        target("host: FMA throughput scaling 1 -> all threads", f"{med('host_ceiling'):.2f}x", "(context)", None,
                f"host_fma/all_threads vs one_thread, the ceiling for any layer; one thread "
                f"{med('host_one'):.2f} G vector FMA/s; rounds: {each('host_ceiling', '{:.2f}')}")
 
