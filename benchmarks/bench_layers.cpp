@@ -69,6 +69,11 @@ struct LayerSetup {
         y.assign(x.size(), 0.0f);
         dx.assign(x.size(), 0.0f);
     }
+    /// One training step's layer work: forward, then backward with dx (lb_grad 0.01).
+    void fwd_bwd() {
+        mix->forward(Y(), X());
+        mix->backward(DX(), DY(), 0.01f);
+    }
     MatrixView<float> Y() { return {y.data(), n, cfg.d_model}; }
     MatrixView<float> DX() { return {dx.data(), n, cfg.d_model}; }
     ConstMatrixView<float> X() const { return {x.data(), n, cfg.d_model}; }
@@ -89,11 +94,9 @@ void mixture_fwd(benchmark::State& state, Index tokens, bool bf16) {
 // Kernel: MixtureOfLoraMlp::forward + backward (4 base GEMMs in total).
 void mixture_fwd_bwd(benchmark::State& state, Index tokens, bool bf16) {
     LayerSetup s(tokens, bf16);
-    s.mix->forward(s.Y(), s.X());  // warm-up
-    s.mix->backward(s.DX(), s.DY(), 0.01f);
+    s.fwd_bwd();  // warm-up
     for (auto _ : state) {
-        s.mix->forward(s.Y(), s.X());
-        s.mix->backward(s.DX(), s.DY(), 0.01f);
+        s.fwd_bwd();
         benchmark::DoNotOptimize(s.dx.data());
     }
     if (bf16) state.SetLabel(kernels::to_string(kernels::bf16_backend()));
@@ -134,11 +137,9 @@ void mixture_bwd(benchmark::State& state, Index tokens, bool bf16) {
 void mixture_fwd_bwd_unfused(benchmark::State& state, Index tokens, bool bf16) {
     LayerSetup s(tokens, bf16);
     kernels::detail::fused_rows_enabled() = false;
-    s.mix->forward(s.Y(), s.X());  // warm-up
-    s.mix->backward(s.DX(), s.DY(), 0.01f);
+    s.fwd_bwd();  // warm-up
     for (auto _ : state) {
-        s.mix->forward(s.Y(), s.X());
-        s.mix->backward(s.DX(), s.DY(), 0.01f);
+        s.fwd_bwd();
         benchmark::DoNotOptimize(s.dx.data());
     }
     kernels::detail::fused_rows_enabled() = true;
@@ -275,27 +276,23 @@ void base_gemms(benchmark::State& state, Index tokens, bool bf16) {
 void mixture_share(benchmark::State& state, Index tokens, bool bf16) {
     LayerSetup s(tokens, bf16);
     BaseGemms gemms(s);
-    const auto layer = [&] {
-        s.mix->forward(s.Y(), s.X());
-        s.mix->backward(s.DX(), s.DY(), 0.01f);
-    };
     const auto seconds = [](auto&& f) {
         const auto t0 = std::chrono::steady_clock::now();
         f();
         return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     };
-    layer();  // warm-up
+    s.fwd_bwd();  // warm-up
     gemms.run();
     std::vector<double> share, tl, tg;
     bool layer_first = true;
     for (auto _ : state) {
         double a, b;
         if (layer_first) {
-            a = seconds(layer);
+            a = seconds([&] { s.fwd_bwd(); });
             b = seconds([&] { gemms.run(); });
         } else {
             b = seconds([&] { gemms.run(); });
-            a = seconds(layer);
+            a = seconds([&] { s.fwd_bwd(); });
         }
         layer_first = !layer_first;
         benchmark::DoNotOptimize(s.dx.data());

@@ -259,8 +259,8 @@ def main():
         print(f"  {status:6s} {what:46s} {value:>32s}  target {goal:12s} ({how})")
     if host and not args.skip_scaling and med("host_ceiling") < 0.9 * args.threads:
         print(f"\nWARNING: {args.threads} threads of pure FMA arithmetic scaled only {med('host_ceiling'):.2f}x on this "
-              f"host during the run (another tenant shares its cores), below the {0.9 * args.threads:.1f}x asked of "
-              "the layer: the thread scaling figure is limited by the machine. Measure again in a quieter hour.")
+              f"host during the run (another tenant shares its cores), below 90% of the thread count: the thread "
+              "scaling figure is limited by the machine. Measure again in a quieter hour.")
 
 
 if __name__ == "__main__":

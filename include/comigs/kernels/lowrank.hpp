@@ -125,10 +125,11 @@ inline void lowrank_outer_cols(T* C, Index ldc, const T* X, Index ldx, const T* 
         const Index i1 = std::min(rows, i0 + lowrank_outer_rows);
 #if defined(__GNUC__) || defined(__clang__)
         // The next chunk's rows when they are gathered (far apart: no hardware prefetcher follows them).
-        for (Index i = i1; idx && i < std::min(rows, i1 + lowrank_outer_rows); ++i) {
-            const char* y = reinterpret_cast<const char*>(Y + (idx ? idx[i] : i) * ldy + c0);
-            for (Index b = 0; b < (c1 - c0) * static_cast<Index>(sizeof(T)); b += 64) __builtin_prefetch(y + b, 0, 3);
-        }
+        if (idx)
+            for (Index i = i1; i < std::min(rows, i1 + lowrank_outer_rows); ++i) {
+                const char* y = reinterpret_cast<const char*>(Y + idx[i] * ldy + c0);
+                for (Index b = 0; b < (c1 - c0) * static_cast<Index>(sizeof(T)); b += 64) __builtin_prefetch(y + b, 0, 3);
+            }
 #endif
         for (Index c = c0; c < c1; c += cb) lowrank_outer_block<Q>(C, ldc, X, ldx, Y, ldy, idx, i0, i1, c, alpha);
     }
