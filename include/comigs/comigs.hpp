@@ -6,6 +6,7 @@
 #include "frozen.hpp"
 #include "io/checkpoint.hpp"
 #include "io/layer_file.hpp"
+#include "io/mapped_file.hpp"
 #include "io/peft.hpp"
 #include "io/safetensors.hpp"
 #include "lora.hpp"
