@@ -1,6 +1,7 @@
 #pragma once
 // The frozen base of a host block, held once and shared (by pointer) by every expert, every layer
 // object and every simulated user that adapts it. Nothing here is ever trained.
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -16,12 +17,15 @@ namespace comigs {
 
 /// A frozen linear map y = x W^T + b over views; W is [out, in] (nn.Linear convention), b is [out] or empty.
 /// When the weight is held in bf16 (`weight_bf16` set, `weight` empty; float only), the products
-/// convert the activations to bf16 and accumulate in fp32 (kernels/gemm_bf16.hpp).
+/// convert the activations to bf16 and accumulate in fp32 (kernels/gemm_bf16.hpp), unless
+/// `fp32_compute` asks for fp32 arithmetic on the weight's exact values (widened a panel at a time:
+/// what a framework computes on the model cast to fp32, without an fp32 copy of the weight).
 template <class T>
 struct FrozenLinear {
     ConstMatrixView<T> weight;                 ///< [out, in] (empty when held in bf16)
     std::span<const T> bias;                   ///< [out] or empty
     ConstMatrixView<kernels::bf16> weight_bf16{};  ///< [out, in] when held in bf16, else empty
+    bool fp32_compute = false;                 ///< a bf16 weight: products in fp32, activations not rounded
 
     bool is_bf16() const { return weight_bf16.data != nullptr; }
     Index in_features() const { return is_bf16() ? weight_bf16.cols : weight.cols; }
@@ -30,7 +34,9 @@ struct FrozenLinear {
     /// y[N, out] = x[N, in] W^T + b (overwrites y, or adds to it when `accumulate`).
     void forward(MatrixView<T> y, ConstMatrixView<T> x, bool accumulate = false) const {
         if constexpr (std::is_same_v<T, float>) {
-            if (is_bf16())
+            if (is_bf16() && fp32_compute)
+                kernels::gemm_bf16_widened(y, x, weight_bf16, kernels::Op::trans, 1.0f, accumulate ? 1.0f : 0.0f);
+            else if (is_bf16())
                 kernels::gemm_bf16(y, x, weight_bf16, kernels::Op::trans, 1.0f, accumulate ? 1.0f : 0.0f);
             else
                 kernels::gemm<T>(y, x, kernels::Op::none, weight, kernels::Op::trans, T(1), accumulate ? T(1) : T(0));
@@ -72,7 +78,10 @@ struct FrozenLinear {
     void backward_input(MatrixView<T> dx, ConstMatrixView<T> dy, bool accumulate = true) const {
         if constexpr (std::is_same_v<T, float>) {
             if (is_bf16()) {
-                kernels::gemm_bf16(dx, dy, weight_bf16, kernels::Op::none, 1.0f, accumulate ? 1.0f : 0.0f);
+                if (fp32_compute)
+                    kernels::gemm_bf16_widened(dx, dy, weight_bf16, kernels::Op::none, 1.0f, accumulate ? 1.0f : 0.0f);
+                else
+                    kernels::gemm_bf16(dx, dy, weight_bf16, kernels::Op::none, 1.0f, accumulate ? 1.0f : 0.0f);
                 return;
             }
         }
@@ -116,6 +125,35 @@ public:
         weights_ = ParamBuffer<T>(full_layout_);
     }
 
+    /// An MLP over weights held elsewhere (e.g. a memory-mapped model file, read in place): `linears`
+    /// gives every linear of the form by name (`fc`, `proj` or `gate`, `up`, `down`), each [out, in]
+    /// with the shapes of the form; `owner` keeps their memory alive as long as the MLP lives. Nothing
+    /// is copied. weights() is then empty and set_precision() refuses: the source decides the storage.
+    FrozenMlp(MlpForm form, Index d_model, Index d_hidden, std::map<std::string, FrozenLinear<T>> linears,
+              std::shared_ptr<const void> owner)
+        : FrozenMlp(form, d_model, d_hidden) {
+        weights_ = ParamBuffer<T>();
+        for (const auto& spec : full_layout_->tensors()) {
+            if (!spec.name.ends_with(".weight")) continue;
+            const std::string name = spec.name.substr(0, spec.name.size() - 7);
+            const auto it = linears.find(name);
+            require(it != linears.end(), "borrowed ", to_string(form), " MLP: no linear '", name, "'");
+            const FrozenLinear<T>& f = it->second;
+            require<ShapeError>(f.out_features() == spec.rows() && f.in_features() == spec.cols(), "borrowed MLP linear '",
+                                name, "': weight [", f.out_features(), ", ", f.in_features(), "], expected [",
+                                spec.rows(), ", ", spec.cols(), "]");
+            const auto bias = full_layout_->find(name + ".bias");
+            require<ShapeError>(f.bias.empty() || (bias && static_cast<Index>(f.bias.size()) == bias->size),
+                                "borrowed MLP linear '", name, "': bias of ", f.bias.size(), " values, expected ",
+                                bias ? bias->size : 0);
+            borrowed_.emplace(name, f);
+        }
+        require(borrowed_.size() == linears.size(), "borrowed ", to_string(form), " MLP: ", linears.size(),
+                " linears given, the form has ", borrowed_.size());
+        owner_ = std::move(owner);
+        precision_ = borrowed_.begin()->second.is_bf16() ? Precision::bf16 : Precision::fp32;
+    }
+
     MlpForm form() const { return form_; }
     Index d_model() const { return d_; }
     Index d_hidden() const { return h_; }
@@ -132,6 +170,7 @@ public:
     /// after loading the weights and before sharing the base: views taken earlier become invalid.
     void set_precision(Precision p) {
         if (p == precision_) return;
+        require(!is_borrowed(), "precision ", to_string(p), ": a borrowed MLP keeps the storage of its source");
         if (p == Precision::bf16) {
             require(std::is_same_v<T, float>, "precision bf16: only FrozenMlp<float> can hold bf16 weights");
             if constexpr (std::is_same_v<T, float>) {
@@ -175,18 +214,31 @@ public:
 
     /// A weight matrix held in bf16 (`fc.weight`, ...); empty in fp32 precision.
     ConstMatrixView<kernels::bf16> bf16_weight(const std::string& name) const {
+        if (is_borrowed() && name.ends_with(".weight")) {
+            const auto it = borrowed_.find(name.substr(0, name.size() - 7));
+            return it == borrowed_.end() ? ConstMatrixView<kernels::bf16>() : it->second.weight_bf16;
+        }
         for (const auto& m : bf16_offsets_)
             if (m.name == name) return {bf16_.data() + m.offset, m.rows, m.cols};
         return {};
     }
 
-    /// Bytes held for the frozen weights (matrices and biases), whatever the number of experts.
+    /// Bytes held for the frozen weights (matrices and biases), whatever the number of experts (0 when
+    /// borrowed: the owner holds them).
     std::size_t weight_bytes() const {
         return static_cast<std::size_t>(weights_.size()) * sizeof(T) + bf16_.size() * sizeof(kernels::bf16);
     }
 
+    /// Whether the weights are held elsewhere (the borrowing constructor).
+    bool is_borrowed() const { return !borrowed_.empty(); }
+
     /// A linear map by name: `fc`, `proj` (gelu) or `gate`, `up`, `down` (swiglu).
     FrozenLinear<T> linear(const std::string& name) const {
+        if (is_borrowed()) {
+            const auto it = borrowed_.find(name);
+            require(it != borrowed_.end(), "linear '", name, "': not in this MLP (no '", name, ".weight')");
+            return it->second;
+        }
         FrozenLinear<T> f;
         if (precision_ == Precision::bf16) {
             f.weight_bf16 = bf16_weight(name + ".weight");
@@ -200,7 +252,7 @@ public:
 
     /// Fills every weight and bias with N(0, std) draws (tests and toy examples; fp32 precision).
     void randomize(Rng& rng, double std = 0.02) {
-        require(precision_ == Precision::fp32, "randomize: call it before set_precision(bf16)");
+        require(precision_ == Precision::fp32 && !is_borrowed(), "randomize: call it before set_precision(bf16), on an owned MLP");
         for (const auto& spec : weights_.layout().tensors())
             for (T& w : weights_.span(spec.name)) w = static_cast<T>(rng.normal(0.0, std));
     }
@@ -218,6 +270,8 @@ private:
     ParamBuffer<T> weights_;
     comigs::detail::aligned_vector<kernels::bf16> bf16_;
     std::vector<Bf16Matrix> bf16_offsets_;
+    std::map<std::string, FrozenLinear<T>> borrowed_;  // the borrowing constructor's linears
+    std::shared_ptr<const void> owner_;                // keeps their memory alive
 };
 
 }  // namespace comigs

@@ -1,0 +1,77 @@
+#pragma once
+// Tiny random models for the host tests: a MemorySource holding every tensor a config implies, under
+// Hugging Face names, with values drawn from a seeded generator (norm weights around 1, everything else
+// small), so that logits are far from uniform and gradients far from zero.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <comigs/models.hpp>
+#include <comigs/random.hpp>
+
+namespace comigs::test {
+
+inline std::vector<double> random_values(Index n, Rng& rng, double mean, double sd) {
+    std::vector<double> v(static_cast<std::size_t>(n));
+    for (auto& x : v) x = mean + rng.normal(0.0, sd);
+    return v;
+}
+
+/// Every tensor of a Llama-family config, as `type` (norm weights N(1, 0.1), the rest N(0, sd)).
+inline std::shared_ptr<models::MemorySource> llama_source(const models::LlamaConfig& c, Rng& rng,
+                                                          models::ElementType type = models::ElementType::f64,
+                                                          double sd = 0.2) {
+    using models::llama_layer_name;
+    auto src = std::make_shared<models::MemorySource>("tiny llama");
+    const Index d = c.d_model, H = c.n_head, KV = c.kv_heads(), hd = c.hd(), h = c.mlp_hidden, V = c.vocab;
+    const auto add = [&](const std::string& name, std::vector<Index> shape, double mean, double s) {
+        Index n = 1;
+        for (Index x : shape) n *= x;
+        const auto v = random_values(n, rng, mean, s);
+        src->add(name, std::move(shape), std::span<const double>(v), type);
+    };
+    add("model.embed_tokens.weight", {V, d}, 0, 1.0);
+    if (!c.tie_word_embeddings) add("lm_head.weight", {V, d}, 0, sd);
+    add("model.norm.weight", {d}, 1, 0.1);
+    for (Index l = 0; l < c.n_layer; ++l) {
+        const auto n = [l](const std::string& t) { return llama_layer_name(l, t); };
+        add(n("input_layernorm.weight"), {d}, 1, 0.1);
+        add(n("post_attention_layernorm.weight"), {d}, 1, 0.1);
+        add(n("self_attn.q_proj.weight"), {H * hd, d}, 0, sd);
+        add(n("self_attn.k_proj.weight"), {KV * hd, d}, 0, sd);
+        add(n("self_attn.v_proj.weight"), {KV * hd, d}, 0, sd);
+        add(n("self_attn.o_proj.weight"), {d, H * hd}, 0, sd);
+        if (c.has_qkv_bias()) {
+            add(n("self_attn.q_proj.bias"), {H * hd}, 0, sd);
+            add(n("self_attn.k_proj.bias"), {KV * hd}, 0, sd);
+            add(n("self_attn.v_proj.bias"), {KV * hd}, 0, sd);
+        }
+        if (c.attention_bias) add(n("self_attn.o_proj.bias"), {d}, 0, sd);
+        add(n("mlp.gate_proj.weight"), {h, d}, 0, sd);
+        add(n("mlp.up_proj.weight"), {h, d}, 0, sd);
+        add(n("mlp.down_proj.weight"), {d, h}, 0, sd);
+    }
+    return src;
+}
+
+/// A small Llama config exercising GQA, head_dim != d / heads and llama3 RoPE scaling.
+inline models::LlamaConfig tiny_llama_config(bool qwen = false) {
+    models::LlamaConfig c;
+    c.model_type = qwen ? "qwen2" : "llama";
+    c.qkv_bias = qwen;
+    c.vocab = 23;
+    c.d_model = 12;
+    c.n_layer = 2;
+    c.n_head = 4;
+    c.n_kv_head = 2;
+    c.head_dim = 6;  // 4 x 6 = 24 != 12
+    c.mlp_hidden = 20;
+    c.max_positions = 64;
+    c.rms_eps = 1e-5;
+    c.rope_theta = 500;
+    if (!qwen) c.rope_scaling = models::Llama3RopeScaling{4.0, 1.0, 2.0, 64.0};  // one wavelength kept, one blended, one divided
+    c.tie_word_embeddings = qwen;
+    return c;
+}
+
+}  // namespace comigs::test
