@@ -2,10 +2,12 @@
 // Tiny random models for the host tests: a MemorySource holding every tensor a config implies, under
 // Hugging Face names, with values drawn from a seeded generator (norm weights around 1, everything else
 // small), so that logits are far from uniform and gradients far from zero.
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include <comigs/mixture.hpp>
 #include <comigs/models.hpp>
 #include <comigs/random.hpp>
 
@@ -72,6 +74,36 @@ inline models::LlamaConfig tiny_llama_config(bool qwen = false) {
     if (!qwen) c.rope_scaling = models::Llama3RopeScaling{4.0, 1.0, 2.0, 64.0};  // one wavelength kept, one blended, one divided
     c.tie_word_embeddings = qwen;
     return c;
+}
+
+/// Attention LoRA (B random, so it matters) and a mixture of LoRA experts on every MLP (all factors and
+/// the router random) on any host: the CoMiGS model the generation and demo tests run.
+template <class T>
+std::vector<std::shared_ptr<MixtureOfLoraMlp<T>>> add_random_adapters(models::CausalLm<T>& m, Rng& rng,
+                                                                    Index experts = 2, Index top_k = 2,
+                                                                    double sd = 0.1) {
+    m.add_attention_lora({2, 4.0, LoraScaling::sqrt}, rng);
+    for (T& v : m.lora().all()) v = T(rng.normal(0.0, sd));
+    std::vector<std::shared_ptr<MixtureOfLoraMlp<T>>> mixtures;
+    for (Index l = 0; l < m.n_layer(); ++l) {
+        MixtureConfig mc;
+        mc.form = m.mlp_form();
+        mc.d_model = m.d_model();
+        mc.d_hidden = m.mlp_hidden();
+        mc.n_experts = experts;
+        mc.top_k = top_k;
+        mc.rank = 2;
+        auto mix = std::make_shared<MixtureOfLoraMlp<T>>(mc, m.frozen_mlp(l));
+        mix->init(rng);
+        for (T& v : mix->params().all()) v = T(rng.normal(0.0, 3 * sd));
+        m.set_mlp(l, std::make_unique<models::MixtureMlp<T>>(mix, 0.01 / double(m.n_layer())));
+        mixtures.push_back(mix);
+    }
+    return mixtures;
+}
+
+inline std::filesystem::path golden_model(const std::string& name) {
+    return std::filesystem::path(COMIGS_GOLDEN_DIR) / "models" / name / "model";
 }
 
 }  // namespace comigs::test
