@@ -475,7 +475,7 @@ TEST_CASE("kernels::gemm_bf16: every backend matches the bf16-rounded product; w
 }
 
 TEST_CASE("kernels::gemm_bf16_widened: fp32 arithmetic on the exact bf16 values, activations not rounded") {
-    Knob<Index> panel(kernels::detail::bf16_fallback_panel(), 5);
+    Knob<Index> panel(kernels::detail::bf16_widen_panel_elements(), 150);  // a few columns per panel, with tails
     Rng rng(14);
     for (Index m : {Index(1), Index(7), Index(40)})
         for (Index n : {Index(1), Index(13), Index(33)})

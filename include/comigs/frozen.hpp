@@ -107,7 +107,14 @@ inline const char* to_string(Precision p) { return p == Precision::fp32 ? "fp32"
 template <class T>
 class FrozenMlp {
 public:
-    FrozenMlp(MlpForm form, Index d_model, Index d_hidden) : form_(form), d_(d_model), h_(d_hidden) {
+    FrozenMlp(MlpForm form, Index d_model, Index d_hidden) : FrozenMlp(form, d_model, d_hidden, Layout{}) {
+        weights_ = ParamBuffer<T>(full_layout_);
+    }
+
+private:
+    struct Layout {};
+    /// Shapes only: the owning constructor allocates the weights, the borrowing one never does.
+    FrozenMlp(MlpForm form, Index d_model, Index d_hidden, Layout) : form_(form), d_(d_model), h_(d_hidden) {
         require(d_model >= 1, "d_model ", d_model, ": must be >= 1");
         require(d_hidden >= 1, "d_hidden ", d_hidden, ": must be >= 1");
         ParamLayout l;
@@ -122,8 +129,9 @@ public:
             l.add("down.weight", {d_, h_});
         }
         full_layout_ = std::make_shared<const ParamLayout>(std::move(l));
-        weights_ = ParamBuffer<T>(full_layout_);
     }
+
+public:
 
     /// An MLP over weights held elsewhere (e.g. a memory-mapped model file, read in place): `linears`
     /// gives every linear of the form by name (`fc`, `proj` or `gate`, `up`, `down`), each [out, in]
@@ -131,8 +139,7 @@ public:
     /// is copied. weights() is then empty and set_precision() refuses: the source decides the storage.
     FrozenMlp(MlpForm form, Index d_model, Index d_hidden, std::map<std::string, FrozenLinear<T>> linears,
               std::shared_ptr<const void> owner)
-        : FrozenMlp(form, d_model, d_hidden) {
-        weights_ = ParamBuffer<T>();
+        : FrozenMlp(form, d_model, d_hidden, Layout{}) {
         for (const auto& spec : full_layout_->tensors()) {
             if (!spec.name.ends_with(".weight")) continue;
             const std::string name = spec.name.substr(0, spec.name.size() - 7);

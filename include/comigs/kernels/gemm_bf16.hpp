@@ -31,6 +31,12 @@ inline Index& bf16_fallback_panel() {
     static Index panel = 256;
     return panel;
 }
+/// Elements of W gemm_bf16_widened widens at a time (4 MB of fp32: a whole projection of a small model,
+/// a few panels of a large one; a test can shrink it to hit the tails).
+inline Index& bf16_widen_panel_elements() {
+    static Index elements = Index(1) << 20;
+    return elements;
+}
 }  // namespace detail
 
 /// The backend gemm_bf16 uses on this machine and build.
@@ -45,10 +51,10 @@ namespace detail {
 /// C = alpha A op(W) + beta C with W widened to fp32 a panel of columns at a time (exact: bf16 -> fp32
 /// loses nothing) and multiplied by the fp32 GEMM; A is used as given. Shapes checked by the callers.
 inline void gemm_widened_panels(MatrixView<float> C, ConstMatrixView<float> Af, ConstMatrixView<bf16> W, Op opw,
-                                float alpha, float beta) {
+                                float alpha, float beta, Index panel) {
     const Index m = Af.rows, k = Af.cols, n = C.cols;
     thread_local std::vector<float> wf;
-    const Index panel = std::max<Index>(1, bf16_fallback_panel());
+    panel = std::max<Index>(1, panel);
     for (Index j0 = 0; j0 < n; j0 += panel) {
         const Index nb = std::min(panel, n - j0);
         wf.resize(static_cast<std::size_t>(nb * k));
@@ -94,7 +100,8 @@ inline void gemm_bf16_from(MatrixView<float> C, ConstMatrixView<bf16> A, ConstMa
     thread_local std::vector<float> af;
     af.resize(static_cast<std::size_t>(m * k));
     for (Index i = 0; i < m; ++i) convert_to_float(af.data() + i * k, A.row_ptr(i), k);
-    detail::gemm_widened_panels(C, ConstMatrixView<float>(af.data(), m, k), W, opw, alpha, beta);
+    detail::gemm_widened_panels(C, ConstMatrixView<float>(af.data(), m, k), W, opw, alpha, beta,
+                                detail::bf16_fallback_panel());
 }
 
 /// C[M, N] = alpha * A[M, K] op(W) + beta * C (beta 0 or 1), A fp32 (rounded to bf16 on the way in),
@@ -128,7 +135,7 @@ inline void gemm_bf16_widened(MatrixView<float> C, ConstMatrixView<float> A, Con
             for (Index i = 0; i < m; ++i) std::fill(C.row_ptr(i), C.row_ptr(i) + n, 0.0f);
         return;
     }
-    detail::gemm_widened_panels(C, A, W, opw, alpha, beta);
+    detail::gemm_widened_panels(C, A, W, opw, alpha, beta, detail::bf16_widen_panel_elements() / k);
 }
 
 }  // namespace comigs::kernels

@@ -107,9 +107,12 @@ public:
         require(base_ != nullptr, "frozen MLP block: null base");
     }
 
-    void forward(MatrixView<T> y, ConstMatrixView<T> x, bool /*training*/) override {
+    void forward(MatrixView<T> y, ConstMatrixView<T> x, bool training) override {
         const Index n = x.rows, h = base_->d_hidden();
-        reserve(n, h);
+        // Training keeps this block's activations for its backward; inference uses a scratch shared by
+        // every block (a 30-block model would otherwise hold 30 [N, hidden] x 4 buffers to evaluate).
+        reserve(training ? buf_ : shared_scratch(), n, h);
+        kept_ = training;
         if (base_->form() == MlpForm::gelu) {
             base_->linear("fc").forward(slot(0), x);
             kernels::gelu_forward(slot(1).data, slot(0).data, n * h);
@@ -124,6 +127,7 @@ public:
 
     void backward(MatrixView<T> dx, ConstMatrixView<T> dy, ConstMatrixView<T> x) override {
         const Index n = x.rows, h = base_->d_hidden();
+        require(kept_, "frozen MLP backward: the last forward was not a training forward");
         require<ShapeError>(n == n_, "frozen MLP backward on ", n, " tokens, forward had ", n_);
         if (base_->form() == MlpForm::gelu) {
             const MatrixView<T> pre = slot(0), dact = slot(2);
@@ -144,15 +148,22 @@ public:
     const FrozenMlp<T>& base() const { return *base_; }
 
 private:
-    void reserve(Index n, Index hidden) {
+    static comigs::detail::aligned_vector<T>& shared_scratch() {
+        thread_local comigs::detail::aligned_vector<T> scratch;
+        return scratch;
+    }
+    void reserve(comigs::detail::aligned_vector<T>& buf, Index n, Index hidden) {
         n_ = n;
         hidden_ = hidden;
-        if (static_cast<Index>(buf_.size()) < 4 * n * hidden) buf_.resize(static_cast<std::size_t>(4 * n * hidden));
+        if (static_cast<Index>(buf.size()) < 4 * n * hidden) buf.resize(static_cast<std::size_t>(4 * n * hidden));
+        data_ = buf.data();
     }
-    MatrixView<T> slot(int i) { return {buf_.data() + i * n_ * hidden_, n_, hidden_}; }
+    MatrixView<T> slot(int i) { return {data_ + i * n_ * hidden_, n_, hidden_}; }
 
     std::shared_ptr<const FrozenMlp<T>> base_;
     Index n_ = 0, hidden_ = 0;
+    bool kept_ = false;
+    T* data_ = nullptr;
     comigs::detail::aligned_vector<T> buf_;
 };
 
