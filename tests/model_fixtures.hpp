@@ -7,6 +7,11 @@
 #include <string>
 #include <vector>
 
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include <comigs/io/safetensors.hpp>
 #include <comigs/mixture.hpp>
 #include <comigs/models.hpp>
 #include <comigs/random.hpp>
@@ -104,6 +109,35 @@ std::vector<std::shared_ptr<MixtureOfLoraMlp<T>>> add_random_adapters(models::Ca
 
 inline std::filesystem::path golden_model(const std::string& name) {
     return std::filesystem::path(COMIGS_GOLDEN_DIR) / "models" / name / "model";
+}
+
+/// Writes a Hugging Face folder (config.json + model.safetensors, F32) of a Llama-family config with the
+/// random tensors of llama_source: a real-model host for tests of the programs and the demo.
+inline void write_llama_folder(const std::filesystem::path& dir, const models::LlamaConfig& c, Rng& rng) {
+    std::filesystem::create_directories(dir);
+    const auto src = llama_source(c, rng, models::ElementType::f32);
+    io::SafetensorsFile f;
+    f.metadata()["format"] = "pt";
+    for (const auto& name : src->names()) {
+        const auto& t = src->at(name);
+        f.add_raw(name, io::Dtype::F32, t.shape, std::vector<std::byte>(t.bytes.begin(), t.bytes.end()));
+    }
+    f.save(dir / "model.safetensors");
+    nlohmann::json j = {{"architectures", {c.model_type == "qwen2" ? "Qwen2ForCausalLM" : "LlamaForCausalLM"}},
+                        {"model_type", c.model_type},
+                        {"vocab_size", c.vocab},
+                        {"hidden_size", c.d_model},
+                        {"num_hidden_layers", c.n_layer},
+                        {"num_attention_heads", c.n_head},
+                        {"num_key_value_heads", c.kv_heads()},
+                        {"intermediate_size", c.mlp_hidden},
+                        {"max_position_embeddings", c.max_positions},
+                        {"rms_norm_eps", c.rms_eps},
+                        {"rope_theta", c.rope_theta},
+                        {"tie_word_embeddings", c.tie_word_embeddings},
+                        {"hidden_act", "silu"}};
+    if (c.head_dim > 0) j["head_dim"] = c.head_dim;
+    std::ofstream(dir / "config.json") << j.dump(2);
 }
 
 }  // namespace comigs::test

@@ -88,7 +88,7 @@ void check_case(const std::string& name, const models::WeightOptions& options, d
         mc.rank = std::stol(meta("mix_rank"));
         mc.alpha = std::stod(meta("mix_alpha"));
         auto mix = std::make_shared<comigs::MixtureOfLoraMlp<T>>(mc, m.frozen_mlp(l));
-        const std::string prefix = m.architecture() == "gpt2" ? models::layer_name(l, "mlp.") : models::llama_layer_name(l, "mlp.");
+        const std::string prefix = m.mlp_prefix(l);
         for (const auto& spec : mix->params().layout().tensors())
             inputs.get_into<T>(prefix + spec.name, mix->params().view(spec.name));
         m.set_mlp(l, std::make_unique<models::MixtureMlp<T>>(mix, lb_weight));
@@ -112,7 +112,7 @@ void check_case(const std::string& name, const models::WeightOptions& options, d
             ++compared;
         }
     for (Index l = 0; l < m.n_layer(); ++l) {
-        const std::string prefix = m.architecture() == "gpt2" ? models::layer_name(l, "mlp.") : models::llama_layer_name(l, "mlp.");
+        const std::string prefix = m.mlp_prefix(l);
         const auto& mix = *mixtures[static_cast<std::size_t>(l)];
         for (const auto& spec : mix.params().layout().tensors()) {
             worst = std::max(worst, rel_err(mix.grads().span(spec.name), expected.get<double>(prefix + spec.name + ".grad")));

@@ -61,6 +61,9 @@ public:
     /// The Hugging Face module path of an MLP linear of block `layer` (`fc`/`proj` or `gate`/`up`/`down`,
     /// comigs' names): "transformer.h.3.mlp.c_fc", "model.layers.3.mlp.up_proj".
     virtual std::string mlp_module(Index layer, const std::string& linear) const = 0;
+    /// The name prefix of block `layer`'s MLP adapters in comigs' registries, uploads and checkpoints:
+    /// "h.3.mlp." (GPT-2), "model.layers.3.mlp." (Llama).
+    virtual std::string mlp_prefix(Index layer) const = 0;
 
     // ---- attention LoRA ----------------------------------------------------------------------------
     /// Adds (or replaces) LoRA on every attention projection (A Kaiming-uniform, B = 0: the function

@@ -227,6 +227,10 @@ public:
         check_layer(layer);
         return w_->layers[static_cast<std::size_t>(layer)].mlp;
     }
+    std::string mlp_prefix(Index layer) const override {
+        check_layer(layer);
+        return layer_name(layer, "mlp.");
+    }
     std::string mlp_module(Index layer, const std::string& linear) const override {
         check_layer(layer);
         require(linear == "fc" || linear == "proj", "mlp linear '", linear, "': a GPT-2 MLP has fc and proj");

@@ -219,6 +219,10 @@ public:
         check_layer(layer);
         return *mlps_[static_cast<std::size_t>(layer)];
     }
+    std::string mlp_prefix(Index layer) const override {
+        check_layer(layer);
+        return llama_layer_name(layer, "mlp.");
+    }
     std::string mlp_module(Index layer, const std::string& linear) const override {
         check_layer(layer);
         require(linear == "gate" || linear == "up" || linear == "down", "mlp linear '", linear,
