@@ -65,7 +65,6 @@ int main(int argc, char** argv) {
                     std::fputs(text.c_str() + printed.size(), stdout);
                     printed = text;
                 }
-                if (print_ids) std::fprintf(stderr, "[%d]", t);
                 std::fflush(stdout);
                 return true;
             }
@@ -78,6 +77,13 @@ int main(int argc, char** argv) {
         const auto out = comigs::models::generate(m, ids, g);
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         std::printf("\n");
+#if COMIGS_MODELS_HAVE_TOKENIZER
+        if (tok && print_ids) {
+            std::printf("ids:");
+            for (const int t : out) std::printf(" %d", t);
+            std::printf("\n");
+        }
+#endif
         std::fprintf(stderr, "%zu prompt + %zu new tokens in %.2f s (%.1f tokens/s with the prompt, %d threads)%s\n",
                      ids.size(), out.size(), secs, double(ids.size() + out.size()) / secs, omp_get_max_threads(),
                      !out.empty() && !g.stop_tokens.empty() &&

@@ -11,7 +11,7 @@ build="${COMIGS_FUZZ_BUILD_DIR:-$src/build-fuzz}"
 CXX="${CXX:-clang++}" cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCOMIGS_BUILD_FUZZERS=ON -DCOMIGS_BUILD_TESTS=ON -DCOMIGS_BUILD_EXAMPLES=OFF -DCOMIGS_BUILD_BENCHMARKS=OFF \
   -DCOMIGS_INSTALL=OFF -DCOMIGS_NATIVE=OFF
-cmake --build "$build" --target fuzz_safetensors -j2
+cmake --build "$build" --target fuzz_safetensors fuzz_hf_config -j2
 
 # New inputs go to a scratch directory, so the committed seed corpus stays as it is.
 work="$(mktemp -d)"
@@ -20,3 +20,7 @@ mkdir -p "$build/fuzz-artifacts"
 "$build/tests/fuzz/fuzz_safetensors" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=4096 \
   -dict="$src/tests/fuzz/safetensors.dict" -artifact_prefix="$build/fuzz-artifacts/" -print_final_stats=1 \
   "$work" "$src/tests/fuzz/corpus"
+# Model folders' config.json and index (a quarter of the time: a small grammar).
+mkdir -p "$work/hf"
+"$build/tests/fuzz/fuzz_hf_config" -max_total_time="$(( (seconds + 3) / 4 ))" -timeout=10 -rss_limit_mb=2048 \
+  -max_len=4096 -artifact_prefix="$build/fuzz-artifacts/" -print_final_stats=1 "$work/hf" "$src/tests/fuzz/corpus_hf"

@@ -18,6 +18,7 @@
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -33,6 +34,32 @@
 #include "tensor_source.hpp"
 
 namespace comigs::models {
+
+/// The "weight_map" of a model.safetensors.index.json text: shard file -> the tensors it holds, in name
+/// order. Every value must be a plain file name (a path leading out of the folder is refused, not
+/// followed). FormatError naming `where` and the bad value otherwise.
+inline std::map<std::string, std::vector<std::string>> parse_index(std::string_view text, const std::string& where) {
+    nlohmann::json j;
+    try {
+        j = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+        comigs::detail::raise<FormatError>(where, ": not valid JSON (", e.what(), ")");
+    }
+    require<FormatError>(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(), where,
+                         ": no \"weight_map\" object");
+    std::map<std::string, std::vector<std::string>> shards;
+    for (const auto& [name, file] : j["weight_map"].items()) {
+        require<FormatError>(file.is_string(), where, ": weight_map[", comigs::detail::quote_name(name), "] is ", file.dump(),
+                             ", not a file name");
+        const std::string s = file.get<std::string>();
+        require<FormatError>(!s.empty() && s.find('/') == std::string::npos && s.find('\\') == std::string::npos &&
+                                 s.find('\0') == std::string::npos && s != "." && s != "..",
+                             where, ": weight_map[", comigs::detail::quote_name(name), "] = ", file.dump(), " is not a file name in the folder");
+        shards[s].push_back(name);
+    }
+    require<FormatError>(!shards.empty(), where, ": the weight_map is empty");
+    return shards;
+}
 
 /// The tensors of a Hugging Face model folder (or of one safetensors file), mapped in place.
 class SafetensorsFolder final : public TensorSource {
@@ -93,32 +120,15 @@ private:
     SafetensorsFolder() = default;
 
     void read_index(const std::filesystem::path& index) {
-        const std::string where = "'" + index.string() + "'";
-        nlohmann::json j;
+        std::string text;
         {
             std::ifstream in(index, std::ios::binary);
-            require<IoError>(static_cast<bool>(in), what_, ": cannot open ", where);
-            try {
-                j = nlohmann::json::parse(in);
-            } catch (const nlohmann::json::exception& e) {
-                comigs::detail::raise<FormatError>(where, ": not valid JSON (", e.what(), ")");
-            }
+            require<IoError>(static_cast<bool>(in), what_, ": cannot open '", index.string(), "'");
+            std::ostringstream ss;
+            ss << in.rdbuf();
+            text = ss.str();
         }
-        require<FormatError>(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(), where,
-                             ": no \"weight_map\" object");
-        // shard file -> tensors the index puts there
-        std::map<std::string, std::vector<std::string>> shards;
-        for (const auto& [name, file] : j["weight_map"].items()) {
-            require<FormatError>(file.is_string(), where, ": weight_map[\"", name, "\"] is ", file.dump(),
-                                 ", not a file name");
-            const std::string s = file.get<std::string>();
-            // Shards live beside the index: a path out of the folder is refused, not followed.
-            require<FormatError>(!s.empty() && s.find('/') == std::string::npos && s.find('\\') == std::string::npos &&
-                                     s != "." && s != "..",
-                                 where, ": weight_map[\"", name, "\"] = \"", s, "\" is not a file name in the folder");
-            shards[s].push_back(name);
-        }
-        require<FormatError>(!shards.empty(), where, ": the weight_map is empty");
+        const auto shards = parse_index(text, "'" + index.string() + "'");
         for (const auto& [file, names] : shards) {
             const std::filesystem::path p = root_ / file;
             std::error_code ec;
@@ -319,6 +329,14 @@ inline LlamaConfig llama_config(const HfConfig& h) {
             c.rope_scaling = s;
         }
     }
+    // Beyond any model's sizes (and what a test's memory holds): refused before anything is allocated.
+    for (const auto& [name, value, limit] : {std::tuple<const char*, Index, Index>{"vocab_size", c.vocab, Index(1) << 24},
+                                             {"hidden_size", c.d_model, Index(1) << 17},
+                                             {"intermediate_size", c.mlp_hidden, Index(1) << 19},
+                                             {"num_hidden_layers", c.n_layer, Index(1) << 12},
+                                             {"num_attention_heads", c.n_head, Index(1) << 12},
+                                             {"head_dim", c.head_dim, Index(1) << 13}})
+        require<FormatError>(value <= limit, h.where, ": \"", name, "\" ", value, " is beyond what comigs loads (", limit, ")");
     try {
         c.validate();
     } catch (const InvalidArgument& e) {
@@ -348,6 +366,12 @@ inline Gpt2Config gpt2_config(const HfConfig& h) {
     for (const char* k : {"scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"})
         require<FormatError>(!h.boolean(k, false), h.where, ": \"", k, "\" true is not supported");
     require<FormatError>(h.boolean("scale_attn_weights", true), h.where, ": \"scale_attn_weights\" false is not supported");
+    for (const auto& [name, value, limit] : {std::tuple<const char*, Index, Index>{"vocab_size", c.vocab, Index(1) << 24},
+                                             {"n_embd", c.d_model, Index(1) << 17},
+                                             {"n_inner", c.mlp_hidden, Index(1) << 19},
+                                             {"n_layer", c.n_layer, Index(1) << 12},
+                                             {"n_positions", c.n_ctx, Index(1) << 20}})
+        require<FormatError>(value <= limit, h.where, ": \"", name, "\" ", value, " is beyond what comigs loads (", limit, ")");
     try {
         c.validate();
     } catch (const InvalidArgument& e) {
