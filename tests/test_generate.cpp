@@ -106,3 +106,24 @@ TEST_CASE("models::sample_token: temperature, top-k and top-p as transformers' w
     CHECK_THROWS_WITH_AS(models::sample_token<float>(logits, models::SamplingConfig{1.0, -1, 1.0}, rng),
                          doctest::Contains("top_k -1"), comigs::InvalidArgument);
 }
+
+TEST_CASE("models::Gpt2 decode: the KV cache gives the logits of a full recomputation, adapters active") {
+    auto loaded = models::load_hf_model<double>(comigs::test::golden_model("gpt2_bf16"));
+    auto& m = *loaded.model;
+    Rng rng(22);
+    comigs::test::add_random_adapters(m, rng, 2, 1);
+    const std::vector<int> tokens = {5, 9, 2, 30, 11, 7, 19, 3};
+    const Index T = static_cast<Index>(tokens.size()), V = m.vocab();
+    m.forward(tokens, {}, 1, T, false);
+    const std::vector<double> full(m.logits().data, m.logits().data + T * V);
+    m.reset_cache(T);
+    Index done = 0;
+    for (const Index step : {Index(3), Index(1), Index(4)}) {
+        const auto logits =
+            m.decode(std::span<const int>(tokens).subspan(static_cast<std::size_t>(done), static_cast<std::size_t>(step)));
+        done += step;
+        for (Index v = 0; v < V; ++v)
+            REQUIRE(logits[static_cast<std::size_t>(v)] ==
+                    doctest::Approx(full[static_cast<std::size_t>((done - 1) * V + v)]).epsilon(1e-11));
+    }
+}
