@@ -332,6 +332,7 @@ private:
             entries.emplace_back(static_cast<std::int32_t>(id.get<std::int64_t>()), spelling);
         }
         for (auto& [id, spelling] : entries) {
+            check_id_bound(id, entries.size(), what);
             auto bytes = token_text_to_bytes(spelling);
             if (bytes) {
                 set_token(id, Kind::Vocab, std::move(*bytes), spelling);
@@ -348,6 +349,14 @@ private:
                      "'): not a byte-level BPE vocabulary");
             byte_ids_[b] = it->second;
         }
+    }
+
+    /// Ids index flat tables, so a file may not name ids far beyond its token count (one id near 2^31
+    /// would otherwise cost gigabytes): at most max_unassigned_ids ids may go unused.
+    static constexpr std::size_t max_unassigned_ids = std::size_t(1) << 20;
+    void check_id_bound(std::int32_t id, std::size_t tokens, const char* what) const {
+        if (static_cast<std::size_t>(id) >= tokens + max_unassigned_ids)
+            fail(what, ": id ", id, " leaves more than ", max_unassigned_ids, " ids unassigned (", tokens, " tokens)");
     }
 
     static std::string hex_byte(unsigned b) {
@@ -532,6 +541,7 @@ private:
         const json* special = detail::member(a, "special");
         if (special && !special->is_null() && !special->is_boolean()) fail(where, ".special = ", special->dump(), " is not true or false");
         const auto tid = static_cast<std::int32_t>(id->get<std::int64_t>());
+        check_id_bound(tid, kinds_.size() + i + 1, where.c_str());
         const std::string& text = content->get_ref<const std::string&>();
         const auto ti = static_cast<std::size_t>(tid);
         if (ti < kinds_.size() && kinds_[ti] != Kind::None) {
