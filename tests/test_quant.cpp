@@ -53,7 +53,7 @@ TEST_CASE("quantization: ggml's blocks and values, byte for byte against the num
     const Index rows = shape[0], cols = shape[1];
     const auto x = f.get<float>("x");
     for (QuantType t : {QuantType::q8_0, QuantType::q4_0}) {
-        CAPTURE(kernels::to_string(t));
+        CAPTURE(std::string(kernels::to_string(t)));
         const std::string name = kernels::to_string(t);
         const auto blocks = f.get<std::uint8_t>(name + ".blocks");
         const auto values = f.get<float>(name + ".values");
@@ -153,7 +153,7 @@ double quant_ref(const std::vector<T>& A, Index lda, const std::vector<float>& W
 
 template <class T>
 void check_gemm_quant(QuantType t, Index m, Index n, Index k, kernels::Op op, float beta, Rng& rng) {
-    CAPTURE(kernels::to_string(t));
+    CAPTURE(std::string(kernels::to_string(t)));
     CAPTURE(m);
     CAPTURE(n);
     CAPTURE(k);
