@@ -241,3 +241,18 @@ TEST_CASE("kernels::gemm_quant: shape errors and empty products") {
                                kernels::Op::trans);
     CHECK(C[0] == 5.0f);
 }
+
+TEST_CASE("quantization: the vector block decoders give the plain loops' values bit for bit") {
+    Rng rng(77);
+    const Index n = 32 * 40;
+    std::vector<float> x(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) x[static_cast<std::size_t>(i)] = static_cast<float>(rng.normal() * std::exp(rng.uniform(-9, 9)));
+    for (QuantType t : {QuantType::q8_0, QuantType::q4_0}) {
+        std::vector<std::byte> blocks(kernels::quant_row_bytes(t, n) + 1);
+        kernels::quantize_row(blocks.data() + 1, t, x.data(), n);  // unaligned blocks
+        std::vector<float> fast(static_cast<std::size_t>(n)), plain(fast.size());
+        kernels::dequantize_row(fast.data(), t, blocks.data() + 1, n);
+        kernels::dequantize_row_plain(plain.data(), t, blocks.data() + 1, n);
+        CHECK(std::memcmp(fast.data(), plain.data(), fast.size() * sizeof(float)) == 0);
+    }
+}

@@ -17,6 +17,7 @@
 // take fused kernels that dequantize each block in registers and multiply it at once (memory-bound:
 // Q4_0 reads 0.5625 bytes a weight where fp32 reads 4).
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -27,6 +28,19 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+// The block decoders below have one vector form per target: AVX-512 (x86-64 builds with -mavx512f),
+// NEON (aarch64); every other target takes the plain loops, which are also the reference the tests
+// hold the vector forms to. The macros are internal and undefined at the end of this header.
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define COMIGS_QUANT_AVX512 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define COMIGS_QUANT_NEON 1
+#endif
+#if defined(__F16C__) && !defined(COMIGS_QUANT_AVX512)
+#include <immintrin.h>
 #endif
 
 #include "../detail/aligned.hpp"
@@ -103,9 +117,23 @@ inline void quantize_row_q4_0(BlockQ4_0* y, const float* x, Index n) {
 }
 
 namespace detail {
-inline float block_scale(std::uint16_t d) { return comigs::detail::f16_bits_to_float(d); }
+/// The fp16 block scale as float (exact: every fp16 value is a float).
+inline float block_scale(std::uint16_t d) {
+#if defined(__F16C__)
+    return _cvtsh_ss(d);
+#elif defined(__aarch64__)
+    return static_cast<float>(std::bit_cast<__fp16>(d));
+#else
+    return comigs::detail::f16_bits_to_float(d);
+#endif
+}
+inline float block_scale(const std::byte* block) {
+    std::uint16_t d;
+    std::memcpy(&d, block, 2);
+    return block_scale(d);
+}
 
-/// y[0, 32) = the values of one block (as float q * d, then converted to T).
+/// y[0, 32) = the values of one block (as float q * d, then converted to T): the plain reference.
 template <class T>
 inline void dequantize_block(T* y, const BlockQ8_0& b) {
     const float d = block_scale(b.d);
@@ -121,23 +149,99 @@ inline void dequantize_block(T* y, const BlockQ4_0& b) {
         y[j + 16] = static_cast<T>(static_cast<float>((b.qs[j] >> 4) - 8) * d);
     }
 }
+template <class T>
+inline void dequantize_block_plain(T* y, QuantType t, const std::byte* p) {
+    if (t == QuantType::q8_0) {
+        BlockQ8_0 blk;
+        std::memcpy(&blk, p, sizeof blk);
+        dequantize_block(y, blk);
+    } else {
+        BlockQ4_0 blk;
+        std::memcpy(&blk, p, sizeof blk);
+        dequantize_block(y, blk);
+    }
+}
+
+#if defined(COMIGS_QUANT_AVX512)
+/// The 32 levels of a block (q for Q8_0, q - 8 for Q4_0) as floats in two registers (0-15, 16-31).
+inline void decode_levels(const std::byte* p, QuantType t, __m512& lo, __m512& hi) {
+    const auto* q = reinterpret_cast<const __m128i*>(p + 2);
+    if (t == QuantType::q8_0) {
+        lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
+        hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1)));
+    } else {
+        // Each byte in a 32-bit lane; the permute reads the low 4 bits of the lane as the index into
+        // the table of q - 8, so the low nibble needs no mask.
+        const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q));
+        lo = _mm512_permutexvar_ps(v, table);
+        hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+    }
+}
+/// The 32 values of a block in two registers (values 0-15, 16-31), each the float q * d.
+inline void decode_block(const std::byte* p, QuantType t, __m512& lo, __m512& hi) {
+    decode_levels(p, t, lo, hi);
+    const __m512 d = _mm512_set1_ps(block_scale(p));
+    lo = _mm512_mul_ps(lo, d);
+    hi = _mm512_mul_ps(hi, d);
+}
+#elif defined(COMIGS_QUANT_NEON)
+/// The 32 values of a block in eight registers, each the float q * d.
+inline void decode_block(const std::byte* p, QuantType t, float32x4_t v[8]) {
+    const float32x4_t d = vdupq_n_f32(block_scale(p));
+    const auto* q = reinterpret_cast<const std::uint8_t*>(p + 2);
+    int8x16_t q0, q1;
+    if (t == QuantType::q8_0) {
+        q0 = vreinterpretq_s8_u8(vld1q_u8(q));
+        q1 = vreinterpretq_s8_u8(vld1q_u8(q + 16));
+    } else {
+        const uint8x16_t b = vld1q_u8(q);
+        q0 = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(b, vdupq_n_u8(0x0F))), vdupq_n_s8(8));
+        q1 = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(b, 4)), vdupq_n_s8(8));
+    }
+    const int16x8_t w[4] = {vmovl_s8(vget_low_s8(q0)), vmovl_high_s8(q0), vmovl_s8(vget_low_s8(q1)), vmovl_high_s8(q1)};
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(w[i]))), d);
+        v[2 * i + 1] = vmulq_f32(vcvtq_f32_s32(vmovl_high_s16(w[i])), d);
+    }
+}
+#endif
+
+/// y[0, 32) = the values of the block at p (the vector decoders for float where the target has one).
+template <class T>
+inline void dequantize_block(T* y, QuantType t, const std::byte* p) {
+#if defined(COMIGS_QUANT_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+        __m512 lo, hi;
+        decode_block(p, t, lo, hi);
+        _mm512_storeu_ps(y, lo);
+        _mm512_storeu_ps(y + 16, hi);
+        return;
+    }
+#elif defined(COMIGS_QUANT_NEON)
+    if constexpr (std::is_same_v<T, float>) {
+        float32x4_t v[8];
+        decode_block(p, t, v);
+        for (int i = 0; i < 8; ++i) vst1q_f32(y + 4 * i, v[i]);
+        return;
+    }
+#endif
+    dequantize_block_plain(y, t, p);
+}
 }  // namespace detail
 
 /// y[0, n) = the values of the blocks at `blocks` (n a multiple of 32; blocks need no alignment).
 template <class T>
 void dequantize_row(T* y, QuantType t, const std::byte* blocks, Index n) {
-    for (Index b = 0; b < n / 32; ++b) {
-        const std::byte* p = blocks + static_cast<std::size_t>(b) * quant_block_bytes(t);
-        if (t == QuantType::q8_0) {
-            BlockQ8_0 blk;
-            std::memcpy(&blk, p, sizeof blk);
-            detail::dequantize_block(y + b * 32, blk);
-        } else {
-            BlockQ4_0 blk;
-            std::memcpy(&blk, p, sizeof blk);
-            detail::dequantize_block(y + b * 32, blk);
-        }
-    }
+    for (Index b = 0; b < n / 32; ++b)
+        detail::dequantize_block(y + b * 32, t, blocks + static_cast<std::size_t>(b) * quant_block_bytes(t));
+}
+
+/// As dequantize_row, always through the plain loops (the reference of the vector decoders).
+template <class T>
+void dequantize_row_plain(T* y, QuantType t, const std::byte* blocks, Index n) {
+    for (Index b = 0; b < n / 32; ++b)
+        detail::dequantize_block_plain(y + b * 32, t, blocks + static_cast<std::size_t>(b) * quant_block_bytes(t));
 }
 
 /// Quantizes x[0, n) (n a multiple of 32) into blocks of type t at `blocks` (quant_row_bytes(t, n)).
@@ -225,25 +329,66 @@ void dequantize_tile(T* dst, Index ld, const QuantMatrixView& W, Index i0, Index
 
 /// Fused y[m, o] = alpha * sum_k A[m, k] W[o, k] (+ y when accumulate) for rows o in [o0, o1) and the
 /// MR <= 4 rows of A: each block is dequantized once into registers and multiplied with every row of
-/// A; each row keeps 32 partial sums (one per block lane) until the end of the row.
+/// A; each row keeps its partial sums in vector lanes until the end of the row (a fixed order: the same
+/// result on every thread).
 template <class T, int MR>
 void fused_rows_trans(MatrixView<T> C, ConstMatrixView<T> A, Index m0, const QuantMatrixView& W, Index o0, Index o1,
                       T alpha, bool accumulate) {
     const Index nb = W.cols / 32;
+    const auto store = [&](int m, Index o, T v) {
+        T& c = C(m0 + m, o);
+        c = accumulate ? c + alpha * v : alpha * v;
+    };
+#if defined(COMIGS_QUANT_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+        for (Index o = o0; o < o1; ++o) {
+            // Two accumulators a row for each half of a block, even and odd blocks apart: four
+            // independent FMA chains.
+            __m512 e0[MR], e1[MR], d0[MR], d1[MR];
+            for (int m = 0; m < MR; ++m) e0[m] = e1[m] = d0[m] = d1[m] = _mm512_setzero_ps();
+            const auto step = [&](Index b, __m512* acc0, __m512* acc1) {
+                __m512 lo, hi;
+                decode_block(W.block_ptr(o, b), W.type, lo, hi);
+                for (int m = 0; m < MR; ++m) {
+                    const float* a = A.row_ptr(m0 + m) + b * 32;
+                    acc0[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(a), acc0[m]);
+                    acc1[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(a + 16), acc1[m]);
+                }
+            };
+            Index b = 0;
+            for (; b + 2 <= nb; b += 2) {
+                step(b, e0, e1);
+                step(b + 1, d0, d1);
+            }
+            if (b < nb) step(b, e0, e1);
+            for (int m = 0; m < MR; ++m)
+                store(m, o, _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(e0[m], e1[m]), _mm512_add_ps(d0[m], d1[m]))));
+        }
+        return;
+    }
+#elif defined(COMIGS_QUANT_NEON)
+    if constexpr (std::is_same_v<T, float>) {
+        for (Index o = o0; o < o1; ++o) {
+            float32x4_t acc[MR][2];
+            for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = vdupq_n_f32(0.0f);
+            for (Index b = 0; b < nb; ++b) {
+                float32x4_t v[8];
+                decode_block(W.block_ptr(o, b), W.type, v);
+                for (int m = 0; m < MR; ++m) {
+                    const float* a = A.row_ptr(m0 + m) + b * 32;
+                    for (int i = 0; i < 8; ++i) acc[m][i & 1] = vfmaq_f32(acc[m][i & 1], v[i], vld1q_f32(a + 4 * i));
+                }
+            }
+            for (int m = 0; m < MR; ++m) store(m, o, vaddvq_f32(vaddq_f32(acc[m][0], acc[m][1])));
+        }
+        return;
+    }
+#endif
     alignas(64) T w[32];
     for (Index o = o0; o < o1; ++o) {
         alignas(64) T acc[MR][32] = {};
         for (Index b = 0; b < nb; ++b) {
-            const std::byte* p = W.block_ptr(o, b);
-            if (W.type == QuantType::q8_0) {
-                BlockQ8_0 blk;
-                std::memcpy(&blk, p, sizeof blk);
-                dequantize_block(w, blk);
-            } else {
-                BlockQ4_0 blk;
-                std::memcpy(&blk, p, sizeof blk);
-                dequantize_block(w, blk);
-            }
+            dequantize_block(w, W.type, W.block_ptr(o, b));
             for (int m = 0; m < MR; ++m) {
                 const T* a = A.row_ptr(m0 + m) + b * 32;
                 T* s = acc[m];
@@ -252,12 +397,11 @@ void fused_rows_trans(MatrixView<T> C, ConstMatrixView<T> A, Index m0, const Qua
             }
         }
         for (int m = 0; m < MR; ++m) {
-            // Pairwise sum of the 32 lanes (a fixed order: the same result on every thread and target).
+            // Pairwise sum of the 32 lanes.
             T* s = acc[m];
             for (int half = 16; half >= 1; half /= 2)
                 for (int j = 0; j < half; ++j) s[j] += s[j + half];
-            T& c = C(m0 + m, o);
-            c = accumulate ? c + alpha * s[0] : alpha * s[0];
+            store(m, o, s[0]);
         }
     }
 }
@@ -378,3 +522,6 @@ void gemm_quant(MatrixView<T> C, ConstMatrixView<T> A, const QuantMatrixView& W,
 }
 
 }  // namespace comigs::kernels
+
+#undef COMIGS_QUANT_AVX512
+#undef COMIGS_QUANT_NEON
