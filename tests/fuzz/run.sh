@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer targets with clang and runs each for a bounded time (default 60 s).
+# Builds the libFuzzer targets with clang and runs each for a bounded time (default 60 s for the
+# safetensors loader, half of that for the GGUF reader).
 # Usage: tests/fuzz/run.sh [seconds]        environment: CXX (default clang++), COMIGS_FUZZ_BUILD_DIR
 # A finding makes this script fail; the crashing input is kept in <build dir>/fuzz-artifacts/.
 set -euo pipefail
@@ -11,7 +12,7 @@ build="${COMIGS_FUZZ_BUILD_DIR:-$src/build-fuzz}"
 CXX="${CXX:-clang++}" cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCOMIGS_BUILD_FUZZERS=ON -DCOMIGS_BUILD_TESTS=ON -DCOMIGS_BUILD_EXAMPLES=OFF -DCOMIGS_BUILD_BENCHMARKS=OFF \
   -DCOMIGS_INSTALL=OFF -DCOMIGS_NATIVE=OFF
-cmake --build "$build" --target fuzz_safetensors -j2
+cmake --build "$build" --target fuzz_safetensors fuzz_gguf -j2
 
 # New inputs go to a scratch directory, so the committed seed corpus stays as it is.
 work="$(mktemp -d)"
@@ -20,3 +21,6 @@ mkdir -p "$build/fuzz-artifacts"
 "$build/tests/fuzz/fuzz_safetensors" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=4096 \
   -dict="$src/tests/fuzz/safetensors.dict" -artifact_prefix="$build/fuzz-artifacts/" -print_final_stats=1 \
   "$work" "$src/tests/fuzz/corpus"
+mkdir -p "$work/gguf"
+"$build/tests/fuzz/fuzz_gguf" -max_total_time="$(( (seconds + 1) / 2 ))" -timeout=10 -rss_limit_mb=2048 -max_len=4096 \
+  -artifact_prefix="$build/fuzz-artifacts/gguf-" -print_final_stats=1 "$work/gguf" "$src/tests/fuzz/gguf_corpus"
