@@ -331,8 +331,8 @@ namespace comigs::io {
 
 /// A GGUF file: metadata in file order, tensor infos in file order with views of their bytes.
 ///
-/// parse() keeps views into the given bytes (the caller keeps them alive); open() maps the file and
-/// keeps the mapping. The builder side (set(), add_tensor()) copies the bytes it is given; serialize()
+/// parse() of a span keeps views into the given bytes (the caller keeps them alive); parse() of a moved
+/// vector keeps the vector; open() maps the file and keeps the mapping. The builder side (set(), add_tensor()) copies the bytes it is given; serialize()
 /// lays tensors out in insertion order at aligned offsets, save() writes atomically.
 class GgufFile {
 public:
@@ -464,6 +464,14 @@ public:
                 prev = &t;
             }
         }
+        return f;
+    }
+
+    /// Parses bytes it then owns (e.g. a serialize() result): the tensors' views stay valid.
+    static GgufFile parse(std::vector<std::byte>&& bytes) {
+        auto owned = std::make_shared<std::vector<std::byte>>(std::move(bytes));
+        GgufFile f = parse(std::span<const std::byte>(*owned));
+        f.owned_.push_back(std::move(owned));
         return f;
     }
 
