@@ -196,6 +196,8 @@ TEST_CASE("GGUF: hostile files are refused, each with its own error") {
     refused(Raw().header(0, 1).str("k").u32(9).u32(4).u64(std::uint64_t{1} << 40).b, "array length 1099511627776 cannot fit");
     refused(Raw().header(0, 1).u64(std::uint64_t{1} << 50).zeros(16).b, "metadata key 0 of 1125899906842624 bytes");
     refused(Raw().header(0, 1).str("k").u32(13).u32(0).b, "unknown value type 13");
+    refused(Raw().header(0, 1).str("").u32(4).u32(0).b, "metadata key 0 is empty");
+    refused(Raw().header(1, 0).info("", {2}, 0, 0).pad().zeros(32).b, "tensor 0 has an empty name");
     refused(Raw().header(0, 1).str("k").u32(9).u32(77).u64(0).b, "array of unknown value type 77");
     refused(Raw().header(0, 1).str("k").u32(9).u32(9).u64(0).b, "array of arrays");
     refused(Raw().header(0, 1).str("k").u32(7).u8(2).b, "BOOL value 2");

@@ -13,7 +13,7 @@
 // before anything is allocated for it, every size multiplication is overflow-checked, and each violation
 // is a FormatError naming the offending value: bad magic, unsupported version, truncation (naming what was
 // being read), unknown value types, nested arrays, duplicate keys or tensor names, a bad alignment,
-// more than 4 dimensions, element counts that overflow, tensor types other than F32, F16, BF16, Q8_0,
+// empty keys or tensor names, more than 4 dimensions, element counts that overflow, tensor types other than F32, F16, BF16, Q8_0,
 // Q4_0 (named), block rows not a multiple of 32, offsets that are misaligned, outside the data section,
 // or overlapping another tensor.
 #include <algorithm>
@@ -362,6 +362,7 @@ public:
         std::set<std::string, std::less<>> seen;  // duplicate checks in log time: counts can be in the millions
         for (std::uint64_t i = 0; i < n_kv; ++i) {
             std::string key = c.read_string("metadata key " + std::to_string(i));
+            if (key.empty()) raise<FormatError>("GGUF: metadata key ", i, " is empty");
             if (!seen.insert(key).second) raise<FormatError>("GGUF: duplicate metadata key ", detail::quote_name(key));
             const std::string what = "metadata " + detail::quote_name(key);
             const auto type = c.read<std::uint32_t>((what + " type").c_str());
@@ -404,6 +405,7 @@ public:
         for (std::uint64_t i = 0; i < n_tensors; ++i) {
             GgufTensor t;
             t.name = c.read_string("tensor name " + std::to_string(i));
+            if (t.name.empty()) raise<FormatError>("GGUF: tensor ", i, " has an empty name");
             const std::string what = "tensor " + detail::quote_name(t.name);
             if (!seen_tensors.insert(t.name).second) raise<FormatError>("GGUF: duplicate tensor name ", detail::quote_name(t.name));
             const auto nd = c.read<std::uint32_t>((what + " dimension count").c_str());

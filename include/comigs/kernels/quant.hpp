@@ -137,13 +137,11 @@ inline float block_scale(const std::byte* block) {
 template <class T>
 inline void dequantize_block(T* y, const BlockQ8_0& b) {
     const float d = block_scale(b.d);
-#pragma omp simd
     for (int j = 0; j < 32; ++j) y[j] = static_cast<T>(static_cast<float>(b.qs[j]) * d);
 }
 template <class T>
 inline void dequantize_block(T* y, const BlockQ4_0& b) {
     const float d = block_scale(b.d);
-#pragma omp simd
     for (int j = 0; j < 16; ++j) {
         y[j] = static_cast<T>(static_cast<float>((b.qs[j] & 0x0F) - 8) * d);
         y[j + 16] = static_cast<T>(static_cast<float>((b.qs[j] >> 4) - 8) * d);
