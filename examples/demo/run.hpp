@@ -487,7 +487,10 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         mc.n_experts = Index(roles.back().size());
         mc.roles = roles.back();
         mc.top_k = std::min(c.top_k, mc.n_experts);
-        if (mc.expert0_importance >= 0 && (mc.n_experts == 1 || mc.routing == Routing::mean)) mc.expert0_importance = -1;
+        // The generalists' target share applies where a router weighs generalists against specialists.
+        const auto gens = std::count(mc.roles.begin(), mc.roles.end(), Role::generalist);
+        if (mc.expert0_importance >= 0 && (!mc.router().has_weight() || gens == 0 || gens == mc.n_experts))
+            mc.expert0_importance = -1;
         if (!ctx.place.holds(u)) {  // trained by another rank
             models.push_back(nullptr);
             trainers.push_back(nullptr);
