@@ -4,10 +4,17 @@
 # oracles), pinned by its package-lock.json, into tools/tokenizer/node_modules (git-ignored).
 set -euo pipefail
 packages=(cmake g++ make libeigen3-dev libxsimd-dev libomp-dev nlohmann-json3-dev libcli11-dev doctest-dev
-          libbenchmark-dev libopenmpi-dev openmpi-bin libdnnl-dev
+          libbenchmark-dev libopenmpi-dev openmpi-bin libdnnl-dev zlib1g-dev
           fortunes fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-zh)  # tokenizer tests' real text
 command -v npm >/dev/null || packages+=(nodejs npm)
-[ "$#" -gt 0 ] && packages+=("$@")
+# --real-text: the text of comigs-demo's --setting multilingual / domains (about 50 MB of downloads,
+# 120 MB installed; not needed to build or test).
+real_text=(debian-handbook manpages dict-gcide libc6-dev fortunes)
+args=()
+for a in "$@"; do
+  if [ "$a" = "--real-text" ]; then packages+=("${real_text[@]}"); else args+=("$a"); fi
+done
+[ "${#args[@]}" -gt 0 ] && packages+=("${args[@]}")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -14,7 +14,7 @@ build="${COMIGS_FUZZ_BUILD_DIR:-$src/build-fuzz}"
 CXX="${CXX:-clang++}" cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCOMIGS_BUILD_FUZZERS=ON -DCOMIGS_BUILD_TESTS=ON -DCOMIGS_BUILD_EXAMPLES=OFF -DCOMIGS_BUILD_BENCHMARKS=OFF \
   -DCOMIGS_INSTALL=OFF -DCOMIGS_NATIVE=OFF
-cmake --build "$build" --target fuzz_safetensors fuzz_tokenizer_json fuzz_bpe_roundtrip fuzz_gguf -j2
+cmake --build "$build" --target fuzz_safetensors fuzz_tokenizer_json fuzz_bpe_roundtrip fuzz_gguf fuzz_text_extract -j2
 
 # New inputs go to a scratch directory, so the committed seed corpus stays as it is.
 work="$(mktemp -d)"
@@ -34,3 +34,8 @@ rm -rf "${work:?}"/*
 mkdir -p "$work/gguf"
 "$build/tests/fuzz/fuzz_gguf" -max_total_time="$(( (seconds + 1) / 2 ))" -timeout=10 -rss_limit_mb=2048 -max_len=4096 \
   -artifact_prefix="$build/fuzz-artifacts/gguf-" -print_final_stats=1 "$work/gguf" "$src/tests/fuzz/gguf_corpus"
+# The demo's text extractors: half the time (they are small and fast).
+mkdir -p "$work/text"
+"$build/tests/fuzz/fuzz_text_extract" -max_total_time="$(( (seconds + 1) / 2 ))" -timeout=10 -rss_limit_mb=2048 \
+  -max_len=4096 -dict="$src/tests/fuzz/text_extract.dict" -artifact_prefix="$build/fuzz-artifacts/" \
+  -print_final_stats=1 "$work/text" "$src/tests/fuzz/corpus_text"
