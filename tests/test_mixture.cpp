@@ -22,8 +22,8 @@ struct Case {
     RouterNoise noise = RouterNoise::none;
     double importance = -1.0;
     LoraScaling scaling = LoraScaling::sqrt;
-    Precision precision = Precision::fp32;  // of the frozen base (quantized: d and h multiples of 32)
     std::vector<Role> roles = {};
+    Precision precision = Precision::fp32;  // of the frozen base (quantized: d and h multiples of 32)
 };
 
 // A small double mixture with random base, random B (never zero: a zero B makes the test vacuous),

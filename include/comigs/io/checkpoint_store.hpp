@@ -84,6 +84,8 @@ inline constexpr const char* generation_manifest = "manifest.json";
 inline constexpr int generation_format_version = 1;
 
 namespace detail {
+// comigs::io::detail must not hide comigs::detail from the io headers that say detail:: for the latter.
+using namespace comigs::detail;  // NOLINT
 inline std::string hex16(std::uint64_t v) {
     char b[17];
     std::snprintf(b, sizeof b, "%016llx", static_cast<unsigned long long>(v));

@@ -71,6 +71,8 @@ struct RunCheckpointOptions {
 };
 
 namespace detail {
+// comigs::io::detail must not hide comigs::detail from the io headers that say detail:: for the latter.
+using namespace comigs::detail;  // NOLINT
 
 /// The ranks of a distributed runner, or this process alone.
 class RunRanks {

@@ -473,7 +473,13 @@ private:
     }
 
     static std::string describe(const nlohmann::json& v) {
-        if (const nlohmann::json* t = detail::member(v, "type"); t && t->is_string()) return "'" + t->get<std::string>() + "'";
+        if (const nlohmann::json* t = detail::member(v, "type"); t && t->is_string()) {
+            // Appended, not "'" + s + "'": GCC 12 at -O3 warns falsely (-Wrestrict) on that operator+ chain.
+            std::string quoted = "'";
+            quoted += t->get_ref<const std::string&>();
+            quoted += '\'';
+            return quoted;
+        }
         std::string s = v.dump();
         if (s.size() > 200) s = s.substr(0, 200) + "...";
         return s;
