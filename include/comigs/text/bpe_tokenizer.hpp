@@ -473,9 +473,14 @@ private:
     }
 
     static std::string describe(const nlohmann::json& v) {
-        if (const nlohmann::json* t = detail::member(v, "type"); t && t->is_string()) return "'" + t->get<std::string>() + "'";
+        // (concat, not operator+: GCC 12 warns falsely in "'" + std::string at -O3, bug 105329)
+        if (const nlohmann::json* t = detail::member(v, "type"); t && t->is_string())
+            return comigs::detail::concat('\'', t->get<std::string>(), '\'');
         std::string s = v.dump();
-        if (s.size() > 200) s = s.substr(0, 200) + "...";
+        if (s.size() > 200) {
+            s.resize(200);
+            s.append("...");
+        }
         return s;
     }
     void parse_pre_tokenizer(const nlohmann::json& p, const std::string& where, std::vector<PreTokenizerStage>& stages,
@@ -574,6 +579,9 @@ private:
         pending_.clear();
         pending_.shrink_to_fit();
         index_.build(vocab_ids, [this](std::int32_t id) { return bytes_of(id); });
+        byte_pair_ranks_.resize(256 * 256);
+        for (unsigned a = 0; a < 256; ++a)
+            for (unsigned b = 0; b < 256; ++b) byte_pair_ranks_[a << 8 | b] = pairs_.find(byte_ids_[a], byte_ids_[b]).rank;
         match_ordinary_ = detail::AddedTokenMatcher(added_, false);
         match_all_ = detail::AddedTokenMatcher(added_, true);
     }
@@ -595,34 +603,37 @@ private:
             return;
         }
         const std::uint64_t h = detail::hash_bytes(piece);
+        const std::int32_t *first = nullptr, *last = nullptr;
+        if (cache && cache->find(piece, h, first, last)) {
+            for (; first != last; ++first) out.push_back(*first);  // mostly one or two ids: no memmove call
+            return;
+        }
         if (ignore_merges_) {
             const std::int32_t id = index_.find(piece, h, [this](std::int32_t i) { return bytes_of(i); });
             if (id >= 0) {
                 out.push_back(id);
+                if (cache) cache->put(piece, h, std::span<const std::int32_t>(&id, 1));
                 return;
             }
-        }
-        std::size_t begin = 0, count = 0;
-        if (cache && cache->find(piece, h, begin, count)) {
-            out.insert(out.end(), cache->pool() + begin, cache->pool() + begin + count);
-            return;
         }
         s.ids.clear();
         for (unsigned char b : piece) s.ids.push_back(byte_ids_[b]);
         const bool heap = algorithm == MergeAlgorithm::Heap || (algorithm == MergeAlgorithm::Automatic && piece.size() > 48);
         if (heap) merge_heap(s);
-        else merge_scan(s);
+        else merge_scan(s, piece);
         out.insert(out.end(), s.ids.begin(), s.ids.end());
         if (cache) cache->put(piece, h, s.ids);
     }
 
     /// Repeatedly merges the leftmost pair of lowest rank in s.ids, scanning all pairs each time:
     /// O(n^2) for n symbols, no allocation; fastest for short pieces.
-    void merge_scan(detail::MergeScratch& s) const {
+    /// The first ranks come from the dense table of byte pairs (hot in cache for common pairs).
+    void merge_scan(detail::MergeScratch& s, std::string_view piece) const {
         auto& ids = s.ids;
         auto& ranks = s.ranks;
         ranks.resize(ids.size());
-        for (std::size_t k = 0; k + 1 < ids.size(); ++k) ranks[k] = pairs_.find(ids[k], ids[k + 1]).rank;
+        const auto* b = reinterpret_cast<const unsigned char*>(piece.data());
+        for (std::size_t k = 0; k + 1 < ids.size(); ++k) ranks[k] = byte_pair_ranks_[unsigned(b[k]) << 8 | b[k + 1]];
         std::size_t n = ids.size();
         while (n > 1) {
             std::uint32_t best = detail::PairTable::no_rank;
@@ -702,6 +713,7 @@ private:
     std::int32_t byte_ids_[256] = {};
     detail::BytesIndex index_;
     detail::PairTable pairs_;
+    std::vector<std::uint32_t> byte_pair_ranks_;  // rank of (byte a, byte b) at a << 8 | b
     std::vector<std::pair<std::int32_t, std::int32_t>> merges_;
     bool ignore_merges_ = false;
     PreTokenizer pre_tokenizer_;
