@@ -3,7 +3,8 @@
 // from GPT-2's encoder.json + vocab.bpe, giving the ids the published tokenizers give.
 //
 // encode(text): added tokens are matched in the raw text first (leftmost, longest; `special` ones only
-// with allow_special); the text between them is cut into pieces by the pre-tokenizer; each piece, as
+// with allow_special); the text between them is put in NFC if the file asks for it (Qwen2), then cut into
+// pieces by the pre-tokenizer; each piece, as
 // bytes, becomes one token if `ignore_merges` is set and it is in the vocabulary, else starts as one
 // token per byte and is merged repeatedly at the adjacent pair of lowest merge rank (leftmost first)
 // until no pair has a merge. decode(ids) concatenates the tokens' bytes, so decode(encode(b)) == b for
@@ -15,6 +16,7 @@
 #include <filesystem>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <queue>
 #include <span>
@@ -30,6 +32,7 @@
 #include "../io/mapped_file.hpp"
 #include "byte_level.hpp"
 #include "detail/hash_tables.hpp"
+#include "normalizer.hpp"
 #include "pretokenizer.hpp"
 
 namespace comigs::text {
@@ -228,15 +231,17 @@ public:
     void encode_to(std::string_view text, std::vector<std::int32_t>& out, bool allow_special = false) const {
         detail::MergeScratch scratch;
         detail::PieceCache cache;
+        // Normalized copies of the text live as long as the cache, whose keys point into them.
+        std::vector<std::unique_ptr<std::string>> normalized;
         const detail::AddedTokenMatcher& matcher = allow_special ? match_all_ : match_ordinary_;
         if (matcher.empty()) {
-            encode_ordinary(text, out, scratch, &cache);
+            encode_ordinary(text, out, scratch, &cache, normalized);
             return;
         }
         std::size_t pos = 0;
         while (pos < text.size()) {
             const auto [at, k] = matcher.find(text, pos, added_);
-            encode_ordinary(text.substr(pos, at - pos), out, scratch, &cache);
+            encode_ordinary(text.substr(pos, at - pos), out, scratch, &cache, normalized);
             if (at == text.size()) break;
             out.push_back(added_[k].id);
             pos = at + added_[k].content.size();
@@ -274,6 +279,9 @@ public:
     const std::vector<AddedToken>& added_tokens() const noexcept { return added_; }
     const PreTokenizer& pre_tokenizer() const noexcept { return pre_tokenizer_; }
     bool ignore_merges() const noexcept { return ignore_merges_; }
+    /// True if text is put in Unicode NFC before pre-tokenization (Qwen2's normalizer); then
+    /// decode(encode(b)) == nfc(b).
+    bool normalizes_nfc() const noexcept { return nfc_; }
     std::size_t merge_count() const noexcept { return merges_.size(); }
 
     /// The ids of one pre-token `piece` (bytes) by BPE merges alone (no added tokens, no pre-tokenizer,
@@ -451,8 +459,17 @@ private:
         }
         build_merges(pairs);
 
-        if (const json* norm = detail::member(root, "normalizer"); norm && !norm->is_null())
-            fail("normalizer ", describe(*norm), " is not supported (comigs applies no normalization)");
+        if (const json* norm = detail::member(root, "normalizer"); norm && !norm->is_null()) {
+            // NFC (Qwen2), alone or as the one step of a Sequence.
+            const json* only = norm;
+            if (const json* t = detail::member(*norm, "type"); t && *t == "Sequence") {
+                const json* list = detail::member(*norm, "normalizers");
+                if (list && list->is_array() && list->size() == 1) only = &(*list)[0];
+            }
+            const json* t = detail::member(*only, "type");
+            if (!t || *t != "NFC") fail("normalizer ", describe(*norm), " is not supported (only NFC)");
+            nfc_ = true;
+        }
         const json* pre = detail::member(root, "pre_tokenizer");
         bool byte_level = false;
         std::vector<PreTokenizerStage> stages;
@@ -589,7 +606,11 @@ private:
     // ---- encoding ------------------------------------------------------------------------------------
 
     void encode_ordinary(std::string_view text, std::vector<std::int32_t>& out, detail::MergeScratch& scratch,
-                         detail::PieceCache* cache) const {
+                         detail::PieceCache* cache, std::vector<std::unique_ptr<std::string>>& normalized) const {
+        if (nfc_ && !is_nfc_quick(text)) {
+            normalized.push_back(std::make_unique<std::string>(nfc(text)));
+            text = *normalized.back();
+        }
         pre_tokenizer_.for_each_piece(text, [&](std::string_view piece) {
             encode_piece_to(piece, out, scratch, cache, MergeAlgorithm::Automatic);
         });
@@ -716,6 +737,7 @@ private:
     std::vector<std::uint32_t> byte_pair_ranks_;  // rank of (byte a, byte b) at a << 8 | b
     std::vector<std::pair<std::int32_t, std::int32_t>> merges_;
     bool ignore_merges_ = false;
+    bool nfc_ = false;
     PreTokenizer pre_tokenizer_;
     std::vector<AddedToken> added_;
     detail::AddedTokenMatcher match_ordinary_, match_all_;
