@@ -3,12 +3,11 @@
 // from GPT-2's encoder.json + vocab.bpe, giving the ids the published tokenizers give.
 //
 // encode(text): added tokens are matched in the raw text first (leftmost, longest; `special` ones only
-// with allow_special); the text between them is put in NFC if the file asks for it (Qwen2), then cut into
-// pieces by the pre-tokenizer; each piece, as
-// bytes, becomes one token if `ignore_merges` is set and it is in the vocabulary, else starts as one
-// token per byte and is merged repeatedly at the adjacent pair of lowest merge rank (leftmost first)
-// until no pair has a merge. decode(ids) concatenates the tokens' bytes, so decode(encode(b)) == b for
-// any bytes, ill-formed UTF-8 included.
+// with allow_special); the text between them is put in NFC if the file asks for it (Qwen2), then cut
+// into pieces by the pre-tokenizer; each piece, as bytes, becomes one token if `ignore_merges` is set
+// and it is in the vocabulary, else starts as one token per byte and is merged repeatedly at the
+// adjacent pair of lowest merge rank (leftmost first) until no pair has a merge. decode(ids) concatenates the tokens' bytes, so decode(encode(b)) == b for
+// any bytes, ill-formed UTF-8 included (== nfc(b) when the file asks for NFC).
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
