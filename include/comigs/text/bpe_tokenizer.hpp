@@ -592,8 +592,10 @@ private:
         }
         offsets_[pending_.size()] = static_cast<std::uint32_t>(pool_.size());
         if (pool_.size() >= std::numeric_limits<std::uint32_t>::max()) fail("tokens hold more than 4 GB of bytes");
-        pending_.clear();
-        pending_.shrink_to_fit();
+        // What only loading needed goes (about 10 MB for Llama-3's spellings).
+        pending_ = {};
+        spellings_ = {};
+        byte_tokens_ = {};
         index_.build(vocab_ids, [this](std::int32_t id) { return bytes_of(id); });
         byte_pair_ranks_.resize(256 * 256);
         for (unsigned a = 0; a < 256; ++a)
