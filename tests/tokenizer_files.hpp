@@ -58,13 +58,14 @@ inline const nlohmann::json& llama3_json_value() {
     static const auto j = nlohmann::json::parse(read_text(llama3_json()));
     return j;
 }
-/// The Qwen2 test tokenizer: Llama-3's file with the Qwen2 pattern and ignore_merges false (as
-/// tools/tokenizer/oracles.mjs builds it for the oracle).
+/// The Qwen2 test tokenizer: Llama-3's file with Qwen2's pattern and NFC normalizer and ignore_merges
+/// false (as tools/tokenizer/oracles.mjs builds it for the oracle).
 inline const comigs::text::BpeTokenizer& qwen2_variant() {
     static const auto t = [] {
         nlohmann::json j = llama3_json_value();
         j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = std::string(comigs::text::qwen2_pattern);
         j["model"]["ignore_merges"] = false;
+        j["normalizer"] = {{"type", "NFC"}};
         return comigs::text::BpeTokenizer::from_tokenizer_json(j.dump(), "qwen2 variant");
     }();
     return t;

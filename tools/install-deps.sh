@@ -5,7 +5,8 @@
 set -euo pipefail
 packages=(cmake g++ make libeigen3-dev libxsimd-dev libomp-dev nlohmann-json3-dev libcli11-dev doctest-dev
           libbenchmark-dev libopenmpi-dev openmpi-bin libdnnl-dev zlib1g-dev
-          fortunes fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-zh)  # tokenizer tests' real text
+          fortunes fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-zh  # tokenizer tests' real text
+          unicode-data bzip2)  # tools/gen_unicode_tables.py's source; NormalizationTest for the NFC test
 command -v npm >/dev/null || packages+=(nodejs npm)
 # --real-text: the text of comigs-demo's --setting multilingual / domains (about 50 MB of downloads,
 # 120 MB installed; not needed to build or test).

@@ -1,7 +1,8 @@
 // libFuzzer target for encoding and decoding with the published tokenizers (GPT-2's encoder.json +
-// vocab.bpe, Llama-3's tokenizer.json and its Qwen2-pattern variant, read from COMIGS_TOKENIZER_FILES or
+// vocab.bpe, Llama-3's tokenizer.json and its Qwen2 variant (pattern, NFC), read from COMIGS_TOKENIZER_FILES or
 // tools/tokenizer/node_modules). The input's first byte picks the tokenizer and whether special tokens
-// are matched; the rest is the text, any bytes. Must hold: decode(encode(b)) == b; the scan and heap
+// are matched; the rest is the text, any bytes. Must hold: decode(encode(b)) == b (nfc(b) for the
+// Qwen2 variant) and nfc is idempotent; the scan and heap
 // merge loops agree on every piece; the pieces concatenate to the text; the streaming decoder gives
 // the same bytes as decode.
 #include <comigs/text/bpe_tokenizer.hpp>
@@ -44,6 +45,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
     auto json = nlohmann::json::parse(std::ifstream(llama));
     json["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = std::string(comigs::text::qwen2_pattern);
     json["model"]["ignore_merges"] = false;
+    json["normalizer"] = {{"type", "NFC"}};
     tokenizers[2] = std::make_unique<BpeTokenizer>(BpeTokenizer::from_tokenizer_json(json.dump(), "qwen2 variant"));
     return 0;
 }
@@ -56,21 +58,24 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const std::string_view text(reinterpret_cast<const char*>(data + 1), size - 1);
 
     const auto ids = t.encode(text, special);
-    if (t.decode(ids) != text) fail("decode(encode(text)) != text");
+    const std::string expected = t.normalizes_nfc() ? comigs::text::nfc(text) : std::string(text);
+    if (t.decode(ids) != expected) fail("decode(encode(text)) != text (in NFC where the tokenizer normalizes)");
+    const std::string normalized = comigs::text::nfc(text);
+    if (comigs::text::nfc(normalized) != normalized) fail("nfc is not idempotent");
 
     std::string joined;
-    t.pre_tokenizer().for_each_piece(text, [&](std::string_view piece) {
+    t.pre_tokenizer().for_each_piece(expected, [&](std::string_view piece) {
         if (piece.empty()) fail("empty piece");
         joined += piece;
         if (t.encode_piece(piece, MergeAlgorithm::Scan) != t.encode_piece(piece, MergeAlgorithm::Heap))
             fail("scan and heap merges differ");
     });
-    if (joined != text) fail("pieces do not concatenate to the text");
+    if (joined != expected) fail("pieces do not concatenate to the text");
 
     comigs::text::StreamingDecoder stream(t);
     std::string streamed;
     for (std::int32_t id : ids) streamed += stream.push(id);
     streamed += stream.flush();
-    if (streamed != text) fail("streaming decode differs from the text");
+    if (streamed != expected) fail("streaming decode differs from decode");
     return 0;
 }

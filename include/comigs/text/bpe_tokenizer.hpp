@@ -3,11 +3,11 @@
 // from GPT-2's encoder.json + vocab.bpe, giving the ids the published tokenizers give.
 //
 // encode(text): added tokens are matched in the raw text first (leftmost, longest; `special` ones only
-// with allow_special); the text between them is cut into pieces by the pre-tokenizer; each piece, as
-// bytes, becomes one token if `ignore_merges` is set and it is in the vocabulary, else starts as one
-// token per byte and is merged repeatedly at the adjacent pair of lowest merge rank (leftmost first)
-// until no pair has a merge. decode(ids) concatenates the tokens' bytes, so decode(encode(b)) == b for
-// any bytes, ill-formed UTF-8 included.
+// with allow_special); the text between them is put in NFC if the file asks for it (Qwen2), then cut
+// into pieces by the pre-tokenizer; each piece, as bytes, becomes one token if `ignore_merges` is set
+// and it is in the vocabulary, else starts as one token per byte and is merged repeatedly at the
+// adjacent pair of lowest merge rank (leftmost first) until no pair has a merge. decode(ids) concatenates the tokens' bytes, so decode(encode(b)) == b for
+// any bytes, ill-formed UTF-8 included (== nfc(b) when the file asks for NFC).
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <queue>
 #include <span>
@@ -30,6 +31,7 @@
 #include "../io/mapped_file.hpp"
 #include "byte_level.hpp"
 #include "detail/hash_tables.hpp"
+#include "normalizer.hpp"
 #include "pretokenizer.hpp"
 
 namespace comigs::text {
@@ -228,15 +230,17 @@ public:
     void encode_to(std::string_view text, std::vector<std::int32_t>& out, bool allow_special = false) const {
         detail::MergeScratch scratch;
         detail::PieceCache cache;
+        // Normalized copies of the text live as long as the cache, whose keys point into them.
+        std::vector<std::unique_ptr<std::string>> normalized;
         const detail::AddedTokenMatcher& matcher = allow_special ? match_all_ : match_ordinary_;
         if (matcher.empty()) {
-            encode_ordinary(text, out, scratch, &cache);
+            encode_ordinary(text, out, scratch, &cache, normalized);
             return;
         }
         std::size_t pos = 0;
         while (pos < text.size()) {
             const auto [at, k] = matcher.find(text, pos, added_);
-            encode_ordinary(text.substr(pos, at - pos), out, scratch, &cache);
+            encode_ordinary(text.substr(pos, at - pos), out, scratch, &cache, normalized);
             if (at == text.size()) break;
             out.push_back(added_[k].id);
             pos = at + added_[k].content.size();
@@ -274,6 +278,9 @@ public:
     const std::vector<AddedToken>& added_tokens() const noexcept { return added_; }
     const PreTokenizer& pre_tokenizer() const noexcept { return pre_tokenizer_; }
     bool ignore_merges() const noexcept { return ignore_merges_; }
+    /// True if text is put in Unicode NFC before pre-tokenization (Qwen2's normalizer); then
+    /// decode(encode(b)) == nfc(b).
+    bool normalizes_nfc() const noexcept { return nfc_; }
     std::size_t merge_count() const noexcept { return merges_.size(); }
 
     /// The ids of one pre-token `piece` (bytes) by BPE merges alone (no added tokens, no pre-tokenizer,
@@ -451,8 +458,17 @@ private:
         }
         build_merges(pairs);
 
-        if (const json* norm = detail::member(root, "normalizer"); norm && !norm->is_null())
-            fail("normalizer ", describe(*norm), " is not supported (comigs applies no normalization)");
+        if (const json* norm = detail::member(root, "normalizer"); norm && !norm->is_null()) {
+            // NFC (Qwen2), alone or as the one step of a Sequence.
+            const json* only = norm;
+            if (const json* t = detail::member(*norm, "type"); t && *t == "Sequence") {
+                const json* list = detail::member(*norm, "normalizers");
+                if (list && list->is_array() && list->size() == 1) only = &(*list)[0];
+            }
+            const json* t = detail::member(*only, "type");
+            if (!t || *t != "NFC") fail("normalizer ", describe(*norm), " is not supported (only NFC)");
+            nfc_ = true;
+        }
         const json* pre = detail::member(root, "pre_tokenizer");
         bool byte_level = false;
         std::vector<PreTokenizerStage> stages;
@@ -473,15 +489,14 @@ private:
     }
 
     static std::string describe(const nlohmann::json& v) {
-        if (const nlohmann::json* t = detail::member(v, "type"); t && t->is_string()) {
-            // Appended, not "'" + s + "'": GCC 12 at -O3 warns falsely (-Wrestrict) on that operator+ chain.
-            std::string quoted = "'";
-            quoted += t->get_ref<const std::string&>();
-            quoted += '\'';
-            return quoted;
-        }
+        // (concat, not operator+: GCC 12 warns falsely in "'" + std::string at -O3, bug 105329)
+        if (const nlohmann::json* t = detail::member(v, "type"); t && t->is_string())
+            return comigs::detail::concat('\'', t->get<std::string>(), '\'');
         std::string s = v.dump();
-        if (s.size() > 200) s = s.substr(0, 200) + "...";
+        if (s.size() > 200) {
+            s.resize(200);
+            s.append("...");
+        }
         return s;
     }
     void parse_pre_tokenizer(const nlohmann::json& p, const std::string& where, std::vector<PreTokenizerStage>& stages,
@@ -577,9 +592,14 @@ private:
         }
         offsets_[pending_.size()] = static_cast<std::uint32_t>(pool_.size());
         if (pool_.size() >= std::numeric_limits<std::uint32_t>::max()) fail("tokens hold more than 4 GB of bytes");
-        pending_.clear();
-        pending_.shrink_to_fit();
+        // What only loading needed goes (about 10 MB for Llama-3's spellings).
+        pending_ = {};
+        spellings_ = {};
+        byte_tokens_ = {};
         index_.build(vocab_ids, [this](std::int32_t id) { return bytes_of(id); });
+        byte_pair_ranks_.resize(256 * 256);
+        for (unsigned a = 0; a < 256; ++a)
+            for (unsigned b = 0; b < 256; ++b) byte_pair_ranks_[a << 8 | b] = pairs_.find(byte_ids_[a], byte_ids_[b]).rank;
         match_ordinary_ = detail::AddedTokenMatcher(added_, false);
         match_all_ = detail::AddedTokenMatcher(added_, true);
     }
@@ -587,7 +607,11 @@ private:
     // ---- encoding ------------------------------------------------------------------------------------
 
     void encode_ordinary(std::string_view text, std::vector<std::int32_t>& out, detail::MergeScratch& scratch,
-                         detail::PieceCache* cache) const {
+                         detail::PieceCache* cache, std::vector<std::unique_ptr<std::string>>& normalized) const {
+        if (nfc_ && !is_nfc_quick(text)) {
+            normalized.push_back(std::make_unique<std::string>(nfc(text)));
+            text = *normalized.back();
+        }
         pre_tokenizer_.for_each_piece(text, [&](std::string_view piece) {
             encode_piece_to(piece, out, scratch, cache, MergeAlgorithm::Automatic);
         });
@@ -601,34 +625,37 @@ private:
             return;
         }
         const std::uint64_t h = detail::hash_bytes(piece);
+        const std::int32_t *first = nullptr, *last = nullptr;
+        if (cache && cache->find(piece, h, first, last)) {
+            for (; first != last; ++first) out.push_back(*first);  // mostly one or two ids: no memmove call
+            return;
+        }
         if (ignore_merges_) {
             const std::int32_t id = index_.find(piece, h, [this](std::int32_t i) { return bytes_of(i); });
             if (id >= 0) {
                 out.push_back(id);
+                if (cache) cache->put(piece, h, std::span<const std::int32_t>(&id, 1));
                 return;
             }
-        }
-        std::size_t begin = 0, count = 0;
-        if (cache && cache->find(piece, h, begin, count)) {
-            out.insert(out.end(), cache->pool() + begin, cache->pool() + begin + count);
-            return;
         }
         s.ids.clear();
         for (unsigned char b : piece) s.ids.push_back(byte_ids_[b]);
         const bool heap = algorithm == MergeAlgorithm::Heap || (algorithm == MergeAlgorithm::Automatic && piece.size() > 48);
         if (heap) merge_heap(s);
-        else merge_scan(s);
+        else merge_scan(s, piece);
         out.insert(out.end(), s.ids.begin(), s.ids.end());
         if (cache) cache->put(piece, h, s.ids);
     }
 
     /// Repeatedly merges the leftmost pair of lowest rank in s.ids, scanning all pairs each time:
     /// O(n^2) for n symbols, no allocation; fastest for short pieces.
-    void merge_scan(detail::MergeScratch& s) const {
+    /// The first ranks come from the dense table of byte pairs (hot in cache for common pairs).
+    void merge_scan(detail::MergeScratch& s, std::string_view piece) const {
         auto& ids = s.ids;
         auto& ranks = s.ranks;
         ranks.resize(ids.size());
-        for (std::size_t k = 0; k + 1 < ids.size(); ++k) ranks[k] = pairs_.find(ids[k], ids[k + 1]).rank;
+        const auto* b = reinterpret_cast<const unsigned char*>(piece.data());
+        for (std::size_t k = 0; k + 1 < ids.size(); ++k) ranks[k] = byte_pair_ranks_[unsigned(b[k]) << 8 | b[k + 1]];
         std::size_t n = ids.size();
         while (n > 1) {
             std::uint32_t best = detail::PairTable::no_rank;
@@ -708,8 +735,10 @@ private:
     std::int32_t byte_ids_[256] = {};
     detail::BytesIndex index_;
     detail::PairTable pairs_;
+    std::vector<std::uint32_t> byte_pair_ranks_;  // rank of (byte a, byte b) at a << 8 | b
     std::vector<std::pair<std::int32_t, std::int32_t>> merges_;
     bool ignore_merges_ = false;
+    bool nfc_ = false;
     PreTokenizer pre_tokenizer_;
     std::vector<AddedToken> added_;
     detail::AddedTokenMatcher match_ordinary_, match_all_;
