@@ -126,9 +126,9 @@ inline double bytes_per_token(const TextCodec& codec, std::string_view text) {
 }
 
 /// A byte budget that holds `tokens` model tokens of a text with `bpt` bytes per token (with margin:
-/// the splits differ a little in density); negative (all of it) stays negative.
+/// the splits differ a little in density); 0 (none) and negative (all of it) stay as they are.
 inline Index byte_budget(Index tokens, double bpt) {
-    if (tokens < 0 || bpt == 1.0) return tokens;
+    if (tokens <= 0 || bpt == 1.0) return tokens;
     return static_cast<Index>(std::ceil(double(tokens) * bpt * 1.15)) + 64;
 }
 
