@@ -1,5 +1,5 @@
 // Tests of Hugging Face model folders (include/comigs/models/hf_model.hpp): parity of the GPT-2, Llama and
-// Qwen2 hosts with an independent PyTorch implementation (tools/make_model_golden.py: F32 and BF16 files,
+// Qwen2 hosts with an independent PyTorch implementation (tools/make_model_golden.py: F32, F16 and BF16 files,
 // GQA, tied and untied heads, llama3 rope scaling, head_dim != d / heads, a sharded folder) in forward
 // and backward with attention LoRA and a mixture of LoRA experts on every MLP; and bad folders, each a
 // comigs error naming the file and the value.
@@ -184,6 +184,27 @@ TEST_CASE("models::load_hf_model: a mapped BF16 model is read in place; config f
     CHECK(qwen.model->architecture() == "qwen2");
     CHECK(qwen.eos_tokens == std::vector<int>{5});
     CHECK(!qwen.bos_token);
+}
+
+TEST_CASE("models::load_hf_model: an F16 file is widened to the host's type once (its values exactly)") {
+    const fs::path dir = hf_tests::golden_models() / "llama_f16_gqa" / "model";
+    const auto file = io::SafetensorsFile::load(dir / "model.safetensors");
+    std::size_t data_bytes = 0;
+    for (const auto& t : file.tensors()) {
+        CHECK(t.dtype == io::Dtype::F16);
+        data_bytes += t.bytes.size();
+    }
+    auto loaded = models::load_hf_model<float>(dir);
+    auto* llama = dynamic_cast<models::Llama<float>*>(loaded.model.get());
+    REQUIRE(llama != nullptr);
+    const auto& store = *llama->weights().store;
+    CHECK(store.viewed_bytes() == 0);
+    CHECK(store.owned_bytes() == 2 * data_bytes);  // F16 -> F32: every tensor widened, once
+    // The widened weight holds the file's halves exactly: 1 + 10 + 1 bits fit a float.
+    const auto& q = llama->weights().layers[0].q.weight;
+    const auto want = file.get<float>("model.layers.0.self_attn.q_proj.weight");
+    REQUIRE(Index(want.size()) == q.rows * q.cols);
+    CHECK(std::equal(want.begin(), want.end(), q.data));
 }
 
 TEST_CASE("models::load_hf_model: bad folders are errors naming the file and the value") {

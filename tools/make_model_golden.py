@@ -1,7 +1,7 @@
 """Tiny random Hugging Face model folders and what an independent PyTorch implementation computes on them.
 
 For every case below this writes, under tests/golden/models/<case>/:
-  * model/            a Hugging Face model folder: config.json + model.safetensors (F32 or BF16), or shards
+  * model/            a Hugging Face model folder: config.json + model.safetensors (F32, F16 or BF16), or shards
                       + model.safetensors.index.json. GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM.
   * inputs.safetensors   tokens / targets [B, T] (I64); attention LoRA `<prefix>lora_A` [r, in], `lora_B`
                       [out, r] (all nonzero) for every adapted projection; a mixture of LoRA experts on every
@@ -20,7 +20,7 @@ rotate-half RoPE with inv_freq and angles in fp32 and cos/sin rounded to fp32, t
 llama3 rope scaling;
 repeat_kv for GQA; softmax attention with a causal mask. The mixture MLP is tools/reference_mixture.py
 (naive: each selected expert runs the whole MLP). Everything is computed in float64 from the stored
-values (BF16 and F32 weights widened exactly).
+values (BF16, F16 and F32 weights widened exactly).
 
 Run from the repository root with Debian's torch:  /usr/bin/python3 tools/make_model_golden.py
 Output is deterministic (fixed seeds, sorted tensor names); the script checks top-k routing margins.
@@ -53,9 +53,15 @@ def bf16_round(t):
     return t.to(torch.bfloat16).to(DT)
 
 
+def f16_round(t):
+    """Values as an F16 file stores them (IEEE half, round to nearest even), back in float64."""
+    return t.to(torch.float16).to(DT)
+
+
 def write_safetensors(path, tensors, metadata=None):
-    """tensors: name -> (torch tensor, tag) with tag in F32 / BF16 / F64 / I64."""
+    """tensors: name -> (torch tensor, tag) with tag in F32 / BF16 / F16 / F64 / I64."""
     st.save_file({k: (v.to(torch.bfloat16) if tag == "BF16" else
+                      v.to(torch.float16) if tag == "F16" else
                       v.to(torch.float32) if tag == "F32" else
                       v.to(torch.int64) if tag == "I64" else v.to(torch.float64))
                   for k, (v, tag) in tensors.items()}, path, metadata)
@@ -365,6 +371,9 @@ CASES = [
                                           "rope_scaling": None, "rope_theta": 10000.0}, "BF16", 2, False, 2, 1, 14),
     ("qwen2_f32_tied", "qwen2", {}, "F32", 1, False, 3, 2, 15),
     ("qwen2_bf16_untied", "qwen2", {"tie_word_embeddings": False, "num_key_value_heads": 2}, "BF16", 1, False, 2, 2, 16),
+    # F16 files (older Llama-family releases, fp16 exports): widened to fp32 at load.
+    ("gpt2_f16", "gpt2", {}, "F16", 1, False, 2, 2, 17),
+    ("llama_f16_gqa", "llama", {"rope_scaling": None}, "F16", 1, False, 2, 2, 18),
 ]
 B, T = 2, 7
 LORA_RANK, LORA_ALPHA = 2, 4.0
@@ -376,7 +385,7 @@ def make_case(name, kind, changes, tag, shards, hub_keys, experts, top_k, seed):
     base = {"gpt2": GPT2_BASE, "llama": LLAMA_BASE, "qwen2": QWEN2_BASE}[kind]
     c = json.loads(json.dumps(base))
     c.update(changes)
-    c["torch_dtype"] = "bfloat16" if tag == "BF16" else "float32"
+    c["torch_dtype"] = {"BF16": "bfloat16", "F16": "float16"}.get(tag, "float32")
     if kind == "gpt2":
         w = gpt2_weights(c, gen)
         V, L, fwd = c["vocab_size"], c["n_layer"], gpt2_forward
@@ -385,6 +394,8 @@ def make_case(name, kind, changes, tag, shards, hub_keys, experts, top_k, seed):
         V, L, fwd = c["vocab_size"], c["num_hidden_layers"], llama_forward
     if tag == "BF16":
         w = {k: bf16_round(v) for k, v in w.items()}
+    elif tag == "F16":
+        w = {k: f16_round(v) for k, v in w.items()}
     else:
         w = {k: v.to(torch.float32).to(DT) for k, v in w.items()}
     file_weights = dict(w)
