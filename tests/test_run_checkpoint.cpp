@@ -20,7 +20,7 @@ using namespace comigs;
 using comigs_test::FederationUsers;
 using comigs_test::same_bits;
 
-namespace {
+namespace run_checkpoint_test {
 
 struct RunDir {
     std::filesystem::path path;
@@ -40,14 +40,14 @@ using Fed = FederationUsers<double>;
 using Runner = RoundRunner<Fed::Host, Fed::Batch>;
 using DRunner = DistributedRoundRunner<Fed::Host, Fed::Batch>;
 
-constexpr Index rounds = 5, local_steps = 3;
+constexpr Index run_rounds = 5, run_local_steps = 3;
 
 /// A federation of users 0..3 (ranks 2, 3, 4, 2 for the heterogeneous-rank rules) with a validation
 /// perplexity for PCL.
 std::unique_ptr<Fed> federation(const Strategy& s, const std::vector<Index>& ids = {0, 1, 2, 3}) {
     std::vector<Index> ranks;
     if (s.aggregation() && s.aggregation()->heterogeneous_ranks()) ranks = {2, 3, 4, 2};
-    auto f = std::make_unique<Fed>(s, ids, rounds, local_steps, ranks);
+    auto f = std::make_unique<Fed>(s, ids, run_rounds, run_local_steps, ranks);
     for (std::size_t i = 0; i < f->users.size(); ++i) {
         auto* host = f->hosts[i].get();
         const auto* d = f->data[i].get();
@@ -61,8 +61,8 @@ std::unique_ptr<Fed> federation(const Strategy& s, const std::vector<Index>& ids
 
 RunnerConfig config() {
     RunnerConfig rc;
-    rc.rounds = rounds;
-    rc.local_steps = local_steps;
+    rc.rounds = run_rounds;
+    rc.local_steps = run_local_steps;
     return rc;
 }
 
@@ -165,7 +165,9 @@ void flip_byte(const std::filesystem::path& p, std::uintmax_t from_end) {
     io.write(&c, 1);
 }
 
-}  // namespace
+}  // namespace run_checkpoint_test
+
+using namespace run_checkpoint_test;
 
 TEST_CASE("run checkpoints: a stopped run resumes bitwise to the uninterrupted result, for every kind of rule") {
     // CoMiGS (router on validation data), FedAvg, HetLoRA (heterogeneous ranks, norm weights), PCL
@@ -175,7 +177,9 @@ TEST_CASE("run checkpoints: a stopped run resumes bitwise to the uninterrupted r
                               strategies::ffa_lora(), dp_fedavg(), strategies::local()}) {
         CAPTURE(s.name);
         const Reference ref = reference(s);
-        for (Index stop_after : {1, 3}) {
+        // Stops after the first round and in the middle (1G1S), in the middle (the others: the saves
+        // are flushed to disk, which is most of this test's time).
+        for (Index stop_after : s.name == "comigs-1g1s" ? std::vector<Index>{1, 3} : std::vector<Index>{3}) {
             CAPTURE(stop_after);
             RunDir dir;
             io::RunCheckpointOptions o;
@@ -332,7 +336,7 @@ TEST_CASE("run checkpoints: other settings are refused naming the first differen
     }
     SUBCASE("the runner's: the schedule") {
         RunnerConfig rc = config();
-        rc.rounds = rounds + 1;
+        rc.rounds = run_rounds + 1;
         Runner runner(s, rc, f->users);
         io::RunCheckpointOptions r = o;
         r.resume = true;
@@ -368,7 +372,7 @@ TEST_CASE("run checkpoints: other settings are refused naming the first differen
         r.resume = true;
         std::vector<std::string> log;
         r.log = [&](const std::string& m) { log.push_back(m); };
-        CHECK(io::run_checkpointed(runner, r).size() == std::size_t(rounds));
+        CHECK(io::run_checkpointed(runner, r).size() == std::size_t(run_rounds));
         REQUIRE(log.size() == 1);
         CHECK(log[0].find("starting at round 0") != std::string::npos);
     }

@@ -4,13 +4,17 @@
 // layer: the paper's figure). Every file is written atomically.
 #include <comigs/io/atomic_file.hpp>
 
+#include "fields.hpp"
+
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace comigs::demo {
@@ -27,6 +31,23 @@ struct UserResult {
     std::optional<double> personal_to_specialist;  ///< embedded corpus: personal tokens -> specialists
     double host_ppl = 0;               ///< the frozen host alone on this user's test data
 };
+
+/// Every field of a UserResult under its results.json key: the one list results.json, the MPI gather
+/// and run checkpoints use (fields.hpp).
+template <class Self, class F>
+    requires std::same_as<std::remove_const_t<Self>, UserResult>
+void fields(Self& u, F&& f) {
+    f("user", u.user);
+    f("test_ppl", u.test_ppl);
+    f("test_ppl_personalised", u.test_ppl_personalised);
+    f("ood_ppl", u.ood_ppl);
+    f("floor_ppl", u.floor_ppl);
+    f("gap_closed", u.gap_closed);
+    f("generalist_share", u.generalist_share);
+    f("shared_to_generalist", u.shared_to_generalist);
+    f("personal_to_specialist", u.personal_to_specialist);
+    f("host_ppl", u.host_ppl);
+}
 
 struct CurvePoint {
     long step = 0;        ///< local steps per user so far
@@ -47,6 +68,24 @@ struct MethodResult {
     }
 };
 
+template <class Self, class F>
+    requires std::same_as<std::remove_const_t<Self>, CurvePoint>
+void fields(Self& p, F&& f) {
+    f("step", p.step);
+    f("mean_ppl", p.mean_ppl);
+}
+
+/// Every field of a MethodResult (results.json adds the means over users).
+template <class Self, class F>
+    requires std::same_as<std::remove_const_t<Self>, MethodResult>
+void fields(Self& m, F&& f) {
+    f("name", m.name);
+    f("users", m.users);
+    f("upload_floats_per_round", m.upload_floats_per_round);
+    f("curve", m.curve);
+    f("seconds", m.seconds);
+}
+
 /// One user's test text with the expert each token went to, per mixture layer.
 struct RoutingSample {
     int user = 0;
@@ -55,6 +94,16 @@ struct RoutingSample {
     std::vector<unsigned char> personal;    ///< ground-truth label per token (empty for real text)
     std::vector<bool> expert_is_generalist; ///< per expert index
 };
+
+template <class Self, class F>
+    requires std::same_as<std::remove_const_t<Self>, RoutingSample>
+void fields(Self& s, F&& f) {
+    f("user", s.user);
+    f("text", s.text);
+    f("expert", s.expert);
+    f("personal", s.personal);
+    f("expert_is_generalist", s.expert_is_generalist);
+}
 
 inline nlohmann::json to_json(const std::optional<double>& v) { return v ? nlohmann::json(*v) : nlohmann::json(); }
 
@@ -65,27 +114,12 @@ inline nlohmann::json results_json(const nlohmann::json& config, const std::vect
     j["config"] = config;
     nlohmann::json ms = nlohmann::json::object();
     for (const auto& m : methods) {
-        nlohmann::json users = nlohmann::json::array();
-        for (const auto& u : m.users)
-            users.push_back({{"user", u.user},
-                             {"test_ppl", u.test_ppl},
-                             {"test_ppl_personalised", u.test_ppl_personalised},
-                             {"ood_ppl", u.ood_ppl},
-                             {"floor_ppl", to_json(u.floor_ppl)},
-                             {"gap_closed", to_json(u.gap_closed)},
-                             {"generalist_share", u.generalist_share},
-                             {"shared_to_generalist", to_json(u.shared_to_generalist)},
-                             {"personal_to_specialist", to_json(u.personal_to_specialist)},
-                             {"host_ppl", u.host_ppl}});
-        nlohmann::json curve = nlohmann::json::array();
-        for (const auto& p : m.curve) curve.push_back({{"step", p.step}, {"mean_ppl", p.mean_ppl}});
-        ms[m.name] = {{"users", users},
-                      {"mean_test_ppl", m.mean(&UserResult::test_ppl)},
-                      {"mean_test_ppl_personalised", m.mean(&UserResult::test_ppl_personalised)},
-                      {"mean_ood_ppl", m.mean(&UserResult::ood_ppl)},
-                      {"upload_floats_per_round", m.upload_floats_per_round},
-                      {"curve", curve},
-                      {"seconds", m.seconds}};
+        nlohmann::json mj = to_json_fields(m);
+        mj.erase("name");  // the key
+        mj["mean_test_ppl"] = m.mean(&UserResult::test_ppl);
+        mj["mean_test_ppl_personalised"] = m.mean(&UserResult::test_ppl_personalised);
+        mj["mean_ood_ppl"] = m.mean(&UserResult::ood_ppl);
+        ms[m.name] = std::move(mj);
     }
     j["methods"] = ms;
     j["host_mean_ppl"] = host_mean_ppl;

@@ -44,6 +44,7 @@
 #include "host.hpp"
 #include "placement.hpp"
 #include "report.hpp"
+#include "resume.hpp"
 
 namespace comigs::demo {
 
@@ -100,6 +101,10 @@ struct DemoConfig {
     Index curve_tokens = 2048;           ///< test tokens per user for the curve points
     Index sample_tokens = 256;           ///< test tokens per user shown in routing.html
     bool progress = true;
+    // Checkpoints (resume.hpp).
+    std::string checkpoint_dir;  ///< empty: none
+    Index checkpoint_every = 1;  ///< rounds between checkpoints
+    bool resume = false;         ///< continue the run checkpointed in checkpoint_dir
 
     /// The seconds-long configuration the tests use. comigs-demo applies it before reading the other
     /// flags, so `--quick --users 5 --top-k 1` changes just those.
@@ -449,6 +454,7 @@ struct RunContext {
     Windows ood;
     std::vector<double> host_ppl;
     Placement place;  ///< which users this process trains (all, or those of its MPI rank)
+    const DemoCheckpoint* checkpoint = nullptr;  ///< --checkpoint-dir
 };
 
 /// Roles of user u's experts under a strategy: the strategy's roles cut (or extended with
@@ -465,7 +471,7 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
                                std::vector<RoutingSample>& samples) {
     const DemoConfig& c = *ctx.cfg;
     const Strategy strategy = strategy_of(name, c);
-    const auto t_start = std::chrono::steady_clock::now();
+    auto t_start = std::chrono::steady_clock::now();  // moved back by the seconds of a resumed run
     const int U = c.users;
     MethodResult result;
     result.name = name;
@@ -595,7 +601,10 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
     };
     std::vector<std::pair<int, double>> uploads;  // per user: values uploaded per round
     auto drive = [&](auto& runner) {
-        runner.run(hooks);
+        if (ctx.checkpoint)
+            io::run_checkpointed(runner, ctx.checkpoint->options(name, result, U, t_start), hooks);
+        else
+            runner.run(hooks);
         for (std::size_t k = 0; k < runner.users().size(); ++k)
             uploads.emplace_back(int(runner.users()[k].id), double(runner.upload_floats(k)));
     };
@@ -715,6 +724,60 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
     const std::uint64_t key = hasher.digest();
     const fs::path cache = c.host_cache.empty() ? fs::path(c.out) / ("host-" + hex64(key) + ".safetensors")
                                                 : fs::path(c.host_cache);
+    std::vector<std::string> methods = c.methods;
+    if (methods.empty()) {
+        methods = {"local", "fedavg", "comigs-2g", "comigs-2s", "comigs-1g1s", "pfedmoe"};
+        if (c.ranks_differ())
+            methods.insert(methods.end(), {"hetlora", "flexlora"});  // PCL needs equal ranks
+        else
+            methods.push_back("pcl");
+    }
+    if (place.distributed() && c.methods.empty())  // what distributed rounds do not offer runs in one process
+        std::erase_if(methods, [](const std::string& m) { return m == "pcl" || m == "hetlora" || m == "flexlora"; });
+    nlohmann::json config = {
+        {"users", c.users},
+        {"experts", c.experts.empty() ? std::vector<Index>(std::size_t(c.users), 2) : c.experts},
+        {"ranks", c.ranks.empty() ? std::vector<Index>(std::size_t(c.users), 8) : c.ranks},
+        {"top_k", c.top_k},
+        {"alpha", c.alpha},
+        {"rounds", c.rounds},
+        {"local_steps", c.local_steps},
+        {"router_every", c.router_every},
+        {"router_iters", c.router_iters},
+        {"batch", c.batch},
+        {"seq_len", c.seq_len},
+        {"lr", c.lr},
+        {"lr_min", c.lr_min},
+        {"router_lr", c.router_lr},
+        {"generalist_target", c.generalist_target},
+        {"recalibrate", c.recalibrate},
+        {"attention_rank", c.attention_rank},
+        {"heterogeneity", embedded ? nlohmann::json(c.heterogeneity) : nlohmann::json()},
+        {"train_tokens", !c.train_tokens.empty() ? nlohmann::json(c.train_tokens)
+                         : embedded ? nlohmann::json(std::vector<Index>(std::size_t(c.users), c.default_train_tokens))
+                                    : nlohmann::json()},
+        {"validation_tokens", c.validation_tokens},
+        {"test_tokens", c.test_tokens},
+        {"seed", c.seed},
+        {"threads", c.threads},
+        {"methods", methods},
+        {"user_text", c.user_text},
+        {"pcl_temperature", c.pcl_temperature},
+        {"base_tokens", embedded ? nlohmann::json(c.base_tokens) : nlohmann::json()},
+        {"beta_personal", embedded ? nlohmann::json(c.beta_personal) : nlohmann::json()},
+        {"signature_boost", embedded ? nlohmann::json(c.signature_boost) : nlohmann::json()},
+        {"curve_tokens", c.curve_tokens},
+        {"sample_tokens", c.sample_tokens},
+        {"host", {{"d_model", c.d_model}, {"layers", c.n_layer}, {"heads", c.n_head}, {"steps", c.host_steps},
+                  {"batch", c.host_batch}, {"lr", c.host_lr}, {"text", c.host_text},
+                  {"cache", cache.string()}, {"reused", false}}},
+    };
+    std::optional<DemoCheckpoint> checkpoint;  // refuses a resume with other settings before any work
+    if (!c.checkpoint_dir.empty()) {
+        checkpoint.emplace(c.checkpoint_dir, c.checkpoint_every, c.resume, place, config);
+        ctx.checkpoint = &*checkpoint;
+    }
+
     bool loaded = false;
     if (!place.leader()) place.barrier();  // the leader pretrains and saves the host first
     tg::Gpt2<Real> host = pretrained_host(c, host_stream, cache, progress, loaded);
@@ -724,6 +787,8 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
             "host '", cache.string(), "': shape differs from --d-model/--layers/--seq-len");
     progress.note(std::string(loaded ? "host: reused " : "host: pretrained and saved to ") + cache.string());
     ctx.host = &host;
+    config["host"]["reused"] = loaded;
+    if (checkpoint) checkpoint->bind_host(std::as_const(host).params().all());
     for (Index l = 0; l < c.n_layer; ++l) ctx.bases.push_back(tg::frozen_mlp(host, l));
 
     // Evaluation sets.
@@ -758,54 +823,20 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         progress.note(buf);
     }
 
-    std::vector<std::string> methods = c.methods;
-    if (methods.empty()) {
-        methods = {"local", "fedavg", "comigs-2g", "comigs-2s", "comigs-1g1s", "pfedmoe"};
-        if (c.ranks_differ())
-            methods.insert(methods.end(), {"hetlora", "flexlora"});  // PCL needs equal ranks
-        else
-            methods.push_back("pcl");
-    }
-    if (place.distributed() && c.methods.empty())  // what distributed rounds do not offer runs in one process
-        std::erase_if(methods, [](const std::string& m) { return m == "pcl" || m == "hetlora" || m == "flexlora"; });
     std::vector<std::pair<std::string, std::vector<RoutingSample>>> routing;
     for (const auto& m : methods) {
+        if (checkpoint)
+            if (auto done = checkpoint->finished(m)) {
+                out.methods.push_back(std::move(done->first));
+                routing.emplace_back(m, std::move(done->second));
+                continue;
+            }
         std::vector<RoutingSample> samples;
         out.methods.push_back(run_method(m, ctx, progress, samples));
+        if (checkpoint) checkpoint->save_finished(m, out.methods.back(), samples);
         routing.emplace_back(m, std::move(samples));
     }
 
-    nlohmann::json config = {
-        {"users", c.users},
-        {"experts", c.experts.empty() ? std::vector<Index>(std::size_t(c.users), 2) : c.experts},
-        {"ranks", c.ranks.empty() ? std::vector<Index>(std::size_t(c.users), 8) : c.ranks},
-        {"top_k", c.top_k},
-        {"alpha", c.alpha},
-        {"rounds", c.rounds},
-        {"local_steps", c.local_steps},
-        {"router_every", c.router_every},
-        {"router_iters", c.router_iters},
-        {"batch", c.batch},
-        {"seq_len", c.seq_len},
-        {"lr", c.lr},
-        {"lr_min", c.lr_min},
-        {"router_lr", c.router_lr},
-        {"generalist_target", c.generalist_target},
-        {"recalibrate", c.recalibrate},
-        {"attention_rank", c.attention_rank},
-        {"heterogeneity", embedded ? nlohmann::json(c.heterogeneity) : nlohmann::json()},
-        {"train_tokens", !c.train_tokens.empty() ? nlohmann::json(c.train_tokens)
-                         : embedded ? nlohmann::json(std::vector<Index>(std::size_t(c.users), c.default_train_tokens))
-                                    : nlohmann::json()},
-        {"validation_tokens", c.validation_tokens},
-        {"test_tokens", c.test_tokens},
-        {"seed", c.seed},
-        {"threads", c.threads},
-        {"methods", methods},
-        {"user_text", c.user_text},
-        {"host", {{"d_model", c.d_model}, {"layers", c.n_layer}, {"heads", c.n_head}, {"steps", c.host_steps},
-                  {"cache", cache.string()}, {"reused", loaded}}},
-    };
     out.results = results_json(config, out.methods, out.host_mean_ppl, out.floor_mean_ppl);
     out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     out.results["seconds"] = out.seconds;
