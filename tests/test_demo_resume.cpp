@@ -114,23 +114,20 @@ TEST_CASE("comigs-demo: stopped after a round and resumed twice, the results are
     CHECK(without_timings(resumed.results) == without_timings(reference.results));
     CHECK(fs::exists(root / "checkpoints" / "pcl" / "result.safetensors"));
 
-    SUBCASE("a resume once everything is done reads the results back") {
-        const auto again = run_demo(c);
-        CHECK(without_timings(again.results) == without_timings(reference.results));
-    }
-    SUBCASE("other settings are refused, naming the first difference") {
-        DemoConfig other = c;
-        other.seed = 5;
-        CHECK_THROWS_WITH_AS(run_demo(other), doctest::Contains("'seed' is 0 in the checkpoint but 5 in this run"),
-                             comigs::InvalidArgument);
-        other = c;
-        other.methods = {"comigs-1g1s"};
-        CHECK_THROWS_WITH_AS(run_demo(other), doctest::Contains("'methods'"), comigs::InvalidArgument);
-    }
-    SUBCASE("without --resume the folder is not overwritten") {
-        DemoConfig fresh = c;
-        fresh.resume = false;
-        CHECK_THROWS_WITH_AS(run_demo(fresh), doctest::Contains("holds a run"), comigs::InvalidArgument);
-    }
+    // A resume once everything is done reads the results back.
+    const auto again = run_demo(c);
+    CHECK(without_timings(again.results) == without_timings(reference.results));
+    // Other settings are refused, naming the first difference.
+    DemoConfig other = c;
+    other.seed = 5;
+    CHECK_THROWS_WITH_AS(run_demo(other), doctest::Contains("'seed' is 0 in the checkpoint but 5 in this run"),
+                         comigs::InvalidArgument);
+    other = c;
+    other.methods = {"comigs-1g1s"};
+    CHECK_THROWS_WITH_AS(run_demo(other), doctest::Contains("'methods'"), comigs::InvalidArgument);
+    // Without --resume the folder is not overwritten.
+    DemoConfig fresh = c;
+    fresh.resume = false;
+    CHECK_THROWS_WITH_AS(run_demo(fresh), doctest::Contains("holds a run"), comigs::InvalidArgument);
     fs::remove_all(root);
 }

@@ -19,6 +19,21 @@
 
 namespace comigs::demo {
 
+/// How one mixture layer (or all of them) routed a user's test tokens.
+struct LayerRouting {
+    double generalist_share = 0;  ///< mean gate weight on generalists per token
+    std::optional<double> shared_to_generalist;    ///< embedded corpus: shared-source tokens whose top expert is a generalist
+    std::optional<double> personal_to_specialist;  ///< embedded corpus: personal tokens whose top expert is a specialist
+};
+
+template <class Self, class F>
+    requires std::same_as<std::remove_const_t<Self>, LayerRouting>
+void fields(Self& r, F&& f) {
+    f("generalist_share", r.generalist_share);
+    f("shared_to_generalist", r.shared_to_generalist);
+    f("personal_to_specialist", r.personal_to_specialist);
+}
+
 struct UserResult {
     int user = 0;
     double test_ppl = 0;               ///< deployed protocol: after the final aggregation and download
@@ -26,10 +41,12 @@ struct UserResult {
     double ood_ppl = 0;                ///< deployed model on the uniform mixture of all users' test data
     std::optional<double> floor_ppl;   ///< Bayes-optimal (embedded corpus only)
     std::optional<double> gap_closed;  ///< (ln host - ln method) / (ln host - ln floor)
-    double generalist_share = 0;       ///< share of (token, slot) assignments to generalists, test data
+    double generalist_share = 0;       ///< mean gate weight on generalists per token, test data, all layers
     std::optional<double> shared_to_generalist;   ///< embedded corpus: shared-source tokens -> generalist
     std::optional<double> personal_to_specialist;  ///< embedded corpus: personal tokens -> specialists
     double host_ppl = 0;               ///< the frozen host alone on this user's test data
+    std::optional<double> dev_ppl;     ///< deployed model on the tuning split (--dev-tokens)
+    std::vector<LayerRouting> by_layer;  ///< routing per mixture layer (methods with routers)
 };
 
 /// Every field of a UserResult under its results.json key: the one list results.json, the MPI gather
@@ -47,6 +64,8 @@ void fields(Self& u, F&& f) {
     f("shared_to_generalist", u.shared_to_generalist);
     f("personal_to_specialist", u.personal_to_specialist);
     f("host_ppl", u.host_ppl);
+    f("dev_ppl", u.dev_ppl);
+    f("routing_by_layer", u.by_layer);
 }
 
 struct CurvePoint {
@@ -65,6 +84,16 @@ struct MethodResult {
         double s = 0;
         for (const auto& u : users) s += u.*field;
         return users.empty() ? 0 : s / static_cast<double>(users.size());
+    }
+    /// Mean over users of an optional field; empty when a user lacks it.
+    std::optional<double> mean(std::optional<double> UserResult::*field) const {
+        double s = 0;
+        for (const auto& u : users) {
+            if (!(u.*field)) return std::nullopt;
+            s += *(u.*field);
+        }
+        if (users.empty()) return std::nullopt;
+        return s / static_cast<double>(users.size());
     }
 };
 
@@ -107,6 +136,34 @@ void fields(Self& s, F&& f) {
 
 inline nlohmann::json to_json(const std::optional<double>& v) { return v ? nlohmann::json(*v) : nlohmann::json(); }
 
+inline nlohmann::json to_json(const LayerRouting& r, std::size_t layer) {
+    return {{"layer", layer},
+            {"generalist_share", r.generalist_share},
+            {"shared_to_generalist", to_json(r.shared_to_generalist)},
+            {"personal_to_specialist", to_json(r.personal_to_specialist)}};
+}
+
+/// Per layer, the mean over users of each routing share (null where a user has none).
+inline nlohmann::json routing_by_layer(const MethodResult& m) {
+    nlohmann::json out = nlohmann::json::array();
+    const std::size_t layers = m.users.empty() ? 0 : m.users.front().by_layer.size();
+    for (std::size_t l = 0; l < layers; ++l) {
+        LayerRouting mean;
+        std::optional<double> sg = 0.0, ps = 0.0;
+        for (const auto& u : m.users) {
+            if (u.by_layer.size() != layers) return nlohmann::json::array();
+            const auto& r = u.by_layer[l];
+            mean.generalist_share += r.generalist_share / static_cast<double>(m.users.size());
+            sg = sg && r.shared_to_generalist ? std::optional(*sg + *r.shared_to_generalist / double(m.users.size())) : std::nullopt;
+            ps = ps && r.personal_to_specialist ? std::optional(*ps + *r.personal_to_specialist / double(m.users.size())) : std::nullopt;
+        }
+        mean.shared_to_generalist = sg;
+        mean.personal_to_specialist = ps;
+        out.push_back(to_json(mean, l));
+    }
+    return out;
+}
+
 /// results.json in the layout; `config` is whatever describes the run.
 inline nlohmann::json results_json(const nlohmann::json& config, const std::vector<MethodResult>& methods,
                                    double host_mean_ppl, std::optional<double> floor_mean_ppl) {
@@ -116,9 +173,14 @@ inline nlohmann::json results_json(const nlohmann::json& config, const std::vect
     for (const auto& m : methods) {
         nlohmann::json mj = to_json_fields(m);
         mj.erase("name");  // the key
+        for (auto& u : mj["users"])  // each layer's entry names its layer
+            for (std::size_t l = 0; l < u["routing_by_layer"].size(); ++l) u["routing_by_layer"][l]["layer"] = l;
         mj["mean_test_ppl"] = m.mean(&UserResult::test_ppl);
         mj["mean_test_ppl_personalised"] = m.mean(&UserResult::test_ppl_personalised);
         mj["mean_ood_ppl"] = m.mean(&UserResult::ood_ppl);
+        mj["mean_dev_ppl"] = to_json(m.mean(&UserResult::dev_ppl));
+        mj["mean_generalist_share"] = m.mean(&UserResult::generalist_share);
+        mj["routing_by_layer"] = routing_by_layer(m);
         ms[m.name] = std::move(mj);
     }
     j["methods"] = ms;

@@ -60,10 +60,13 @@ class DemoCheckpoint {
 public:
     /// Checks DIR/run.json against `config` (--resume: the same settings, else a clear refusal; no
     /// --resume: DIR must not hold a run) and writes it. Every rank calls this together.
-    DemoCheckpoint(std::filesystem::path dir, Index every, bool resume, Placement place, const nlohmann::json& config)
+    /// `data`: a hash of every user's token streams, so that changed text files are noticed too.
+    DemoCheckpoint(std::filesystem::path dir, Index every, bool resume, Placement place, const nlohmann::json& config,
+                   std::uint64_t data)
         : dir_(std::move(dir)), every_(every), resume_(resume), place_(place) {
         require(every_ >= 1, "--checkpoint-every ", every_, ": must be >= 1");
         settings_ = settings_of(config, {"host.cache", "host.reused"});
+        settings_.emplace_back("data.xxh64", comigs::detail::hex16(data));
         const auto run_json = dir_ / "run.json";
         std::string error;
         if (place_.leader()) {

@@ -21,6 +21,7 @@
 #include "router.hpp"
 #include "stop_request.hpp"
 #include "strategy.hpp"
+#include "text/bpe_tokenizer.hpp"
 #include "train.hpp"
 #include "upload.hpp"
 #include "version.hpp"

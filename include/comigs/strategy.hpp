@@ -640,8 +640,11 @@ private:
                                       ups[b].user(), "'s model is NaN");
             }
             download(SharedAggregate<T>::with_layout_of(ups[a], ups[a].values()), u.id, reg);  // restore
-            // softmax(-ppl / temperature), shifted by the smallest perplexity for stability.
+            // softmax(-ppl / temperature), shifted by the smallest perplexity for stability. With every
+            // candidate infinite there is no softmax (0 / 0): refused rather than averaged as NaN.
             const double lo = *std::min_element(ppl.begin(), ppl.end());
+            require<NumericError>(std::isfinite(lo), "user ", u.id, ": every candidate model has an infinite ",
+                                  "validation perplexity on its data; PCL has no weights to average with");
             double z = 0;
             auto& w = rep.pcl_weights[a];
             for (std::size_t b = 0; b < n; ++b) {

@@ -3,7 +3,8 @@
 // disk, renames it over the target and flushes the directory entry. rename() is atomic on POSIX file
 // systems, so a reader (or a process restarted after a crash or power cut) sees either the complete
 // previous file or the complete new one, never a mixture. After a hard crash a stale temporary named
-// ".<target name>.tmp.<...>" may remain beside the target; it is never read and can be deleted.
+// ".<target name>.tmp.<...>" (a long name cut short) may remain beside the target; it is never read
+// and can be deleted.
 //
 // POSIX only (Linux, macOS, BSDs).
 #include <fcntl.h>
@@ -122,17 +123,20 @@ inline void fsync_directory(const std::filesystem::path& dir, const char* contex
 }
 
 /// Creates a new file with a name no one else uses, beside the target: the pid, a process-wide counter
-/// and the clock make clashes unlikely, O_EXCL makes them harmless.
+/// and the clock make clashes unlikely, O_EXCL makes them harmless. The target's name is cut so that
+/// the temporary's stays within NAME_MAX (255 bytes on Linux file systems) for any target name.
 inline detail::UniqueFd create_unique_temp(const std::filesystem::path& dir, const std::string& stem,
                                            std::filesystem::path& temp_out) {
     static std::atomic<std::uint64_t> counter{0};
+    constexpr std::size_t name_max = 255;
     const auto clock = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
     for (int attempt = 0; attempt < 100; ++attempt) {
         const std::uint64_t tag = clock ^ (counter.fetch_add(1) * 0x9E3779B97F4A7C15ull);
         char hex[17];
         for (int i = 0; i < 16; ++i) hex[i] = "0123456789abcdef"[(tag >> (60 - 4 * i)) & 0xF];
         hex[16] = '\0';
-        temp_out = dir / ("." + stem + ".tmp." + std::to_string(::getpid()) + "." + hex);
+        const std::string suffix = ".tmp." + std::to_string(::getpid()) + "." + hex;
+        temp_out = dir / ("." + stem.substr(0, name_max - 1 - suffix.size()) + suffix);
         int fd;
         do {
             fd = ::open(temp_out.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
@@ -161,8 +165,8 @@ inline void atomic_write_file(const std::filesystem::path& target, const std::fu
     detail::UniqueFd fd = detail::create_unique_temp(dir, target.filename().string(), temp);
     bool temp_exists = true;
     try {
-        struct stat st {};
-        if (::stat(target.c_str(), &st) == 0 && S_ISREG(st.st_mode))
+        struct stat st {};  // lstat: a symlink is replaced, so the file it points to lends nothing
+        if (::lstat(target.c_str(), &st) == 0 && S_ISREG(st.st_mode))
             (void)::fchmod(fd.get(), st.st_mode & 07777);  // best effort: the content matters more
 
         AtomicFileWriter writer(fd.get(), temp);
