@@ -4,7 +4,6 @@
 // naming the first difference. The results' field lists (fields.hpp) round-trip exactly.
 #include <comigs/stop_request.hpp>
 #include <doctest/doctest.h>
-#include <unistd.h>
 
 #include <demo/run.hpp>
 
@@ -12,6 +11,8 @@
 #include <filesystem>
 #include <limits>
 #include <string>
+
+#include "temp_dir.hpp"
 
 namespace fs = std::filesystem;
 using namespace comigs::demo;
@@ -98,8 +99,8 @@ TEST_CASE("demo results: the field lists round-trip exactly and make results.jso
 }
 
 TEST_CASE("comigs-demo: stopped after a round and resumed twice, the results are the uninterrupted run's") {
-    const fs::path root = fs::temp_directory_path() / ("comigs-test-demo-resume-" + std::to_string(::getpid()));
-    fs::remove_all(root);
+    const comigs_test::TempDir tmp("comigs-test-demo-resume");
+    const fs::path root = tmp.path();
     const auto reference = run_demo(tiny(root, "reference"));
 
     DemoConfig c = tiny(root, "resumed");
@@ -125,9 +126,15 @@ TEST_CASE("comigs-demo: stopped after a round and resumed twice, the results are
     other = c;
     other.methods = {"comigs-1g1s"};
     CHECK_THROWS_WITH_AS(run_demo(other), doctest::Contains("'methods'"), comigs::InvalidArgument);
+    other = c;
+    other.users = 3;
+    CHECK_THROWS_WITH_AS(run_demo(other), doctest::Contains("in the checkpoint but"), comigs::InvalidArgument);
+    other = c;
+    other.d_model = 48;  // another host model
+    CHECK_THROWS_WITH_AS(run_demo(other), doctest::Contains("'host.d_model' is 32 in the checkpoint but 48 in this run"),
+                         comigs::InvalidArgument);
     // Without --resume the folder is not overwritten.
     DemoConfig fresh = c;
     fresh.resume = false;
     CHECK_THROWS_WITH_AS(run_demo(fresh), doctest::Contains("holds a run"), comigs::InvalidArgument);
-    fs::remove_all(root);
 }

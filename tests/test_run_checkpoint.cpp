@@ -217,53 +217,64 @@ TEST_CASE("run checkpoints: the generation holds one file per user and the serve
     CHECK(io::SafetensorsFile::load(g.path / "server.safetensors").get<std::int64_t>("round", {})[0] == 3);
 }
 
+/// HetLoRA as distributed rounds offer it: heterogeneous ranks, uniform weights (DistributedAggregator
+/// has no update-norm weighting).
+Strategy hetlora_uniform() {
+    Strategy s = strategies::hetlora();
+    s.name = "hetlora-uniform";
+    s.collaboration = AggregationConfig::hetlora(Weighting::uniform);
+    return s;
+}
+
 TEST_CASE("run checkpoints: distributed runs resume on another number of ranks, or in one process") {
-    const Strategy s = strategies::comigs_1g1s();
-    const Reference ref = reference(s);
-    RunDir dir;
-    io::RunCheckpointOptions o;
-    o.dir = dir.path;
-    // Two ranks: users {0, 2} and {1, 3}; stopped after round 2.
-    run_in_process(2, [&](Communicator& comm) {
-        std::vector<Index> mine;
-        for (Index u = comm.rank(); u < 4; u += 2) mine.push_back(u);
-        auto f = federation(s, mine);
-        DRunner runner(comm, s, config(), f->users);
-        Losses l;
-        io::RunCheckpointOptions ro = o;
-        l.attach(ro);
-        auto hooks = l.hooks();
-        hooks.after_round = [&, record = hooks.after_round](const RoundReport& r) {
-            record(r);
-            if (r.round == 1 && comm.rank() == 1) request_stop(SIGINT);  // one rank's signal stops all
-        };
-        CHECK_THROWS_AS(io::run_checkpointed(runner, ro, hooks), Interrupted);
-    });
-    clear_stop_request();
-    SUBCASE("three ranks") {
-        std::vector<std::vector<std::vector<NamedTensor<double>>>> got(3);
-        std::vector<std::vector<double>> losses(3);
-        run_in_process(3, [&](Communicator& comm) {
+    for (const Strategy& s : {strategies::comigs_1g1s(), strategies::fedavg(), hetlora_uniform()}) {
+        CAPTURE(s.name);
+        const Reference ref = reference(s);
+        RunDir dir;
+        io::RunCheckpointOptions o;
+        o.dir = dir.path;
+        // Two ranks: users {0, 2} and {1, 3}; stopped after round 2.
+        run_in_process(2, [&](Communicator& comm) {
             std::vector<Index> mine;
-            for (Index u = comm.rank(); u < 4; u += 3) mine.push_back(u);
+            for (Index u = comm.rank(); u < 4; u += 2) mine.push_back(u);
             auto f = federation(s, mine);
-            disturb(*f);
             DRunner runner(comm, s, config(), f->users);
             Losses l;
             io::RunCheckpointOptions ro = o;
-            ro.resume = true;
             l.attach(ro);
-            io::run_checkpointed(runner, ro, l.hooks());
-            for (std::size_t i = 0; i < mine.size(); ++i) got[std::size_t(comm.rank())].push_back(f->params(i));
-            losses[std::size_t(comm.rank())] = l.values;
+            auto hooks = l.hooks();
+            hooks.after_round = [&, record = hooks.after_round](const RoundReport& r) {
+                record(r);
+                if (r.round == 1 && comm.rank() == 1) request_stop(SIGINT);  // one rank's signal stops all
+            };
+            CHECK_THROWS_AS(io::run_checkpointed(runner, ro, hooks), Interrupted);
         });
-        for (int r = 0; r < 3; ++r) {
-            CHECK(losses[std::size_t(r)] == ref.losses);
-            for (std::size_t i = 0; i < got[std::size_t(r)].size(); ++i)
-                CHECK(same_bits(got[std::size_t(r)][i], ref.params[std::size_t(r) + 3 * i]));
+        clear_stop_request();
+        SUBCASE("three ranks") {
+            std::vector<std::vector<std::vector<NamedTensor<double>>>> got(3);
+            std::vector<std::vector<double>> losses(3);
+            run_in_process(3, [&](Communicator& comm) {
+                std::vector<Index> mine;
+                for (Index u = comm.rank(); u < 4; u += 3) mine.push_back(u);
+                auto f = federation(s, mine);
+                disturb(*f);
+                DRunner runner(comm, s, config(), f->users);
+                Losses l;
+                io::RunCheckpointOptions ro = o;
+                ro.resume = true;
+                l.attach(ro);
+                io::run_checkpointed(runner, ro, l.hooks());
+                for (std::size_t i = 0; i < mine.size(); ++i) got[std::size_t(comm.rank())].push_back(f->params(i));
+                losses[std::size_t(comm.rank())] = l.values;
+            });
+            for (int r = 0; r < 3; ++r) {
+                CHECK(losses[std::size_t(r)] == ref.losses);
+                for (std::size_t i = 0; i < got[std::size_t(r)].size(); ++i)
+                    CHECK(same_bits(got[std::size_t(r)][i], ref.params[std::size_t(r) + 3 * i]));
+            }
         }
+        SUBCASE("one process") { resume_and_check(s, o, ref); }
     }
-    SUBCASE("one process") { resume_and_check(s, o, ref); }
 }
 
 TEST_CASE("run checkpoints: a damaged or truncated newest generation falls back to the previous one") {

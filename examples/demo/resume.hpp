@@ -20,9 +20,13 @@
 #include <comigs/io/safetensors.hpp>
 #include <comigs/stop_request.hpp>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <optional>
 #include <string>
