@@ -2,6 +2,7 @@
 // it too: a run stopped (as by SIGTERM) after its first round and resumed, twice, ends with the
 // results of a run that never stopped; finished methods are read back; other settings are refused
 // naming the first difference. The results' field lists (fields.hpp) round-trip exactly.
+#include <comigs/io/safetensors.hpp>
 #include <comigs/stop_request.hpp>
 #include <doctest/doctest.h>
 
@@ -118,6 +119,21 @@ TEST_CASE("comigs-demo: stopped after a round and resumed twice, the results are
     // A resume once everything is done reads the results back.
     const auto again = run_demo(c);
     CHECK(without_timings(again.results) == without_timings(reference.results));
+    // A finished method's file with a damaged header (other settings in it) is not used: the method is
+    // resumed from its last generation, to the same results.
+    {
+        const fs::path result = root / "checkpoints" / "pcl" / "result.safetensors";
+        auto f = comigs::io::SafetensorsFile::load(result);
+        std::string& settings = f.metadata().at("settings");
+        const std::string entry = R"(["method","pcl"])";
+        const auto at = settings.find(entry);
+        REQUIRE(at != std::string::npos);
+        settings.replace(at, entry.size(), R"(["method","pcX"])");
+        f.save(result);
+        const auto rerun = run_demo(c);
+        CHECK(without_timings(rerun.results) == without_timings(reference.results));
+        CHECK(comigs::io::SafetensorsFile::load(result).metadata().at("settings").find("pcX") == std::string::npos);
+    }
     // Other settings are refused, naming the first difference.
     DemoConfig other = c;
     other.seed = 5;
