@@ -15,7 +15,7 @@ using io::CheckpointStore;
 using io::GenerationFile;
 using io::RunSettings;
 
-namespace {
+namespace checkpoint_store_test {
 
 struct StoreDir {
     std::filesystem::path path;
@@ -50,7 +50,9 @@ std::string slurp(const std::filesystem::path& p) {
     return {std::istreambuf_iterator<char>(in), {}};
 }
 
-}  // namespace
+}  // namespace checkpoint_store_test
+
+using namespace checkpoint_store_test;
 
 TEST_CASE("checkpoint store: first_difference names the first differing setting") {
     const RunSettings a{{"users", "4"}, {"seed", "1"}, {"model", "m"}};

@@ -4,6 +4,7 @@
 
 #include <demo/cli.hpp>
 #include <demo/run.hpp>
+#include "temp_dir.hpp"
 
 #include <cctype>
 #include <filesystem>
@@ -102,8 +103,8 @@ TEST_CASE("comigs-demo: tiny run end to end") {
     c.make_quick();
     c.threads = 1;
     c.progress = false;
-    c.out = (fs::temp_directory_path() / "comigs-test-demo").string();
-    fs::remove_all(c.out);
+    const comigs_test::TempDir tmp("comigs-test-demo");
+    c.out = tmp.path().string();
     const auto out = comigs::demo::run_demo(c);
 
     const auto j = nlohmann::json::parse(slurp(fs::path(c.out) / "results.json"));
@@ -207,13 +208,12 @@ TEST_CASE("comigs-demo: tiny run end to end") {
     CHECK(nlohmann::json::parse(slurp(fs::path(c.out) / "results.json"))["config"]["host"]["reused"].get<bool>());
     CHECK(again.methods[0].mean(&comigs::demo::UserResult::test_ppl) ==
           doctest::Approx(out.methods[4].mean(&comigs::demo::UserResult::test_ppl)).epsilon(1e-12));
-    fs::remove_all(c.out);
 }
 
 TEST_CASE("comigs-demo command line: --quick is a base configuration the other flags still change") {
     namespace fs = std::filesystem;
-    const std::string out = (fs::temp_directory_path() / "comigs-test-demo-cli").string();
-    fs::remove_all(out);
+    const comigs_test::TempDir tmp("comigs-test-demo-cli");
+    const std::string out = tmp.path().string();
     std::vector<std::string> args{"comigs-demo", "--users", "2",       "--quick",   "--top-k", "1",  "--methods",
                                   "local",       "--quiet", "--threads", "1",       "--out",   out};
     std::vector<char*> argv;
@@ -230,5 +230,4 @@ TEST_CASE("comigs-demo command line: --quick is a base configuration the other f
     std::vector<char*> bad_argv;
     for (auto& a : bad) bad_argv.push_back(a.data());
     CHECK(comigs::demo::demo_main(static_cast<int>(bad_argv.size()), bad_argv.data()) == 1);
-    fs::remove_all(out);
 }

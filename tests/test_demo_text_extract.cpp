@@ -10,6 +10,8 @@
 #include <fstream>
 #include <string>
 
+#include "temp_dir.hpp"
+
 using namespace comigs::demo;
 
 TEST_CASE("html_to_text: markup out, text and line structure in") {
@@ -110,9 +112,8 @@ TEST_CASE("dictd_to_text: entries in data order, once each, without the header a
 
 TEST_CASE("read_maybe_gzip: gzip and plain files, clear errors for the rest") {
     namespace fs = std::filesystem;
-    const fs::path dir = fs::temp_directory_path() / "comigs-test-text-extract";
-    fs::remove_all(dir);
-    fs::create_directories(dir);
+    const comigs_test::TempDir tmp("comigs-test-text-extract");
+    const fs::path dir = tmp.path();
     std::string text;
     for (int i = 0; i < 20000; ++i) text += static_cast<char>('a' + i % 23);
     {
@@ -134,5 +135,4 @@ TEST_CASE("read_maybe_gzip: gzip and plain files, clear errors for the rest") {
     }
     std::ofstream(dir / "cut.gz", std::ios::binary) << gz.substr(0, gz.size() / 2);
     CHECK_THROWS_WITH_AS(read_maybe_gzip(dir / "cut.gz"), doctest::Contains("cut.gz"), comigs::FormatError);
-    fs::remove_all(dir);
 }

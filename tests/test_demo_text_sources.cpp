@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.hpp"
+
 namespace fs = std::filesystem;
 using namespace comigs::demo;
 
@@ -38,8 +40,8 @@ std::string words(const std::string& seed_word, int n) {
 }  // namespace
 
 TEST_CASE("text sources: package files from dpkg's list, filtered, sorted, extracted") {
-    const fs::path root = fs::temp_directory_path() / "comigs-test-text-sources";
-    fs::remove_all(root);
+    const comigs_test::TempDir tmp("comigs-test-text-sources");
+    const fs::path root = tmp.path();
     const std::string base = "/usr/share/doc/debian-handbook/html/";
     fake_package(root, "debian-handbook",
                  {{base + "de-DE/b.html", "<html><head><title>x</title></head><body><p>zwei</p></body></html>"},
@@ -69,7 +71,6 @@ TEST_CASE("text sources: package files from dpkg's list, filtered, sorted, extra
     TextSource none{"nothing", "fortunes", "/usr/share/games/fortunes/", ".txt", TextFormat::plain, {}, false};
     CHECK_THROWS_WITH_AS(source_files(root, none), doctest::Contains("has no files under"), comigs::InvalidArgument);
     CHECK_THROWS_AS(text_setting("klingon"), comigs::InvalidArgument);
-    fs::remove_all(root);
 }
 
 TEST_CASE("cap_text: evenly spaced pieces of the text, at most the cap") {
@@ -84,8 +85,8 @@ TEST_CASE("cap_text: evenly spaced pieces of the text, at most the cap") {
 }
 
 TEST_CASE("comigs-demo --setting multilingual on a fake Debian root, with a dev split") {
-    const fs::path root = fs::temp_directory_path() / "comigs-test-demo-setting";
-    fs::remove_all(root);
+    const comigs_test::TempDir tmp("comigs-test-demo-setting");
+    const fs::path root = tmp.path();
     const std::string base = "/usr/share/doc/debian-handbook/html/";
     std::vector<std::pair<std::string, std::string>> files;
     for (const char* lang : {"de-DE", "fr-FR", "it-IT", "nl-NL", "en-US"})
@@ -121,5 +122,4 @@ TEST_CASE("comigs-demo --setting multilingual on a fake Debian root, with a dev 
     std::vector<char*> bad_argv;
     for (auto& a : bad) bad_argv.push_back(a.data());
     CHECK(demo_main(static_cast<int>(bad_argv.size()), bad_argv.data()) == 1);
-    fs::remove_all(root);
 }

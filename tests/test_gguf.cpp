@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.hpp"
+
 namespace {
 using namespace comigs;
 using io::GgmlType;
@@ -155,13 +157,12 @@ TEST_CASE("GGUF: files comigs builds read back equal; saved atomically") {
     const auto q8 = g.values<float>("w.Q8_0");
     for (std::size_t i = 0; i < m.size(); ++i) CHECK(std::abs(q8[i] - m[i]) < 0.03f);
 
-    const auto dir = std::filesystem::temp_directory_path() / "comigs_test_gguf";
-    std::filesystem::create_directories(dir);
+    const comigs_test::TempDir tmp("comigs-test-gguf");
+    const auto dir = tmp.path();
     f.save(dir / "out.gguf");
     const GgufFile h = GgufFile::open(dir / "out.gguf");
     CHECK(h.metadata() == f.metadata());
     CHECK(h.values<float>("w.Q4_0") == g.values<float>("w.Q4_0"));
-    std::filesystem::remove_all(dir);
 
     CHECK_THROWS_WITH_AS(f.add_matrix("odd", ConstMatrixView<float>(m.data(), 2, 40), GgmlType::q4_0),
                          doctest::Contains("multiple of 32"), InvalidArgument);

@@ -9,10 +9,12 @@
 
 using namespace comigs;
 
-namespace {
+namespace stop_request_test {
 volatile std::sig_atomic_t previous_handler_ran = 0;
 extern "C" void record_signal(int) { previous_handler_ran = 1; }
-}  // namespace
+}  // namespace stop_request_test
+
+using namespace stop_request_test;
 
 TEST_CASE("stop requests: signals raise the flag, handlers are restored, request_stop does the same") {
     clear_stop_request();

@@ -131,6 +131,10 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
                    "tokens. Each user's adapters are saved to <out>/adapters/<method>/user-<u>.safetensors");
     app.add_flag("--model-fp32-compute", c.model_fp32_compute,
                  "with --model: fp32 products on its BF16 weights (exact values; default: bf16 products)");
+    app.add_option("--checkpoint-dir", c.checkpoint_dir,
+                   "checkpoint every method's rounds here (SIGINT/SIGTERM: stop at the round's end with a checkpoint)");
+    app.add_option("--checkpoint-every", c.checkpoint_every, "rounds between checkpoints")->capture_default_str();
+    app.add_flag("--resume", c.resume, "continue the run checkpointed in --checkpoint-dir (same settings)");
     app.add_flag("--quick", quick, "a seconds-long configuration (tests)");
     bool quiet = false;
     app.add_flag("--quiet", quiet, "no progress output");
@@ -139,6 +143,7 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
         if (std::string_view(argv[i]) == "--quick") c.make_quick();
     CLI11_PARSE(app, argc, argv);
     try {
+        comigs::require(!c.resume || !c.checkpoint_dir.empty(), "--resume: needs --checkpoint-dir");
         if (!c.user_text.empty() && app.count("--users") == 0) c.users = int(c.user_text.size());
         if (!c.setting.empty() && app.count("--users") == 0) c.users = int(comigs::demo::text_setting(c.setting).users.size());
         if (!experts.empty()) c.experts = parse_list<comigs::Index>(experts, "--experts");
@@ -155,6 +160,9 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
         std::printf("\n");
         comigs::demo::print_table(stdout, out.methods);
         std::printf("wrote %s/results.json, curves.svg, routing.html (%.1f s)\n", c.out.c_str(), out.seconds);
+    } catch (const comigs::Interrupted& e) {
+        if (place.leader()) std::fprintf(stderr, "\ncomigs-demo: %s; continue with --resume\n", e.what());
+        return 128 + e.signal();
     } catch (const std::exception& e) {
         std::fprintf(stderr, "comigs-demo: %s\n", e.what());
         return 1;

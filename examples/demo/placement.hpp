@@ -83,73 +83,16 @@ struct Placement {
     }
 
 private:
-    static void put_opt(comigs::detail::ByteWriter& w, const std::optional<double>& v) {
-        w.put(static_cast<std::uint8_t>(v.has_value()));
-        w.put(v.value_or(0.0));
-    }
-    static std::optional<double> get_opt(comigs::detail::ByteReader& r) {
-        const bool has = r.get<std::uint8_t>() != 0;
-        const double v = r.get<double>();
-        return has ? std::optional<double>(v) : std::nullopt;
-    }
-    static void put_user(comigs::detail::ByteWriter& w, const UserResult& u) {
-        w.put(static_cast<std::int64_t>(u.user));
-        for (double v : {u.test_ppl, u.test_ppl_personalised, u.ood_ppl, u.generalist_share, u.host_ppl}) w.put(v);
-        for (const auto* o : {&u.floor_ppl, &u.gap_closed, &u.shared_to_generalist, &u.personal_to_specialist, &u.dev_ppl})
-            put_opt(w, *o);
-        w.put(static_cast<std::uint64_t>(u.by_layer.size()));
-        for (const LayerRouting& l : u.by_layer) {
-            w.put(l.generalist_share);
-            put_opt(w, l.shared_to_generalist);
-            put_opt(w, l.personal_to_specialist);
-        }
-    }
+    static void put_user(comigs::detail::ByteWriter& w, const UserResult& u) { put_fields(w, u); }
     static UserResult get_user(comigs::detail::ByteReader& r) {
         UserResult u;
-        u.user = static_cast<int>(r.get<std::int64_t>());
-        for (double* v : {&u.test_ppl, &u.test_ppl_personalised, &u.ood_ppl, &u.generalist_share, &u.host_ppl})
-            *v = r.get<double>();
-        for (auto* o : {&u.floor_ppl, &u.gap_closed, &u.shared_to_generalist, &u.personal_to_specialist, &u.dev_ppl})
-            *o = get_opt(r);
-        const auto layers = r.get<std::uint64_t>();
-        comigs::require(layers <= 4096, "routing of ", layers, " layers in a user's result: corrupt message");
-        u.by_layer.resize(static_cast<std::size_t>(layers));
-        for (LayerRouting& l : u.by_layer) {
-            l.generalist_share = r.get<double>();
-            l.shared_to_generalist = get_opt(r);
-            l.personal_to_specialist = get_opt(r);
-        }
+        get_fields(r, u);
         return u;
     }
-    template <class V>
-    static void put_vec(comigs::detail::ByteWriter& w, const std::vector<V>& v) {
-        w.put(static_cast<std::uint64_t>(v.size()));
-        for (const V& x : v) w.put(x);
-    }
-    template <class V>
-    static std::vector<V> get_vec(comigs::detail::ByteReader& r) {
-        std::vector<V> v(static_cast<std::size_t>(r.get<std::uint64_t>()));
-        for (V& x : v) x = r.get<V>();
-        return v;
-    }
-    static void put_sample(comigs::detail::ByteWriter& w, const RoutingSample& s) {
-        w.put(static_cast<std::int64_t>(s.user));
-        put_vec(w, s.text);
-        w.put(static_cast<std::uint64_t>(s.expert.size()));
-        for (const auto& layer : s.expert) put_vec(w, layer);
-        put_vec(w, s.personal);
-        w.put(static_cast<std::uint64_t>(s.expert_is_generalist.size()));
-        for (bool g : s.expert_is_generalist) w.put(static_cast<std::uint8_t>(g));
-    }
+    static void put_sample(comigs::detail::ByteWriter& w, const RoutingSample& s) { put_fields(w, s); }
     static RoutingSample get_sample(comigs::detail::ByteReader& r) {
         RoutingSample s;
-        s.user = static_cast<int>(r.get<std::int64_t>());
-        s.text = get_vec<unsigned char>(r);
-        s.expert.resize(static_cast<std::size_t>(r.get<std::uint64_t>()));
-        for (auto& layer : s.expert) layer = get_vec<int>(r);
-        s.personal = get_vec<unsigned char>(r);
-        const auto n = r.get<std::uint64_t>();
-        for (std::uint64_t k = 0; k < n; ++k) s.expert_is_generalist.push_back(r.get<std::uint8_t>() != 0);
+        get_fields(r, s);
         return s;
     }
 };

@@ -5,13 +5,17 @@
 #include <comigs/detail/utf8.hpp>
 #include <comigs/io/atomic_file.hpp>
 
+#include "fields.hpp"
+
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace comigs::demo {
@@ -22,6 +26,14 @@ struct LayerRouting {
     std::optional<double> shared_to_generalist;    ///< embedded corpus: shared-source tokens whose top expert is a generalist
     std::optional<double> personal_to_specialist;  ///< embedded corpus: personal tokens whose top expert is a specialist
 };
+
+template <class Self, class F>
+    requires std::same_as<std::remove_const_t<Self>, LayerRouting>
+void fields(Self& r, F&& f) {
+    f("generalist_share", r.generalist_share);
+    f("shared_to_generalist", r.shared_to_generalist);
+    f("personal_to_specialist", r.personal_to_specialist);
+}
 
 struct UserResult {
     int user = 0;
@@ -37,6 +49,25 @@ struct UserResult {
     std::optional<double> dev_ppl;     ///< deployed model on the tuning split (--dev-tokens)
     std::vector<LayerRouting> by_layer;  ///< routing per mixture layer (methods with routers)
 };
+
+/// Every field of a UserResult under its results.json key: the one list results.json, the MPI gather
+/// and run checkpoints use (fields.hpp).
+template <class Self, class F>
+    requires std::same_as<std::remove_const_t<Self>, UserResult>
+void fields(Self& u, F&& f) {
+    f("user", u.user);
+    f("test_ppl", u.test_ppl);
+    f("test_ppl_personalised", u.test_ppl_personalised);
+    f("ood_ppl", u.ood_ppl);
+    f("floor_ppl", u.floor_ppl);
+    f("gap_closed", u.gap_closed);
+    f("generalist_share", u.generalist_share);
+    f("shared_to_generalist", u.shared_to_generalist);
+    f("personal_to_specialist", u.personal_to_specialist);
+    f("host_ppl", u.host_ppl);
+    f("dev_ppl", u.dev_ppl);
+    f("routing_by_layer", u.by_layer);
+}
 
 struct CurvePoint {
     long step = 0;        ///< local steps per user so far
@@ -67,6 +98,24 @@ struct MethodResult {
     }
 };
 
+template <class Self, class F>
+    requires std::same_as<std::remove_const_t<Self>, CurvePoint>
+void fields(Self& p, F&& f) {
+    f("step", p.step);
+    f("mean_ppl", p.mean_ppl);
+}
+
+/// Every field of a MethodResult (results.json adds the means over users).
+template <class Self, class F>
+    requires std::same_as<std::remove_const_t<Self>, MethodResult>
+void fields(Self& m, F&& f) {
+    f("name", m.name);
+    f("users", m.users);
+    f("upload_floats_per_round", m.upload_floats_per_round);
+    f("curve", m.curve);
+    f("seconds", m.seconds);
+}
+
 /// One user's test text with the expert each token went to, per mixture layer.
 struct RoutingSample {
     int user = 0;
@@ -76,6 +125,16 @@ struct RoutingSample {
     std::vector<unsigned char> personal;    ///< ground-truth label per token (empty for real text)
     std::vector<bool> expert_is_generalist; ///< per expert index
 };
+
+template <class Self, class F>
+    requires std::same_as<std::remove_const_t<Self>, RoutingSample>
+void fields(Self& s, F&& f) {
+    f("user", s.user);
+    f("text", s.text);
+    f("expert", s.expert);
+    f("personal", s.personal);
+    f("expert_is_generalist", s.expert_is_generalist);
+}
 
 inline nlohmann::json to_json(const std::optional<double>& v) { return v ? nlohmann::json(*v) : nlohmann::json(); }
 
@@ -114,36 +173,17 @@ inline nlohmann::json results_json(const nlohmann::json& config, const std::vect
     j["config"] = config;
     nlohmann::json ms = nlohmann::json::object();
     for (const auto& m : methods) {
-        nlohmann::json users = nlohmann::json::array();
-        for (const auto& u : m.users)
-            users.push_back({{"user", u.user},
-                             {"test_ppl", u.test_ppl},
-                             {"test_ppl_personalised", u.test_ppl_personalised},
-                             {"ood_ppl", u.ood_ppl},
-                             {"floor_ppl", to_json(u.floor_ppl)},
-                             {"gap_closed", to_json(u.gap_closed)},
-                             {"generalist_share", u.generalist_share},
-                             {"shared_to_generalist", to_json(u.shared_to_generalist)},
-                             {"personal_to_specialist", to_json(u.personal_to_specialist)},
-                             {"host_ppl", u.host_ppl},
-                             {"dev_ppl", to_json(u.dev_ppl)},
-                             {"routing_by_layer", [&] {
-                                  nlohmann::json a = nlohmann::json::array();
-                                  for (std::size_t l = 0; l < u.by_layer.size(); ++l) a.push_back(to_json(u.by_layer[l], l));
-                                  return a;
-                              }()}});
-        nlohmann::json curve = nlohmann::json::array();
-        for (const auto& p : m.curve) curve.push_back({{"step", p.step}, {"mean_ppl", p.mean_ppl}});
-        ms[m.name] = {{"users", users},
-                      {"mean_test_ppl", m.mean(&UserResult::test_ppl)},
-                      {"mean_test_ppl_personalised", m.mean(&UserResult::test_ppl_personalised)},
-                      {"mean_ood_ppl", m.mean(&UserResult::ood_ppl)},
-                      {"mean_dev_ppl", to_json(m.mean(&UserResult::dev_ppl))},
-                      {"mean_generalist_share", m.mean(&UserResult::generalist_share)},
-                      {"routing_by_layer", routing_by_layer(m)},
-                      {"upload_floats_per_round", m.upload_floats_per_round},
-                      {"curve", curve},
-                      {"seconds", m.seconds}};
+        nlohmann::json mj = to_json_fields(m);
+        mj.erase("name");  // the key
+        for (auto& u : mj["users"])  // each layer's entry names its layer
+            for (std::size_t l = 0; l < u["routing_by_layer"].size(); ++l) u["routing_by_layer"][l]["layer"] = l;
+        mj["mean_test_ppl"] = m.mean(&UserResult::test_ppl);
+        mj["mean_test_ppl_personalised"] = m.mean(&UserResult::test_ppl_personalised);
+        mj["mean_ood_ppl"] = m.mean(&UserResult::ood_ppl);
+        mj["mean_dev_ppl"] = to_json(m.mean(&UserResult::dev_ppl));
+        mj["mean_generalist_share"] = m.mean(&UserResult::generalist_share);
+        mj["routing_by_layer"] = routing_by_layer(m);
+        ms[m.name] = std::move(mj);
     }
     j["methods"] = ms;
     j["host_mean_ppl"] = host_mean_ppl;

@@ -45,6 +45,7 @@
 #include "placement.hpp"
 #include "real_model.hpp"
 #include "report.hpp"
+#include "resume.hpp"
 #include "text_sources.hpp"
 #include "text_split.hpp"
 
@@ -111,6 +112,10 @@ struct DemoConfig {
     Index curve_tokens = 2048;           ///< test tokens per user for the curve points
     Index sample_tokens = 256;           ///< test tokens per user shown in routing.html
     bool progress = true;
+    // Checkpoints (resume.hpp).
+    std::string checkpoint_dir;  ///< empty: none
+    Index checkpoint_every = 1;  ///< rounds between checkpoints
+    bool resume = false;         ///< continue the run checkpointed in checkpoint_dir
 
     /// The seconds-long configuration the tests use. comigs-demo applies it before reading the other
     /// flags, so `--quick --users 5 --top-k 1` changes just those.
@@ -477,6 +482,7 @@ struct RunContext {
     Windows ood;
     std::vector<double> host_ppl;
     Placement place;  ///< which users this process trains (all, or those of its MPI rank)
+    const DemoCheckpoint* checkpoint = nullptr;  ///< --checkpoint-dir
 };
 
 /// Roles of user u's experts under a strategy: the strategy's roles cut (or extended with
@@ -493,7 +499,7 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
                                std::vector<RoutingSample>& samples) {
     const DemoConfig& c = *ctx.cfg;
     const Strategy strategy = strategy_of(name, c);
-    const auto t_start = std::chrono::steady_clock::now();
+    auto t_start = std::chrono::steady_clock::now();  // moved back by the seconds of a resumed run
     const int U = c.users;
     MethodResult result;
     result.name = name;
@@ -643,7 +649,10 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
     };
     std::vector<std::pair<int, double>> uploads;  // per user: values uploaded per round
     auto drive = [&](auto& runner) {
-        runner.run(hooks);
+        if (ctx.checkpoint)
+            io::run_checkpointed(runner, ctx.checkpoint->options(name, result, U, t_start), hooks);
+        else
+            runner.run(hooks);
         for (std::size_t k = 0; k < runner.users().size(); ++k)
             uploads.emplace_back(int(runner.users()[k].id), double(runner.upload_floats(k)));
     };
@@ -806,63 +815,6 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
     const std::uint64_t key = hasher.digest();
     const fs::path cache = c.host_cache.empty() ? fs::path(c.out) / ("host-" + hex64(key) + ".safetensors")
                                                 : fs::path(c.host_cache);
-    bool loaded = false;
-    std::optional<tg::Gpt2<Real>> tiny;  // the pretrained tiny host (without --model)
-    if (real) {
-        loaded = true;
-        ctx.host = &real->model();
-        progress.note("host: " + c.model + " (" + real->loaded.architecture + ", " +
-                      std::to_string(ctx.host->n_layer()) + " blocks, d " + std::to_string(ctx.host->d_model()) +
-                      "), text cut by " + real->codec.description());
-        // The frozen MLPs in place (views of the mapped weights), shared by every user.
-        for (Index l = 0; l < ctx.host->n_layer(); ++l)
-            ctx.bases.push_back(ctx.host->frozen_mlp(l));
-    } else {
-        if (!place.leader()) place.barrier();  // the leader pretrains and saves the host first
-        tiny.emplace(pretrained_host(c, host_stream, cache, progress, loaded));
-        if (place.leader()) place.barrier();
-        const tg::Gpt2<Real>& host = *tiny;
-        require(host.config().d_model == c.d_model && host.config().n_layer == c.n_layer &&
-                    host.config().n_ctx >= c.seq_len,
-                "host '", cache.string(), "': shape differs from --d-model/--layers/--seq-len");
-        progress.note(std::string(loaded ? "host: reused " : "host: pretrained and saved to ") + cache.string());
-        ctx.host = &*tiny;
-        for (Index l = 0; l < c.n_layer; ++l) ctx.bases.push_back(tg::frozen_mlp(host, l));
-    }
-
-    // Evaluation sets.
-    const Index per_user_ood = std::max<Index>(c.seq_len, c.test_tokens / c.users);
-    std::vector<Windows> ood_parts;
-    double floor_sum = 0;
-    for (int u = 0; u < c.users; ++u) {
-        const UserData& d = ctx.users[std::size_t(u)];
-        ctx.test.push_back(eval_windows(d.test, c.seq_len));
-        ctx.validation.push_back(eval_windows(d.validation, c.seq_len));
-        ctx.dev.push_back(eval_windows(d.dev, c.seq_len));
-        ctx.curve.push_back(eval_windows(d.test, c.seq_len, c.curve_tokens));
-        ctx.sample.push_back(eval_windows(d.test, c.seq_len, c.sample_tokens));
-        ood_parts.push_back(eval_windows(d.test, c.seq_len, per_user_ood));
-        ctx.host_ppl.push_back(host_perplexity(*ctx.host, ctx.test.back()));
-        if (embedded) {
-            ctx.users[std::size_t(u)].floor_ppl = user_floor(*corpus, u, Split::test).perplexity;
-            floor_sum += *ctx.users[std::size_t(u)].floor_ppl;
-        }
-    }
-    ctx.ood = concat(ood_parts);
-    DemoOutput out;
-    for (double p : ctx.host_ppl) out.host_mean_ppl += p / c.users;
-    if (embedded) out.floor_mean_ppl = floor_sum / c.users;
-    {
-        char buf[256];
-        std::snprintf(buf, sizeof buf, "host: mean test perplexity %.3f%s", out.host_mean_ppl,
-                      embedded ? (" (floor " + std::to_string(*out.floor_mean_ppl) + ", host on base text " +
-                                  std::to_string(host_perplexity(*ctx.host, eval_windows(corpus->base_validation, c.seq_len))) +
-                                  " vs base floor " + std::to_string(base_fl.perplexity) + ")")
-                                     .c_str()
-                               : "");
-        progress.note(buf);
-    }
-
     std::vector<std::string> methods = c.methods;
     if (methods.empty()) {
         methods = {"local", "fedavg", "comigs-2g", "comigs-2s", "comigs-1g1s", "pfedmoe"};
@@ -873,13 +825,6 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
     }
     if (place.distributed() && c.methods.empty())  // what distributed rounds do not offer runs in one process
         std::erase_if(methods, [](const std::string& m) { return m == "pcl" || m == "hetlora" || m == "flexlora"; });
-    std::vector<std::pair<std::string, std::vector<RoutingSample>>> routing;
-    for (const auto& m : methods) {
-        std::vector<RoutingSample> samples;
-        out.methods.push_back(run_method(m, ctx, progress, samples));
-        routing.emplace_back(m, std::move(samples));
-    }
-
     // Sizes of the streams each user actually got (real text: what the text gave, "all" resolved).
     auto split_sizes = [&](Stream UserData::*split) {
         std::vector<Index> n;
@@ -920,14 +865,104 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         {"threads", c.threads},
         {"methods", methods},
         {"user_text", c.user_text},
+        {"pcl_temperature", c.pcl_temperature},
+        {"base_tokens", embedded ? nlohmann::json(c.base_tokens) : nlohmann::json()},
+        {"beta_personal", embedded ? nlohmann::json(c.beta_personal) : nlohmann::json()},
+        {"signature_boost", embedded ? nlohmann::json(c.signature_boost) : nlohmann::json()},
+        {"curve_tokens", c.curve_tokens},
+        {"sample_tokens", c.sample_tokens},
         {"host", {{"d_model", c.d_model}, {"layers", c.n_layer}, {"heads", c.n_head}, {"steps", c.host_steps},
-                  {"cache", cache.string()}, {"reused", loaded}}},
+                  {"batch", c.host_batch}, {"lr", c.host_lr}, {"text", c.host_text},
+                  {"cache", cache.string()}, {"reused", false}}},  // reused: set once the host is there
     };
     if (real)
         config["host"] = {{"model", c.model}, {"architecture", real->loaded.architecture},
-                          {"layers", ctx.host->n_layer()}, {"d_model", ctx.host->d_model()},
-                          {"vocabulary", ctx.host->vocab()}, {"tokenizer", real->codec.description()},
+                          {"layers", real->model().n_layer()}, {"d_model", real->model().d_model()},
+                          {"vocabulary", real->model().vocab()}, {"tokenizer", real->codec.description()},
                           {"fp32_compute", c.model_fp32_compute}};
+    std::optional<DemoCheckpoint> checkpoint;  // refuses a resume with other settings before any work
+    if (!c.checkpoint_dir.empty()) {
+        comigs::detail::Xxh64 data;
+        for (const auto& u : ctx.users)
+            for (const Stream* st : {&u.train, &u.validation, &u.test, &u.dev})
+                data.update(std::as_bytes(std::span(st->tokens)));
+        checkpoint.emplace(c.checkpoint_dir, c.checkpoint_every, c.resume, place, config, data.digest());
+        ctx.checkpoint = &*checkpoint;
+    }
+
+    std::optional<tg::Gpt2<Real>> tiny;  // the pretrained tiny host (without --model)
+    if (real) {
+        ctx.host = &real->model();
+        progress.note("host: " + c.model + " (" + real->loaded.architecture + ", " +
+                      std::to_string(ctx.host->n_layer()) + " blocks, d " + std::to_string(ctx.host->d_model()) +
+                      "), text cut by " + real->codec.description());
+        // The frozen MLPs in place (views of the mapped weights), shared by every user. A resume is bound
+        // to the model by its path, architecture and shapes in the config.
+        for (Index l = 0; l < ctx.host->n_layer(); ++l)
+            ctx.bases.push_back(ctx.host->frozen_mlp(l));
+    } else {
+        bool loaded = false;
+        if (!place.leader()) place.barrier();  // the leader pretrains and saves the host first
+        tiny.emplace(pretrained_host(c, host_stream, cache, progress, loaded));
+        if (place.leader()) place.barrier();
+        const tg::Gpt2<Real>& host = *tiny;
+        require(host.config().d_model == c.d_model && host.config().n_layer == c.n_layer &&
+                    host.config().n_ctx >= c.seq_len,
+                "host '", cache.string(), "': shape differs from --d-model/--layers/--seq-len");
+        progress.note(std::string(loaded ? "host: reused " : "host: pretrained and saved to ") + cache.string());
+        ctx.host = &*tiny;
+        config["host"]["reused"] = loaded;
+        if (checkpoint) checkpoint->bind_host(host.params().all());
+        for (Index l = 0; l < c.n_layer; ++l) ctx.bases.push_back(tg::frozen_mlp(host, l));
+    }
+
+    // Evaluation sets.
+    const Index per_user_ood = std::max<Index>(c.seq_len, c.test_tokens / c.users);
+    std::vector<Windows> ood_parts;
+    double floor_sum = 0;
+    for (int u = 0; u < c.users; ++u) {
+        const UserData& d = ctx.users[std::size_t(u)];
+        ctx.test.push_back(eval_windows(d.test, c.seq_len));
+        ctx.validation.push_back(eval_windows(d.validation, c.seq_len));
+        ctx.dev.push_back(eval_windows(d.dev, c.seq_len));
+        ctx.curve.push_back(eval_windows(d.test, c.seq_len, c.curve_tokens));
+        ctx.sample.push_back(eval_windows(d.test, c.seq_len, c.sample_tokens));
+        ood_parts.push_back(eval_windows(d.test, c.seq_len, per_user_ood));
+        ctx.host_ppl.push_back(host_perplexity(*ctx.host, ctx.test.back()));
+        if (embedded) {
+            ctx.users[std::size_t(u)].floor_ppl = user_floor(*corpus, u, Split::test).perplexity;
+            floor_sum += *ctx.users[std::size_t(u)].floor_ppl;
+        }
+    }
+    ctx.ood = concat(ood_parts);
+    DemoOutput out;
+    for (double p : ctx.host_ppl) out.host_mean_ppl += p / c.users;
+    if (embedded) out.floor_mean_ppl = floor_sum / c.users;
+    {
+        char buf[256];
+        std::snprintf(buf, sizeof buf, "host: mean test perplexity %.3f%s", out.host_mean_ppl,
+                      embedded ? (" (floor " + std::to_string(*out.floor_mean_ppl) + ", host on base text " +
+                                  std::to_string(host_perplexity(*ctx.host, eval_windows(corpus->base_validation, c.seq_len))) +
+                                  " vs base floor " + std::to_string(base_fl.perplexity) + ")")
+                                     .c_str()
+                               : "");
+        progress.note(buf);
+    }
+
+    std::vector<std::pair<std::string, std::vector<RoutingSample>>> routing;
+    for (const auto& m : methods) {
+        if (checkpoint)
+            if (auto done = checkpoint->finished(m)) {
+                out.methods.push_back(std::move(done->first));
+                routing.emplace_back(m, std::move(done->second));
+                continue;
+            }
+        std::vector<RoutingSample> samples;
+        out.methods.push_back(run_method(m, ctx, progress, samples));
+        if (checkpoint) checkpoint->save_finished(m, out.methods.back(), samples);
+        routing.emplace_back(m, std::move(samples));
+    }
+
     out.results = results_json(config, out.methods, out.host_mean_ppl, out.floor_mean_ppl);
     out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     out.results["seconds"] = out.seconds;

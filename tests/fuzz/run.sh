@@ -2,7 +2,8 @@
 # Builds the libFuzzer targets with clang and runs each for a bounded time: the safetensors loader for
 # [seconds] (default 60), the GGUF reader for half of that, the two tokenizer targets for
 # COMIGS_FUZZ_TOKENIZER_SECONDS each (default 30; fuzz_bpe_roundtrip reads the tokenizer files
-# tools/install-deps.sh installs), the model-folder config and index reader for a quarter of [seconds].
+# tools/install-deps.sh installs), the model-folder config and index reader for a quarter of [seconds],
+# the run-checkpoint readers for a third of [seconds].
 # Usage: tests/fuzz/run.sh [seconds]        environment: CXX (default clang++), COMIGS_FUZZ_BUILD_DIR
 # A finding makes this script fail; the crashing input is kept in <build dir>/fuzz-artifacts/.
 set -euo pipefail
@@ -15,7 +16,7 @@ CXX="${CXX:-clang++}" cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebI
   -DCOMIGS_BUILD_FUZZERS=ON -DCOMIGS_BUILD_TESTS=ON -DCOMIGS_BUILD_EXAMPLES=OFF -DCOMIGS_BUILD_BENCHMARKS=OFF \
   -DCOMIGS_INSTALL=OFF -DCOMIGS_NATIVE=OFF
 cmake --build "$build" --target fuzz_safetensors fuzz_tokenizer_json fuzz_bpe_roundtrip fuzz_gguf fuzz_text_extract \
-  fuzz_hf_config -j2
+  fuzz_hf_config fuzz_run_checkpoint -j2
 
 # New inputs go to a scratch directory, so the committed seed corpus stays as it is.
 work="$(mktemp -d)"
@@ -44,3 +45,7 @@ mkdir -p "$work/text"
 mkdir -p "$work/hf"
 "$build/tests/fuzz/fuzz_hf_config" -max_total_time="$(( (seconds + 3) / 4 ))" -timeout=10 -rss_limit_mb=2048 \
   -max_len=4096 -artifact_prefix="$build/fuzz-artifacts/" -print_final_stats=1 "$work/hf" "$src/tests/fuzz/corpus_hf"
+mkdir -p "$work/run_checkpoint"
+"$build/tests/fuzz/fuzz_run_checkpoint" -max_total_time="$((seconds / 3))" -timeout=10 -rss_limit_mb=2048 \
+  -max_len=4096 -artifact_prefix="$build/fuzz-artifacts/" -print_final_stats=1 \
+  "$work/run_checkpoint" "$src/tests/fuzz/corpus_run_checkpoint"

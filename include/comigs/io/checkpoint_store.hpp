@@ -83,9 +83,9 @@ struct Generation {
 inline constexpr const char* generation_manifest = "manifest.json";
 inline constexpr int generation_format_version = 1;
 
-namespace detail {
-// comigs::io::detail must not hide comigs::detail from the io headers that say detail:: for the latter.
-using namespace comigs::detail;  // NOLINT
+}  // namespace comigs::io
+
+namespace comigs::detail {
 inline std::string hex16(std::uint64_t v) {
     char b[17];
     std::snprintf(b, sizeof b, "%016llx", static_cast<unsigned long long>(v));
@@ -124,7 +124,9 @@ inline std::optional<std::int64_t> generation_round(std::string_view name) {
     }
     return r;
 }
-}  // namespace detail
+}  // namespace comigs::detail
+
+namespace comigs::io {
 
 /// The generations of one run in one folder (see the file comment).
 class CheckpointStore {
@@ -232,36 +234,26 @@ public:
         return out;
     }
 
-    /// The generation of `round`, verified (see the file comment); FormatError or IoError saying what
-    /// is wrong otherwise.
-    Generation verify(std::int64_t round) const {
+    /// The content of the manifest of the generation of `round` (`where` names it in errors), without
+    /// looking at the files it lists; FormatError when it is not a valid manifest of that round.
+    static Generation parse_manifest(std::string_view text, std::int64_t round, const std::filesystem::path& where,
+                                     bool verify_checksum = true) {
         Generation g;
         g.round = round;
-        g.path = generation_path(round);
-        const auto mpath = g.path / generation_manifest;
-        nlohmann::json doc;
-        {
-            std::error_code ec;
-            if (!std::filesystem::exists(mpath, ec))
-                comigs::detail::raise<FormatError>("'", mpath.string(), "': missing (the generation is incomplete)");
-            comigs::detail::UniqueFd fd = comigs::detail::open_for_reading(mpath);
-            const std::uint64_t n = comigs::detail::file_size(fd.get(), mpath);
-            require<FormatError>(n <= (std::uint64_t{1} << 26), "'", mpath.string(), "': ", n,
-                                 " bytes is too large for a manifest");
-            std::string text(static_cast<std::size_t>(n), '\0');
-            comigs::detail::read_exact(fd.get(), 0, reinterpret_cast<std::byte*>(text.data()), text.size(), mpath);
-            doc = nlohmann::json::parse(text, nullptr, false);
-        }
+        g.path = where.parent_path();
         auto bad = [&](auto&&... why) {
-            comigs::detail::raise<FormatError>("'", mpath.string(), "': ", std::forward<decltype(why)>(why)...);
+            comigs::detail::raise<FormatError>("'", where.string(), "': ", std::forward<decltype(why)>(why)...);
         };
+        const nlohmann::json doc = nlohmann::json::parse(text, nullptr, false);
         if (doc.is_discarded() || !doc.is_object()) bad("not a JSON object (damaged or truncated)");
-        const auto checksum = doc.find("checksum");
-        if (checksum == doc.end() || !checksum->is_string()) bad("no checksum");
         nlohmann::json body = doc;
         body.erase("checksum");
-        if (checksum->get<std::string>() != detail::hex16(detail::manifest_checksum(body)))
-            bad("checksum mismatch (the manifest is damaged)");
+        if (verify_checksum) {
+            const auto checksum = doc.find("checksum");
+            if (checksum == doc.end() || !checksum->is_string()) bad("no checksum");
+            if (checksum->get<std::string>() != detail::hex16(detail::manifest_checksum(body)))
+                bad("checksum mismatch (the manifest is damaged)");
+        }
         try {
             if (body.at("format") != "comigs-run-checkpoint") bad("format ", body.at("format").dump());
             if (body.at("version") != generation_format_version)
@@ -270,18 +262,43 @@ public:
                 bad("round ", body.at("round").dump(), " in a folder named ", generation_name(round));
             for (const auto& kv : body.at("settings"))
                 g.settings.emplace_back(kv.at(0).get<std::string>(), kv.at(1).get<std::string>());
-            for (const auto& f : body.at("files"))
+            for (const auto& f : body.at("files")) {
+                const std::string hash = f.at("xxh64").get<std::string>();
+                if (hash.size() != 16 || hash.find_first_not_of("0123456789abcdef") != std::string::npos)
+                    bad("checksum '", hash, "' is not 16 hex digits");
                 g.files.push_back({f.at("name").get<std::string>(), f.at("bytes").get<std::uint64_t>(),
-                                   std::stoull(f.at("xxh64").get<std::string>(), nullptr, 16)});
+                                   std::stoull(hash, nullptr, 16)});
+            }
         } catch (const nlohmann::json::exception& e) {
             bad("malformed (", e.what(), ")");
-        } catch (const std::logic_error& e) {  // stoull
-            bad("malformed checksum (", e.what(), ")");
         }
+        for (const auto& f : g.files)
+            if (f.name.empty() || f.name.find('/') != std::string::npos || f.name[0] == '.' ||
+                f.name == generation_manifest)
+                bad("bad file name '", f.name, "'");
+        return g;
+    }
+
+    /// The generation of `round`, verified (see the file comment); FormatError or IoError saying what
+    /// is wrong otherwise.
+    Generation verify(std::int64_t round) const {
+        const auto path = generation_path(round);
+        const auto mpath = path / generation_manifest;
+        std::string text;
+        {
+            std::error_code ec;
+            if (!std::filesystem::exists(mpath, ec))
+                comigs::detail::raise<FormatError>("'", mpath.string(), "': missing (the generation is incomplete)");
+            comigs::detail::UniqueFd fd = comigs::detail::open_for_reading(mpath);
+            const std::uint64_t n = comigs::detail::file_size(fd.get(), mpath);
+            require<FormatError>(n <= (std::uint64_t{1} << 26), "'", mpath.string(), "': ", n,
+                                 " bytes is too large for a manifest");
+            text.resize(static_cast<std::size_t>(n));
+            comigs::detail::read_exact(fd.get(), 0, reinterpret_cast<std::byte*>(text.data()), text.size(), mpath);
+        }
+        Generation g = parse_manifest(text, round, mpath);
         for (const auto& f : g.files) {
-            require<FormatError>(!f.name.empty() && f.name.find('/') == std::string::npos && f.name[0] != '.',
-                                 "'", mpath.string(), "': bad file name '", f.name, "'");
-            const auto p = g.path / f.name;
+            const auto p = path / f.name;
             std::error_code ec;
             if (!std::filesystem::exists(p, ec)) comigs::detail::raise<FormatError>("'", p.string(), "': missing");
             const auto [size, hash] = detail::hash_file(p);

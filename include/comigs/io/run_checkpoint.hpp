@@ -30,10 +30,12 @@
 // The runner's hooks run only for the rounds run in this process; the returned reports likewise.
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <functional>
 #include <map>
 #include <optional>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -60,8 +62,9 @@ struct RunCheckpointOptions {
     bool resume = false;
     /// The caller's settings, compared before the runner's on resume (e.g. seed, data, model).
     RunSettings settings;
-    /// The caller's state across rounds, saved with the server's (bytes from rank 0; every rank gets
-    /// them back on resume). Must be the same on every rank.
+    /// The caller's state across rounds, saved with the server's: save_accounting is called on every
+    /// rank together (it may gather from the ranks) and rank 0's bytes are kept; on resume every rank
+    /// gets them back.
     std::function<std::vector<std::byte>()> save_accounting;
     std::function<void(std::span<const std::byte>)> load_accounting;
     /// Messages (resumed from, generation skipped and why), on rank 0.
@@ -70,9 +73,9 @@ struct RunCheckpointOptions {
     bool stop_on_request = true;
 };
 
-namespace detail {
-// comigs::io::detail must not hide comigs::detail from the io headers that say detail:: for the latter.
-using namespace comigs::detail;  // NOLINT
+}  // namespace comigs::io
+
+namespace comigs::detail {
 
 /// The ranks of a distributed runner, or this process alone.
 class RunRanks {
@@ -129,7 +132,7 @@ private:
 /// `a` as tensors "<prefix><name>" (values) and "<prefix>meta/<name>" (F64 [alpha, scale, scaling,
 /// rank policy]); shapes carry rows, columns and so the rank.
 template <class T>
-void add_aggregate(SafetensorsFile& f, const std::string& prefix, const SharedAggregate<T>& a) {
+void add_aggregate(io::SafetensorsFile& f, const std::string& prefix, const SharedAggregate<T>& a) {
     for (const auto& i : a.tensors()) {
         f.add(prefix + i.name, {i.rows, i.cols}, a.span(i));
         f.add(prefix + "meta/" + i.name, {4},
@@ -139,7 +142,7 @@ void add_aggregate(SafetensorsFile& f, const std::string& prefix, const SharedAg
 
 /// Removes the tensors add_aggregate() wrote under `prefix` from `f` and returns the aggregate they hold.
 template <class T>
-SharedAggregate<T> take_aggregate(SafetensorsFile& f, const std::string& prefix) {
+SharedAggregate<T> take_aggregate(io::SafetensorsFile& f, const std::string& prefix) {
     std::map<std::string, std::pair<SharedTensorInfo, std::vector<T>>> by_name;  // sorted by name
     std::vector<std::string> names;
     for (const auto& t : f.tensors())
@@ -179,7 +182,7 @@ inline std::string user_file_name(UserId id) { return "user-" + std::to_string(i
 inline constexpr const char* server_file_name = "server.safetensors";
 
 /// A strategy as text, every field that changes what a run computes.
-inline std::string describe(const Strategy& s) {
+inline std::string describe_strategy(const Strategy& s) {
     std::string roles;
     for (Role r : s.roles) roles += r == Role::generalist ? 'G' : 'S';
     std::string rule = "none";
@@ -194,7 +197,9 @@ inline std::string describe(const Strategy& s) {
                                   " rule ", rule, " freeze_shared_lora_A ", s.freeze_shared_lora_A);
 }
 
-}  // namespace detail
+}  // namespace comigs::detail
+
+namespace comigs::io {
 
 /// Runs `runner` (RoundRunner or DistributedRoundRunner; with the latter every rank calls this
 /// together) to the end with checkpoints, resuming first when options.resume is set. Returns the
@@ -203,7 +208,7 @@ template <class Runner>
 std::vector<RoundReport> run_checkpointed(Runner& runner, const RunCheckpointOptions& options,
                                           const RunnerHooks<typename Runner::T>& hooks = {}) {
     using T = typename Runner::T;
-    constexpr bool distributed = requires { runner.communicator(); };
+    constexpr bool distributed = requires(Runner& r) { r.communicator(); };
     require(!options.dir.empty(), "checkpoint dir: must be given");
     require(options.every >= 1, "checkpoint every ", options.every, ": must be >= 1");
     CheckpointStore store(options.dir, options.keep);
@@ -236,7 +241,7 @@ std::vector<RoundReport> run_checkpointed(Runner& runner, const RunCheckpointOpt
         for (const auto& [id, line] : users) all += (all.empty() ? "" : " ") + line;
         std::string reduction = "fixed_order";
         if constexpr (distributed) reduction = to_string(runner.reduction());
-        settings.emplace_back("runner.strategy", detail::describe(runner.strategy()));
+        settings.emplace_back("runner.strategy", detail::describe_strategy(runner.strategy()));
         settings.emplace_back("runner.rounds", std::to_string(rc.rounds));
         settings.emplace_back("runner.local_steps", std::to_string(rc.local_steps));
         settings.emplace_back("runner.reset_moments_on_download", std::to_string(rc.reset_moments_on_download));
@@ -251,7 +256,7 @@ std::vector<RoundReport> run_checkpointed(Runner& runner, const RunCheckpointOpt
     std::int64_t resumed = -1;
     {
         std::string error, note;
-        if (ranks.leader()) {
+        if (ranks.leader()) try {
             std::vector<std::string> rejected;
             const auto gen = options.resume ? store.latest(&rejected) : std::nullopt;
             for (const auto& r : rejected) log(r + "; falling back to the previous generation");
@@ -267,6 +272,8 @@ std::vector<RoundReport> run_checkpointed(Runner& runner, const RunCheckpointOpt
             } else if (!store.rounds().empty()) {
                 error = "'" + options.dir.string() + "' holds a checkpoint of a run; resume it, or give another folder";
             }
+        } catch (const std::exception& e) {  // told to every rank below, so none waits
+            error = e.what();
         }
         error = ranks.from_leader(error);
         if (!error.empty()) comigs::detail::raise<InvalidArgument>(error);
@@ -329,7 +336,7 @@ std::vector<RoundReport> run_checkpointed(Runner& runner, const RunCheckpointOpt
                 SafetensorsFile f = to_safetensors(make_checkpoint(*u.trainer, done));
                 f.metadata()["comigs.run.user"] = std::to_string(u.id);
                 const auto& p = runner.pending_download(i);
-                f.metadata()["comigs.run.pending"] = p ? "1" : "0";
+                f.metadata().insert_or_assign("comigs.run.pending", std::string(p ? "1" : "0"));
                 if (p) detail::add_aggregate(f, "pending/", *p);
                 const auto bytes = f.serialize(wo);
                 files.push_back(CheckpointStore::write_file(partial, detail::user_file_name(u.id), bytes));
@@ -352,6 +359,10 @@ std::vector<RoundReport> run_checkpointed(Runner& runner, const RunCheckpointOpt
                 all.push_back(std::move(g));
             }
         }
+        std::vector<std::byte> accounting;
+        ranks.together("saving a checkpoint", [&] {
+            if (options.save_accounting) accounting = options.save_accounting();
+        });
         std::filesystem::path committed = store.generation_path(done);
         ranks.together("saving a checkpoint", [&] {
             if (!ranks.leader()) return;
@@ -361,14 +372,10 @@ std::vector<RoundReport> run_checkpointed(Runner& runner, const RunCheckpointOpt
             server.add("round", {}, std::vector<std::int64_t>{done});
             const SharedAggregate<T>* global = nullptr;
             if constexpr (!distributed) global = runner.global_aggregate();
-            server.metadata()["comigs.run.global"] = global ? "1" : "0";
+            server.metadata().insert_or_assign("comigs.run.global", std::string(global ? "1" : "0"));
             if (global) detail::add_aggregate(server, "global/", *global);
-            std::vector<std::uint8_t> acc;
-            if (options.save_accounting) {
-                const auto bytes = options.save_accounting();
-                acc.resize(bytes.size());
-                if (!bytes.empty()) std::memcpy(acc.data(), bytes.data(), bytes.size());
-            }
+            std::vector<std::uint8_t> acc(accounting.size());
+            if (!accounting.empty()) std::memcpy(acc.data(), accounting.data(), accounting.size());
             server.add("accounting", {static_cast<Index>(acc.size())}, acc);
             SafetensorsWriteOptions wo;
             wo.checksum = true;
