@@ -165,6 +165,45 @@ TEST_CASE_TEMPLATE("Trainer: the alternating schedule equals a hand-written loop
                       c->mixture().params().span("router.weight").data(), sizeof(T) * 8) != 0);
 }
 
+TEST_CASE_TEMPLATE("Trainer: specialist_lr_scale steps specialists at the scaled rate, nothing else", T, float, double) {
+    // After one AdamW step every update is lr * (g / (|g| + eps) + weight_decay * p): halving the
+    // specialists' rate halves their updates and leaves the generalist's, the head's and the router's as
+    // they were (same init, same batch, so the same gradients).
+    Fixture<T> fx;
+    TrainerConfig cfg = small_config();
+    cfg.router_iters = 0;
+    auto before = fx.host();
+    auto one_step = [&](double scale) {
+        cfg.specialist_lr_scale = scale;
+        auto h = fx.host();
+        Trainer<TinyHost<T>, RegressionBatch<T>> trainer(*h, cfg, fx.train(), fx.val(), 42);
+        trainer.expert_step();
+        return adapter_parameters(h->adapters());
+    };
+    const auto p0 = adapter_parameters(before->adapters()), full = one_step(1.0), half = one_step(0.5);
+    REQUIRE(p0.size() == full.size());
+    int specialist_tensors = 0, other_tensors = 0;
+    for (std::size_t i = 0; i < p0.size(); ++i) {
+        CAPTURE(p0[i].name);
+        const bool specialist = p0[i].name.find("experts.1.") != std::string::npos;
+        specialist ? ++specialist_tensors : ++other_tensors;
+        double moved = 0;
+        for (std::size_t k = 0; k < p0[i].data.size(); ++k) {
+            const double d_full = double(full[i].data[k]) - double(p0[i].data[k]);
+            const double d_half = double(half[i].data[k]) - double(p0[i].data[k]);
+            moved += std::abs(d_full);
+            if (specialist) CHECK(d_half == doctest::Approx(0.5 * d_full).epsilon(1e-3).scale(1e-6));
+            else CHECK(half[i].data[k] == full[i].data[k]);
+        }
+        if (p0[i].name.find("lora_B") != std::string::npos || p0[i].name.find("lora_A") != std::string::npos)
+            CHECK(moved > 0);  // the comparison is between tensors that did move
+    }
+    CHECK(specialist_tensors == 4);  // fc and proj, A and B
+    CHECK(other_tensors > 4);
+    cfg.specialist_lr_scale = 0;
+    CHECK_THROWS_AS(cfg.validate(), InvalidArgument);
+}
+
 TEST_CASE_TEMPLATE("Trainer: gradients of one optimiser never reach the other's step", T, float, double) {
     Fixture<T> fx;
     const TrainerConfig cfg = small_config();

@@ -34,6 +34,7 @@ struct UserResult {
     std::optional<double> personal_to_specialist;  ///< embedded corpus: personal tokens -> specialists
     double host_ppl = 0;               ///< the frozen host alone on this user's test data
     std::optional<double> dev_ppl;     ///< deployed model on the tuning split (--dev-tokens)
+    std::optional<long> kept_round;    ///< --keep-best: the round whose model the user kept (rounds: the final one)
     std::vector<LayerRouting> by_layer;  ///< routing per mixture layer (methods with routers)
 };
 
@@ -125,6 +126,7 @@ inline nlohmann::json results_json(const nlohmann::json& config, const std::vect
                              {"personal_to_specialist", to_json(u.personal_to_specialist)},
                              {"host_ppl", u.host_ppl},
                              {"dev_ppl", to_json(u.dev_ppl)},
+                             {"kept_round", u.kept_round ? nlohmann::json(*u.kept_round) : nlohmann::json()},
                              {"routing_by_layer", [&] {
                                   nlohmann::json a = nlohmann::json::array();
                                   for (std::size_t l = 0; l < u.by_layer.size(); ++l) a.push_back(to_json(u.by_layer[l], l));

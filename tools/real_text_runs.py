@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Runs the comigs-demo sweeps behind docs/real-text.md and keeps every run's results.json.
+
+    tools/real_text_runs.py BUILD_DIR OUT_DIR PLAN [PLAN...] [--jobs 2] [--dry-run]
+
+A plan is a list of runs; a run is one comigs-demo command (one regime, one seed, one variant of the
+flags, some methods). Its results land in OUT_DIR/<plan>/<regime>/<variant>/s<seed>/results.json; a run
+whose results.json exists is skipped, so a sweep resumes where it stopped. Hosts are pretrained once per
+(host text, seed) and cached in OUT_DIR/hosts/. Every run uses one thread and runs under `nice`; --jobs
+runs that many at once (the machine these were measured on was shared: 2 jobs at most).
+
+Regimes (see docs/real-text.md):
+  emb-h<h>[-<n>]   embedded corpus, heterogeneity h, n training tokens per user (default 6000)
+  ml-<n>           --setting multilingual, n training tokens per user ("all": everything)
+  dom-<n>          --setting domains, likewise
+Seeds 10 and 11 are for tuning (choices read off the dev split); seeds 0, 1, 2 for the reported tables
+(choices made before they run; tables read their test split). tools/real_text_tables.py makes the tables.
+"""
+import argparse
+import itertools
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+TUNING_SEEDS = [10, 11]
+REPORT_SEEDS = [0, 1, 2]
+SIZES = ["3000", "6000", "12000", "25000", "50000", "all"]
+DEV = ["--dev-tokens", "10000"]  # every run evaluates the tuning split
+
+# The demo's schedule before this study: the paper's router schedule (every 30 expert steps, 10 router
+# steps), rates scaled to the tiny host (data.md), balancing target 1/E.
+REFERENCE = ["--schedule", "reference"]
+
+
+def regime_flags(regime):
+    kind, _, rest = regime.partition("-")
+    if kind == "emb":
+        h, _, n = rest.partition("-")
+        flags = ["--heterogeneity", h.lstrip("h")]
+        if n:
+            flags += ["--train-tokens", n]
+        return flags, "emb"
+    setting = {"ml": "multilingual", "dom": "domains"}[kind]
+    flags = ["--setting", setting]
+    if rest != "all":
+        flags += ["--train-tokens", rest]
+    return flags, setting
+
+
+def lr_flags(lr):
+    return ["--lr", lr, "--lr-min", f"{float(lr) / 10:g}"]
+
+
+def runs_of(plan):
+    """(regime, variant, seed, methods, flags) of a plan, in the order they run."""
+    tuning_regimes = ["emb-h0.9", "emb-h0.5", "emb-h0", "ml-6000", "ml-all", "dom-6000", "dom-all"]
+    out = []
+    if plan == "baselines":  # where things stand, and each baseline's learning rate (a grid per regime)
+        for r, s in itertools.product(tuning_regimes, TUNING_SEEDS):
+            grid = ["1e-2", "3e-2"] if r.endswith("-all") else ["3e-3", "1e-2"]
+            for lr in grid:
+                out.append((r, f"lr{lr}", s, "local,fedavg", lr_flags(lr)))
+            out.append((r, "reference", s, "comigs-1g1s,pfedmoe", REFERENCE))
+            if not r.endswith("-all"):  # early stopping matters where the data is scarce
+                out.append((r, "lr1e-2-keepbest", s, "local,fedavg", lr_flags("1e-2") + ["--keep-best"]))
+                out.append((r, "reference-keepbest", s, "comigs-1g1s", REFERENCE + ["--keep-best"]))
+    elif plan == "router":  # one change at a time against the reference schedule, on CoMiGS-1G1S
+        variants = {
+            "router-lr3e-3": ["--router-lr", "3e-3"],
+            "router-lr3e-2": ["--router-lr", "3e-2"],
+            "router-every10": ["--router-every", "10"],
+            "router-init0": ["--router-init-std", "0"],
+            "target0.2": ["--generalist-target", "0.2"],
+            "target0.8": ["--generalist-target", "0.8"],
+            "top1": ["--top-k", "1"],
+            "spec-lr0.5": ["--specialist-lr-scale", "0.5"],
+            "spec-lr2": ["--specialist-lr-scale", "2"],
+            "1g2s-top2": ["--experts", "3"],
+            "1g2s-top3": ["--experts", "3", "--top-k", "3"],
+            "lr3e-3": lr_flags("3e-3"),
+            "wd0.1": ["--weight-decay", "0.1"],
+            "val6000": ["--val-tokens", "6000"],
+        }
+        regimes = ["emb-h0.9", "emb-h0", "ml-6000", "ml-all", "dom-all"]
+        for name, flags in variants.items():  # variant by variant, so partial results are complete rows
+            for r, s in itertools.product(regimes, TUNING_SEEDS):
+                out.append((r, name, s, "comigs-1g1s", REFERENCE + flags))
+    else:
+        sys.exit(f"unknown plan '{plan}'")
+    return out
+
+
+def command(demo, out_dir, plan, regime, variant, seed, methods, flags):
+    rflags, host_kind = regime_flags(regime)
+    host = out_dir / "hosts" / f"{host_kind}-s{seed}.safetensors"
+    folder = out_dir / plan / regime / variant / f"s{seed}"
+    cmd = [str(demo), "--quiet", "--threads", "1", "--seed", str(seed), "--host-cache", str(host), "--out", str(folder),
+           "--methods", methods] + DEV + rflags + flags
+    return folder, host, cmd
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("build")
+    ap.add_argument("out")
+    ap.add_argument("plans", nargs="+")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--dry-run", action="store_true")
+    a = ap.parse_args()
+    out_dir = pathlib.Path(a.out)
+    (out_dir / "hosts").mkdir(parents=True, exist_ok=True)
+    # A copy of the program, so that rebuilding it while a sweep runs cannot change the sweep's runs.
+    demo = out_dir / "bin" / "comigs-demo"
+    if not a.dry_run:
+        demo.parent.mkdir(exist_ok=True)
+        shutil.copy2(pathlib.Path(a.build) / "examples" / "comigs-demo", demo)
+    todo = []
+    for plan in a.plans:
+        for run in runs_of(plan):
+            folder, host, cmd = command(demo, out_dir, plan, *run)
+            if not (folder / "results.json").exists():
+                todo.append((folder, host, cmd))
+    # Hosts first, one run per host, so that parallel runs never pretrain the same host twice.
+    first, rest, seen = [], [], set()
+    for t in todo:
+        (rest if t[1] in seen or t[1].exists() else first).append(t)
+        seen.add(t[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    print(f"{len(todo)} runs to do ({len(first)} pretrain a host)", flush=True)
+
+    def run(t):
+        folder, _, cmd = t
+        if a.dry_run:
+            print(" ".join(cmd))
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "command.txt").write_text(" ".join(cmd) + "\n")
+        p = subprocess.run(["nice", "-n", "10"] + cmd, env=env, capture_output=True, text=True)
+        (folder / "log.txt").write_text(p.stdout + p.stderr)
+        status = "ok" if p.returncode == 0 else f"FAILED ({p.returncode})"
+        print(f"{status}: {folder}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=a.jobs) as ex:
+        list(ex.map(run, first))
+        list(ex.map(run, rest))
+
+
+if __name__ == "__main__":
+    main()
