@@ -103,6 +103,7 @@ TEST_CASE_TEMPLATE("Trainer: the alternating schedule equals a hand-written loop
         steps = 65;
         cfg.total_expert_steps = steps;
     }
+    SUBCASE("router phases before the expert steps (at steps 0, 3, 6, ...)") { cfg.router_phase = RouterPhase::before; }
     SUBCASE("with clipping") { cfg.clip_norm = 0.05; }
     SUBCASE("with two micro-batches") { micro = 2; }
     cfg.micro_batches = micro;
@@ -113,7 +114,9 @@ TEST_CASE_TEMPLATE("Trainer: the alternating schedule equals a hand-written loop
     trainer.train_steps(steps / 2);
     trainer.train_steps(steps - steps / 2);
     CHECK(trainer.expert_steps() == steps);
-    CHECK(trainer.router_steps() == (steps / cfg.router_every) * cfg.router_iters);
+    const bool before = cfg.router_phase == RouterPhase::before;
+    const Index phases = before ? (steps + cfg.router_every - 1) / cfg.router_every : steps / cfg.router_every;
+    CHECK(trainer.router_steps() == phases * cfg.router_iters);
 
     // The same steps written out: two AdamW optimisers, all gradients zeroed before each step.
     auto b = fx.host();
@@ -143,16 +146,19 @@ TEST_CASE_TEMPLATE("Trainer: the alternating schedule equals a hand-written loop
                 for (T& v : g->all()) v *= static_cast<T>(1.0 / static_cast<double>(micro));
         return loss / static_cast<double>(micro);
     };
+    auto router_phase = [&] {
+        for (Index i = 0; i < cfg.router_iters; ++i) {
+            const double vloss = grads_of([&](Rng& r) { return fx.data.val_batch(kBatch, r); }, val_rng);
+            if (cfg.clip_norm > 0) router.clip_grad_norm(cfg.clip_norm);
+            router.step(vloss);
+        }
+    };
     for (Index step = 1; step <= steps; ++step) {
+        if (before && (step - 1) % cfg.router_every == 0) router_phase();
         const double loss = grads_of([&](Rng& r) { return fx.data.train_batch(kBatch, r); }, train_rng);
         if (cfg.clip_norm > 0) experts.clip_grad_norm(cfg.clip_norm);
         experts.step(loss);
-        if (step % cfg.router_every == 0)
-            for (Index i = 0; i < cfg.router_iters; ++i) {
-                const double vloss = grads_of([&](Rng& r) { return fx.data.val_batch(kBatch, r); }, val_rng);
-                if (cfg.clip_norm > 0) router.clip_grad_norm(cfg.clip_norm);
-                router.step(vloss);
-            }
+        if (!before && step % cfg.router_every == 0) router_phase();
     }
     CHECK(experts.steps_taken() == steps);
     CHECK(router.steps_taken() == trainer.router_steps());

@@ -28,6 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 TUNING_SEEDS = [10, 11]
 REPORT_SEEDS = [0, 1, 2]
+# The router study screens changes on four regimes that ask different things of the router: personal
+# text to the specialist (h = 0.9), everything to the generalist (h = 0), a useless generalist (all of
+# a real text).
+STUDY_REGIMES = ["emb-h0.9", "emb-h0", "ml-all", "dom-all"]
 SIZES = ["3000", "6000", "12000", "25000", "50000", "all"]
 DEV = ["--dev-tokens", "10000"]  # every run evaluates the tuning split
 
@@ -65,30 +69,39 @@ def runs_of(plan):
             for lr in grid:
                 out.append((r, f"lr{lr}", s, "local,fedavg", lr_flags(lr)))
             out.append((r, "reference", s, "comigs-1g1s,pfedmoe", REFERENCE))
-            if not r.endswith("-all"):  # early stopping matters where the data is scarce
+            if r in ("emb-h0.9", "emb-h0.5"):  # early stopping (measured on two regimes: it was not kept)
                 out.append((r, "lr1e-2-keepbest", s, "local,fedavg", lr_flags("1e-2") + ["--keep-best"]))
                 out.append((r, "reference-keepbest", s, "comigs-1g1s", REFERENCE + ["--keep-best"]))
     elif plan == "router":  # one change at a time against the reference schedule, on CoMiGS-1G1S
         variants = {
-            "router-lr3e-3": ["--router-lr", "3e-3"],
             "router-lr3e-2": ["--router-lr", "3e-2"],
             "router-every10": ["--router-every", "10"],
-            "router-init0": ["--router-init-std", "0"],
             "target0.2": ["--generalist-target", "0.2"],
-            "target0.8": ["--generalist-target", "0.8"],
-            "top1": ["--top-k", "1"],
-            "spec-lr0.5": ["--specialist-lr-scale", "0.5"],
-            "spec-lr2": ["--specialist-lr-scale", "2"],
-            "1g2s-top2": ["--experts", "3"],
-            "1g2s-top3": ["--experts", "3", "--top-k", "3"],
             "lr3e-3": lr_flags("3e-3"),
-            "wd0.1": ["--weight-decay", "0.1"],
-            "val6000": ["--val-tokens", "6000"],
+            "spec-lr0.5": ["--specialist-lr-scale", "0.5"],
         }
-        regimes = ["emb-h0.9", "emb-h0", "ml-6000", "ml-all", "dom-all"]
         for name, flags in variants.items():  # variant by variant, so partial results are complete rows
-            for r, s in itertools.product(regimes, TUNING_SEEDS):
+            for r, s in itertools.product(STUDY_REGIMES, TUNING_SEEDS):
                 out.append((r, name, s, "comigs-1g1s", REFERENCE + flags))
+    elif plan == "phase":  # when the router learns, against which generalist (see docs/real-text.md)
+        variants = {
+            "before10": ["--router-every", "10", "--router-phase", "before"],
+            "before10-recal10": ["--router-every", "10", "--router-phase", "before", "--recalibrate", "10"],
+            "recal10": ["--recalibrate", "10"],
+            "gen-lr0.5": lr_flags("5e-3") + ["--specialist-lr-scale", "2"],
+        }
+        for name, flags in variants.items():
+            for r, s in itertools.product(STUDY_REGIMES, TUNING_SEEDS):
+                out.append((r, name, s, "comigs-1g1s", REFERENCE + flags))
+    elif plan == "capacity":  # more experts or rank (CoMiGS variants; equal-capacity baselines run in "final")
+        variants = {
+            "rank16": ("comigs-1g1s", ["--ranks", "16,16,16,16"]),
+            "2g1s-top3": ("comigs-2g", ["--experts", "3", "--top-k", "3"]),  # 2G1S: roles G, G, S
+            "1g2s-top3": ("comigs-1g1s", ["--experts", "3", "--top-k", "3"]),  # 1G2S: roles G, S, S
+        }
+        for name, (methods, flags) in variants.items():
+            for r, s in itertools.product(STUDY_REGIMES, TUNING_SEEDS):
+                out.append((r, name, s, methods, REFERENCE + flags))
     else:
         sys.exit(f"unknown plan '{plan}'")
     return out
@@ -117,7 +130,9 @@ def main():
     demo = out_dir / "bin" / "comigs-demo"
     if not a.dry_run:
         demo.parent.mkdir(exist_ok=True)
-        shutil.copy2(pathlib.Path(a.build) / "examples" / "comigs-demo", demo)
+        tmp = demo.with_suffix(".new")
+        shutil.copy2(pathlib.Path(a.build) / "examples" / "comigs-demo", tmp)
+        os.replace(tmp, demo)  # a new file: runs still going keep the program they started with
     todo = []
     for plan in a.plans:
         for run in runs_of(plan):
@@ -132,15 +147,30 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     print(f"{len(todo)} runs to do ({len(first)} pretrain a host)", flush=True)
 
+    def taken(folder):
+        """Another runner is on it: its lock names a live process."""
+        try:
+            pid = int((folder / "lock").read_text())
+            os.kill(pid, 0)
+            return True
+        except (OSError, ValueError):
+            return False
+
     def run(t):
         folder, _, cmd = t
         if a.dry_run:
             print(" ".join(cmd))
             return
         folder.mkdir(parents=True, exist_ok=True)
+        if (folder / "results.json").exists() or taken(folder):
+            return
         (folder / "command.txt").write_text(" ".join(cmd) + "\n")
-        p = subprocess.run(["nice", "-n", "10"] + cmd, env=env, capture_output=True, text=True)
-        (folder / "log.txt").write_text(p.stdout + p.stderr)
+        p = subprocess.Popen(["nice", "-n", "10"] + cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+        (folder / "lock").write_text(str(p.pid))
+        log, _ = p.communicate()
+        (folder / "log.txt").write_text(log)
+        (folder / "lock").unlink(missing_ok=True)
         status = "ok" if p.returncode == 0 else f"FAILED ({p.returncode})"
         print(f"{status}: {folder}", flush=True)
 

@@ -76,6 +76,11 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
     app.add_option("--local-steps", c.local_steps, "expert steps per user per round")->capture_default_str();
     app.add_option("--router-every", c.router_every, "expert steps between router phases")->capture_default_str();
     app.add_option("--router-iters", c.router_iters, "router steps per phase")->capture_default_str();
+    app.add_option("--router-phase", c.router_phase,
+                   "router phases 'after' the expert step that reaches a multiple of --router-every (the "
+                   "reference), or 'before' the next one: with --router-every = --local-steps, at the start of "
+                   "every round, on the generalist just downloaded")
+        ->capture_default_str();
     app.add_option("--batch", c.batch, "sequences per batch")->capture_default_str();
     app.add_option("--seq-len", c.seq_len, "tokens per sequence (also the host context)")->capture_default_str();
     app.add_option("--lr", c.lr, "expert learning rate (cosine to --lr-min)")->capture_default_str();

@@ -67,6 +67,7 @@ struct DemoConfig {
     Index local_steps = 10;
     Index router_every = 30;
     Index router_iters = 10;
+    std::string router_phase = "after";  ///< "after" the expert step (reference) or "before" it (at a round's start)
     Index batch = 16;
     Index seq_len = 64;
     double lr = 1e-2;
@@ -125,6 +126,7 @@ struct DemoConfig {
         schedule = name;
         router_every = 30;
         router_iters = 10;
+        router_phase = "after";
         lr = 1e-2;
         lr_min = 1e-3;
         router_lr = 1e-2;
@@ -203,6 +205,8 @@ struct DemoConfig {
         require(batch >= 1 && seq_len >= 2, "--batch ", batch, " --seq-len ", seq_len, ": must be >= 1 and >= 2");
         require(d_model % n_head == 0, "--d-model ", d_model, ": must be divisible by --heads ", n_head);
         require(threads >= 1, "--threads ", threads, ": must be >= 1");
+        require(router_phase == "after" || router_phase == "before", "--router-phase '", router_phase,
+                "': must be 'after' or 'before'");
         require(user_text.empty() || user_text.size() == std::size_t(users), "--user-text given ", user_text.size(),
                 " times, expected once per user (", users, ")");
         if (!setting.empty())
@@ -548,6 +552,7 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
             std::make_unique<MixtureHost<Real>>(*ctx.host, ctx.bases, mc, init, c.attention_rank, c.alpha, c.lb_weight));
         TrainerConfig tc;
         tc.router_every = c.router_every;
+        tc.router_phase = c.router_phase == "before" ? RouterPhase::before : RouterPhase::after;
         tc.router_iters = c.router_iters;
         tc.expert_lr = c.lr;
         tc.expert_lr_min = c.lr_min;
@@ -896,6 +901,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         {"rounds", c.rounds},
         {"local_steps", c.local_steps},
         {"router_every", c.router_every},
+        {"router_phase", c.router_phase},
         {"router_iters", c.router_iters},
         {"batch", c.batch},
         {"seq_len", c.seq_len},
@@ -936,6 +942,11 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
     if (place.leader()) {
         write_text(fs::path(c.out) / "results.json", out.results.dump(2) + "\n");
         write_text(fs::path(c.out) / "curves.svg", curves_svg(out.methods, out.floor_mean_ppl));
+        // routing.html opens with the methods that have a router (their pictures are the point of it).
+        std::stable_partition(routing.begin(), routing.end(), [&](const auto& r) {
+            const Strategy s = strategy_of(r.first, c);
+            return s.routing == Routing::top_k && s.n_experts() > 1;
+        });
         write_text(fs::path(c.out) / "routing.html", routing_html(routing));
     }
     return out;

@@ -5,7 +5,9 @@
 // Two optimisers are built from the host's AdapterRegistry. The expert optimiser owns every adapter
 // tensor except the routers (`router.weight`); the router optimiser owns only the routers. Experts
 // step on training batches; after every `router_every`-th expert step (a global counter that runs on
-// across rounds, as in the reference) the router takes `router_iters` steps on validation batches.
+// across rounds, as in the reference) the router takes `router_iters` steps on validation batches
+// (RouterPhase::before moves each phase to just before that count's next expert step: with
+// router_every = local steps per round, to the start of every round, right after the download).
 //
 // Gradient isolation. The reference zeroes each optimiser's own gradients only, so the router's
 // validation gradients leak into the next expert step (the expert tensors received gradients from the
@@ -55,6 +57,16 @@ inline const char* to_string(RouterTraining r) {
     return "?";
 }
 
+/// When a router phase runs relative to the expert step that reaches a multiple of `router_every`.
+enum class RouterPhase {
+    after,   ///< after it (the reference): the router sees the experts as local training left them
+    before,  ///< before the expert step whose 0-based index is a multiple of router_every: with
+             ///< router_every = local steps per round, at the start of every round, right after the
+             ///< download, so the router learns to weigh the averaged generalist users deploy
+};
+
+inline const char* to_string(RouterPhase p) { return p == RouterPhase::after ? "after" : "before"; }
+
 /// True for tensors a router owns (`router.weight`, or anything under `router.`).
 inline bool is_router_tensor(std::string_view tensor) {
     return tensor == "router.weight" || tensor.starts_with("router.");
@@ -67,6 +79,7 @@ struct TrainerConfig {
     RouterTraining router_training = RouterTraining::alternating;
     Index router_every = 30;  ///< expert steps between router phases (global count, across rounds)
     Index router_iters = 10;  ///< router steps per phase
+    RouterPhase router_phase = RouterPhase::after;
 
     /// Weight of the balancing loss in the objective the trainer reports and checks for finiteness
     /// (LossParts::total). The host applies its own weight in backward: configure both the same.
@@ -286,12 +299,14 @@ public:
         rep.kind = joint ? StepReport::Kind::joint : StepReport::Kind::expert;
         rep.index = expert_steps_;
         rep.lr = expert_opt_.lr(std::size_t{0});
+        if (router_phase_due(RouterPhase::before))
+            for (Index i = 0; i < config_.router_iters; ++i) router_step();
         rep.loss = accumulate(train_, train_rng_);
         if (config_.clip_norm > 0) expert_opt_.clip_grad_norm(config_.clip_norm);
         rep.status = expert_opt_.step(rep.loss.total(config_.lb_weight));
         ++expert_steps_;
         emit(rep);
-        if (router_opt_ && config_.router_iters > 0 && expert_steps_ % config_.router_every == 0)
+        if (router_phase_due(RouterPhase::after))
             for (Index i = 0; i < config_.router_iters; ++i) router_step();
         return rep;
     }
@@ -420,6 +435,12 @@ public:
     }
 
 private:
+    /// A router phase at this point: the phase is configured here and the expert-step count (steps
+    /// taken so far) is a multiple of router_every.
+    bool router_phase_due(RouterPhase where) const {
+        return router_opt_ && config_.router_iters > 0 && config_.router_phase == where &&
+               expert_steps_ % config_.router_every == 0;
+    }
     bool has_router_tensors() const {
         bool any = false;
         registry_.for_each_buffer([&](const std::string& prefix, ParamBuffer<T>& p, ParamBuffer<T>&) {
