@@ -117,6 +117,77 @@ def table_variants(runs, plan, reference_runs, method="comigs-1g1s", split="dev"
     print("\nIn brackets: the generalist's mean gate weight on test tokens.")
 
 
+def final_rows(runs, plan="final", split="test"):
+    """Per regime of the final plan: seeds -> {method: results.json entry} (local from its own runs),
+    with the host's perplexity."""
+    rows = {}
+    for regime, variants in runs.get(plan, {}).items():
+        seeds = defaultdict(dict)
+        for v, by_seed in variants.items():
+            for s, res in by_seed.items():
+                for m, entry in res["methods"].items():
+                    seeds[s][m] = entry
+                seeds[s]["host"] = res["host_mean_ppl"]
+        complete = {s: d for s, d in seeds.items() if all(m in d for m in ("local", "fedavg", "comigs-1g1s"))}
+        if complete:
+            rows[regime] = complete
+    return rows
+
+
+def table_chosen_on_tuning_seeds(runs, split="test"):
+    """The final plan's choices (without --keep-best) on the tuning seeds' runs of the baselines plan:
+    Local lr 3e-3 (1e-2 on all of a text), FedAvg lr 1e-2, CoMiGS the reference schedule."""
+    base = runs.get("baselines", {})
+    key = "mean_test_ppl" if split == "test" else "mean_dev_ppl"
+    print(f"\n### The same choices on the tuning seeds (baselines plan, seeds 10-11, no --keep-best; {split} split)\n")
+    print("| regime | Local | FedAvg | CoMiGS-1G1S | pFedMoE | CoMiGS vs Local | vs FedAvg | generalist weight |")
+    print("|---|---|---|---|---|---|---|---|")
+    for regime in sorted(base, key=regime_key):
+        v = base[regime]
+        local_v = v.get("lr1e-2" if regime.endswith("-all") else "lr3e-3", {})
+        fed_v, ref_v = v.get("lr1e-2", {}), v.get("reference", {})
+        seeds = sorted(set(local_v) & set(fed_v) & set(ref_v))
+        if not seeds:
+            continue
+        loc = [local_v[s]["methods"]["local"][key] for s in seeds]
+        fed = [fed_v[s]["methods"]["fedavg"][key] for s in seeds]
+        com = [ref_v[s]["methods"]["comigs-1g1s"][key] for s in seeds]
+        pfm = [ref_v[s]["methods"]["pfedmoe"][key] for s in seeds if "pfedmoe" in ref_v[s]["methods"]]
+        gen = statistics.mean(ref_v[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
+        dl = statistics.mean(pct(c, x) for c, x in zip(com, loc))
+        df = statistics.mean(pct(c, x) for c, x in zip(com, fed))
+        print(f"| {regime} | {fmt(loc)} | {fmt(fed)} | {fmt(com)} | {fmt(pfm)} | {dl:+.1f}% | {df:+.1f}% | {gen:.2f} |")
+
+
+def table_final(runs, plan="final", split="test"):
+    """The "when collaboration pays" table: mean test perplexity of the deployed models, report seeds."""
+    rows = final_rows(runs, plan, split)
+    key = "mean_test_ppl" if split == "test" else "mean_dev_ppl"
+    print(f"\n### When collaboration pays ({plan}; {split} split, mean ± sd over report seeds)\n")
+    print("| regime | seeds | host | Local | FedAvg | CoMiGS-1G1S | vs Local | vs FedAvg | vs better | "
+          "generalist weight | personal to specialist (best layer) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for regime in sorted(rows, key=regime_key):
+        seeds = rows[regime]
+        val = {m: [seeds[s][m][key] for s in sorted(seeds)] for m in ("local", "fedavg", "comigs-1g1s")}
+        c = val["comigs-1g1s"]
+        d_local = statistics.mean(pct(x, y) for x, y in zip(c, val["local"]))
+        d_fedavg = statistics.mean(pct(x, y) for x, y in zip(c, val["fedavg"]))
+        d_better = statistics.mean(pct(x, min(y, z)) for x, y, z in zip(c, val["local"], val["fedavg"]))
+        gen = statistics.mean(seeds[s]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
+        p2s = [max((l["personal_to_specialist"] for l in seeds[s]["comigs-1g1s"]["routing_by_layer"]
+                    if l["personal_to_specialist"] is not None), default=None) for s in seeds]
+        p2s = f"{statistics.mean(p2s):.2f}" if all(x is not None for x in p2s) else "-"
+        host = statistics.mean(seeds[s]["host"] for s in seeds)
+        print(f"| {regime} | {len(seeds)} | {host:.3f} | {fmt(val['local'])} | {fmt(val['fedavg'])} | {fmt(c)} | "
+              f"{d_local:+.1f}% | {d_fedavg:+.1f}% | {d_better:+.1f}% | {gen:.2f} | {p2s} |")
+    print("\nvs: mean over seeds of the per-seed relative difference of CoMiGS-1G1S (negative: CoMiGS better; "
+          "'better': the better baseline of each seed). Generalist weight: CoMiGS' mean gate weight on "
+          "generalists over test tokens, all layers and users. Personal to specialist: embedded corpus, the "
+          "share of personal-source test tokens whose top expert is the specialist, in the layer where it is "
+          "highest.")
+
+
 def main():
     out = sys.argv[1]
     plans = sys.argv[2:] or ["baselines", "router"]
@@ -128,7 +199,11 @@ def main():
               ", ".join(f"{r} {m} {v}" for (r, m), v in sorted(best.items(), key=lambda x: regime_key(x[0][0]))))
     ref = {r: v.get("reference", {}) for r, v in runs.get("baselines", {}).items()}
     for plan in plans:
-        if plan != "baselines":
+        if plan == "final":
+            table_chosen_on_tuning_seeds(runs)
+            table_final(runs, plan, "test")
+            table_final(runs, plan, "dev")
+        elif plan != "baselines":
             table_variants(runs, plan, ref)
 
 

@@ -71,7 +71,9 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
     app.add_option("--top-k", c.top_k, "experts per token")->capture_default_str();
     app.add_option("--alpha", c.alpha, "LoRA alpha (scaling alpha/sqrt(r))")->capture_default_str();
     app.add_option("--generalist-target", c.generalist_target,
-                   "generalist target share in the balancing loss (<0: 1/E)")->capture_default_str();
+                   "the generalists' target share in the balancing loss (<0: 1/E; used where a layer has "
+                   "both generalists and specialists)")
+        ->capture_default_str();
     app.add_option("--rounds", c.rounds, "communication rounds")->capture_default_str();
     app.add_option("--local-steps", c.local_steps, "expert steps per user per round")->capture_default_str();
     app.add_option("--router-every", c.router_every, "expert steps between router phases")->capture_default_str();
