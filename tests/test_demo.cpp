@@ -171,6 +171,12 @@ TEST_CASE("comigs-demo: tiny run end to end") {
     const std::string html = slurp(fs::path(c.out) / "routing.html");
     CHECK(html.find("<span") != std::string::npos);
     CHECK(markup_problem(html, {"meta", "br"}) == "");
+    // It opens with the methods that have a router, in run order: comigs-2g first, local last of all.
+    CHECK(html.find("<h2>comigs-2g</h2>") < html.find("<h2>comigs-1g1s</h2>"));
+    CHECK(html.find("<h2>pfedmoe</h2>") < html.find("<h2>local</h2>"));
+    CHECK(html.find("<h2>pfedmoe</h2>") < html.find("<h2>fedavg</h2>"));
+    CHECK(html.find("<h2>local</h2>") < html.find("<h2>fedavg</h2>"));
+    CHECK(html.find("<h2>local</h2>") != std::string::npos);
     CHECK(out.methods.size() == expected.size());
 
     // Different ranks: HetLoRA and FlexLoRA run, FedAvg-style averaging pads to the largest rank.

@@ -103,6 +103,7 @@ TEST_CASE_TEMPLATE("Trainer: the alternating schedule equals a hand-written loop
         steps = 65;
         cfg.total_expert_steps = steps;
     }
+    SUBCASE("router phases before the expert steps (at steps 0, 3, 6, ...)") { cfg.router_phase = RouterPhase::before; }
     SUBCASE("with clipping") { cfg.clip_norm = 0.05; }
     SUBCASE("with two micro-batches") { micro = 2; }
     cfg.micro_batches = micro;
@@ -113,7 +114,9 @@ TEST_CASE_TEMPLATE("Trainer: the alternating schedule equals a hand-written loop
     trainer.train_steps(steps / 2);
     trainer.train_steps(steps - steps / 2);
     CHECK(trainer.expert_steps() == steps);
-    CHECK(trainer.router_steps() == (steps / cfg.router_every) * cfg.router_iters);
+    const bool before = cfg.router_phase == RouterPhase::before;
+    const Index phases = before ? (steps + cfg.router_every - 1) / cfg.router_every : steps / cfg.router_every;
+    CHECK(trainer.router_steps() == phases * cfg.router_iters);
 
     // The same steps written out: two AdamW optimisers, all gradients zeroed before each step.
     auto b = fx.host();
@@ -143,16 +146,19 @@ TEST_CASE_TEMPLATE("Trainer: the alternating schedule equals a hand-written loop
                 for (T& v : g->all()) v *= static_cast<T>(1.0 / static_cast<double>(micro));
         return loss / static_cast<double>(micro);
     };
+    auto router_phase = [&] {
+        for (Index i = 0; i < cfg.router_iters; ++i) {
+            const double vloss = grads_of([&](Rng& r) { return fx.data.val_batch(kBatch, r); }, val_rng);
+            if (cfg.clip_norm > 0) router.clip_grad_norm(cfg.clip_norm);
+            router.step(vloss);
+        }
+    };
     for (Index step = 1; step <= steps; ++step) {
+        if (before && (step - 1) % cfg.router_every == 0) router_phase();
         const double loss = grads_of([&](Rng& r) { return fx.data.train_batch(kBatch, r); }, train_rng);
         if (cfg.clip_norm > 0) experts.clip_grad_norm(cfg.clip_norm);
         experts.step(loss);
-        if (step % cfg.router_every == 0)
-            for (Index i = 0; i < cfg.router_iters; ++i) {
-                const double vloss = grads_of([&](Rng& r) { return fx.data.val_batch(kBatch, r); }, val_rng);
-                if (cfg.clip_norm > 0) router.clip_grad_norm(cfg.clip_norm);
-                router.step(vloss);
-            }
+        if (!before && step % cfg.router_every == 0) router_phase();
     }
     CHECK(experts.steps_taken() == steps);
     CHECK(router.steps_taken() == trainer.router_steps());
@@ -163,6 +169,45 @@ TEST_CASE_TEMPLATE("Trainer: the alternating schedule equals a hand-written loop
     CHECK_FALSE(same_params(a->adapters(), c->adapters()));
     CHECK(std::memcmp(a->mixture().params().span("router.weight").data(),
                       c->mixture().params().span("router.weight").data(), sizeof(T) * 8) != 0);
+}
+
+TEST_CASE_TEMPLATE("Trainer: specialist_lr_scale steps specialists at the scaled rate, nothing else", T, float, double) {
+    // After one AdamW step every update is lr * (g / (|g| + eps) + weight_decay * p): halving the
+    // specialists' rate halves their updates and leaves the generalist's, the head's and the router's as
+    // they were (same init, same batch, so the same gradients).
+    Fixture<T> fx;
+    TrainerConfig cfg = small_config();
+    cfg.router_iters = 0;
+    auto before = fx.host();
+    auto one_step = [&](double scale) {
+        cfg.specialist_lr_scale = scale;
+        auto h = fx.host();
+        Trainer<TinyHost<T>, RegressionBatch<T>> trainer(*h, cfg, fx.train(), fx.val(), 42);
+        trainer.expert_step();
+        return adapter_parameters(h->adapters());
+    };
+    const auto p0 = adapter_parameters(before->adapters()), full = one_step(1.0), half = one_step(0.5);
+    REQUIRE(p0.size() == full.size());
+    int specialist_tensors = 0, other_tensors = 0;
+    for (std::size_t i = 0; i < p0.size(); ++i) {
+        CAPTURE(p0[i].name);
+        const bool specialist = p0[i].name.find("experts.1.") != std::string::npos;
+        specialist ? ++specialist_tensors : ++other_tensors;
+        double moved = 0;
+        for (std::size_t k = 0; k < p0[i].data.size(); ++k) {
+            const double d_full = double(full[i].data[k]) - double(p0[i].data[k]);
+            const double d_half = double(half[i].data[k]) - double(p0[i].data[k]);
+            moved += std::abs(d_full);
+            if (specialist) CHECK(d_half == doctest::Approx(0.5 * d_full).epsilon(1e-3).scale(1e-6));
+            else CHECK(half[i].data[k] == full[i].data[k]);
+        }
+        if (p0[i].name.find("lora_B") != std::string::npos || p0[i].name.find("lora_A") != std::string::npos)
+            CHECK(moved > 0);  // the comparison is between tensors that did move
+    }
+    CHECK(specialist_tensors == 4);  // fc and proj, A and B
+    CHECK(other_tensors > 4);
+    cfg.specialist_lr_scale = 0;
+    CHECK_THROWS_AS(cfg.validate(), InvalidArgument);
 }
 
 TEST_CASE_TEMPLATE("Trainer: gradients of one optimiser never reach the other's step", T, float, double) {

@@ -78,11 +78,27 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
     app.add_option("--local-steps", c.local_steps, "expert steps per user per round")->capture_default_str();
     app.add_option("--router-every", c.router_every, "expert steps between router phases")->capture_default_str();
     app.add_option("--router-iters", c.router_iters, "router steps per phase")->capture_default_str();
+    app.add_option("--router-phase", c.router_phase,
+                   "router phases 'after' the expert step that reaches a multiple of --router-every (the "
+                   "reference), or 'before' the next one: with --router-every = --local-steps, at the start of "
+                   "every round, on the generalist just downloaded")
+        ->capture_default_str();
     app.add_option("--batch", c.batch, "sequences per batch")->capture_default_str();
     app.add_option("--seq-len", c.seq_len, "tokens per sequence (also the host context)")->capture_default_str();
     app.add_option("--lr", c.lr, "expert learning rate (cosine to --lr-min)")->capture_default_str();
     app.add_option("--lr-min", c.lr_min, "final expert learning rate")->capture_default_str();
     app.add_option("--router-lr", c.router_lr, "router learning rate (constant)")->capture_default_str();
+    app.add_option("--lb-weight", c.lb_weight, "weight of the balancing loss (averaged over layers)")
+        ->capture_default_str();
+    app.add_option("--weight-decay", c.weight_decay, "AdamW weight decay of experts and routers")->capture_default_str();
+    app.add_option("--router-init-std", c.router_init_std, "router weights start N(0, std^2); 0: all gates equal")
+        ->capture_default_str();
+    app.add_option("--specialist-lr-scale", c.specialist_lr_scale,
+                   "specialists' learning rates times this, where a user has generalists and specialists")
+        ->capture_default_str();
+    app.add_flag("--keep-best", c.keep_best,
+                 "every user keeps its model of the round with the best validation perplexity (early stopping), "
+                 "if it beats the final download");
     app.add_option("--recalibrate", c.recalibrate,
                    "router-only steps on validation data after the final download (CoMiGS methods)")
         ->capture_default_str();
@@ -136,11 +152,26 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
     app.add_option("--checkpoint-every", c.checkpoint_every, "rounds between checkpoints")->capture_default_str();
     app.add_flag("--resume", c.resume, "continue the run checkpointed in --checkpoint-dir (same settings)");
     app.add_flag("--quick", quick, "a seconds-long configuration (tests)");
+    std::string schedule;
+    app.add_option("--schedule", schedule,
+                   "schedule preset, applied before the other flags (reference: the paper's router schedule as "
+                   "the demo ran it before the router study, docs/real-text.md)");
     bool quiet = false;
     app.add_flag("--quiet", quiet, "no progress output");
     // --quick is a base configuration: applied first, so the flags given with it still count.
     for (int i = 1; i < argc; ++i)
         if (std::string_view(argv[i]) == "--quick") c.make_quick();
+    // --schedule likewise: a preset the other flags change.
+    for (int i = 1; i < argc; ++i) {
+        const std::string_view a(argv[i]);
+        try {
+            if (a == "--schedule" && i + 1 < argc) c.apply_schedule(argv[i + 1]);
+            else if (a.starts_with("--schedule=")) c.apply_schedule(std::string(a.substr(11)));
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "comigs-demo: %s\n", e.what());
+            return 1;
+        }
+    }
     CLI11_PARSE(app, argc, argv);
     try {
         comigs::require(!c.resume || !c.checkpoint_dir.empty(), "--resume: needs --checkpoint-dir");

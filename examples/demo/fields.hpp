@@ -5,7 +5,7 @@
 // accounting a run checkpoint keeps (resume.hpp): a field added to the list is reported, gathered and
 // checkpointed, with nothing else to change.
 //
-// Members may be bool, integers, double, std::string, std::optional<double>, std::vector of those, or
+// Members may be bool, integers, double, std::string, std::optional of a number, std::vector of those, or
 // structs with their own fields(). Bytes are exact (a double travels as its 8 bytes).
 #include <comigs/distributed.hpp>
 
@@ -25,6 +25,10 @@ template <class V>
 struct is_vector : std::false_type {};
 template <class V>
 struct is_vector<std::vector<V>> : std::true_type {};
+template <class V>
+struct is_optional : std::false_type {};
+template <class V>
+struct is_optional<std::optional<V>> : std::true_type {};
 
 struct NoOp {
     template <class V>
@@ -48,7 +52,7 @@ nlohmann::json member_json(const V& v) {
         nlohmann::json a = nlohmann::json::array();
         for (const auto& x : v) a.push_back(member_json<typename V::value_type>(x));
         return a;
-    } else if constexpr (std::same_as<V, std::optional<double>>) {
+    } else if constexpr (fields_detail::is_optional<V>::value) {
         return v ? nlohmann::json(*v) : nlohmann::json();
     } else {
         return nlohmann::json(v);
@@ -74,15 +78,16 @@ void put_member(comigs::detail::ByteWriter& w, const V& v) {
     } else if constexpr (fields_detail::is_vector<V>::value) {
         w.put(static_cast<std::uint64_t>(v.size()));
         for (const auto& x : v) put_member<typename V::value_type>(w, x);
-    } else if constexpr (std::same_as<V, std::optional<double>>) {
+    } else if constexpr (fields_detail::is_optional<V>::value) {
+        static_assert(std::is_arithmetic_v<typename V::value_type>, "an optional field must hold a number");
         w.put(static_cast<std::uint8_t>(v.has_value()));
-        w.put(v.value_or(0.0));
+        w.put(v.value_or(typename V::value_type{}));
     } else if constexpr (std::same_as<V, std::string>) {
         w.put_string(v);
     } else if constexpr (std::same_as<V, bool>) {
         w.put(static_cast<std::uint8_t>(v));
     } else {
-        static_assert(std::is_arithmetic_v<V>, "a field must be a number, string, optional<double>, vector or struct");
+        static_assert(std::is_arithmetic_v<V>, "a field must be a number, string, optional number, vector or struct");
         w.put(v);
     }
 }
@@ -109,10 +114,10 @@ void get_member(comigs::detail::ByteReader& r, V& v) {
             get_member(r, x);
             v.push_back(std::move(x));
         }
-    } else if constexpr (std::same_as<V, std::optional<double>>) {
+    } else if constexpr (fields_detail::is_optional<V>::value) {
         const bool has = r.get<std::uint8_t>() != 0;
-        const double x = r.get<double>();
-        v = has ? std::optional<double>(x) : std::nullopt;
+        const auto x = r.get<typename V::value_type>();
+        v = has ? V(x) : std::nullopt;
     } else if constexpr (std::same_as<V, std::string>) {
         v = r.get_string();
     } else if constexpr (std::same_as<V, bool>) {

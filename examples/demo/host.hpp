@@ -38,17 +38,17 @@ public:
 
     /// `bases[l]`: the frozen MLP of block l (shared by every user's model; only read).
     /// `attention_rank` > 0 adds LoRA of that rank (and `attention_alpha`, alpha/sqrt(r)) to every
-    /// attention projection.
+    /// attention projection. `lb_weight` weighs the layer-averaged balancing loss (CoMiGS: 0.01).
     MixtureHost(const models::CausalLm<T>& host, const std::vector<std::shared_ptr<const FrozenMlp<T>>>& bases,
-                const MixtureConfig& mixture, Rng& init_rng, Index attention_rank = 0, double attention_alpha = 16)
+                const MixtureConfig& mixture, Rng& init_rng, Index attention_rank = 0, double attention_alpha = 16,
+                double lb_weight = 0.01)
         : model_(host.share_base()) {
         const Index L = host.n_layer();
         for (Index l = 0; l < L; ++l) {
             auto m = std::make_shared<MixtureOfLoraMlp<T>>(mixture, bases[static_cast<std::size_t>(l)]);
             m->init(init_rng);
             mixtures_.push_back(m);
-            // CoMiGS weights the layer-averaged balancing loss by 0.01.
-            model_->set_mlp(l, std::make_unique<models::MixtureMlp<T>>(m, 0.01 / double(L)));
+            model_->set_mlp(l, std::make_unique<models::MixtureMlp<T>>(m, lb_weight / double(L)));
         }
         if (attention_rank > 0) {
             model_->add_attention_lora({attention_rank, attention_alpha, LoraScaling::sqrt}, init_rng);

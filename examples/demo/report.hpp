@@ -47,6 +47,7 @@ struct UserResult {
     std::optional<double> personal_to_specialist;  ///< embedded corpus: personal tokens -> specialists
     double host_ppl = 0;               ///< the frozen host alone on this user's test data
     std::optional<double> dev_ppl;     ///< deployed model on the tuning split (--dev-tokens)
+    std::optional<long> kept_round;    ///< --keep-best: the round whose model the user kept (rounds: the final one)
     std::vector<LayerRouting> by_layer;  ///< routing per mixture layer (methods with routers)
 };
 
@@ -66,6 +67,7 @@ void fields(Self& u, F&& f) {
     f("personal_to_specialist", u.personal_to_specialist);
     f("host_ppl", u.host_ppl);
     f("dev_ppl", u.dev_ppl);
+    f("kept_round", u.kept_round);
     f("routing_by_layer", u.by_layer);
 }
 

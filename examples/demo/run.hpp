@@ -24,6 +24,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -68,11 +69,17 @@ struct DemoConfig {
     Index local_steps = 10;
     Index router_every = 30;
     Index router_iters = 10;
+    std::string router_phase = "after";  ///< "after" the expert step (reference) or "before" it (at a round's start)
     Index batch = 16;
     Index seq_len = 64;
     double lr = 1e-2;
     double lr_min = 1e-3;
     double router_lr = 1e-2;
+    double lb_weight = 0.01;          ///< weight of the layer-averaged balancing loss
+    double weight_decay = 0.01;       ///< AdamW decoupled weight decay of the experts (and the router)
+    double router_init_std = 0.02;    ///< router weight init N(0, std^2)
+    double specialist_lr_scale = 1;   ///< specialists' rates times this, in methods that mix generalists and specialists
+    bool keep_best = false;           ///< each user keeps its model of the round with the best validation perplexity
     double pcl_temperature = 1.0;
     Index recalibrate = 0;  ///< router-only steps on validation data after the final download
     Index attention_rank = 0;  ///< > 0: shared LoRA of this rank on c_attn and c_proj (as the reference)
@@ -116,6 +123,25 @@ struct DemoConfig {
     std::string checkpoint_dir;  ///< empty: none
     Index checkpoint_every = 1;  ///< rounds between checkpoints
     bool resume = false;         ///< continue the run checkpointed in checkpoint_dir
+
+    /// Schedule presets (--schedule NAME), applied before the other flags so that those still change them:
+    ///   reference  the demo's schedule before the router study of docs/real-text.md: the paper's router
+    ///              schedule (10 router steps every 30 expert steps), rates scaled to the tiny host
+    ///              (expert 1e-2 cosine to 1e-3, router 1e-2, data.md), balancing target 1/E.
+    std::string schedule = "reference";
+    void apply_schedule(const std::string& name) {
+        require(name == "reference", "--schedule '", name, "': unknown (known: reference)");
+        schedule = name;
+        router_every = 30;
+        router_iters = 10;
+        router_phase = "after";
+        lr = 1e-2;
+        lr_min = 1e-3;
+        router_lr = 1e-2;
+        generalist_target = -1;
+        top_k = 2;
+        recalibrate = 0;
+    }
 
     /// The seconds-long configuration the tests use. comigs-demo applies it before reading the other
     /// flags, so `--quick --users 5 --top-k 1` changes just those.
@@ -187,6 +213,8 @@ struct DemoConfig {
         require(batch >= 1 && seq_len >= 2, "--batch ", batch, " --seq-len ", seq_len, ": must be >= 1 and >= 2");
         require(d_model % n_head == 0, "--d-model ", d_model, ": must be divisible by --heads ", n_head);
         require(threads >= 1, "--threads ", threads, ": must be >= 1");
+        require(router_phase == "after" || router_phase == "before", "--router-phase '", router_phase,
+                "': must be 'after' or 'before'");
         require(user_text.empty() || user_text.size() == std::size_t(users), "--user-text given ", user_text.size(),
                 " times, expected once per user (", users, ")");
         if (!setting.empty())
@@ -517,6 +545,7 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         mc.alpha = c.alpha;
         mc.scaling = LoraScaling::sqrt;
         mc.expert0_importance = c.generalist_target;
+        mc.router_init_std = c.router_init_std;
         mc = strategy.mixture_config(mc);
         roles.push_back(user_roles(strategy, strategy.roles.size() == 1 ? 1 : c.experts_of(u)));
         mc.n_experts = Index(roles.back().size());
@@ -534,14 +563,22 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         // Same initialisation stream per user for every method: differences come from the method.
         Rng init(c.seed, 1000 + std::uint64_t(u));
         models.push_back(
-            std::make_unique<MixtureHost<Real>>(*ctx.host, ctx.bases, mc, init, c.attention_rank, c.alpha));
+            std::make_unique<MixtureHost<Real>>(*ctx.host, ctx.bases, mc, init, c.attention_rank, c.alpha, c.lb_weight));
         TrainerConfig tc;
         tc.router_every = c.router_every;
+        tc.router_phase = c.router_phase == "before" ? RouterPhase::before : RouterPhase::after;
         tc.router_iters = c.router_iters;
         tc.expert_lr = c.lr;
         tc.expert_lr_min = c.lr_min;
         tc.router_lr = c.router_lr;
         tc.total_expert_steps = c.rounds * c.local_steps;
+        tc.lb_weight = c.lb_weight;
+        tc.expert_adamw.weight_decay = c.weight_decay;
+        tc.router_adamw.weight_decay = c.weight_decay;
+        // The specialists' scale is relative to generalists: it applies where a user has both.
+        const auto& ur = roles.back();
+        if (std::count(ur.begin(), ur.end(), Role::generalist) > 0 && std::count(ur.begin(), ur.end(), Role::specialist) > 0)
+            tc.specialist_lr_scale = c.specialist_lr_scale;
         tc = strategy.trainer_config(tc);
         const Stream* tr = &ctx.users[std::size_t(u)].train;
         const Stream* va = &ctx.users[std::size_t(u)].validation;
@@ -568,9 +605,22 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
     // the position among this rank's users.
     result.users.resize(std::size_t(U));
     RunnerHooks<Real> hooks;
+    // --keep-best: every user snapshots its adapters whenever its validation perplexity right after its
+    // local steps is its best so far, and deploys that snapshot if it beats the final download.
+    std::vector<double> best_val(std::size_t(U), std::numeric_limits<double>::infinity());
+    std::vector<Index> best_round(std::size_t(U), -1);
+    std::vector<std::vector<NamedTensor<Real>>> best_params(static_cast<std::size_t>(U));
     hooks.after_local = [&](Index round, UserId user, std::size_t) {
-        if (round + 1 != c.rounds) return;
         const std::size_t i = std::size_t(user);
+        if (c.keep_best) {
+            const double v = evaluate_windows(*models[i], ctx.validation[i], false).ppl;
+            if (v < best_val[i]) {
+                best_val[i] = v;
+                best_round[i] = round;
+                best_params[i] = adapter_parameters(models[i]->adapters());
+            }
+        }
+        if (round + 1 != c.rounds) return;
         result.users[i].test_ppl_personalised = evaluate_windows(*models[i], ctx.test[i], false).ppl;
     };
     double loss_sum = 0, tok_sum = 0, sec_sum = 0;
@@ -594,6 +644,13 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         if (trainers[i]->router_optimizer() != nullptr)
             for (Index k = 0; k < c.recalibrate; ++k) trainers[i]->router_step();
         UserResult& ur = result.users[i];
+        if (c.keep_best) {
+            ur.kept_round = c.rounds;  // the final download
+            if (best_val[i] < evaluate_windows(*models[i], ctx.validation[i], false).ppl) {
+                load_adapter_parameters(models[i]->adapters(), std::span<const NamedTensor<Real>>(best_params[i]));
+                ur.kept_round = best_round[i];
+            }
+        }
         ur.user = int(i);
         const EvalResult ev = evaluate_windows(*models[i], ctx.test[i], true, &roles[i]);
         ur.test_ppl = ev.ppl;
@@ -840,6 +897,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         {"rounds", c.rounds},
         {"local_steps", c.local_steps},
         {"router_every", c.router_every},
+        {"router_phase", c.router_phase},
         {"router_iters", c.router_iters},
         {"batch", c.batch},
         {"seq_len", c.seq_len},
@@ -848,6 +906,12 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         {"router_lr", c.router_lr},
         {"generalist_target", c.generalist_target},
         {"recalibrate", c.recalibrate},
+        {"lb_weight", c.lb_weight},
+        {"weight_decay", c.weight_decay},
+        {"router_init_std", c.router_init_std},
+        {"specialist_lr_scale", c.specialist_lr_scale},
+        {"keep_best", c.keep_best},
+        {"schedule", c.schedule},
         {"attention_rank", c.attention_rank},
         {"heterogeneity", embedded ? nlohmann::json(c.heterogeneity) : nlohmann::json()},
         {"train_tokens", split_sizes(&UserData::train)},
@@ -882,6 +946,10 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
                           {"fp32_compute", c.model_fp32_compute}};
     std::optional<DemoCheckpoint> checkpoint;  // refuses a resume with other settings before any work
     if (!c.checkpoint_dir.empty()) {
+        // The snapshot --keep-best holds between rounds is not part of a run checkpoint: a resumed run
+        // would deploy other adapters than an uninterrupted one.
+        require(!c.keep_best, "--keep-best with --checkpoint-dir '", c.checkpoint_dir,
+                "': the best round's adapters are not checkpointed, so a resumed run could differ; use one or the other");
         comigs::detail::Xxh64 data;
         for (const auto& u : ctx.users)
             for (const Stream* st : {&u.train, &u.validation, &u.test, &u.dev})
@@ -969,6 +1037,11 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
     if (place.leader()) {
         write_text(fs::path(c.out) / "results.json", out.results.dump(2) + "\n");
         write_text(fs::path(c.out) / "curves.svg", curves_svg(out.methods, out.floor_mean_ppl));
+        // routing.html opens with the methods that have a router (their pictures are the point of it).
+        std::stable_partition(routing.begin(), routing.end(), [&](const auto& r) {
+            const Strategy s = strategy_of(r.first, c);
+            return s.routing == Routing::top_k && s.n_experts() > 1;
+        });
         write_text(fs::path(c.out) / "routing.html", routing_html(routing));
     }
     return out;

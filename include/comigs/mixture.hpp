@@ -51,6 +51,7 @@ struct MixtureRouting {
     double expert0_importance = -1.0;  ///< generalist target share in the balancing loss; < 0: 1/E
     RouterNoise noise = RouterNoise::none;
     double noise_scale = 1.0;
+    double router_init_std = 0.02;  ///< router weight ~ N(0, std^2) at init (the reference's 0.02); 0: all gates equal
     std::vector<Role> roles;  ///< per expert; empty: {generalist, specialist, specialist, ...}
 
     /// The router of a layer whose input has `d_in` features.
@@ -79,6 +80,8 @@ struct MixtureRouting {
     void validate_routing(Index d_in) const {
         require(roles.empty() || static_cast<Index>(roles.size()) == n_experts, "roles: ", roles.size(),
                 " given for ", n_experts, " experts");
+        require(std::isfinite(router_init_std) && router_init_std >= 0.0, "router_init_std ", router_init_std,
+                ": must be finite and >= 0");
         router_for(d_in).validate();
     }
 };
@@ -194,10 +197,13 @@ public:
         grads_ = ParamBuffer<T>(params_.layout_ptr());
     }
 
-    /// Router N(0, 0.02); every lora_A Kaiming-uniform; every lora_B zero (the mixture starts as the base).
+    /// Router N(0, router_init_std^2) (0.02); every lora_A Kaiming-uniform; every lora_B zero (the
+    /// mixture starts as the base). The router draws come first whatever the std, so the experts'
+    /// initial values do not depend on it.
     void init(Rng& rng) {
         if (rcfg_.has_weight())
-            for (T& v : params_.span("router.weight")) v = static_cast<T>(rng.normal(0.0, 0.02));
+            for (T& v : params_.span("router.weight"))
+                v = static_cast<T>(rng.normal(0.0, 1.0) * cfg_.router_init_std);
         for (Index e = 0; e < cfg_.n_experts; ++e)
             for (const auto& name : linears()) {
                 kaiming_uniform(params_.view(tensor_name(e, name, 'A')), rng);

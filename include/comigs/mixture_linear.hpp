@@ -61,10 +61,11 @@ public:
         return "experts." + std::to_string(e) + (which == 'A' ? ".lora_A" : ".lora_B");
     }
 
-    /// Router N(0, 0.02), A Kaiming-uniform, B zero.
+    /// Router N(0, router_init_std^2) (0.02), A Kaiming-uniform, B zero.
     void init(Rng& rng) {
         if (rcfg_.has_weight())
-            for (T& v : params_.span("router.weight")) v = static_cast<T>(rng.normal(0.0, 0.02));
+            for (T& v : params_.span("router.weight"))
+                v = static_cast<T>(rng.normal(0.0, 1.0) * cfg_.router_init_std);
         for (Index e = 0; e < cfg_.n_experts; ++e) {
             kaiming_uniform(params_.view(tensor_name(e, 'A')), rng);
             for (T& v : params_.span(tensor_name(e, 'B'))) v = T(0);

@@ -5,7 +5,9 @@
 // Two optimisers are built from the host's AdapterRegistry. The expert optimiser owns every adapter
 // tensor except the routers (`router.weight`); the router optimiser owns only the routers. Experts
 // step on training batches; after every `router_every`-th expert step (a global counter that runs on
-// across rounds, as in the reference) the router takes `router_iters` steps on validation batches.
+// across rounds, as in the reference) the router takes `router_iters` steps on validation batches
+// (RouterPhase::before moves each phase to just before that count's next expert step: with
+// router_every = local steps per round, to the start of every round, right after the download).
 //
 // Gradient isolation. The reference zeroes each optimiser's own gradients only, so the router's
 // validation gradients leak into the next expert step (the expert tensors received gradients from the
@@ -55,6 +57,16 @@ inline const char* to_string(RouterTraining r) {
     return "?";
 }
 
+/// When a router phase runs relative to the expert step that reaches a multiple of `router_every`.
+enum class RouterPhase {
+    after,   ///< after it (the reference): the router sees the experts as local training left them
+    before,  ///< before the expert step whose 0-based index is a multiple of router_every: with
+             ///< router_every = local steps per round, at the start of every round, right after the
+             ///< download, so the router learns to weigh the averaged generalist users deploy
+};
+
+inline const char* to_string(RouterPhase p) { return p == RouterPhase::after ? "after" : "before"; }
+
 /// True for tensors a router owns (`router.weight`, or anything under `router.`).
 inline bool is_router_tensor(std::string_view tensor) {
     return tensor == "router.weight" || tensor.starts_with("router.");
@@ -67,6 +79,7 @@ struct TrainerConfig {
     RouterTraining router_training = RouterTraining::alternating;
     Index router_every = 30;  ///< expert steps between router phases (global count, across rounds)
     Index router_iters = 10;  ///< router steps per phase
+    RouterPhase router_phase = RouterPhase::after;
 
     /// Weight of the balancing loss in the objective the trainer reports and checks for finiteness
     /// (LossParts::total). The host applies its own weight in backward: configure both the same.
@@ -78,6 +91,9 @@ struct TrainerConfig {
     /// expert learning rate constant at `expert_lr`.
     Index total_expert_steps = 0;
     Index expert_warmup = 0;
+    /// Specialists' learning rates (peak and final) are the experts' times this: specialists learn from
+    /// one user's data only, generalists from everyone's. 1: one schedule for every expert tensor.
+    double specialist_lr_scale = 1.0;
     double router_lr = 2e-3;  ///< constant
     AdamWOptions expert_adamw{0.9, 0.95, 1e-8, 0.01};
     AdamWOptions router_adamw{0.9, 0.95, 1e-8, 0.01};
@@ -97,6 +113,11 @@ struct TrainerConfig {
         return LrSchedule::cosine(expert_lr, expert_lr_min, total_expert_steps, expert_warmup);
     }
     LrSchedule router_schedule() const { return LrSchedule::constant(router_lr); }
+    LrSchedule specialist_schedule() const {
+        const double s = specialist_lr_scale;
+        if (total_expert_steps <= 0) return LrSchedule::constant(expert_lr * s);
+        return LrSchedule::cosine(expert_lr * s, expert_lr_min * s, total_expert_steps, expert_warmup);
+    }
 
     void validate() const {
         require(router_every >= 1, "router_every ", router_every, ": must be >= 1");
@@ -105,6 +126,8 @@ struct TrainerConfig {
         require(total_expert_steps >= 0, "total_expert_steps ", total_expert_steps, ": must be >= 0");
         require(micro_batches >= 1, "micro_batches ", micro_batches, ": must be >= 1");
         require(std::isfinite(clip_norm), "clip_norm ", clip_norm, ": must be finite (<= 0 turns clipping off)");
+        require(std::isfinite(specialist_lr_scale) && specialist_lr_scale > 0, "specialist_lr_scale ",
+                specialist_lr_scale, ": must be finite and > 0");
         (void)expert_schedule();  // validates the learning rates
         (void)router_schedule();
     }
@@ -276,12 +299,14 @@ public:
         rep.kind = joint ? StepReport::Kind::joint : StepReport::Kind::expert;
         rep.index = expert_steps_;
         rep.lr = expert_opt_.lr(std::size_t{0});
+        if (router_phase_due(RouterPhase::before))
+            for (Index i = 0; i < config_.router_iters; ++i) router_step();
         rep.loss = accumulate(train_, train_rng_);
         if (config_.clip_norm > 0) expert_opt_.clip_grad_norm(config_.clip_norm);
         rep.status = expert_opt_.step(rep.loss.total(config_.lb_weight));
         ++expert_steps_;
         emit(rep);
-        if (router_opt_ && config_.router_iters > 0 && expert_steps_ % config_.router_every == 0)
+        if (router_phase_due(RouterPhase::after))
             for (Index i = 0; i < config_.router_iters; ++i) router_step();
         return rep;
     }
@@ -410,6 +435,12 @@ public:
     }
 
 private:
+    /// A router phase at this point: the phase is configured here and the expert-step count (steps
+    /// taken so far) is a multiple of router_every.
+    bool router_phase_due(RouterPhase where) const {
+        return router_opt_ && config_.router_iters > 0 && config_.router_phase == where &&
+               expert_steps_ % config_.router_every == 0;
+    }
     bool has_router_tensors() const {
         bool any = false;
         registry_.for_each_buffer([&](const std::string& prefix, ParamBuffer<T>& p, ParamBuffer<T>&) {
@@ -420,6 +451,16 @@ private:
     }
     bool is_frozen(std::string_view prefix, std::string_view tensor) const {
         return config_.frozen && config_.frozen(prefix, tensor);
+    }
+    /// A tensor of a specialist expert of a mixture layer (plain shared adapters are not).
+    bool is_specialist(std::string_view prefix, std::string_view tensor) const {
+        const Index e = expert_of_tensor(tensor);
+        if (e < 0) return false;
+        for (const auto& m : registry_.mixtures)
+            if (m.prefix == prefix) return m.layer->role(e) == Role::specialist;
+        for (const auto& m : registry_.mixture_linears)
+            if (m.prefix == prefix) return m.layer->role(e) == Role::specialist;
+        return false;
     }
 
     /// Which tensors of one buffer a selector picks; empty when it picks none (no binding then).
@@ -435,20 +476,32 @@ private:
         config_.validate();
         const bool joint = config_.router_training == RouterTraining::joint;
         AdamWGroup<T> experts{"experts", {}, config_.expert_schedule(), config_.expert_adamw};
+        // With a specialist learning-rate scale, specialist tensors form a group of their own (same
+        // options, scaled schedule); without it the groups are exactly as before.
+        const bool split = config_.specialist_lr_scale != 1.0;
+        AdamWGroup<T> specialists{"specialists", {}, config_.specialist_schedule(), config_.expert_adamw};
         // Joint mode: one optimiser and one schedule for everything, as the reference's single
         // optimiser; the router tensors form their own group only to keep their AdamW options.
         AdamWGroup<T> routers{"router", {}, config_.expert_schedule(), config_.router_adamw};
         registry_.for_each_buffer([&](const std::string& prefix, ParamBuffer<T>& p, ParamBuffer<T>& g) {
             const auto label = detail::registry_label(prefix);
-            auto e = select(p, [&](std::string_view t) { return !is_router_tensor(t) && !is_frozen(prefix, t); });
+            auto trainable = [&](std::string_view t) { return !is_router_tensor(t) && !is_frozen(prefix, t); };
+            auto e = select(p, [&](std::string_view t) { return trainable(t) && !(split && is_specialist(prefix, t)); });
             if (!e.empty()) experts.bindings.push_back(bind(label, p, g, TensorSelector::names(std::move(e))));
+            if (split) {
+                auto sp = select(p, [&](std::string_view t) { return trainable(t) && is_specialist(prefix, t); });
+                if (!sp.empty()) specialists.bindings.push_back(bind(label, p, g, TensorSelector::names(std::move(sp))));
+            }
             if (joint) {
                 auto r = select(p, [&](std::string_view t) { return is_router_tensor(t) && !is_frozen(prefix, t); });
                 if (!r.empty()) routers.bindings.push_back(bind(label, p, g, TensorSelector::names(std::move(r))));
             }
         });
-        require(!experts.bindings.empty(), "trainer: the model has no trainable expert tensor");
-        std::vector<AdamWGroup<T>> groups{std::move(experts)};
+        require(!experts.bindings.empty() || !specialists.bindings.empty(),
+                "trainer: the model has no trainable expert tensor");
+        std::vector<AdamWGroup<T>> groups;
+        if (!experts.bindings.empty()) groups.push_back(std::move(experts));
+        if (!specialists.bindings.empty()) groups.push_back(std::move(specialists));
         if (!routers.bindings.empty()) groups.push_back(std::move(routers));
         return groups;
     }

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Tables of docs/real-text.md from the runs of tools/real_text_runs.py.
+
+    tools/real_text_tables.py OUT_DIR [PLAN...]   (markdown on stdout)
+
+Reads OUT_DIR/<plan>/<regime>/<variant>/s<seed>/results.json. Perplexities are means over users of the
+deployed model; "dev" is the tuning split (choices are read off it), "test" the reported one. Each
+table says which seeds it uses and which split.
+"""
+import json
+import math
+import pathlib
+import statistics
+import sys
+from collections import defaultdict
+
+REGIME_ORDER = ["emb-h0.9", "emb-h0.5", "emb-h0", "ml-3000", "ml-6000", "ml-12000", "ml-25000", "ml-50000", "ml-all",
+                "dom-3000", "dom-6000", "dom-12000", "dom-25000", "dom-50000", "dom-all"]
+
+
+def regime_key(r):
+    return (REGIME_ORDER.index(r) if r in REGIME_ORDER else len(REGIME_ORDER), r)
+
+
+def load(out):
+    """runs[plan][regime][variant][seed] = results.json"""
+    runs = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for p in sorted(pathlib.Path(out).glob("*/*/*/s*/results.json")):
+        seed_dir = p.parent
+        variant, regime, plan = seed_dir.parent.name, seed_dir.parent.parent.name, seed_dir.parent.parent.parent.name
+        runs[plan][regime][variant][int(seed_dir.name[1:])] = json.loads(p.read_text())
+    return runs
+
+
+def gmean(xs):
+    return math.exp(statistics.mean(math.log(x) for x in xs))
+
+
+def fmt(xs, digits=3):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def pct(a, b):
+    return 100.0 * (a - b) / b
+
+
+def metric(res, method, split):
+    m = res["methods"].get(method)
+    if m is None:
+        return None
+    return m["mean_dev_ppl"] if split == "dev" else m["mean_test_ppl"]
+
+
+def baseline_lrs(runs, plan="baselines", split="dev"):
+    """Per regime and baseline, the learning-rate variant with the best mean dev perplexity."""
+    best = {}
+    for regime, variants in runs.get(plan, {}).items():
+        for method in ["local", "fedavg"]:
+            scores = {}
+            for v, seeds in variants.items():
+                vals = [metric(r, method, split) for r in seeds.values()]
+                vals = [x for x in vals if x is not None]
+                if vals and v.startswith("lr"):
+                    scores[v] = gmean(vals)
+            if scores:
+                best[(regime, method)] = min(scores, key=scores.get)
+    return best
+
+
+def table_baselines(runs, plan="baselines"):
+    variants_all = sorted({v for r in runs.get(plan, {}).values() for v in r})
+    lr_variants = [v for v in variants_all if v.startswith("lr")]
+    print(f"\n### Baselines and their learning rates ({plan}; dev split, mean over tuning seeds)\n")
+    head = ["regime"] + [f"local {v}" for v in lr_variants] + [f"fedavg {v}" for v in lr_variants] + \
+        ["comigs-1g1s", "pfedmoe", "comigs-2s", "comigs-2g", "host"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for regime in sorted(runs.get(plan, {}), key=regime_key):
+        v = runs[plan][regime]
+        row = [regime]
+        for method in ["local", "fedavg"]:
+            for lv in lr_variants:
+                row.append(fmt([metric(r, method, "dev") for r in v.get(lv, {}).values()]))
+        for method in ["comigs-1g1s", "pfedmoe", "comigs-2s", "comigs-2g"]:
+            row.append(fmt([metric(r, method, "dev") for r in v.get("reference", {}).values()]))
+        hosts = [r["host_mean_ppl"] for vv in v.values() for r in vv.values()]
+        row.append(f"{statistics.mean(hosts):.3f}" if hosts else "-")
+        print("| " + " | ".join(row) + " |")
+
+
+def table_variants(runs, plan, reference_runs, method="comigs-1g1s", split="dev"):
+    """Relative change of each variant against the reference schedule, per regime (mean over seeds of
+    the per-seed relative difference), and the generalist's gate weight."""
+    regimes = sorted(runs.get(plan, {}), key=regime_key)
+    variants = sorted({v for r in regimes for v in runs[plan][r]})
+    print(f"\n### {plan}: {method}, change of mean {split} perplexity against the reference schedule "
+          "(per-seed relative difference, mean over tuning seeds; negative = better)\n")
+    print("| variant | " + " | ".join(regimes) + " | mean |")
+    print("|---|" + "---|" * (len(regimes) + 1))
+    for v in variants:
+        row, all_d = [v], []
+        for regime in regimes:
+            ref = reference_runs.get(regime, {})
+            seeds = runs[plan][regime].get(v, {})
+            d = [pct(metric(seeds[s], method, split), metric(ref[s], method, split))
+                 for s in seeds if s in ref and metric(seeds[s], method, split) and metric(ref[s], method, split)]
+            all_d += [statistics.mean(d)] if d else []
+            gen = [seeds[s]["methods"][method]["mean_generalist_share"] for s in seeds if method in seeds[s]["methods"]]
+            row.append(f"{statistics.mean(d):+.1f}% ({statistics.mean(gen):.2f})" if d else "-")
+        row.append(f"{statistics.mean(all_d):+.2f}%" if all_d else "-")
+        print("| " + " | ".join(row) + " |")
+    print("\nIn brackets: the generalist's mean gate weight on test tokens.")
+
+
+def final_rows(runs, plan="final", split="test"):
+    """Per regime of the final plan: seeds -> {method: results.json entry} (local from its own runs),
+    with the host's perplexity."""
+    rows = {}
+    for regime, variants in runs.get(plan, {}).items():
+        seeds = defaultdict(dict)
+        for v, by_seed in variants.items():
+            for s, res in by_seed.items():
+                for m, entry in res["methods"].items():
+                    seeds[s][m] = entry
+                seeds[s]["host"] = res["host_mean_ppl"]
+        complete = {s: d for s, d in seeds.items() if all(m in d for m in ("local", "fedavg", "comigs-1g1s"))}
+        if complete:
+            rows[regime] = complete
+    return rows
+
+
+def table_chosen_on_tuning_seeds(runs, split="test"):
+    """The final plan's choices (without --keep-best) on the tuning seeds' runs of the baselines plan:
+    Local lr 3e-3 (1e-2 on all of a text), FedAvg lr 1e-2, CoMiGS the reference schedule."""
+    base = runs.get("baselines", {})
+    key = "mean_test_ppl" if split == "test" else "mean_dev_ppl"
+    print(f"\n### The same choices on the tuning seeds (baselines plan, seeds 10-11, no --keep-best; {split} split)\n")
+    print("| regime | Local | FedAvg | CoMiGS-1G1S | pFedMoE | CoMiGS vs Local | vs FedAvg | generalist weight |")
+    print("|---|---|---|---|---|---|---|---|")
+    for regime in sorted(base, key=regime_key):
+        v = base[regime]
+        local_v = v.get("lr1e-2" if regime.endswith("-all") else "lr3e-3", {})
+        fed_v, ref_v = v.get("lr1e-2", {}), v.get("reference", {})
+        seeds = sorted(set(local_v) & set(fed_v) & set(ref_v))
+        if not seeds:
+            continue
+        loc = [local_v[s]["methods"]["local"][key] for s in seeds]
+        fed = [fed_v[s]["methods"]["fedavg"][key] for s in seeds]
+        com = [ref_v[s]["methods"]["comigs-1g1s"][key] for s in seeds]
+        pfm = [ref_v[s]["methods"]["pfedmoe"][key] for s in seeds if "pfedmoe" in ref_v[s]["methods"]]
+        gen = statistics.mean(ref_v[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
+        dl = statistics.mean(pct(c, x) for c, x in zip(com, loc))
+        df = statistics.mean(pct(c, x) for c, x in zip(com, fed))
+        print(f"| {regime} | {fmt(loc)} | {fmt(fed)} | {fmt(com)} | {fmt(pfm)} | {dl:+.1f}% | {df:+.1f}% | {gen:.2f} |")
+
+
+def table_final(runs, plan="final", split="test"):
+    """The "when collaboration pays" table: mean test perplexity of the deployed models, report seeds."""
+    rows = final_rows(runs, plan, split)
+    key = "mean_test_ppl" if split == "test" else "mean_dev_ppl"
+    print(f"\n### When collaboration pays ({plan}; {split} split, mean ± sd over report seeds)\n")
+    print("| regime | seeds | host | Local | FedAvg | CoMiGS-1G1S | vs Local | vs FedAvg | vs better | "
+          "generalist weight | personal to specialist (best layer) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for regime in sorted(rows, key=regime_key):
+        seeds = rows[regime]
+        val = {m: [seeds[s][m][key] for s in sorted(seeds)] for m in ("local", "fedavg", "comigs-1g1s")}
+        c = val["comigs-1g1s"]
+        d_local = statistics.mean(pct(x, y) for x, y in zip(c, val["local"]))
+        d_fedavg = statistics.mean(pct(x, y) for x, y in zip(c, val["fedavg"]))
+        d_better = statistics.mean(pct(x, min(y, z)) for x, y, z in zip(c, val["local"], val["fedavg"]))
+        gen = statistics.mean(seeds[s]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
+        p2s = [max((l["personal_to_specialist"] for l in seeds[s]["comigs-1g1s"]["routing_by_layer"]
+                    if l["personal_to_specialist"] is not None), default=None) for s in seeds]
+        p2s = f"{statistics.mean(p2s):.2f}" if all(x is not None for x in p2s) else "-"
+        host = statistics.mean(seeds[s]["host"] for s in seeds)
+        print(f"| {regime} | {len(seeds)} | {host:.3f} | {fmt(val['local'])} | {fmt(val['fedavg'])} | {fmt(c)} | "
+              f"{d_local:+.1f}% | {d_fedavg:+.1f}% | {d_better:+.1f}% | {gen:.2f} | {p2s} |")
+    print("\nvs: mean over seeds of the per-seed relative difference of CoMiGS-1G1S (negative: CoMiGS better; "
+          "'better': the better baseline of each seed). Generalist weight: CoMiGS' mean gate weight on "
+          "generalists over test tokens, all layers and users. Personal to specialist: embedded corpus, the "
+          "share of personal-source test tokens whose top expert is the specialist, in the layer where it is "
+          "highest.")
+
+
+def main():
+    out = sys.argv[1]
+    plans = sys.argv[2:] or ["baselines", "router"]
+    runs = load(out)
+    if "baselines" in plans:
+        table_baselines(runs)
+        best = baseline_lrs(runs)
+        print("\nBest learning rate per regime (dev): " +
+              ", ".join(f"{r} {m} {v}" for (r, m), v in sorted(best.items(), key=lambda x: regime_key(x[0][0]))))
+    ref = {r: v.get("reference", {}) for r, v in runs.get("baselines", {}).items()}
+    for plan in plans:
+        if plan == "final":
+            table_chosen_on_tuning_seeds(runs)
+            table_final(runs, plan, "test")
+            table_final(runs, plan, "dev")
+        elif plan != "baselines":
+            table_variants(runs, plan, ref)
+
+
+if __name__ == "__main__":
+    main()
