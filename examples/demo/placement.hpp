@@ -97,6 +97,12 @@ private:
         for (double v : {u.test_ppl, u.test_ppl_personalised, u.ood_ppl, u.generalist_share, u.host_ppl}) w.put(v);
         for (const auto* o : {&u.floor_ppl, &u.gap_closed, &u.shared_to_generalist, &u.personal_to_specialist})
             put_opt(w, *o);
+        w.put(static_cast<std::uint64_t>(u.layers.size()));
+        for (const auto& l : u.layers) {
+            w.put(l.generalist_share);
+            put_opt(w, l.shared_to_generalist);
+            put_opt(w, l.personal_to_specialist);
+        }
     }
     static UserResult get_user(comigs::detail::ByteReader& r) {
         UserResult u;
@@ -105,6 +111,12 @@ private:
             *v = r.get<double>();
         for (auto* o : {&u.floor_ppl, &u.gap_closed, &u.shared_to_generalist, &u.personal_to_specialist})
             *o = get_opt(r);
+        u.layers.resize(static_cast<std::size_t>(r.get<std::uint64_t>()));
+        for (auto& l : u.layers) {
+            l.generalist_share = r.get<double>();
+            l.shared_to_generalist = get_opt(r);
+            l.personal_to_specialist = get_opt(r);
+        }
         return u;
     }
     template <class V>

@@ -278,7 +278,8 @@ struct RoutingTally {
 
 struct EvalResult {
     double ppl = 0;
-    RoutingTally routing;
+    RoutingTally routing;              // all layers
+    std::vector<RoutingTally> layers;  // per mixture layer
 };
 
 /// exp(mean cross-entropy) of a model over windows, 32 windows per forward; with `tally`, the routing
@@ -295,8 +296,10 @@ EvalResult evaluate_windows(Model& m, const Windows& w, bool tally, const std::v
         nll += lp.task * lp.tokens;
         n += lp.tokens;
         if (!tally || roles == nullptr) continue;
+        r.layers.resize(std::size_t(m.layers()));
         for (Index l = 0; l < m.layers(); ++l) {
             const auto& rt = m.mixture(l).routing();
+            RoutingTally& lt = r.layers[std::size_t(l)];
             const Index N = b * T;
             const Index slots = Index(rt.expert.size()) / N;
             for (Index t = 0; t < N; ++t) {
@@ -307,15 +310,17 @@ EvalResult evaluate_windows(Model& m, const Windows& w, bool tally, const std::v
                     const auto e = rt.expert[std::size_t(t * slots + s)];
                     if ((*roles)[std::size_t(e)] == Role::generalist) g += double(rt.gate[std::size_t(t * slots + s)]);
                 }
-                r.routing.gen_weight += g;
-                r.routing.tokens += 1;
                 const bool top_gen = (*roles)[std::size_t(rt.expert[std::size_t(t * slots)])] == Role::generalist;
-                if (personal) {
-                    r.routing.personal_tok += 1;
-                    r.routing.personal_to_spec += top_gen ? 0 : 1;
-                } else {
-                    r.routing.shared_tok += 1;
-                    r.routing.shared_to_gen += top_gen ? 1 : 0;
+                for (RoutingTally* a : {&r.routing, &lt}) {
+                    a->gen_weight += g;
+                    a->tokens += 1;
+                    if (personal) {
+                        a->personal_tok += 1;
+                        a->personal_to_spec += top_gen ? 0 : 1;
+                    } else {
+                        a->shared_tok += 1;
+                        a->shared_to_gen += top_gen ? 1 : 0;
+                    }
                 }
             }
         }
@@ -487,6 +492,7 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         mc.n_experts = Index(roles.back().size());
         mc.roles = roles.back();
         mc.top_k = std::min(c.top_k, mc.n_experts);
+        result.routed = result.routed || mc.router().has_weight();
         // The generalists' target share applies where a router weighs generalists against specialists.
         const auto gens = std::count(mc.roles.begin(), mc.roles.end(), Role::generalist);
         if (mc.expert0_importance >= 0 && (!mc.router().has_weight() || gens == 0 || gens == mc.n_experts))
@@ -548,8 +554,9 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
             if (ctx.place.holds(u))
                 mine.emplace_back(u, evaluate_windows(*models[std::size_t(u)], ctx.curve[std::size_t(u)], false).ppl);
         double mean = 0;
-        for (double p : ctx.place.by_user(mine, U)) mean += p;  // in user order, wherever they ran
-        result.curve.push_back({long((rep.round + 1) * c.local_steps), mean / U});
+        const std::vector<double> per_user = ctx.place.by_user(mine, U);
+        for (double p : per_user) mean += p;  // in user order, wherever they ran
+        result.curve.push_back({long((rep.round + 1) * c.local_steps), mean / U, per_user});
         progress.update(name, double(rep.round + 1) / double(c.rounds), loss_sum, tok_sum / std::max(sec_sum, 1e-9));
     };
     hooks.deployed = [&](UserId user, std::size_t) {
@@ -568,12 +575,16 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         if (ur.floor_ppl && std::log(ur.host_ppl) > std::log(*ur.floor_ppl))
             ur.gap_closed = (std::log(ur.host_ppl) - std::log(ur.test_ppl)) /
                             (std::log(ur.host_ppl) - std::log(*ur.floor_ppl));
-        const auto& rt = ev.routing;
-        ur.generalist_share = rt.tokens > 0 ? rt.gen_weight / rt.tokens : 0;
-        if (ctx.users[i].labelled) {
-            if (rt.shared_tok > 0) ur.shared_to_generalist = rt.shared_to_gen / rt.shared_tok;
-            if (rt.personal_tok > 0) ur.personal_to_specialist = rt.personal_to_spec / rt.personal_tok;
-        }
+        auto shares = [&](const RoutingTally& rt, auto& out) {
+            out.generalist_share = rt.tokens > 0 ? rt.gen_weight / rt.tokens : 0;
+            if (ctx.users[i].labelled) {
+                if (rt.shared_tok > 0) out.shared_to_generalist = rt.shared_to_gen / rt.shared_tok;
+                if (rt.personal_tok > 0) out.personal_to_specialist = rt.personal_to_spec / rt.personal_tok;
+            }
+        };
+        shares(ev.routing, ur);
+        ur.layers.assign(ev.layers.size(), LayerRouting{});
+        for (std::size_t l = 0; l < ev.layers.size(); ++l) shares(ev.layers[l], ur.layers[l]);
         // routing.html sample: top-1 expert of every input token, per layer.
         RoutingSample s;
         s.user = int(i);
@@ -814,8 +825,10 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
     out.results["seconds"] = out.seconds;
     if (place.leader()) {
         write_text(fs::path(c.out) / "results.json", out.results.dump(2) + "\n");
-        write_text(fs::path(c.out) / "curves.svg", curves_svg(out.methods, out.floor_mean_ppl));
-        write_text(fs::path(c.out) / "routing.html", routing_html(routing));
+        std::vector<std::optional<double>> floors;
+        for (const auto& u : ctx.users) floors.push_back(u.floor_ppl);
+        write_text(fs::path(c.out) / "curves.svg", curves_svg(out.methods, out.floor_mean_ppl, floors));
+        write_text(fs::path(c.out) / "routing.html", routing_html(out.methods, routing));
     }
     return out;
 }
