@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs comigs-demo over 3 seeds for the README's claims and summarises them (tools/summarize_claims.py).
+# Runs comigs-demo over 3 seeds for the paper's claims and writes docs/claims.md from them
+# (tools/summarize_claims.py).
 #   tools/run_claims.sh BUILD_DIR OUT_DIR [JOBS]
-# Every run is one comigs-demo command (all listed in OUT_DIR/commands.txt); a run whose results.json
+# Every run is one comigs-demo command (all listed in OUT_DIR/commands.txt); a run whose output folder
 # exists is skipped, so the script resumes. Hosts are pretrained once per seed and cached in
 # OUT_DIR/host-s<seed>.safetensors (the base source depends on the seed only, not on h).
 set -euo pipefail
@@ -45,4 +46,10 @@ for s in $seeds; do add att-h0.9 "$s" --heterogeneity 0.9 --methods local,fedavg
 for s in $seeds; do add target-h0 "$s" --heterogeneity 0 --methods comigs-1g1s --generalist-target 0.8; done
 for s in $seeds; do add target-h0.9 "$s" --heterogeneity 0.9 --methods comigs-1g1s --generalist-target 0.8; done
 run
-python3 "$(dirname "$0")/summarize_claims.py" "$out" | tee "$out/summary.md"
+here=$(cd "$(dirname "$0")" && pwd)
+printf '{"date": "%s", "machine": "%s, %s CPUs", "commit": "%s"}\n' "$(date +%F)" \
+  "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" "$(nproc)" \
+  "$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)" > "$out/meta.json"
+python3 "$here/summarize_claims.py" "$out" > "$out/claims.md"
+cp "$out/claims.md" "$here/../docs/claims.md"
+echo "wrote $out/claims.md and docs/claims.md"
