@@ -23,6 +23,7 @@ struct Case {
     double importance = -1.0;
     LoraScaling scaling = LoraScaling::sqrt;
     std::vector<Role> roles = {};
+    Precision precision = Precision::fp32;  // of the frozen base (quantized: d and h multiples of 32)
 };
 
 // A small double mixture with random base, random B (never zero: a zero B makes the test vacuous),
@@ -36,8 +37,9 @@ struct Fixture {
 
     explicit Fixture(const Case& c, std::uint64_t seed = 1) {
         cfg.form = c.form;
-        cfg.d_model = 5;
-        cfg.d_hidden = 7;
+        const bool quant = is_quantized(c.precision);
+        cfg.d_model = quant ? 32 : 5;
+        cfg.d_hidden = quant ? 64 : 7;
         cfg.n_experts = c.experts;
         cfg.top_k = c.top_k;
         cfg.rank = 3;
@@ -51,6 +53,7 @@ struct Fixture {
         Rng rng(seed);
         base = std::make_shared<FrozenMlp<double>>(c.form, cfg.d_model, cfg.d_hidden);
         base->randomize(rng, 0.5);
+        base->set_precision(c.precision);
         layer = std::make_unique<MixtureOfLoraMlp<double>>(cfg, base);
         layer->init(rng);
         for (const auto& spec : layer->params().layout().tensors())
@@ -389,6 +392,78 @@ TEST_CASE("MixtureOfLoraMlp: only generalist tensors are shared; the router neve
     CHECK(expert_of_tensor("experts..up.lora_B") == -1);
     CHECK(expert_of_tensor("experts.3") == -1);
     CHECK_FALSE(layer.shared("experts.99999999999999999999999.up.lora_B"));
+}
+
+TEST_CASE("MixtureOfLoraMlp on a Q8_0 / Q4_0 base: gradients match finite differences in double") {
+    using namespace comigs;
+    for (Precision p : {Precision::q8_0, Precision::q4_0}) {
+        CAPTURE(std::string(to_string(p)));
+        for (MlpForm form : {MlpForm::gelu, MlpForm::swiglu}) {
+            CAPTURE(std::string(to_string(form)));
+            Case c{form, 3, 2};
+            c.precision = p;
+            Fixture fx(c);
+            REQUIRE(fx.base->precision() == p);
+            fx.check_gradients(0.3);
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("MixtureOfLoraMlp on a Q8_0 / Q4_0 base equals the layer on the dequantized fp32 base", T, float,
+                   double) {
+    using namespace comigs;
+    const double tol = std::is_same_v<T, float> ? 2e-5 : 1e-11;
+    for (Precision p : {Precision::q8_0, Precision::q4_0})
+        for (MlpForm form : {MlpForm::gelu, MlpForm::swiglu})
+            for (Index n : {Index(1), Index(3), Index(45)}) {  // the fused decode kernels and the panels
+                CAPTURE(std::string(to_string(p)));
+                CAPTURE(std::string(to_string(form)));
+                CAPTURE(n);
+                Rng rng(12);
+                MixtureConfig cfg;
+                cfg.form = form;
+                cfg.d_model = 64;
+                cfg.d_hidden = 96;
+                cfg.n_experts = 3;
+                cfg.top_k = 2;
+                cfg.rank = 4;
+                auto quant = std::make_shared<FrozenMlp<T>>(form, cfg.d_model, cfg.d_hidden);
+                quant->randomize(rng, 0.2);
+                quant->set_precision(p);
+                auto dequant = std::make_shared<FrozenMlp<T>>(*quant);
+                dequant->set_precision(Precision::fp32);
+                MixtureOfLoraMlp<T> a(cfg, quant), b(cfg, dequant);
+                a.init(rng);
+                for (T& v : a.params().all()) v = static_cast<T>(rng.normal(0.0, 0.2));
+                std::copy(a.params().all().begin(), a.params().all().end(), b.params().all().begin());
+                std::vector<T> x(static_cast<std::size_t>(n * cfg.d_model)), dy(x.size());
+                for (T& v : x) v = static_cast<T>(rng.normal());
+                for (T& v : dy) v = static_cast<T>(rng.normal());
+                auto run = [&](MixtureOfLoraMlp<T>& m, std::vector<T>& y, std::vector<T>& dx) {
+                    y.assign(x.size(), T(0));
+                    dx.assign(x.size(), T(0));
+                    m.zero_grad();
+                    m.forward(MatrixView<T>(y.data(), n, cfg.d_model), ConstMatrixView<T>(x.data(), n, cfg.d_model));
+                    m.backward(MatrixView<T>(dx.data(), n, cfg.d_model), ConstMatrixView<T>(dy.data(), n, cfg.d_model),
+                               T(0.01));
+                };
+                std::vector<T> ya, dxa, yb, dxb;
+                run(a, ya, dxa);
+                run(b, yb, dxb);
+                auto close = [&](const auto& u, const auto& v, const char* what) {
+                    double worst = 0, scale = 0;
+                    for (std::size_t i = 0; i < u.size(); ++i) {
+                        worst = std::max(worst, std::abs(static_cast<double>(u[i]) - static_cast<double>(v[i])));
+                        scale = std::max(scale, std::abs(static_cast<double>(v[i])));
+                    }
+                    INFO(what << ": worst " << worst << " of " << scale);
+                    CHECK(scale > 0);
+                    CHECK(worst <= tol * scale);
+                };
+                close(ya, yb, "y");
+                close(dxa, dxb, "dx");
+                close(a.grads().all(), b.grads().all(), "grads");
+            }
 }
 
 TEST_CASE_TEMPLATE("MixtureOfLoraMlp: a forward refused for a missing generator leaves the last forward intact", T,

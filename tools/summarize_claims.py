@@ -40,9 +40,9 @@ def pct(xs):
 
 
 def layer_mean(group, method, key, layer):
-    vals = [u["layers"][layer][key] for r in runs.get(group, {}).values() if method in r["methods"]
-            for u in r["methods"][method]["users"] if len(u.get("layers", [])) > layer
-            and u["layers"][layer][key] is not None]
+    vals = [u["routing_by_layer"][layer][key] for r in runs.get(group, {}).values() if method in r["methods"]
+            for u in r["methods"][method]["users"] if len(u.get("routing_by_layer", [])) > layer
+            and u["routing_by_layer"][layer][key] is not None]
     return statistics.mean(vals) if vals else None
 
 

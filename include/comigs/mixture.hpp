@@ -601,7 +601,7 @@ private:
         using Prod = kernels::GemmProduct<T>;
         const Prod proj{P, x, kernels::Op::none, stacked_first_inputs(wcat_, s_), kernels::Op::trans};
         const auto copy_x = [&](Index t) { std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs_out.row_ptr(t)); };
-        if (fc.is_bf16()) {
+        if (!fc.is_plain()) {  // bf16 or quantized: the base product runs through its own kernels
             kernels::gemm_chunked_and<T>({proj}, n, n * d, copy_x);
             fc.forward(H, ConstMatrixView<T>(xs_out));
         } else {  // the small product and the copy on the threads done with their part of H
@@ -644,8 +644,11 @@ private:
         }
         const Prod lora{y, ConstMatrixView<T>(Z.data, n, bias2 ? zc : E * r, zc), kernels::Op::none,
                         ConstMatrixView<T>(fb2t_store_.data(), bias2 ? zc : E * r, d), kernels::Op::none, T(1), T(1)};
-        if (second.is_bf16()) {
-            if constexpr (std::is_same_v<T, float>) second.forward(y, ConstMatrixView<kernels::bf16>(Mb));
+        if (!second.is_plain()) {
+            if constexpr (std::is_same_v<T, float>) {
+                if (Mb.data) second.forward(y, ConstMatrixView<kernels::bf16>(Mb));
+            }
+            if (!Mb.data) second.forward(y, ConstMatrixView<T>(M));
             kernels::gemm_chunked<T>({lora});
         } else {  // each thread adds the LoRA part to its rows of y while they are in its cache
             kernels::gemm_with<T>({y, ConstMatrixView<T>(M), kernels::Op::none, second.weight, kernels::Op::trans},
@@ -677,7 +680,7 @@ private:
                       ConstMatrixView<T>(fb2t_store_.data() + E * r * d, 1, d), kernels::Op::trans};
         // dm = dy W2 (one base GEMM), with the small products on the threads done with their part.
         const auto with_dm = [&](std::initializer_list<Prod> small) {
-            if (second.is_bf16()) {
+            if (!second.is_plain()) {
                 second.backward_input(dM, dy, false);
                 kernels::gemm_chunked<T>(small);
             } else {
@@ -750,7 +753,7 @@ private:
         const Prod gw{G, Dc, kernels::Op::trans, xs, kernels::Op::none}, gb{GB, Zc, kernels::Op::trans, dy, kernels::Op::none};
         // The base input gradient dx += dH W1 in the same region when W1 is fp32 (dx += D [..] added to
         // each thread's rows after them); with a bf16 W1 after the gradients below.
-        const bool dx_here = !dx.empty() && !fc.is_bf16();
+        const bool dx_here = !dx.empty() && fc.is_plain();
         if (dx.empty())
             kernels::gemm_chunked<T>({gw, gb});
         else if (dx_here)

@@ -40,7 +40,9 @@ class MixtureOfLoraLinear {
 public:
     MixtureOfLoraLinear(const MixtureLinearConfig& cfg, FrozenLinear<T> base) : cfg_(cfg), base_(base) {
         cfg_.validate();
-        require_shape(base_.weight, cfg_.out_features, cfg_.in_features, "frozen weight");
+        require<ShapeError>(base_.out_features() == cfg_.out_features && base_.in_features() == cfg_.in_features,
+                            "frozen weight has shape [", base_.out_features(), ", ", base_.in_features(),
+                            "], expected [", cfg_.out_features, ", ", cfg_.in_features, "]");
         require<ShapeError>(base_.bias.empty() || static_cast<Index>(base_.bias.size()) == cfg_.out_features,
                             "frozen bias has ", base_.bias.size(), " elements, expected ", cfg_.out_features);
         rcfg_ = cfg_.router();

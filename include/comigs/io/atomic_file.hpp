@@ -101,6 +101,27 @@ inline void fsync_or_throw(int fd, const std::filesystem::path& path, const char
     }
 }
 
+/// Flushes a directory's entries (a rename or a new file in it) to disk. Some file systems cannot fsync
+/// a directory (EINVAL, EROFS): the entry is then as durable as that file system makes it, which is not
+/// an error of ours. `context` starts the error message, e.g. "wrote 'x' but".
+inline void fsync_directory(const std::filesystem::path& dir, const char* context = "") {
+    int dfd;
+    do {
+        dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    } while (dfd < 0 && errno == EINTR);
+    if (dfd < 0) {
+        const int err = errno;
+        detail::raise<IoError>(context, *context ? " " : "", "cannot open the directory '", dir.string(),
+                               "' to fsync it: ", detail::errno_text(err));
+    }
+    detail::UniqueFd dir_fd(dfd);
+    if (::fsync(dir_fd.get()) != 0 && errno != EINVAL && errno != EROFS) {
+        const int err = errno;
+        detail::raise<IoError>(context, *context ? " " : "", "cannot fsync the directory '", dir.string(),
+                               "': ", detail::errno_text(err));
+    }
+}
+
 /// Creates a new file with a name no one else uses, beside the target: the pid, a process-wide counter
 /// and the clock make clashes unlikely, O_EXCL makes them harmless. The target's name is cut so that
 /// the temporary's stays within NAME_MAX (255 bytes on Linux file systems) for any target name.
@@ -165,23 +186,8 @@ inline void atomic_write_file(const std::filesystem::path& target, const std::fu
         throw;
     }
 
-    // The rename is done; make it durable. Some file systems cannot fsync a directory (EINVAL): the
-    // rename is then as durable as that file system makes it, which is not an error of ours.
-    int dfd;
-    do {
-        dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    } while (dfd < 0 && errno == EINTR);
-    if (dfd < 0) {
-        const int err = errno;
-        detail::raise<IoError>("wrote '", target.string(), "' but cannot open its directory '", dir.string(),
-                               "' to fsync it: ", detail::errno_text(err));
-    }
-    detail::UniqueFd dir_fd(dfd);
-    if (::fsync(dir_fd.get()) != 0 && errno != EINVAL && errno != EROFS) {
-        const int err = errno;
-        detail::raise<IoError>("wrote '", target.string(), "' but cannot fsync its directory '", dir.string(),
-                               "': ", detail::errno_text(err));
-    }
+    // The rename is done; make it durable.
+    detail::fsync_directory(dir, ("wrote '" + target.string() + "' but").c_str());
 }
 
 /// Atomically replaces (or creates) `target` with `bytes`; see the overload taking a callback.

@@ -1,0 +1,114 @@
+#pragma once
+// GPT-2 weights in the Hugging Face safetensors layout: load them into a Gpt2, save a Gpt2 so that
+// a later run (or transformers' GPT2LMHeadModel) reads it back.
+//
+// HF GPT-2 keeps its projections in Conv1D modules whose weight is [in, out], the transpose of
+// nn.Linear; Gpt2 stores [out, in], so c_attn, c_proj and c_fc weights are transposed here and only
+// here. Keys may carry the "transformer." prefix of GPT2LMHeadModel checkpoints. The file's constant
+// buffers ("h.{i}.attn.bias", "masked_bias") and "lm_head.weight" (tied to wte) are ignored.
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <comigs/io/safetensors.hpp>
+
+#include "gpt2.hpp"
+
+namespace comigs::models {
+
+namespace detail {
+inline bool is_conv1d_weight(std::string_view name) {
+    return name.ends_with("c_attn.weight") || name.ends_with("c_proj.weight") || name.ends_with("c_fc.weight");
+}
+/// "transformer." when the file holds GPT2LMHeadModel keys, "" for GPT2Model keys.
+inline std::string hf_prefix(const io::SafetensorsFile& f) {
+    if (f.contains("wte.weight")) return "";
+    if (f.contains("transformer.wte.weight")) return "transformer.";
+    comigs::detail::raise<FormatError>("GPT-2 file: no 'wte.weight' or 'transformer.wte.weight' tensor (", f.size(), " tensors)");
+}
+// The key files written before the host moved into include/comigs/models/ carry: kept, so they load.
+inline constexpr std::string_view n_head_key = "comigs.tiny_gpt.n_head";
+}  // namespace detail
+
+/// The Gpt2Config of a GPT-2 file: vocab, n_ctx and d_model from wte and wpe, n_layer from the blocks present,
+/// mlp_hidden from c_fc. The head count is not in the weights (HF keeps it in config.json: 12 for gpt2):
+/// pass it, or it is read from the metadata save_hf_gpt2 writes.
+inline Gpt2Config hf_gpt2_config(const io::SafetensorsFile& f, std::optional<Index> n_head = std::nullopt) {
+    const std::string p = detail::hf_prefix(f);
+    Gpt2Config c;
+    const auto& wte = f.shape(p + "wte.weight");
+    const auto& wpe = f.shape(p + "wpe.weight");
+    require<FormatError>(wte.size() == 2 && wpe.size() == 2 && wte[1] == wpe[1], "GPT-2 file: wte ",
+                         comigs::detail::shape_text(wte), " and wpe ", comigs::detail::shape_text(wpe),
+                         " must be [vocab, d] and [n_ctx, d]");
+    c.vocab = wte[0];
+    c.n_ctx = wpe[0];
+    c.d_model = wte[1];
+    c.n_layer = 0;
+    while (f.contains(p + layer_name(c.n_layer, "ln_1.weight"))) ++c.n_layer;
+    if (c.n_layer > 0) c.mlp_hidden = f.shape(p + layer_name(0, "mlp.c_fc.weight")).back();
+    if (n_head) {
+        c.n_head = *n_head;
+    } else {
+        const auto it = f.metadata().find(detail::n_head_key);
+        require(it != f.metadata().end(), "n_head: not given and the file has no '", detail::n_head_key,
+                "' metadata (HF keeps it in config.json)");
+        c.n_head = std::stol(it->second);
+    }
+    c.validate();
+    return c;
+}
+
+/// Copies the weights of `f` into model.params(); every tensor of the model must be in the file with the
+/// HF shape (Conv1D weights [in, out]), in F32, F64, F16 or BF16. FormatError / ShapeError name the key.
+template <class T>
+void load_hf_gpt2(Gpt2<T>& model, const io::SafetensorsFile& f) {
+    const std::string prefix = detail::hf_prefix(f);
+    for (const TensorSpec& s : model.params().layout().tensors()) {
+        const std::string key = prefix + s.name;
+        if (detail::is_conv1d_weight(s.name)) {
+            const Index out = s.rows(), in = s.cols();
+            const std::vector<T> w = f.get<T>(key, {in, out});
+            auto dst = model.params().view(s.name);
+            for (Index i = 0; i < in; ++i)
+                for (Index o = 0; o < out; ++o) dst(o, i) = w[static_cast<std::size_t>(i * out + o)];
+        } else {
+            f.get_into<T>(key, s.shape, model.params().span(s.name));
+        }
+    }
+}
+
+/// Loads the model of a GPT-2 safetensors file (config from hf_gpt2_config).
+template <class T>
+Gpt2<T> load_hf_gpt2(const std::filesystem::path& path, std::optional<Index> n_head = std::nullopt) {
+    const io::SafetensorsFile f = io::SafetensorsFile::load(path);
+    Gpt2<T> model(hf_gpt2_config(f, n_head));
+    load_hf_gpt2(model, f);
+    return model;
+}
+
+/// Writes model.params() in the HF GPT-2 layout (GPT2Model keys, Conv1D weights [in, out]) as `dtype`
+/// (F32 by default, like HF), with the head count in the metadata so load_hf_gpt2 needs no config.
+template <class T>
+void save_hf_gpt2(const Gpt2<T>& model, const std::filesystem::path& path, io::Dtype dtype = io::Dtype::F32) {
+    io::SafetensorsFile f;
+    f.metadata()["format"] = "pt";
+    f.metadata()[std::string(detail::n_head_key)] = std::to_string(model.config().n_head);
+    for (const TensorSpec& s : model.params().layout().tensors()) {
+        if (detail::is_conv1d_weight(s.name)) {
+            const Index out = s.rows(), in = s.cols();
+            const auto w = model.params().view(s.name);
+            std::vector<T> t(static_cast<std::size_t>(in * out));
+            for (Index i = 0; i < in; ++i)
+                for (Index o = 0; o < out; ++o) t[static_cast<std::size_t>(i * out + o)] = w(o, i);
+            f.add(s.name, {in, out}, t, dtype);
+        } else {
+            f.add(s.name, s.shape, model.params().span(s.name), dtype);
+        }
+    }
+    f.save(path);
+}
+
+}  // namespace comigs::models
