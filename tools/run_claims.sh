@@ -22,6 +22,11 @@ add() {  # name, seed, flags...
 }
 run() { [ ${#cmds[@]} -eq 0 ] || printf '%s\n' "${cmds[@]}" | xargs -P "$jobs" -I{} sh -c '{} > /dev/null'; cmds=(); }
 : > "$out/commands.txt"
+# Date, machine and commit recorded when the runs start (the worktree may move on while they run).
+here=$(cd "$(dirname "$0")" && pwd)
+[ -f "$out/meta.json" ] || printf '{"date": "%s", "machine": "%s, %s CPUs", "commit": "%s"}\n' "$(date +%F)" \
+  "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" "$(nproc)" \
+  "$(git -C "$here" describe --always --dirty 2>/dev/null || echo unknown)" > "$out/meta.json"
 # Hosts first (one per seed, a one-step run), so that the runs after only reuse them.
 for s in $seeds; do
   [ -f "$out/host-s$s.safetensors" ] || \
@@ -46,10 +51,6 @@ for s in $seeds; do add att-h0.9 "$s" --heterogeneity 0.9 --methods local,fedavg
 for s in $seeds; do add target-h0 "$s" --heterogeneity 0 --methods comigs-1g1s --generalist-target 0.8; done
 for s in $seeds; do add target-h0.9 "$s" --heterogeneity 0.9 --methods comigs-1g1s --generalist-target 0.8; done
 run
-here=$(cd "$(dirname "$0")" && pwd)
-printf '{"date": "%s", "machine": "%s, %s CPUs", "commit": "%s"}\n' "$(date +%F)" \
-  "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" "$(nproc)" \
-  "$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)" > "$out/meta.json"
 python3 "$here/summarize_claims.py" "$out" > "$out/claims.md"
 cp "$out/claims.md" "$here/../docs/claims.md"
 echo "wrote $out/claims.md and docs/claims.md"
