@@ -2,7 +2,7 @@
 # Runs comigs-demo over 3 seeds for the paper's claims and writes docs/claims.md from them
 # (tools/summarize_claims.py).
 #   tools/run_claims.sh BUILD_DIR OUT_DIR [JOBS]
-# Every run is one comigs-demo command (all listed in OUT_DIR/commands.txt); a run whose output folder
+# Every run is one comigs-demo command (all listed in OUT_DIR/commands.txt); a run whose results.json
 # exists is skipped, so the script resumes. Hosts are pretrained once per seed and cached in
 # OUT_DIR/host-s<seed>.safetensors (the base source depends on the seed only, not on h).
 set -euo pipefail
@@ -18,7 +18,7 @@ add() {  # name, seed, flags...
   local name=$1 seed=$2; shift 2
   local cmd="$demo --quiet --seed $seed --host-cache $out/host-s$seed.safetensors --out $out/$name-s$seed $*"
   echo "$cmd" >> "$out/commands.txt"
-  [ -d "$out/$name-s$seed" ] || cmds+=("$cmd")  # started or done: skip
+  [ -f "$out/$name-s$seed/results.json" ] || cmds+=("$cmd")  # done: skip (an interrupted run is redone)
 }
 run() { [ ${#cmds[@]} -eq 0 ] || printf '%s\n' "${cmds[@]}" | xargs -P "$jobs" -I{} sh -c '{} > /dev/null'; cmds=(); }
 : > "$out/commands.txt"

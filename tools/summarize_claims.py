@@ -153,6 +153,17 @@ if meta:
     print(f" Runs of {meta.get('date', '?')} on {meta.get('machine', '?')}, commit {meta.get('commit', '?')}.")
 else:
     print()
+# Runs listed in commands.txt without a results.json (cut for time, or failed): named, not hidden.
+missing = []
+if (out / "commands.txt").exists():
+    for line in (out / "commands.txt").read_text().splitlines():
+        m = re.search(r"--out (\S+)", line)
+        if m and not pathlib.Path(m.group(1)).name.startswith("host-only") \
+                and not (pathlib.Path(m.group(1)) / "results.json").exists():
+            missing.append(pathlib.Path(m.group(1)).name)
+if missing:
+    print(f"\nNot run (the runs were cut to what fitted the time; their commands are listed at the end): "
+          f"{', '.join(missing)}.")
 print("\n## Verdicts\n")
 print("| claim of the paper | measured here (relative difference of mean test perplexity; negative: CoMiGS better) | holds |")
 print("|---|---|---|")
