@@ -39,10 +39,13 @@ def pct(xs):
     return f"{statistics.mean(xs):+.2f}% (seeds: {', '.join(f'{x:+.2f}%' for x in xs)})"
 
 
+def by_layer(user):  # per-layer routing of a user; "layers" is its name in results.json before 2026-12-06 21:00
+    return user.get("routing_by_layer", user.get("layers", []))
+
+
 def layer_mean(group, method, key, layer):
-    vals = [u["routing_by_layer"][layer][key] for r in runs.get(group, {}).values() if method in r["methods"]
-            for u in r["methods"][method]["users"] if len(u.get("routing_by_layer", [])) > layer
-            and u["routing_by_layer"][layer][key] is not None]
+    vals = [by_layer(u)[layer][key] for r in runs.get(group, {}).values() if method in r["methods"]
+            for u in r["methods"][method]["users"] if len(by_layer(u)) > layer and by_layer(u)[layer][key] is not None]
     return statistics.mean(vals) if vals else None
 
 
@@ -153,6 +156,10 @@ if meta:
     print(f" Runs of {meta.get('date', '?')} on {meta.get('machine', '?')}, commit {meta.get('commit', '?')}.")
 else:
     print()
+# OUT/provenance.md, when present: where runs not made by this output's binary came from, and the evidence
+# that they equal what it would give (e.g. runs kept from an earlier output after the same numbers came out).
+if (out / "provenance.md").exists():
+    print("\n" + (out / "provenance.md").read_text().strip())
 # Runs listed in commands.txt without a results.json (cut for time, or failed): named, not hidden.
 missing = []
 if (out / "commands.txt").exists():
