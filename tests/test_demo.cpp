@@ -164,19 +164,45 @@ TEST_CASE("comigs-demo: tiny run end to end") {
                m["routing_by_layer"][1]["generalist_share"].get<double>()) / 2 == doctest::Approx(mean_share));
     }
 
+    // Mean routing decides the per-layer shares (two generalists: all; two specialists: none), and the
+    // curve holds every user's perplexity, whose mean is its mean.
+    for (const auto& name : expected) {
+        CAPTURE(name);
+        for (const auto& u : j["methods"][name]["users"]) {
+            REQUIRE(u["routing_by_layer"].size() == std::size_t(c.n_layer));
+            for (const auto& l : u["routing_by_layer"]) {
+                CHECK(l["generalist_share"].get<double>() >= 0);
+                CHECK(l["generalist_share"].get<double>() <= 1.0 + 1e-6);  // float gates sum to 1 within rounding
+            }
+            if (name == "fedavg") CHECK(u["routing_by_layer"][0]["generalist_share"].get<double>() == doctest::Approx(1.0));
+            if (name == "local") CHECK(u["routing_by_layer"][1]["generalist_share"].get<double>() == doctest::Approx(0.0));
+        }
+        // The curve holds every user's perplexity, and its mean is theirs.
+        for (const auto& p : j["methods"][name]["curve"]) {
+            REQUIRE(p["user_ppl"].size() == 3);
+            double m = 0;
+            for (const auto& v : p["user_ppl"]) m += v.get<double>() / 3;
+            CHECK(m == doctest::Approx(p["mean_ppl"].get<double>()).epsilon(1e-12));
+        }
+    }
+
     const std::string svg = slurp(fs::path(c.out) / "curves.svg");
     CHECK(svg.find("<svg") != std::string::npos);
     CHECK(svg.find("<polyline") != std::string::npos);
+    CHECK(svg.find(">user 2</text>") != std::string::npos);  // a small plot per user beside the mean
     CHECK(markup_problem(svg, {}) == "");
     const std::string html = slurp(fs::path(c.out) / "routing.html");
     CHECK(html.find("<span") != std::string::npos);
     CHECK(markup_problem(html, {"meta", "br"}) == "");
-    // It opens with the methods that have a router, in run order: comigs-2g first, local last of all.
-    CHECK(html.find("<h2>comigs-2g</h2>") < html.find("<h2>comigs-1g1s</h2>"));
-    CHECK(html.find("<h2>pfedmoe</h2>") < html.find("<h2>local</h2>"));
-    CHECK(html.find("<h2>pfedmoe</h2>") < html.find("<h2>fedavg</h2>"));
-    CHECK(html.find("<h2>local</h2>") < html.find("<h2>fedavg</h2>"));
-    CHECK(html.find("<h2>local</h2>") != std::string::npos);
+    // It opens with the methods that have a router and their per-layer summary, before any token.
+    const auto summary = html.find("<h2>Per layer</h2>"), tokens = html.find("<h2>Token by token</h2>");
+    REQUIRE(summary != std::string::npos);
+    REQUIRE(tokens != std::string::npos);
+    CHECK(summary < tokens);
+    CHECK(html.find("title=\"expert ") > tokens);  // the coloured tokens come after the summary
+    CHECK(html.find("<h3 id=\"comigs-1g1s\">") < tokens);
+    CHECK(html.find("<h3 id=\"comigs-1g1s\">") < html.find("<h3 id=\"comigs-2g\">"));  // mixed roles first
+    CHECK(html.find("<h3 id=\"local\">") == std::string::npos);  // no router: named, not shown
     CHECK(out.methods.size() == expected.size());
 
     // Different ranks: HetLoRA and FlexLoRA run, FedAvg-style averaging pads to the largest rank.
@@ -214,6 +240,39 @@ TEST_CASE("comigs-demo: tiny run end to end") {
     CHECK(nlohmann::json::parse(slurp(fs::path(c.out) / "results.json"))["config"]["host"]["reused"].get<bool>());
     CHECK(again.methods[0].mean(&comigs::demo::UserResult::test_ppl) ==
           doctest::Approx(out.methods[4].mean(&comigs::demo::UserResult::test_ppl)).epsilon(1e-12));
+}
+
+TEST_CASE("comigs-demo pictures: axis ticks are round numbers covering the data") {
+    using comigs::demo::nice_ticks;
+    struct Case {
+        double lo, hi;
+        int target;
+        double step;
+    };
+    for (const Case& c : {Case{2.37, 4.18, 6, 0.5}, Case{0, 200, 6, 50}, Case{1.9, 2.45, 3, 0.2},
+                          Case{3.0, 17.5, 6, 2}, Case{0, 12, 3, 5}, Case{1e-4, 7e-4, 5, 1e-4}}) {
+        CAPTURE(c.lo);
+        CAPTURE(c.hi);
+        const auto t = nice_ticks(c.lo, c.hi, c.target);
+        CHECK(t.step == doctest::Approx(c.step));
+        CHECK(t.first <= c.lo);
+        CHECK(t.last >= c.hi);
+        for (double v : t.values()) {
+            const double k = v / t.step;
+            CHECK(k == doctest::Approx(std::round(k)).epsilon(1e-9));  // whole multiples of the step
+            CHECK(t.label(v).find("e") == std::string::npos);
+        }
+        CHECK(t.values().size() >= 2);
+    }
+    CHECK(nice_ticks(2.37, 4.18, 6).label(2.5) == "2.5");
+    CHECK(nice_ticks(2.53, 4.18, 6).step == doctest::Approx(0.2));
+    CHECK(nice_ticks(0, 200, 6).label(150) == "150");
+    // Not widened: the axis is the data's range, the ticks inside it.
+    const auto x = nice_ticks(0, 12, 3, false);
+    CHECK(x.last == 12);
+    CHECK(x.values() == std::vector<double>{0, 5, 10});
+    // A flat curve still gets an axis.
+    CHECK(nice_ticks(3.0, 3.0, 4).values().size() >= 2);
 }
 
 TEST_CASE("comigs-demo command line: --quick is a base configuration the other flags still change") {

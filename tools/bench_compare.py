@@ -4,7 +4,11 @@
 Runs, with the same thread count:
   1. the naive PyTorch reference (tools/reference_mixture.py: every selected expert recomputes the whole
      frozen MLP, autograd backward) at GPT-2 MLP shapes, T = 1024, d = 768, hidden 3072, E = 4, top-2,
-     rank 8, fp32; and PyTorch's plain dense MLP for context;
+     rank 8, fp32; and PyTorch's plain dense MLP for context. PyTorch runs as a user who tunes it would
+     run it: in a process of its own with OpenBLAS's OpenMP build as its BLAS (LD_LIBRARY_PATH, package
+     libopenblas0-openmp), tcmalloc as its allocator (LD_PRELOAD, package libtcmalloc-minimal4) and the
+     default OpenMP wait policy; that process checks in its own memory map that it really loaded both,
+     and the script stops if not (with netlib's reference BLAS torch is about 50x slower);
   2. comigs-bench (Google Benchmark) for the matching cases, with --benchmark_repetitions in random
      interleaved order, including mixture_fwd_bwd on one thread (the scaling figure) and a probe of the
      host's vector FMA throughput on one and on all threads (how much a shared machine lets two threads
@@ -51,6 +55,65 @@ def median_time(fn, reps, warmup=1):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+TORCH_BLAS_DIR = "/usr/lib/x86_64-linux-gnu/openblas-openmp"
+TORCH_MALLOC = "libtcmalloc_minimal.so.4"
+
+
+def loaded_libraries():
+    """Paths of the shared libraries mapped into this process."""
+    with open("/proc/self/maps") as f:
+        return sorted({line.split()[-1] for line in f if ".so" in line.split()[-1]})
+
+
+def torch_setup(blas_dir, malloc):
+    """What this process runs torch on: its BLAS and allocator as mapped in memory (after a product)."""
+    import torch
+    a = torch.randn(256, 256)
+    (a @ a).sum().item()  # make sure the BLAS is loaded and used
+    libs = loaded_libraries()
+    blas = [p for p in libs if "blas" in os.path.basename(p)]
+    mallocs = [p for p in libs if "tcmalloc" in p or "jemalloc" in p]
+    problems = []
+    if blas_dir and not any(os.path.realpath(p).startswith(os.path.realpath(blas_dir) + "/") for p in blas):
+        problems.append(f"torch's BLAS is {blas or 'not loaded'}, not from {blas_dir} (apt-get install libopenblas0-openmp)")
+    if malloc and not any(os.path.basename(malloc).split(".so")[0] in os.path.basename(p) for p in mallocs):
+        problems.append(f"{malloc} is not loaded (apt-get install libtcmalloc-minimal4)")
+    return {"torch": torch.__version__, "blas": blas, "malloc": mallocs, "problems": problems,
+            "threads": torch.get_num_threads(), "wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+
+
+def torch_env(threads, blas_dir, malloc, wait_policy):
+    """The environment of the PyTorch process: the BLAS directory first on the loader's path, the
+    allocator preloaded, every thread pool at `threads`."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    if blas_dir:
+        env["LD_LIBRARY_PATH"] = blas_dir + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    if malloc:
+        env["LD_PRELOAD"] = malloc + (" " + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
+    set_wait_policy(env, wait_policy)
+    return env
+
+
+def set_wait_policy(env, wait_policy):
+    if wait_policy == "default":
+        env.pop("OMP_WAIT_POLICY", None)
+    elif wait_policy != "env":
+        env["OMP_WAIT_POLICY"] = wait_policy.upper()
+
+
+def torch_reference_process(args):
+    """torch_reference in a process of its own with the tuned environment; returns its figures and setup."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", "--threads", str(args.threads),
+           "--reps", str(args.reps), "--torch-blas", args.torch_blas, "--torch-malloc", args.torch_malloc]
+    env = torch_env(args.threads, args.torch_blas, args.torch_malloc, args.wait_policy)
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    if res["setup"]["problems"]:
+        sys.exit("PyTorch is not on the tuned setup, so ratios against it would mean nothing:\n  " +
+                 "\n  ".join(res["setup"]["problems"]))
+    return res
 
 
 def torch_reference(threads, reps):
@@ -100,8 +163,9 @@ def torch_reference(threads, reps):
     }
 
 
-def run_bench(bench, threads, reps, bench_filter, min_time):
+def run_bench(bench, threads, reps, bench_filter, min_time, wait_policy):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    set_wait_policy(env, wait_policy)
     # Repetitions of the cases run in random interleaved order: a ratio of two cases (the non-GEMM share
     # divides base_gemms by mixture_fwd_bwd) then compares medians taken over the same stretch of time,
     # not over two stretches half a minute apart on a machine whose speed drifts by 10-25%.
@@ -130,28 +194,25 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="reference/comigs rounds (median of the ratios)")
     ap.add_argument("--min-time", default="0.5")
     ap.add_argument("--skip-scaling", action="store_true", help="do not run the one-thread pass")
-    ap.add_argument("--wait-policy", default="passive", choices=["passive", "active", "env"],
-                    help="OMP_WAIT_POLICY for both PyTorch and comigs (default passive: on a shared machine "
-                         "spinning OpenMP threads cost both sides more than they save; 'env' keeps yours)")
+    ap.add_argument("--wait-policy", default="default", choices=["default", "passive", "active", "env"],
+                    help="OMP_WAIT_POLICY for both PyTorch and comigs (default: unset, the OpenMP runtime's "
+                         "own policy; 'env' keeps yours)")
+    ap.add_argument("--torch-blas", default=TORCH_BLAS_DIR,
+                    help="directory put first on PyTorch's LD_LIBRARY_PATH for its libblas.so.3 ('' for none)")
+    ap.add_argument("--torch-malloc", default=TORCH_MALLOC, help="allocator LD_PRELOADed into PyTorch ('' for none)")
+    ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.wait_policy != "env":
-        os.environ["OMP_WAIT_POLICY"] = args.wait_policy.upper()  # before torch loads its OpenMP runtime
-    # Debian's torch calls the system BLAS (libblas.so.3 alternative): with libopenblas0-pthread that is
-    # OpenBLAS, whose own threads follow this variable; with netlib's libblas3 the reference is ~50x slower.
-    os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
+    if args.torch_worker:  # the PyTorch process: its figures and setup as one JSON line
+        res = torch_reference(args.threads, args.reps)
+        res["setup"] = torch_setup(args.torch_blas, args.torch_malloc)
+        print(json.dumps(res))
+        return
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; threads: {args.threads}; "
           f"date: {datetime.date.today().isoformat()}; repetitions: {args.reps} (medians), rounds: {args.rounds}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} for both sides")
+    print(f"OMP_WAIT_POLICY: {args.wait_policy} for both sides")
     print(f"load average at start: {load:.2f} (other work on the machine skews every figure)")
-
-    import torch
-    blas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
-    print(f"PyTorch {torch.__version__}; system BLAS used by torch: {blas}")
-    if "openblas" not in blas and "mkl" not in blas:
-        print("WARNING: torch is on netlib's reference BLAS (about 50x slower than OpenBLAS): the reference "
-              "times and every ratio against them mean nothing. Install libopenblas0-pthread first.")
     wanted = ("mixture_fwd_bwd/fp32/gpt2|mixture_fwd/fp32/gpt2|dense_mlp_fwd_bwd/fp32/gpt2|"
               "naive_mixture_fwd_bwd/fp32/gpt2|mixture_fwd_bwd/bf16/gpt2|mixture_fwd/fp32/decode|"
               "dense_mlp_fwd/fp32/decode|base_gemms/fp32/gpt2|base_gemms/bf16/gpt2|gemm_.*/gpt2|memory/|host_fma/|"
@@ -163,11 +224,16 @@ def main():
     # load between rounds shifts both; the reported figure is the median over rounds of each ratio.
     rounds = []
     for rnd in range(args.rounds):
-        ref = torch_reference(args.threads, args.reps)
+        ref = torch_reference_process(args)
+        if rnd == 0:
+            st = ref["setup"]
+            print(f"PyTorch {st['torch']} in its own process: {st['threads']} threads, BLAS "
+                  f"{', '.join(st['blas'])}, allocator {', '.join(st['malloc']) or 'glibc malloc'}, OMP_WAIT_POLICY "
+                  f"{st['wait_policy']} (checked in its memory map)")
         print(f"round {rnd + 1}: load {os.getloadavg()[0]:.2f}; reference ({args.threads} threads): fwd+bwd "
               f"{ref['ref_fwd_bwd'] * 1e3:.1f} ms ({T / ref['ref_fwd_bwd']:.0f} tokens/s), fwd "
               f"{ref['ref_fwd'] * 1e3:.1f} ms; PyTorch dense MLP fwd+bwd {ref['dense_fwd_bwd'] * 1e3:.1f} ms")
-        res, ctx = run_bench(args.bench, args.threads, args.reps, wanted, args.min_time)
+        res, ctx = run_bench(args.bench, args.threads, args.reps, wanted, args.min_time, args.wait_policy)
         for name in sorted(res):
             r = res[name]
             extra = f"  {r['GFLOP/s']:7.1f} GFLOP/s" if "GFLOP/s" in r else ""

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs comigs-demo over 3 seeds for the README's claims and summarises them (tools/summarize_claims.py).
+# Runs comigs-demo over 3 seeds for the paper's claims and writes docs/claims.md from them
+# (tools/summarize_claims.py).
 #   tools/run_claims.sh BUILD_DIR OUT_DIR [JOBS]
 # Every run is one comigs-demo command (all listed in OUT_DIR/commands.txt); a run whose results.json
 # exists is skipped, so the script resumes. Hosts are pretrained once per seed and cached in
@@ -17,10 +18,15 @@ add() {  # name, seed, flags...
   local name=$1 seed=$2; shift 2
   local cmd="$demo --quiet --seed $seed --host-cache $out/host-s$seed.safetensors --out $out/$name-s$seed $*"
   echo "$cmd" >> "$out/commands.txt"
-  [ -d "$out/$name-s$seed" ] || cmds+=("$cmd")  # started or done: skip
+  [ -f "$out/$name-s$seed/results.json" ] || cmds+=("$cmd")  # done: skip (an interrupted run is redone)
 }
 run() { [ ${#cmds[@]} -eq 0 ] || printf '%s\n' "${cmds[@]}" | xargs -P "$jobs" -I{} sh -c '{} > /dev/null'; cmds=(); }
 : > "$out/commands.txt"
+# Date, machine and commit recorded when the runs start (the worktree may move on while they run).
+here=$(cd "$(dirname "$0")" && pwd)
+[ -f "$out/meta.json" ] || printf '{"date": "%s", "machine": "%s, %s CPUs", "commit": "%s"}\n' "$(date +%F)" \
+  "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" "$(nproc)" \
+  "$(git -C "$here" describe --always --dirty 2>/dev/null || echo unknown)" > "$out/meta.json"
 # Hosts first (one per seed, a one-step run), so that the runs after only reuse them.
 for s in $seeds; do
   [ -f "$out/host-s$s.safetensors" ] || \
@@ -45,4 +51,6 @@ for s in $seeds; do add att-h0.9 "$s" --heterogeneity 0.9 --methods local,fedavg
 for s in $seeds; do add target-h0 "$s" --heterogeneity 0 --methods comigs-1g1s --generalist-target 0.8; done
 for s in $seeds; do add target-h0.9 "$s" --heterogeneity 0.9 --methods comigs-1g1s --generalist-target 0.8; done
 run
-python3 "$(dirname "$0")/summarize_claims.py" "$out" | tee "$out/summary.md"
+python3 "$here/summarize_claims.py" "$out" > "$out/claims.md"
+cp "$out/claims.md" "$here/../docs/claims.md"
+echo "wrote $out/claims.md and docs/claims.md"

@@ -1,6 +1,7 @@
 #pragma once
 // What the demo shows people: the summary table, results.json, curves.svg (test perplexity over steps,
-// one line per method) and routing.html (each test token coloured by the expert the router chose, per
+// one line per method, the mean over users and one small plot per user) and routing.html (per layer,
+// where each user's tokens went; then each test token coloured by the expert the router chose, per
 // layer: the paper's figure). Every file is written atomically.
 #include <comigs/detail/utf8.hpp>
 #include <comigs/io/atomic_file.hpp>
@@ -74,6 +75,7 @@ void fields(Self& u, F&& f) {
 struct CurvePoint {
     long step = 0;        ///< local steps per user so far
     double mean_ppl = 0;  ///< mean over users of the test perplexity (personalised protocol, cheap subset)
+    std::vector<double> user_ppl;  ///< the same per user
 };
 
 struct MethodResult {
@@ -82,6 +84,7 @@ struct MethodResult {
     long upload_floats_per_round = 0;
     std::vector<CurvePoint> curve;
     double seconds = 0;
+    bool routed = false;  ///< some user's mixtures have a learned router (not mean routing, not one expert)
 
     double mean(double UserResult::*field) const {
         double s = 0;
@@ -105,6 +108,7 @@ template <class Self, class F>
 void fields(Self& p, F&& f) {
     f("step", p.step);
     f("mean_ppl", p.mean_ppl);
+    f("user_ppl", p.user_ppl);
 }
 
 /// Every field of a MethodResult (results.json adds the means over users).
@@ -116,6 +120,7 @@ void fields(Self& m, F&& f) {
     f("upload_floats_per_round", m.upload_floats_per_round);
     f("curve", m.curve);
     f("seconds", m.seconds);
+    f("routed", m.routed);
 }
 
 /// One user's test text with the expert each token went to, per mixture layer.
@@ -133,6 +138,7 @@ template <class Self, class F>
 void fields(Self& s, F&& f) {
     f("user", s.user);
     f("text", s.text);
+    f("token_text", s.token_text);
     f("expert", s.expert);
     f("personal", s.personal);
     f("expert_is_generalist", s.expert_is_generalist);
@@ -203,55 +209,150 @@ inline const char* method_colour(std::size_t i) {
     return palette[i % 10];
 }
 
-/// curves.svg: mean test perplexity over local steps, one polyline per method, log-free linear axes.
-inline std::string curves_svg(const std::vector<MethodResult>& methods, std::optional<double> floor_ppl) {
-    const double W = 760, H = 420, L = 70, R = 170, T = 30, B = 50;
-    double xmax = 1, ymin = 1e300, ymax = -1e300;
+/// Round tick values for an axis over [lo, hi]: about `target` steps of 1, 2 or 5 times a power of
+/// ten. The axis runs from `first` to `last`: widened to whole steps, or (`widen` false) the data's
+/// own range with the ticks inside it.
+struct AxisTicks {
+    double first = 0, last = 1, step = 1;
+    int decimals = 0;
+
+    std::vector<double> values() const {
+        std::vector<double> v;
+        for (double t = std::ceil(first / step - 1e-9) * step; t <= last + 1e-9 * step; t += step) v.push_back(t);
+        return v;
+    }
+    std::string label(double v) const {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "%.*f", decimals, std::abs(v) < 1e-9 * step ? 0.0 : v);
+        return buf;
+    }
+};
+
+inline AxisTicks nice_ticks(double lo, double hi, int target, bool widen = true) {
+    if (!(hi > lo)) hi = lo + (lo != 0 ? std::abs(lo) * 0.1 : 1.0);
+    const double raw = (hi - lo) / std::max(target, 1);
+    const double mag = std::pow(10.0, std::floor(std::log10(raw)));
+    const double norm = raw / mag;
+    AxisTicks t;
+    t.step = (norm < 1.5 ? 1.0 : norm < 3.0 ? 2.0 : norm < 7.0 ? 5.0 : 10.0) * mag;
+    t.first = widen ? std::floor(lo / t.step + 1e-9) * t.step : lo;
+    t.last = widen ? std::ceil(hi / t.step - 1e-9) * t.step : hi;
+    t.decimals = std::max(0, -static_cast<int>(std::floor(std::log10(t.step) + 1e-9)));
+    return t;
+}
+
+/// One line of a plot: a method's points (step, perplexity).
+struct PlotSeries {
+    const char* colour = "black";
+    std::vector<std::pair<double, double>> points;
+};
+
+/// A plot with round ticks and grid lines in the box (x, y, w, h) of an SVG: `series` as polylines, a
+/// dashed line at `floor` when known.
+inline void svg_plot(std::ostringstream& o, double x, double y, double w, double h, const std::string& title,
+                     const std::vector<PlotSeries>& series, std::optional<double> floor, double xmax, bool main) {
+    const double L = main ? 52 : 40, R = 8, T = main ? 26 : 20, B = main ? 40 : 22;
+    double ymin = 1e300, ymax = -1e300;
+    for (const auto& s : series)
+        for (const auto& [sx, sy] : s.points) {
+            ymin = std::min(ymin, sy);
+            ymax = std::max(ymax, sy);
+        }
+    if (floor) {
+        ymin = std::min(ymin, *floor);
+        ymax = std::max(ymax, *floor);
+    }
+    if (ymin > ymax) ymin = 0, ymax = 1;
+    const AxisTicks xt = nice_ticks(0, xmax, main ? 6 : 3, false), yt = nice_ticks(ymin, ymax, main ? 6 : 3);
+    const double px0 = x + L, px1 = x + w - R, py0 = y + T, py1 = y + h - B;
+    auto X = [&](double v) { return px0 + (px1 - px0) * (v - xt.first) / (xt.last - xt.first); };
+    auto Y = [&](double v) { return py1 - (py1 - py0) * (v - yt.first) / (yt.last - yt.first); };
+    const int fs = main ? 12 : 10;
+    o << "<g font-size=\"" << fs << "\">\n";
+    o << "<text x=\"" << (px0 + px1) / 2 << "\" y=\"" << y + T - 8 << "\" text-anchor=\"middle\" font-size=\""
+      << fs + 2 << "\" font-weight=\"bold\">" << title << "</text>\n";
+    for (double v : yt.values()) {
+        o << "<line x1=\"" << px0 << "\" y1=\"" << Y(v) << "\" x2=\"" << px1 << "\" y2=\"" << Y(v)
+          << "\" stroke=\"#e4e4e4\"/>";
+        o << "<text x=\"" << px0 - 5 << "\" y=\"" << Y(v) + fs / 3.0 << "\" text-anchor=\"end\">" << yt.label(v)
+          << "</text>\n";
+    }
+    for (double v : xt.values()) {
+        o << "<line x1=\"" << X(v) << "\" y1=\"" << py1 << "\" x2=\"" << X(v) << "\" y2=\"" << py1 + 4
+          << "\" stroke=\"black\"/>";
+        o << "<text x=\"" << X(v) << "\" y=\"" << py1 + 4 + fs << "\" text-anchor=\"middle\">" << xt.label(v)
+          << "</text>\n";
+    }
+    o << "<polyline fill=\"none\" stroke=\"black\" points=\"" << px0 << ',' << py0 << ' ' << px0 << ',' << py1 << ' '
+      << px1 << ',' << py1 << "\"/>\n";
+    if (main) {
+        o << "<text x=\"" << (px0 + px1) / 2 << "\" y=\"" << y + h - 6 << "\" text-anchor=\"middle\">local steps per user</text>\n";
+        o << "<text transform=\"translate(" << x + 12 << ' ' << (py0 + py1) / 2
+          << ") rotate(-90)\" text-anchor=\"middle\">test perplexity</text>\n";
+    }
+    if (floor)
+        o << "<line x1=\"" << px0 << "\" y1=\"" << Y(*floor) << "\" x2=\"" << px1 << "\" y2=\"" << Y(*floor)
+          << "\" stroke=\"#555\" stroke-dasharray=\"4 3\"/><text x=\"" << px1 - 2 << "\" y=\"" << Y(*floor) - 3
+          << "\" text-anchor=\"end\" fill=\"#555\">floor</text>\n";
+    for (const auto& s : series) {
+        if (s.points.empty()) continue;
+        o << "<polyline fill=\"none\" stroke-width=\"" << (main ? 2 : 1.5) << "\" stroke=\"" << s.colour
+          << "\" points=\"";
+        for (const auto& [sx, sy] : s.points) o << X(sx) << ',' << Y(sy) << ' ';
+        o << "\"/>\n";
+    }
+    o << "</g>\n";
+}
+
+/// curves.svg: test perplexity over local steps, one line per method: the mean over users large on the
+/// left with the legend under it, and a small plot per user beside it (each on its own scale, with
+/// that user's floor when known). `user_floor[u]` may be empty.
+inline std::string curves_svg(const std::vector<MethodResult>& methods, std::optional<double> floor_ppl,
+                              const std::vector<std::optional<double>>& user_floor = {}) {
+    std::size_t users = 0;
+    double xmax = 1;
     for (const auto& m : methods)
         for (const auto& p : m.curve) {
+            users = std::max(users, p.user_ppl.size());
             xmax = std::max(xmax, static_cast<double>(p.step));
-            ymin = std::min(ymin, p.mean_ppl);
-            ymax = std::max(ymax, p.mean_ppl);
         }
-    if (floor_ppl) ymin = std::min(ymin, *floor_ppl);
-    if (!(ymax > ymin)) {
-        ymin = 0;
-        ymax = 1;
-    }
-    const double pad = 0.05 * (ymax - ymin);
-    ymin -= pad;
-    ymax += pad;
-    auto X = [&](double s) { return L + (W - L - R) * s / xmax; };
-    auto Y = [&](double v) { return T + (H - T - B) * (ymax - v) / (ymax - ymin); };
+    const std::size_t cols = users <= 4 ? 2 : 3, rows = (users + cols - 1) / cols;
+    const double main_w = 540, main_h = 380, top = 36, small_w = 250, small_h = 190;
+    const double legend_h = 18.0 * static_cast<double>((methods.size() + 1) / 2) + 10;
+    const double W = main_w + 20 + (users ? static_cast<double>(cols) * small_w : 0) + 10;
+    const double H = std::max(top + main_h + legend_h + 10, top + static_cast<double>(rows) * small_h + 10);
     std::ostringstream o;
     o.precision(5);
     o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H << "\" viewBox=\"0 0 " << W
       << ' ' << H << "\" font-family=\"sans-serif\" font-size=\"12\">\n";
     o << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
-    o << "<text x=\"" << W / 2 - 60 << "\" y=\"18\" font-size=\"14\">Test perplexity (mean over users)</text>\n";
-    o << "<line x1=\"" << L << "\" y1=\"" << H - B << "\" x2=\"" << W - R << "\" y2=\"" << H - B << "\" stroke=\"black\"/>\n";
-    o << "<line x1=\"" << L << "\" y1=\"" << T << "\" x2=\"" << L << "\" y2=\"" << H - B << "\" stroke=\"black\"/>\n";
-    for (int i = 0; i <= 4; ++i) {
-        const double v = ymin + (ymax - ymin) * i / 4.0, s = xmax * i / 4.0;
-        o << "<text x=\"" << L - 8 << "\" y=\"" << Y(v) + 4 << "\" text-anchor=\"end\">" << v << "</text>\n";
-        o << "<line x1=\"" << L << "\" y1=\"" << Y(v) << "\" x2=\"" << W - R << "\" y2=\"" << Y(v)
-          << "\" stroke=\"#ddd\"/>\n";
-        o << "<text x=\"" << X(s) << "\" y=\"" << H - B + 18 << "\" text-anchor=\"middle\">" << std::lround(s)
-          << "</text>\n";
-    }
-    o << "<text x=\"" << (L + W - R) / 2 << "\" y=\"" << H - 10 << "\" text-anchor=\"middle\">local steps per user</text>\n";
-    if (floor_ppl)
-        o << "<line x1=\"" << L << "\" y1=\"" << Y(*floor_ppl) << "\" x2=\"" << W - R << "\" y2=\"" << Y(*floor_ppl)
-          << "\" stroke=\"black\" stroke-dasharray=\"4 4\"/><text x=\"" << W - R + 6 << "\" y=\"" << Y(*floor_ppl) + 4
-          << "\">floor</text>\n";
+    o << "<text x=\"10\" y=\"22\" font-size=\"16\">Test perplexity during training (each user's model after its "
+         "local steps, on part of its test data)</text>\n";
+    std::vector<PlotSeries> mean;
     for (std::size_t i = 0; i < methods.size(); ++i) {
-        const auto& m = methods[i];
-        if (m.curve.empty()) continue;
-        o << "<polyline fill=\"none\" stroke-width=\"2\" stroke=\"" << method_colour(i) << "\" points=\"";
-        for (const auto& p : m.curve) o << X(static_cast<double>(p.step)) << ',' << Y(p.mean_ppl) << ' ';
-        o << "\"/>\n";
-        o << "<text x=\"" << W - R + 6 << "\" y=\"" << T + 16 * (i + 1) << "\" fill=\"" << method_colour(i) << "\">"
-          << m.name << "</text>\n";
+        PlotSeries s{method_colour(i), {}};
+        for (const auto& p : methods[i].curve) s.points.emplace_back(static_cast<double>(p.step), p.mean_ppl);
+        mean.push_back(std::move(s));
+    }
+    svg_plot(o, 0, top, main_w, main_h, "mean over users", mean, floor_ppl, xmax, true);
+    for (std::size_t i = 0; i < methods.size(); ++i) {
+        const double lx = 52 + static_cast<double>(i % 2) * 240, ly = top + main_h + 14 + 18.0 * static_cast<double>(i / 2);
+        o << "<line x1=\"" << lx << "\" y1=\"" << ly - 4 << "\" x2=\"" << lx + 22 << "\" y2=\"" << ly - 4
+          << "\" stroke-width=\"3\" stroke=\"" << method_colour(i) << "\"/><text x=\"" << lx + 28 << "\" y=\"" << ly
+          << "\">" << methods[i].name << "</text>\n";
+    }
+    for (std::size_t u = 0; u < users; ++u) {
+        std::vector<PlotSeries> per;
+        for (std::size_t i = 0; i < methods.size(); ++i) {
+            PlotSeries s{method_colour(i), {}};
+            for (const auto& p : methods[i].curve)
+                if (u < p.user_ppl.size()) s.points.emplace_back(static_cast<double>(p.step), p.user_ppl[u]);
+            per.push_back(std::move(s));
+        }
+        const double x = main_w + 20 + static_cast<double>(u % cols) * small_w;
+        const double y = top + static_cast<double>(u / cols) * small_h;
+        svg_plot(o, x, y, small_w, small_h, "user " + std::to_string(u), per,
+                 u < user_floor.size() ? user_floor[u] : std::nullopt, xmax, false);
     }
     o << "</svg>\n";
     return o.str();
@@ -293,26 +394,138 @@ inline std::string html_escape_token(const std::string& text) {
     return out;
 }
 
-/// routing.html: per method and user, the sample text once per layer with every token coloured by
-/// the expert chosen (blue family: generalists, orange family: specialists); underlined tokens come
-/// from the user's personal source when ground truth is known.
-inline std::string routing_html(const std::vector<std::pair<std::string, std::vector<RoutingSample>>>& by_method) {
-    static const char* gen[] = {"#9ecae1", "#4292c6", "#c6dbef"};
-    static const char* spec[] = {"#fdae6b", "#e6550d", "#fdd0a2", "#a63603"};
+/// A share as a small horizontal bar and its percentage (an empty cell when unknown).
+inline std::string share_cell(std::optional<double> v, const char* colour) {
+    if (!v) return "<td class=\"na\">-</td>";
+    const double pct = 100.0 * std::clamp(*v, 0.0, 1.0);
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "<td><span class=\"bar\"><span style=\"width:%.1f%%;background:%s\"></span></span> %.0f%%</td>",
+                  pct, colour, pct);
+    return buf;
+}
+
+/// routing.html: first, for every method with a learned router, a table per user and mixture layer of
+/// where the deployed model sends the user's test tokens (gate weight on generalists; with the embedded
+/// corpus, personal-source tokens whose top expert is a specialist and shared-source tokens whose top
+/// expert is a generalist); then a sample of each user's test text with every token coloured by the
+/// expert ranked first (blue family: generalists, orange family: specialists; underlined: personal
+/// source). Methods without a router (mean of the experts) are only named.
+inline std::string routing_html(const std::vector<MethodResult>& methods,
+                                const std::vector<std::pair<std::string, std::vector<RoutingSample>>>& by_method) {
+    static const char* gen[] = {"#4292c6", "#9ecae1", "#c6dbef"};
+    static const char* spec[] = {"#e6550d", "#fdae6b", "#a63603", "#fdd0a2"};
+    const char* gen_bar = "#4292c6";
+    const char* spec_bar = "#e6550d";
+    // Methods whose routers weigh generalists against specialists first: there the shares say the most.
+    auto kinds = [&](const std::string& name) {
+        bool g = false, s = false;
+        for (const auto& [method, samples] : by_method)
+            if (method == name)
+                for (const auto& smp : samples)
+                    for (bool is_g : smp.expert_is_generalist) (is_g ? g : s) = true;
+        return std::pair{g, s};
+    };
+    std::vector<const MethodResult*> routed, unrouted;
+    for (const auto& m : methods) (m.routed ? routed : unrouted).push_back(&m);
+    std::stable_partition(routed.begin(), routed.end(), [&](const MethodResult* m) {
+        const auto [g, s] = kinds(m->name);
+        return g && s;
+    });
     std::ostringstream o;
     o << "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>comigs routing</title><style>"
-         "body{font-family:sans-serif;max-width:70em;margin:2em auto}"
+         "body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
+         "table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{padding:3px 10px;text-align:left;"
+         "font-size:90%}th{background:#f2f2f2;font-weight:normal}tr.mean td{border-top:1px solid #999}"
+         "td.na{color:#999}.bar{display:inline-block;width:5em;height:.8em;background:#eee;vertical-align:middle}"
+         ".bar span{display:block;height:100%}"
          ".t{font-family:monospace;line-height:1.6;word-break:break-all}.t span{padding:1px 0}"
          ".p{text-decoration:underline}.k{display:inline-block;width:1em;height:1em;vertical-align:middle}"
-         "</style></head><body>\n<h1>Which expert each token goes to</h1>\n"
-         "<p>Every token of a test sample is coloured by the expert its router ranked first, per mixture layer: "
-         "<span class=\"k\" style=\"background:#4292c6\"></span> generalist, "
-         "<span class=\"k\" style=\"background:#e6550d\"></span> specialist. Underlined tokens were generated by "
-         "the user's personal source (embedded corpus only).</p>\n";
-    for (const auto& [method, samples] : by_method) {
-        o << "<h2>" << method << "</h2>\n";
-        for (const auto& s : samples) {
-            o << "<h3>user " << s.user << "</h3>\n";
+         "</style></head><body>\n<h1>Where the routers send each user's tokens</h1>\n";
+    o << "<p>The deployed model of every user (after the last aggregation and download), on the user's own "
+         "test data. Methods with a learned router: ";
+    for (std::size_t i = 0; i < routed.size(); ++i)
+        o << (i ? ", " : "") << "<a href=\"#" << routed[i]->name << "\">" << routed[i]->name << "</a>";
+    if (routed.empty()) o << "none in this run";
+    o << ".";
+    if (!unrouted.empty()) {
+        o << " Without a router (every token goes to every expert with equal weight): ";
+        for (std::size_t i = 0; i < unrouted.size(); ++i) o << (i ? ", " : "") << unrouted[i]->name;
+        o << ".";
+    }
+    o << "</p>\n";
+
+    bool any_labels = false;
+    for (const auto* m : routed)
+        for (const auto& u : m->users)
+            for (const auto& l : u.by_layer) any_labels |= l.personal_to_specialist.has_value() || l.shared_to_generalist.has_value();
+    o << "<h2>Per layer</h2>\n<p><b>to generalists</b>: the gate weight on generalist experts, mean over tokens";
+    if (any_labels)
+        o << "; <b>personal &#x2192; specialist</b>: tokens of the user's personal source whose top expert is a "
+             "specialist; <b>shared &#x2192; generalist</b>: tokens of the shared source whose top expert is a "
+             "generalist (the embedded corpus knows each token's source)";
+    o << ".</p>\n";
+    for (const auto* m : routed) {
+        std::size_t layers = 0;
+        for (const auto& u : m->users) layers = std::max(layers, u.by_layer.size());
+        const int per_layer = any_labels ? 3 : 1;
+        o << "<h3 id=\"" << m->name << "\">" << m->name << "</h3>\n";
+        if (const auto [g, s] = kinds(m->name); !(g && s)) {
+            o << "<p>Every expert is a " << (g ? "generalist" : "specialist") << ": all gate weight goes to "
+              << (g ? "generalists" : "specialists") << ", and the router only chooses among them (see the "
+              << "token colours below).</p>\n";
+            continue;
+        }
+        o << "<table><tr><th rowspan=\"2\">user</th>";
+        for (std::size_t l = 0; l < layers; ++l) o << "<th colspan=\"" << per_layer << "\">layer " << l << "</th>";
+        o << "</tr><tr>";
+        for (std::size_t l = 0; l < layers; ++l)
+            o << "<th>to generalists</th>"
+              << (any_labels ? "<th>personal &#x2192; specialist</th><th>shared &#x2192; generalist</th>" : "");
+        o << "</tr>\n";
+        std::vector<LayerRouting> sum(layers);
+        std::vector<int> n_personal(layers), n_shared(layers);
+        for (const auto& u : m->users) {
+            o << "<tr><td>" << u.user << "</td>";
+            for (std::size_t l = 0; l < layers; ++l) {
+                const LayerRouting lr = l < u.by_layer.size() ? u.by_layer[l] : LayerRouting{};
+                o << share_cell(lr.generalist_share, gen_bar);
+                if (any_labels)
+                    o << share_cell(lr.personal_to_specialist, spec_bar) << share_cell(lr.shared_to_generalist, gen_bar);
+                sum[l].generalist_share += lr.generalist_share / static_cast<double>(m->users.size());
+                if (lr.personal_to_specialist) {
+                    sum[l].personal_to_specialist = sum[l].personal_to_specialist.value_or(0) + *lr.personal_to_specialist;
+                    ++n_personal[l];
+                }
+                if (lr.shared_to_generalist) {
+                    sum[l].shared_to_generalist = sum[l].shared_to_generalist.value_or(0) + *lr.shared_to_generalist;
+                    ++n_shared[l];
+                }
+            }
+            o << "</tr>\n";
+        }
+        o << "<tr class=\"mean\"><td>mean</td>";
+        for (std::size_t l = 0; l < layers; ++l) {
+            if (n_personal[l]) *sum[l].personal_to_specialist /= n_personal[l];
+            if (n_shared[l]) *sum[l].shared_to_generalist /= n_shared[l];
+            o << share_cell(sum[l].generalist_share, gen_bar);
+            if (any_labels)
+                o << share_cell(sum[l].personal_to_specialist, spec_bar) << share_cell(sum[l].shared_to_generalist, gen_bar);
+        }
+        o << "</tr>\n</table>\n";
+    }
+
+    o << "<h2>Token by token</h2>\n<p>Every token of a test sample coloured by the expert its router ranked "
+         "first, per mixture layer: <span class=\"k\" style=\"background:#4292c6\"></span> generalist, "
+         "<span class=\"k\" style=\"background:#e6550d\"></span> specialist (lighter and darker shades tell "
+         "experts of the same kind apart; hover for the expert's number). Underlined tokens come from the "
+         "user's personal source (embedded corpus only).</p>\n";
+    for (const auto* m : routed) {
+        const auto it = std::find_if(by_method.begin(), by_method.end(), [&](const auto& p) { return p.first == m->name; });
+        if (it == by_method.end()) continue;
+        o << "<h3>" << m->name << "</h3>\n";
+        for (const auto& s : it->second) {
+            o << "<h4>user " << s.user << "</h4>\n";
             for (std::size_t layer = 0; layer < s.expert.size(); ++layer) {
                 o << "<p><b>layer " << layer << "</b></p><div class=\"t\">";
                 int ng = 0, ns = 0;

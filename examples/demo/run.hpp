@@ -551,6 +551,7 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         mc.n_experts = Index(roles.back().size());
         mc.roles = roles.back();
         mc.top_k = std::min(c.top_k, mc.n_experts);
+        result.routed = result.routed || mc.router().has_weight();
         // The generalists' target share applies where a router weighs generalists against specialists.
         const auto gens = std::count(mc.roles.begin(), mc.roles.end(), Role::generalist);
         if (mc.expert0_importance >= 0 && (!mc.router().has_weight() || gens == 0 || gens == mc.n_experts))
@@ -633,8 +634,9 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
             if (ctx.place.holds(u))
                 mine.emplace_back(u, evaluate_windows(*models[std::size_t(u)], ctx.curve[std::size_t(u)], false).ppl);
         double mean = 0;
-        for (double p : ctx.place.by_user(mine, U)) mean += p;  // in user order, wherever they ran
-        result.curve.push_back({long((rep.round + 1) * c.local_steps), mean / U});
+        const std::vector<double> user_ppl = ctx.place.by_user(mine, U);
+        for (double p : user_ppl) mean += p;  // in user order, wherever they ran
+        result.curve.push_back({long((rep.round + 1) * c.local_steps), mean / U, user_ppl});
         progress.update(name, double(rep.round + 1) / double(c.rounds), loss_sum, tok_sum / std::max(sec_sum, 1e-9));
     };
     hooks.deployed = [&](UserId user, std::size_t) {
@@ -1036,13 +1038,10 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
     out.results["seconds"] = out.seconds;
     if (place.leader()) {
         write_text(fs::path(c.out) / "results.json", out.results.dump(2) + "\n");
-        write_text(fs::path(c.out) / "curves.svg", curves_svg(out.methods, out.floor_mean_ppl));
-        // routing.html opens with the methods that have a router (their pictures are the point of it).
-        std::stable_partition(routing.begin(), routing.end(), [&](const auto& r) {
-            const Strategy s = strategy_of(r.first, c);
-            return s.routing == Routing::top_k && s.n_experts() > 1;
-        });
-        write_text(fs::path(c.out) / "routing.html", routing_html(routing));
+        std::vector<std::optional<double>> floors;
+        for (const auto& u : ctx.users) floors.push_back(u.floor_ppl);
+        write_text(fs::path(c.out) / "curves.svg", curves_svg(out.methods, out.floor_mean_ppl, floors));
+        write_text(fs::path(c.out) / "routing.html", routing_html(out.methods, routing));
     }
     return out;
 }

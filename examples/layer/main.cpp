@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <exception>
 
 // Largest |got - want| over the tensor, relative to the largest |want| (or 1 if that is tiny).
 static double relative_error(const std::vector<double>& got, const std::vector<double>& want) {
@@ -23,7 +24,7 @@ int main(int argc, char** argv) {
     CLI::App app{"Run a comigs mixture layer on tensors from a safetensors file"};
     std::string input, output;
     app.add_option("input", input, "layer file: metadata form/experts/top_k/rank/alpha/scaling/"
-                                   "expert0_importance/routing, tensors x, dy, base weights, LoRA, router")
+                                   "expert0_importance/routing, tensors x, dy, base weights, LoRA, router (unused without one)")
         ->required()
         ->check(CLI::ExistingFile);
     app.add_option("output", output, "where to write y, dx, lb_loss and <name>.grad")->required();
@@ -55,6 +56,9 @@ int main(int argc, char** argv) {
         }
     } catch (const comigs::Error& e) {
         std::fprintf(stderr, "comigs-layer: %s\n", e.what());
+        return 1;
+    } catch (const std::exception& e) {  // e.g. out of memory: still a message and an exit code
+        std::fprintf(stderr, "comigs-layer: %s: %s\n", input.c_str(), e.what());
         return 1;
     }
     return 0;
