@@ -83,25 +83,32 @@ class SwigluExpert(nn.Module):
 
 
 class MixtureMlp(nn.Module):
-    """The reference's MoE block: E experts (each a whole MLP copy with its LoRA), top-k router."""
+    """The reference's MoE block: E experts (each a whole MLP copy with its LoRA), top-k router.
+
+    Gates as comigs computes them (tools/reference_mixture.py): k >= 2 softmax over the top-k logits;
+    k = 1 the full softmax's top probability (Switch style); E = 1 no router, gate 1 (plain LoRA)."""
 
     def __init__(self, expert_cls, d, hidden, experts, top_k, rank, alpha):
         super().__init__()
         self.experts = nn.ModuleList([expert_cls(d, hidden, rank, alpha) for _ in range(experts)])
-        self.router = nn.Linear(d, experts, bias=False)
-        nn.init.normal_(self.router.weight, std=0.02)
-        self.top_k = top_k
+        self.router = nn.Linear(d, experts, bias=False) if experts > 1 else None
+        if self.router is not None:
+            nn.init.normal_(self.router.weight, std=0.02)
+        self.top_k = min(top_k, experts)
         self.lb_loss = torch.zeros(())
 
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        E = len(self.experts)
+        if self.router is None:
+            self.lb_loss = torch.zeros((), dtype=x.dtype)
+            return self.experts[0](x).reshape(shape)
         logits = self.router(x)
         probs = F.softmax(logits, dim=-1)
         top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1)
-        gates = F.softmax(top_logits, dim=-1)
+        gates = F.softmax(top_logits, dim=-1) if self.top_k > 1 else probs.gather(1, top_idx)
         out = torch.zeros_like(x)
-        E = len(self.experts)
         for e, expert in enumerate(self.experts):
             rows, slot = torch.nonzero(top_idx == e, as_tuple=True)
             if rows.numel() == 0:
@@ -229,6 +236,62 @@ class Model(nn.Module):
         return sum(b.mlp.lb_loss for b in self.blocks) / len(self.blocks)
 
 
+def check_against_layer_reference():
+    """The MLP mixture of this model against tools/reference_mixture.py (comigs' layer semantics) in
+    float64: forward, balancing loss, input and parameter gradients, for both MLP forms, k = 1 and 2 and
+    the plain-LoRA case E = 1. Returns the largest relative difference seen (raises past 1e-10)."""
+    import reference_mixture as ref
+
+    worst = 0.0
+    torch.manual_seed(3)
+    for form, E, k in (("gelu", 2, 2), ("swiglu", 3, 2), ("gelu", 3, 1), ("swiglu", 1, 1)):
+        d, h, r, T = 12, 20, 4, 9
+        expert_cls = GeluExpert if form == "gelu" else SwigluExpert
+        mix = MixtureMlp(expert_cls, d, h, E, k, r, alpha=16.0).double()
+        cfg = ref.MixtureConfig(form=form, experts=E, top_k=k, rank=r, alpha=16.0, scaling="sqrt",
+                                expert0_importance=1.0 / E, routing="topk")
+        shapes = ((("fc.weight", (h, d)), ("fc.bias", (h,)), ("proj.weight", (d, h)), ("proj.bias", (d,)))
+                  if form == "gelu" else (("gate.weight", (h, d)), ("up.weight", (h, d)), ("down.weight", (d, h))))
+        base = {n: torch.randn(*shape, dtype=torch.float64) * 0.3 for n, shape in shapes}
+        tensors = dict(base, x=torch.randn(T, d, dtype=torch.float64), dy=torch.randn(T, d, dtype=torch.float64))
+        if E > 1:
+            tensors["router.weight"] = torch.randn(E, d, dtype=torch.float64)
+        with torch.no_grad():
+            if mix.router is not None:
+                mix.router.weight.copy_(tensors["router.weight"])
+            for e, expert in enumerate(mix.experts):
+                for site in cfg.lora_sites():
+                    lin = getattr(expert, site)
+                    lin.base.weight.copy_(base[site + ".weight"])
+                    if lin.base.bias is not None:
+                        lin.base.bias.copy_(base[site + ".bias"])
+                    lin.A.copy_(torch.randn_like(lin.A))
+                    lin.B.copy_(torch.randn_like(lin.B) * 0.5)
+                    tensors[f"experts.{e}.{site}.lora_A"] = lin.A.detach().clone()
+                    tensors[f"experts.{e}.{site}.lora_B"] = lin.B.detach().clone()
+        want = ref.run_forward_backward(tensors, cfg, dtype=torch.float64)
+        x = tensors["x"].clone().requires_grad_(True)
+        y = mix(x)
+        loss = (y * tensors["dy"]).sum() + mix.lb_loss
+        loss.backward()
+        got = {"y": y.detach(), "lb_loss": mix.lb_loss.detach().reshape(1), "dx": x.grad}
+        if mix.router is not None:
+            got["router.weight.grad"] = mix.router.weight.grad
+        for e, expert in enumerate(mix.experts):
+            for site in cfg.lora_sites():
+                lin = getattr(expert, site)
+                got[f"experts.{e}.{site}.lora_A.grad"] = lin.A.grad
+                got[f"experts.{e}.{site}.lora_B.grad"] = lin.B.grad
+        for name, value in want.items():
+            g = got[name].numpy()
+            scale = max(1.0, float(abs(value).max()))
+            diff = float(abs(g - value).max()) / scale
+            worst = max(worst, diff)
+            if diff > 1e-10:
+                raise AssertionError(f"{form} E={E} k={k}: {name} differs from reference_mixture by {diff:.3g}")
+    return worst
+
+
 def timed(fn, reps, warmup):
     for _ in range(warmup):
         fn()
@@ -254,7 +317,14 @@ def main():
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check", action="store_true",
+                    help="check the mixture block against tools/reference_mixture.py (comigs' layer semantics) "
+                         "in float64 and exit")
     args = ap.parse_args()
+    if args.check:
+        worst = check_against_layer_reference()
+        print(json.dumps({"check": "mixture block vs reference_mixture.py", "max_rel_diff": worst, "ok": True}))
+        return 0
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
