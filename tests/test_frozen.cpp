@@ -1,6 +1,9 @@
 #include <comigs/frozen.hpp>
 #include <doctest/doctest.h>
 
+#include <cstring>
+#include <limits>
+#include <string>
 #include <vector>
 
 TEST_CASE("FrozenLinear: y = x W^T + b, accumulate, and input gradient") {
@@ -31,4 +34,110 @@ TEST_CASE("FrozenMlp: named weights per form, held once") {
     double sum2 = 0;
     for (float v : g.weights().span("fc.weight")) sum2 += v * v;
     CHECK(sum2 / 64 == doctest::Approx(1.0).epsilon(0.5));
+}
+
+TEST_CASE_TEMPLATE("FrozenMlp precision q8_0/q4_0: GGML blocks, the dequantized values, bytes, conversions", T, float,
+                   double) {
+    using namespace comigs;
+    for (MlpForm form : {MlpForm::gelu, MlpForm::swiglu})
+        for (Precision p : {Precision::q8_0, Precision::q4_0}) {
+            CAPTURE(std::string(to_string(form)));
+            CAPTURE(std::string(to_string(p)));
+            FrozenMlp<T> mlp(form, 64, 96);
+            Rng rng(4);
+            mlp.randomize(rng, 0.5);
+            const auto fp32_bytes = mlp.weight_bytes();
+            std::vector<std::string> names;
+            std::vector<std::vector<T>> before;
+            for (const auto& spec : mlp.weights().layout().tensors()) {
+                names.push_back(spec.name);
+                auto s = mlp.weights().span(spec.name);
+                before.emplace_back(s.begin(), s.end());
+            }
+            mlp.set_precision(p);
+            CHECK(mlp.precision() == p);
+            const double per_weight = p == Precision::q8_0 ? 34.0 / 32 : 18.0 / 32;
+            const double matrix_weights = form == MlpForm::gelu ? 2.0 * 64 * 96 : 3.0 * 64 * 96;
+            const double bias_bytes = form == MlpForm::gelu ? (64.0 + 96.0) * sizeof(T) : 0.0;
+            CHECK(static_cast<double>(mlp.weight_bytes()) <= matrix_weights * per_weight + bias_bytes + 3 * 64);
+            CHECK(mlp.weight_bytes() < fp32_bytes / (sizeof(T) == 4 ? 3 : 6));
+            const auto first = mlp.linear(form == MlpForm::gelu ? "fc" : "gate");
+            CHECK(first.is_quantized());
+            CHECK_FALSE(first.is_plain());
+            CHECK(first.in_features() == 64);
+            CHECK(first.out_features() == 96);
+            CHECK(first.weight_quant.type == quant_type(p));
+            CHECK(mlp.bf16_weight(names[0]).data == nullptr);
+            // Each matrix holds exactly the blocks ggml makes of the fp32 rows (rounded to float).
+            for (std::size_t i = 0; i < names.size(); ++i) {
+                const auto q = mlp.quant_weight(names[i]);
+                if (q.data == nullptr) {  // a bias: kept in T
+                    auto s = mlp.weights().span(names[i]);
+                    CHECK(std::vector<T>(s.begin(), s.end()) == before[i]);
+                    continue;
+                }
+                std::vector<float> row(static_cast<std::size_t>(q.cols));
+                std::vector<std::byte> blocks(kernels::quant_row_bytes(q.type, q.cols));
+                for (Index r = 0; r < q.rows; ++r) {
+                    for (Index c = 0; c < q.cols; ++c) row[static_cast<std::size_t>(c)] = static_cast<float>(before[i][static_cast<std::size_t>(r * q.cols + c)]);
+                    kernels::quantize_row(blocks.data(), q.type, row.data(), q.cols);
+                    REQUIRE(std::memcmp(blocks.data(), q.row_ptr(r), blocks.size()) == 0);
+                }
+            }
+            // Back to fp32: the dequantized values exactly; the products used them all along.
+            const auto q0 = mlp.quant_weight(names[0]);
+            std::vector<T> deq(static_cast<std::size_t>(q0.rows * q0.cols));
+            for (Index r = 0; r < q0.rows; ++r) kernels::dequantize_row(deq.data() + r * q0.cols, q0.type, q0.row_ptr(r), q0.cols);
+            std::vector<T> x(3 * 64), y(3 * 96), yref(3 * 96);
+            for (auto& v : x) v = static_cast<T>(rng.normal());
+            first.forward(MatrixView<T>(y.data(), 3, 96), ConstMatrixView<T>(x.data(), 3, 64));
+            mlp.set_precision(Precision::fp32);
+            auto w = mlp.weights().span(names[0]);
+            CHECK(std::vector<T>(w.begin(), w.end()) == deq);
+            CHECK(std::vector<T>(w.begin(), w.end()) != before[0]);  // really went through the blocks
+            mlp.linear(form == MlpForm::gelu ? "fc" : "gate")
+                .forward(MatrixView<T>(yref.data(), 3, 96), ConstMatrixView<T>(x.data(), 3, 64));
+            for (std::size_t i = 0; i < y.size(); ++i) CHECK(static_cast<double>(y[i]) == doctest::Approx(static_cast<double>(yref[i])).epsilon(1e-5));
+        }
+}
+
+TEST_CASE("FrozenMlp precision: bf16 -> q4_0 -> q8_0 conversions, loading blocks, and the errors") {
+    using namespace comigs;
+    FrozenMlp<float> mlp(MlpForm::gelu, 32, 64);
+    Rng rng(6);
+    mlp.randomize(rng, 1.0);
+    mlp.set_precision(Precision::bf16);
+    std::vector<float> from_bf16(64 * 32);
+    const auto wb = mlp.bf16_weight("fc.weight");
+    for (Index r = 0; r < 64; ++r) kernels::convert_to_float(from_bf16.data() + r * 32, wb.row_ptr(r), 32);
+    mlp.set_precision(Precision::q4_0);  // from the bf16 values
+    std::vector<std::byte> expect(kernels::quant_row_bytes(kernels::QuantType::q4_0, 32) * 64);
+    for (Index r = 0; r < 64; ++r)
+        kernels::quantize_row(expect.data() + r * 18, kernels::QuantType::q4_0, from_bf16.data() + r * 32, 32);
+    const auto q = mlp.quant_weight("fc.weight");
+    CHECK(std::memcmp(q.data, expect.data(), expect.size()) == 0);
+    CHECK(mlp.linear("proj").bias.size() == 32);
+    // Loading blocks that come already quantized (a GGUF file): written in place.
+    auto bytes = mlp.quant_weight_bytes("proj.weight");
+    CHECK(bytes.size() == 32u * 2 * 18);
+    std::fill(bytes.begin(), bytes.end(), std::byte{0});
+    const auto proj = mlp.quant_weight("proj.weight");
+    std::vector<float> row(64);
+    kernels::dequantize_row(row.data(), proj.type, proj.row_ptr(3), 64);
+    for (float v : row) CHECK(v == 0.0f);
+    CHECK_THROWS_WITH_AS(mlp.quant_weight_bytes("fc.bias"), doctest::Contains("no such weight matrix"), InvalidArgument);
+    mlp.set_precision(Precision::q8_0);  // requantized from the Q4_0 values
+    CHECK(mlp.linear("fc").weight_quant.type == kernels::QuantType::q8_0);
+    CHECK_THROWS_WITH_AS(mlp.randomize(rng), doctest::Contains("q8_0"), InvalidArgument);
+
+    FrozenMlp<float> odd(MlpForm::swiglu, 40, 64);
+    CHECK_THROWS_WITH_AS(odd.set_precision(Precision::q8_0), doctest::Contains("'gate.weight' has rows of 40"),
+                         InvalidArgument);
+    CHECK(odd.precision() == Precision::fp32);
+    FrozenMlp<float> bad(MlpForm::swiglu, 32, 64);
+    bad.weights().span("up.weight")[70] = std::numeric_limits<float>::infinity();
+    CHECK_THROWS_WITH_AS(bad.set_precision(Precision::q4_0), doctest::Contains("'up.weight' row 2"), NumericError);
+    CHECK(bad.precision() == Precision::fp32);  // unchanged on error
+    FrozenMlp<float> fp(MlpForm::gelu, 32, 32);
+    CHECK_THROWS_WITH_AS(fp.quant_weight_bytes("fc.weight"), doctest::Contains("fp32"), InvalidArgument);
 }

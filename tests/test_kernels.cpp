@@ -764,6 +764,15 @@ TEST_CASE("MixtureOfLoraMlp on a bf16 base: close to the fp32 layer, bitwise rep
         }
         CHECK(num > 0);
         CHECK(std::sqrt(num / den) < 0.02);
+        // The input gradient passes through both base products (dM = dy W2 and dx = dH W1) in bf16.
+        num = den = 0;
+        for (std::size_t i = 0; i < dxa.size(); ++i) {
+            num += double(dxa[i] - dxb[i]) * double(dxa[i] - dxb[i]);
+            den += double(dxa[i]) * double(dxa[i]);
+        }
+        CHECK(den > 1.0);
+        CHECK(num > 0);
+        CHECK(std::sqrt(num / den) < 0.02);
         num = den = 0;
         for (std::size_t i = 0; i < gb.size(); ++i) {
             const double g = a.grads().all()[i];

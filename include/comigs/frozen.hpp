@@ -9,33 +9,49 @@
 
 #include "kernels/gemm.hpp"
 #include "kernels/gemm_bf16.hpp"
+#include "kernels/quant.hpp"
 #include "params.hpp"
 #include "random.hpp"
 
 namespace comigs {
 
 /// A frozen linear map y = x W^T + b over views; W is [out, in] (nn.Linear convention), b is [out] or empty.
-/// When the weight is held in bf16 (`weight_bf16` set, `weight` empty; float only), the products
-/// convert the activations to bf16 and accumulate in fp32 (kernels/gemm_bf16.hpp).
+/// W is held in exactly one of three ways:
+///   - `weight` in T (plain);
+///   - `weight_bf16` (float only): the products convert the activations to bf16 and accumulate in fp32
+///     (kernels/gemm_bf16.hpp);
+///   - `weight_quant` in GGML's Q8_0 or Q4_0 blocks along each row (kernels/quant.hpp): the products
+///     compute with the dequantized values (fp32 activations, no fp32 copy of W).
 template <class T>
 struct FrozenLinear {
-    ConstMatrixView<T> weight;                 ///< [out, in] (empty when held in bf16)
-    std::span<const T> bias;                   ///< [out] or empty
-    ConstMatrixView<kernels::bf16> weight_bf16{};  ///< [out, in] when held in bf16, else empty
+    ConstMatrixView<T> weight;                      ///< [out, in] (empty unless held plain)
+    std::span<const T> bias;                        ///< [out] or empty
+    ConstMatrixView<kernels::bf16> weight_bf16{};   ///< [out, in] when held in bf16, else empty
+    kernels::QuantMatrixView weight_quant{};        ///< [out, in] when held quantized, else empty
 
     bool is_bf16() const { return weight_bf16.data != nullptr; }
-    Index in_features() const { return is_bf16() ? weight_bf16.cols : weight.cols; }
-    Index out_features() const { return is_bf16() ? weight_bf16.rows : weight.rows; }
+    bool is_quantized() const { return weight_quant.data != nullptr; }
+    /// True when W is a plain T matrix (`weight`), the form the fused GEMM regions of the layers need.
+    bool is_plain() const { return !is_bf16() && !is_quantized(); }
+    Index in_features() const {
+        return is_bf16() ? weight_bf16.cols : is_quantized() ? weight_quant.cols : weight.cols;
+    }
+    Index out_features() const {
+        return is_bf16() ? weight_bf16.rows : is_quantized() ? weight_quant.rows : weight.rows;
+    }
 
     /// y[N, out] = x[N, in] W^T + b (overwrites y, or adds to it when `accumulate`).
     void forward(MatrixView<T> y, ConstMatrixView<T> x, bool accumulate = false) const {
-        if constexpr (std::is_same_v<T, float>) {
+        const T beta = accumulate ? T(1) : T(0);
+        if (is_quantized()) {
+            kernels::gemm_quant<T>(y, x, weight_quant, kernels::Op::trans, T(1), beta);
+        } else if constexpr (std::is_same_v<T, float>) {
             if (is_bf16())
-                kernels::gemm_bf16(y, x, weight_bf16, kernels::Op::trans, 1.0f, accumulate ? 1.0f : 0.0f);
+                kernels::gemm_bf16(y, x, weight_bf16, kernels::Op::trans, 1.0f, beta);
             else
-                kernels::gemm<T>(y, x, kernels::Op::none, weight, kernels::Op::trans, T(1), accumulate ? T(1) : T(0));
+                kernels::gemm<T>(y, x, kernels::Op::none, weight, kernels::Op::trans, T(1), beta);
         } else {
-            kernels::gemm<T>(y, x, kernels::Op::none, weight, kernels::Op::trans, T(1), accumulate ? T(1) : T(0));
+            kernels::gemm<T>(y, x, kernels::Op::none, weight, kernels::Op::trans, T(1), beta);
         }
         add_bias(y);
     }
@@ -70,13 +86,18 @@ struct FrozenLinear {
 
     /// dx[N, in] (+)= dy[N, out] W.
     void backward_input(MatrixView<T> dx, ConstMatrixView<T> dy, bool accumulate = true) const {
+        const T beta = accumulate ? T(1) : T(0);
+        if (is_quantized()) {
+            kernels::gemm_quant<T>(dx, dy, weight_quant, kernels::Op::none, T(1), beta);
+            return;
+        }
         if constexpr (std::is_same_v<T, float>) {
             if (is_bf16()) {
-                kernels::gemm_bf16(dx, dy, weight_bf16, kernels::Op::none, 1.0f, accumulate ? 1.0f : 0.0f);
+                kernels::gemm_bf16(dx, dy, weight_bf16, kernels::Op::none, 1.0f, beta);
                 return;
             }
         }
-        kernels::gemm<T>(dx, dy, kernels::Op::none, weight, kernels::Op::none, T(1), accumulate ? T(1) : T(0));
+        kernels::gemm<T>(dx, dy, kernels::Op::none, weight, kernels::Op::none, T(1), beta);
     }
 };
 
@@ -86,11 +107,27 @@ enum class MlpForm { gelu, swiglu };
 
 inline const char* to_string(MlpForm f) { return f == MlpForm::gelu ? "gelu" : "swiglu"; }
 
-/// How a frozen MLP holds its weight matrices: fp32 (the default, and the fallback everywhere), or
-/// bf16 (half the bytes; products convert activations to bf16 and accumulate in fp32).
-enum class Precision { fp32, bf16 };
+/// How a frozen MLP holds its weight matrices: fp32 (the default, and the fallback everywhere), bf16
+/// (half the bytes; products convert activations to bf16 and accumulate in fp32), or GGML's Q8_0 /
+/// Q4_0 blocks (1.0625 / 0.5625 bytes a weight; products compute with the dequantized values).
+enum class Precision { fp32, bf16, q8_0, q4_0 };
 
-inline const char* to_string(Precision p) { return p == Precision::fp32 ? "fp32" : "bf16"; }
+inline const char* to_string(Precision p) {
+    switch (p) {
+        case Precision::fp32: return "fp32";
+        case Precision::bf16: return "bf16";
+        case Precision::q8_0: return "q8_0";
+        default: return "q4_0";
+    }
+}
+
+/// True for the block-quantized precisions.
+constexpr bool is_quantized(Precision p) { return p == Precision::q8_0 || p == Precision::q4_0; }
+
+/// The block format of a quantized precision.
+constexpr kernels::QuantType quant_type(Precision p) {
+    return p == Precision::q4_0 ? kernels::QuantType::q4_0 : kernels::QuantType::q8_0;
+}
 
 /// Frozen MLP weights in one buffer. Tensor names: gelu: `fc.weight` [h, d], `fc.bias` [h],
 /// `proj.weight` [d, h], `proj.bias` [d]; swiglu: `gate.weight` [h, d], `up.weight` [h, d],
@@ -120,69 +157,115 @@ public:
     Index d_model() const { return d_; }
     Index d_hidden() const { return h_; }
 
-    /// Mutable access for loading the host's weights before the layer is shared. In bf16 precision it
-    /// holds the biases only (the matrices are in bf16_weight()).
+    /// Mutable access for loading the host's weights before the layer is shared. In any precision but
+    /// fp32 it holds the biases only (the matrices are in bf16_weight() or quant_weight()).
     ParamBuffer<T>& weights() { return weights_; }
     const ParamBuffer<T>& weights() const { return weights_; }
 
     Precision precision() const { return precision_; }
 
-    /// Stores the weight matrices in `p`, converting the current values once (fp32 -> bf16 rounds to
-    /// nearest even; back to fp32 is exact). bf16 needs T = float; biases always stay in T. Call it
-    /// after loading the weights and before sharing the base: views taken earlier become invalid.
+    /// Stores the weight matrices in `p`, converting the current values once: fp32 -> bf16 rounds to
+    /// nearest even, -> Q8_0 / Q4_0 quantizes rows as ggml does (from the float values; a quantized base
+    /// converted to another quantized precision is requantized from its dequantized values); back to
+    /// fp32 is exact (the bf16 or dequantized values). bf16 needs T = float; the quantized precisions
+    /// need row lengths (d_model and d_hidden) that are multiples of 32 and finite weights. Biases
+    /// always stay in T. Call it after loading the weights and before sharing the base: views taken
+    /// earlier become invalid.
     void set_precision(Precision p) {
         if (p == precision_) return;
-        if (p == Precision::bf16) {
+        if (p == Precision::bf16)
             require(std::is_same_v<T, float>, "precision bf16: only FrozenMlp<float> can hold bf16 weights");
-            if constexpr (std::is_same_v<T, float>) {
-                ParamLayout biases;
-                Index total = 0;
-                bf16_offsets_.clear();
-                for (const auto& spec : full_layout_->tensors()) {
-                    if (spec.shape.size() == 2) {
-                        bf16_offsets_.push_back({spec.name, total, spec.rows(), spec.cols()});
-                        total += (spec.size + 31) / 32 * 32;  // 64-byte aligned starts
-                    } else {
-                        biases.add(spec.name, spec.shape);
+        std::vector<Matrix> mats;
+        ParamLayout biases;
+        Index bf16_total = 0;
+        std::size_t quant_total = 0;
+        for (const auto& spec : full_layout_->tensors()) {
+            if (spec.shape.size() != 2) {
+                biases.add(spec.name, spec.shape);
+                continue;
+            }
+            Matrix m{spec.name, 0, spec.rows(), spec.cols()};
+            if (p == Precision::bf16) {
+                m.offset = static_cast<std::size_t>(bf16_total);
+                bf16_total += (m.rows * m.cols + 31) / 32 * 32;  // 64-byte aligned starts
+            } else if (is_quantized(p)) {
+                require(m.cols % kernels::quant_block_size == 0, "precision ", to_string(p), ": '", m.name,
+                        "' has rows of ", m.cols, " values, not a multiple of 32 (GGML blocks)");
+                m.offset = quant_total;
+                quant_total += (static_cast<std::size_t>(m.rows) * kernels::quant_row_bytes(quant_type(p), m.cols) + 63) / 64 * 64;
+            }
+            mats.push_back(m);
+        }
+        ParamBuffer<T> next(p == Precision::fp32 ? ParamBuffer<T>(full_layout_) : ParamBuffer<T>(std::move(biases)));
+        comigs::detail::aligned_vector<kernels::bf16> bf16(static_cast<std::size_t>(bf16_total));
+        comigs::detail::aligned_vector<std::byte> quant(quant_total);
+        std::vector<float> row;
+        for (const auto& m : mats) {
+            row.resize(static_cast<std::size_t>(m.cols));
+            for (Index i = 0; i < m.rows; ++i) {
+                read_row(m.name, i, row.data());
+                if (p == Precision::fp32) {
+                    T* dst = next.view(m.name).row_ptr(i);
+                    for (Index j = 0; j < m.cols; ++j) dst[j] = static_cast<T>(row[static_cast<std::size_t>(j)]);
+                } else if (p == Precision::bf16) {
+                    kernels::convert_to_bf16(bf16.data() + m.offset + i * m.cols, row.data(), m.cols);
+                } else {
+                    const std::size_t rb = kernels::quant_row_bytes(quant_type(p), m.cols);
+                    try {
+                        kernels::quantize_row(quant.data() + m.offset + static_cast<std::size_t>(i) * rb, quant_type(p),
+                                              row.data(), m.cols);
+                    } catch (const NumericError& e) {
+                        detail::raise<NumericError>("precision ", to_string(p), ": '", m.name, "' row ", i, ": ",
+                                                    e.what());
                     }
                 }
-                bf16_.assign(static_cast<std::size_t>(total), kernels::bf16{});
-                for (const auto& m : bf16_offsets_)
-                    kernels::convert_to_bf16(bf16_.data() + m.offset, weights_.span(m.name).data(), m.rows * m.cols);
-                ParamBuffer<T> kept(std::move(biases));
-                for (const auto& spec : kept.layout().tensors()) {
-                    auto src = weights_.span(spec.name);
-                    std::copy(src.begin(), src.end(), kept.span(spec.name).begin());
-                }
-                weights_ = std::move(kept);
-            }
-        } else {
-            if constexpr (std::is_same_v<T, float>) {
-                ParamBuffer<T> full(full_layout_);
-                for (const auto& spec : weights_.layout().tensors()) {
-                    auto src = weights_.span(spec.name);
-                    std::copy(src.begin(), src.end(), full.span(spec.name).begin());
-                }
-                for (const auto& m : bf16_offsets_)
-                    kernels::convert_to_float(full.span(m.name).data(), bf16_.data() + m.offset, m.rows * m.cols);
-                weights_ = std::move(full);
-                bf16_ = {};
-                bf16_offsets_.clear();
             }
         }
+        for (const auto& spec : next.layout().tensors())
+            if (spec.shape.size() != 2) {
+                auto src = weights_.span(spec.name);
+                std::copy(src.begin(), src.end(), next.span(spec.name).begin());
+            }
+        weights_ = std::move(next);
+        bf16_ = std::move(bf16);
+        quant_ = std::move(quant);
+        matrices_ = p == Precision::fp32 ? std::vector<Matrix>{} : std::move(mats);
         precision_ = p;
     }
 
-    /// A weight matrix held in bf16 (`fc.weight`, ...); empty in fp32 precision.
+    /// A weight matrix held in bf16 (`fc.weight`, ...); empty in any other precision.
     ConstMatrixView<kernels::bf16> bf16_weight(const std::string& name) const {
-        for (const auto& m : bf16_offsets_)
+        if (precision_ != Precision::bf16) return {};
+        for (const auto& m : matrices_)
             if (m.name == name) return {bf16_.data() + m.offset, m.rows, m.cols};
         return {};
     }
 
+    /// A weight matrix held in Q8_0 or Q4_0 blocks (`fc.weight`, ...); empty in any other precision.
+    kernels::QuantMatrixView quant_weight(const std::string& name) const {
+        if (!is_quantized(precision_)) return {};
+        for (const auto& m : matrices_)
+            if (m.name == name) return {quant_type(precision_), quant_.data() + m.offset, m.rows, m.cols};
+        return {};
+    }
+
+    /// The blocks of a quantized weight matrix, writable, for loading blocks that come already
+    /// quantized (a GGUF file) after set_precision(q8_0 / q4_0): rows() x quant_row_bytes(cols) bytes,
+    /// row after row. InvalidArgument when the precision is not quantized or there is no such matrix.
+    std::span<std::byte> quant_weight_bytes(const std::string& name) {
+        require(is_quantized(precision_), "quant_weight_bytes '", name, "': the precision is ", to_string(precision_),
+                ", not quantized");
+        for (const auto& m : matrices_)
+            if (m.name == name)
+                return {quant_.data() + m.offset,
+                        static_cast<std::size_t>(m.rows) * kernels::quant_row_bytes(quant_type(precision_), m.cols)};
+        detail::raise<InvalidArgument>("quant_weight_bytes '", name, "': no such weight matrix in this MLP");
+    }
+
     /// Bytes held for the frozen weights (matrices and biases), whatever the number of experts.
     std::size_t weight_bytes() const {
-        return static_cast<std::size_t>(weights_.size()) * sizeof(T) + bf16_.size() * sizeof(kernels::bf16);
+        return static_cast<std::size_t>(weights_.size()) * sizeof(T) + bf16_.size() * sizeof(kernels::bf16) +
+               quant_.size();
     }
 
     /// A linear map by name: `fc`, `proj` (gelu) or `gate`, `up`, `down` (swiglu).
@@ -191,6 +274,9 @@ public:
         if (precision_ == Precision::bf16) {
             f.weight_bf16 = bf16_weight(name + ".weight");
             require(f.weight_bf16.data != nullptr, "linear '", name, "': not in this MLP");
+        } else if (is_quantized(precision_)) {
+            f.weight_quant = quant_weight(name + ".weight");
+            require(f.weight_quant.data != nullptr, "linear '", name, "': not in this MLP");
         } else {
             f.weight = weights_.view(name + ".weight");
         }
@@ -200,16 +286,33 @@ public:
 
     /// Fills every weight and bias with N(0, std) draws (tests and toy examples; fp32 precision).
     void randomize(Rng& rng, double std = 0.02) {
-        require(precision_ == Precision::fp32, "randomize: call it before set_precision(bf16)");
+        require(precision_ == Precision::fp32, "randomize: call it before set_precision(", to_string(precision_), ")");
         for (const auto& spec : weights_.layout().tensors())
             for (T& w : weights_.span(spec.name)) w = static_cast<T>(rng.normal(0.0, std));
     }
 
 private:
-    struct Bf16Matrix {
+    /// A matrix held outside weights_: its offset in bf16_ (elements) or quant_ (bytes).
+    struct Matrix {
         std::string name;
-        Index offset, rows, cols;
+        std::size_t offset;
+        Index rows, cols;
     };
+
+    /// Row i of matrix `name` in the current precision, as floats (the values the products use).
+    void read_row(const std::string& name, Index i, float* out) const {
+        if (precision_ == Precision::fp32) {
+            const T* src = weights_.view(name).row_ptr(i);
+            const Index cols = weights_.view(name).cols;
+            for (Index j = 0; j < cols; ++j) out[j] = static_cast<float>(src[j]);
+        } else if (precision_ == Precision::bf16) {
+            const auto w = bf16_weight(name);
+            kernels::convert_to_float(out, w.row_ptr(i), w.cols);
+        } else {
+            const auto w = quant_weight(name);
+            kernels::dequantize_row(out, w.type, w.row_ptr(i), w.cols);
+        }
+    }
 
     MlpForm form_;
     Index d_, h_;
@@ -217,7 +320,8 @@ private:
     std::shared_ptr<const ParamLayout> full_layout_;
     ParamBuffer<T> weights_;
     comigs::detail::aligned_vector<kernels::bf16> bf16_;
-    std::vector<Bf16Matrix> bf16_offsets_;
+    comigs::detail::aligned_vector<std::byte> quant_;
+    std::vector<Matrix> matrices_;
 };
 
 }  // namespace comigs

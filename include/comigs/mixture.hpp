@@ -28,11 +28,6 @@
 
 namespace comigs {
 
-/// Generalists are averaged across users every round; specialists never leave the device.
-enum class Role { generalist, specialist };
-
-inline const char* to_string(Role r) { return r == Role::generalist ? "generalist" : "specialist"; }
-
 /// Expert index of a mixture tensor name (`experts.{e}.*`), or -1 (the router, or no expert index a
 /// layer could have: names come from files, so an absurdly long number is not an expert either).
 inline Index expert_of_tensor(std::string_view tensor) {
@@ -66,6 +61,7 @@ struct MixtureRouting {
         r.top_k = top_k;
         r.routing = routing;
         r.expert0_importance = expert0_importance;
+        r.roles = roles;
         r.noise = noise;
         r.noise_scale = noise_scale;
         return r;
@@ -257,6 +253,11 @@ public:
         const Index n = x.rows, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
         require_shape(x, n, d, "mixture input x");
         require_shape(y, n, d, "mixture output y");
+        // Checked before anything is overwritten: a refused forward leaves the last one to backward.
+        require(rng != nullptr || !training || cfg_.dropout == 0.0, "rng: dropout ", cfg_.dropout,
+                " in training needs a generator");
+        require(rng != nullptr || !rcfg_.draws_noise(training), "rng: router noise in training needs a generator");
+        complete_ = false;  // until the end: a forward that fails midway leaves nothing to differentiate
         n_ = n;
         x_.resize(static_cast<std::size_t>(n * d));
         MatrixView<T> xs(x_.data(), n, d);
@@ -264,6 +265,7 @@ public:
         fused_ = fused_path();
         if (fused_) {
             forward_fused(y, x, xs, training, rng);  // copies x into xs beside its first product
+            complete_ = true;
             return route_.lb_loss;
         }
 #pragma omp parallel for schedule(static) if (n * d > 65536)
@@ -271,7 +273,6 @@ public:
         router_forward(route_, ConstMatrixView<T>(xs), router_weight(), rcfg_, training, rng);
         groups_.build(route_);
         const Index k = route_.slots, rows = n * k;
-        if (dropped_) require(rng != nullptr, "rng: dropout ", cfg_.dropout, " in training needs a generator");
 
         // LoRA input of the first stage: x, or x with one dropout mask shared by the experts.
         ConstMatrixView<T> xl = xs;
@@ -358,6 +359,7 @@ public:
             }
             if (!b2.empty()) kernels::axpy(yt, gs, b2.data(), d);
         }
+        complete_ = true;
         return route_.lb_loss;
     }
 
@@ -365,7 +367,7 @@ public:
     /// gradients accumulate into grads() and into dx[N, d] (pass an empty view to skip dx).
     void backward(MatrixView<T> dx, ConstMatrixView<T> dy, T lb_grad) {
         const Index n = n_, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
-        require(!x_.empty() || n == 0, "mixture backward: no forward to differentiate");
+        require(complete_ || (n == 0 && dy.rows == 0), "mixture backward: no completed forward to differentiate");
         require_shape(dy, n, d, "mixture output gradient dy");
         if (!dx.empty()) require_shape(dx, n, d, "mixture input gradient dx");
         if (fused_) {  // uses the factors forward_fused prepared (the parameters do not change in between)
@@ -599,7 +601,7 @@ private:
         using Prod = kernels::GemmProduct<T>;
         const Prod proj{P, x, kernels::Op::none, stacked_first_inputs(wcat_, s_), kernels::Op::trans};
         const auto copy_x = [&](Index t) { std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs_out.row_ptr(t)); };
-        if (fc.is_bf16()) {
+        if (!fc.is_plain()) {  // bf16 or quantized: the base product runs through its own kernels
             kernels::gemm_chunked_and<T>({proj}, n, n * d, copy_x);
             fc.forward(H, ConstMatrixView<T>(xs_out));
         } else {  // the small product and the copy on the threads done with their part of H
@@ -642,8 +644,11 @@ private:
         }
         const Prod lora{y, ConstMatrixView<T>(Z.data, n, bias2 ? zc : E * r, zc), kernels::Op::none,
                         ConstMatrixView<T>(fb2t_store_.data(), bias2 ? zc : E * r, d), kernels::Op::none, T(1), T(1)};
-        if (second.is_bf16()) {
-            if constexpr (std::is_same_v<T, float>) second.forward(y, ConstMatrixView<kernels::bf16>(Mb));
+        if (!second.is_plain()) {
+            if constexpr (std::is_same_v<T, float>) {
+                if (Mb.data) second.forward(y, ConstMatrixView<kernels::bf16>(Mb));
+            }
+            if (!Mb.data) second.forward(y, ConstMatrixView<T>(M));
             kernels::gemm_chunked<T>({lora});
         } else {  // each thread adds the LoRA part to its rows of y while they are in its cache
             kernels::gemm_with<T>({y, ConstMatrixView<T>(M), kernels::Op::none, second.weight, kernels::Op::trans},
@@ -675,7 +680,7 @@ private:
                       ConstMatrixView<T>(fb2t_store_.data() + E * r * d, 1, d), kernels::Op::trans};
         // dm = dy W2 (one base GEMM), with the small products on the threads done with their part.
         const auto with_dm = [&](std::initializer_list<Prod> small) {
-            if (second.is_bf16()) {
+            if (!second.is_plain()) {
                 second.backward_input(dM, dy, false);
                 kernels::gemm_chunked<T>(small);
             } else {
@@ -748,7 +753,7 @@ private:
         const Prod gw{G, Dc, kernels::Op::trans, xs, kernels::Op::none}, gb{GB, Zc, kernels::Op::trans, dy, kernels::Op::none};
         // The base input gradient dx += dH W1 in the same region when W1 is fp32 (dx += D [..] added to
         // each thread's rows after them); with a bf16 W1 after the gradients below.
-        const bool dx_here = !dx.empty() && !fc.is_bf16();
+        const bool dx_here = !dx.empty() && fc.is_plain();
         if (dx.empty())
             kernels::gemm_chunked<T>({gw, gb});
         else if (dx_here)
@@ -816,6 +821,7 @@ private:
 
     // Saved by forward for backward.
     Index n_ = 0;
+    bool complete_ = false;  // the last forward ran to its end: what follows is consistent
     bool dropped_ = false;
     bool fused_ = false;  // forward took forward_fused: backward takes backward_fused
     // Per routed row (token-major, fused path): zs = s A1 x, z2 = A2 u, s g z2; backward's q, g s q,

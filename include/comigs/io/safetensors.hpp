@@ -44,6 +44,7 @@
 
 #include "../detail/float16.hpp"
 #include "../detail/posix_file.hpp"
+#include "../detail/quote.hpp"
 #include "../detail/utf8.hpp"
 #include "../detail/xxhash64.hpp"
 #include "../error.hpp"
@@ -160,25 +161,6 @@ struct SafetensorsWriteOptions {
 }  // namespace comigs::io
 
 namespace comigs::detail {
-
-/// A name or value quoted for an error message: control and non-ASCII bytes as \xNN, long text cut.
-inline std::string quote_name(std::string_view s) {
-    std::string out = "'";
-    const std::size_t limit = 120;
-    for (std::size_t i = 0; i < s.size() && i < limit; ++i) {
-        const auto c = static_cast<unsigned char>(s[i]);
-        if (c < 0x20 || c >= 0x7F || c == '\'' || c == '\\') {
-            const char* hex = "0123456789abcdef";
-            out += "\\x";
-            out += hex[c >> 4];
-            out += hex[c & 0xF];
-        } else {
-            out += static_cast<char>(c);
-        }
-    }
-    if (s.size() > limit) out += "...";
-    return out + "'";
-}
 
 inline std::string shape_text(std::span<const Index> shape) {
     std::string s = "[";

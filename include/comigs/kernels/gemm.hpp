@@ -86,6 +86,8 @@ void gemm_serial(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView<
             return;
         }
     }
+#else
+    (void)onednn_min;  // builds without oneDNN (e.g. aarch64) have only Eigen
 #endif
     auto c = eigen(C);
     auto a = eigen(A);

@@ -1,0 +1,162 @@
+// Quantized frozen bases (kernels/quant.hpp) against the fp32 base, at GPT-2 MLP shapes: the mixture
+// layer's training step (T = 1024, the panel path) and decode (T = 1, the fused kernels). The `pair`
+// cases time the fp32 layer and the quantized one back to back, alternating which goes first, and
+// report the median over pairs of t(fp32) / t(quantized): on a shared machine a ratio of two cases'
+// medians compares stretches of time far apart, the two halves of a pair run milliseconds apart.
+#include "bench_common.hpp"
+
+#include <comigs/kernels/quant.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <string>
+
+namespace comigs::bench {
+namespace {
+
+/// A GPT-2-shaped mixture (E = 4, top-2, rank 8, non-zero B) on a base held in `p`, with its data.
+struct QuantLayer {
+    Index n;
+    MixtureConfig cfg;
+    std::shared_ptr<FrozenMlp<float>> base;
+    std::unique_ptr<MixtureOfLoraMlp<float>> mix;
+    std::vector<float> x, y, dy, dx;
+
+    QuantLayer(Index tokens, Precision p) : n(tokens) {
+        using S = Gpt2Shape;
+        cfg.form = MlpForm::gelu;
+        cfg.d_model = S::d;
+        cfg.d_hidden = S::h;
+        cfg.n_experts = S::E;
+        cfg.top_k = S::k;
+        cfg.rank = S::r;
+        Rng rng(7);
+        base = std::make_shared<FrozenMlp<float>>(MlpForm::gelu, S::d, S::h);
+        base->randomize(rng, 0.02);
+        base->set_precision(p);
+        mix = std::make_unique<MixtureOfLoraMlp<float>>(cfg, base);
+        mix->init(rng);
+        for (const auto& spec : mix->params().layout().tensors())
+            if (spec.name.find("lora_B") != std::string::npos)
+                for (float& v : mix->params().span(spec.name)) v = static_cast<float>(rng.normal(0.0, 0.01));
+        x = random_vector<float>(static_cast<std::size_t>(n * S::d), rng);
+        dy = random_vector<float>(x.size(), rng);
+        y.assign(x.size(), 0.0f);
+        dx.assign(x.size(), 0.0f);
+    }
+    void fwd() { mix->forward({y.data(), n, cfg.d_model}, ConstMatrixView<float>(x.data(), n, cfg.d_model)); }
+    void fwd_bwd() {
+        fwd();
+        mix->backward({dx.data(), n, cfg.d_model}, ConstMatrixView<float>(dy.data(), n, cfg.d_model), 0.01f);
+    }
+};
+
+// Kernel: MixtureOfLoraMlp forward + backward on a base held in p (4 base GEMMs through gemm_quant's
+// panels when quantized).
+void quant_fwd_bwd(benchmark::State& state, Index tokens, Precision p) {
+    QuantLayer s(tokens, p);
+    s.fwd_bwd();  // warm-up
+    for (auto _ : state) {
+        s.fwd_bwd();
+        benchmark::DoNotOptimize(s.dx.data());
+    }
+    state.counters["frozen_MB"] = double(s.base->weight_bytes()) / 1e6;
+    set_counters(state, tokens, base_flops_fwd_bwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
+}
+
+// Kernel: MixtureOfLoraMlp forward on a base held in p (decode: gemm_quant's fused kernels).
+void quant_fwd(benchmark::State& state, Index tokens, Precision p) {
+    QuantLayer s(tokens, p);
+    s.fwd();
+    for (auto _ : state) {
+        s.fwd();
+        benchmark::DoNotOptimize(s.y.data());
+    }
+    state.counters["frozen_MB"] = double(s.base->weight_bytes()) / 1e6;
+    set_counters(state, tokens, base_flops_fwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
+}
+
+// Kernel: the fp32 layer and the layer on a base held in p, timed pair by pair (forward + backward, or
+// forward only for decode); counter `speed_ratio` = median over pairs of t(fp32) / t(p), `fp32_ms` and
+// `quant_ms` the medians.
+void quant_pair(benchmark::State& state, Index tokens, Precision p, bool backward) {
+    QuantLayer f(tokens, Precision::fp32), q(tokens, p);
+    const auto seconds = [&](QuantLayer& l) {
+        const auto t0 = std::chrono::steady_clock::now();
+        if (backward)
+            l.fwd_bwd();
+        else
+            l.fwd();
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    };
+    seconds(f);  // warm-up
+    seconds(q);
+    std::vector<double> ratio, tf, tq;
+    bool fp32_first = true;
+    for (auto _ : state) {
+        double a, b;
+        if (fp32_first) {
+            a = seconds(f);
+            b = seconds(q);
+        } else {
+            b = seconds(q);
+            a = seconds(f);
+        }
+        fp32_first = !fp32_first;
+        ratio.push_back(a / b);
+        tf.push_back(a);
+        tq.push_back(b);
+    }
+    const auto median = [](std::vector<double>& v) {
+        std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+        return v[v.size() / 2];
+    };
+    if (ratio.empty()) return;
+    state.counters["speed_ratio"] = median(ratio);
+    state.counters["fp32_ms"] = 1e3 * median(tf);
+    state.counters["quant_ms"] = 1e3 * median(tq);
+}
+
+// Kernel: gemm_quant alone, y[T, 3072] = x[T, 768] W^T (the fc GEMM) with W held in p; fp32 through gemm.
+void quant_gemm(benchmark::State& state, Index tokens, Precision p) {
+    using S = Gpt2Shape;
+    Rng rng(3);
+    FrozenMlp<float> mlp(MlpForm::gelu, S::d, S::h);
+    mlp.randomize(rng, 0.02);
+    mlp.set_precision(p);
+    auto lin = mlp.linear("fc");
+    lin.bias = {};
+    auto x = random_vector<float>(static_cast<std::size_t>(tokens * S::d), rng);
+    std::vector<float> y(static_cast<std::size_t>(tokens * S::h));
+    lin.forward({y.data(), tokens, S::h}, ConstMatrixView<float>(x.data(), tokens, S::d));
+    for (auto _ : state) {
+        lin.forward({y.data(), tokens, S::h}, ConstMatrixView<float>(x.data(), tokens, S::d));
+        benchmark::DoNotOptimize(y.data());
+    }
+    set_counters(state, tokens, 2.0 * double(tokens) * S::d * S::h);
+}
+
+constexpr Index kTok = 1024;
+
+BENCHMARK_CAPTURE(quant_pair, q8_0/gpt2, kTok, Precision::q8_0, true)->Name("quant_pair/q8_0/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(quant_pair, q4_0/gpt2, kTok, Precision::q4_0, true)->Name("quant_pair/q4_0/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(quant_pair, q4_0/decode, 1, Precision::q4_0, false)->Name("quant_pair/q4_0/decode")->UseRealTime();
+BENCHMARK_CAPTURE(quant_pair, q8_0/decode, 1, Precision::q8_0, false)->Name("quant_pair/q8_0/decode")->UseRealTime();
+BENCHMARK_CAPTURE(quant_fwd_bwd, fp32/gpt2, kTok, Precision::fp32)->Name("quant_fwd_bwd/fp32/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(quant_fwd_bwd, q8_0/gpt2, kTok, Precision::q8_0)->Name("quant_fwd_bwd/q8_0/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(quant_fwd_bwd, q4_0/gpt2, kTok, Precision::q4_0)->Name("quant_fwd_bwd/q4_0/gpt2")->UseRealTime();
+BENCHMARK_CAPTURE(quant_fwd, fp32/decode, 1, Precision::fp32)->Name("quant_fwd/fp32/decode")->UseRealTime();
+BENCHMARK_CAPTURE(quant_fwd, bf16/decode, 1, Precision::bf16)->Name("quant_fwd/bf16/decode")->UseRealTime();
+BENCHMARK_CAPTURE(quant_fwd, q8_0/decode, 1, Precision::q8_0)->Name("quant_fwd/q8_0/decode")->UseRealTime();
+BENCHMARK_CAPTURE(quant_fwd, q4_0/decode, 1, Precision::q4_0)->Name("quant_fwd/q4_0/decode")->UseRealTime();
+BENCHMARK_CAPTURE(quant_gemm, fp32/decode, 1, Precision::fp32)->Name("quant_gemm/fp32/decode")->UseRealTime();
+BENCHMARK_CAPTURE(quant_gemm, q8_0/decode, 1, Precision::q8_0)->Name("quant_gemm/q8_0/decode")->UseRealTime();
+BENCHMARK_CAPTURE(quant_gemm, q4_0/decode, 1, Precision::q4_0)->Name("quant_gemm/q4_0/decode")->UseRealTime();
+BENCHMARK_CAPTURE(quant_gemm, fp32/t4, 4, Precision::fp32)->Name("quant_gemm/fp32/t4")->UseRealTime();
+BENCHMARK_CAPTURE(quant_gemm, q4_0/t4, 4, Precision::q4_0)->Name("quant_gemm/q4_0/t4")->UseRealTime();
+BENCHMARK_CAPTURE(quant_gemm, fp32/t16, 16, Precision::fp32)->Name("quant_gemm/fp32/t16")->UseRealTime();
+BENCHMARK_CAPTURE(quant_gemm, q4_0/t16, 16, Precision::q4_0)->Name("quant_gemm/q4_0/t16")->UseRealTime();
+
+}  // namespace
+}  // namespace comigs::bench
