@@ -15,8 +15,9 @@
 // gradient of the loss at once: the backward then starts from dx, and the head's GEMMs run twice in
 // all, as with stored logits.
 //
-// The chunk products are kernels::gemm (fp32, double) or, for a weight held in bf16 (float only),
-// kernels::gemm_bf16_from with X and the chunk's probabilities rounded to bf16 (accumulation in fp32).
+// The chunk products go through the weight's own products (lm_head_cross_entropy_with): for a view,
+// kernels::gemm (fp32, double) or, for a weight held in bf16 (float only), the bf16 GEMMs with x and
+// the chunk's probabilities rounded to bf16 (accumulation in fp32); hosts pass their frozen linears.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -66,7 +67,6 @@ auto weight_at(const W* row, Index c) {
 template <class T>
 struct HeadLossBuffers {
     comigs::detail::aligned_vector<T> z, acc, m, s, zt;
-    comigs::detail::aligned_vector<bf16> xb, pb;
 };
 template <class T>
 HeadLossBuffers<T>& head_loss_buffers() {
@@ -81,18 +81,64 @@ void grow(V& v, Index n) {
 
 }  // namespace detail
 
-/// Mean-free softmax cross-entropy of the LM head (file comment): returns sum_n nll_n (summed in row
-/// order in double). x [N, d], weight [V, d] (T, or bf16 when T is float), targets [N] in [0, V).
-/// Optional outputs: lse [N] and nll [N] (null: not written); when dx is not empty ([N, d]) it
-/// ACCUMULATES grad_scale * dnll_n/dx_n into each row (grad_scale = 1/N for the mean loss).
+/// The head weight W [V, d] as a view (T, or bf16 when T is float), in the form
+/// lm_head_cross_entropy_with reads any head weight:
+///   rows()/cols()                     V and d;
+///   begin_block(x)                    once per block of rows of x, before its products;
+///   logits(Z, x, v0)                  Z [R, C] = x W[v0 .. v0 + C)^T;
+///   accumulate(acc, P, v0, add)       acc [R, d] (+)= P [R, C] W[v0 .. v0 + C);
+///   row(out, v)                       out[d] = W_v (widened).
+/// A bf16 weight takes x and P rounded to bf16 (one conversion of x per block), accumulating in fp32.
 template <class T, class W>
-double lm_head_cross_entropy(MatrixView<T> dx, T* lse, T* nll, std::type_identity_t<ConstMatrixView<T>> x,
-                             ConstMatrixView<W> weight, const int* targets, std::type_identity_t<T> grad_scale) {
+class HeadWeightView {
     static_assert(std::is_same_v<W, T> || (std::is_same_v<W, bf16> && std::is_same_v<T, float>),
-                  "lm_head_cross_entropy: the weight is T, or bf16 with T = float");
-    constexpr bool half = std::is_same_v<W, bf16>;
-    const Index N = x.rows, d = x.cols, V = weight.rows;
-    require<ShapeError>(weight.cols == d, "lm head: weight is [", weight.rows, ", ", weight.cols,
+                  "HeadWeightView: the weight is T, or bf16 with T = float");
+
+public:
+    explicit HeadWeightView(ConstMatrixView<W> w) : w_(w) {}
+    Index rows() const { return w_.rows; }
+    Index cols() const { return w_.cols; }
+    void begin_block(ConstMatrixView<T> x) {
+        if constexpr (std::is_same_v<W, bf16>) {
+            detail::grow(xb_, x.rows * x.cols);
+            convert_rows_to_bf16(xb_.data(), x);
+            xrows_ = x.rows;
+        }
+    }
+    void logits(MatrixView<T> z, ConstMatrixView<T> x, Index v0) {
+        const auto wc = w_.middle_rows(v0, z.cols);
+        if constexpr (std::is_same_v<W, bf16>)
+            gemm_bf16_from(z, ConstMatrixView<bf16>(xb_.data(), xrows_, x.cols), wc, Op::trans, 1.0f, 0.0f);
+        else
+            gemm<T>(z, x, Op::none, wc, Op::trans, T(1), T(0));
+    }
+    void accumulate(MatrixView<T> acc, ConstMatrixView<T> p, Index v0, bool add) {
+        const auto wc = w_.middle_rows(v0, p.cols);
+        if constexpr (std::is_same_v<W, bf16>)
+            gemm_bf16(acc, p, wc, Op::none, 1.0f, add ? 1.0f : 0.0f);
+        else
+            gemm<T>(acc, p, Op::none, wc, Op::none, T(1), add ? T(1) : T(0));
+    }
+    void row(T* out, Index v) const {
+        const W* src = w_.row_ptr(v);
+        for (Index c = 0; c < w_.cols; ++c) out[c] = T(detail::weight_at(src, c));
+    }
+
+private:
+    ConstMatrixView<W> w_;
+    comigs::detail::aligned_vector<bf16> xb_;
+    Index xrows_ = 0;
+};
+
+/// Mean-free softmax cross-entropy of an LM head given as a head weight (HeadWeightView's interface):
+/// returns sum_n nll_n (summed in row order in double). x [N, d], targets [N] in [0, V). Optional
+/// outputs: lse [N] and nll [N] (null: not written); when dx is not empty ([N, d]) it ACCUMULATES
+/// grad_scale * dnll_n/dx_n into each row (grad_scale = 1/N for the mean loss).
+template <class T, class Weight>
+double lm_head_cross_entropy_with(MatrixView<T> dx, T* lse, T* nll, std::type_identity_t<ConstMatrixView<T>> x,
+                                  Weight& weight, const int* targets, std::type_identity_t<T> grad_scale) {
+    const Index N = x.rows, d = x.cols, V = weight.rows();
+    require<ShapeError>(weight.cols() == d, "lm head: weight is [", weight.rows(), ", ", weight.cols(),
                         "], its rows must have the hidden size ", d, " of x [", N, ", ", d, "]");
     require(V >= 1, "lm head: the vocabulary (weight rows) is empty");
     const bool grad = !dx.empty();
@@ -112,11 +158,7 @@ double lm_head_cross_entropy(MatrixView<T> dx, T* lse, T* nll, std::type_identit
     detail::grow(buf.m, R);
     detail::grow(buf.s, R);
     detail::grow(buf.zt, R);
-    if (grad) detail::grow(buf.acc, R * d);
-    if constexpr (half) {
-        detail::grow(buf.xb, R * d);
-        if (grad) detail::grow(buf.pb, R * C);
-    }
+    if (grad) detail::grow(buf.acc, R * d + d);  // + one row: W_t widened, per row, at the end
     double total = 0.0;
     for (Index r0 = 0; r0 < N; r0 += R) {
         const Index rows = std::min(R, N - r0);
@@ -125,15 +167,11 @@ double lm_head_cross_entropy(MatrixView<T> dx, T* lse, T* nll, std::type_identit
         T *m = buf.m.data(), *s = buf.s.data(), *zt = buf.zt.data();
         std::fill(m, m + rows, -std::numeric_limits<T>::infinity());
         std::fill(s, s + rows, T(0));
-        if constexpr (half) convert_rows_to_bf16(buf.xb.data(), xr);
+        weight.begin_block(xr);
         for (Index v0 = 0; v0 < V; v0 += C) {
             const Index cols = std::min(C, V - v0);
             const MatrixView<T> Z(buf.z.data(), rows, cols);
-            const ConstMatrixView<W> Wc = weight.middle_rows(v0, cols);
-            if constexpr (half)
-                gemm_bf16_from(Z, ConstMatrixView<bf16>(buf.xb.data(), rows, d), Wc, Op::trans, 1.0f, 0.0f);
-            else
-                gemm<T>(Z, xr, Op::none, Wc, Op::trans, T(1), T(0));
+            weight.logits(Z, xr, v0);
             // Online softmax over this chunk: z -> exp(z - m_new), s and acc rescaled to the new maximum.
             const bool first = v0 == 0;
 #pragma omp parallel for schedule(static) if (rows * cols >= 65536)
@@ -145,36 +183,37 @@ double lm_head_cross_entropy(MatrixView<T> dx, T* lse, T* nll, std::type_identit
                 const T rescale = first ? T(0) : std::exp(m[r] - mnew);
                 s[r] = s[r] * rescale + exp_shifted_sum(zr, cols, mnew);
                 m[r] = mnew;
-                if (!grad) continue;
-                if (!first && rescale != T(1)) {
+                if (grad && !first && rescale != T(1)) {
                     T* ar = acc.row_ptr(r);
                     for (Index c = 0; c < d; ++c) ar[c] *= rescale;
                 }
-                if constexpr (half) convert_to_bf16(buf.pb.data() + r * cols, zr, cols);
             }
-            if (!grad) continue;
-            if constexpr (half)
-                gemm_bf16_from(acc, ConstMatrixView<bf16>(buf.pb.data(), rows, cols), Wc, Op::none, 1.0f,
-                               first ? 0.0f : 1.0f);
-            else
-                gemm<T>(acc, ConstMatrixView<T>(Z), Op::none, Wc, Op::none, T(1), first ? T(0) : T(1));
+            if (grad) weight.accumulate(acc, ConstMatrixView<T>(Z), v0, !first);
         }
         // Finish the rows: lse, nll, and dx += g (acc / s - W_t).
-#pragma omp parallel for schedule(static) if (grad && rows * d >= 65536)
+        T* wt = buf.acc.data() + R * d;
         for (Index r = 0; r < rows; ++r) {
             const T l = m[r] + std::log(s[r]);
             if (lse) lse[r0 + r] = l;
             if (nll) nll[r0 + r] = l - zt[r];
+            total += double(l - zt[r]);
             if (!grad) continue;
+            weight.row(wt, targets[r0 + r]);
             T* dr = dx.row_ptr(r0 + r);
             const T* ar = acc.row_ptr(r);
-            const W* wt = weight.row_ptr(targets[r0 + r]);
             const T a = grad_scale / s[r];
-            for (Index c = 0; c < d; ++c) dr[c] += a * ar[c] - grad_scale * T(detail::weight_at(wt, c));
+            for (Index c = 0; c < d; ++c) dr[c] += a * ar[c] - grad_scale * wt[c];
         }
-        for (Index r = 0; r < rows; ++r) total += double(m[r] + std::log(s[r]) - zt[r]);
     }
     return total;
+}
+
+/// lm_head_cross_entropy_with for a head weight held as a view [V, d] (T, or bf16 when T is float).
+template <class T, class W>
+double lm_head_cross_entropy(MatrixView<T> dx, T* lse, T* nll, std::type_identity_t<ConstMatrixView<T>> x,
+                             ConstMatrixView<W> weight, const int* targets, std::type_identity_t<T> grad_scale) {
+    HeadWeightView<T, W> w(weight);
+    return lm_head_cross_entropy_with<T>(dx, lse, nll, x, w, targets, grad_scale);
 }
 
 /// Plain reference of lm_head_cross_entropy: every logit materialised, two passes per row (tests).
