@@ -125,6 +125,12 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
     app.add_option("--text-root", c.text_root, "where --setting finds the installed packages")->capture_default_str();
     app.add_option("--text-cap", c.text_cap, "bytes of each --setting user's text kept, evenly spaced pieces (0: all)")
         ->capture_default_str();
+    app.add_option("--model", c.model,
+                   "a Hugging Face model folder (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM) as the host "
+                   "instead of the tiny GPT; the users' text is cut with its tokenizer and the split sizes count its "
+                   "tokens. Each user's adapters are saved to <out>/adapters/<method>/user-<u>.safetensors");
+    app.add_flag("--model-fp32-compute", c.model_fp32_compute,
+                 "with --model: fp32 products on its BF16 weights (exact values; default: bf16 products)");
     app.add_flag("--quick", quick, "a seconds-long configuration (tests)");
     bool quiet = false;
     app.add_flag("--quiet", quiet, "no progress output");

@@ -46,6 +46,7 @@
 #include <numeric>
 #include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -251,12 +252,18 @@ struct Switching {
     }
 };
 
-/// A stream of tokens with the ground-truth source of each one.
+/// A stream of tokens with the ground-truth source of each one. Token ids are bytes for the embedded
+/// corpus and byte-level hosts, and a model's vocabulary ids (up to ~150k) with --model: int32.
 struct Stream {
-    std::vector<std::uint8_t> tokens;    ///< n bytes (token ids)
+    std::vector<std::int32_t> tokens;    ///< n token ids
     std::vector<std::uint8_t> personal;  ///< n labels: 1 = emitted by the personal source, 0 = shared
     index size() const { return static_cast<index>(tokens.size()); }
 };
+
+/// Appends the bytes of `text` as byte tokens (0-255: through unsigned char, never a negative id).
+inline void append_bytes(std::vector<std::int32_t>& tokens, std::string_view text) {
+    for (const char c : text) tokens.push_back(static_cast<unsigned char>(c));
+}
 
 /// Samples n tokens of the switching process (see the file comment). With a switching that never
 /// leaves state 0 this is plain sampling from `shared`.

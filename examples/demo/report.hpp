@@ -2,6 +2,7 @@
 // What the demo shows people: the summary table, results.json, curves.svg (test perplexity over steps,
 // one line per method) and routing.html (each test token coloured by the expert the router chose, per
 // layer: the paper's figure). Every file is written atomically.
+#include <comigs/detail/utf8.hpp>
 #include <comigs/io/atomic_file.hpp>
 
 #include <algorithm>
@@ -70,6 +71,7 @@ struct MethodResult {
 struct RoutingSample {
     int user = 0;
     std::vector<unsigned char> text;
+    std::vector<std::string> token_text;    ///< per token, when tokens are not bytes (--model with a BPE tokenizer)
     std::vector<std::vector<int>> expert;   ///< [layer][token] top-1 expert
     std::vector<unsigned char> personal;    ///< ground-truth label per token (empty for real text)
     std::vector<bool> expert_is_generalist; ///< per expert index
@@ -231,6 +233,24 @@ inline std::string html_escape(unsigned char c) {
     return std::string(1, static_cast<char>(c));
 }
 
+/// A token's text for routing.html: UTF-8 kept, markup and whitespace escaped as for bytes; a token
+/// that is part of a character (invalid UTF-8 on its own) shows its bytes in hex.
+inline std::string html_escape_token(const std::string& text) {
+    if (!comigs::detail::is_valid_utf8(text)) {
+        std::string out;
+        char buf[8];
+        for (const char c : text) {
+            std::snprintf(buf, sizeof buf, "\\x%02X", static_cast<unsigned char>(c));
+            out += buf;
+        }
+        return out;
+    }
+    std::string out;
+    for (const char c : text)
+        out += static_cast<unsigned char>(c) >= 0x80 ? std::string(1, c) : html_escape(static_cast<unsigned char>(c));
+    return out;
+}
+
 /// routing.html: per method and user, the sample text once per layer with every token coloured by
 /// the expert chosen (blue family: generalists, orange family: specialists); underlined tokens come
 /// from the user's personal source when ground truth is known.
@@ -264,7 +284,9 @@ inline std::string routing_html(const std::vector<std::pair<std::string, std::ve
                                                             : spec[slot[static_cast<std::size_t>(e)] % 4];
                     const bool personal = t < s.personal.size() && s.personal[t];
                     o << "<span" << (personal ? " class=\"p\"" : "") << " style=\"background:" << colour
-                      << "\" title=\"expert " << e << "\">" << html_escape(s.text[t]) << "</span>";
+                      << "\" title=\"expert " << e << "\">"
+                      << (t < s.token_text.size() ? html_escape_token(s.token_text[t]) : html_escape(s.text[t]))
+                      << "</span>";
                 }
                 o << "</div>\n";
             }

@@ -43,6 +43,7 @@
 #include "corpus.hpp"
 #include "host.hpp"
 #include "placement.hpp"
+#include "real_model.hpp"
 #include "report.hpp"
 #include "text_sources.hpp"
 #include "text_split.hpp"
@@ -105,6 +106,8 @@ struct DemoConfig {
     std::string setting;                 ///< a real-text setting of text_sources.hpp (multilingual, domains)
     std::string text_root = "/";         ///< where the setting's Debian packages are installed
     Index text_cap = 1200000;            ///< bytes of a setting user's text kept (evenly spaced pieces); <= 0: all
+    std::string model;  ///< a Hugging Face model folder (real_model.hpp) as the host instead of the tiny GPT
+    bool model_fp32_compute = false;  ///< with --model: fp32 products on BF16 weights (default: bf16 products)
     Index curve_tokens = 2048;           ///< test tokens per user for the curve points
     Index sample_tokens = 256;           ///< test tokens per user shown in routing.html
     bool progress = true;
@@ -349,7 +352,7 @@ EvalResult evaluate_windows(Model& m, const Windows& w, bool tally, const std::v
 }
 
 /// Perplexity of the bare host (dense MLPs) over windows.
-inline double host_perplexity(tg::Gpt2<Real>& host, const Windows& w) {
+inline double host_perplexity(models::CausalLm<Real>& host, const Windows& w) {
     double nll = 0, n = 0;
     const Index chunk = 32;
     for (Index first = 0; first < w.batch; first += chunk) {
@@ -466,8 +469,9 @@ inline Strategy strategy_of(const std::string& name, const DemoConfig& c) {
 /// Everything shared by the methods of one run.
 struct RunContext {
     const DemoConfig* cfg = nullptr;
-    tg::Gpt2<Real>* host = nullptr;
-    std::vector<std::shared_ptr<FrozenMlp<Real>>> bases;
+    models::CausalLm<Real>* host = nullptr;  ///< the pretrained tiny GPT, or --model
+    const TextCodec* codec = nullptr;         ///< --model: how token ids read as text (routing.html)
+    std::vector<std::shared_ptr<const FrozenMlp<Real>>> bases;
     std::vector<UserData> users;
     std::vector<Windows> test, validation, dev, curve, sample;
     Windows ood;
@@ -500,8 +504,9 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
     std::vector<SimulatedUser<MixtureHost<Real>, TokenBatch>> sim;
     for (int u = 0; u < U; ++u) {
         MixtureConfig mc;
-        mc.d_model = c.d_model;
-        mc.d_hidden = ctx.host->config().hidden();
+        mc.form = ctx.host->mlp_form();
+        mc.d_model = ctx.host->d_model();
+        mc.d_hidden = ctx.host->mlp_hidden();
         mc.rank = c.rank_of(u);
         mc.alpha = c.alpha;
         mc.scaling = LoraScaling::sqrt;
@@ -614,7 +619,9 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         const Index T = w.width - 1;
         for (Index b = 0; b < w.batch; ++b)
             for (Index t = 0; t < T; ++t) {
-                s.text.push_back(static_cast<unsigned char>(w.tokens[std::size_t(b * w.width + t)]));
+                const std::int32_t token = w.tokens[std::size_t(b * w.width + t)];
+                s.text.push_back(static_cast<unsigned char>(token));
+                if (ctx.codec && !ctx.codec->byte_level()) s.token_text.push_back(ctx.codec->token_text(token));
                 if (ctx.users[i].labelled) s.personal.push_back(w.personal[std::size_t(b * w.width + t)]);
             }
         const TokenBatch batch = slice_batch(w, 0, w.batch);
@@ -628,6 +635,11 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         }
         for (Role r : roles[i]) s.expert_is_generalist.push_back(r == Role::generalist);
         samples.push_back(std::move(s));
+        // The user's adapters as deployed, PEFT-style keys: comigs-eval / comigs-generate --adapter.
+        const std::filesystem::path dir = std::filesystem::path(c.out) / "adapters" / name;
+        std::filesystem::create_directories(dir);
+        models[i]->save_adapters(dir / ("user-" + std::to_string(i) + ".safetensors"),
+                                 {{"comigs.method", name}, {"comigs.user", std::to_string(i)}});
     };
     std::vector<std::pair<int, double>> uploads;  // per user: values uploaded per round
     auto drive = [&](auto& runner) {
@@ -694,6 +706,15 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
                            std::to_string(c.host_lr) + "seed" + std::to_string(c.seed);
     Floor base_fl{};
     bool embedded = !c.real_text();
+    std::optional<DemoModel<Real>> real;  // --model: the host and its tokenizer
+    if (!c.model.empty()) {
+        real.emplace(load_demo_model<Real>(c.model, c.model_fp32_compute));
+        require(!embedded || real->codec.byte_level(), "--model '", c.model, "': its tokenizer needs real text: give ",
+                "--user-text (the embedded corpus is for byte-level hosts)");
+        require(c.seq_len <= real->model().max_positions(), "--seq-len ", c.seq_len, ": more than --model's context of ",
+                real->model().max_positions());
+        ctx.codec = &real->codec;
+    }
     std::optional<Corpus> corpus;
     if (embedded) {
         CorpusConfig cc;
@@ -742,14 +763,28 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         }
         for (int u = 0; u < c.users; ++u) {
             const auto& [name, text] = texts[std::size_t(u)];
-            ctx.users.push_back(text_user(name, text, SplitSizes{c.train_of(u), c.validation_of(u), c.test_of(u), c.dev_tokens}));
+            const SplitSizes want{c.train_of(u), c.validation_of(u), c.test_of(u), c.dev_tokens};
+            if (!real) {
+                ctx.users.push_back(text_user(name, text, want));
+                continue;
+            }
+            // With --model the sizes count the model's tokens: split by bytes in proportion, then cut.
+            const double bpt = bytes_per_token(real->codec, text);
+            ctx.users.push_back(text_user(name, text,
+                                          SplitSizes{byte_budget(want.train, bpt), byte_budget(want.validation, bpt),
+                                                     byte_budget(want.test, bpt), byte_budget(want.dev, bpt)}));
+            UserData& d = ctx.users.back();
+            tokenize_stream(d.train, real->codec, want.train);
+            tokenize_stream(d.validation, real->codec, want.validation);
+            tokenize_stream(d.test, real->codec, want.test);
+            tokenize_stream(d.dev, real->codec, want.dev);
         }
         if (!setting_host.empty()) {
-            host_stream.tokens.assign(setting_host.begin(), setting_host.end());
+            append_bytes(host_stream.tokens, setting_host);
         } else if (!c.host_text.empty()) {
             for (const auto& p : c.host_text) {
                 const std::string t = read_text(p);
-                host_stream.tokens.insert(host_stream.tokens.end(), t.begin(), t.end());
+                append_bytes(host_stream.tokens, t);
                 host_key += "|" + p;
             }
         } else {
@@ -772,15 +807,28 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
     const fs::path cache = c.host_cache.empty() ? fs::path(c.out) / ("host-" + hex64(key) + ".safetensors")
                                                 : fs::path(c.host_cache);
     bool loaded = false;
-    if (!place.leader()) place.barrier();  // the leader pretrains and saves the host first
-    tg::Gpt2<Real> host = pretrained_host(c, host_stream, cache, progress, loaded);
-    if (place.leader()) place.barrier();
-    require(host.config().d_model == c.d_model && host.config().n_layer == c.n_layer &&
-                host.config().n_ctx >= c.seq_len,
-            "host '", cache.string(), "': shape differs from --d-model/--layers/--seq-len");
-    progress.note(std::string(loaded ? "host: reused " : "host: pretrained and saved to ") + cache.string());
-    ctx.host = &host;
-    for (Index l = 0; l < c.n_layer; ++l) ctx.bases.push_back(tg::frozen_mlp(host, l));
+    std::optional<tg::Gpt2<Real>> tiny;  // the pretrained tiny host (without --model)
+    if (real) {
+        loaded = true;
+        ctx.host = &real->model();
+        progress.note("host: " + c.model + " (" + real->loaded.architecture + ", " +
+                      std::to_string(ctx.host->n_layer()) + " blocks, d " + std::to_string(ctx.host->d_model()) +
+                      "), text cut by " + real->codec.description());
+        // The frozen MLPs in place (views of the mapped weights), shared by every user.
+        for (Index l = 0; l < ctx.host->n_layer(); ++l)
+            ctx.bases.push_back(ctx.host->frozen_mlp(l));
+    } else {
+        if (!place.leader()) place.barrier();  // the leader pretrains and saves the host first
+        tiny.emplace(pretrained_host(c, host_stream, cache, progress, loaded));
+        if (place.leader()) place.barrier();
+        const tg::Gpt2<Real>& host = *tiny;
+        require(host.config().d_model == c.d_model && host.config().n_layer == c.n_layer &&
+                    host.config().n_ctx >= c.seq_len,
+                "host '", cache.string(), "': shape differs from --d-model/--layers/--seq-len");
+        progress.note(std::string(loaded ? "host: reused " : "host: pretrained and saved to ") + cache.string());
+        ctx.host = &*tiny;
+        for (Index l = 0; l < c.n_layer; ++l) ctx.bases.push_back(tg::frozen_mlp(host, l));
+    }
 
     // Evaluation sets.
     const Index per_user_ood = std::max<Index>(c.seq_len, c.test_tokens / c.users);
@@ -794,7 +842,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         ctx.curve.push_back(eval_windows(d.test, c.seq_len, c.curve_tokens));
         ctx.sample.push_back(eval_windows(d.test, c.seq_len, c.sample_tokens));
         ood_parts.push_back(eval_windows(d.test, c.seq_len, per_user_ood));
-        ctx.host_ppl.push_back(host_perplexity(host, ctx.test.back()));
+        ctx.host_ppl.push_back(host_perplexity(*ctx.host, ctx.test.back()));
         if (embedded) {
             ctx.users[std::size_t(u)].floor_ppl = user_floor(*corpus, u, Split::test).perplexity;
             floor_sum += *ctx.users[std::size_t(u)].floor_ppl;
@@ -808,7 +856,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         char buf[256];
         std::snprintf(buf, sizeof buf, "host: mean test perplexity %.3f%s", out.host_mean_ppl,
                       embedded ? (" (floor " + std::to_string(*out.floor_mean_ppl) + ", host on base text " +
-                                  std::to_string(host_perplexity(host, eval_windows(corpus->base_validation, c.seq_len))) +
+                                  std::to_string(host_perplexity(*ctx.host, eval_windows(corpus->base_validation, c.seq_len))) +
                                   " vs base floor " + std::to_string(base_fl.perplexity) + ")")
                                      .c_str()
                                : "");
@@ -875,6 +923,11 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         {"host", {{"d_model", c.d_model}, {"layers", c.n_layer}, {"heads", c.n_head}, {"steps", c.host_steps},
                   {"cache", cache.string()}, {"reused", loaded}}},
     };
+    if (real)
+        config["host"] = {{"model", c.model}, {"architecture", real->loaded.architecture},
+                          {"layers", ctx.host->n_layer()}, {"d_model", ctx.host->d_model()},
+                          {"vocabulary", ctx.host->vocab()}, {"tokenizer", real->codec.description()},
+                          {"fp32_compute", c.model_fp32_compute}};
     out.results = results_json(config, out.methods, out.host_mean_ppl, out.floor_mean_ppl);
     out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     out.results["seconds"] = out.seconds;

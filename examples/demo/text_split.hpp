@@ -97,7 +97,7 @@ inline TextSplit split_text(std::string_view who, std::string_view text, const S
     auto gather = [&](Stream& s, const std::vector<Index>& ks, Index limit) {
         for (Index k : ks) {
             const Index begin = k * C, n = std::min(C, bytes - begin);
-            s.tokens.insert(s.tokens.end(), text.begin() + begin, text.begin() + begin + n);
+            append_bytes(s.tokens, text.substr(static_cast<std::size_t>(begin), static_cast<std::size_t>(n)));
         }
         if (limit >= 0 && s.size() > limit) s.tokens.resize(static_cast<std::size_t>(limit));
         s.personal.assign(s.tokens.size(), 0);
