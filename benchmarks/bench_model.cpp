@@ -1,10 +1,14 @@
 // Whole-model benchmarks: one CoMiGS fine-tuning step of a real-shaped model with random weights, the
 // evaluation forward, and the new whole-model kernels against what they replace, in one run.
 //
-//   model_step/fp32/gpt2_124m    forward, backward, AdamW on the attention LoRA and the mixtures:
-//                                batch 8 x 128 tokens, 2 experts (1G1S) top-2 rank 8 on every MLP, LoRA
-//                                rank 8 on c_attn and c_proj, cross-entropy over 50257 tokens
-//   model_fwd/fp32/gpt2_124m     evaluation forward with the loss (8 x 128)
+//   model_step/{fp32,bf16}/{gpt2_124m,smollm2_135m}   forward, backward, AdamW on the attention LoRA
+//        and the mixtures: batch 8 x 128 tokens, 2 experts (1G1S) top-2 rank 8 on every MLP, LoRA rank 8
+//        on the attention projections (GPT-2 c_attn, c_proj; Llama q, k, v, o), cross-entropy over the
+//        whole vocabulary; frozen base of random weights in fp32 or bf16 (bf16 products). /one_thread:
+//        the fp32 step on one thread (thread scaling)
+//   model_fwd/{fp32,bf16}/<host>   evaluation forward with the loss (evaluate_loss, 8 x 128)
+//   model_decode/{mixture,lora}/fp32/<host>   one new token, KV cache holding 512..527 tokens: the
+//        mixture model, and the same model with one expert (plain LoRA on the MLPs)
 //   attention_fwd_bwd/{flash,probs}/gpt2_124m   one layer's causal attention, forward + backward
 //   lm_head_ce/{chunked,logits}/gpt2_124m       LM head + cross-entropy + its input gradient
 // items_per_second = tokens/s. Counter peak_heap_MB: heap bytes of the case (model, activations,
@@ -35,6 +39,12 @@ namespace cm = comigs::models;
 struct StepShape {
     static constexpr Index B = 8, T = 128, experts = 2, top_k = 2, rank = 8;
 };
+/// Decode: one new token after `context` cached ones; the cache is refilled every `steps` tokens.
+struct DecodeShape {
+    static constexpr Index context = 512, steps = 16;
+};
+
+enum class Host { gpt2_124m, smollm2_135m };
 
 cm::Gpt2Config gpt2_124m() {
     cm::Gpt2Config c;
@@ -46,6 +56,88 @@ cm::Gpt2Config gpt2_124m() {
     return c;
 }
 
+cm::LlamaConfig smollm2_135m() {
+    cm::LlamaConfig c;
+    c.vocab = 49152;
+    c.d_model = 576;
+    c.n_layer = 30;
+    c.n_head = 9;
+    c.n_kv_head = 3;
+    c.mlp_hidden = 1536;
+    c.max_positions = 2048;
+    c.rms_eps = 1e-5;
+    c.rope_theta = 100000;
+    c.tie_word_embeddings = true;
+    return c;
+}
+
+/// Every tensor of the host under Hugging Face names, random (matrices N(0, 0.02), norms 1, biases 0),
+/// stored as `type` (F32, or BF16 for the bf16 frozen base, read in place).
+std::shared_ptr<cm::MemorySource> random_source(Host host, cm::ElementType type) {
+    auto src = std::make_shared<cm::MemorySource>("random weights");
+    Rng rng(24);
+    const auto add = [&](const std::string& name, std::vector<Index> shape, double fill = -1) {
+        Index n = 1;
+        for (Index x : shape) n *= x;
+        std::vector<float> v(static_cast<std::size_t>(n));
+        if (fill >= 0)
+            std::fill(v.begin(), v.end(), float(fill));
+        else
+            for (float& x : v) x = float(rng.normal(0.0, 0.02));
+        src->add(name, std::move(shape), std::span<const float>(v), type);
+    };
+    if (host == Host::gpt2_124m) {
+        const auto c = gpt2_124m();
+        const Index d = c.d_model, h = c.hidden();
+        add("wte.weight", {c.vocab, d});
+        add("wpe.weight", {c.n_ctx, d});
+        add("ln_f.weight", {d}, 1);
+        add("ln_f.bias", {d}, 0);
+        for (Index l = 0; l < c.n_layer; ++l) {
+            const auto n = [l](const char* t) { return cm::layer_name(l, t); };
+            add(n("ln_1.weight"), {d}, 1);
+            add(n("ln_1.bias"), {d}, 0);
+            add(n("ln_2.weight"), {d}, 1);
+            add(n("ln_2.bias"), {d}, 0);
+            add(n("attn.c_attn.weight"), {d, 3 * d});  // Conv1D: [in, out]
+            add(n("attn.c_attn.bias"), {3 * d}, 0);
+            add(n("attn.c_proj.weight"), {d, d});
+            add(n("attn.c_proj.bias"), {d}, 0);
+            add(n("mlp.c_fc.weight"), {d, h});
+            add(n("mlp.c_fc.bias"), {h}, 0);
+            add(n("mlp.c_proj.weight"), {h, d});
+            add(n("mlp.c_proj.bias"), {d}, 0);
+        }
+    } else {
+        const auto c = smollm2_135m();
+        const Index d = c.d_model, qw = c.n_head * c.hd(), kvw = c.kv_heads() * c.hd(), h = c.mlp_hidden;
+        add("model.embed_tokens.weight", {c.vocab, d});
+        add("model.norm.weight", {d}, 1);
+        for (Index l = 0; l < c.n_layer; ++l) {
+            const auto n = [l](const char* t) { return cm::llama_layer_name(l, t); };
+            add(n("input_layernorm.weight"), {d}, 1);
+            add(n("post_attention_layernorm.weight"), {d}, 1);
+            add(n("self_attn.q_proj.weight"), {qw, d});
+            add(n("self_attn.k_proj.weight"), {kvw, d});
+            add(n("self_attn.v_proj.weight"), {kvw, d});
+            add(n("self_attn.o_proj.weight"), {d, qw});
+            add(n("mlp.gate_proj.weight"), {h, d});
+            add(n("mlp.up_proj.weight"), {h, d});
+            add(n("mlp.down_proj.weight"), {d, h});
+        }
+    }
+    return src;
+}
+
+/// The frozen host over random weights: fp32 matrices, or bf16 ones with bf16 products.
+std::unique_ptr<cm::CausalLm<float>> random_host(Host host, bool bf16) {
+    const auto src = random_source(host, bf16 ? cm::ElementType::bf16 : cm::ElementType::f32);
+    cm::WeightOptions options;
+    options.keep_bf16 = true;
+    if (host == Host::gpt2_124m) return cm::load_gpt2<float>(src, gpt2_124m(), options);
+    return std::make_unique<cm::Llama<float>>(cm::load_llama_weights<float>(src, smollm2_135m(), options));
+}
+
 /// Sets every LoRA B (zero after init) to small random values, so that no work is skipped for zeros.
 void randomize_b(ParamBuffer<float>& p, Rng& rng) {
     for (const auto& s : p.layout().tensors())
@@ -53,34 +145,33 @@ void randomize_b(ParamBuffer<float>& p, Rng& rng) {
             for (float& v : p.span(s.name)) v = static_cast<float>(rng.normal(0.0, 0.01));
 }
 
-/// A GPT-2 CoMiGS model with random weights, its mixtures, an AdamW over every adapter and a batch.
-struct Gpt2Mixture {
-    std::unique_ptr<cm::Gpt2<float>> model;
+/// A CoMiGS model on a random frozen host: attention LoRA, a mixture of LoRA experts on every MLP
+/// (`experts` = 1, top-1: plain LoRA on the MLP, the decode baseline), AdamW over every adapter, a batch.
+struct CoMiGSModel {
+    std::unique_ptr<cm::CausalLm<float>> model;
     std::vector<std::shared_ptr<MixtureOfLoraMlp<float>>> mixtures;
     std::unique_ptr<AdamW<float>> opt;
     std::vector<int> tokens, targets;
 
-    explicit Gpt2Mixture(const cm::Gpt2Config& c) {
+    CoMiGSModel(Host host, bool bf16, Index experts = StepShape::experts, Index top_k = StepShape::top_k) {
         using S = StepShape;
-        Rng rng(24);
-        model = std::make_unique<cm::Gpt2<float>>(c);
-        model->init_weights(rng);
+        model = random_host(host, bf16);
+        Rng rng(25);
         model->add_attention_lora({S::rank, 16.0, LoraScaling::sqrt}, rng);
         randomize_b(model->lora(), rng);
-        model->set_train_mode(cm::TrainMode::frozen_base);
         std::vector<ParamBinding<float>> bindings{bind("attention", model->lora(), model->lora_grads())};
-        for (Index l = 0; l < c.n_layer; ++l) {
+        for (Index l = 0; l < model->n_layer(); ++l) {
             MixtureConfig mc;
-            mc.form = MlpForm::gelu;
-            mc.d_model = c.d_model;
-            mc.d_hidden = c.hidden();
-            mc.n_experts = S::experts;
-            mc.top_k = S::top_k;
+            mc.form = model->mlp_form();
+            mc.d_model = model->d_model();
+            mc.d_hidden = model->mlp_hidden();
+            mc.n_experts = experts;
+            mc.top_k = top_k;
             mc.rank = S::rank;
-            auto mix = std::make_shared<MixtureOfLoraMlp<float>>(mc, cm::frozen_mlp(*model, l));
+            auto mix = std::make_shared<MixtureOfLoraMlp<float>>(mc, model->frozen_mlp(l));
             mix->init(rng);
             randomize_b(mix->params(), rng);
-            model->set_mlp(l, std::make_unique<cm::MixtureMlp<float>>(mix, 0.01 / double(c.n_layer)));
+            model->set_mlp(l, std::make_unique<cm::MixtureMlp<float>>(mix, 0.01 / double(model->n_layer())));
             bindings.push_back(bind("mlp" + std::to_string(l), mix->params(), mix->grads()));
             mixtures.push_back(std::move(mix));
         }
@@ -89,59 +180,88 @@ struct Gpt2Mixture {
              .bindings = std::move(bindings),
              .lr = LrSchedule::constant(1e-4),
              .options = {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.01}}});
-        tokens.resize(static_cast<std::size_t>(S::B * S::T));
-        targets.resize(tokens.size());
-        for (int& t : tokens) t = static_cast<int>(rng.below(static_cast<std::uint64_t>(c.vocab)));
-        for (int& t : targets) t = static_cast<int>(rng.below(static_cast<std::uint64_t>(c.vocab)));
+        tokens.resize(static_cast<std::size_t>(std::max(S::B * S::T, DecodeShape::context + DecodeShape::steps)));
+        targets.resize(static_cast<std::size_t>(S::B * S::T));
+        const auto V = static_cast<std::uint64_t>(model->vocab());
+        for (int& t : tokens) t = static_cast<int>(rng.below(V));
+        for (int& t : targets) t = static_cast<int>(rng.below(V));
     }
 
+    std::span<const int> batch() const { return {tokens.data(), static_cast<std::size_t>(StepShape::B * StepShape::T)}; }
     void step() {
         model->zero_grad();
         for (auto& m : mixtures) m->zero_grad();
-        model->forward(tokens, targets, StepShape::B, StepShape::T, true);
+        model->forward(batch(), targets, StepShape::B, StepShape::T, true);
         model->backward();
         opt->step();
     }
-    float eval_forward() { return model->forward(tokens, targets, StepShape::B, StepShape::T, false); }
+    double eval_forward() { return model->evaluate_loss(batch(), targets, StepShape::B, StepShape::T); }
+    /// Empties the cache and fills it with a prompt of `context` tokens.
+    void prefill() {
+        model->reset_cache(DecodeShape::context + DecodeShape::steps);
+        model->decode(std::span<const int>(tokens.data(), static_cast<std::size_t>(DecodeShape::context)));
+    }
 };
 
-void report_heap(benchmark::State& state, long long start) {
-    state.counters["peak_heap_MB"] = double(heap_peak() - start) / double(1 << 20);
+/// Peak heap of the case above `before` (taken before the model was built): the model's own memory
+/// (weights, adapters, optimiser state) and its working memory; the peak is reset after building, so
+/// the transient copies of making random weights are not in it.
+void report_heap(benchmark::State& state, long long before) {
+    state.counters["peak_heap_MB"] = double(heap_peak() - before) / double(1 << 20);
 }
 
-// Kernel: the whole CoMiGS step (Gpt2 forward + backward with MixtureMlp blocks, AdamW).
-void model_step(benchmark::State& state, const cm::Gpt2Config& c) {
+// Kernel: one CoMiGS fine-tuning step (forward, backward, AdamW on the LoRA adapters and routers).
+void model_step(benchmark::State& state, Host host, bool bf16) {
+    const long long before = heap_current();
+    CoMiGSModel m(host, bf16);
     heap_reset_peak();
-    const long long start = heap_current();
-    Gpt2Mixture m(c);
     m.step();  // warm-up: buffers sized, pages touched
     for (auto _ : state) m.step();
     state.SetItemsProcessed(state.iterations() * StepShape::B * StepShape::T);
-    report_heap(state, start);
+    report_heap(state, before);
 }
 
 // Kernel: model_step on one thread, set inside the case: with random interleaving its repetitions
 // alternate with the all-threads case's in one process (the thread scaling figure).
-void model_step_one_thread(benchmark::State& state, const cm::Gpt2Config& c) {
+void model_step_one_thread(benchmark::State& state, Host host, bool bf16) {
 #ifdef _OPENMP
     const int saved = omp_get_max_threads();
     omp_set_num_threads(1);
 #endif
-    model_step(state, c);
+    model_step(state, host, bf16);
 #ifdef _OPENMP
     omp_set_num_threads(saved);
 #endif
 }
 
-// Kernel: Gpt2::forward in evaluation mode, with the loss.
-void model_fwd(benchmark::State& state, const cm::Gpt2Config& c) {
+// Kernel: the evaluation forward with the loss (CausalLm::evaluate_loss: head in vocabulary chunks).
+void model_fwd(benchmark::State& state, Host host, bool bf16) {
+    const long long before = heap_current();
+    CoMiGSModel m(host, bf16);
     heap_reset_peak();
-    const long long start = heap_current();
-    Gpt2Mixture m(c);
     benchmark::DoNotOptimize(m.eval_forward());
     for (auto _ : state) benchmark::DoNotOptimize(m.eval_forward());
     state.SetItemsProcessed(state.iterations() * StepShape::B * StepShape::T);
-    report_heap(state, start);
+    report_heap(state, before);
+}
+
+// Kernel: one new token with the KV cache holding 512..527 tokens (refilled, untimed, every 16), for the
+// mixture model (2 experts, top-2) or the same model with plain LoRA on its MLPs (1 expert).
+void model_decode(benchmark::State& state, Host host, Index experts) {
+    CoMiGSModel m(host, false, experts, std::min<Index>(experts, StepShape::top_k));
+    m.prefill();
+    Index next = DecodeShape::context;
+    for (auto _ : state) {
+        if (next == DecodeShape::context + DecodeShape::steps) {
+            state.PauseTiming();
+            m.prefill();
+            next = DecodeShape::context;
+            state.ResumeTiming();
+        }
+        benchmark::DoNotOptimize(m.model->decode(std::span<const int>(&m.tokens[static_cast<std::size_t>(next)], 1)).data());
+        ++next;
+    }
+    state.SetItemsProcessed(state.iterations());
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -243,18 +363,24 @@ void lm_head_logits(benchmark::State& state) {
     report_heap(state, start);
 }
 
-BENCHMARK_CAPTURE(model_step, fp32/gpt2_124m, gpt2_124m())
-    ->Name("model_step/fp32/gpt2_124m")
-    ->Unit(benchmark::kMillisecond)
-    ->UseRealTime();
-BENCHMARK_CAPTURE(model_step_one_thread, fp32/gpt2_124m, gpt2_124m())
-    ->Name("model_step/fp32/gpt2_124m/one_thread")
-    ->Unit(benchmark::kMillisecond)
-    ->UseRealTime();
-BENCHMARK_CAPTURE(model_fwd, fp32/gpt2_124m, gpt2_124m())
-    ->Name("model_fwd/fp32/gpt2_124m")
-    ->Unit(benchmark::kMillisecond)
-    ->UseRealTime();
+#define COMIGS_MODEL_CASES(host)                                                                           \
+    BENCHMARK_CAPTURE(model_step, fp32_##host, Host::host, false)                                          \
+        ->Name("model_step/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                   \
+    BENCHMARK_CAPTURE(model_step_one_thread, fp32_##host, Host::host, false)                               \
+        ->Name("model_step/fp32/" #host "/one_thread")->Unit(benchmark::kMillisecond)->UseRealTime();     \
+    BENCHMARK_CAPTURE(model_step, bf16_##host, Host::host, true)                                           \
+        ->Name("model_step/bf16/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                   \
+    BENCHMARK_CAPTURE(model_fwd, fp32_##host, Host::host, false)                                           \
+        ->Name("model_fwd/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                    \
+    BENCHMARK_CAPTURE(model_fwd, bf16_##host, Host::host, true)                                            \
+        ->Name("model_fwd/bf16/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                    \
+    BENCHMARK_CAPTURE(model_decode, mixture_##host, Host::host, StepShape::experts)                       \
+        ->Name("model_decode/mixture/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();         \
+    BENCHMARK_CAPTURE(model_decode, lora_##host, Host::host, 1)                                           \
+        ->Name("model_decode/lora/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime()
+
+COMIGS_MODEL_CASES(gpt2_124m);
+COMIGS_MODEL_CASES(smollm2_135m);
 BENCHMARK(attention_flash)->Name("attention_fwd_bwd/flash/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(attention_probs)->Name("attention_fwd_bwd/probs/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(lm_head_chunked)->Name("lm_head_ce/chunked/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();
