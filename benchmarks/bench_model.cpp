@@ -7,6 +7,7 @@
 //        whole vocabulary; frozen base of random weights in fp32 or bf16 (bf16 products). /one_thread:
 //        the fp32 step on one thread (thread scaling)
 //   model_fwd/{fp32,bf16}/<host>   evaluation forward with the loss (evaluate_loss, 8 x 128)
+//   model_phases/{fp32,bf16}/<host>   the step with the hosts' phase timers: ms per phase and pass
 //   model_decode/{mixture,lora}/fp32/<host>   one new token, KV cache holding 512..527 tokens: the
 //        mixture model, and the same model with one expert (plain LoRA on the MLPs)
 //   attention_fwd_bwd/{flash,probs}/gpt2_124m   one layer's causal attention, forward + backward
@@ -21,7 +22,10 @@
 #include <comigs/models.hpp>
 #include <comigs/models/mixture_mlp.hpp>
 #include <comigs/optim.hpp>
+#include <comigs/profile.hpp>
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -129,8 +133,16 @@ std::shared_ptr<cm::MemorySource> random_source(Host host, cm::ElementType type)
     return src;
 }
 
-/// The frozen host over random weights: fp32 matrices, or bf16 ones with bf16 products.
+/// The frozen host over random weights: fp32 matrices, or bf16 ones with bf16 products. The fp32 GPT-2
+/// is a trainable model's weights shared by a frozen one (its init, one copy: loading HF's Conv1D
+/// tensors would keep the source beside the transposed matrices).
 std::unique_ptr<cm::CausalLm<float>> random_host(Host host, bool bf16) {
+    if (host == Host::gpt2_124m && !bf16) {
+        cm::Gpt2<float> trainable(gpt2_124m());
+        Rng rng(24);
+        trainable.init_weights(rng);
+        return trainable.share_base();  // keeps the parameter buffer alive; the gradients go
+    }
     const auto src = random_source(host, bf16 ? cm::ElementType::bf16 : cm::ElementType::f32);
     cm::WeightOptions options;
     options.keep_bf16 = true;
@@ -243,6 +255,32 @@ void model_fwd(benchmark::State& state, Host host, bool bf16) {
     for (auto _ : state) benchmark::DoNotOptimize(m.eval_forward());
     state.SetItemsProcessed(state.iterations() * StepShape::B * StepShape::T);
     report_heap(state, before);
+}
+
+// Kernel: model_step with the hosts' phase timers on (comigs/profile.hpp): counters <pass>_<phase>_ms
+// per step, and other_ms (AdamW, zeroing, what no phase covers). The timers add little; the phase
+// table of docs/performance.md comes from here.
+void model_phases(benchmark::State& state, Host host, bool bf16) {
+    CoMiGSModel m(host, bf16);
+    m.step();
+    profile::reset();
+    profile::enable(true);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (auto _ : state) m.step();
+    const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    profile::enable(false);
+    const double steps = double(std::max<benchmark::IterationCount>(state.iterations(), 1));
+    double covered = 0;
+    for (int p = 0; p < profile::phase_count; ++p)
+        for (const auto pass : {profile::Pass::forward, profile::Pass::backward}) {
+            const double sec = profile::seconds(profile::Phase(p), pass);
+            covered += sec;
+            if (sec > 0)
+                state.counters[std::string(pass == profile::Pass::forward ? "fwd_" : "bwd_") +
+                               profile::to_string(profile::Phase(p)) + "_ms"] = sec / steps * 1e3;
+        }
+    state.counters["other_ms"] = (total - covered) / steps * 1e3;
+    state.SetItemsProcessed(state.iterations() * StepShape::B * StepShape::T);
 }
 
 // Kernel: one new token with the KV cache holding 512..527 tokens (refilled, untimed, every 16), for the
@@ -374,6 +412,10 @@ void lm_head_logits(benchmark::State& state) {
         ->Name("model_fwd/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                    \
     BENCHMARK_CAPTURE(model_fwd, bf16_##host, Host::host, true)                                            \
         ->Name("model_fwd/bf16/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                    \
+    BENCHMARK_CAPTURE(model_phases, fp32_##host, Host::host, false)                                        \
+        ->Name("model_phases/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                 \
+    BENCHMARK_CAPTURE(model_phases, bf16_##host, Host::host, true)                                         \
+        ->Name("model_phases/bf16/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                 \
     BENCHMARK_CAPTURE(model_decode, mixture_##host, Host::host, StepShape::experts)                       \
         ->Name("model_decode/mixture/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();         \
     BENCHMARK_CAPTURE(model_decode, lora_##host, Host::host, 1)                                           \
