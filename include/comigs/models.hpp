@@ -21,6 +21,7 @@
 #include "models/hf_gpt2.hpp"
 #include "models/hf_model.hpp"
 #include "models/layers.hpp"
+#include "models/lm_head.hpp"
 #include "models/llama.hpp"
 #include "models/mixture_mlp.hpp"
 #include "models/mlp_block.hpp"

@@ -174,4 +174,32 @@ inline T dot(const T* x, const T* y, Index n) {
     return s;
 }
 
+/// x[i] = exp(x[i] - shift) for n elements, returning their sum: a softmax row's numerators. Every
+/// element goes through the vector exp, the tail padded into one batch; the sum is taken in T lanes,
+/// then across them, then over the tail (a fixed order).
+template <class T>
+inline T exp_shifted_sum(T* x, Index n, T shift) {
+    using B = simd::batch<T>;
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    const B sh(shift);
+    B acc(T(0));
+    Index i = 0;
+    for (; i + w <= n; i += w) {
+        const B e = simd::exp(simd::load(x + i) - sh);
+        simd::store(x + i, e);
+        acc = acc + e;
+    }
+    T sum = simd::reduce_add(acc);
+    if (i < n) {
+        std::array<T, simd::width<T>> tmp{};
+        std::copy(x + i, x + n, tmp.begin());
+        simd::store(tmp.data(), simd::exp(simd::load(tmp.data()) - sh));
+        for (Index t = 0; t < n - i; ++t) {
+            x[i + t] = tmp[static_cast<std::size_t>(t)];
+            sum += tmp[static_cast<std::size_t>(t)];
+        }
+    }
+    return sum;
+}
+
 }  // namespace comigs::kernels

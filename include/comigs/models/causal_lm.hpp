@@ -83,7 +83,8 @@ public:
                       bool training = true) = 0;
     /// Accumulates the gradients of the last training forward into lora_grads() and the MLP plug-ins.
     virtual void backward() = 0;
-    /// Logits [B*T, vocab] of the last forward.
+    /// Logits [B*T, vocab] of the last forward; empty after a training forward with targets over a frozen
+    /// base, which runs the LM head and the loss in vocabulary chunks and keeps no logits.
     virtual ConstMatrixView<T> logits() const = 0;
     virtual T last_ce_loss() const = 0;
     virtual T last_aux_loss() const = 0;

@@ -27,7 +27,11 @@
 #include <comigs/params.hpp>
 #include <comigs/random.hpp>
 
+#include <comigs/kernels/attention.hpp>
+#include <comigs/profile.hpp>
+
 #include "attention.hpp"
+#include "lm_head.hpp"
 #include "causal_lm.hpp"
 #include "layers.hpp"
 #include "mlp_block.hpp"
@@ -305,13 +309,23 @@ public:
     /// an inference forward keeps one block's worth.
     T forward(std::span<const int> tokens, std::span<const int> targets, Index B, Index Tn,
               bool training = true) override {
-        begin(tokens, targets, B, Tn, training, true);
+        // A frozen base's training forward runs the head and the loss in vocabulary chunks and computes
+        // the loss's gradient at the final norm's output at once: no [B*T, vocab] logits are kept.
+        const bool fused_head = training && !targets.empty() && mode_ == TrainMode::frozen_base;
+        begin(tokens, targets, B, Tn, training, !fused_head);
         run_layers();
         const Index N = B * Tn, d = cfg_.d_model, V = cfg_.vocab;
-        linear_fwd(w_->wte, mat(a_.logits, N, V), mat(a_.lnf, N, d), /*bias=*/false);
-
         aux_ = T(0);
         for (const auto& m : mlps_) aux_ += m->aux_loss();
+        profile::Scope scope(profile::Phase::head);
+        if (fused_head) {
+            const auto dlnf = mat(a_.dlnf, N, d);
+            eigen(dlnf).setZero();
+            ce_ = T(frozen_head_cross_entropy(w_->wte, dlnf, mat(a_.lnf, N, d), targets_.data(), T(1) / T(N)) /
+                    double(N));
+            return ce_ + aux_;
+        }
+        linear_fwd(w_->wte, mat(a_.logits, N, V), mat(a_.lnf, N, d), /*bias=*/false);
         if (targets_.empty()) return ce_ = std::numeric_limits<T>::quiet_NaN();
         ce_ = crossentropy_forward(a_.lse, mat(a_.logits, N, V), targets_.data());
         return ce_ + aux_;
@@ -321,18 +335,10 @@ public:
         require(!targets.empty(), "evaluate_loss: needs targets");
         begin(tokens, targets, B, Tn, false, false);
         run_layers();
-        const Index N = B * Tn, d = cfg_.d_model, V = cfg_.vocab;
-        // The head on blocks of rows: [block, vocab] logits at a time, never [N, vocab].
-        const Index block = std::max<Index>(1, std::min<Index>(N, (Index(1) << 22) / V));
-        if (static_cast<Index>(head_buf_.size()) < block * V) head_buf_.resize(static_cast<std::size_t>(block * V));
-        std::vector<T> lse(static_cast<std::size_t>(block));
-        double total = 0;
-        for (Index r0 = 0; r0 < N; r0 += block) {
-            const Index rows = std::min(block, N - r0);
-            const MatrixView<T> L(head_buf_.data(), rows, V);
-            linear_fwd(w_->wte, L, ConstMatrixView<T>(a_.lnf + r0 * d, rows, d), false);
-            total += double(crossentropy_forward(lse.data(), ConstMatrixView<T>(L), targets_.data() + r0)) * double(rows);
-        }
+        const Index N = B * Tn, d = cfg_.d_model;
+        // The head in vocabulary chunks: never [N, vocab] logits.
+        profile::Scope scope(profile::Phase::head);
+        const double total = frozen_head_cross_entropy(w_->wte, MatrixView<T>(), mat(a_.lnf, N, d), targets_.data(), T(0));
         ce_ = T(total / double(N));
         aux_ = T(0);
         return total / double(N);
@@ -348,37 +354,63 @@ public:
         const GradActs& g = g_;
         const auto dres = mat(g.dres, N, d), dln = mat(g.dln, N, d);
 
-        eigen(mat(g.dlogits, N, V)).setZero();
-        crossentropy_backward(mat(g.dlogits, N, V), mat(a_.logits, N, V), a_.lse, targets_.data(), T(1));
-        eigen(dln).setZero();
-        linear_bwd(w_->wte, dln, G("wte.weight"), nullptr, mat(g.dlogits, N, V), mat(a_.lnf, N, d));
+        // dhead: dLoss/d(final norm output); the fused head computed it in the forward.
+        MatrixView<T> dhead = head_fused_ ? mat(a_.dlnf, N, d) : dln;
+        if (!head_fused_) {
+            profile::Scope scope(profile::Phase::head, profile::Pass::backward);
+            eigen(mat(g.dlogits, N, V)).setZero();
+            crossentropy_backward(mat(g.dlogits, N, V), mat(a_.logits, N, V), a_.lse, targets_.data(), T(1));
+            eigen(dln).setZero();
+            linear_bwd(w_->wte, dln, G("wte.weight"), nullptr, mat(g.dlogits, N, V), mat(a_.lnf, N, d));
+        }
         eigen(dres).setZero();
-        layernorm_backward(dres, G("ln_f.weight").data, G("ln_f.bias").data, dln, mat(a_.res.back(), N, d),
+        layernorm_backward(dres, G("ln_f.weight").data, G("ln_f.bias").data, dhead, mat(a_.res.back(), N, d),
                            a_.lnf_mean, a_.lnf_rstd, w_->lnf_w.data());
+        const kernels::AttentionShape shape = attention_shape(B, Tn, Tn);
 
         for (Index l = cfg_.n_layer - 1; l >= 0; --l) {
             const LayerActs& a = a_.layer[static_cast<std::size_t>(l)];
             const auto& lw = w_->layers[static_cast<std::size_t>(l)];
             // dres holds dLoss/d(block output); the residual passes it straight through to the block input.
             eigen(dln).setZero();
-            mlps_[static_cast<std::size_t>(l)]->backward(dln, dres, mat(a.ln2, N, d));
-            layernorm_backward(dres, gl(l, "ln_2.weight"), gl(l, "ln_2.bias"), dln, mat(a.mid, N, d), a.ln2_mean,
-                               a.ln2_rstd, lw.ln2_w.data());
+            {
+                profile::Scope scope(profile::Phase::mlp, profile::Pass::backward);
+                mlps_[static_cast<std::size_t>(l)]->backward(dln, dres, mat(a.ln2, N, d));
+            }
+            {
+                profile::Scope scope(profile::Phase::norm, profile::Pass::backward);
+                layernorm_backward(dres, gl(l, "ln_2.weight"), gl(l, "ln_2.bias"), dln, mat(a.mid, N, d), a.ln2_mean,
+                                   a.ln2_rstd, lw.ln2_w.data());
+            }
             eigen(mat(g.datty, N, d)).setZero();
-            projection_backward(l, "attn.c_proj.", lw.c_proj, mat(g.datty, N, d), dres, mat(a.atty, N, d), a.xa_proj,
-                                mat(g.dxa, N, r));
+            {
+                profile::Scope scope(profile::Phase::out_proj, profile::Pass::backward);
+                projection_backward(l, "attn.c_proj.", lw.c_proj, mat(g.datty, N, d), dres, mat(a.atty, N, d),
+                                    a.xa_proj, mat(g.dxa, N, r));
+            }
             eigen(mat(g.dqkv, N, 3 * d)).setZero();
-            attention_backward(mat(g.dqkv, N, 3 * d), mat(g.datty, N, d), mat(a.qkv, N, 3 * d), a.probs, B, Tn,
-                               cfg_.n_head);
+            {
+                profile::Scope scope(profile::Phase::attention, profile::Pass::backward);
+                const auto qkv = ConstMatrixView<T>(a.qkv, N, 3 * d);
+                const auto dqkv = mat(g.dqkv, N, 3 * d);
+                kernels::attention_backward(qkv_part(dqkv, 0), qkv_part(dqkv, 1), qkv_part(dqkv, 2),
+                                            ConstMatrixView<T>(g.datty, N, d), qkv_part(qkv, 0), qkv_part(qkv, 1),
+                                            qkv_part(qkv, 2), ConstMatrixView<T>(a.atty, N, d), a.lse, shape);
+            }
             // Below block 0's attention only the embeddings remain: frozen, they need no input gradient.
             const bool need_dx = base || l > 0;
             if (need_dx) eigen(dln).setZero();
-            projection_backward(l, "attn.c_attn.", lw.c_attn, need_dx ? dln : MatrixView<T>(), mat(g.dqkv, N, 3 * d),
-                                mat(a.ln1, N, d), a.xa_attn, mat(g.dxa, N, r));
-            if (need_dx)
+            {
+                profile::Scope scope(profile::Phase::qkv, profile::Pass::backward);
+                projection_backward(l, "attn.c_attn.", lw.c_attn, need_dx ? dln : MatrixView<T>(),
+                                    mat(g.dqkv, N, 3 * d), mat(a.ln1, N, d), a.xa_attn, mat(g.dxa, N, r));
+            }
+            if (need_dx) {
+                profile::Scope scope(profile::Phase::norm, profile::Pass::backward);
                 layernorm_backward(dres, gl(l, "ln_1.weight"), gl(l, "ln_1.bias"), dln,
                                    mat(a_.res[static_cast<std::size_t>(l)], N, d), a.ln1_mean, a.ln1_rstd,
                                    lw.ln1_w.data());
+            }
         }
         if (base) encoder_backward(G("wte.weight"), G("wpe.weight"), dres, tokens_.data(), B, Tn);
     }
@@ -427,7 +459,7 @@ public:
         const auto x = mat(b.x.data(), n, d), ln = mat(b.ln.data(), n, d), mid = mat(b.mid.data(), n, d),
                    qkv = mat(b.qkv.data(), n, 3 * d);
         embed(x, tokens, p0);
-        const AttentionHeads heads{cfg_.n_head, cfg_.n_head, cfg_.head_size()};
+        const kernels::AttentionShape shape = attention_shape(1, n, p0 + n);
         for (Index l = 0; l < cfg_.n_layer; ++l) {
             const auto& lw = w_->layers[static_cast<std::size_t>(l)];
             T* kc = cache_k_[static_cast<std::size_t>(l)].data();
@@ -438,9 +470,9 @@ public:
                 std::copy_n(qkv.row_ptr(i) + d, d, kc + (p0 + i) * d);
                 std::copy_n(qkv.row_ptr(i) + 2 * d, d, vc + (p0 + i) * d);
             }
-            causal_attention_forward(mat(b.att.data(), n, d), static_cast<T*>(nullptr),
-                                     ConstMatrixView<T>(qkv.data, n, d, 3 * d), ConstMatrixView<T>(kc, p0 + n, d),
-                                     ConstMatrixView<T>(vc, p0 + n, d), 1, n, p0 + n, heads);
+            kernels::attention_forward(mat(b.att.data(), n, d), static_cast<T*>(nullptr),
+                                       ConstMatrixView<T>(qkv.data, n, d, 3 * d), ConstMatrixView<T>(kc, p0 + n, d),
+                                       ConstMatrixView<T>(vc, p0 + n, d), shape);
             projection_forward(l, "attn.c_proj.", lw.c_proj, mid, mat(b.att.data(), n, d), b.xa.data());
             residual_forward(mid, ConstMatrixView<T>(x));
             layernorm_forward(ln, b.mean.data(), b.mean.data() + n, mid, lw.ln2_w.data(), lw.ln2_b.data());
@@ -460,12 +492,13 @@ public:
 
 private:
     struct LayerActs {
-        T *ln1, *ln1_mean, *ln1_rstd, *qkv, *probs, *atty, *mid, *ln2, *ln2_mean, *ln2_rstd, *xa_attn, *xa_proj;
+        T *ln1, *ln1_mean, *ln1_rstd, *qkv, *lse, *atty, *mid, *ln2, *ln2_mean, *ln2_rstd, *xa_attn, *xa_proj;
     };
     struct Acts {
         std::vector<T*> res;  ///< residual stream: res[0] embeddings, res[l + 1] output of block l
         std::vector<LayerActs> layer;
         T *lnf, *lnf_mean, *lnf_rstd, *logits, *lse;
+        T* dlnf;  ///< dLoss/d(lnf), computed by the fused head's training forward (else null)
     };
     struct GradActs {
         T *dres, *dln, *dqkv, *datty, *dxa, *dlogits;
@@ -505,28 +538,55 @@ private:
         T_ = Tn;
         training_ = training;
         keep_logits_ = keep_logits;
+        head_fused_ = training && !keep_logits;
         carve_acts(reserve(acts_buf_, carve_acts(nullptr)));
     }
 
     void run_layers() {
         const Index B = B_, Tn = T_, N = B * Tn, d = cfg_.d_model;
-        embed_batch(mat(a_.res[0], N, d));
+        {
+            profile::Scope scope(profile::Phase::embed);
+            embed_batch(mat(a_.res[0], N, d));
+        }
         for (Index l = 0; l < cfg_.n_layer; ++l) {
             const LayerActs& a = a_.layer[static_cast<std::size_t>(l)];
             const auto& lw = w_->layers[static_cast<std::size_t>(l)];
             const auto x = mat(a_.res[static_cast<std::size_t>(l)], N, d);
             // In inference res[l + 1] is res[l]: x is not read after mid is formed.
             const auto y = mat(a_.res[static_cast<std::size_t>(l) + 1], N, d);
-            layernorm_forward(mat(a.ln1, N, d), a.ln1_mean, a.ln1_rstd, x, lw.ln1_w.data(), lw.ln1_b.data());
-            projection_forward(l, "attn.c_attn.", lw.c_attn, mat(a.qkv, N, 3 * d), mat(a.ln1, N, d), a.xa_attn);
-            attention_forward(mat(a.atty, N, d), a.probs, mat(a.qkv, N, 3 * d), B, Tn, cfg_.n_head);
-            projection_forward(l, "attn.c_proj.", lw.c_proj, mat(a.mid, N, d), mat(a.atty, N, d), a.xa_proj);
-            residual_forward(mat(a.mid, N, d), x);
-            layernorm_forward(mat(a.ln2, N, d), a.ln2_mean, a.ln2_rstd, mat(a.mid, N, d), lw.ln2_w.data(),
-                              lw.ln2_b.data());
-            mlps_[static_cast<std::size_t>(l)]->forward(y, mat(a.ln2, N, d), training_);
+            {
+                profile::Scope scope(profile::Phase::norm);
+                layernorm_forward(mat(a.ln1, N, d), a.ln1_mean, a.ln1_rstd, x, lw.ln1_w.data(), lw.ln1_b.data());
+            }
+            {
+                profile::Scope scope(profile::Phase::qkv);
+                projection_forward(l, "attn.c_attn.", lw.c_attn, mat(a.qkv, N, 3 * d), mat(a.ln1, N, d), a.xa_attn);
+            }
+            {
+                profile::Scope scope(profile::Phase::attention);
+                const auto qkv = ConstMatrixView<T>(a.qkv, N, 3 * d);
+                kernels::attention_forward(mat(a.atty, N, d), training_ ? a.lse : static_cast<T*>(nullptr),
+                                           qkv_part(qkv, 0), qkv_part(qkv, 1), qkv_part(qkv, 2),
+                                           attention_shape(B, Tn, Tn));
+            }
+            {
+                profile::Scope scope(profile::Phase::out_proj);
+                projection_forward(l, "attn.c_proj.", lw.c_proj, mat(a.mid, N, d), mat(a.atty, N, d), a.xa_proj);
+            }
+            {
+                profile::Scope scope(profile::Phase::norm);
+                residual_forward(mat(a.mid, N, d), x);
+                layernorm_forward(mat(a.ln2, N, d), a.ln2_mean, a.ln2_rstd, mat(a.mid, N, d), lw.ln2_w.data(),
+                                  lw.ln2_b.data());
+            }
+            {
+                profile::Scope scope(profile::Phase::mlp);
+                mlps_[static_cast<std::size_t>(l)]->forward(y, mat(a.ln2, N, d), training_);
+            }
+            profile::Scope scope(profile::Phase::norm);
             residual_forward(y, mat(a.mid, N, d));
         }
+        profile::Scope scope(profile::Phase::norm);
         layernorm_forward(mat(a_.lnf, N, d), a_.lnf_mean, a_.lnf_rstd, mat(a_.res.back(), N, d), w_->lnf_w.data(),
                           w_->lnf_b.data());
     }
@@ -579,7 +639,7 @@ private:
             a.ln1_mean = c.take(N);
             a.ln1_rstd = c.take(N);
             a.qkv = c.take(N * 3 * d);
-            a.probs = c.take(B_ * cfg_.n_head * T_ * T_);
+            a.lse = c.take(B_ * cfg_.n_head * T_);
             a.atty = c.take(N * d);
             a.mid = c.take(N * d);
             a.ln2 = c.take(N * d);
@@ -594,13 +654,14 @@ private:
         a_.lnf_rstd = c.take(N);
         a_.logits = keep_logits_ ? c.take(N * cfg_.vocab) : nullptr;
         a_.lse = c.take(N);
+        a_.dlnf = head_fused_ ? c.take(N * d) : nullptr;
         return c.used;
     }
     Index carve_grad_acts(T* base) {
         Carver c{base};
         const Index N = B_ * T_, d = cfg_.d_model;
         g_ = {c.take(N * d), c.take(N * d), c.take(N * 3 * d), c.take(N * d), c.take(N * lora_rank()),
-              c.take(N * cfg_.vocab)};
+              c.take(head_fused_ ? 0 : N * cfg_.vocab)};
         return c.used;
     }
     static T* reserve(comigs::detail::aligned_vector<T>& buf, Index n) {
@@ -608,6 +669,14 @@ private:
         return buf.data();
     }
     static MatrixView<T> mat(T* p, Index rows, Index cols) { return {p, rows, cols}; }
+    /// Part i (0 q, 1 k, 2 v) of a packed [N, 3d] qkv matrix, as a strided view.
+    template <class U>
+    MatrixView<U> qkv_part(MatrixView<U> qkv, int i) const {
+        return {qkv.data + i * cfg_.d_model, qkv.rows, cfg_.d_model, qkv.stride};
+    }
+    kernels::AttentionShape attention_shape(Index B, Index n, Index L) const {
+        return {B, n, L, cfg_.n_head, cfg_.n_head, cfg_.head_size()};
+    }
 
     void check_tokens(std::span<const int> t, const char* what) const {
         for (std::size_t i = 0; i < t.size(); ++i)
@@ -676,8 +745,9 @@ private:
     std::vector<int> tokens_, targets_;
     Index B_ = 0, T_ = 0;
     bool training_ = false, keep_logits_ = true;
+    bool head_fused_ = false;  ///< the last forward ran the fused head (frozen base, training, targets)
     T ce_ = 0, aux_ = 0;
-    comigs::detail::aligned_vector<T> acts_buf_, grad_buf_, head_buf_;
+    comigs::detail::aligned_vector<T> acts_buf_, grad_buf_;
     Acts a_;
     GradActs g_{};
 

@@ -24,13 +24,16 @@
 
 #include <comigs/detail/aligned.hpp>
 #include <comigs/frozen.hpp>
+#include <comigs/kernels/attention.hpp>
 #include <comigs/kernels/bf16.hpp>
 #include <comigs/params.hpp>
+#include <comigs/profile.hpp>
 #include <comigs/random.hpp>
 
 #include "attention.hpp"
 #include "causal_lm.hpp"
 #include "layers.hpp"
+#include "lm_head.hpp"
 #include "mlp_block.hpp"
 #include "rope.hpp"
 #include "tensor_source.hpp"
@@ -255,13 +258,24 @@ public:
     void zero_grad() override { lora_grads_->zero(); }
 
     T forward(std::span<const int> tokens, std::span<const int> targets, Index B, Index Tn, bool training = true) override {
-        begin(tokens, targets, B, Tn, training);
+        // A training forward runs the head and the loss in vocabulary chunks and computes the loss's
+        // gradient at the final norm's output at once: no [B*T, vocab] logits are kept.
+        const bool fused_head = training && !targets.empty();
+        begin(tokens, targets, B, Tn, training, !fused_head);
         run_layers();
         const Index N = B * Tn, d = config().d_model, V = config().vocab;
         auto& a = acts_;
-        w_->head.forward(mat(a.logits, N, V), mat(a.fin, N, d));
         aux_ = T(0);
         for (const auto& m : mlps_) aux_ += m->aux_loss();
+        profile::Scope scope(profile::Phase::head);
+        if (fused_head) {
+            const auto dfin = mat(a.dfin, N, d);
+            eigen(dfin).setZero();
+            ce_ = T(frozen_head_cross_entropy(w_->head, dfin, mat(a.fin, N, d), targets_.data(), T(1) / T(N)) /
+                    double(N));
+            return ce_ + aux_;
+        }
+        w_->head.forward(mat(a.logits, N, V), mat(a.fin, N, d));
         if (targets_.empty()) return ce_ = std::numeric_limits<T>::quiet_NaN();
         ce_ = crossentropy_forward(a.lse, mat(a.logits, N, V), targets_.data());
         return ce_ + aux_;
@@ -271,18 +285,11 @@ public:
         require(!targets.empty(), "evaluate_loss: needs targets");
         begin(tokens, targets, B, Tn, false, /*keep_logits=*/false);
         run_layers();
-        const Index N = B * Tn, d = config().d_model, V = config().vocab;
-        // The head on blocks of rows: [block, vocab] logits at a time, never [N, vocab].
-        const Index block = std::max<Index>(1, std::min<Index>(N, (Index(1) << 22) / std::max<Index>(V, 1)));
-        if (static_cast<Index>(head_buf_.size()) < block * V) head_buf_.resize(static_cast<std::size_t>(block * V));
-        double total = 0;
-        std::vector<T> lse(static_cast<std::size_t>(block));
-        for (Index r0 = 0; r0 < N; r0 += block) {
-            const Index rows = std::min(block, N - r0);
-            const auto L = MatrixView<T>(head_buf_.data(), rows, V);
-            w_->head.forward(L, ConstMatrixView<T>(acts_.fin + r0 * d, rows, d));
-            total += double(crossentropy_forward(lse.data(), ConstMatrixView<T>(L), targets_.data() + r0)) * double(rows);
-        }
+        const Index N = B * Tn, d = config().d_model;
+        // The head in vocabulary chunks: never [N, vocab] logits.
+        profile::Scope scope(profile::Phase::head);
+        const double total =
+            frozen_head_cross_entropy(w_->head, MatrixView<T>(), mat(acts_.fin, N, d), targets_.data(), T(0));
         ce_ = T(total / double(N));
         aux_ = T(0);
         return total / double(N);
@@ -291,47 +298,68 @@ public:
     void backward() override {
         require(training_ && !targets_.empty(), "backward: the last forward must be a training forward with targets");
         const auto& c = config();
-        const Index N = B_ * T_, d = c.d_model, V = c.vocab, H = c.n_head, KV = c.kv_heads(), hd = c.hd(),
-                    r = lora_rank();
+        const Index N = B_ * T_, d = c.d_model, H = c.n_head, KV = c.kv_heads(), hd = c.hd(), r = lora_rank();
         carve_grads();
         const auto& g = grads_;
         const auto dres = mat(g.dres, N, d), dln = mat(g.dln, N, d);
         auto& a = acts_;
 
-        eigen(mat(g.dlogits, N, V)).setZero();
-        crossentropy_backward(mat(g.dlogits, N, V), mat(a.logits, N, V), a.lse, targets_.data(), T(1));
-        w_->head.backward_input(dln, mat(g.dlogits, N, V), false);
+        // The fused head of the training forward left dLoss/d(final norm output) in dfin.
         eigen(dres).setZero();
-        rmsnorm_backward(dres, static_cast<T*>(nullptr), dln, mat(res(c.n_layer), N, d), a.rstd_f, w_->final_norm.data());
+        rmsnorm_backward(dres, static_cast<T*>(nullptr), mat(a.dfin, N, d), mat(res(c.n_layer), N, d), a.rstd_f,
+                         w_->final_norm.data());
+        const kernels::AttentionShape shape = attention_shape(B_, T_, T_);
 
         for (Index l = c.n_layer - 1; l >= 0; --l) {
             const Layer& la = a.layer[static_cast<std::size_t>(l)];
             const auto& lw = w_->layers[static_cast<std::size_t>(l)];
             // dres: dLoss/d(block output); the residual passes it to the attention output (mid) as is.
             eigen(dln).setZero();
-            mlps_[static_cast<std::size_t>(l)]->backward(dln, dres, mat(la.mn, N, d));
-            rmsnorm_backward(dres, static_cast<T*>(nullptr), dln, mat(la.mid, N, d), la.rstd2, lw.mlp_norm.data());
+            {
+                profile::Scope scope(profile::Phase::mlp, profile::Pass::backward);
+                mlps_[static_cast<std::size_t>(l)]->backward(dln, dres, mat(la.mn, N, d));
+            }
+            {
+                profile::Scope scope(profile::Phase::norm, profile::Pass::backward);
+                rmsnorm_backward(dres, static_cast<T*>(nullptr), dln, mat(la.mid, N, d), la.rstd2, lw.mlp_norm.data());
+            }
             eigen(mat(g.datt, N, H * hd)).setZero();
-            proj_backward(lw.o, l, 3, mat(g.datt, N, H * hd), dres, mat(la.att, N, H * hd), la.xa[3], mat(g.dxa, N, r));
+            {
+                profile::Scope scope(profile::Phase::out_proj, profile::Pass::backward);
+                proj_backward(lw.o, l, 3, mat(g.datt, N, H * hd), dres, mat(la.att, N, H * hd), la.xa[3],
+                              mat(g.dxa, N, r));
+            }
             eigen(mat(g.dq, N, H * hd)).setZero();
             eigen(mat(g.dk, N, KV * hd)).setZero();
             eigen(mat(g.dv, N, KV * hd)).setZero();
-            causal_attention_backward(mat(g.dq, N, H * hd), mat(g.dk, N, KV * hd), mat(g.dv, N, KV * hd),
-                               mat(g.datt, N, H * hd), mat(la.q, N, H * hd), mat(la.k, N, KV * hd),
-                               mat(la.v, N, KV * hd), la.probs, B_, T_, c.heads());
-            // The rotation's backward is the rotation by the opposite angle.
-            const auto pos = [Tn = T_](Index i) { return i % Tn; };
-            rope_apply(mat(g.dq, N, H * hd), H, hd, rope_, pos, true);
-            rope_apply(mat(g.dk, N, KV * hd), KV, hd, rope_, pos, true);
+            {
+                profile::Scope scope(profile::Phase::attention, profile::Pass::backward);
+                kernels::attention_backward(mat(g.dq, N, H * hd), mat(g.dk, N, KV * hd), mat(g.dv, N, KV * hd),
+                                            ConstMatrixView<T>(g.datt, N, H * hd), ConstMatrixView<T>(la.q, N, H * hd),
+                                            ConstMatrixView<T>(la.k, N, KV * hd), ConstMatrixView<T>(la.v, N, KV * hd),
+                                            ConstMatrixView<T>(la.att, N, H * hd), la.lse, shape);
+            }
+            {
+                // The rotation's backward is the rotation by the opposite angle.
+                profile::Scope scope(profile::Phase::norm, profile::Pass::backward);
+                const auto pos = [Tn = T_](Index i) { return i % Tn; };
+                rope_apply(mat(g.dq, N, H * hd), H, hd, rope_, pos, true);
+                rope_apply(mat(g.dk, N, KV * hd), KV, hd, rope_, pos, true);
+            }
             // Below block 0's attention only the frozen embedding remains: no input gradient needed.
             const bool need_dx = l > 0;
             if (need_dx) eigen(dln).setZero();
             const MatrixView<T> dx = need_dx ? dln : MatrixView<T>();
-            proj_backward(lw.q, l, 0, dx, mat(g.dq, N, H * hd), mat(la.xn, N, d), la.xa[0], mat(g.dxa, N, r));
-            proj_backward(lw.k, l, 1, dx, mat(g.dk, N, KV * hd), mat(la.xn, N, d), la.xa[1], mat(g.dxa, N, r));
-            proj_backward(lw.v, l, 2, dx, mat(g.dv, N, KV * hd), mat(la.xn, N, d), la.xa[2], mat(g.dxa, N, r));
-            if (need_dx)
+            {
+                profile::Scope scope(profile::Phase::qkv, profile::Pass::backward);
+                proj_backward(lw.q, l, 0, dx, mat(g.dq, N, H * hd), mat(la.xn, N, d), la.xa[0], mat(g.dxa, N, r));
+                proj_backward(lw.k, l, 1, dx, mat(g.dk, N, KV * hd), mat(la.xn, N, d), la.xa[1], mat(g.dxa, N, r));
+                proj_backward(lw.v, l, 2, dx, mat(g.dv, N, KV * hd), mat(la.xn, N, d), la.xa[2], mat(g.dxa, N, r));
+            }
+            if (need_dx) {
+                profile::Scope scope(profile::Phase::norm, profile::Pass::backward);
                 rmsnorm_backward(dres, static_cast<T*>(nullptr), dln, mat(res(l), N, d), la.rstd1, lw.attn_norm.data());
+            }
         }
     }
 
@@ -396,9 +424,9 @@ public:
             const auto pos = [](Index i) { return i; };
             rope_apply(q, H, hd, table, pos);
             rope_apply(knew, KV, hd, table, pos);
-            causal_attention_forward(mat(b.att.data(), n, H * hd), static_cast<T*>(nullptr), ConstMatrixView<T>(q),
-                              ConstMatrixView<T>(kc, p0 + n, kvw), ConstMatrixView<T>(vc, p0 + n, kvw), 1, n, p0 + n,
-                              c.heads());
+            kernels::attention_forward(mat(b.att.data(), n, H * hd), static_cast<T*>(nullptr), ConstMatrixView<T>(q),
+                                       ConstMatrixView<T>(kc, p0 + n, kvw), ConstMatrixView<T>(vc, p0 + n, kvw),
+                                       attention_shape(1, n, p0 + n));
             proj_forward(lw.o, l, 3, mid, mat(b.att.data(), n, H * hd), b.xa.data());
             residual_forward(mid, ConstMatrixView<T>(x));
             rmsnorm_forward(xn, static_cast<T*>(nullptr), mid, lw.mlp_norm.data(), T(c.rms_eps));
@@ -417,16 +445,17 @@ public:
 
 private:
     struct Layer {
-        T *xn, *rstd1, *q, *k, *v, *probs, *att, *mid, *mn, *rstd2;
+        T *xn, *rstd1, *q, *k, *v, *lse, *att, *mid, *mn, *rstd2;
         T* xa[4];
     };
     struct Acts {
         std::vector<T*> res;  ///< residual stream: res[l] input of block l, res[L] the last output
         std::vector<Layer> layer;
         T *fin, *rstd_f, *logits, *lse;
+        T* dfin;  ///< dLoss/d(fin), computed by the fused head of a training forward (else null)
     };
     struct Grads {
-        T *dres, *dln, *dq, *dk, *dv, *datt, *dxa, *dlogits;
+        T *dres, *dln, *dq, *dk, *dv, *datt, *dxa;
     };
     struct DecodeBuffers {
         std::vector<T> x, xn, q, att, mid, xa, logits;
@@ -446,6 +475,10 @@ private:
     };
 
     static MatrixView<T> mat(T* p, Index rows, Index cols) { return {p, rows, cols}; }
+    kernels::AttentionShape attention_shape(Index B, Index n, Index L) const {
+        const auto& c = config();
+        return {B, n, L, c.n_head, c.kv_heads(), c.hd()};
+    }
     void check_layer(Index layer) const {
         require(layer >= 0 && layer < config().n_layer, "layer ", layer, ": out of range [0, ", config().n_layer, ")");
     }
@@ -519,7 +552,7 @@ private:
             a.q = c.take(N * qw);
             a.k = c.take(N * kvw);
             a.v = c.take(N * kvw);
-            a.probs = training_ ? c.take(B_ * cf.n_head * T_ * T_) : nullptr;
+            a.lse = training_ ? c.take(B_ * cf.n_head * T_) : nullptr;
             a.att = c.take(N * qw);
             a.mid = c.take(N * d);
             a.mn = c.take(N * d);
@@ -531,13 +564,14 @@ private:
         acts_.rstd_f = c.take(N);
         acts_.logits = keep_logits_ ? c.take(N * cf.vocab) : nullptr;
         acts_.lse = c.take(N);
+        acts_.dfin = training_ && !keep_logits_ ? c.take(N * d) : nullptr;
     }
     void carve_grads() {
         const auto& cf = config();
         const Index N = B_ * T_, d = cf.d_model, qw = cf.n_head * cf.hd(), kvw = cf.kv_heads() * cf.hd();
         const auto layout = [&](Carver& c) {
             grads_ = {c.take(N * d), c.take(N * d), c.take(N * qw), c.take(N * kvw), c.take(N * kvw), c.take(N * qw),
-                      c.take(N * lora_rank()), c.take(N * cf.vocab)};
+                      c.take(N * lora_rank())};
         };
         Carver count{nullptr};
         layout(count);
@@ -565,28 +599,54 @@ private:
     void run_layers() {
         const auto& c = config();
         const Index N = B_ * T_, d = c.d_model, H = c.n_head, KV = c.kv_heads(), hd = c.hd();
-        embed_rows(mat(res(0), N, d), tokens_);
+        {
+            profile::Scope scope(profile::Phase::embed);
+            embed_rows(mat(res(0), N, d), tokens_);
+        }
         const auto pos = [Tn = T_](Index i) { return i % Tn; };
         for (Index l = 0; l < c.n_layer; ++l) {
             const Layer& a = acts_.layer[static_cast<std::size_t>(l)];
             const auto& lw = w_->layers[static_cast<std::size_t>(l)];
             const auto x = mat(res(l), N, d);
-            rmsnorm_forward(mat(a.xn, N, d), a.rstd1, x, lw.attn_norm.data(), T(c.rms_eps));
-            proj_forward(lw.q, l, 0, mat(a.q, N, H * hd), mat(a.xn, N, d), a.xa[0]);
-            proj_forward(lw.k, l, 1, mat(a.k, N, KV * hd), mat(a.xn, N, d), a.xa[1]);
-            proj_forward(lw.v, l, 2, mat(a.v, N, KV * hd), mat(a.xn, N, d), a.xa[2]);
-            rope_apply(mat(a.q, N, H * hd), H, hd, rope_, pos);
-            rope_apply(mat(a.k, N, KV * hd), KV, hd, rope_, pos);
-            causal_attention_forward(mat(a.att, N, H * hd), a.probs, ConstMatrixView<T>(a.q, N, H * hd),
-                              ConstMatrixView<T>(a.k, N, KV * hd), ConstMatrixView<T>(a.v, N, KV * hd), B_, T_, T_,
-                              c.heads());
-            proj_forward(lw.o, l, 3, mat(a.mid, N, d), mat(a.att, N, H * hd), a.xa[3]);
-            residual_forward(mat(a.mid, N, d), ConstMatrixView<T>(x));
-            rmsnorm_forward(mat(a.mn, N, d), a.rstd2, mat(a.mid, N, d), lw.mlp_norm.data(), T(c.rms_eps));
+            {
+                profile::Scope scope(profile::Phase::norm);
+                rmsnorm_forward(mat(a.xn, N, d), a.rstd1, x, lw.attn_norm.data(), T(c.rms_eps));
+            }
+            {
+                profile::Scope scope(profile::Phase::qkv);
+                proj_forward(lw.q, l, 0, mat(a.q, N, H * hd), mat(a.xn, N, d), a.xa[0]);
+                proj_forward(lw.k, l, 1, mat(a.k, N, KV * hd), mat(a.xn, N, d), a.xa[1]);
+                proj_forward(lw.v, l, 2, mat(a.v, N, KV * hd), mat(a.xn, N, d), a.xa[2]);
+            }
+            {
+                profile::Scope scope(profile::Phase::norm);
+                rope_apply(mat(a.q, N, H * hd), H, hd, rope_, pos);
+                rope_apply(mat(a.k, N, KV * hd), KV, hd, rope_, pos);
+            }
+            {
+                profile::Scope scope(profile::Phase::attention);
+                kernels::attention_forward(mat(a.att, N, H * hd), a.lse, ConstMatrixView<T>(a.q, N, H * hd),
+                                           ConstMatrixView<T>(a.k, N, KV * hd), ConstMatrixView<T>(a.v, N, KV * hd),
+                                           attention_shape(B_, T_, T_));
+            }
+            {
+                profile::Scope scope(profile::Phase::out_proj);
+                proj_forward(lw.o, l, 3, mat(a.mid, N, d), mat(a.att, N, H * hd), a.xa[3]);
+            }
+            {
+                profile::Scope scope(profile::Phase::norm);
+                residual_forward(mat(a.mid, N, d), ConstMatrixView<T>(x));
+                rmsnorm_forward(mat(a.mn, N, d), a.rstd2, mat(a.mid, N, d), lw.mlp_norm.data(), T(c.rms_eps));
+            }
             const auto y = mat(res(l + 1), N, d);  // in inference the same buffer as x: x is no longer needed
-            mlps_[static_cast<std::size_t>(l)]->forward(y, mat(a.mn, N, d), training_);
+            {
+                profile::Scope scope(profile::Phase::mlp);
+                mlps_[static_cast<std::size_t>(l)]->forward(y, mat(a.mn, N, d), training_);
+            }
+            profile::Scope scope(profile::Phase::norm);
             residual_forward(y, ConstMatrixView<T>(a.mid, N, d));
         }
+        profile::Scope scope(profile::Phase::norm);
         rmsnorm_forward(mat(acts_.fin, N, d), acts_.rstd_f, mat(res(c.n_layer), N, d), w_->final_norm.data(),
                         T(c.rms_eps));
     }
@@ -633,7 +693,7 @@ private:
     Index B_ = 0, T_ = 0;
     bool training_ = false, keep_logits_ = true;
     T ce_ = 0, aux_ = 0;
-    comigs::detail::aligned_vector<T> acts_buf_, grad_buf_, head_buf_;
+    comigs::detail::aligned_vector<T> acts_buf_, grad_buf_;
     Acts acts_;
     Grads grads_{};
     RopeTable<T> rope_;

@@ -1,0 +1,432 @@
+// Whole-model benchmarks: one CoMiGS fine-tuning step of a real-shaped model with random weights, the
+// evaluation forward, and the new whole-model kernels against what they replace, in one run.
+//
+//   model_step/{fp32,bf16}/{gpt2_124m,smollm2_135m}   forward, backward, AdamW on the attention LoRA
+//        and the mixtures: batch 8 x 128 tokens, 2 experts (1G1S) top-2 rank 8 on every MLP, LoRA rank 8
+//        on the attention projections (GPT-2 c_attn, c_proj; Llama q, k, v, o), cross-entropy over the
+//        whole vocabulary; frozen base of random weights in fp32 or bf16 (bf16 products). /one_thread:
+//        the fp32 step on one thread (thread scaling)
+//   model_fwd/{fp32,bf16}/<host>   evaluation forward with the loss (evaluate_loss, 8 x 128)
+//   model_phases/{fp32,bf16}/<host>   the step with the hosts' phase timers: ms per phase and pass
+//   model_decode/{mixture,lora}/fp32/<host>   one new token, KV cache holding 512..527 tokens: the
+//        mixture model, and the same model with one expert (plain LoRA on the MLPs)
+//   attention_fwd_bwd/{flash,probs}/gpt2_124m   one layer's causal attention, forward + backward
+//   lm_head_ce/{chunked,logits}/gpt2_124m       LM head + cross-entropy + its input gradient
+// items_per_second = tokens/s. Counter peak_heap_MB: heap bytes of the case (model, activations,
+// work space) at their peak, from bench_memory.cpp.
+#include "bench_common.hpp"
+#include "bench_memory.hpp"
+
+#include <comigs/kernels/attention.hpp>
+#include <comigs/kernels/cross_entropy.hpp>
+#include <comigs/models.hpp>
+#include <comigs/models/mixture_mlp.hpp>
+#include <comigs/optim.hpp>
+#include <comigs/profile.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace comigs::bench {
+namespace {
+
+namespace cm = comigs::models;
+
+/// The shapes of issue 24: batch 8 x 128 tokens; 2 experts top-2 rank 8 (alpha 16, rsLoRA scaling).
+struct StepShape {
+    static constexpr Index B = 8, T = 128, experts = 2, top_k = 2, rank = 8;
+};
+/// Decode: one new token after `context` cached ones; the cache is refilled every `steps` tokens.
+struct DecodeShape {
+    static constexpr Index context = 512, steps = 16;
+};
+
+enum class Host { gpt2_124m, smollm2_135m };
+
+cm::Gpt2Config gpt2_124m() {
+    cm::Gpt2Config c;
+    c.vocab = 50257;
+    c.n_ctx = 1024;
+    c.d_model = 768;
+    c.n_head = 12;
+    c.n_layer = 12;
+    return c;
+}
+
+cm::LlamaConfig smollm2_135m() {
+    cm::LlamaConfig c;
+    c.vocab = 49152;
+    c.d_model = 576;
+    c.n_layer = 30;
+    c.n_head = 9;
+    c.n_kv_head = 3;
+    c.mlp_hidden = 1536;
+    c.max_positions = 2048;
+    c.rms_eps = 1e-5;
+    c.rope_theta = 100000;
+    c.tie_word_embeddings = true;
+    return c;
+}
+
+/// Every tensor of the host under Hugging Face names, random (matrices N(0, 0.02), norms 1, biases 0),
+/// stored as `type` (F32, or BF16 for the bf16 frozen base, read in place).
+std::shared_ptr<cm::MemorySource> random_source(Host host, cm::ElementType type) {
+    auto src = std::make_shared<cm::MemorySource>("random weights");
+    Rng rng(24);
+    const auto add = [&](const std::string& name, std::vector<Index> shape, double fill = -1) {
+        Index n = 1;
+        for (Index x : shape) n *= x;
+        std::vector<float> v(static_cast<std::size_t>(n));
+        if (fill >= 0)
+            std::fill(v.begin(), v.end(), float(fill));
+        else
+            for (float& x : v) x = float(rng.normal(0.0, 0.02));
+        src->add(name, std::move(shape), std::span<const float>(v), type);
+    };
+    if (host == Host::gpt2_124m) {
+        const auto c = gpt2_124m();
+        const Index d = c.d_model, h = c.hidden();
+        add("wte.weight", {c.vocab, d});
+        add("wpe.weight", {c.n_ctx, d});
+        add("ln_f.weight", {d}, 1);
+        add("ln_f.bias", {d}, 0);
+        for (Index l = 0; l < c.n_layer; ++l) {
+            const auto n = [l](const char* t) { return cm::layer_name(l, t); };
+            add(n("ln_1.weight"), {d}, 1);
+            add(n("ln_1.bias"), {d}, 0);
+            add(n("ln_2.weight"), {d}, 1);
+            add(n("ln_2.bias"), {d}, 0);
+            add(n("attn.c_attn.weight"), {d, 3 * d});  // Conv1D: [in, out]
+            add(n("attn.c_attn.bias"), {3 * d}, 0);
+            add(n("attn.c_proj.weight"), {d, d});
+            add(n("attn.c_proj.bias"), {d}, 0);
+            add(n("mlp.c_fc.weight"), {d, h});
+            add(n("mlp.c_fc.bias"), {h}, 0);
+            add(n("mlp.c_proj.weight"), {h, d});
+            add(n("mlp.c_proj.bias"), {d}, 0);
+        }
+    } else {
+        const auto c = smollm2_135m();
+        const Index d = c.d_model, qw = c.n_head * c.hd(), kvw = c.kv_heads() * c.hd(), h = c.mlp_hidden;
+        add("model.embed_tokens.weight", {c.vocab, d});
+        add("model.norm.weight", {d}, 1);
+        for (Index l = 0; l < c.n_layer; ++l) {
+            const auto n = [l](const char* t) { return cm::llama_layer_name(l, t); };
+            add(n("input_layernorm.weight"), {d}, 1);
+            add(n("post_attention_layernorm.weight"), {d}, 1);
+            add(n("self_attn.q_proj.weight"), {qw, d});
+            add(n("self_attn.k_proj.weight"), {kvw, d});
+            add(n("self_attn.v_proj.weight"), {kvw, d});
+            add(n("self_attn.o_proj.weight"), {d, qw});
+            add(n("mlp.gate_proj.weight"), {h, d});
+            add(n("mlp.up_proj.weight"), {h, d});
+            add(n("mlp.down_proj.weight"), {d, h});
+        }
+    }
+    return src;
+}
+
+/// The frozen host over random weights: fp32 matrices, or bf16 ones with bf16 products. The fp32 GPT-2
+/// is a trainable model's weights shared by a frozen one (its init, one copy: loading HF's Conv1D
+/// tensors would keep the source beside the transposed matrices).
+std::unique_ptr<cm::CausalLm<float>> random_host(Host host, bool bf16) {
+    if (host == Host::gpt2_124m && !bf16) {
+        cm::Gpt2<float> trainable(gpt2_124m());
+        Rng rng(24);
+        trainable.init_weights(rng);
+        return trainable.share_base();  // keeps the parameter buffer alive; the gradients go
+    }
+    const auto src = random_source(host, bf16 ? cm::ElementType::bf16 : cm::ElementType::f32);
+    cm::WeightOptions options;
+    options.keep_bf16 = true;
+    if (host == Host::gpt2_124m) return cm::load_gpt2<float>(src, gpt2_124m(), options);
+    return std::make_unique<cm::Llama<float>>(cm::load_llama_weights<float>(src, smollm2_135m(), options));
+}
+
+/// Sets every LoRA B (zero after init) to small random values, so that no work is skipped for zeros.
+void randomize_b(ParamBuffer<float>& p, Rng& rng) {
+    for (const auto& s : p.layout().tensors())
+        if (s.name.find("lora_B") != std::string::npos)
+            for (float& v : p.span(s.name)) v = static_cast<float>(rng.normal(0.0, 0.01));
+}
+
+/// A CoMiGS model on a random frozen host: attention LoRA, a mixture of LoRA experts on every MLP
+/// (`experts` = 1, top-1: plain LoRA on the MLP, the decode baseline), AdamW over every adapter, a batch.
+struct CoMiGSModel {
+    std::unique_ptr<cm::CausalLm<float>> model;
+    std::vector<std::shared_ptr<MixtureOfLoraMlp<float>>> mixtures;
+    std::unique_ptr<AdamW<float>> opt;
+    std::vector<int> tokens, targets;
+
+    CoMiGSModel(Host host, bool bf16, Index experts = StepShape::experts, Index top_k = StepShape::top_k) {
+        using S = StepShape;
+        model = random_host(host, bf16);
+        Rng rng(25);
+        model->add_attention_lora({S::rank, 16.0, LoraScaling::sqrt}, rng);
+        randomize_b(model->lora(), rng);
+        std::vector<ParamBinding<float>> bindings{bind("attention", model->lora(), model->lora_grads())};
+        for (Index l = 0; l < model->n_layer(); ++l) {
+            MixtureConfig mc;
+            mc.form = model->mlp_form();
+            mc.d_model = model->d_model();
+            mc.d_hidden = model->mlp_hidden();
+            mc.n_experts = experts;
+            mc.top_k = top_k;
+            mc.rank = S::rank;
+            auto mix = std::make_shared<MixtureOfLoraMlp<float>>(mc, model->frozen_mlp(l));
+            mix->init(rng);
+            randomize_b(mix->params(), rng);
+            model->set_mlp(l, std::make_unique<cm::MixtureMlp<float>>(mix, 0.01 / double(model->n_layer())));
+            bindings.push_back(bind("mlp" + std::to_string(l), mix->params(), mix->grads()));
+            mixtures.push_back(std::move(mix));
+        }
+        opt = std::make_unique<AdamW<float>>(std::vector<AdamWGroup<float>>{
+            {.name = "adapters",
+             .bindings = std::move(bindings),
+             .lr = LrSchedule::constant(1e-4),
+             .options = {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.01}}});
+        tokens.resize(static_cast<std::size_t>(std::max(S::B * S::T, DecodeShape::context + DecodeShape::steps)));
+        targets.resize(static_cast<std::size_t>(S::B * S::T));
+        const auto V = static_cast<std::uint64_t>(model->vocab());
+        for (int& t : tokens) t = static_cast<int>(rng.below(V));
+        for (int& t : targets) t = static_cast<int>(rng.below(V));
+    }
+
+    std::span<const int> batch() const { return {tokens.data(), static_cast<std::size_t>(StepShape::B * StepShape::T)}; }
+    void step() {
+        model->zero_grad();
+        for (auto& m : mixtures) m->zero_grad();
+        model->forward(batch(), targets, StepShape::B, StepShape::T, true);
+        model->backward();
+        opt->step();
+    }
+    double eval_forward() { return model->evaluate_loss(batch(), targets, StepShape::B, StepShape::T); }
+    /// Empties the cache and fills it with a prompt of `context` tokens.
+    void prefill() {
+        model->reset_cache(DecodeShape::context + DecodeShape::steps);
+        model->decode(std::span<const int>(tokens.data(), static_cast<std::size_t>(DecodeShape::context)));
+    }
+};
+
+/// Peak heap of the case above `before` (taken before the model was built): the model's own memory
+/// (weights, adapters, optimiser state) and its working memory; the peak is reset after building, so
+/// the transient copies of making random weights are not in it.
+void report_heap(benchmark::State& state, long long before) {
+    state.counters["peak_heap_MB"] = double(heap_peak() - before) / double(1 << 20);
+}
+
+// Kernel: one CoMiGS fine-tuning step (forward, backward, AdamW on the LoRA adapters and routers).
+void model_step(benchmark::State& state, Host host, bool bf16) {
+    const long long before = heap_current();
+    CoMiGSModel m(host, bf16);
+    heap_reset_peak();
+    m.step();  // warm-up: buffers sized, pages touched
+    for (auto _ : state) m.step();
+    state.SetItemsProcessed(state.iterations() * StepShape::B * StepShape::T);
+    report_heap(state, before);
+}
+
+// Kernel: model_step on one thread, set inside the case: with random interleaving its repetitions
+// alternate with the all-threads case's in one process (the thread scaling figure).
+void model_step_one_thread(benchmark::State& state, Host host, bool bf16) {
+#ifdef _OPENMP
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    model_step(state, host, bf16);
+#ifdef _OPENMP
+    omp_set_num_threads(saved);
+#endif
+}
+
+// Kernel: the evaluation forward with the loss (CausalLm::evaluate_loss: head in vocabulary chunks).
+void model_fwd(benchmark::State& state, Host host, bool bf16) {
+    const long long before = heap_current();
+    CoMiGSModel m(host, bf16);
+    heap_reset_peak();
+    benchmark::DoNotOptimize(m.eval_forward());
+    for (auto _ : state) benchmark::DoNotOptimize(m.eval_forward());
+    state.SetItemsProcessed(state.iterations() * StepShape::B * StepShape::T);
+    report_heap(state, before);
+}
+
+// Kernel: model_step with the hosts' phase timers on (comigs/profile.hpp): counters <pass>_<phase>_ms
+// per step, and other_ms (AdamW, zeroing, what no phase covers). The timers add little; the phase
+// table of docs/performance.md comes from here.
+void model_phases(benchmark::State& state, Host host, bool bf16) {
+    CoMiGSModel m(host, bf16);
+    m.step();
+    profile::reset();
+    profile::enable(true);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (auto _ : state) m.step();
+    const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    profile::enable(false);
+    const double steps = double(std::max<benchmark::IterationCount>(state.iterations(), 1));
+    double covered = 0;
+    for (int p = 0; p < profile::phase_count; ++p)
+        for (const auto pass : {profile::Pass::forward, profile::Pass::backward}) {
+            const double sec = profile::seconds(profile::Phase(p), pass);
+            covered += sec;
+            if (sec > 0)
+                state.counters[std::string(pass == profile::Pass::forward ? "fwd_" : "bwd_") +
+                               profile::to_string(profile::Phase(p)) + "_ms"] = sec / steps * 1e3;
+        }
+    state.counters["other_ms"] = (total - covered) / steps * 1e3;
+    state.SetItemsProcessed(state.iterations() * StepShape::B * StepShape::T);
+}
+
+// Kernel: one new token with the KV cache holding 512..527 tokens (refilled, untimed, every 16), for the
+// mixture model (2 experts, top-2) or the same model with plain LoRA on its MLPs (1 expert).
+void model_decode(benchmark::State& state, Host host, Index experts) {
+    CoMiGSModel m(host, false, experts, std::min<Index>(experts, StepShape::top_k));
+    m.prefill();
+    Index next = DecodeShape::context;
+    for (auto _ : state) {
+        if (next == DecodeShape::context + DecodeShape::steps) {
+            state.PauseTiming();
+            m.prefill();
+            next = DecodeShape::context;
+            state.ResumeTiming();
+        }
+        benchmark::DoNotOptimize(m.model->decode(std::span<const int>(&m.tokens[static_cast<std::size_t>(next)], 1)).data());
+        ++next;
+    }
+    state.SetItemsProcessed(state.iterations());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The new whole-model kernels against what they replace, at GPT-2-124M shapes (8 x 128 tokens).
+
+/// One layer's attention inputs: packed qkv [N, 3d] as c_attn writes it, and a random output gradient.
+struct AttentionSetup {
+    static constexpr Index B = StepShape::B, T = StepShape::T, H = 12, hd = 64, d = H * hd, N = B * T;
+    std::vector<float> qkv, out, dout, dqkv, lse, probs;
+    AttentionSetup() {
+        Rng rng(3);
+        qkv = random_vector<float>(static_cast<std::size_t>(N * 3 * d), rng);
+        dout = random_vector<float>(static_cast<std::size_t>(N * d), rng);
+        out.assign(dout.size(), 0.0f);
+        dqkv.assign(qkv.size(), 0.0f);
+    }
+    ConstMatrixView<float> part(int i) const { return {qkv.data() + i * d, N, d, 3 * d}; }
+    MatrixView<float> dpart(int i) { return {dqkv.data() + i * d, N, d, 3 * d}; }
+};
+
+// Kernel: kernels::attention_forward + attention_backward (flash style: lse kept, probabilities recomputed).
+void attention_flash(benchmark::State& state) {
+    AttentionSetup s;
+    const kernels::AttentionShape shape{s.B, s.T, s.T, s.H, s.H, s.hd};
+    s.lse.assign(static_cast<std::size_t>(s.B * s.H * s.T), 0.0f);
+    for (auto _ : state) {
+        kernels::attention_forward<float>({s.out.data(), s.N, s.d}, s.lse.data(), s.part(0), s.part(1), s.part(2), shape);
+        kernels::attention_backward<float>(s.dpart(0), s.dpart(1), s.dpart(2), {s.dout.data(), s.N, s.d}, s.part(0),
+                                           s.part(1), s.part(2), {s.out.data(), s.N, s.d}, s.lse.data(), shape);
+        benchmark::DoNotOptimize(s.dqkv.data());
+    }
+    state.SetItemsProcessed(state.iterations() * s.N);
+}
+
+// Kernel: models::attention_forward + attention_backward of the host (every probability kept).
+void attention_probs(benchmark::State& state) {
+    AttentionSetup s;
+    s.probs.assign(static_cast<std::size_t>(s.B * s.H * s.T * s.T), 0.0f);
+    const ConstMatrixView<float> qkv(s.qkv.data(), s.N, 3 * s.d);
+    for (auto _ : state) {
+        cm::attention_forward<float>({s.out.data(), s.N, s.d}, s.probs.data(), qkv, s.B, s.T, s.H);
+        cm::attention_backward<float>({s.dqkv.data(), s.N, 3 * s.d}, {s.dout.data(), s.N, s.d}, qkv, s.probs.data(),
+                                      s.B, s.T, s.H);
+        benchmark::DoNotOptimize(s.dqkv.data());
+    }
+    state.SetItemsProcessed(state.iterations() * s.N);
+}
+
+/// The head's inputs: final hidden states [N, d], the tied embedding [V, d], targets.
+struct HeadSetup {
+    static constexpr Index N = StepShape::B * StepShape::T, d = 768, V = 50257;
+    std::vector<float> x, W, dx, logits, lse;
+    std::vector<int> targets;
+    HeadSetup() {
+        Rng rng(4);
+        x = random_vector<float>(static_cast<std::size_t>(N * d), rng);
+        W = random_vector<float>(static_cast<std::size_t>(V * d), rng, 0.02);
+        dx.assign(x.size(), 0.0f);
+        lse.assign(static_cast<std::size_t>(N), 0.0f);
+        targets.resize(static_cast<std::size_t>(N));
+        for (int& t : targets) t = static_cast<int>(rng.below(V));
+    }
+};
+
+// Kernel: kernels::lm_head_cross_entropy (chunked head, online softmax, dx beside it).
+void lm_head_chunked(benchmark::State& state) {
+    heap_reset_peak();
+    const long long start = heap_current();
+    HeadSetup s;
+    for (auto _ : state) {
+        benchmark::DoNotOptimize(kernels::lm_head_cross_entropy<float, float>(
+            {s.dx.data(), s.N, s.d}, s.lse.data(), nullptr, {s.x.data(), s.N, s.d}, {s.W.data(), s.V, s.d},
+            s.targets.data(), 1.0f / float(s.N)));
+    }
+    state.SetItemsProcessed(state.iterations() * s.N);
+    set_counters(state, s.N, 2.0 * 2.0 * double(s.N) * double(s.d) * double(s.V));
+    report_heap(state, start);
+}
+
+// Kernel: the head as the host ran it: logits [N, V] by one GEMM, cross-entropy forward and backward
+// over them, dx = dlogits W (the model's own layers.hpp functions, the GEMMs through kernels::gemm).
+void lm_head_logits(benchmark::State& state) {
+    heap_reset_peak();
+    const long long start = heap_current();
+    HeadSetup s;
+    s.logits.assign(static_cast<std::size_t>(s.N * s.V), 0.0f);
+    std::vector<float> dlogits(s.logits.size(), 0.0f);
+    const ConstMatrixView<float> x(s.x.data(), s.N, s.d), W(s.W.data(), s.V, s.d);
+    const MatrixView<float> L(s.logits.data(), s.N, s.V), dL(dlogits.data(), s.N, s.V);
+    for (auto _ : state) {
+        kernels::gemm<float>(L, x, kernels::Op::none, W, kernels::Op::trans);
+        benchmark::DoNotOptimize(cm::crossentropy_forward<float>(s.lse.data(), L, s.targets.data()));
+        std::fill(dlogits.begin(), dlogits.end(), 0.0f);  // crossentropy_backward accumulates
+        cm::crossentropy_backward<float>(dL, L, s.lse.data(), s.targets.data(), 1.0f);
+        kernels::gemm<float>({s.dx.data(), s.N, s.d}, dL, kernels::Op::none, W, kernels::Op::none);
+    }
+    state.SetItemsProcessed(state.iterations() * s.N);
+    set_counters(state, s.N, 2.0 * 2.0 * double(s.N) * double(s.d) * double(s.V));
+    report_heap(state, start);
+}
+
+#define COMIGS_MODEL_CASES(host)                                                                           \
+    BENCHMARK_CAPTURE(model_step, fp32_##host, Host::host, false)                                          \
+        ->Name("model_step/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                   \
+    BENCHMARK_CAPTURE(model_step_one_thread, fp32_##host, Host::host, false)                               \
+        ->Name("model_step/fp32/" #host "/one_thread")->Unit(benchmark::kMillisecond)->UseRealTime();     \
+    BENCHMARK_CAPTURE(model_step, bf16_##host, Host::host, true)                                           \
+        ->Name("model_step/bf16/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                   \
+    BENCHMARK_CAPTURE(model_fwd, fp32_##host, Host::host, false)                                           \
+        ->Name("model_fwd/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                    \
+    BENCHMARK_CAPTURE(model_fwd, bf16_##host, Host::host, true)                                            \
+        ->Name("model_fwd/bf16/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                    \
+    BENCHMARK_CAPTURE(model_phases, fp32_##host, Host::host, false)                                        \
+        ->Name("model_phases/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                 \
+    BENCHMARK_CAPTURE(model_phases, bf16_##host, Host::host, true)                                         \
+        ->Name("model_phases/bf16/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                 \
+    BENCHMARK_CAPTURE(model_decode, mixture_##host, Host::host, StepShape::experts)                       \
+        ->Name("model_decode/mixture/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();         \
+    BENCHMARK_CAPTURE(model_decode, lora_##host, Host::host, 1)                                           \
+        ->Name("model_decode/lora/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime()
+
+COMIGS_MODEL_CASES(gpt2_124m);
+COMIGS_MODEL_CASES(smollm2_135m);
+BENCHMARK(attention_flash)->Name("attention_fwd_bwd/flash/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(attention_probs)->Name("attention_fwd_bwd/probs/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(lm_head_chunked)->Name("lm_head_ce/chunked/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(lm_head_logits)->Name("lm_head_ce/logits/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();
+
+}  // namespace
+}  // namespace comigs::bench
