@@ -15,7 +15,11 @@
 namespace comigs::bench {
 namespace {
 
-/// A GPT-2-shaped mixture (E = 4, top-2, rank 8, non-zero B) on a base held in `p`, with its data.
+/// The MLP a benchmark adapts: GPT-2's (GELU, 768 -> 3072) or Llama-3.2-1B's (SwiGLU, 2048 -> 8192,
+/// 201 MB of fp32 weights: beyond every cache but this host's 480 MB L3).
+enum class QuantShape { gpt2, llama1b };
+
+/// A mixture (E = 4, top-2, rank 8, non-zero B) on a base held in `p`, with its data.
 struct QuantLayer {
     Index n;
     MixtureConfig cfg;
@@ -23,16 +27,17 @@ struct QuantLayer {
     std::unique_ptr<MixtureOfLoraMlp<float>> mix;
     std::vector<float> x, y, dy, dx;
 
-    QuantLayer(Index tokens, Precision p) : n(tokens) {
+    QuantLayer(Index tokens, Precision p, QuantShape shape = QuantShape::gpt2) : n(tokens) {
         using S = Gpt2Shape;
-        cfg.form = MlpForm::gelu;
-        cfg.d_model = S::d;
-        cfg.d_hidden = S::h;
+        const bool llama = shape == QuantShape::llama1b;
+        cfg.form = llama ? MlpForm::swiglu : MlpForm::gelu;
+        cfg.d_model = llama ? 2048 : S::d;
+        cfg.d_hidden = llama ? 8192 : S::h;
         cfg.n_experts = S::E;
         cfg.top_k = S::k;
         cfg.rank = S::r;
         Rng rng(7);
-        base = std::make_shared<FrozenMlp<float>>(MlpForm::gelu, S::d, S::h);
+        base = std::make_shared<FrozenMlp<float>>(cfg.form, cfg.d_model, cfg.d_hidden);
         base->randomize(rng, 0.02);
         base->set_precision(p);
         mix = std::make_unique<MixtureOfLoraMlp<float>>(cfg, base);
@@ -40,7 +45,7 @@ struct QuantLayer {
         for (const auto& spec : mix->params().layout().tensors())
             if (spec.name.find("lora_B") != std::string::npos)
                 for (float& v : mix->params().span(spec.name)) v = static_cast<float>(rng.normal(0.0, 0.01));
-        x = random_vector<float>(static_cast<std::size_t>(n * S::d), rng);
+        x = random_vector<float>(static_cast<std::size_t>(n * cfg.d_model), rng);
         dy = random_vector<float>(x.size(), rng);
         y.assign(x.size(), 0.0f);
         dx.assign(x.size(), 0.0f);
@@ -80,8 +85,9 @@ void quant_fwd(benchmark::State& state, Index tokens, Precision p) {
 // Kernel: the fp32 layer and the layer on a base held in p, timed pair by pair (forward + backward, or
 // forward only for decode); counter `speed_ratio` = median over pairs of t(fp32) / t(p), `fp32_ms` and
 // `quant_ms` the medians.
-void quant_pair(benchmark::State& state, Index tokens, Precision p, bool backward) {
-    QuantLayer f(tokens, Precision::fp32), q(tokens, p);
+void quant_pair(benchmark::State& state, Index tokens, Precision p, bool backward,
+                QuantShape shape = QuantShape::gpt2) {
+    QuantLayer f(tokens, Precision::fp32, shape), q(tokens, p, shape);
     const auto seconds = [&](QuantLayer& l) {
         const auto t0 = std::chrono::steady_clock::now();
         if (backward)
@@ -143,6 +149,9 @@ BENCHMARK_CAPTURE(quant_pair, q8_0/gpt2, kTok, Precision::q8_0, true)->Name("qua
 BENCHMARK_CAPTURE(quant_pair, q4_0/gpt2, kTok, Precision::q4_0, true)->Name("quant_pair/q4_0/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(quant_pair, q4_0/decode, 1, Precision::q4_0, false)->Name("quant_pair/q4_0/decode")->UseRealTime();
 BENCHMARK_CAPTURE(quant_pair, q8_0/decode, 1, Precision::q8_0, false)->Name("quant_pair/q8_0/decode")->UseRealTime();
+BENCHMARK_CAPTURE(quant_pair, q4_0/decode_llama1b, 1, Precision::q4_0, false, QuantShape::llama1b)
+    ->Name("quant_pair/q4_0/decode_llama1b")
+    ->UseRealTime();
 BENCHMARK_CAPTURE(quant_fwd_bwd, fp32/gpt2, kTok, Precision::fp32)->Name("quant_fwd_bwd/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(quant_fwd_bwd, q8_0/gpt2, kTok, Precision::q8_0)->Name("quant_fwd_bwd/q8_0/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(quant_fwd_bwd, q4_0/gpt2, kTok, Precision::q4_0)->Name("quant_fwd_bwd/q4_0/gpt2")->UseRealTime();
