@@ -1,10 +1,10 @@
 #pragma once
-// The demo's host model as comigs sees it: a TinyGpt with frozen GPT-2 weights whose MLPs are comigs
+// The demo's host model as comigs sees it: a Gpt2 with frozen GPT-2 weights whose MLPs are comigs
 // mixtures of LoRA experts. This is the whole integration (the HostModel contract of model.hpp):
 // tell comigs where the adapters are, run forward+backward, report the loss parts.
 //
 // Optional LoRA on the attention projections (c_attn, c_proj), shared like a generalist as in the
-// CoMiGS reference. TinyGpt keeps its attention LoRA in one buffer of its own; comigs trains and
+// CoMiGS reference. Gpt2 keeps its attention LoRA in one buffer of its own; comigs trains and
 // uploads comigs::LoraExpert objects, so the host holds one LoraExpert per projection as the
 // registered copy and mirrors it: parameters are copied into the model before every forward (a
 // download may have changed them), gradients are added back after every backward (a few thousand
@@ -17,7 +17,7 @@
 #include <comigs/lora.hpp>
 #include <comigs/mixture.hpp>
 #include <comigs/model.hpp>
-#include <tiny_gpt/tiny_gpt.hpp>
+#include <comigs/models.hpp>
 
 namespace comigs::demo {
 
@@ -35,18 +35,18 @@ public:
 
     /// `bases[l]`: the frozen MLP of block l (shared by every user's model; only read).
     /// `attention_rank` > 0 adds LoRA of that rank (and `attention_alpha`, alpha/sqrt(r)) to c_attn and c_proj.
-    MixtureHost(const tiny_gpt::TinyGpt<T>& host, const std::vector<std::shared_ptr<FrozenMlp<T>>>& bases,
+    MixtureHost(const models::Gpt2<T>& host, const std::vector<std::shared_ptr<FrozenMlp<T>>>& bases,
                 const MixtureConfig& mixture, Rng& init_rng, Index attention_rank = 0, double attention_alpha = 16)
-        : model_(std::make_unique<tiny_gpt::TinyGpt<T>>(host.config())) {
+        : model_(std::make_unique<models::Gpt2<T>>(host.config())) {
         std::copy(host.params().all().begin(), host.params().all().end(), model_->params().all().begin());
-        model_->set_train_mode(tiny_gpt::TrainMode::frozen_base);
+        model_->set_train_mode(models::TrainMode::frozen_base);
         const Index L = host.config().n_layer;
         for (Index l = 0; l < L; ++l) {
             auto m = std::make_shared<MixtureOfLoraMlp<T>>(mixture, bases[static_cast<std::size_t>(l)]);
             m->init(init_rng);
             mixtures_.push_back(m);
             // CoMiGS weights the layer-averaged balancing loss by 0.01.
-            model_->set_mlp(l, std::make_unique<tiny_gpt::MixtureMlp<T>>(m, 0.01 / double(L)));
+            model_->set_mlp(l, std::make_unique<models::MixtureMlp<T>>(m, 0.01 / double(L)));
         }
         if (attention_rank > 0) {
             model_->add_attention_lora({attention_rank, attention_alpha, LoraScaling::sqrt}, init_rng);
@@ -60,7 +60,7 @@ public:
                     lc.alpha = attention_alpha;
                     lc.scaling = LoraScaling::sqrt;
                     auto e = std::make_unique<LoraExpert<T>>(lc);
-                    const std::string prefix = tiny_gpt::layer_name(l, proj);
+                    const std::string prefix = models::layer_name(l, proj);
                     for (const char* f : {"lora_A", "lora_B"}) {
                         const auto src = model_->lora().span(prefix + f);
                         std::copy(src.begin(), src.end(), e->params().span(f).begin());
@@ -73,7 +73,7 @@ public:
     AdapterRegistry<T> adapters() const {
         AdapterRegistry<T> r;
         for (std::size_t l = 0; l < mixtures_.size(); ++l)
-            r.mixtures.push_back({tiny_gpt::layer_name(Index(l), "mlp."), mixtures_[l].get()});
+            r.mixtures.push_back({models::layer_name(Index(l), "mlp."), mixtures_[l].get()});
         for (const auto& a : attention_) r.shared_adapters.push_back({a.prefix, a.lora.get()});
         return r;
     }
@@ -99,7 +99,7 @@ public:
 
     MixtureOfLoraMlp<T>& mixture(Index layer) { return *mixtures_.at(static_cast<std::size_t>(layer)); }
     Index layers() const { return static_cast<Index>(mixtures_.size()); }
-    tiny_gpt::TinyGpt<T>& model() { return *model_; }
+    models::Gpt2<T>& model() { return *model_; }
 
 private:
     struct AttentionLora {
@@ -124,7 +124,7 @@ private:
         return p;
     }
 
-    std::unique_ptr<tiny_gpt::TinyGpt<T>> model_;
+    std::unique_ptr<models::Gpt2<T>> model_;
     std::vector<std::shared_ptr<MixtureOfLoraMlp<T>>> mixtures_;
     std::vector<AttentionLora> attention_;
 };

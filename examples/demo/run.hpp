@@ -38,7 +38,7 @@
 #include <comigs/strategy.hpp>
 #include <comigs/train.hpp>
 #include <nlohmann/json.hpp>
-#include <tiny_gpt/tiny_gpt.hpp>
+#include <comigs/models.hpp>
 
 #include "corpus.hpp"
 #include "host.hpp"
@@ -47,7 +47,7 @@
 
 namespace comigs::demo {
 
-namespace tg = comigs::tiny_gpt;
+namespace tg = comigs::models;
 using Real = float;
 
 /// Every knob of the demo. Defaults are the documented default run (under 5 minutes on 2 cores).
@@ -325,7 +325,7 @@ EvalResult evaluate_windows(Model& m, const Windows& w, bool tally, const std::v
 }
 
 /// Perplexity of the bare host (dense MLPs) over windows.
-inline double host_perplexity(tg::TinyGpt<Real>& host, const Windows& w) {
+inline double host_perplexity(tg::Gpt2<Real>& host, const Windows& w) {
     double nll = 0, n = 0;
     const Index chunk = 32;
     for (Index first = 0; first < w.batch; first += chunk) {
@@ -366,19 +366,19 @@ private:
 // Host pretraining
 
 /// Pretrains (full-parameter) on `stream`, or loads the cached host when `cache` exists.
-inline tg::TinyGpt<Real> pretrained_host(const DemoConfig& c, const Stream& stream, const std::filesystem::path& cache,
+inline tg::Gpt2<Real> pretrained_host(const DemoConfig& c, const Stream& stream, const std::filesystem::path& cache,
                                          Progress& progress, bool& loaded) {
     loaded = false;
     if (std::filesystem::exists(cache)) {
         loaded = true;
         return tg::load_hf_gpt2<Real>(cache);
     }
-    tg::Config hc;
+    tg::Gpt2Config hc;
     hc.d_model = c.d_model;
     hc.n_layer = c.n_layer;
     hc.n_head = c.n_head;
     hc.n_ctx = c.seq_len;
-    tg::TinyGpt<Real> host(hc);
+    tg::Gpt2<Real> host(hc);
     Rng init(c.seed, 101);
     host.init_weights(init);
     const Index warmup = std::max<Index>(1, c.host_steps / 20);
@@ -442,7 +442,7 @@ inline Strategy strategy_of(const std::string& name, const DemoConfig& c) {
 /// Everything shared by the methods of one run.
 struct RunContext {
     const DemoConfig* cfg = nullptr;
-    tg::TinyGpt<Real>* host = nullptr;
+    tg::Gpt2<Real>* host = nullptr;
     std::vector<std::shared_ptr<FrozenMlp<Real>>> bases;
     std::vector<UserData> users;
     std::vector<Windows> test, validation, curve, sample;
@@ -717,7 +717,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
                                                 : fs::path(c.host_cache);
     bool loaded = false;
     if (!place.leader()) place.barrier();  // the leader pretrains and saves the host first
-    tg::TinyGpt<Real> host = pretrained_host(c, host_stream, cache, progress, loaded);
+    tg::Gpt2<Real> host = pretrained_host(c, host_stream, cache, progress, loaded);
     if (place.leader()) place.barrier();
     require(host.config().d_model == c.d_model && host.config().n_layer == c.n_layer &&
                 host.config().n_ctx >= c.seq_len,

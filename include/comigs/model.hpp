@@ -1,7 +1,7 @@
 #pragma once
 // The contract between a host model and comigs' training and collaboration code. comigs never owns
 // the host: the host keeps its frozen weights and its layers, and tells comigs where the trainable
-// adapter layers are. examples/tiny_gpt is a complete host that satisfies this contract.
+// adapter layers are. comigs::models::Gpt2 (models/gpt2.hpp) is a complete host that satisfies this contract.
 #include <concepts>
 #include <string>
 #include <vector>

@@ -1,5 +1,5 @@
 // Forward+backward throughput of the host model in tokens per second. Not a test: run it by hand,
-//   tiny-gpt-speed [d_model] [n_layer] [T] [B] [steps]   (defaults 128 2 64 32 20)
+//   gpt2-speed [d_model] [n_layer] [T] [B] [steps]   (defaults 128 2 64 32 20)
 // with OMP_NUM_THREADS set to the thread count to report. Besides wall-clock time it prints the
 // process CPU time per step: on a machine shared with other jobs, wall clock overstates the cost.
 #include <omp.h>
@@ -10,7 +10,7 @@
 #include <ctime>
 #include <vector>
 
-#include "tiny_gpt.hpp"
+#include <comigs/models.hpp>
 
 namespace {
 double cpu_seconds() {
@@ -24,9 +24,9 @@ double wall_seconds() {
 }  // namespace
 
 int main(int argc, char** argv) {
-    namespace tg = comigs::tiny_gpt;
+    namespace tg = comigs::models;
     const auto arg = [&](int i, long fallback) { return argc > i ? std::atol(argv[i]) : fallback; };
-    tg::Config c;
+    tg::Gpt2Config c;
     c.d_model = arg(1, 128);
     c.n_layer = arg(2, 2);
     c.n_ctx = arg(3, 64);
@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
     const int steps = static_cast<int>(arg(5, 20));
 
     comigs::Rng rng(1);
-    tg::TinyGpt<float> model(c);
+    tg::Gpt2<float> model(c);
     model.init_weights(rng);
     std::vector<int> x(static_cast<std::size_t>(B * T)), y(x.size());
     for (auto& v : x) v = static_cast<int>(rng.below(256));

@@ -10,9 +10,9 @@
 
 #include <comigs/random.hpp>
 
-#include "model.hpp"
+#include "gpt2.hpp"
 
-namespace comigs::tiny_gpt {
+namespace comigs::models {
 
 /// Picks the next token from one row of logits [vocab]: argmax when temperature <= 0, else a draw from
 /// softmax(logits / temperature).
@@ -33,7 +33,7 @@ int sample_token(std::span<const T> logits, double temperature, Rng& rng) {
 /// Continues `prompt` (at least one token) by n_new tokens; returns only the new ones. Overwrites the
 /// model's saved activations (call it between training steps, not between forward and backward).
 template <class T>
-std::vector<int> generate(TinyGpt<T>& model, std::span<const int> prompt, Index n_new, double temperature,
+std::vector<int> generate(Gpt2<T>& model, std::span<const int> prompt, Index n_new, double temperature,
                           Rng& rng) {
     require(!prompt.empty(), "prompt: needs at least one token");
     require(n_new >= 0, "n_new ", n_new, ": must be >= 0");
@@ -56,7 +56,7 @@ inline std::vector<int> bytes_to_tokens(std::string_view text) {
 
 /// generate() on bytes: the model's vocabulary must hold all 256 byte values.
 template <class T>
-std::string generate_text(TinyGpt<T>& model, std::string_view prompt, Index n_new, double temperature, Rng& rng) {
+std::string generate_text(Gpt2<T>& model, std::string_view prompt, Index n_new, double temperature, Rng& rng) {
     require(model.config().vocab >= 256, "vocab ", model.config().vocab, ": byte text needs vocab >= 256");
     const std::vector<int> out = generate(model, bytes_to_tokens(prompt), n_new, temperature, rng);
     std::string s(out.size(), '\0');
@@ -64,4 +64,4 @@ std::string generate_text(TinyGpt<T>& model, std::string_view prompt, Index n_ne
     return s;
 }
 
-}  // namespace comigs::tiny_gpt
+}  // namespace comigs::models

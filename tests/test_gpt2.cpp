@@ -1,4 +1,4 @@
-// Tests of the example host transformer (examples/tiny_gpt): every backward against central finite
+// Tests of the GPT-2 host (include/comigs/models/gpt2.hpp and its layers): every backward against central finite
 // differences in double, causality, float/double agreement, training that really learns, and the
 // pluggable MLP and LoRA paths.
 #include <doctest/doctest.h>
@@ -12,12 +12,12 @@
 #include <unistd.h>
 
 #include <filesystem>
-#include <tiny_gpt/tiny_gpt.hpp>
+#include <comigs/models.hpp>
 
 using comigs::Index;
 using comigs::MatrixView;
 using comigs::Rng;
-namespace tg = comigs::tiny_gpt;
+namespace tg = comigs::models;
 
 namespace {
 
@@ -72,7 +72,7 @@ struct GradCheck {
 
 }  // namespace
 
-TEST_CASE("tiny_gpt kernels: layernorm backward matches finite differences") {
+TEST_CASE("models::gpt2 kernels: layernorm backward matches finite differences") {
     Rng rng(1);
     const Index N = 4, d = 7;
     auto x = randn(N * d, rng, 2.0), w = randn(d, rng), b = randn(d, rng), R = randn(N * d, rng);
@@ -100,7 +100,7 @@ TEST_CASE("tiny_gpt kernels: layernorm backward matches finite differences") {
     CHECK_GRADS(gc);
 }
 
-TEST_CASE("tiny_gpt kernels: causal multi-head attention backward matches finite differences") {
+TEST_CASE("models::gpt2 kernels: causal multi-head attention backward matches finite differences") {
     Rng rng(2);
     const Index B = 2, T = 5, H = 2, d = 8, N = B * T;
     auto qkv = randn(N * 3 * d, rng), R = randn(N * d, rng);
@@ -129,7 +129,7 @@ TEST_CASE("tiny_gpt kernels: causal multi-head attention backward matches finite
     CHECK_GRADS(gc);
 }
 
-TEST_CASE("tiny_gpt kernels: token + position embedding backward matches finite differences") {
+TEST_CASE("models::gpt2 kernels: token + position embedding backward matches finite differences") {
     Rng rng(3);
     const Index V = 5, ctx = 6, d = 3, B = 2, T = 4, N = B * T;
     auto wte = randn(V * d, rng), wpe = randn(ctx * d, rng), R = randn(N * d, rng);
@@ -149,7 +149,7 @@ TEST_CASE("tiny_gpt kernels: token + position embedding backward matches finite 
     CHECK_GRADS(gc);
 }
 
-TEST_CASE("tiny_gpt kernels: cross-entropy value and backward") {
+TEST_CASE("models::gpt2 kernels: cross-entropy value and backward") {
     Rng rng(4);
     const Index N = 6, V = 7;
     auto logits = randn(N * V, rng, 3.0);
@@ -170,7 +170,7 @@ TEST_CASE("tiny_gpt kernels: cross-entropy value and backward") {
     CHECK_GRADS(gc);
 }
 
-TEST_CASE("tiny_gpt kernels: gelu_tanh value and backward") {
+TEST_CASE("models::gpt2 kernels: gelu_tanh value and backward") {
     Rng rng(5);
     const Index N = 3, C = 9;
     auto x = randn(N * C, rng, 3.0), R = randn(N * C, rng);
@@ -193,7 +193,7 @@ TEST_CASE("tiny_gpt kernels: gelu_tanh value and backward") {
     CHECK_GRADS(gc);
 }
 
-TEST_CASE("tiny_gpt kernels: linear + LoRA backward matches finite differences") {
+TEST_CASE("models::gpt2 kernels: linear + LoRA backward matches finite differences") {
     Rng rng(6);
     const Index N = 5, in = 4, out = 6, r = 2;
     const double s = 0.7;
@@ -222,8 +222,8 @@ TEST_CASE("tiny_gpt kernels: linear + LoRA backward matches finite differences")
 
 namespace {
 
-tg::Config tiny_config() {
-    tg::Config c;
+tg::Gpt2Config tiny_config() {
+    tg::Gpt2Config c;
     c.vocab = 11;
     c.n_ctx = 8;
     c.d_model = 8;
@@ -264,7 +264,7 @@ void check_buffer(GradCheck& gc, comigs::ParamBuffer<double>& p, const comigs::P
 /// trainable per-channel gain and an aux loss c * sum(y^2) / N that depends on x and on the gain.
 class GainMlp final : public tg::MlpBlock<double> {
 public:
-    GainMlp(tg::TinyGpt<double>& model, Index layer, Rng& rng)
+    GainMlp(tg::Gpt2<double>& model, Index layer, Rng& rng)
         : base_(model.params(), model.grads(), tg::layer_name(layer, "mlp.")),
           gain(static_cast<std::size_t>(model.config().d_model)),
           dgain(gain.size(), 0.0) {
@@ -304,9 +304,9 @@ public:
 
 }  // namespace
 
-TEST_CASE("tiny_gpt model: full-parameter backward matches finite differences") {
+TEST_CASE("models::gpt2 model: full-parameter backward matches finite differences") {
     Rng rng(7);
-    tg::TinyGpt<double> model(tiny_config());
+    tg::Gpt2<double> model(tiny_config());
     model.init_weights(rng);
     randomise(model.params(), rng, 0.2);
     const Index B = 2, T = 5;
@@ -339,9 +339,9 @@ TEST_CASE("tiny_gpt model: full-parameter backward matches finite differences") 
     }
 }
 
-TEST_CASE("tiny_gpt model: frozen-base fine-tuning trains only LoRA and plug-ins, gradients exact") {
+TEST_CASE("models::gpt2 model: frozen-base fine-tuning trains only LoRA and plug-ins, gradients exact") {
     Rng rng(8);
-    tg::TinyGpt<double> model(tiny_config());
+    tg::Gpt2<double> model(tiny_config());
     model.init_weights(rng);
     randomise(model.params(), rng, 0.2);
     model.add_attention_lora({2, 16.0, comigs::LoraScaling::linear}, rng);
@@ -382,10 +382,10 @@ TEST_CASE("tiny_gpt model: frozen-base fine-tuning trains only LoRA and plug-ins
     }
 }
 
-TEST_CASE("tiny_gpt model: a future token never changes earlier logits") {
+TEST_CASE("models::gpt2 model: a future token never changes earlier logits") {
     Rng rng(9);
-    tg::Config c = tiny_config();
-    tg::TinyGpt<double> model(c);
+    tg::Gpt2Config c = tiny_config();
+    tg::Gpt2<double> model(c);
     model.init_weights(rng);
     randomise(model.params(), rng, 0.3);
     const Index B = 2, T = 8;
@@ -409,19 +409,19 @@ TEST_CASE("tiny_gpt model: a future token never changes earlier logits") {
     }
 }
 
-TEST_CASE("tiny_gpt model: float and double forward agree") {
+TEST_CASE("models::gpt2 model: float and double forward agree") {
     Rng rng(10);
-    tg::Config c = tiny_config();
+    tg::Gpt2Config c = tiny_config();
     c.vocab = 256;
     c.d_model = 32;
     c.n_head = 4;
     c.n_ctx = 16;
-    tg::TinyGpt<double> md(c);
+    tg::Gpt2<double> md(c);
     md.init_weights(rng);
     randomise(md.params(), rng, 0.05);
     md.add_attention_lora({4, 16.0, comigs::LoraScaling::sqrt}, rng);
     randomise(md.lora(), rng, 0.05);
-    tg::TinyGpt<float> mf(c);
+    tg::Gpt2<float> mf(c);
     Rng unused(0);
     mf.add_attention_lora(md.lora_config(), unused);
     std::transform(md.params().all().begin(), md.params().all().end(), mf.params().all().begin(),
@@ -473,7 +473,7 @@ void batch_of(const std::string& text, Index B, Index T, int step, std::vector<i
 }
 
 template <class T>
-double train(tg::TinyGpt<T>& model, const std::string& text, int steps, double lr, bool lora_only) {
+double train(tg::Gpt2<T>& model, const std::string& text, int steps, double lr, bool lora_only) {
     const Index B = 8, Tn = 16;
     TestAdam<T> opt;
     std::vector<int> x, y;
@@ -493,15 +493,15 @@ double train(tg::TinyGpt<T>& model, const std::string& text, int steps, double l
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("tiny_gpt model: Adam pretraining learns a repeated text, LoRA fine-tuning adapts it", T, float,
+TEST_CASE_TEMPLATE("models::gpt2 model: Adam pretraining learns a repeated text, LoRA fine-tuning adapts it", T, float,
                    double) {
-    tg::Config c;
+    tg::Gpt2Config c;
     c.vocab = 256;
     c.n_ctx = 16;
     c.d_model = 32;
     c.n_head = 4;
     c.n_layer = 2;
-    tg::TinyGpt<T> model(c);
+    tg::Gpt2<T> model(c);
     Rng rng(11);
     model.init_weights(rng);
     const std::string text = "the cat sat on the mat. ";
@@ -531,8 +531,8 @@ TEST_CASE_TEMPLATE("tiny_gpt model: Adam pretraining learns a repeated text, LoR
     }
 }
 
-TEST_CASE("tiny_gpt model: bad inputs are errors naming the value") {
-    tg::TinyGpt<float> model(tiny_config());
+TEST_CASE("models::gpt2 model: bad inputs are errors naming the value") {
+    tg::Gpt2<float> model(tiny_config());
     const std::vector<int> ok = {1, 2, 3}, bad = {1, 11, 3};
     CHECK_THROWS_WITH_AS(model.forward(bad, {}, 1, 3), doctest::Contains("tokens[1] = 11"), comigs::InvalidArgument);
     CHECK_THROWS_WITH_AS(model.forward(ok, bad, 1, 3), doctest::Contains("targets[1] = 11"), comigs::InvalidArgument);
@@ -541,17 +541,17 @@ TEST_CASE("tiny_gpt model: bad inputs are errors naming the value") {
     CHECK_THROWS_WITH_AS(model.forward(long_seq, {}, 1, 9), doctest::Contains("T 9"), comigs::InvalidArgument);
     model.forward(ok, {}, 1, 3);
     CHECK_THROWS_AS(model.backward(), comigs::InvalidArgument);
-    tg::Config c = tiny_config();
+    tg::Gpt2Config c = tiny_config();
     c.n_head = 3;
-    CHECK_THROWS_WITH_AS(tg::TinyGpt<float>{c}, doctest::Contains("n_head 3"), comigs::InvalidArgument);
+    CHECK_THROWS_WITH_AS(tg::Gpt2<float>{c}, doctest::Contains("n_head 3"), comigs::InvalidArgument);
 }
 
-TEST_CASE("tiny_gpt hf_gpt2: loads Hugging Face GPT-2 safetensors (Conv1D [in, out]) and saves them back") {
+TEST_CASE("models::gpt2 hf_gpt2: loads Hugging Face GPT-2 safetensors (Conv1D [in, out]) and saves them back") {
     namespace fs = std::filesystem;
     Rng rng(13);
-    tg::Config c = tiny_config();
+    tg::Gpt2Config c = tiny_config();
     c.mlp_hidden = 12;  // not 4d, so the config must come from the file
-    tg::TinyGpt<float> src(c);
+    tg::Gpt2<float> src(c);
     src.init_weights(rng);
     randomise(src.params(), rng, 0.3);
 
@@ -575,11 +575,11 @@ TEST_CASE("tiny_gpt hf_gpt2: loads Hugging Face GPT-2 safetensors (Conv1D [in, o
         f.add("transformer." + tg::layer_name(l, "attn.bias"), {1, 1, c.n_ctx, c.n_ctx},
               std::vector<float>(static_cast<std::size_t>(c.n_ctx * c.n_ctx), 1.0f));
     f.add("lm_head.weight", src.params().view("wte.weight"));
-    const fs::path dir = fs::temp_directory_path() / ("comigs_tiny_gpt_" + std::to_string(::getpid()));
+    const fs::path dir = fs::temp_directory_path() / ("comigs_gpt2_" + std::to_string(::getpid()));
     fs::create_directories(dir);
     f.save(dir / "model.safetensors");
 
-    const tg::Config got = tg::hf_gpt2_config(comigs::io::SafetensorsFile::load(dir / "model.safetensors"), 2);
+    const tg::Gpt2Config got = tg::hf_gpt2_config(comigs::io::SafetensorsFile::load(dir / "model.safetensors"), 2);
     CHECK(got.vocab == c.vocab);
     CHECK(got.n_ctx == c.n_ctx);
     CHECK(got.d_model == c.d_model);
@@ -587,7 +587,7 @@ TEST_CASE("tiny_gpt hf_gpt2: loads Hugging Face GPT-2 safetensors (Conv1D [in, o
     CHECK(got.hidden() == 12);
     CHECK_THROWS_WITH_AS(tg::hf_gpt2_config(f), doctest::Contains("n_head"), comigs::InvalidArgument);
 
-    tg::TinyGpt<float> model = tg::load_hf_gpt2<float>(dir / "model.safetensors", 2);
+    tg::Gpt2<float> model = tg::load_hf_gpt2<float>(dir / "model.safetensors", 2);
     for (const auto& s : src.params().layout().tensors()) {
         const auto a = src.params().span(s.name), b = model.params().span(s.name);
         INFO(s.name);
@@ -606,23 +606,23 @@ TEST_CASE("tiny_gpt hf_gpt2: loads Hugging Face GPT-2 safetensors (Conv1D [in, o
         const auto saved = comigs::io::SafetensorsFile::load(dir / "saved.safetensors");
         CHECK(saved.shape("h.0.mlp.c_fc.weight") == std::vector<Index>{8, 12});
         CHECK(saved.get<float>("h.0.mlp.c_fc.weight") == f.get<float>("transformer.h.0.mlp.c_fc.weight"));
-        tg::TinyGpt<double> again = tg::load_hf_gpt2<double>(dir / "saved.safetensors");
+        tg::Gpt2<double> again = tg::load_hf_gpt2<double>(dir / "saved.safetensors");
         CHECK(again.config().n_head == 2);
         for (std::size_t i = 0; i < again.params().all().size(); ++i)
             REQUIRE(again.params().all()[i] == double(model.params().all()[i]));
     }
     SUBCASE("a model of another shape is a ShapeError naming the tensor") {
-        tg::Config other = c;
+        tg::Gpt2Config other = c;
         other.mlp_hidden = 16;
-        tg::TinyGpt<float> wrong(other);
+        tg::Gpt2<float> wrong(other);
         CHECK_THROWS_WITH_AS(tg::load_hf_gpt2(wrong, f), doctest::Contains("c_fc"), comigs::ShapeError);
     }
     fs::remove_all(dir);
 }
 
-TEST_CASE("tiny_gpt mixture_mlp: comigs' MixtureOfLoraMlp plugs in as the MLP; exact gradients through the model") {
+TEST_CASE("models::gpt2 mixture_mlp: comigs' MixtureOfLoraMlp plugs in as the MLP; exact gradients through the model") {
     Rng rng(14);
-    tg::TinyGpt<double> model(tiny_config());
+    tg::Gpt2<double> model(tiny_config());
     model.init_weights(rng);
     randomise(model.params(), rng, 0.2);
     const Index B = 2, T = 5;

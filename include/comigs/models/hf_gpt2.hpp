@@ -1,9 +1,9 @@
 #pragma once
-// GPT-2 weights in the Hugging Face safetensors layout: load them into a TinyGpt, save a TinyGpt so that
+// GPT-2 weights in the Hugging Face safetensors layout: load them into a Gpt2, save a Gpt2 so that
 // a later run (or transformers' GPT2LMHeadModel) reads it back.
 //
 // HF GPT-2 keeps its projections in Conv1D modules whose weight is [in, out], the transpose of
-// nn.Linear; TinyGpt stores [out, in], so c_attn, c_proj and c_fc weights are transposed here and only
+// nn.Linear; Gpt2 stores [out, in], so c_attn, c_proj and c_fc weights are transposed here and only
 // here. Keys may carry the "transformer." prefix of GPT2LMHeadModel checkpoints. The file's constant
 // buffers ("h.{i}.attn.bias", "masked_bias") and "lm_head.weight" (tied to wte) are ignored.
 #include <filesystem>
@@ -14,9 +14,9 @@
 
 #include <comigs/io/safetensors.hpp>
 
-#include "model.hpp"
+#include "gpt2.hpp"
 
-namespace comigs::tiny_gpt {
+namespace comigs::models {
 
 namespace detail {
 inline bool is_conv1d_weight(std::string_view name) {
@@ -28,15 +28,16 @@ inline std::string hf_prefix(const io::SafetensorsFile& f) {
     if (f.contains("transformer.wte.weight")) return "transformer.";
     comigs::detail::raise<FormatError>("GPT-2 file: no 'wte.weight' or 'transformer.wte.weight' tensor (", f.size(), " tensors)");
 }
+// The key files written before the host moved into include/comigs/models/ carry: kept, so they load.
 inline constexpr std::string_view n_head_key = "comigs.tiny_gpt.n_head";
 }  // namespace detail
 
-/// The Config of a GPT-2 file: vocab, n_ctx and d_model from wte and wpe, n_layer from the blocks present,
+/// The Gpt2Config of a GPT-2 file: vocab, n_ctx and d_model from wte and wpe, n_layer from the blocks present,
 /// mlp_hidden from c_fc. The head count is not in the weights (HF keeps it in config.json: 12 for gpt2):
 /// pass it, or it is read from the metadata save_hf_gpt2 writes.
-inline Config hf_gpt2_config(const io::SafetensorsFile& f, std::optional<Index> n_head = std::nullopt) {
+inline Gpt2Config hf_gpt2_config(const io::SafetensorsFile& f, std::optional<Index> n_head = std::nullopt) {
     const std::string p = detail::hf_prefix(f);
-    Config c;
+    Gpt2Config c;
     const auto& wte = f.shape(p + "wte.weight");
     const auto& wpe = f.shape(p + "wpe.weight");
     require<FormatError>(wte.size() == 2 && wpe.size() == 2 && wte[1] == wpe[1], "GPT-2 file: wte ",
@@ -63,7 +64,7 @@ inline Config hf_gpt2_config(const io::SafetensorsFile& f, std::optional<Index> 
 /// Copies the weights of `f` into model.params(); every tensor of the model must be in the file with the
 /// HF shape (Conv1D weights [in, out]), in F32, F64, F16 or BF16. FormatError / ShapeError name the key.
 template <class T>
-void load_hf_gpt2(TinyGpt<T>& model, const io::SafetensorsFile& f) {
+void load_hf_gpt2(Gpt2<T>& model, const io::SafetensorsFile& f) {
     const std::string prefix = detail::hf_prefix(f);
     for (const TensorSpec& s : model.params().layout().tensors()) {
         const std::string key = prefix + s.name;
@@ -81,9 +82,9 @@ void load_hf_gpt2(TinyGpt<T>& model, const io::SafetensorsFile& f) {
 
 /// Loads the model of a GPT-2 safetensors file (config from hf_gpt2_config).
 template <class T>
-TinyGpt<T> load_hf_gpt2(const std::filesystem::path& path, std::optional<Index> n_head = std::nullopt) {
+Gpt2<T> load_hf_gpt2(const std::filesystem::path& path, std::optional<Index> n_head = std::nullopt) {
     const io::SafetensorsFile f = io::SafetensorsFile::load(path);
-    TinyGpt<T> model(hf_gpt2_config(f, n_head));
+    Gpt2<T> model(hf_gpt2_config(f, n_head));
     load_hf_gpt2(model, f);
     return model;
 }
@@ -91,7 +92,7 @@ TinyGpt<T> load_hf_gpt2(const std::filesystem::path& path, std::optional<Index> 
 /// Writes model.params() in the HF GPT-2 layout (GPT2Model keys, Conv1D weights [in, out]) as `dtype`
 /// (F32 by default, like HF), with the head count in the metadata so load_hf_gpt2 needs no config.
 template <class T>
-void save_hf_gpt2(const TinyGpt<T>& model, const std::filesystem::path& path, io::Dtype dtype = io::Dtype::F32) {
+void save_hf_gpt2(const Gpt2<T>& model, const std::filesystem::path& path, io::Dtype dtype = io::Dtype::F32) {
     io::SafetensorsFile f;
     f.metadata()["format"] = "pt";
     f.metadata()[std::string(detail::n_head_key)] = std::to_string(model.config().n_head);
@@ -110,4 +111,4 @@ void save_hf_gpt2(const TinyGpt<T>& model, const std::filesystem::path& path, io
     f.save(path);
 }
 
-}  // namespace comigs::tiny_gpt
+}  // namespace comigs::models

@@ -1,5 +1,5 @@
 #pragma once
-// comigs' MixtureOfLoraMlp as the MLP of a TinyGpt block: what turns the pretrained host into a
+// comigs' MixtureOfLoraMlp as the MLP of a Gpt2 block: what turns the pretrained host into a
 // CoMiGS model. The mixture reads a copy of the block's frozen dense MLP (a FrozenMlp) and trains its
 // experts and router; the model's own weights stay frozen (TrainMode::frozen_base).
 #include <memory>
@@ -9,16 +9,16 @@
 #include <comigs/mixture.hpp>
 #include <comigs/random.hpp>
 
-#include "mlp.hpp"
-#include "model.hpp"
+#include "mlp_block.hpp"
+#include "gpt2.hpp"
 
-namespace comigs::tiny_gpt {
+namespace comigs::models {
 
 /// A GELU FrozenMlp holding a copy of the dense MLP of block `layer` ("h.{layer}.mlp.c_fc.*" and
 /// ".c_proj.*"; both conventions store [out, in]).
 template <class T>
-std::shared_ptr<FrozenMlp<T>> frozen_mlp(const TinyGpt<T>& model, Index layer) {
-    const Config& c = model.config();
+std::shared_ptr<FrozenMlp<T>> frozen_mlp(const Gpt2<T>& model, Index layer) {
+    const Gpt2Config& c = model.config();
     auto base = std::make_shared<FrozenMlp<T>>(MlpForm::gelu, c.d_model, c.hidden());
     for (const std::string name : {"fc.weight", "fc.bias", "proj.weight", "proj.bias"}) {
         const auto src = model.params().span(layer_name(layer, "mlp.c_" + name));
@@ -58,4 +58,4 @@ private:
     double balance_ = 0;
 };
 
-}  // namespace comigs::tiny_gpt
+}  // namespace comigs::models

@@ -12,7 +12,7 @@
 
 #include <comigs/view.hpp>
 
-namespace comigs::tiny_gpt {
+namespace comigs::models {
 
 namespace detail {
 template <class T>
@@ -302,5 +302,5 @@ void residual_forward(MatrixView<T> y, CView<T> x) {
     eigen(y) += eigen(x);
 }
 
-}  // namespace comigs::tiny_gpt
+}  // namespace comigs::models
 

@@ -7,9 +7,9 @@
 #include <comigs/detail/aligned.hpp>
 #include <comigs/params.hpp>
 
-#include "kernels.hpp"
+#include "layers.hpp"
 
-namespace comigs::tiny_gpt {
+namespace comigs::models {
 
 /// The position-wise part of a block: y[N, d] = mlp(x[N, d]) for N = B*T tokens, each token on its own.
 /// The model calls forward once per step, then (when training) backward once with the same x.
@@ -93,4 +93,4 @@ private:
     comigs::detail::aligned_vector<T> buf_;
 };
 
-}  // namespace comigs::tiny_gpt
+}  // namespace comigs::models

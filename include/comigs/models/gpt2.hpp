@@ -19,13 +19,13 @@
 #include <comigs/params.hpp>
 #include <comigs/random.hpp>
 
-#include "kernels.hpp"
-#include "mlp.hpp"
+#include "layers.hpp"
+#include "mlp_block.hpp"
 
-namespace comigs::tiny_gpt {
+namespace comigs::models {
 
 /// Shape of the model. Defaults: a byte-level vocabulary and a host small enough to pretrain in seconds.
-struct Config {
+struct Gpt2Config {
     Index vocab = 256;
     Index n_ctx = 64;       ///< longest sequence (rows of the position embedding)
     Index d_model = 64;
@@ -52,7 +52,7 @@ struct Config {
 enum class TrainMode { full, frozen_base };
 
 /// LoRA on the attention projections: y = W x + b + s B A x, A [rank, in], B [out, rank].
-struct LoraConfig {
+struct AttentionLoraConfig {
     Index rank = 8;
     double alpha = 16;
     LoraScaling scaling = LoraScaling::sqrt;  ///< comigs' enum: linear = alpha / r, sqrt = alpha / sqrt(r)
@@ -66,7 +66,7 @@ inline std::string layer_name(Index layer, std::string_view tail) {
 }
 
 /// The GPT-2 parameter layout for a config ([out, in] linear weights).
-inline ParamLayout gpt2_layout(const Config& c) {
+inline ParamLayout gpt2_layout(const Gpt2Config& c) {
     const Index d = c.d_model, h = c.hidden();
     ParamLayout L;
     L.add("wte.weight", {c.vocab, d});
@@ -95,10 +95,10 @@ inline ParamLayout gpt2_layout(const Config& c) {
 /// on (params(), grads()) in full mode, on (lora(), lora_grads()) and the plug-ins' own buffers in
 /// frozen-base mode. Moving the model keeps every buffer (and the views plug-ins hold) in place.
 template <class T>
-class TinyGpt {
+class Gpt2 {
 public:
     /// LayerNorm weights are 1, everything else 0: call init_weights or load weights next.
-    explicit TinyGpt(const Config& config) : cfg_(config) {
+    explicit Gpt2(const Gpt2Config& config) : cfg_(config) {
         cfg_.validate();
         params_ = std::make_unique<ParamBuffer<T>>(gpt2_layout(cfg_));
         grads_ = std::make_unique<ParamBuffer<T>>(params_->layout_ptr());
@@ -111,7 +111,7 @@ public:
                 std::fill_n(params_->data() + s.offset, s.size, T(1));
     }
 
-    const Config& config() const { return cfg_; }
+    const Gpt2Config& config() const { return cfg_; }
 
     /// GPT-2 initialisation: weights N(0, 0.02), residual projections (c_proj) N(0, 0.02 / sqrt(2 n_layer)),
     /// biases 0, LayerNorm weight 1 and bias 0.
@@ -138,7 +138,7 @@ public:
     /// Adds (or replaces) LoRA adapters on c_attn and c_proj of every block: tensors
     /// "h.{i}.attn.c_attn.lora_A" [r, d], ".lora_B" [3d, r], "h.{i}.attn.c_proj.lora_A" [r, d],
     /// ".lora_B" [d, r]. A ~ U(-1/sqrt(d), 1/sqrt(d)), B = 0, so the model's function is unchanged.
-    void add_attention_lora(const LoraConfig& lc, Rng& rng) {
+    void add_attention_lora(const AttentionLoraConfig& lc, Rng& rng) {
         lc.scale();  // checks rank >= 1 and a finite alpha
         const Index d = cfg_.d_model;
         ParamLayout L;
@@ -158,7 +158,7 @@ public:
         has_lora_ = true;
     }
     bool has_lora() const { return has_lora_; }
-    const LoraConfig& lora_config() const { return lora_cfg_; }
+    const AttentionLoraConfig& lora_config() const { return lora_cfg_; }
     /// LoRA adapters (empty without add_attention_lora) and their gradients.
     ParamBuffer<T>& lora() { return *lora_; }
     const ParamBuffer<T>& lora() const { return *lora_; }
@@ -380,9 +380,9 @@ private:
                           std::as_const(*lora_).view(pre + "lora_B"), T(lora_cfg_.scale()));
     }
 
-    Config cfg_;
+    Gpt2Config cfg_;
     std::unique_ptr<ParamBuffer<T>> params_, grads_, lora_, lora_grads_;
-    LoraConfig lora_cfg_;
+    AttentionLoraConfig lora_cfg_;
     bool has_lora_ = false;
     std::vector<std::unique_ptr<MlpBlock<T>>> mlps_;
     TrainMode mode_ = TrainMode::full;
@@ -396,4 +396,4 @@ private:
     GradActs g_{};
 };
 
-}  // namespace comigs::tiny_gpt
+}  // namespace comigs::models
