@@ -21,6 +21,6 @@ cmake -S "$src" -B "$build" -DCMAKE_TOOLCHAIN_FILE="$src/cmake/toolchain-aarch64
   -DCOMIGS_INSTALL=OFF "${launcher[@]}" ${COMIGS_ARM_CMAKE_ARGS:-}
 cmake --build "$build" -j2
 echo "== aarch64 build: $((SECONDS - start)) s"
-file "$build/tests/comigs-tests" | grep -q "ARM aarch64" || { echo "comigs-tests is not an aarch64 program"; exit 1; }
+aarch64-linux-gnu-readelf -h "$build/tests/comigs-tests" | grep -q "AArch64" || { echo "comigs-tests is not an aarch64 program"; exit 1; }
 OMP_NUM_THREADS=2 ctest --test-dir "$build" -j2 --output-on-failure -E '^consumer-'
 echo "== aarch64 tests under qemu done in $((SECONDS - start)) s"
