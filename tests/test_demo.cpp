@@ -139,6 +139,29 @@ TEST_CASE("comigs-demo: tiny run end to end") {
     // Mean routing of two generalists sends everything to generalists; of two specialists, nothing.
     CHECK(j["methods"]["fedavg"]["users"][0]["generalist_share"].get<double>() == doctest::Approx(1.0));
     CHECK(j["methods"]["local"]["users"][0]["generalist_share"].get<double>() == doctest::Approx(0.0));
+    // Routing per layer (what routing.html and the claims read): per user and averaged over users; the
+    // layers' shares average to the whole model's.
+    for (const char* name : {"comigs-1g1s", "pfedmoe"}) {
+        CAPTURE(name);
+        const auto& m = j["methods"][name];
+        REQUIRE(m["routing_by_layer"].size() == 2);
+        double mean_share = 0;
+        for (const auto& u : m["users"]) {
+            REQUIRE(u["routing_by_layer"].size() == 2);
+            double layers = 0;
+            for (const auto& l : u["routing_by_layer"]) {
+                layers += l["generalist_share"].get<double>() / 2;
+                CHECK(l["personal_to_specialist"].get<double>() >= 0.0);
+                CHECK(l["personal_to_specialist"].get<double>() <= 1.0);
+                CHECK(l["shared_to_generalist"].get<double>() >= 0.0);
+            }
+            CHECK(layers == doctest::Approx(u["generalist_share"].get<double>()));
+            mean_share += u["generalist_share"].get<double>() / 3;
+        }
+        CHECK(m["mean_generalist_share"].get<double>() == doctest::Approx(mean_share));
+        CHECK((m["routing_by_layer"][0]["generalist_share"].get<double>() +
+               m["routing_by_layer"][1]["generalist_share"].get<double>()) / 2 == doctest::Approx(mean_share));
+    }
 
     const std::string svg = slurp(fs::path(c.out) / "curves.svg");
     CHECK(svg.find("<svg") != std::string::npos);
@@ -185,19 +208,6 @@ TEST_CASE("comigs-demo: tiny run end to end") {
     CHECK(again.methods[0].mean(&comigs::demo::UserResult::test_ppl) ==
           doctest::Approx(out.methods[4].mean(&comigs::demo::UserResult::test_ppl)).epsilon(1e-12));
     fs::remove_all(c.out);
-}
-
-TEST_CASE("comigs-demo: real text is split deterministically") {
-    std::string text;
-    for (int i = 0; i < 20000; ++i) text += char('a' + (i * 7) % 26);
-    const auto a = comigs::demo::split_text("x", text, 5000, 1000, 1000);
-    const auto b = comigs::demo::split_text("x", text, 5000, 1000, 1000);
-    CHECK(a.train.tokens == b.train.tokens);
-    CHECK(a.train.size() == 5000);
-    CHECK(a.validation.size() == 1000);
-    CHECK(a.test.size() == 1000);
-    CHECK(a.test.tokens[0] == 'a');  // chunk 0 goes to test
-    CHECK_FALSE(a.labelled);
 }
 
 TEST_CASE("comigs-demo command line: --quick is a base configuration the other flags still change") {

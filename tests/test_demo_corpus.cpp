@@ -27,8 +27,10 @@ CorpusConfig small_config(std::uint64_t seed = 7, double h = 0.5) {
 
 bool same(const Stream& a, const Stream& b) { return a.tokens == b.tokens && a.personal == b.personal; }
 
-std::uint64_t fnv1a(std::uint64_t h, const std::vector<std::uint8_t>& bytes) {
-    for (const std::uint8_t b : bytes) h = (h ^ b) * 0x100000001B3ull;
+// Token ids and labels are bytes here: hashed as bytes whatever the element type.
+template <class V>
+std::uint64_t fnv1a(std::uint64_t h, const std::vector<V>& values) {
+    for (const V v : values) h = (h ^ static_cast<std::uint8_t>(v)) * 0x100000001B3ull;
     return h;
 }
 

@@ -474,6 +474,50 @@ TEST_CASE("kernels::gemm_bf16: every backend matches the bf16-rounded product; w
     }
 }
 
+TEST_CASE("kernels::gemm_bf16_widened: fp32 arithmetic on the exact bf16 values, activations not rounded") {
+    Knob<Index> panel(kernels::detail::bf16_widen_panel_elements(), 150);  // a few columns per panel, with tails
+    Rng rng(14);
+    for (Index m : {Index(1), Index(7), Index(40)})
+        for (Index n : {Index(1), Index(13), Index(33)})
+            for (Index k : {Index(1), Index(31), Index(97)})
+                for (auto op : {kernels::Op::none, kernels::Op::trans})
+                    for (float beta : {0.0f, 1.0f}) {
+                        auto A = randn<float>(static_cast<std::size_t>(m * k), rng);
+                        const Index wr = op == kernels::Op::trans ? n : k, wc = op == kernels::Op::trans ? k : n;
+                        const Index ws = wc + 3;
+                        auto Wf = randn<float>(static_cast<std::size_t>(wr * ws + 1), rng, 0.1);
+                        std::vector<kernels::bf16> W(Wf.size());
+                        kernels::convert_to_bf16(W.data(), Wf.data(), static_cast<Index>(Wf.size()));
+                        auto C = randn<float>(static_cast<std::size_t>(m * n), rng);
+                        const auto C0 = C;
+                        kernels::gemm_bf16_widened(MatrixView<float>(C.data(), m, n), ConstMatrixView<float>(A.data(), m, k),
+                                                   ConstMatrixView<kernels::bf16>(W.data() + 1, wr, wc, ws), op, 0.5f, beta);
+                        double worst = 0;
+                        for (Index i = 0; i < m; ++i)
+                            for (Index j = 0; j < n; ++j) {
+                                double s = 0, mag = 0;
+                                for (Index p = 0; p < k; ++p) {
+                                    const double a = A[static_cast<std::size_t>(i * k + p)];  // not rounded
+                                    const std::size_t wi = static_cast<std::size_t>(
+                                        1 + (op == kernels::Op::trans ? j * ws + p : p * ws + j));
+                                    const double w = kernels::to_float(W[wi]);
+                                    s += a * w;
+                                    mag += std::abs(a * w);
+                                }
+                                const double c0 = beta == 1.0f ? C0[static_cast<std::size_t>(i * n + j)] : 0.0;
+                                const double err = std::abs(C[static_cast<std::size_t>(i * n + j)] - (0.5 * s + c0));
+                                // Only fp32 accumulation: far inside the bf16 rounding of the activations
+                                // (2^-8 relative) that gemm_bf16 would add.
+                                REQUIRE(err <= (double(k) + 2) * eps<float>() * (0.5 * mag + std::abs(c0)) + 1e-30);
+                                worst = std::max(worst, err);
+                            }
+                        CHECK(worst < 1e-3);
+                    }
+    CHECK_THROWS_AS(kernels::gemm_bf16_widened(MatrixView<float>(), ConstMatrixView<float>(nullptr, 0, 3),
+                                               ConstMatrixView<kernels::bf16>(nullptr, 0, 4), kernels::Op::trans),
+                    ShapeError);
+}
+
 TEST_CASE_TEMPLATE("elementwise kernels equal the scalar activation formulas on odd lengths and offsets", T, float,
                    double) {
     const double tol = std::is_same_v<T, float> ? 2e-6 : 1e-13;
@@ -762,6 +806,15 @@ TEST_CASE("MixtureOfLoraMlp on a bf16 base: close to the fp32 layer, bitwise rep
             num += double(ya[i] - yb[i]) * double(ya[i] - yb[i]);
             den += double(ya[i]) * double(ya[i]);
         }
+        CHECK(num > 0);
+        CHECK(std::sqrt(num / den) < 0.02);
+        // The input gradient passes through both base products (dM = dy W2 and dx = dH W1) in bf16.
+        num = den = 0;
+        for (std::size_t i = 0; i < dxa.size(); ++i) {
+            num += double(dxa[i] - dxb[i]) * double(dxa[i] - dxb[i]);
+            den += double(dxa[i]) * double(dxa[i]);
+        }
+        CHECK(den > 1.0);
         CHECK(num > 0);
         CHECK(std::sqrt(num / den) < 0.02);
         num = den = 0;

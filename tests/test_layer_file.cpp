@@ -75,3 +75,57 @@ TEST_CASE("layer files: bad metadata and tensors are errors naming the value") {
     no_router.erase("router.weight");
     CHECK_THROWS_WITH_AS(run_layer_file(no_router), doctest::Contains("router.weight"), comigs::FormatError);
 }
+
+TEST_CASE("layer files: sizes are checked against the file's tensors before anything is built") {
+    const auto good = comigs::io::SafetensorsFile::load(golden("gelu_e4_k2_r3_f64.safetensors"));
+    auto with_meta = [&](const char* key, const char* value) {
+        auto f = good;
+        f.metadata()[key] = value;
+        return f;
+    };
+    using comigs::io::run_layer_file;
+    // Refused at once (it used to build a layout of 4 * 10^9 tensors for minutes).
+    CHECK_THROWS_WITH_AS(run_layer_file(with_meta("experts", "1000000000")), doctest::Contains("experts 1000000000"),
+                         comigs::InvalidArgument);
+    // More experts than the file holds: the first missing tensor is named.
+    CHECK_THROWS_WITH_AS(run_layer_file(with_meta("experts", "4000")), doctest::Contains("experts.4.fc.lora_A"),
+                         comigs::FormatError);
+    // A rank the tensors do not have: named by the first tensor that disagrees, nothing allocated for it.
+    CHECK_THROWS_WITH_AS(run_layer_file(with_meta("rank", "1000000000")), doctest::Contains("experts.0.fc.lora_A"),
+                         comigs::ShapeError);
+    // Base weights whose shapes disagree with x and with each other.
+    auto bad_base = good;
+    const auto fc = bad_base.shape("fc.weight");
+    bad_base.erase("proj.weight");
+    bad_base.add("proj.weight", {fc[1], fc[0] + 1}, std::vector<double>(static_cast<std::size_t>(fc[1] * (fc[0] + 1))));
+    CHECK_THROWS_WITH_AS(run_layer_file(bad_base), doctest::Contains("proj.weight"), comigs::ShapeError);
+}
+
+TEST_CASE("layer files: a router.weight is accepted and left unused where the layer has no router") {
+    // Files exported from the reference code always carry the router, also for one expert or mean routing.
+    for (const char* name : {"gelu_e1_r3_f64", "gelu_e3_mean_r1_f64"}) {
+        CAPTURE(name);
+        const auto in = comigs::io::SafetensorsFile::load(golden(std::string(name) + ".safetensors"));
+        const auto want = comigs::io::run_layer_file(in);
+        REQUIRE_FALSE(in.contains("router.weight"));
+        const auto E = static_cast<comigs::Index>(std::stoll(in.metadata().at("experts")));
+        const comigs::Index d = in.shape("x")[1];
+        std::vector<double> router(static_cast<std::size_t>(E * d));
+        for (std::size_t i = 0; i < router.size(); ++i) router[i] = 0.25 * static_cast<double>(i % 7) - 0.5;
+        auto with_router = in;
+        with_router.add("router.weight", {E, d}, router);
+        const auto got = comigs::io::run_layer_file(with_router);
+        for (const auto& t : want.tensors()) {
+            CAPTURE(t.name);
+            CHECK(got.get<double>(t.name, t.shape) == want.get<double>(t.name, t.shape));
+        }
+        REQUIRE(got.contains("router.weight.grad"));
+        CHECK(got.shape("router.weight.grad") == std::vector<comigs::Index>{E, d});
+        for (double g : got.get<double>("router.weight.grad")) CHECK(g == 0.0);
+        CHECK(got.size() == want.size() + 1);
+        // Its shape is still checked.
+        auto wrong = in;
+        wrong.add("router.weight", {E + 1, d}, std::vector<double>(static_cast<std::size_t>((E + 1) * d)));
+        CHECK_THROWS_WITH_AS(comigs::io::run_layer_file(wrong), doctest::Contains("router.weight"), comigs::ShapeError);
+    }
+}

@@ -153,3 +153,62 @@ TEST_CASE("LoraConfig: bad values are errors naming the value") {
     CHECK_THROWS_WITH_AS(ok.forward(MatrixView<float>(y.data(), 2, 4), ConstMatrixView<float>(nullptr, 2, 4)),
                          doctest::Contains("null"), comigs::InvalidArgument);
 }
+
+TEST_CASE("LoraExpert: inverted dropout keeps an input element with weight exactly 1/(1-p)") {
+    // A[0, :] = 1, B = e_0 and x = 1: y[i, 0] = s * (kept elements of row i) / (1 - p), an integer
+    // multiple of s / (1 - p). Without the 1/(1-p) scaling it would be a multiple of s.
+    const double p = 0.4;
+    const Index n = 200, in = 6;
+    comigs::LoraConfig cfg{in, 3, 2, 16.0, comigs::LoraScaling::sqrt, p};
+    comigs::LoraExpert<double> lora(cfg);
+    for (auto& v : lora.params().span("lora_A")) v = 0;
+    for (Index j = 0; j < in; ++j) lora.A()(0, j) = 1;
+    for (auto& v : lora.params().span("lora_B")) v = 0;
+    lora.B()(0, 0) = 1;
+    std::vector<double> ones(static_cast<std::size_t>(n * in), 1.0), y(static_cast<std::size_t>(n * 3), 0.0);
+    comigs::Rng rng(3);
+    lora.forward(MatrixView<double>(y.data(), n, 3), ConstMatrixView<double>(ones.data(), n, in), true, &rng);
+    const double unit = lora.scale() / (1.0 - p);
+    double kept = 0;
+    bool some_dropped = false;
+    for (Index i = 0; i < n; ++i) {
+        const double k = y[static_cast<std::size_t>(i * 3)] / unit;
+        CHECK(k == doctest::Approx(std::round(k)).epsilon(1e-12).scale(1.0));
+        CHECK(k >= -1e-12);
+        CHECK(k <= in + 1e-12);
+        some_dropped |= std::round(k) < in;
+        kept += k;
+    }
+    CHECK(some_dropped);
+    // The kept fraction is about 1 - p (1200 Bernoulli draws: 4 standard deviations is 0.057).
+    CHECK(std::abs(kept / static_cast<double>(n * in) - (1.0 - p)) < 0.06);
+}
+
+TEST_CASE("LoraExpert: a forward refused for a missing generator leaves the last forward intact") {
+    comigs::LoraConfig cfg{4, 3, 2, 16.0, comigs::LoraScaling::sqrt, 0.3};
+    comigs::LoraExpert<double> lora(cfg);
+    comigs::Rng rng(8);
+    lora.init(rng);
+    for (auto& v : lora.params().span("lora_B")) v = rng.normal();
+    auto x2 = randn<double>(2 * 4, rng), x5 = randn<double>(5 * 4, rng);
+    std::vector<double> y2(2 * 3, 0.0), y5(5 * 3, 0.0), dy2(2 * 3, 1.0), dy5(5 * 3, 1.0);
+    lora.forward(MatrixView<double>(y2.data(), 2, 3), ConstMatrixView<double>(x2.data(), 2, 4), false);
+    lora.zero_grad();
+    std::vector<double> dx2(2 * 4, 0.0);
+    lora.backward(MatrixView<double>(dx2.data(), 2, 4), ConstMatrixView<double>(dy2.data(), 2, 3));
+    const std::vector<double> g(lora.grads().all().begin(), lora.grads().all().end());
+
+    CHECK_THROWS_WITH_AS(
+        lora.forward(MatrixView<double>(y5.data(), 5, 3), ConstMatrixView<double>(x5.data(), 5, 4), true, nullptr),
+        doctest::Contains("rng"), comigs::InvalidArgument);
+    // The 5-row batch was never run: backward refuses it instead of reading past the 2-row state...
+    std::vector<double> dx5(5 * 4, 0.0);
+    CHECK_THROWS_AS(lora.backward(MatrixView<double>(dx5.data(), 5, 4), ConstMatrixView<double>(dy5.data(), 5, 3)),
+                    comigs::ShapeError);
+    // ...and the saved 2-row forward still gives exactly its gradients.
+    lora.zero_grad();
+    std::vector<double> again(2 * 4, 0.0);
+    lora.backward(MatrixView<double>(again.data(), 2, 4), ConstMatrixView<double>(dy2.data(), 2, 3));
+    CHECK(again == dx2);
+    CHECK(std::vector<double>(lora.grads().all().begin(), lora.grads().all().end()) == g);
+}

@@ -22,6 +22,7 @@ struct Case {
     RouterNoise noise = RouterNoise::none;
     double importance = -1.0;
     LoraScaling scaling = LoraScaling::sqrt;
+    std::vector<Role> roles = {};
     Precision precision = Precision::fp32;  // of the frozen base (quantized: d and h multiples of 32)
 };
 
@@ -48,6 +49,7 @@ struct Fixture {
         cfg.dropout = c.dropout;
         cfg.noise = c.noise;
         cfg.expert0_importance = c.importance;
+        cfg.roles = c.roles;
         Rng rng(seed);
         base = std::make_shared<FrozenMlp<double>>(c.form, cfg.d_model, cfg.d_hidden);
         base->randomize(rng, 0.5);
@@ -123,6 +125,9 @@ TEST_CASE("MixtureOfLoraMlp: gradients match finite differences in double") {
         {"gelu E=1", {MlpForm::gelu, 1, 1}},
         {"gelu mean E=3", {MlpForm::gelu, 3, 3, Routing::mean}},
         {"gelu E=3 k=2 linear importance 0.6", {MlpForm::gelu, 3, 2, Routing::top_k, 0.0, RouterNoise::none, 0.6, LoraScaling::linear}},
+        {"gelu E=3 k=2 generalist 1 of S,G,S importance 0.6",
+         {MlpForm::gelu, 3, 2, Routing::top_k, 0.0, RouterNoise::none, 0.6, LoraScaling::sqrt,
+          {Role::specialist, Role::generalist, Role::specialist}}},
         {"swiglu E=4 k=2", {MlpForm::swiglu, 4, 2}},
         {"swiglu E=2 k=1", {MlpForm::swiglu, 2, 1}},
         {"swiglu mean E=2", {MlpForm::swiglu, 2, 2, Routing::mean}},
@@ -333,6 +338,21 @@ TEST_CASE("MixtureOfLoraMlp: float matches double; results bitwise stable across
     std::size_t i = 0;
     for (; i < yd.size(); ++i) CHECK(first[i] == doctest::Approx(yd[i]).epsilon(tol).scale(1.0));
     for (std::size_t j = 0; j < dxd.size(); ++j, ++i) CHECK(first[i] == doctest::Approx(dxd[j]).epsilon(tol).scale(1.0));
+    // The parameter gradients sum over the n tokens as well: per tensor, the largest difference
+    // against the largest double gradient, with the reduction length n h in the bound.
+    const double tol_grad = 8.0 * static_cast<double>(n * h) * 6e-8;
+    for (const auto& spec : ld.grads().layout().tensors()) {
+        CAPTURE(spec.name);
+        const auto gd = ld.grads().span(spec.name);
+        double err = 0, scale = 0;
+        for (std::size_t j = 0; j < gd.size(); ++j) {
+            const float gf = first[yd.size() + dxd.size() + static_cast<std::size_t>(spec.offset) + j];
+            err = std::max(err, std::abs(static_cast<double>(gf) - gd[j]));
+            scale = std::max(scale, std::abs(gd[j]));
+        }
+        CHECK(scale > 1e-3);  // every tensor has a gradient to compare
+        CHECK(err <= tol_grad * scale);
+    }
     const auto again = run_float();
     CHECK(again == first);
 #ifdef _OPENMP
@@ -444,4 +464,133 @@ TEST_CASE_TEMPLATE("MixtureOfLoraMlp on a Q8_0 / Q4_0 base equals the layer on t
                 close(dxa, dxb, "dx");
                 close(a.grads().all(), b.grads().all(), "grads");
             }
+}
+
+TEST_CASE_TEMPLATE("MixtureOfLoraMlp: a forward refused for a missing generator leaves the last forward intact", T,
+                   float, double) {
+    using namespace comigs;
+    struct Variant {
+        const char* name;
+        MlpForm form;
+        double dropout;
+        RouterNoise noise;
+    };
+    for (const Variant& v : {Variant{"gelu dropout", MlpForm::gelu, 0.3, RouterNoise::none},
+                             Variant{"gelu noise", MlpForm::gelu, 0.0, RouterNoise::gaussian},
+                             Variant{"swiglu dropout", MlpForm::swiglu, 0.2, RouterNoise::none},
+                             Variant{"swiglu noise", MlpForm::swiglu, 0.0, RouterNoise::gumbel}}) {
+        CAPTURE(v.name);
+        const Index d = 6, h = 10;
+        MixtureConfig cfg;
+        cfg.form = v.form;
+        cfg.d_model = d;
+        cfg.d_hidden = h;
+        cfg.n_experts = 3;
+        cfg.top_k = 2;
+        cfg.rank = 2;
+        cfg.dropout = v.dropout;
+        cfg.noise = v.noise;
+        Rng rng(4);
+        auto base = std::make_shared<FrozenMlp<T>>(v.form, d, h);
+        base->randomize(rng, 0.3);
+        MixtureOfLoraMlp<T> layer(cfg, base);
+        layer.init(rng);
+        for (T& p : layer.params().all()) p = static_cast<T>(rng.normal(0.0, 0.3));
+        auto vec = [&](Index rows) {
+            std::vector<T> out(static_cast<std::size_t>(rows * d));
+            for (T& e : out) e = static_cast<T>(rng.normal());
+            return out;
+        };
+        const auto x2 = vec(2), dy2 = vec(2), x7 = vec(7), dy7 = vec(7);
+        std::vector<T> y2(x2.size()), y7(x7.size()), dx2(x2.size(), T(0)), dx7(x7.size(), T(0));
+        layer.forward(MatrixView<T>(y2.data(), 2, d), ConstMatrixView<T>(x2.data(), 2, d), false);
+        layer.zero_grad();
+        layer.backward(MatrixView<T>(dx2.data(), 2, d), ConstMatrixView<T>(dy2.data(), 2, d), T(0.01));
+        const std::vector<T> g(layer.grads().all().begin(), layer.grads().all().end());
+
+        CHECK_THROWS_WITH_AS(
+            layer.forward(MatrixView<T>(y7.data(), 7, d), ConstMatrixView<T>(x7.data(), 7, d), true, nullptr),
+            doctest::Contains("rng"), InvalidArgument);
+        // The 7-token batch never ran: backward refuses it (instead of reading past the 2-token state)...
+        CHECK_THROWS_AS(layer.backward(MatrixView<T>(dx7.data(), 7, d), ConstMatrixView<T>(dy7.data(), 7, d), T(0.01)),
+                        ShapeError);
+        // ...and still differentiates the forward that did run, exactly as before.
+        layer.zero_grad();
+        std::vector<T> again(x2.size(), T(0));
+        layer.backward(MatrixView<T>(again.data(), 2, d), ConstMatrixView<T>(dy2.data(), 2, d), T(0.01));
+        CHECK(again == dx2);
+        CHECK(std::vector<T>(layer.grads().all().begin(), layer.grads().all().end()) == g);
+    }
+}
+
+TEST_CASE("MixtureOfLoraMlp: inverted dropout masks hold 0 or exactly 1/(1-p)") {
+    using namespace comigs;
+    for (double p : {0.1, 0.3, 0.5}) {
+        CAPTURE(p);
+        std::vector<double> mask;
+        Rng rng(12);
+        detail::draw_mask(mask, 4000, p, rng);
+        REQUIRE(mask.size() == 4000);
+        double kept = 0;
+        for (double m : mask) {
+            CHECK((m == 0.0 || m == 1.0 / (1.0 - p)));
+            kept += m != 0.0;
+        }
+        // Bernoulli(1 - p) over 4000 draws: 4 standard deviations is at most 0.032.
+        CHECK(std::abs(kept / 4000.0 - (1.0 - p)) < 0.032);
+    }
+}
+
+TEST_CASE("MixtureOfLoraMlp: the balancing loss gives the target share to the generalist by role") {
+    using namespace comigs;
+    const Index d = 5, h = 7, n = 40;
+    auto base = std::make_shared<FrozenMlp<double>>(MlpForm::gelu, d, h);
+    Rng rng(6);
+    base->randomize(rng, 0.5);
+    MixtureConfig cfg;
+    cfg.d_model = d;
+    cfg.d_hidden = h;
+    cfg.n_experts = 3;
+    cfg.top_k = 1;
+    cfg.rank = 2;
+    cfg.expert0_importance = 0.8;
+    cfg.roles = {Role::specialist, Role::generalist, Role::specialist};
+    MixtureOfLoraMlp<double> layer(cfg, base);
+    layer.init(rng);
+    for (double& v : layer.params().span("router.weight")) v = rng.normal();
+    const auto& rc = layer.router_config();
+    CHECK(rc.target_share(1) == doctest::Approx(0.8));
+    CHECK(rc.target_share(0) == doctest::Approx(0.1));
+    CHECK(rc.target_share(2) == doctest::Approx(0.1));
+    std::vector<double> x(static_cast<std::size_t>(n * d)), y(x.size());
+    for (double& v : x) v = rng.normal();
+    const double lb = layer.forward(MatrixView<double>(y.data(), n, d), ConstMatrixView<double>(x.data(), n, d));
+    const auto& r = layer.routing();
+    const double t[3] = {0.1, 0.8, 0.1};
+    double want = 0;
+    for (Index e = 0; e < 3; ++e)
+        want += r.mean_prob[static_cast<std::size_t>(e)] * static_cast<double>(r.counts[static_cast<std::size_t>(e)]) /
+                static_cast<double>(n) / t[e];
+    CHECK(lb == doctest::Approx(want).epsilon(1e-12));
+    // A target share for generalists means nothing in a layer without both kinds of experts.
+    cfg.roles = {Role::generalist, Role::generalist, Role::generalist};
+    CHECK_THROWS_WITH_AS(MixtureOfLoraMlp<double>(cfg, base), doctest::Contains("expert0_importance 0.8"),
+                         InvalidArgument);
+    cfg.roles = {Role::specialist, Role::specialist, Role::specialist};
+    CHECK_THROWS_WITH_AS(MixtureOfLoraMlp<double>(cfg, base), doctest::Contains("expert0_importance 0.8"),
+                         InvalidArgument);
+}
+
+TEST_CASE("MixtureOfLoraMlp: absurd expert counts are refused before anything is built") {
+    using namespace comigs;
+    auto base = std::make_shared<FrozenMlp<float>>(MlpForm::gelu, 4, 6);
+    MixtureConfig cfg;
+    cfg.d_model = 4;
+    cfg.d_hidden = 6;
+    cfg.n_experts = 1000000000;
+    cfg.top_k = 2;
+    cfg.rank = 2;
+    CHECK_THROWS_WITH_AS(MixtureOfLoraMlp<float>(cfg, base), doctest::Contains("experts 1000000000"), InvalidArgument);
+    cfg.routing = Routing::mean;
+    CHECK_THROWS_WITH_AS(MixtureOfLoraMlp<float>(cfg, base), doctest::Contains("experts 1000000000"), InvalidArgument);
 }

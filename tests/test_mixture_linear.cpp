@@ -161,3 +161,36 @@ TEST_CASE("MixtureOfLoraLinear on a Q4_0 / Q8_0 weight: gradients match finite d
         CHECK_THROWS_WITH_AS(comigs::MixtureOfLoraLinear<double>(wrong, base), doctest::Contains("[5, 64]"), comigs::ShapeError);
     }
 }
+
+TEST_CASE("MixtureOfLoraLinear: a forward refused for a missing generator leaves the last forward intact") {
+    using comigs::ConstMatrixView;
+    using comigs::Index;
+    using comigs::MatrixView;
+    comigs::MixtureLinearConfig cfg;
+    cfg.in_features = 5;
+    cfg.out_features = 4;
+    cfg.n_experts = 3;
+    cfg.top_k = 2;
+    cfg.rank = 2;
+    cfg.noise = comigs::RouterNoise::gaussian;
+    comigs::Rng rng(3);
+    std::vector<double> W(20), b(4);
+    for (auto& v : W) v = rng.normal();
+    comigs::FrozenLinear<double> base{ConstMatrixView<double>(W.data(), 4, 5), std::span<const double>(b)};
+    comigs::MixtureOfLoraLinear<double> layer(cfg, base);
+    layer.init(rng);
+    for (auto& v : layer.params().all()) v = rng.normal(0.0, 0.5);
+    std::vector<double> x2(10), y2(8), dy2(8, 1.0), dx2(10, 0.0), x6(30), y6(24), dy6(24, 1.0), dx6(30, 0.0);
+    for (auto& v : x2) v = rng.normal();
+    for (auto& v : x6) v = rng.normal();
+    layer.forward(MatrixView<double>(y2.data(), 2, 4), ConstMatrixView<double>(x2.data(), 2, 5));
+    layer.backward(MatrixView<double>(dx2.data(), 2, 5), ConstMatrixView<double>(dy2.data(), 2, 4), 0.01);
+    CHECK_THROWS_WITH_AS(
+        layer.forward(MatrixView<double>(y6.data(), 6, 4), ConstMatrixView<double>(x6.data(), 6, 5), true, nullptr),
+        doctest::Contains("rng"), comigs::InvalidArgument);
+    CHECK_THROWS_AS(layer.backward(MatrixView<double>(dx6.data(), 6, 5), ConstMatrixView<double>(dy6.data(), 6, 4), 0.01),
+                    comigs::ShapeError);
+    std::vector<double> again(10, 0.0);
+    layer.backward(MatrixView<double>(again.data(), 2, 5), ConstMatrixView<double>(dy2.data(), 2, 4), 0.01);
+    CHECK(again == dx2);
+}

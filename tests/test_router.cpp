@@ -193,3 +193,28 @@ TEST_CASE("RouterConfig: bad values are errors naming the value") {
     CHECK_THROWS_WITH_AS(ok.forward(ConstMatrixView<float>(x.data(), 2, 3)), doctest::Contains("router input x"),
                          comigs::ShapeError);
 }
+
+TEST_CASE("router: the generalist target share goes to the generalists by role") {
+    using comigs::Role;
+    auto c = config(3, 2, 0.6);
+    CHECK(c.target_share(0) == doctest::Approx(0.6));  // default roles: expert 0 is the generalist
+    CHECK(c.target_share(2) == doctest::Approx(0.2));
+    c.roles = {Role::specialist, Role::generalist, Role::specialist};
+    CHECK(c.target_share(1) == doctest::Approx(0.6));
+    CHECK(c.target_share(0) == doctest::Approx(0.2));
+    c.roles = {Role::generalist, Role::specialist, Role::generalist};
+    CHECK(c.target_share(0) == doctest::Approx(0.3));
+    CHECK(c.target_share(2) == doctest::Approx(0.3));
+    CHECK(c.target_share(1) == doctest::Approx(0.4));
+    c.expert0_importance = -1;
+    CHECK(c.target_share(1) == doctest::Approx(1.0 / 3));
+    c.expert0_importance = 0.6;
+    c.roles = {Role::specialist, Role::specialist, Role::specialist};
+    CHECK_THROWS_WITH_AS(comigs::TopKRouter<float>{c}, doctest::Contains("0 of the 3 experts are generalists"),
+                         comigs::InvalidArgument);
+    c.roles = {Role::generalist};
+    CHECK_THROWS_WITH_AS(comigs::TopKRouter<float>{c}, doctest::Contains("roles: 1 given for 3"), comigs::InvalidArgument);
+    c.roles.clear();
+    c.n_experts = comigs::RouterConfig::max_experts + 1;
+    CHECK_THROWS_WITH_AS(comigs::TopKRouter<float>{c}, doctest::Contains("experts 65537"), comigs::InvalidArgument);
+}

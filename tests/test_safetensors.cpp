@@ -683,6 +683,35 @@ TEST_CASE("atomic_write_file: failures are IoErrors naming the path; permissions
     CHECK_THROWS_AS(comigs::io::atomic_write_file("", payload), comigs::InvalidArgument);
 }
 
+TEST_CASE("atomic_write_file: a target name of NAME_MAX bytes works; a symlink's target lends no permissions") {
+    TempDir dir;
+    const long name_max = ::pathconf(dir.path.c_str(), _PC_NAME_MAX);
+    const std::string name(static_cast<std::size_t>(name_max > 0 ? std::min(name_max, 255L) : 255L), 'n');
+    comigs::io::atomic_write_file(dir.path / name, bytes_of("long name"));
+    CHECK(read_all(dir.path / name) == bytes_of("long name"));
+    comigs::io::atomic_write_file(dir.path / name, bytes_of("replaced"));
+    CHECK(read_all(dir.path / name) == bytes_of("replaced"));
+    CHECK(dir.entries() == std::vector<std::string>{name});
+
+    // A symlink at the target is replaced by a new file, not followed: the file it pointed to keeps
+    // its content and mode, and does not lend its permission bits to the new file.
+    const fs::path real = dir.path / "real", link = dir.path / "link";
+    comigs::io::atomic_write_file(real, bytes_of("kept"));
+    REQUIRE(::chmod(real.c_str(), 0604) == 0);
+    fs::create_symlink(real, link);
+    const mode_t saved = ::umask(022);
+    comigs::io::atomic_write_file(link, bytes_of("new"));
+    ::umask(saved);
+    struct stat st {};
+    REQUIRE(::lstat(link.c_str(), &st) == 0);
+    CHECK(S_ISREG(st.st_mode));
+    CHECK((st.st_mode & 0777) == 0644);
+    CHECK(read_all(link) == bytes_of("new"));
+    CHECK(read_all(real) == bytes_of("kept"));
+    REQUIRE(::stat(real.c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0604);
+}
+
 TEST_CASE("SafetensorsFile: the golden files (pure-Python writer) and the fuzz seed corpus") {
     int golden = 0;
     for (const auto& e : fs::directory_iterator(COMIGS_GOLDEN_DIR)) {

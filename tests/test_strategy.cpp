@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -524,4 +525,32 @@ TEST_CASE("RoundRunner: configuration errors") {
         CHECK_THROWS_WITH_AS(Runner(strategies::comigs_1g1s(), rounds(1, 1), users), doctest::Contains("twice"),
                              InvalidArgument);
     }
+}
+
+TEST_CASE("RoundRunner: PCL refuses a user whose every candidate has an infinite validation perplexity") {
+    // softmax(-inf) over every candidate is 0 / 0: no weights exist, and NaN must never be averaged.
+    const Strategy s = strategies::pcl(1.0);
+    Federation<double> f(s, 3, 1, 2);
+    auto users = f.users();
+    users[1].validation_perplexity = [] { return std::numeric_limits<double>::infinity(); };
+    RoundRunner<TinyHost<double>, RegressionBatch<double>> runner(s, rounds(1, 2), std::move(users));
+    RunnerHooks<double> hooks;
+    CHECK_THROWS_WITH_AS(runner.run(hooks), doctest::Contains("user 101: every candidate model"), NumericError);
+
+    // Some infinite candidates are fine: they get weight 0.
+    Federation<double> g(s, 3, 1, 2);
+    auto some = g.users();
+    std::size_t calls = 0;
+    some[1].validation_perplexity = [&calls] {
+        return ++calls % 3 == 1 ? 2.0 : std::numeric_limits<double>::infinity();
+    };
+    RoundRunner<TinyHost<double>, RegressionBatch<double>> ok(s, rounds(1, 2), std::move(some));
+    RunnerHooks<double> seen;
+    std::vector<std::vector<double>> weights;
+    seen.after_round = [&](const RoundReport& r) { weights = r.pcl_weights; };
+    ok.run(seen);
+    REQUIRE(weights.size() == 3);
+    CHECK(weights[1][0] == 1.0);
+    CHECK(weights[1][1] == 0.0);
+    CHECK(weights[1][2] == 0.0);
 }

@@ -7,6 +7,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -438,4 +439,20 @@ TEST_CASE_TEMPLATE("download: an MPI-style reduced buffer becomes an aggregate w
     CHECK(std::memcmp(d1.mlp->params().span("experts.0.proj.lora_B").data(),
                       reduced.span("h.0.mlp.experts.0.proj.lora_B").data(),
                       reduced.span("h.0.mlp.experts.0.proj.lora_B").size() * sizeof(T)) == 0);
+}
+
+TEST_CASE("upload: nothing can be assigned into an upload through its base class") {
+    // static_cast<SharedTensors<T>&>(upload) = SharedAggregate<T>(...) would put tensors of the
+    // caller's choosing into a GeneralistUpload: the base class can be neither assigned nor copied.
+    CHECK_FALSE(std::is_copy_assignable_v<SharedTensors<float>>);
+    CHECK_FALSE(std::is_move_assignable_v<SharedTensors<float>>);
+    CHECK_FALSE(std::is_assignable_v<SharedTensors<float>&, SharedAggregate<float>>);
+    CHECK_FALSE(std::is_assignable_v<SharedTensors<float>&, const SharedAggregate<float>&>);
+    CHECK_FALSE(std::is_assignable_v<GeneralistUpload<float>&, SharedAggregate<float>>);
+    CHECK_FALSE(std::is_constructible_v<SharedTensors<double>, const SharedAggregate<double>&>);
+    // Uploads and aggregates themselves still copy and move (containers hold them).
+    CHECK(std::is_copy_constructible_v<GeneralistUpload<float>>);
+    CHECK(std::is_move_assignable_v<GeneralistUpload<float>>);
+    CHECK(std::is_copy_assignable_v<SharedAggregate<float>>);
+    CHECK(std::is_move_assignable_v<SharedAggregate<float>>);
 }

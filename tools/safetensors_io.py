@@ -62,9 +62,16 @@ def serialize(tensors, metadata=None):
     for name in sorted(tensors):
         if name == "__metadata__":
             raise ValueError("'__metadata__' is not a valid tensor name")
-        arr = _to_numpy(tensors[name])
-        tag, npdt = _tag_of(arr)
-        data = np.ascontiguousarray(arr, dtype=npdt).tobytes(order="C")
+        value = tensors[name]
+        if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+            # numpy has no bfloat16: the raw 16-bit patterns of a torch tensor (little-endian hosts).
+            tag = "BF16"
+            data = value.detach().cpu().contiguous().view(dtype=__import__("torch").int16).numpy().tobytes()
+            arr = value
+        else:
+            arr = _to_numpy(value)
+            tag, npdt = _tag_of(arr)
+            data = np.ascontiguousarray(arr, dtype=npdt).tobytes(order="C")
         header[name] = {
             "dtype": tag,
             "shape": [int(s) for s in arr.shape],

@@ -63,7 +63,7 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
         "share of the host-to-floor gap closed (embedded corpus), routing shares.\n"
         "Attention LoRA (--attention-lora R) is off by default: only the MLPs carry adapters; with it, every "
         "method that shares anything also shares the attention adapters (local and comigs-2s keep them)."};
-    std::string experts, ranks, train_tokens, methods;
+    std::string experts, ranks, train_tokens, val_tokens, test_tokens, methods;
     bool quick = false;
     app.add_option("--users", c.users, "number of users")->capture_default_str();
     app.add_option("--experts", experts, "experts per user, comma list (default 2 each; 1 = a single generalist)");
@@ -71,7 +71,9 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
     app.add_option("--top-k", c.top_k, "experts per token")->capture_default_str();
     app.add_option("--alpha", c.alpha, "LoRA alpha (scaling alpha/sqrt(r))")->capture_default_str();
     app.add_option("--generalist-target", c.generalist_target,
-                   "generalist target share in the balancing loss (<0: 1/E)")->capture_default_str();
+                   "the generalists' target share in the balancing loss (<0: 1/E; used where a layer has "
+                   "both generalists and specialists)")
+        ->capture_default_str();
     app.add_option("--rounds", c.rounds, "communication rounds")->capture_default_str();
     app.add_option("--local-steps", c.local_steps, "expert steps per user per round")->capture_default_str();
     app.add_option("--router-every", c.router_every, "expert steps between router phases")->capture_default_str();
@@ -90,9 +92,13 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
     app.add_option("--pcl-temperature", c.pcl_temperature, "PCL softmax temperature")->capture_default_str();
     app.add_option("--heterogeneity", c.heterogeneity, "h: share of personal text (embedded corpus)")
         ->capture_default_str();
-    app.add_option("--train-tokens", train_tokens, "training tokens per user, comma list (default 6000 each)");
-    app.add_option("--val-tokens", c.validation_tokens, "validation tokens per user")->capture_default_str();
-    app.add_option("--test-tokens", c.test_tokens, "test tokens per user")->capture_default_str();
+    app.add_option("--train-tokens", train_tokens,
+                   "training tokens per user: one value for everyone or a comma list (default 6000 each; real text: all)");
+    app.add_option("--val-tokens", val_tokens, "validation tokens per user: one value or a comma list (default 3000)");
+    app.add_option("--test-tokens", test_tokens, "test tokens per user: one value or a comma list (default 10000)");
+    app.add_option("--dev-tokens", c.dev_tokens,
+                   "tokens per user of a tuning split, held out like test and evaluated (dev_ppl): choose "
+                   "settings on it, never on test")->capture_default_str();
     app.add_option("--base-tokens", c.base_tokens, "host pretraining text (embedded corpus)")->capture_default_str();
     app.add_option("--beta-personal", c.beta_personal, "tilt strength of the personal sources")->capture_default_str();
     app.add_option("--signature-boost", c.signature_boost, "log boost of signature letters")->capture_default_str();
@@ -110,7 +116,21 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
     app.add_option("--methods", methods, "comma list (default: all that apply)");
     app.add_option("--out", c.out, "output folder")->capture_default_str();
     app.add_option("--user-text", c.user_text, "a file or folder of one user's text (repeat once per user); "
-                                               "split deterministically into train/validation/test");
+                                               "split deterministically into train/validation/test/dev chunks "
+                                               "spread over the whole text");
+    app.add_option("--setting", c.setting,
+                   "real text from Debian packages (tools/install-deps.sh --real-text): multilingual (the Debian "
+                   "handbook in de/fr/it/nl, host on en) or domains (handbook, man pages, GCIDE dictionary, glibc "
+                   "headers; host on fortunes)");
+    app.add_option("--text-root", c.text_root, "where --setting finds the installed packages")->capture_default_str();
+    app.add_option("--text-cap", c.text_cap, "bytes of each --setting user's text kept, evenly spaced pieces (0: all)")
+        ->capture_default_str();
+    app.add_option("--model", c.model,
+                   "a Hugging Face model folder (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM) as the host "
+                   "instead of the tiny GPT; the users' text is cut with its tokenizer and the split sizes count its "
+                   "tokens. Each user's adapters are saved to <out>/adapters/<method>/user-<u>.safetensors");
+    app.add_flag("--model-fp32-compute", c.model_fp32_compute,
+                 "with --model: fp32 products on its BF16 weights (exact values; default: bf16 products)");
     app.add_flag("--quick", quick, "a seconds-long configuration (tests)");
     bool quiet = false;
     app.add_flag("--quiet", quiet, "no progress output");
@@ -120,9 +140,12 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
     CLI11_PARSE(app, argc, argv);
     try {
         if (!c.user_text.empty() && app.count("--users") == 0) c.users = int(c.user_text.size());
+        if (!c.setting.empty() && app.count("--users") == 0) c.users = int(comigs::demo::text_setting(c.setting).users.size());
         if (!experts.empty()) c.experts = parse_list<comigs::Index>(experts, "--experts");
         if (!ranks.empty()) c.ranks = parse_list<comigs::Index>(ranks, "--ranks");
         if (!train_tokens.empty()) c.train_tokens = parse_list<comigs::Index>(train_tokens, "--train-tokens");
+        if (!val_tokens.empty()) c.validation_per_user = parse_list<comigs::Index>(val_tokens, "--val-tokens");
+        if (!test_tokens.empty()) c.test_per_user = parse_list<comigs::Index>(test_tokens, "--test-tokens");
         c.methods = split_names(methods);
         c.progress = !quiet && place.leader();
         const auto out = comigs::demo::run_demo(c, place);

@@ -46,6 +46,7 @@
 #include <numeric>
 #include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -251,12 +252,18 @@ struct Switching {
     }
 };
 
-/// A stream of tokens with the ground-truth source of each one.
+/// A stream of tokens with the ground-truth source of each one. Token ids are bytes for the embedded
+/// corpus and byte-level hosts, and a model's vocabulary ids (up to ~150k) with --model: int32.
 struct Stream {
-    std::vector<std::uint8_t> tokens;    ///< n bytes (token ids)
+    std::vector<std::int32_t> tokens;    ///< n token ids
     std::vector<std::uint8_t> personal;  ///< n labels: 1 = emitted by the personal source, 0 = shared
     index size() const { return static_cast<index>(tokens.size()); }
 };
+
+/// Appends the bytes of `text` as byte tokens (0-255: through unsigned char, never a negative id).
+inline void append_bytes(std::vector<std::int32_t>& tokens, std::string_view text) {
+    for (const char c : text) tokens.push_back(static_cast<unsigned char>(c));
+}
 
 /// Samples n tokens of the switching process (see the file comment). With a switching that never
 /// leaves state 0 this is plain sampling from `shared`.
@@ -374,8 +381,10 @@ struct CorpusConfig {
     int num_users = 4;
     index train_chars = 6000;                 ///< per user, unless train_chars_per_user is given
     std::vector<index> train_chars_per_user;  ///< empty, or num_users sizes (data-quantity heterogeneity)
-    index validation_chars = 3000;            ///< per user
-    index test_chars = 10000;                 ///< per user
+    index validation_chars = 3000;            ///< per user, unless validation_chars_per_user is given
+    index test_chars = 10000;                 ///< per user, unless test_chars_per_user is given
+    std::vector<index> validation_chars_per_user, test_chars_per_user;  ///< empty, or num_users sizes
+    index dev_chars = 0;                      ///< per user: a tuning split (hyper-parameters are chosen on it)
     index base_chars = 300000;                ///< host pretraining stream from the base source
     index base_validation_chars = 10000;      ///< held-out base stream (host evaluation)
 
@@ -401,6 +410,13 @@ struct CorpusConfig {
         for (std::size_t u = 0; u < train_chars_per_user.size(); ++u)
             require(train_chars_per_user[u] >= 0, "train_chars_per_user[", u, "] ", train_chars_per_user[u],
                     ": must be >= 0");
+        for (const auto* sizes : {&validation_chars_per_user, &test_chars_per_user}) {
+            require(sizes->empty() || sizes->size() == static_cast<std::size_t>(num_users), "per-user ",
+                    sizes == &test_chars_per_user ? "test" : "validation", " sizes: ", sizes->size(),
+                    " given, expected 0 or num_users = ", num_users);
+            for (index v : *sizes) require(v >= 0, "per-user split size ", v, ": must be >= 0");
+        }
+        require(dev_chars >= 0, "dev_chars ", dev_chars, ": must be >= 0");
         require(train_chars >= 0, "train_chars ", train_chars, ": must be >= 0");
         require(validation_chars >= 0, "validation_chars ", validation_chars, ": must be >= 0");
         require(test_chars >= 0, "test_chars ", test_chars, ": must be >= 0");
@@ -411,6 +427,13 @@ struct CorpusConfig {
     index train_chars_of(int user) const {
         return train_chars_per_user.empty() ? train_chars : train_chars_per_user[static_cast<std::size_t>(user)];
     }
+    index validation_chars_of(int user) const {
+        return validation_chars_per_user.empty() ? validation_chars
+                                                 : validation_chars_per_user[static_cast<std::size_t>(user)];
+    }
+    index test_chars_of(int user) const {
+        return test_chars_per_user.empty() ? test_chars : test_chars_per_user[static_cast<std::size_t>(user)];
+    }
 };
 
 enum class Split { train, validation, test };
@@ -420,6 +443,7 @@ struct UserCorpus {
     Markov2 personal;            ///< S_u
     std::vector<int> signature;  ///< symbol indices of S_u's signature letters
     Stream train, validation, test;
+    Stream dev;  ///< tuning split (CorpusConfig::dev_chars; Rng stream 3, so it changes no other split)
 
     const Stream& split(Split s) const {
         return s == Split::train ? train : s == Split::validation ? validation : test;
@@ -557,9 +581,10 @@ inline Corpus make_corpus(const CorpusConfig& config) {
         user.personal =
             detail::tilt(c.base, config.beta_personal, user.signature, config.signature_log_boost, tilt_rng,
                          config.boost_after_signature);
-        const std::array<std::pair<Stream*, index>, 3> splits{{{&user.train, config.train_chars_of(u)},
-                                                               {&user.validation, config.validation_chars},
-                                                               {&user.test, config.test_chars}}};
+        const std::array<std::pair<Stream*, index>, 4> splits{{{&user.train, config.train_chars_of(u)},
+                                                               {&user.validation, config.validation_chars_of(u)},
+                                                               {&user.test, config.test_chars_of(u)},
+                                                               {&user.dev, config.dev_chars}}};
         for (std::uint64_t s = 0; s < splits.size(); ++s) {
             Rng rng = detail::make_rng(config.seed, detail::StreamKind::user_text, uid, s);
             *splits[s].first = sample_stream(c.alphabet, c.shared, user.personal, c.switching, splits[s].second, rng);

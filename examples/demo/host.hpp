@@ -1,19 +1,22 @@
 #pragma once
-// The demo's host model as comigs sees it: a Gpt2 with frozen GPT-2 weights whose MLPs are comigs
-// mixtures of LoRA experts. This is the whole integration (the HostModel contract of model.hpp):
-// tell comigs where the adapters are, run forward+backward, report the loss parts.
+// The demo's host model as comigs sees it: a host model (models::CausalLm: the demo's pretrained tiny
+// GPT-2, or a real GPT-2 / Llama / Qwen2 from --model) with its frozen base shared by every user and
+// comigs mixtures of LoRA experts on its MLPs. This is the whole integration (the HostModel contract
+// of model.hpp): tell comigs where the adapters are, run forward+backward, report the loss parts.
 //
-// Optional LoRA on the attention projections (c_attn, c_proj), shared like a generalist as in the
-// CoMiGS reference. Gpt2 keeps its attention LoRA in one buffer of its own; comigs trains and
-// uploads comigs::LoraExpert objects, so the host holds one LoraExpert per projection as the
-// registered copy and mirrors it: parameters are copied into the model before every forward (a
-// download may have changed them), gradients are added back after every backward (a few thousand
-// values per step).
+// Optional LoRA on the attention projections (GPT-2's c_attn and c_proj; Llama's q, k, v, o), shared
+// like a generalist as in the CoMiGS reference. The host model keeps its attention LoRA in one buffer
+// of its own; comigs trains and uploads comigs::LoraExpert objects, so the host holds one LoraExpert per
+// projection as the registered copy and mirrors it: parameters are copied into the model before every
+// forward (a download may have changed them), gradients are added back after every backward (a few
+// thousand values per step).
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include <comigs/io/safetensors.hpp>
 #include <comigs/lora.hpp>
 #include <comigs/mixture.hpp>
 #include <comigs/model.hpp>
@@ -27,20 +30,19 @@ struct TokenBatch {
     Index B = 0, T = 0;
 };
 
-/// One user's model: a copy of the pretrained host (frozen) with a mixture on every MLP.
+/// One user's model: the host's frozen base (shared, not copied) with a mixture on every MLP.
 template <class T>
 class MixtureHost {
 public:
     using scalar_type = T;
 
     /// `bases[l]`: the frozen MLP of block l (shared by every user's model; only read).
-    /// `attention_rank` > 0 adds LoRA of that rank (and `attention_alpha`, alpha/sqrt(r)) to c_attn and c_proj.
-    MixtureHost(const models::Gpt2<T>& host, const std::vector<std::shared_ptr<FrozenMlp<T>>>& bases,
+    /// `attention_rank` > 0 adds LoRA of that rank (and `attention_alpha`, alpha/sqrt(r)) to every
+    /// attention projection.
+    MixtureHost(const models::CausalLm<T>& host, const std::vector<std::shared_ptr<const FrozenMlp<T>>>& bases,
                 const MixtureConfig& mixture, Rng& init_rng, Index attention_rank = 0, double attention_alpha = 16)
-        : model_(std::make_unique<models::Gpt2<T>>(host.config())) {
-        std::copy(host.params().all().begin(), host.params().all().end(), model_->params().all().begin());
-        model_->set_train_mode(models::TrainMode::frozen_base);
-        const Index L = host.config().n_layer;
+        : model_(host.share_base()) {
+        const Index L = host.n_layer();
         for (Index l = 0; l < L; ++l) {
             auto m = std::make_shared<MixtureOfLoraMlp<T>>(mixture, bases[static_cast<std::size_t>(l)]);
             m->init(init_rng);
@@ -50,30 +52,27 @@ public:
         }
         if (attention_rank > 0) {
             model_->add_attention_lora({attention_rank, attention_alpha, LoraScaling::sqrt}, init_rng);
-            const Index d = host.config().d_model;
-            for (Index l = 0; l < L; ++l)
-                for (const auto& [proj, out] : {std::pair<const char*, Index>{"attn.c_attn.", 3 * d}, {"attn.c_proj.", d}}) {
-                    LoraConfig lc;
-                    lc.in_features = d;
-                    lc.out_features = out;
-                    lc.rank = attention_rank;
-                    lc.alpha = attention_alpha;
-                    lc.scaling = LoraScaling::sqrt;
-                    auto e = std::make_unique<LoraExpert<T>>(lc);
-                    const std::string prefix = models::layer_name(l, proj);
-                    for (const char* f : {"lora_A", "lora_B"}) {
-                        const auto src = model_->lora().span(prefix + f);
-                        std::copy(src.begin(), src.end(), e->params().span(f).begin());
-                    }
-                    attention_.push_back({prefix, std::move(e)});
+            for (const auto& p : model_->attention_projections()) {
+                LoraConfig lc;
+                lc.in_features = p.in;
+                lc.out_features = p.out;
+                lc.rank = attention_rank;
+                lc.alpha = attention_alpha;
+                lc.scaling = LoraScaling::sqrt;
+                auto e = std::make_unique<LoraExpert<T>>(lc);
+                for (const char* f : {"lora_A", "lora_B"}) {
+                    const auto src = model_->lora().span(p.prefix + f);
+                    std::copy(src.begin(), src.end(), e->params().span(f).begin());
                 }
+                attention_.push_back({p.prefix, std::move(e)});
+            }
         }
     }
 
     AdapterRegistry<T> adapters() const {
         AdapterRegistry<T> r;
         for (std::size_t l = 0; l < mixtures_.size(); ++l)
-            r.mixtures.push_back({models::layer_name(Index(l), "mlp."), mixtures_[l].get()});
+            r.mixtures.push_back({model_->mlp_prefix(Index(l)), mixtures_[l].get()});
         for (const auto& a : attention_) r.shared_adapters.push_back({a.prefix, a.lora.get()});
         return r;
     }
@@ -99,11 +98,18 @@ public:
 
     MixtureOfLoraMlp<T>& mixture(Index layer) { return *mixtures_.at(static_cast<std::size_t>(layer)); }
     Index layers() const { return static_cast<Index>(mixtures_.size()); }
-    models::Gpt2<T>& model() { return *model_; }
+    models::CausalLm<T>& model() { return *model_; }
+
+    /// Writes this user's adapters (attention LoRA, every mixture) with PEFT-style keys
+    /// (models/adapter_file.hpp): comigs-eval and comigs-generate load them with --adapter.
+    void save_adapters(const std::filesystem::path& path, const io::SafetensorsMetadata& metadata = {}) {
+        mirror_in();
+        models::save_adapters(path, *model_, mixtures_, metadata);
+    }
 
 private:
     struct AttentionLora {
-        std::string prefix;  ///< "h.{l}.attn.c_attn." or "h.{l}.attn.c_proj."
+        std::string prefix;  ///< e.g. "h.{l}.attn.c_attn." or "model.layers.{l}.self_attn.q_proj."
         std::unique_ptr<LoraExpert<T>> lora;
     };
 
@@ -124,7 +130,7 @@ private:
         return p;
     }
 
-    std::unique_ptr<models::Gpt2<T>> model_;
+    std::unique_ptr<models::CausalLm<T>> model_;
     std::vector<std::shared_ptr<MixtureOfLoraMlp<T>>> mixtures_;
     std::vector<AttentionLora> attention_;
 };

@@ -95,16 +95,30 @@ private:
     static void put_user(comigs::detail::ByteWriter& w, const UserResult& u) {
         w.put(static_cast<std::int64_t>(u.user));
         for (double v : {u.test_ppl, u.test_ppl_personalised, u.ood_ppl, u.generalist_share, u.host_ppl}) w.put(v);
-        for (const auto* o : {&u.floor_ppl, &u.gap_closed, &u.shared_to_generalist, &u.personal_to_specialist})
+        for (const auto* o : {&u.floor_ppl, &u.gap_closed, &u.shared_to_generalist, &u.personal_to_specialist, &u.dev_ppl})
             put_opt(w, *o);
+        w.put(static_cast<std::uint64_t>(u.by_layer.size()));
+        for (const LayerRouting& l : u.by_layer) {
+            w.put(l.generalist_share);
+            put_opt(w, l.shared_to_generalist);
+            put_opt(w, l.personal_to_specialist);
+        }
     }
     static UserResult get_user(comigs::detail::ByteReader& r) {
         UserResult u;
         u.user = static_cast<int>(r.get<std::int64_t>());
         for (double* v : {&u.test_ppl, &u.test_ppl_personalised, &u.ood_ppl, &u.generalist_share, &u.host_ppl})
             *v = r.get<double>();
-        for (auto* o : {&u.floor_ppl, &u.gap_closed, &u.shared_to_generalist, &u.personal_to_specialist})
+        for (auto* o : {&u.floor_ppl, &u.gap_closed, &u.shared_to_generalist, &u.personal_to_specialist, &u.dev_ppl})
             *o = get_opt(r);
+        const auto layers = r.get<std::uint64_t>();
+        comigs::require(layers <= 4096, "routing of ", layers, " layers in a user's result: corrupt message");
+        u.by_layer.resize(static_cast<std::size_t>(layers));
+        for (LayerRouting& l : u.by_layer) {
+            l.generalist_share = r.get<double>();
+            l.shared_to_generalist = get_opt(r);
+            l.personal_to_specialist = get_opt(r);
+        }
         return u;
     }
     template <class V>

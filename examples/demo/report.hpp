@@ -2,6 +2,7 @@
 // What the demo shows people: the summary table, results.json, curves.svg (test perplexity over steps,
 // one line per method) and routing.html (each test token coloured by the expert the router chose, per
 // layer: the paper's figure). Every file is written atomically.
+#include <comigs/detail/utf8.hpp>
 #include <comigs/io/atomic_file.hpp>
 
 #include <algorithm>
@@ -15,6 +16,13 @@
 
 namespace comigs::demo {
 
+/// How one mixture layer (or all of them) routed a user's test tokens.
+struct LayerRouting {
+    double generalist_share = 0;  ///< mean gate weight on generalists per token
+    std::optional<double> shared_to_generalist;    ///< embedded corpus: shared-source tokens whose top expert is a generalist
+    std::optional<double> personal_to_specialist;  ///< embedded corpus: personal tokens whose top expert is a specialist
+};
+
 struct UserResult {
     int user = 0;
     double test_ppl = 0;               ///< deployed protocol: after the final aggregation and download
@@ -22,10 +30,12 @@ struct UserResult {
     double ood_ppl = 0;                ///< deployed model on the uniform mixture of all users' test data
     std::optional<double> floor_ppl;   ///< Bayes-optimal (embedded corpus only)
     std::optional<double> gap_closed;  ///< (ln host - ln method) / (ln host - ln floor)
-    double generalist_share = 0;       ///< share of (token, slot) assignments to generalists, test data
+    double generalist_share = 0;       ///< mean gate weight on generalists per token, test data, all layers
     std::optional<double> shared_to_generalist;   ///< embedded corpus: shared-source tokens -> generalist
     std::optional<double> personal_to_specialist;  ///< embedded corpus: personal tokens -> specialists
     double host_ppl = 0;               ///< the frozen host alone on this user's test data
+    std::optional<double> dev_ppl;     ///< deployed model on the tuning split (--dev-tokens)
+    std::vector<LayerRouting> by_layer;  ///< routing per mixture layer (methods with routers)
 };
 
 struct CurvePoint {
@@ -45,18 +55,57 @@ struct MethodResult {
         for (const auto& u : users) s += u.*field;
         return users.empty() ? 0 : s / static_cast<double>(users.size());
     }
+    /// Mean over users of an optional field; empty when a user lacks it.
+    std::optional<double> mean(std::optional<double> UserResult::*field) const {
+        double s = 0;
+        for (const auto& u : users) {
+            if (!(u.*field)) return std::nullopt;
+            s += *(u.*field);
+        }
+        if (users.empty()) return std::nullopt;
+        return s / static_cast<double>(users.size());
+    }
 };
 
 /// One user's test text with the expert each token went to, per mixture layer.
 struct RoutingSample {
     int user = 0;
     std::vector<unsigned char> text;
+    std::vector<std::string> token_text;    ///< per token, when tokens are not bytes (--model with a BPE tokenizer)
     std::vector<std::vector<int>> expert;   ///< [layer][token] top-1 expert
     std::vector<unsigned char> personal;    ///< ground-truth label per token (empty for real text)
     std::vector<bool> expert_is_generalist; ///< per expert index
 };
 
 inline nlohmann::json to_json(const std::optional<double>& v) { return v ? nlohmann::json(*v) : nlohmann::json(); }
+
+inline nlohmann::json to_json(const LayerRouting& r, std::size_t layer) {
+    return {{"layer", layer},
+            {"generalist_share", r.generalist_share},
+            {"shared_to_generalist", to_json(r.shared_to_generalist)},
+            {"personal_to_specialist", to_json(r.personal_to_specialist)}};
+}
+
+/// Per layer, the mean over users of each routing share (null where a user has none).
+inline nlohmann::json routing_by_layer(const MethodResult& m) {
+    nlohmann::json out = nlohmann::json::array();
+    const std::size_t layers = m.users.empty() ? 0 : m.users.front().by_layer.size();
+    for (std::size_t l = 0; l < layers; ++l) {
+        LayerRouting mean;
+        std::optional<double> sg = 0.0, ps = 0.0;
+        for (const auto& u : m.users) {
+            if (u.by_layer.size() != layers) return nlohmann::json::array();
+            const auto& r = u.by_layer[l];
+            mean.generalist_share += r.generalist_share / static_cast<double>(m.users.size());
+            sg = sg && r.shared_to_generalist ? std::optional(*sg + *r.shared_to_generalist / double(m.users.size())) : std::nullopt;
+            ps = ps && r.personal_to_specialist ? std::optional(*ps + *r.personal_to_specialist / double(m.users.size())) : std::nullopt;
+        }
+        mean.shared_to_generalist = sg;
+        mean.personal_to_specialist = ps;
+        out.push_back(to_json(mean, l));
+    }
+    return out;
+}
 
 /// results.json in the issue's layout; `config` is whatever describes the run.
 inline nlohmann::json results_json(const nlohmann::json& config, const std::vector<MethodResult>& methods,
@@ -76,13 +125,22 @@ inline nlohmann::json results_json(const nlohmann::json& config, const std::vect
                              {"generalist_share", u.generalist_share},
                              {"shared_to_generalist", to_json(u.shared_to_generalist)},
                              {"personal_to_specialist", to_json(u.personal_to_specialist)},
-                             {"host_ppl", u.host_ppl}});
+                             {"host_ppl", u.host_ppl},
+                             {"dev_ppl", to_json(u.dev_ppl)},
+                             {"routing_by_layer", [&] {
+                                  nlohmann::json a = nlohmann::json::array();
+                                  for (std::size_t l = 0; l < u.by_layer.size(); ++l) a.push_back(to_json(u.by_layer[l], l));
+                                  return a;
+                              }()}});
         nlohmann::json curve = nlohmann::json::array();
         for (const auto& p : m.curve) curve.push_back({{"step", p.step}, {"mean_ppl", p.mean_ppl}});
         ms[m.name] = {{"users", users},
                       {"mean_test_ppl", m.mean(&UserResult::test_ppl)},
                       {"mean_test_ppl_personalised", m.mean(&UserResult::test_ppl_personalised)},
                       {"mean_ood_ppl", m.mean(&UserResult::ood_ppl)},
+                      {"mean_dev_ppl", to_json(m.mean(&UserResult::dev_ppl))},
+                      {"mean_generalist_share", m.mean(&UserResult::generalist_share)},
+                      {"routing_by_layer", routing_by_layer(m)},
                       {"upload_floats_per_round", m.upload_floats_per_round},
                       {"curve", curve},
                       {"seconds", m.seconds}};
@@ -175,6 +233,24 @@ inline std::string html_escape(unsigned char c) {
     return std::string(1, static_cast<char>(c));
 }
 
+/// A token's text for routing.html: UTF-8 kept, markup and whitespace escaped as for bytes; a token
+/// that is part of a character (invalid UTF-8 on its own) shows its bytes in hex.
+inline std::string html_escape_token(const std::string& text) {
+    if (!comigs::detail::is_valid_utf8(text)) {
+        std::string out;
+        char buf[8];
+        for (const char c : text) {
+            std::snprintf(buf, sizeof buf, "\\x%02X", static_cast<unsigned char>(c));
+            out += buf;
+        }
+        return out;
+    }
+    std::string out;
+    for (const char c : text)
+        out += static_cast<unsigned char>(c) >= 0x80 ? std::string(1, c) : html_escape(static_cast<unsigned char>(c));
+    return out;
+}
+
 /// routing.html: per method and user, the sample text once per layer with every token coloured by
 /// the expert chosen (blue family: generalists, orange family: specialists); underlined tokens come
 /// from the user's personal source when ground truth is known.
@@ -208,7 +284,9 @@ inline std::string routing_html(const std::vector<std::pair<std::string, std::ve
                                                             : spec[slot[static_cast<std::size_t>(e)] % 4];
                     const bool personal = t < s.personal.size() && s.personal[t];
                     o << "<span" << (personal ? " class=\"p\"" : "") << " style=\"background:" << colour
-                      << "\" title=\"expert " << e << "\">" << html_escape(s.text[t]) << "</span>";
+                      << "\" title=\"expert " << e << "\">"
+                      << (t < s.token_text.size() ? html_escape_token(s.token_text[t]) : html_escape(s.text[t]))
+                      << "</span>";
                 }
                 o << "</div>\n";
             }

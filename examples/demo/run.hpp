@@ -43,7 +43,10 @@
 #include "corpus.hpp"
 #include "host.hpp"
 #include "placement.hpp"
+#include "real_model.hpp"
 #include "report.hpp"
+#include "text_sources.hpp"
+#include "text_split.hpp"
 
 namespace comigs::demo {
 
@@ -74,11 +77,14 @@ struct DemoConfig {
     Index attention_rank = 0;  ///< > 0: shared LoRA of this rank on c_attn and c_proj (as the reference)
     // Embedded corpus.
     double heterogeneity = 0.9;
-    std::vector<Index> train_tokens;  ///< per user (empty: default_train_tokens each; with --user-text, all)
+    /// Per user, or one value for everyone (empty: default_train_tokens each; with real text, all of it).
+    std::vector<Index> train_tokens;
     Index default_train_tokens = 6000;
     bool quick = false;  ///< make_quick() was applied (text users then also train on default_train_tokens)
     Index validation_tokens = 3000;
     Index test_tokens = 10000;
+    std::vector<Index> validation_per_user, test_per_user;  ///< per user or one value (empty: the above)
+    Index dev_tokens = 0;  ///< per user: a tuning split, evaluated but never trained on (0: none)
     Index base_tokens = 300000;
     double beta_personal = 3.0;
     double signature_boost = 4.0;
@@ -97,6 +103,11 @@ struct DemoConfig {
     std::vector<std::string> methods;  ///< empty: all that apply
     std::string out = "comigs-demo-out";
     std::vector<std::string> user_text;  ///< one file or folder per user: real text instead of the corpus
+    std::string setting;                 ///< a real-text setting of text_sources.hpp (multilingual, domains)
+    std::string text_root = "/";         ///< where the setting's Debian packages are installed
+    Index text_cap = 1200000;            ///< bytes of a setting user's text kept (evenly spaced pieces); <= 0: all
+    std::string model;  ///< a Hugging Face model folder (real_model.hpp) as the host instead of the tiny GPT
+    bool model_fp32_compute = false;  ///< with --model: fp32 products on BF16 weights (default: bf16 products)
     Index curve_tokens = 2048;           ///< test tokens per user for the curve points
     Index sample_tokens = 256;           ///< test tokens per user shown in routing.html
     bool progress = true;
@@ -125,6 +136,18 @@ struct DemoConfig {
         sample_tokens = 64;
     }
 
+    bool real_text() const { return !user_text.empty() || !setting.empty(); }
+    /// Entry u of a per-user list that may also be a single value for everyone.
+    static Index per_user(const std::vector<Index>& v, int u, Index fallback) {
+        if (v.empty()) return fallback;
+        return v.size() == 1 ? v[0] : v[static_cast<std::size_t>(u)];
+    }
+    Index validation_of(int u) const { return per_user(validation_per_user, u, validation_tokens); }
+    Index test_of(int u) const { return per_user(test_per_user, u, test_tokens); }
+    /// Training tokens of user u; < 0: all of a real text.
+    Index train_of(int u) const {
+        return per_user(train_tokens, u, real_text() && !quick ? Index{-1} : default_train_tokens);
+    }
     Index experts_of(int u) const { return experts.empty() ? 2 : experts[static_cast<std::size_t>(u)]; }
     Index rank_of(int u) const { return ranks.empty() ? 8 : ranks[static_cast<std::size_t>(u)]; }
     bool ranks_differ() const {
@@ -144,8 +167,14 @@ struct DemoConfig {
                 " entries, expected one per user (", users, ")");
         require(ranks.empty() || ranks.size() == std::size_t(users), "--ranks has ", ranks.size(),
                 " entries, expected one per user (", users, ")");
-        require(train_tokens.empty() || train_tokens.size() == std::size_t(users), "--train-tokens has ",
-                train_tokens.size(), " entries, expected one per user (", users, ")");
+        for (const auto& [list, flag] : {std::pair{&train_tokens, "--train-tokens"}, {&validation_per_user, "--val-tokens"},
+                                         {&test_per_user, "--test-tokens"}}) {
+            require(list->size() <= 1 || list->size() == std::size_t(users), flag, " has ", list->size(),
+                    " entries, expected one, or one per user (", users, ")");
+            for (Index v : *list) require(v >= 0, flag, " entry ", v, ": must be >= 0");
+        }
+        require(dev_tokens >= 0, "--dev-tokens ", dev_tokens, ": must be >= 0");
+        require(user_text.empty() || setting.empty(), "--user-text and --setting: give one or the other");
         for (Index e : experts) require(e >= 1, "--experts entry ", e, ": must be >= 1");
         for (Index r : ranks) require(r >= 1, "--ranks entry ", r, ": must be >= 1");
         require(top_k >= 1, "--top-k ", top_k, ": must be >= 1");
@@ -155,13 +184,17 @@ struct DemoConfig {
         require(threads >= 1, "--threads ", threads, ": must be >= 1");
         require(user_text.empty() || user_text.size() == std::size_t(users), "--user-text given ", user_text.size(),
                 " times, expected once per user (", users, ")");
+        if (!setting.empty())
+            require(text_setting(setting).users.size() == std::size_t(users), "--setting ", setting, " has ",
+                    text_setting(setting).users.size(), " users, --users asks for ", users);
     }
 };
 
-/// One user's data: three token streams (labels only for the embedded corpus) and the floor.
+/// One user's data: four token streams (labels only for the embedded corpus) and the floor.
 struct UserData {
     std::string name;
     Stream train, validation, test;
+    Stream dev;  ///< tuning split (--dev-tokens): evaluated, never trained on
     std::optional<double> floor_ppl;
     bool labelled = false;
 };
@@ -192,26 +225,15 @@ inline std::string read_text(const std::filesystem::path& p) {
     return all;
 }
 
-/// Deterministic split of a text: chunks of 512 bytes go round-robin to test (k % 10 == 0),
-/// validation (k % 10 == 1) and training (the rest), so every split samples the whole text; each split
-/// is then cut to its requested size.
-inline UserData split_text(const std::string& name, const std::string& text, Index train, Index val, Index test) {
+/// One real-text user: its text split into the four streams (text_split.hpp).
+inline UserData text_user(const std::string& name, std::string_view text, const SplitSizes& sizes) {
+    TextSplit sp = split_text(name, text, sizes);
     UserData u;
     u.name = name;
-    const std::size_t chunk = 512;
-    for (std::size_t k = 0; k * chunk < text.size(); ++k) {
-        Stream& s = k % 10 == 0 ? u.test : k % 10 == 1 ? u.validation : u.train;
-        const std::size_t n = std::min(chunk, text.size() - k * chunk);
-        s.tokens.insert(s.tokens.end(), text.begin() + std::ptrdiff_t(k * chunk),
-                        text.begin() + std::ptrdiff_t(k * chunk + n));
-    }
-    auto cut = [](Stream& s, Index n) {
-        if (s.size() > n) s.tokens.resize(std::size_t(n));
-        s.personal.assign(s.tokens.size(), 0);
-    };
-    cut(u.train, train);
-    cut(u.validation, val);
-    cut(u.test, test);
+    u.train = std::move(sp.train);
+    u.validation = std::move(sp.validation);
+    u.test = std::move(sp.test);
+    u.dev = std::move(sp.dev);
     return u;
 }
 
@@ -278,7 +300,8 @@ struct RoutingTally {
 
 struct EvalResult {
     double ppl = 0;
-    RoutingTally routing;
+    RoutingTally routing;                ///< all mixture layers
+    std::vector<RoutingTally> by_layer;  ///< per mixture layer
 };
 
 /// exp(mean cross-entropy) of a model over windows, 32 windows per forward; with `tally`, the routing
@@ -295,7 +318,9 @@ EvalResult evaluate_windows(Model& m, const Windows& w, bool tally, const std::v
         nll += lp.task * lp.tokens;
         n += lp.tokens;
         if (!tally || roles == nullptr) continue;
+        r.by_layer.resize(std::size_t(m.layers()));
         for (Index l = 0; l < m.layers(); ++l) {
+            RoutingTally& layer = r.by_layer[std::size_t(l)];
             const auto& rt = m.mixture(l).routing();
             const Index N = b * T;
             const Index slots = Index(rt.expert.size()) / N;
@@ -307,15 +332,17 @@ EvalResult evaluate_windows(Model& m, const Windows& w, bool tally, const std::v
                     const auto e = rt.expert[std::size_t(t * slots + s)];
                     if ((*roles)[std::size_t(e)] == Role::generalist) g += double(rt.gate[std::size_t(t * slots + s)]);
                 }
-                r.routing.gen_weight += g;
-                r.routing.tokens += 1;
                 const bool top_gen = (*roles)[std::size_t(rt.expert[std::size_t(t * slots)])] == Role::generalist;
-                if (personal) {
-                    r.routing.personal_tok += 1;
-                    r.routing.personal_to_spec += top_gen ? 0 : 1;
-                } else {
-                    r.routing.shared_tok += 1;
-                    r.routing.shared_to_gen += top_gen ? 1 : 0;
+                for (RoutingTally* tl : {&r.routing, &layer}) {
+                    tl->gen_weight += g;
+                    tl->tokens += 1;
+                    if (personal) {
+                        tl->personal_tok += 1;
+                        tl->personal_to_spec += top_gen ? 0 : 1;
+                    } else {
+                        tl->shared_tok += 1;
+                        tl->shared_to_gen += top_gen ? 1 : 0;
+                    }
                 }
             }
         }
@@ -325,7 +352,7 @@ EvalResult evaluate_windows(Model& m, const Windows& w, bool tally, const std::v
 }
 
 /// Perplexity of the bare host (dense MLPs) over windows.
-inline double host_perplexity(tg::Gpt2<Real>& host, const Windows& w) {
+inline double host_perplexity(models::CausalLm<Real>& host, const Windows& w) {
     double nll = 0, n = 0;
     const Index chunk = 32;
     for (Index first = 0; first < w.batch; first += chunk) {
@@ -442,10 +469,11 @@ inline Strategy strategy_of(const std::string& name, const DemoConfig& c) {
 /// Everything shared by the methods of one run.
 struct RunContext {
     const DemoConfig* cfg = nullptr;
-    tg::Gpt2<Real>* host = nullptr;
-    std::vector<std::shared_ptr<FrozenMlp<Real>>> bases;
+    models::CausalLm<Real>* host = nullptr;  ///< the pretrained tiny GPT, or --model
+    const TextCodec* codec = nullptr;         ///< --model: how token ids read as text (routing.html)
+    std::vector<std::shared_ptr<const FrozenMlp<Real>>> bases;
     std::vector<UserData> users;
-    std::vector<Windows> test, validation, curve, sample;
+    std::vector<Windows> test, validation, dev, curve, sample;
     Windows ood;
     std::vector<double> host_ppl;
     Placement place;  ///< which users this process trains (all, or those of its MPI rank)
@@ -476,8 +504,9 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
     std::vector<SimulatedUser<MixtureHost<Real>, TokenBatch>> sim;
     for (int u = 0; u < U; ++u) {
         MixtureConfig mc;
-        mc.d_model = c.d_model;
-        mc.d_hidden = ctx.host->config().hidden();
+        mc.form = ctx.host->mlp_form();
+        mc.d_model = ctx.host->d_model();
+        mc.d_hidden = ctx.host->mlp_hidden();
         mc.rank = c.rank_of(u);
         mc.alpha = c.alpha;
         mc.scaling = LoraScaling::sqrt;
@@ -487,7 +516,10 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         mc.n_experts = Index(roles.back().size());
         mc.roles = roles.back();
         mc.top_k = std::min(c.top_k, mc.n_experts);
-        if (mc.expert0_importance >= 0 && (mc.n_experts == 1 || mc.routing == Routing::mean)) mc.expert0_importance = -1;
+        // The generalists' target share applies where a router weighs generalists against specialists.
+        const auto gens = std::count(mc.roles.begin(), mc.roles.end(), Role::generalist);
+        if (mc.expert0_importance >= 0 && (!mc.router().has_weight() || gens == 0 || gens == mc.n_experts))
+            mc.expert0_importance = -1;
         if (!ctx.place.holds(u)) {  // trained by another rank
             models.push_back(nullptr);
             trainers.push_back(nullptr);
@@ -565,12 +597,21 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         if (ur.floor_ppl && std::log(ur.host_ppl) > std::log(*ur.floor_ppl))
             ur.gap_closed = (std::log(ur.host_ppl) - std::log(ur.test_ppl)) /
                             (std::log(ur.host_ppl) - std::log(*ur.floor_ppl));
-        const auto& rt = ev.routing;
-        ur.generalist_share = rt.tokens > 0 ? rt.gen_weight / rt.tokens : 0;
-        if (ctx.users[i].labelled) {
-            if (rt.shared_tok > 0) ur.shared_to_generalist = rt.shared_to_gen / rt.shared_tok;
-            if (rt.personal_tok > 0) ur.personal_to_specialist = rt.personal_to_spec / rt.personal_tok;
-        }
+        if (ctx.dev[i].batch > 0) ur.dev_ppl = evaluate_windows(*models[i], ctx.dev[i], false).ppl;
+        auto shares = [&](const RoutingTally& rt) {
+            LayerRouting lr;
+            lr.generalist_share = rt.tokens > 0 ? rt.gen_weight / rt.tokens : 0;
+            if (ctx.users[i].labelled) {
+                if (rt.shared_tok > 0) lr.shared_to_generalist = rt.shared_to_gen / rt.shared_tok;
+                if (rt.personal_tok > 0) lr.personal_to_specialist = rt.personal_to_spec / rt.personal_tok;
+            }
+            return lr;
+        };
+        const LayerRouting all = shares(ev.routing);
+        ur.generalist_share = all.generalist_share;
+        ur.shared_to_generalist = all.shared_to_generalist;
+        ur.personal_to_specialist = all.personal_to_specialist;
+        for (const auto& rt : ev.by_layer) ur.by_layer.push_back(shares(rt));
         // routing.html sample: top-1 expert of every input token, per layer.
         RoutingSample s;
         s.user = int(i);
@@ -578,7 +619,9 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         const Index T = w.width - 1;
         for (Index b = 0; b < w.batch; ++b)
             for (Index t = 0; t < T; ++t) {
-                s.text.push_back(static_cast<unsigned char>(w.tokens[std::size_t(b * w.width + t)]));
+                const std::int32_t token = w.tokens[std::size_t(b * w.width + t)];
+                s.text.push_back(static_cast<unsigned char>(token));
+                if (ctx.codec && !ctx.codec->byte_level()) s.token_text.push_back(ctx.codec->token_text(token));
                 if (ctx.users[i].labelled) s.personal.push_back(w.personal[std::size_t(b * w.width + t)]);
             }
         const TokenBatch batch = slice_batch(w, 0, w.batch);
@@ -592,6 +635,11 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         }
         for (Role r : roles[i]) s.expert_is_generalist.push_back(r == Role::generalist);
         samples.push_back(std::move(s));
+        // The user's adapters as deployed, PEFT-style keys: comigs-eval / comigs-generate --adapter.
+        const std::filesystem::path dir = std::filesystem::path(c.out) / "adapters" / name;
+        std::filesystem::create_directories(dir);
+        models[i]->save_adapters(dir / ("user-" + std::to_string(i) + ".safetensors"),
+                                 {{"comigs.method", name}, {"comigs.user", std::to_string(i)}});
     };
     std::vector<std::pair<int, double>> uploads;  // per user: values uploaded per round
     auto drive = [&](auto& runner) {
@@ -657,7 +705,16 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
                            std::to_string(c.host_steps) + "b" + std::to_string(c.host_batch) + "lr" +
                            std::to_string(c.host_lr) + "seed" + std::to_string(c.seed);
     Floor base_fl{};
-    bool embedded = c.user_text.empty();
+    bool embedded = !c.real_text();
+    std::optional<DemoModel<Real>> real;  // --model: the host and its tokenizer
+    if (!c.model.empty()) {
+        real.emplace(load_demo_model<Real>(c.model, c.model_fp32_compute));
+        require(!embedded || real->codec.byte_level(), "--model '", c.model, "': its tokenizer needs real text: give ",
+                "--user-text (the embedded corpus is for byte-level hosts)");
+        require(c.seq_len <= real->model().max_positions(), "--seq-len ", c.seq_len, ": more than --model's context of ",
+                real->model().max_positions());
+        ctx.codec = &real->codec;
+    }
     std::optional<Corpus> corpus;
     if (embedded) {
         CorpusConfig cc;
@@ -665,9 +722,12 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         cc.heterogeneity = c.heterogeneity;
         cc.num_users = c.users;
         cc.train_chars = c.default_train_tokens;
-        cc.train_chars_per_user = c.train_tokens;
-        cc.validation_chars = c.validation_tokens;
-        cc.test_chars = c.test_tokens;
+        for (int u = 0; u < c.users; ++u) {
+            cc.train_chars_per_user.push_back(c.train_of(u));
+            cc.validation_chars_per_user.push_back(c.validation_of(u));
+            cc.test_chars_per_user.push_back(c.test_of(u));
+        }
+        cc.dev_chars = c.dev_tokens;
         cc.base_chars = c.base_tokens;
         cc.beta_personal = c.beta_personal;
         cc.signature_log_boost = c.signature_boost;
@@ -679,6 +739,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
             d.train = uc.train;
             d.validation = uc.validation;
             d.test = uc.test;
+            d.dev = uc.dev;
             d.labelled = true;
             ctx.users.push_back(std::move(d));
         }
@@ -686,15 +747,44 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         base_fl = base_floor(*corpus);
         host_key += "base" + std::to_string(c.base_tokens);
     } else {
-        for (int u = 0; u < c.users; ++u)
-            ctx.users.push_back(split_text(c.user_text[std::size_t(u)], read_text(c.user_text[std::size_t(u)]),
-                                           !c.train_tokens.empty() ? c.train_tokens[std::size_t(u)]
-                                           : c.quick ? c.default_train_tokens : Index{1} << 30,
-                                           c.validation_tokens, c.test_tokens));
-        if (!c.host_text.empty()) {
+        // Real text: --user-text files, or a setting's Debian-package sources (text_sources.hpp).
+        std::vector<std::pair<std::string, std::string>> texts;  // (user name, text)
+        std::string setting_host;
+        if (!c.setting.empty()) {
+            const TextSetting st = text_setting(c.setting);
+            for (const auto& src : st.users)
+                texts.emplace_back(src.name, cap_text(source_text(c.text_root, src), c.text_cap));
+            if (c.host_text.empty()) {
+                setting_host = source_text(c.text_root, st.host);
+                host_key += "|setting:" + st.name + ":" + st.host.name;
+            }
+        } else {
+            for (const auto& p : c.user_text) texts.emplace_back(p, read_text(p));
+        }
+        for (int u = 0; u < c.users; ++u) {
+            const auto& [name, text] = texts[std::size_t(u)];
+            const SplitSizes want{c.train_of(u), c.validation_of(u), c.test_of(u), c.dev_tokens};
+            if (!real) {
+                ctx.users.push_back(text_user(name, text, want));
+                continue;
+            }
+            // With --model the sizes count the model's tokens: split by bytes in proportion, then cut.
+            const double bpt = bytes_per_token(real->codec, text);
+            ctx.users.push_back(text_user(name, text,
+                                          SplitSizes{byte_budget(want.train, bpt), byte_budget(want.validation, bpt),
+                                                     byte_budget(want.test, bpt), byte_budget(want.dev, bpt)}));
+            UserData& d = ctx.users.back();
+            tokenize_stream(d.train, real->codec, want.train);
+            tokenize_stream(d.validation, real->codec, want.validation);
+            tokenize_stream(d.test, real->codec, want.test);
+            tokenize_stream(d.dev, real->codec, want.dev);
+        }
+        if (!setting_host.empty()) {
+            append_bytes(host_stream.tokens, setting_host);
+        } else if (!c.host_text.empty()) {
             for (const auto& p : c.host_text) {
                 const std::string t = read_text(p);
-                host_stream.tokens.insert(host_stream.tokens.end(), t.begin(), t.end());
+                append_bytes(host_stream.tokens, t);
                 host_key += "|" + p;
             }
         } else {
@@ -706,9 +796,10 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         host_key += "n" + std::to_string(host_stream.size());
     }
     for (const auto& u : ctx.users)
-        for (const Stream* s : {&u.train, &u.validation, &u.test})
-            require(s->size() > c.seq_len + 1, "user '", u.name, "': a split has ", s->size(),
-                    " tokens, fewer than --seq-len + 2 = ", c.seq_len + 2);
+        for (const Stream* s : {&u.train, &u.validation, &u.test, &u.dev})
+            require(s->size() > c.seq_len + 1 || (s == &u.dev && c.dev_tokens == 0), "user '", u.name, "': the ",
+                    s == &u.train ? "training" : s == &u.validation ? "validation" : s == &u.test ? "test" : "dev",
+                    " split has ", s->size(), " tokens, fewer than --seq-len + 2 = ", c.seq_len + 2);
 
     comigs::detail::Xxh64 hasher;
     hasher.update(std::as_bytes(std::span(host_key.data(), host_key.size())));
@@ -716,15 +807,28 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
     const fs::path cache = c.host_cache.empty() ? fs::path(c.out) / ("host-" + hex64(key) + ".safetensors")
                                                 : fs::path(c.host_cache);
     bool loaded = false;
-    if (!place.leader()) place.barrier();  // the leader pretrains and saves the host first
-    tg::Gpt2<Real> host = pretrained_host(c, host_stream, cache, progress, loaded);
-    if (place.leader()) place.barrier();
-    require(host.config().d_model == c.d_model && host.config().n_layer == c.n_layer &&
-                host.config().n_ctx >= c.seq_len,
-            "host '", cache.string(), "': shape differs from --d-model/--layers/--seq-len");
-    progress.note(std::string(loaded ? "host: reused " : "host: pretrained and saved to ") + cache.string());
-    ctx.host = &host;
-    for (Index l = 0; l < c.n_layer; ++l) ctx.bases.push_back(tg::frozen_mlp(host, l));
+    std::optional<tg::Gpt2<Real>> tiny;  // the pretrained tiny host (without --model)
+    if (real) {
+        loaded = true;
+        ctx.host = &real->model();
+        progress.note("host: " + c.model + " (" + real->loaded.architecture + ", " +
+                      std::to_string(ctx.host->n_layer()) + " blocks, d " + std::to_string(ctx.host->d_model()) +
+                      "), text cut by " + real->codec.description());
+        // The frozen MLPs in place (views of the mapped weights), shared by every user.
+        for (Index l = 0; l < ctx.host->n_layer(); ++l)
+            ctx.bases.push_back(ctx.host->frozen_mlp(l));
+    } else {
+        if (!place.leader()) place.barrier();  // the leader pretrains and saves the host first
+        tiny.emplace(pretrained_host(c, host_stream, cache, progress, loaded));
+        if (place.leader()) place.barrier();
+        const tg::Gpt2<Real>& host = *tiny;
+        require(host.config().d_model == c.d_model && host.config().n_layer == c.n_layer &&
+                    host.config().n_ctx >= c.seq_len,
+                "host '", cache.string(), "': shape differs from --d-model/--layers/--seq-len");
+        progress.note(std::string(loaded ? "host: reused " : "host: pretrained and saved to ") + cache.string());
+        ctx.host = &*tiny;
+        for (Index l = 0; l < c.n_layer; ++l) ctx.bases.push_back(tg::frozen_mlp(host, l));
+    }
 
     // Evaluation sets.
     const Index per_user_ood = std::max<Index>(c.seq_len, c.test_tokens / c.users);
@@ -734,10 +838,11 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         const UserData& d = ctx.users[std::size_t(u)];
         ctx.test.push_back(eval_windows(d.test, c.seq_len));
         ctx.validation.push_back(eval_windows(d.validation, c.seq_len));
+        ctx.dev.push_back(eval_windows(d.dev, c.seq_len));
         ctx.curve.push_back(eval_windows(d.test, c.seq_len, c.curve_tokens));
         ctx.sample.push_back(eval_windows(d.test, c.seq_len, c.sample_tokens));
         ood_parts.push_back(eval_windows(d.test, c.seq_len, per_user_ood));
-        ctx.host_ppl.push_back(host_perplexity(host, ctx.test.back()));
+        ctx.host_ppl.push_back(host_perplexity(*ctx.host, ctx.test.back()));
         if (embedded) {
             ctx.users[std::size_t(u)].floor_ppl = user_floor(*corpus, u, Split::test).perplexity;
             floor_sum += *ctx.users[std::size_t(u)].floor_ppl;
@@ -751,7 +856,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         char buf[256];
         std::snprintf(buf, sizeof buf, "host: mean test perplexity %.3f%s", out.host_mean_ppl,
                       embedded ? (" (floor " + std::to_string(*out.floor_mean_ppl) + ", host on base text " +
-                                  std::to_string(host_perplexity(host, eval_windows(corpus->base_validation, c.seq_len))) +
+                                  std::to_string(host_perplexity(*ctx.host, eval_windows(corpus->base_validation, c.seq_len))) +
                                   " vs base floor " + std::to_string(base_fl.perplexity) + ")")
                                      .c_str()
                                : "");
@@ -775,6 +880,12 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         routing.emplace_back(m, std::move(samples));
     }
 
+    // Sizes of the streams each user actually got (real text: what the text gave, "all" resolved).
+    auto split_sizes = [&](Stream UserData::*split) {
+        std::vector<Index> n;
+        for (const auto& u : ctx.users) n.push_back((u.*split).size());
+        return n;
+    };
     nlohmann::json config = {
         {"users", c.users},
         {"experts", c.experts.empty() ? std::vector<Index>(std::size_t(c.users), 2) : c.experts},
@@ -794,11 +905,17 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         {"recalibrate", c.recalibrate},
         {"attention_rank", c.attention_rank},
         {"heterogeneity", embedded ? nlohmann::json(c.heterogeneity) : nlohmann::json()},
-        {"train_tokens", !c.train_tokens.empty() ? nlohmann::json(c.train_tokens)
-                         : embedded ? nlohmann::json(std::vector<Index>(std::size_t(c.users), c.default_train_tokens))
-                                    : nlohmann::json()},
-        {"validation_tokens", c.validation_tokens},
-        {"test_tokens", c.test_tokens},
+        {"train_tokens", split_sizes(&UserData::train)},
+        {"validation_tokens", split_sizes(&UserData::validation)},
+        {"test_tokens", split_sizes(&UserData::test)},
+        {"dev_tokens", split_sizes(&UserData::dev)},
+        {"user_names", [&] {
+             std::vector<std::string> n;
+             for (const auto& u : ctx.users) n.push_back(u.name);
+             return n;
+         }()},
+        {"setting", c.setting.empty() ? nlohmann::json() : nlohmann::json(c.setting)},
+        {"text_cap", c.setting.empty() ? nlohmann::json() : nlohmann::json(c.text_cap)},
         {"seed", c.seed},
         {"threads", c.threads},
         {"methods", methods},
@@ -806,6 +923,11 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         {"host", {{"d_model", c.d_model}, {"layers", c.n_layer}, {"heads", c.n_head}, {"steps", c.host_steps},
                   {"cache", cache.string()}, {"reused", loaded}}},
     };
+    if (real)
+        config["host"] = {{"model", c.model}, {"architecture", real->loaded.architecture},
+                          {"layers", ctx.host->n_layer()}, {"d_model", ctx.host->d_model()},
+                          {"vocabulary", ctx.host->vocab()}, {"tokenizer", real->codec.description()},
+                          {"fp32_compute", c.model_fp32_compute}};
     out.results = results_json(config, out.methods, out.host_mean_ppl, out.floor_mean_ppl);
     out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     out.results["seconds"] = out.seconds;

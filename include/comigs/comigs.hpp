@@ -18,6 +18,7 @@
 #include "random.hpp"
 #include "router.hpp"
 #include "strategy.hpp"
+#include "text/bpe_tokenizer.hpp"
 #include "train.hpp"
 #include "upload.hpp"
 #include "version.hpp"

@@ -38,7 +38,7 @@ public:
     /// and models must outlive the runner, as must `comm`.
     DistributedRoundRunner(Communicator& comm, Strategy strategy, RunnerConfig config, std::vector<User> local,
                            Reduction reduction = Reduction::fixed_order)
-        : Base(std::move(strategy), std::move(config), std::move(local)), comm_(&comm) {
+        : Base(std::move(strategy), std::move(config), std::move(local)), comm_(&comm), reduction_(reduction) {
         require(strategy_.personalised() == nullptr, "strategy '", strategy_.name,
                 "': personalised averaging (PCL) is not distributed; run it with RoundRunner");
         std::vector<std::uint64_t> ids;
@@ -104,6 +104,10 @@ public:
         return rep;
     }
 
+    /// The ranks this runner spans.
+    Communicator& communicator() const { return *comm_; }
+    Reduction reduction() const { return reduction_; }
+
 private:
     // One user's round, as every rank sees it (trivially copyable: it travels as bytes).
     struct UserRecord {
@@ -155,6 +159,7 @@ private:
     }
 
     Communicator* comm_;
+    Reduction reduction_;
     std::optional<DistributedAggregator<T>> aggregator_;
 };
 

@@ -1,6 +1,7 @@
 #pragma once
 // The frozen base of a host block, held once and shared (by pointer) by every expert, every layer
 // object and every simulated user that adapts it. Nothing here is ever trained.
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -19,7 +20,9 @@ namespace comigs {
 /// W is held in exactly one of three ways:
 ///   - `weight` in T (plain);
 ///   - `weight_bf16` (float only): the products convert the activations to bf16 and accumulate in fp32
-///     (kernels/gemm_bf16.hpp);
+///     (kernels/gemm_bf16.hpp), unless `fp32_compute` asks for fp32 arithmetic on the weight's exact
+///     values (widened a panel at a time: what a framework computes on the model cast to fp32, without
+///     an fp32 copy of the weight);
 ///   - `weight_quant` in GGML's Q8_0 or Q4_0 blocks along each row (kernels/quant.hpp): the products
 ///     compute with the dequantized values (fp32 activations, no fp32 copy of W).
 template <class T>
@@ -28,6 +31,7 @@ struct FrozenLinear {
     std::span<const T> bias;                        ///< [out] or empty
     ConstMatrixView<kernels::bf16> weight_bf16{};   ///< [out, in] when held in bf16, else empty
     kernels::QuantMatrixView weight_quant{};        ///< [out, in] when held quantized, else empty
+    bool fp32_compute = false;                      ///< a bf16 weight: products in fp32, activations not rounded
 
     bool is_bf16() const { return weight_bf16.data != nullptr; }
     bool is_quantized() const { return weight_quant.data != nullptr; }
@@ -46,7 +50,9 @@ struct FrozenLinear {
         if (is_quantized()) {
             kernels::gemm_quant<T>(y, x, weight_quant, kernels::Op::trans, T(1), beta);
         } else if constexpr (std::is_same_v<T, float>) {
-            if (is_bf16())
+            if (is_bf16() && fp32_compute)
+                kernels::gemm_bf16_widened(y, x, weight_bf16, kernels::Op::trans, 1.0f, beta);
+            else if (is_bf16())
                 kernels::gemm_bf16(y, x, weight_bf16, kernels::Op::trans, 1.0f, beta);
             else
                 kernels::gemm<T>(y, x, kernels::Op::none, weight, kernels::Op::trans, T(1), beta);
@@ -93,7 +99,10 @@ struct FrozenLinear {
         }
         if constexpr (std::is_same_v<T, float>) {
             if (is_bf16()) {
-                kernels::gemm_bf16(dx, dy, weight_bf16, kernels::Op::none, 1.0f, beta);
+                if (fp32_compute)
+                    kernels::gemm_bf16_widened(dx, dy, weight_bf16, kernels::Op::none, 1.0f, beta);
+                else
+                    kernels::gemm_bf16(dx, dy, weight_bf16, kernels::Op::none, 1.0f, beta);
                 return;
             }
         }
@@ -135,7 +144,14 @@ constexpr kernels::QuantType quant_type(Precision p) {
 template <class T>
 class FrozenMlp {
 public:
-    FrozenMlp(MlpForm form, Index d_model, Index d_hidden) : form_(form), d_(d_model), h_(d_hidden) {
+    FrozenMlp(MlpForm form, Index d_model, Index d_hidden) : FrozenMlp(form, d_model, d_hidden, Layout{}) {
+        weights_ = ParamBuffer<T>(full_layout_);
+    }
+
+private:
+    struct Layout {};
+    /// Shapes only: the owning constructor allocates the weights, the borrowing one never does.
+    FrozenMlp(MlpForm form, Index d_model, Index d_hidden, Layout) : form_(form), d_(d_model), h_(d_hidden) {
         require(d_model >= 1, "d_model ", d_model, ": must be >= 1");
         require(d_hidden >= 1, "d_hidden ", d_hidden, ": must be >= 1");
         ParamLayout l;
@@ -150,7 +166,40 @@ public:
             l.add("down.weight", {d_, h_});
         }
         full_layout_ = std::make_shared<const ParamLayout>(std::move(l));
-        weights_ = ParamBuffer<T>(full_layout_);
+    }
+
+public:
+
+    /// An MLP over weights held elsewhere (e.g. a memory-mapped model file, read in place): `linears`
+    /// gives every linear of the form by name (`fc`, `proj` or `gate`, `up`, `down`), each [out, in]
+    /// with the shapes of the form; `owner` keeps their memory alive as long as the MLP lives. Nothing
+    /// is copied. weights() is then empty and set_precision() refuses: the source decides the storage.
+    FrozenMlp(MlpForm form, Index d_model, Index d_hidden, std::map<std::string, FrozenLinear<T>> linears,
+              std::shared_ptr<const void> owner)
+        : FrozenMlp(form, d_model, d_hidden, Layout{}) {
+        for (const auto& spec : full_layout_->tensors()) {
+            if (!spec.name.ends_with(".weight")) continue;
+            const std::string name = spec.name.substr(0, spec.name.size() - 7);
+            const auto it = linears.find(name);
+            require(it != linears.end(), "borrowed ", to_string(form), " MLP: no linear '", name, "'");
+            const FrozenLinear<T>& f = it->second;
+            require<ShapeError>(f.out_features() == spec.rows() && f.in_features() == spec.cols(), "borrowed MLP linear '",
+                                name, "': weight [", f.out_features(), ", ", f.in_features(), "], expected [",
+                                spec.rows(), ", ", spec.cols(), "]");
+            const auto bias = full_layout_->find(name + ".bias");
+            require<ShapeError>(f.bias.empty() || (bias && static_cast<Index>(f.bias.size()) == bias->size),
+                                "borrowed MLP linear '", name, "': bias of ", f.bias.size(), " values, expected ",
+                                bias ? bias->size : 0);
+            borrowed_.emplace(name, f);
+        }
+        require(borrowed_.size() == linears.size(), "borrowed ", to_string(form), " MLP: ", linears.size(),
+                " linears given, the form has ", borrowed_.size());
+        owner_ = std::move(owner);
+        const FrozenLinear<T>& first = borrowed_.begin()->second;
+        precision_ = first.is_bf16()        ? Precision::bf16
+                     : !first.is_quantized() ? Precision::fp32
+                     : first.weight_quant.type == kernels::QuantType::q4_0 ? Precision::q4_0
+                                                                           : Precision::q8_0;
     }
 
     MlpForm form() const { return form_; }
@@ -173,6 +222,7 @@ public:
     /// earlier become invalid.
     void set_precision(Precision p) {
         if (p == precision_) return;
+        require(!is_borrowed(), "precision ", to_string(p), ": a borrowed MLP keeps the storage of its source");
         if (p == Precision::bf16)
             require(std::is_same_v<T, float>, "precision bf16: only FrozenMlp<float> can hold bf16 weights");
         std::vector<Matrix> mats;
@@ -235,6 +285,10 @@ public:
 
     /// A weight matrix held in bf16 (`fc.weight`, ...); empty in any other precision.
     ConstMatrixView<kernels::bf16> bf16_weight(const std::string& name) const {
+        if (is_borrowed() && name.ends_with(".weight")) {
+            const auto it = borrowed_.find(name.substr(0, name.size() - 7));
+            return it == borrowed_.end() ? ConstMatrixView<kernels::bf16>() : it->second.weight_bf16;
+        }
         if (precision_ != Precision::bf16) return {};
         for (const auto& m : matrices_)
             if (m.name == name) return {bf16_.data() + m.offset, m.rows, m.cols};
@@ -243,6 +297,10 @@ public:
 
     /// A weight matrix held in Q8_0 or Q4_0 blocks (`fc.weight`, ...); empty in any other precision.
     kernels::QuantMatrixView quant_weight(const std::string& name) const {
+        if (is_borrowed() && name.ends_with(".weight")) {
+            const auto it = borrowed_.find(name.substr(0, name.size() - 7));
+            return it == borrowed_.end() ? kernels::QuantMatrixView{} : it->second.weight_quant;
+        }
         if (!is_quantized(precision_)) return {};
         for (const auto& m : matrices_)
             if (m.name == name) return {quant_type(precision_), quant_.data() + m.offset, m.rows, m.cols};
@@ -253,8 +311,8 @@ public:
     /// quantized (a GGUF file) after set_precision(q8_0 / q4_0): rows() x quant_row_bytes(cols) bytes,
     /// row after row. InvalidArgument when the precision is not quantized or there is no such matrix.
     std::span<std::byte> quant_weight_bytes(const std::string& name) {
-        require(is_quantized(precision_), "quant_weight_bytes '", name, "': the precision is ", to_string(precision_),
-                ", not quantized");
+        require(is_quantized(precision_) && !is_borrowed(), "quant_weight_bytes '", name, "': the precision is ",
+                to_string(precision_), is_borrowed() ? " of a borrowed MLP" : ", not quantized");
         for (const auto& m : matrices_)
             if (m.name == name)
                 return {quant_.data() + m.offset,
@@ -262,14 +320,23 @@ public:
         detail::raise<InvalidArgument>("quant_weight_bytes '", name, "': no such weight matrix in this MLP");
     }
 
-    /// Bytes held for the frozen weights (matrices and biases), whatever the number of experts.
+    /// Bytes held for the frozen weights (matrices and biases), whatever the number of experts (0 when
+    /// borrowed: the owner holds them).
     std::size_t weight_bytes() const {
         return static_cast<std::size_t>(weights_.size()) * sizeof(T) + bf16_.size() * sizeof(kernels::bf16) +
                quant_.size();
     }
 
+    /// Whether the weights are held elsewhere (the borrowing constructor).
+    bool is_borrowed() const { return !borrowed_.empty(); }
+
     /// A linear map by name: `fc`, `proj` (gelu) or `gate`, `up`, `down` (swiglu).
     FrozenLinear<T> linear(const std::string& name) const {
+        if (is_borrowed()) {
+            const auto it = borrowed_.find(name);
+            require(it != borrowed_.end(), "linear '", name, "': not in this MLP (no '", name, ".weight')");
+            return it->second;
+        }
         FrozenLinear<T> f;
         if (precision_ == Precision::bf16) {
             f.weight_bf16 = bf16_weight(name + ".weight");
@@ -286,7 +353,8 @@ public:
 
     /// Fills every weight and bias with N(0, std) draws (tests and toy examples; fp32 precision).
     void randomize(Rng& rng, double std = 0.02) {
-        require(precision_ == Precision::fp32, "randomize: call it before set_precision(", to_string(precision_), ")");
+        require(precision_ == Precision::fp32 && !is_borrowed(), "randomize: call it before set_precision(",
+                to_string(precision_), "), on an owned MLP");
         for (const auto& spec : weights_.layout().tensors())
             for (T& w : weights_.span(spec.name)) w = static_cast<T>(rng.normal(0.0, std));
     }
@@ -322,6 +390,8 @@ private:
     comigs::detail::aligned_vector<kernels::bf16> bf16_;
     comigs::detail::aligned_vector<std::byte> quant_;
     std::vector<Matrix> matrices_;
+    std::map<std::string, FrozenLinear<T>> borrowed_;  // the borrowing constructor's linears
+    std::shared_ptr<const void> owner_;                // keeps their memory alive
 };
 
 }  // namespace comigs

@@ -113,12 +113,15 @@ public:
     void forward(MatrixView<T> y, ConstMatrixView<T> x, bool training = false, Rng* rng = nullptr) {
         require_shape(x, x.rows, cfg_.in_features, "lora input x");
         require_shape(y, x.rows, cfg_.out_features, "lora output y");
+        // Checked before anything is overwritten: a refused forward leaves the last one to backward.
+        require(rng != nullptr || !training || cfg_.dropout == 0.0, "rng: dropout ", cfg_.dropout,
+                " in training needs a generator");
+        complete_ = false;
         n_ = x.rows;
         z_.assign(static_cast<std::size_t>(n_ * cfg_.rank), T(0));
         dropped_ = training && cfg_.dropout > 0.0;
         ConstMatrixView<T> xin = x;
         if (dropped_) {
-            require(rng != nullptr, "rng: dropout ", cfg_.dropout, " in training needs a generator");
             const T keep = T(1) / static_cast<T>(1.0 - cfg_.dropout);
             mask_.resize(static_cast<std::size_t>(n_ * cfg_.in_features));
             xdrop_.resize(mask_.size());
@@ -136,12 +139,13 @@ public:
             xin = ConstMatrixView<T>(xcopy_.data(), n_, cfg_.in_features);
         }
         lora_forward<T>(y, MatrixView<T>(z_.data(), n_, cfg_.rank), xin, A(), B(), s_);
+        complete_ = true;
     }
 
     /// Given dy[N, out] of the last forward: dA, dB accumulate into grads(); dx[N, in] accumulates
     /// (pass an empty view to skip it).
     void backward(MatrixView<T> dx, ConstMatrixView<T> dy) {
-        require(n_ > 0 || dy.rows == 0, "lora backward: no forward to differentiate");
+        require(complete_ || (n_ == 0 && dy.rows == 0), "lora backward: no completed forward to differentiate");
         require_shape(dy, n_, cfg_.out_features, "lora output gradient dy");
         if (!dx.empty()) require_shape(dx, n_, cfg_.in_features, "lora input gradient dx");
         const ConstMatrixView<T> xin(dropped_ ? xdrop_.data() : xcopy_.data(), n_, cfg_.in_features);
@@ -179,6 +183,7 @@ private:
     T s_{};
     ParamBuffer<T> params_, grads_;
     Index n_ = 0;
+    bool complete_ = false;  // the last forward ran to its end
     bool dropped_ = false;
     std::vector<T> z_, dz_, mask_, xdrop_, xcopy_;
 };

@@ -28,11 +28,6 @@
 
 namespace comigs {
 
-/// Generalists are averaged across users every round; specialists never leave the device.
-enum class Role { generalist, specialist };
-
-inline const char* to_string(Role r) { return r == Role::generalist ? "generalist" : "specialist"; }
-
 /// Expert index of a mixture tensor name (`experts.{e}.*`), or -1 (the router, or no expert index a
 /// layer could have: names come from files, so an absurdly long number is not an expert either).
 inline Index expert_of_tensor(std::string_view tensor) {
@@ -66,6 +61,7 @@ struct MixtureRouting {
         r.top_k = top_k;
         r.routing = routing;
         r.expert0_importance = expert0_importance;
+        r.roles = roles;
         r.noise = noise;
         r.noise_scale = noise_scale;
         return r;
@@ -257,6 +253,11 @@ public:
         const Index n = x.rows, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
         require_shape(x, n, d, "mixture input x");
         require_shape(y, n, d, "mixture output y");
+        // Checked before anything is overwritten: a refused forward leaves the last one to backward.
+        require(rng != nullptr || !training || cfg_.dropout == 0.0, "rng: dropout ", cfg_.dropout,
+                " in training needs a generator");
+        require(rng != nullptr || !rcfg_.draws_noise(training), "rng: router noise in training needs a generator");
+        complete_ = false;  // until the end: a forward that fails midway leaves nothing to differentiate
         n_ = n;
         x_.resize(static_cast<std::size_t>(n * d));
         MatrixView<T> xs(x_.data(), n, d);
@@ -264,6 +265,7 @@ public:
         fused_ = fused_path();
         if (fused_) {
             forward_fused(y, x, xs, training, rng);  // copies x into xs beside its first product
+            complete_ = true;
             return route_.lb_loss;
         }
 #pragma omp parallel for schedule(static) if (n * d > 65536)
@@ -271,7 +273,6 @@ public:
         router_forward(route_, ConstMatrixView<T>(xs), router_weight(), rcfg_, training, rng);
         groups_.build(route_);
         const Index k = route_.slots, rows = n * k;
-        if (dropped_) require(rng != nullptr, "rng: dropout ", cfg_.dropout, " in training needs a generator");
 
         // LoRA input of the first stage: x, or x with one dropout mask shared by the experts.
         ConstMatrixView<T> xl = xs;
@@ -358,6 +359,7 @@ public:
             }
             if (!b2.empty()) kernels::axpy(yt, gs, b2.data(), d);
         }
+        complete_ = true;
         return route_.lb_loss;
     }
 
@@ -365,7 +367,7 @@ public:
     /// gradients accumulate into grads() and into dx[N, d] (pass an empty view to skip dx).
     void backward(MatrixView<T> dx, ConstMatrixView<T> dy, T lb_grad) {
         const Index n = n_, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
-        require(!x_.empty() || n == 0, "mixture backward: no forward to differentiate");
+        require(complete_ || (n == 0 && dy.rows == 0), "mixture backward: no completed forward to differentiate");
         require_shape(dy, n, d, "mixture output gradient dy");
         if (!dx.empty()) require_shape(dx, n, d, "mixture input gradient dx");
         if (fused_) {  // uses the factors forward_fused prepared (the parameters do not change in between)
@@ -780,8 +782,11 @@ private:
 
     /// Whether the one-pass row kernels (kernels/fused.hpp) apply: GELU form, no dropout, r <= 8.
     bool fused_path() const {
+        // The fused passes round m and dH to bf16 for a bf16 weight: a base asking for fp32 arithmetic
+        // on its bf16 values takes the general path.
         return kernels::detail::fused_rows_enabled() && cfg_.form == MlpForm::gelu && !dropped_ &&
-               cfg_.rank <= kernels::fused_max_rank;
+               cfg_.rank <= kernels::fused_max_rank && !base_->linear(first_[0]).fp32_compute &&
+               !base_->linear(second_).fp32_compute;
     }
     /// Factor (f, e) of a table filled by prepare_factors().
     const T* factor(const std::vector<const T*>& table, Index f, Index e) const {
@@ -819,6 +824,7 @@ private:
 
     // Saved by forward for backward.
     Index n_ = 0;
+    bool complete_ = false;  // the last forward ran to its end: what follows is consistent
     bool dropped_ = false;
     bool fused_ = false;  // forward took forward_fused: backward takes backward_fused
     // Per routed row (token-major, fused path): zs = s A1 x, z2 = A2 u, s g z2; backward's q, g s q,

@@ -91,6 +91,9 @@ public:
         const Index n = x.rows, din = cfg_.in_features, dout = cfg_.out_features, E = cfg_.n_experts, r = cfg_.rank;
         require_shape(x, n, din, "mixture input x");
         require_shape(y, n, dout, "mixture output y");
+        // Checked before anything is overwritten: a refused forward leaves the last one to backward.
+        require(rng != nullptr || !rcfg_.draws_noise(training), "rng: router noise in training needs a generator");
+        complete_ = false;
         n_ = n;
         x_.resize(static_cast<std::size_t>(n * din));
         MatrixView<T> xs(x_.data(), n, din);
@@ -116,12 +119,14 @@ public:
         }
         for (Index e = 0; e < E; ++e)
             kernels::gemm<T>(y, detail::block(Zs, e, r), kernels::Op::none, B(e), kernels::Op::trans, T(1), T(1));
+        complete_ = true;
         return route_.lb_loss;
     }
 
     /// Accumulates parameter gradients and dx[N, in] (empty view: skipped) from dy[N, out].
     void backward(MatrixView<T> dx, ConstMatrixView<T> dy, T lb_grad) {
         const Index n = n_, din = cfg_.in_features, dout = cfg_.out_features, E = cfg_.n_experts, r = cfg_.rank;
+        require(complete_ || (n == 0 && dy.rows == 0), "mixture backward: no completed forward to differentiate");
         require_shape(dy, n, dout, "mixture output gradient dy");
         if (!dx.empty()) require_shape(dx, n, din, "mixture input gradient dx");
         const Index k = route_.slots;
@@ -178,6 +183,7 @@ private:
     T s_{};
     ParamBuffer<T> params_, grads_;
     Index n_ = 0;
+    bool complete_ = false;  // the last forward ran to its end
     RoutingResult<T> route_;
     std::vector<T> x_, y0_, z_, zs_, q_, dz_, dy0_, dgate_;
 };

@@ -1,14 +1,28 @@
 #pragma once
 // Host models comigs fine-tunes (namespace comigs::models): include this one header.
-//   models/layers.hpp       transformer layer forward/backward functions (llm.c style)
-//   models/mlp_block.hpp    MlpBlock, the pluggable MLP interface, and DenseMlp (GPT-2's MLP)
-//   models/mixture_mlp.hpp  MixtureMlp: comigs' MixtureOfLoraMlp plugged in as a block's MLP
-//   models/gpt2.hpp         Gpt2Config, Gpt2 (parameters, LoRA on attention, forward, backward)
-//   models/generate.hpp     sampling tokens from a model
-//   models/hf_gpt2.hpp      loading and saving GPT-2 weights in the Hugging Face safetensors layout
+//   models/causal_lm.hpp     CausalLm: the interface every host offers (programs and the demo use it)
+//   models/layers.hpp        transformer layer forward/backward functions (llm.c style)
+//   models/attention.hpp     causal grouped-query attention with a KV-cache offset
+//   models/rope.hpp          rotary position embedding (rotate-half, llama3 scaling)
+//   models/mlp_block.hpp     MlpBlock, the pluggable MLP interface; DenseMlp, FrozenMlpBlock
+//   models/mixture_mlp.hpp   MixtureMlp: comigs' MixtureOfLoraMlp plugged in as a block's MLP
+//   models/tensor_source.hpp TensorSource (named tensors), WeightStore (frozen views and copies)
+//   models/gpt2.hpp          Gpt2Config, Gpt2 (trainable or over frozen Gpt2Weights)
+//   models/llama.hpp         LlamaConfig, Llama (Llama, SmolLM2, Qwen2) over frozen LlamaWeights
+//   models/hf_gpt2.hpp       GPT-2 weights in the Hugging Face safetensors layout
+//   models/hf_model.hpp      Hugging Face model folders: config.json + (sharded) safetensors, mapped
+//   models/generate.hpp      KV-cached generation, sampling
+//   models/adapter_file.hpp  one user's adapters (attention LoRA, mixtures) in safetensors, PEFT-style keys
+#include "models/adapter_file.hpp"
+#include "models/attention.hpp"
+#include "models/causal_lm.hpp"
 #include "models/generate.hpp"
 #include "models/gpt2.hpp"
 #include "models/hf_gpt2.hpp"
+#include "models/hf_model.hpp"
 #include "models/layers.hpp"
+#include "models/llama.hpp"
 #include "models/mixture_mlp.hpp"
 #include "models/mlp_block.hpp"
+#include "models/rope.hpp"
+#include "models/tensor_source.hpp"

@@ -2,6 +2,8 @@
 // Parameters of a layer live in one contiguous buffer with named views into it, so that saving,
 // averaging and all-reducing a layer is one memcpy / one loop / one collective (as in llm.c).
 #include <algorithm>
+#include <limits>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -31,7 +33,9 @@ struct TensorSpec {
 class ParamLayout {
 public:
     /// Appends a tensor; shape has 1 or 2 dimensions. Returns its offset. Every tensor starts on a
-    /// multiple of 16 elements (64 bytes for float), so a view of any tensor is SIMD-aligned.
+    /// multiple of 16 elements (64 bytes for float), so a view of any tensor is SIMD-aligned. Sizes come
+    /// from files and configurations: every product and sum is overflow-checked, and a refused tensor
+    /// leaves the layout as it was.
     Index add(std::string name, std::vector<Index> shape) {
         require(!name.empty(), "tensor name: must not be empty");
         require(find(name) == nullptr, "tensor name '", name, "': already in the layout");
@@ -40,18 +44,25 @@ public:
         Index n = 1;
         for (Index s : shape) {
             require<ShapeError>(s >= 0, "tensor '", name, "': negative dimension ", s);
-            n *= s;
+            if (__builtin_mul_overflow(n, s, &n))
+                detail::raise<ShapeError>("tensor '", name, "': shape [", shape.front(), ", ", shape.back(),
+                                          "] has more elements than an index can count");
         }
+        constexpr Index max = std::numeric_limits<Index>::max();
+        require<ShapeError>(total_ <= max - 15 && (total_ + 15) / 16 * 16 <= max - n, "tensor '", name, "': ", n,
+                            " elements after ", total_, " overflow the buffer's index range");
         const Index offset = (total_ + 15) / 16 * 16;
+        index_.emplace(name, specs_.size());
         specs_.push_back({std::move(name), std::move(shape), offset, n});
         total_ = offset + n;
         return offset;
     }
 
+    /// The tensor called `name`, or nullptr (a lookup in a sorted index: layers look tensors up by name
+    /// on every step, and a layout may hold thousands).
     const TensorSpec* find(std::string_view name) const {
-        for (const auto& s : specs_)
-            if (s.name == name) return &s;
-        return nullptr;
+        const auto it = index_.find(name);
+        return it == index_.end() ? nullptr : &specs_[it->second];
     }
     const TensorSpec& at(std::string_view name) const {
         const TensorSpec* s = find(name);
@@ -70,6 +81,7 @@ public:
 
 private:
     std::vector<TensorSpec> specs_;
+    std::map<std::string, std::size_t, std::less<>> index_;  // name -> position in specs_
     Index total_ = 0;
 };
 

@@ -13,6 +13,12 @@
 
 namespace comigs {
 
+/// Generalists are averaged across users every round; specialists never leave the device. (Declared
+/// with the router because the balancing loss gives the generalists their target share.)
+enum class Role { generalist, specialist };
+
+inline const char* to_string(Role r) { return r == Role::generalist ? "generalist" : "specialist"; }
+
 /// How experts are combined: a learned top-k router, or the plain mean of all experts (baselines).
 enum class Routing { top_k, mean };
 /// Exploration noise added to the logits at training time only.
@@ -26,31 +32,60 @@ inline const char* to_string(Routing r) { return r == Routing::top_k ? "topk" : 
 /// - k >= 2: softmax over the k largest logits (weights sum to 1).
 /// - k = 1: softmax over all E logits, the largest kept unnormalised (Switch style, weight < 1).
 struct RouterConfig {
+    /// More experts than any mixture-of-experts model in use (Switch-C has 2048); a count from a file
+    /// or a command line beyond it is a mistake, refused before anything is allocated for it.
+    static constexpr Index max_experts = Index{1} << 16;
+
     Index d_model = 0;
     Index n_experts = 2;
     Index top_k = 2;
     Routing routing = Routing::top_k;
-    /// Target share t_0 of the generalist (expert 0) in the load-balancing loss; the others get
-    /// (1 - t_0)/(E - 1) each. A negative value means uniform, 1/E.
+    /// Target share of the generalists in the load-balancing loss (the reference's name: there expert 0
+    /// is the generalist), split equally among them; the specialists share the rest equally. Needs
+    /// both kinds of experts. A negative value means uniform, 1/E for every expert.
     double expert0_importance = -1.0;
+    /// Role per expert, for the target shares; empty: expert 0 is the generalist, the rest specialists.
+    std::vector<Role> roles;
     RouterNoise noise = RouterNoise::none;
     double noise_scale = 1.0;  ///< Gaussian std or Gumbel scale
 
     bool has_weight() const { return routing == Routing::top_k && n_experts > 1; }
+    /// Whether a forward in this mode draws noise (and so needs a generator).
+    bool draws_noise(bool training) const {
+        return training && has_weight() && noise != RouterNoise::none && noise_scale > 0.0;
+    }
     /// Experts each token goes to.
     Index slots() const { return routing == Routing::mean ? n_experts : (n_experts == 1 ? 1 : top_k); }
+    Role role(Index e) const {
+        if (!roles.empty()) return roles[static_cast<std::size_t>(e)];
+        return e == 0 ? Role::generalist : Role::specialist;
+    }
+    Index generalists() const {
+        return roles.empty() ? 1 : static_cast<Index>(std::count(roles.begin(), roles.end(), Role::generalist));
+    }
+    /// t_e of the balancing loss: expert0_importance / G for each of the G generalists, the rest split
+    /// equally among the specialists; 1/E each without a target.
     double target_share(Index e) const {
-        const double t0 = expert0_importance < 0.0 ? 1.0 / static_cast<double>(n_experts) : expert0_importance;
-        return e == 0 ? t0 : (1.0 - t0) / static_cast<double>(n_experts - 1);
+        if (expert0_importance < 0.0) return 1.0 / static_cast<double>(n_experts);
+        const Index g = generalists();
+        return role(e) == Role::generalist ? expert0_importance / static_cast<double>(g)
+                                           : (1.0 - expert0_importance) / static_cast<double>(n_experts - g);
     }
     void validate() const {
         require(d_model >= 1, "d_model ", d_model, ": must be >= 1");
-        require(n_experts >= 1, "experts ", n_experts, ": must be >= 1");
+        require(n_experts >= 1 && n_experts <= max_experts, "experts ", n_experts, ": must be in [1, ", max_experts,
+                "]");
+        require(roles.empty() || static_cast<Index>(roles.size()) == n_experts, "roles: ", roles.size(),
+                " given for ", n_experts, " experts");
         if (routing == Routing::top_k && n_experts > 1) {
             require(top_k >= 1 && top_k <= n_experts, "top_k ", top_k, ": must be in [1, experts = ", n_experts, "]");
-            if (expert0_importance >= 0.0)
+            if (expert0_importance >= 0.0) {
                 require(expert0_importance > 0.0 && expert0_importance < 1.0, "expert0_importance ",
                         expert0_importance, ": must be in (0, 1) with more than one expert");
+                require(generalists() >= 1 && generalists() < n_experts, "expert0_importance ", expert0_importance,
+                        ": a target share for the generalists needs both generalists and specialists, but ",
+                        generalists(), " of the ", n_experts, " experts are generalists");
+            }
         }
         require(std::isfinite(expert0_importance), "expert0_importance ", expert0_importance, ": must be finite");
         require(std::isfinite(noise_scale) && noise_scale >= 0.0, "noise_scale ", noise_scale,
@@ -122,8 +157,7 @@ void route_tokens(RoutingResult<T>& r, Index n, const RouterConfig& cfg, bool tr
 #pragma omp parallel for schedule(static) if (n * E > 65536)
     for (Index t = 0; t < n; ++t) detail::softmax_row(logits.row_ptr(t), r.probs.data() + t * E, E);
 
-    const bool noisy = training && cfg.noise != RouterNoise::none && cfg.noise_scale > 0.0;
-    if (noisy) {
+    if (cfg.draws_noise(training)) {
         require(rng != nullptr, "rng: router noise in training needs a generator");
         for (T& l : r.logits)  // sequential: the draw order must not depend on the thread count
             l += static_cast<T>(cfg.noise_scale * (cfg.noise == RouterNoise::gumbel ? rng->gumbel() : rng->normal()));

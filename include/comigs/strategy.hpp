@@ -380,6 +380,22 @@ public:
     const std::vector<User>& users() const { return users_; }
     Index rounds_done() const { return next_round_; }
 
+    /// The aggregate user list position `index` applies at its next download (the start of its next
+    /// round, or finish()), if any: with the user's trainer, what a run checkpoint saves per user.
+    const std::optional<SharedAggregate<T>>& pending_download(std::size_t index) const { return pending_.at(index); }
+
+    /// Continues a run from a checkpoint (run_checkpoint.hpp): `rounds_done` rounds are behind and user
+    /// list position i applies `pending[i]` at its next download. The users' trainers and models must
+    /// already hold their state after those rounds.
+    void resume_at(Index rounds_done, std::vector<std::optional<SharedAggregate<T>>> pending) {
+        require(rounds_done >= 0 && rounds_done <= config_.rounds, "resume: ", rounds_done,
+                " rounds done is outside 0 ..", config_.rounds);
+        require(pending.size() == users_.size(), "resume: ", pending.size(), " pending downloads for ", users_.size(),
+                " users");
+        next_round_ = rounds_done;
+        pending_ = std::move(pending);
+    }
+
 protected:
     RunnerBase(Strategy strategy, RunnerConfig config, std::vector<User> users)
         : strategy_(std::move(strategy)), config_(std::move(config)), users_(std::move(users)) {
@@ -559,8 +575,11 @@ public:
         return rep;
     }
 
-    /// The last server aggregate (aggregate.hpp rules), if any.
+    /// The last server aggregate (aggregate.hpp rules), if any: the reference of the next round's
+    /// norm_clip and dp_fedavg.
     const SharedAggregate<T>* global_aggregate() const { return global_ ? &*global_ : nullptr; }
+    /// Restores the last server aggregate (resuming from a checkpoint, run_checkpoint.hpp).
+    void set_global_aggregate(std::optional<SharedAggregate<T>> global) { global_ = std::move(global); }
 
 private:
     using Base::apply_pending;
@@ -621,8 +640,11 @@ private:
                                       ups[b].user(), "'s model is NaN");
             }
             download(SharedAggregate<T>::with_layout_of(ups[a], ups[a].values()), u.id, reg);  // restore
-            // softmax(-ppl / temperature), shifted by the smallest perplexity for stability.
+            // softmax(-ppl / temperature), shifted by the smallest perplexity for stability. With every
+            // candidate infinite there is no softmax (0 / 0): refused rather than averaged as NaN.
             const double lo = *std::min_element(ppl.begin(), ppl.end());
+            require<NumericError>(std::isfinite(lo), "user ", u.id, ": every candidate model has an infinite ",
+                                  "validation perplexity on its data; PCL has no weights to average with");
             double z = 0;
             auto& w = rep.pcl_weights[a];
             for (std::size_t b = 0; b < n; ++b) {

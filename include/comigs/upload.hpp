@@ -198,12 +198,15 @@ protected:
     std::vector<SharedTensorInfo> infos_;
     detail::aligned_vector<T> values_;
 
-public:
-    virtual ~SharedTensors() = default;
+    // Copy and assignment only as part of a derived object: through a SharedTensors& one could
+    // otherwise assign an aggregate (or any tensors) into a GeneralistUpload.
     SharedTensors(const SharedTensors&) = default;
     SharedTensors(SharedTensors&&) noexcept = default;
     SharedTensors& operator=(const SharedTensors&) = default;
     SharedTensors& operator=(SharedTensors&&) noexcept = default;
+
+public:
+    virtual ~SharedTensors() = default;
 };
 
 template <class T>

@@ -3,7 +3,8 @@
 // disk, renames it over the target and flushes the directory entry. rename() is atomic on POSIX file
 // systems, so a reader (or a process restarted after a crash or power cut) sees either the complete
 // previous file or the complete new one, never a mixture. After a hard crash a stale temporary named
-// ".<target name>.tmp.<...>" may remain beside the target; it is never read and can be deleted.
+// ".<target name>.tmp.<...>" (a long name cut short) may remain beside the target; it is never read
+// and can be deleted.
 //
 // POSIX only (Linux, macOS, BSDs).
 #include <fcntl.h>
@@ -100,18 +101,42 @@ inline void fsync_or_throw(int fd, const std::filesystem::path& path, const char
     }
 }
 
+/// Flushes a directory's entries (a rename or a new file in it) to disk. Some file systems cannot fsync
+/// a directory (EINVAL, EROFS): the entry is then as durable as that file system makes it, which is not
+/// an error of ours. `context` starts the error message, e.g. "wrote 'x' but".
+inline void fsync_directory(const std::filesystem::path& dir, const char* context = "") {
+    int dfd;
+    do {
+        dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    } while (dfd < 0 && errno == EINTR);
+    if (dfd < 0) {
+        const int err = errno;
+        detail::raise<IoError>(context, *context ? " " : "", "cannot open the directory '", dir.string(),
+                               "' to fsync it: ", detail::errno_text(err));
+    }
+    detail::UniqueFd dir_fd(dfd);
+    if (::fsync(dir_fd.get()) != 0 && errno != EINVAL && errno != EROFS) {
+        const int err = errno;
+        detail::raise<IoError>(context, *context ? " " : "", "cannot fsync the directory '", dir.string(),
+                               "': ", detail::errno_text(err));
+    }
+}
+
 /// Creates a new file with a name no one else uses, beside the target: the pid, a process-wide counter
-/// and the clock make clashes unlikely, O_EXCL makes them harmless.
+/// and the clock make clashes unlikely, O_EXCL makes them harmless. The target's name is cut so that
+/// the temporary's stays within NAME_MAX (255 bytes on Linux file systems) for any target name.
 inline detail::UniqueFd create_unique_temp(const std::filesystem::path& dir, const std::string& stem,
                                            std::filesystem::path& temp_out) {
     static std::atomic<std::uint64_t> counter{0};
+    constexpr std::size_t name_max = 255;
     const auto clock = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
     for (int attempt = 0; attempt < 100; ++attempt) {
         const std::uint64_t tag = clock ^ (counter.fetch_add(1) * 0x9E3779B97F4A7C15ull);
         char hex[17];
         for (int i = 0; i < 16; ++i) hex[i] = "0123456789abcdef"[(tag >> (60 - 4 * i)) & 0xF];
         hex[16] = '\0';
-        temp_out = dir / ("." + stem + ".tmp." + std::to_string(::getpid()) + "." + hex);
+        const std::string suffix = ".tmp." + std::to_string(::getpid()) + "." + hex;
+        temp_out = dir / ("." + stem.substr(0, name_max - 1 - suffix.size()) + suffix);
         int fd;
         do {
             fd = ::open(temp_out.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
@@ -140,8 +165,8 @@ inline void atomic_write_file(const std::filesystem::path& target, const std::fu
     detail::UniqueFd fd = detail::create_unique_temp(dir, target.filename().string(), temp);
     bool temp_exists = true;
     try {
-        struct stat st {};
-        if (::stat(target.c_str(), &st) == 0 && S_ISREG(st.st_mode))
+        struct stat st {};  // lstat: a symlink is replaced, so the file it points to lends nothing
+        if (::lstat(target.c_str(), &st) == 0 && S_ISREG(st.st_mode))
             (void)::fchmod(fd.get(), st.st_mode & 07777);  // best effort: the content matters more
 
         AtomicFileWriter writer(fd.get(), temp);
@@ -161,23 +186,8 @@ inline void atomic_write_file(const std::filesystem::path& target, const std::fu
         throw;
     }
 
-    // The rename is done; make it durable. Some file systems cannot fsync a directory (EINVAL): the
-    // rename is then as durable as that file system makes it, which is not an error of ours.
-    int dfd;
-    do {
-        dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    } while (dfd < 0 && errno == EINTR);
-    if (dfd < 0) {
-        const int err = errno;
-        detail::raise<IoError>("wrote '", target.string(), "' but cannot open its directory '", dir.string(),
-                               "' to fsync it: ", detail::errno_text(err));
-    }
-    detail::UniqueFd dir_fd(dfd);
-    if (::fsync(dir_fd.get()) != 0 && errno != EINVAL && errno != EROFS) {
-        const int err = errno;
-        detail::raise<IoError>("wrote '", target.string(), "' but cannot fsync its directory '", dir.string(),
-                               "': ", detail::errno_text(err));
-    }
+    // The rename is done; make it durable.
+    detail::fsync_directory(dir, ("wrote '" + target.string() + "' but").c_str());
 }
 
 /// Atomically replaces (or creates) `target` with `bytes`; see the overload taking a callback.

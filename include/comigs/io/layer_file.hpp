@@ -6,7 +6,8 @@
 // Metadata: form = gelu | swiglu, experts, top_k, rank, alpha, scaling = sqrt | linear,
 // expert0_importance, routing = topk | mean. Tensors: x [T, d], dy [T, d]; gelu: fc.weight [h, d],
 // fc.bias [h], proj.weight [d, h], proj.bias [d]; swiglu: gate.weight, up.weight [h, d], down.weight
-// [d, h]; experts.{e}.{linear}.lora_A [r, in], .lora_B [out, r]; router.weight [E, d] (topk, E > 1).
+// [d, h]; experts.{e}.{linear}.lora_A [r, in], .lora_B [out, r]; router.weight [E, d] (topk, E > 1;
+// accepted and left unused for one expert or mean routing, as files from the reference carry it).
 #include <charconv>
 #include <concepts>
 #include <cmath>
@@ -47,6 +48,35 @@ inline double meta_double(const io::SafetensorsMetadata& meta, const char* key) 
 
 namespace comigs::io {
 
+/// Checks that `file` holds every tensor of the layer `cfg` describes, with its shape, before anything
+/// is allocated for it: sizes in the metadata are bounded by what the file really contains. The router
+/// is required with top-k routing over several experts and optional (unused) otherwise.
+inline void check_layer_tensors(const SafetensorsFile& file, const MixtureConfig& cfg) {
+    const Index d = cfg.d_model, h = cfg.d_hidden, r = cfg.rank;
+    auto expect = [&file](const std::string& name, std::vector<Index> shape) {
+        require<FormatError>(file.contains(name), "tensor '", name, "': missing");
+        require<ShapeError>(file.shape(name) == shape, "tensor '", name, "': shape ", detail::shape_text(file.shape(name)),
+                            ", expected ", detail::shape_text(shape));
+    };
+    const Index tokens = file.shape("x")[0];
+    expect("dy", {tokens, d});
+    const bool gelu = cfg.form == MlpForm::gelu;
+    const std::vector<std::pair<std::string, Index>> linears =
+        gelu ? std::vector<std::pair<std::string, Index>>{{"fc", h}, {"proj", d}}
+             : std::vector<std::pair<std::string, Index>>{{"gate", h}, {"up", h}, {"down", d}};
+    for (const auto& [name, out] : linears) {
+        expect(name + ".weight", {out, out == h ? d : h});
+        if (gelu) expect(name + ".bias", {out});
+    }
+    for (Index e = 0; e < cfg.n_experts; ++e)
+        for (const auto& [name, out] : linears) {
+            const std::string stem = "experts." + std::to_string(e) + "." + name;
+            expect(stem + ".lora_A", {r, out == h ? d : h});
+            expect(stem + ".lora_B", {out, r});
+        }
+    if (cfg.router().has_weight() || file.contains("router.weight")) expect("router.weight", {cfg.n_experts, d});
+}
+
 /// The mixture configuration a layer file describes (d_model and d_hidden from its tensors).
 inline MixtureConfig mixture_config_from_file(const SafetensorsFile& file) {
     const auto& meta = file.metadata();
@@ -75,6 +105,7 @@ inline MixtureConfig mixture_config_from_file(const SafetensorsFile& file) {
     require<ShapeError>(first.size() == 2, "first base weight: expected [hidden, d]");
     cfg.d_hidden = first[0];
     cfg.validate();
+    check_layer_tensors(file, cfg);
     return cfg;
 }
 
@@ -90,11 +121,14 @@ SafetensorsFile run_layer_file(const SafetensorsFile& in) {
     MixtureOfLoraMlp<T> layer(cfg, base);
     for (const auto& spec : layer.params().layout().tensors())
         in.get_into(spec.name, spec.shape, layer.params().span(spec.name));
+    // A router.weight of a layer without a router (one expert, mean routing) is read past (its shape
+    // was checked) and gets a zero gradient, as in the framework that wrote the file.
+    const bool unused_router = !cfg.router().has_weight() && in.contains("router.weight");
     for (const auto& t : in.tensors()) {
         const bool known = t.name == "x" || t.name == "dy" || base->weights().contains(t.name) ||
-                           layer.params().contains(t.name);
+                           layer.params().contains(t.name) || (unused_router && t.name == "router.weight");
         require<FormatError>(known, "tensor '", t.name, "': not part of a ", to_string(cfg.form), " mixture with ",
-                             cfg.n_experts, " experts", cfg.router().has_weight() ? "" : " and no router");
+                             cfg.n_experts, " experts");
     }
     const Index n = in.shape("x")[0], d = cfg.d_model;
     const auto x = in.get<T>("x", {n, d});
@@ -109,6 +143,8 @@ SafetensorsFile run_layer_file(const SafetensorsFile& in) {
     out.add("lb_loss", {1}, std::vector<T>{static_cast<T>(lb)});
     for (const auto& spec : layer.grads().layout().tensors())
         out.add(spec.name + ".grad", spec.shape, layer.grads().span(spec.name));
+    if (unused_router)
+        out.add("router.weight.grad", {cfg.n_experts, d}, std::vector<T>(static_cast<std::size_t>(cfg.n_experts * d), T(0)));
     return out;
 }
 

@@ -1,12 +1,18 @@
 #pragma once
-// A GPT-2 style byte-level transformer with hand-written forward and backward (after llm.c):
-// token + position embeddings, pre-LayerNorm blocks (causal multi-head attention, pluggable MLP),
-// final LayerNorm, LM head tied to the token embedding, mean cross-entropy.
+// The GPT-2 host with hand-written forward and backward (after llm.c): token + position embeddings,
+// pre-LayerNorm blocks (causal multi-head attention, pluggable MLP), final LayerNorm, LM head tied to
+// the token embedding, mean cross-entropy. From the demo's byte-level host (2 layers, d = 64) to GPT-2
+// itself (124M, vocabulary 50257).
 //
-// Parameters use Hugging Face GPT-2 names in one contiguous buffer; linear weights are [out, in] as
-// nn.Linear (HF's Conv1D stores [in, out]: hf_gpt2.hpp transposes at load time).
+// Two ways to hold the base:
+//   - trainable (Gpt2(config)): every weight in one fp32/fp64 buffer with Hugging Face GPT-2 names and a
+//     gradient buffer beside it, for pretraining (the demo's host) and fine-tuning with a frozen base;
+//   - frozen (Gpt2(weights), load_gpt2 in hf_gpt2.hpp): Gpt2Weights shared by every model over them,
+//     each linear a comigs::FrozenLinear (fp32, or BF16 kept as BF16), the MLPs FrozenMlps.
+// Linear weights are [out, in] as nn.Linear (HF's Conv1D stores [in, out]: hf_gpt2.hpp transposes).
 #include <cmath>
 #include <limits>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -15,12 +21,17 @@
 #include <vector>
 
 #include <comigs/detail/aligned.hpp>
+#include <comigs/frozen.hpp>
+#include <comigs/kernels/bf16.hpp>
 #include <comigs/lora.hpp>
 #include <comigs/params.hpp>
 #include <comigs/random.hpp>
 
+#include "attention.hpp"
+#include "causal_lm.hpp"
 #include "layers.hpp"
 #include "mlp_block.hpp"
+#include "tensor_source.hpp"
 
 namespace comigs::models {
 
@@ -50,15 +61,6 @@ struct Gpt2Config {
 /// full: every parameter gets a gradient (pretraining). frozen_base: the GPT-2 weights get none (and
 /// their weight-gradient GEMMs are skipped); only the LoRA adapters and whatever MLP plug-ins train.
 enum class TrainMode { full, frozen_base };
-
-/// LoRA on the attention projections: y = W x + b + s B A x, A [rank, in], B [out, rank].
-struct AttentionLoraConfig {
-    Index rank = 8;
-    double alpha = 16;
-    LoraScaling scaling = LoraScaling::sqrt;  ///< comigs' enum: linear = alpha / r, sqrt = alpha / sqrt(r)
-
-    double scale() const { return lora_scale(alpha, rank, scaling); }
-};
 
 /// "h.{layer}.{tail}", the HF GPT-2 name of a per-block tensor.
 inline std::string layer_name(Index layer, std::string_view tail) {
@@ -90,17 +92,63 @@ inline ParamLayout gpt2_layout(const Gpt2Config& c) {
     return L;
 }
 
+/// The frozen weights of a GPT-2 model as views (shared by every Gpt2 over them): each linear a
+/// FrozenLinear [out, in], each block's MLP a FrozenMlp. `owner` keeps the memory the views point into.
+template <class T>
+struct Gpt2Weights {
+    struct Layer {
+        std::span<const T> ln1_w, ln1_b, ln2_w, ln2_b;
+        FrozenLinear<T> c_attn, c_proj;          ///< [3d, d] + [3d], [d, d] + [d]
+        std::shared_ptr<const FrozenMlp<T>> mlp;  ///< GELU fc [h, d] + [h], proj [d, h] + [d]
+    };
+    Gpt2Config config;
+    FrozenLinear<T> wte;        ///< [vocab, d]: the embedding rows, and the tied head
+    ConstMatrixView<T> wpe;     ///< [n_ctx, d]
+    std::span<const T> lnf_w, lnf_b;
+    std::vector<Layer> layers;
+    std::shared_ptr<const void> owner;
+};
+
+/// Views of a GPT-2 parameter buffer (gpt2_layout) as Gpt2Weights; `owner` must keep `params` alive.
+template <class T>
+std::shared_ptr<Gpt2Weights<T>> gpt2_weights_view(const Gpt2Config& c, const ParamBuffer<T>& params,
+                                                  std::shared_ptr<const void> owner) {
+    auto w = std::make_shared<Gpt2Weights<T>>();
+    w->config = c;
+    w->owner = owner;
+    w->wte = {params.view("wte.weight"), {}};
+    w->wpe = params.view("wpe.weight");
+    w->lnf_w = params.span("ln_f.weight");
+    w->lnf_b = params.span("ln_f.bias");
+    for (Index l = 0; l < c.n_layer; ++l) {
+        const auto n = [l](std::string_view tail) { return layer_name(l, tail); };
+        typename Gpt2Weights<T>::Layer L;
+        L.ln1_w = params.span(n("ln_1.weight"));
+        L.ln1_b = params.span(n("ln_1.bias"));
+        L.ln2_w = params.span(n("ln_2.weight"));
+        L.ln2_b = params.span(n("ln_2.bias"));
+        L.c_attn = {params.view(n("attn.c_attn.weight")), params.span(n("attn.c_attn.bias"))};
+        L.c_proj = {params.view(n("attn.c_proj.weight")), params.span(n("attn.c_proj.bias"))};
+        std::map<std::string, FrozenLinear<T>> mlp;
+        mlp["fc"] = {params.view(n("mlp.c_fc.weight")), params.span(n("mlp.c_fc.bias"))};
+        mlp["proj"] = {params.view(n("mlp.c_proj.weight")), params.span(n("mlp.c_proj.bias"))};
+        L.mlp = std::make_shared<FrozenMlp<T>>(MlpForm::gelu, c.d_model, c.hidden(), std::move(mlp), owner);
+        w->layers.push_back(std::move(L));
+    }
+    return w;
+}
+
 /// The model. Typical step:
 ///   model.zero_grad(); T loss = model.forward(tokens, targets, B, T); model.backward(); optimiser step
 /// on (params(), grads()) in full mode, on (lora(), lora_grads()) and the plug-ins' own buffers in
 /// frozen-base mode. Moving the model keeps every buffer (and the views plug-ins hold) in place.
 template <class T>
-class Gpt2 {
+class Gpt2 final : public CausalLm<T> {
 public:
-    /// LayerNorm weights are 1, everything else 0: call init_weights or load weights next.
+    /// A trainable model: LayerNorm weights are 1, everything else 0: call init_weights or load weights next.
     explicit Gpt2(const Gpt2Config& config) : cfg_(config) {
         cfg_.validate();
-        params_ = std::make_unique<ParamBuffer<T>>(gpt2_layout(cfg_));
+        params_ = std::make_shared<ParamBuffer<T>>(gpt2_layout(cfg_));
         grads_ = std::make_unique<ParamBuffer<T>>(params_->layout_ptr());
         lora_ = std::make_unique<ParamBuffer<T>>();
         lora_grads_ = std::make_unique<ParamBuffer<T>>();
@@ -109,15 +157,32 @@ public:
         for (const auto& s : params_->layout().tensors())
             if (s.name.find("ln_") != std::string::npos && s.name.ends_with(".weight"))
                 std::fill_n(params_->data() + s.offset, s.size, T(1));
+        w_ = gpt2_weights_view<T>(cfg_, *params_, params_);
+    }
+
+    /// A model over frozen weights (shared, not copied): frozen-base mode only, the MLPs FrozenMlpBlocks.
+    explicit Gpt2(std::shared_ptr<const Gpt2Weights<T>> weights) : cfg_(weights ? weights->config : Gpt2Config{}) {
+        require(weights != nullptr, "Gpt2: null weights");
+        cfg_.validate();
+        w_ = std::move(weights);
+        lora_ = std::make_unique<ParamBuffer<T>>();
+        lora_grads_ = std::make_unique<ParamBuffer<T>>();
+        for (const auto& layer : w_->layers) mlps_.push_back(std::make_unique<FrozenMlpBlock<T>>(layer.mlp));
+        mode_ = TrainMode::frozen_base;
     }
 
     const Gpt2Config& config() const { return cfg_; }
+    /// The frozen weights the model computes with (views into params() for a trainable model).
+    std::shared_ptr<const Gpt2Weights<T>> weights_ptr() const { return w_; }
+
+    /// Whether the model holds its own trainable parameter buffer (Gpt2(config)).
+    bool trainable() const { return params_ != nullptr; }
 
     /// GPT-2 initialisation: weights N(0, 0.02), residual projections (c_proj) N(0, 0.02 / sqrt(2 n_layer)),
     /// biases 0, LayerNorm weight 1 and bias 0.
     void init_weights(Rng& rng) {
         const double proj_std = 0.02 / std::sqrt(2.0 * double(cfg_.n_layer));
-        for (const auto& s : params_->layout().tensors()) {
+        for (const auto& s : params().layout().tensors()) {
             T* p = params_->data() + s.offset;
             const bool is_ln = s.name.find("ln_") != std::string::npos;
             if (is_ln || s.name.ends_with(".bias")) {
@@ -129,16 +194,53 @@ public:
         }
     }
 
-    /// Base parameters (HF GPT-2 names) and their gradients (same layout).
-    ParamBuffer<T>& params() { return *params_; }
-    const ParamBuffer<T>& params() const { return *params_; }
-    ParamBuffer<T>& grads() { return *grads_; }
-    const ParamBuffer<T>& grads() const { return *grads_; }
+    /// Base parameters (HF GPT-2 names) and their gradients (same layout); trainable models only.
+    ParamBuffer<T>& params() {
+        require(trainable(), "params: a model over frozen Gpt2Weights has no parameter buffer");
+        return *params_;
+    }
+    const ParamBuffer<T>& params() const {
+        require(trainable(), "params: a model over frozen Gpt2Weights has no parameter buffer");
+        return *params_;
+    }
+    ParamBuffer<T>& grads() {
+        require(trainable(), "grads: a model over frozen Gpt2Weights has no parameter gradients");
+        return *grads_;
+    }
+    const ParamBuffer<T>& grads() const {
+        require(trainable(), "grads: a model over frozen Gpt2Weights has no parameter gradients");
+        return *grads_;
+    }
+
+    // ---- CausalLm ------------------------------------------------------------------------------------
+
+    std::string architecture() const override { return "gpt2"; }
+    Index vocab() const override { return cfg_.vocab; }
+    Index max_positions() const override { return cfg_.n_ctx; }
+    Index n_layer() const override { return cfg_.n_layer; }
+    Index d_model() const override { return cfg_.d_model; }
+    MlpForm mlp_form() const override { return MlpForm::gelu; }
+    Index mlp_hidden() const override { return cfg_.hidden(); }
+    /// The frozen MLP of a block (views into the weights; for a trainable model, into params(), which
+    /// must then not change while the MLP is in use).
+    std::shared_ptr<const FrozenMlp<T>> frozen_mlp(Index layer) const override {
+        check_layer(layer);
+        return w_->layers[static_cast<std::size_t>(layer)].mlp;
+    }
+    std::string mlp_prefix(Index layer) const override {
+        check_layer(layer);
+        return layer_name(layer, "mlp.");
+    }
+    std::string mlp_module(Index layer, const std::string& linear) const override {
+        check_layer(layer);
+        require(linear == "fc" || linear == "proj", "mlp linear '", linear, "': a GPT-2 MLP has fc and proj");
+        return "transformer." + layer_name(layer, "mlp.c_" + linear);
+    }
 
     /// Adds (or replaces) LoRA adapters on c_attn and c_proj of every block: tensors
     /// "h.{i}.attn.c_attn.lora_A" [r, d], ".lora_B" [3d, r], "h.{i}.attn.c_proj.lora_A" [r, d],
     /// ".lora_B" [d, r]. A ~ U(-1/sqrt(d), 1/sqrt(d)), B = 0, so the model's function is unchanged.
-    void add_attention_lora(const AttentionLoraConfig& lc, Rng& rng) {
+    void add_attention_lora(const AttentionLoraConfig& lc, Rng& rng) override {
         lc.scale();  // checks rank >= 1 and a finite alpha
         const Index d = cfg_.d_model;
         ParamLayout L;
@@ -157,73 +259,56 @@ public:
         lora_cfg_ = lc;
         has_lora_ = true;
     }
-    bool has_lora() const { return has_lora_; }
-    const AttentionLoraConfig& lora_config() const { return lora_cfg_; }
+    bool has_lora() const override { return has_lora_; }
+    const AttentionLoraConfig& lora_config() const override { return lora_cfg_; }
+    std::vector<AttentionProjection> attention_projections() const override {
+        std::vector<AttentionProjection> v;
+        const Index d = cfg_.d_model;
+        for (Index l = 0; l < cfg_.n_layer; ++l) {
+            v.push_back({layer_name(l, "attn.c_attn."), "transformer." + layer_name(l, "attn.c_attn"), d, 3 * d});
+            v.push_back({layer_name(l, "attn.c_proj."), "transformer." + layer_name(l, "attn.c_proj"), d, d});
+        }
+        return v;
+    }
     /// LoRA adapters (empty without add_attention_lora) and their gradients.
-    ParamBuffer<T>& lora() { return *lora_; }
+    ParamBuffer<T>& lora() override { return *lora_; }
     const ParamBuffer<T>& lora() const { return *lora_; }
-    ParamBuffer<T>& lora_grads() { return *lora_grads_; }
+    ParamBuffer<T>& lora_grads() override { return *lora_grads_; }
 
-    /// Replaces the MLP of block `layer` (by default a DenseMlp over "h.{layer}.mlp.*"). The frozen
-    /// base MLP weights stay in params() for the plug-in to read.
-    void set_mlp(Index layer, std::unique_ptr<MlpBlock<T>> mlp) {
-        require(layer >= 0 && layer < cfg_.n_layer, "layer ", layer, ": out of range [0, ", cfg_.n_layer, ")");
+    /// Replaces the MLP of block `layer` (by default a DenseMlp over "h.{layer}.mlp.*", or the frozen
+    /// MLP of the weights). The frozen base MLP weights stay where they are for the plug-in to read.
+    void set_mlp(Index layer, std::unique_ptr<MlpBlock<T>> mlp) override {
+        check_layer(layer);
         require(mlp != nullptr, "mlp of layer ", layer, ": null");
         mlp->set_base_trainable(mode_ == TrainMode::full);
         mlps_[static_cast<std::size_t>(layer)] = std::move(mlp);
     }
-    MlpBlock<T>& mlp(Index layer) { return *mlps_.at(static_cast<std::size_t>(layer)); }
+    MlpBlock<T>& mlp(Index layer) override { return *mlps_.at(static_cast<std::size_t>(layer)); }
 
     void set_train_mode(TrainMode mode) {
+        require(mode == TrainMode::frozen_base || trainable(),
+                "train mode full: a model over frozen Gpt2Weights trains adapters only");
         mode_ = mode;
         for (auto& m : mlps_) m->set_base_trainable(mode == TrainMode::full);
     }
     TrainMode train_mode() const { return mode_; }
 
     /// Zeroes grads() and lora_grads() (plug-ins zero their own gradients).
-    void zero_grad() {
-        grads_->zero();
+    void zero_grad() override {
+        if (grads_) grads_->zero();
         lora_grads_->zero();
     }
 
     /// Runs the model on tokens [B*T] (row b*T + t is sequence b, position t; T <= n_ctx). With targets
     /// [B*T] returns mean cross-entropy + the MLPs' aux losses, else NaN. `training`: backward may follow
-    /// (also passed to the MLPs). Activations are kept in one buffer that grows to the largest B*T seen.
-    T forward(std::span<const int> tokens, std::span<const int> targets, Index B, Index Tn, bool training = true) {
-        require(B >= 1, "B ", B, ": must be >= 1");
-        require(Tn >= 1 && Tn <= cfg_.n_ctx, "T ", Tn, ": must be in [1, n_ctx = ", cfg_.n_ctx, "]");
-        require<ShapeError>(static_cast<Index>(tokens.size()) == B * Tn, "tokens has ", tokens.size(),
-                            " entries, expected B*T = ", B * Tn);
-        require<ShapeError>(targets.empty() || static_cast<Index>(targets.size()) == B * Tn, "targets has ",
-                            targets.size(), " entries, expected 0 or B*T = ", B * Tn);
-        check_tokens(tokens, "tokens");
-        check_tokens(targets, "targets");
-        tokens_.assign(tokens.begin(), tokens.end());
-        targets_.assign(targets.begin(), targets.end());
-        B_ = B;
-        T_ = Tn;
-        training_ = training;
-        carve_acts(reserve(acts_buf_, carve_acts(nullptr)));
-
+    /// (also passed to the MLPs). Activations are kept in one buffer that grows to the largest B*T seen;
+    /// an inference forward keeps one block's worth.
+    T forward(std::span<const int> tokens, std::span<const int> targets, Index B, Index Tn,
+              bool training = true) override {
+        begin(tokens, targets, B, Tn, training, true);
+        run_layers();
         const Index N = B * Tn, d = cfg_.d_model, V = cfg_.vocab;
-        encoder_forward(mat(a_.res[0], N, d), tokens_.data(), P("wte.weight"), P("wpe.weight"), B, Tn);
-        for (Index l = 0; l < cfg_.n_layer; ++l) {
-            const LayerActs& a = a_.layer[static_cast<std::size_t>(l)];
-            const auto x = mat(a_.res[static_cast<std::size_t>(l)], N, d);
-            const auto y = mat(a_.res[static_cast<std::size_t>(l) + 1], N, d);
-            layernorm_forward(mat(a.ln1, N, d), a.ln1_mean, a.ln1_rstd, x, pl(l, "ln_1.weight"), pl(l, "ln_1.bias"));
-            projection_forward(l, "attn.c_attn.", mat(a.qkv, N, 3 * d), mat(a.ln1, N, d), a.xa_attn);
-            attention_forward(mat(a.atty, N, d), a.probs, mat(a.qkv, N, 3 * d), B, Tn, cfg_.n_head);
-            projection_forward(l, "attn.c_proj.", mat(a.mid, N, d), mat(a.atty, N, d), a.xa_proj);
-            residual_forward(mat(a.mid, N, d), x);
-            layernorm_forward(mat(a.ln2, N, d), a.ln2_mean, a.ln2_rstd, mat(a.mid, N, d), pl(l, "ln_2.weight"),
-                              pl(l, "ln_2.bias"));
-            mlps_[static_cast<std::size_t>(l)]->forward(y, mat(a.ln2, N, d), training);
-            residual_forward(y, mat(a.mid, N, d));
-        }
-        layernorm_forward(mat(a_.lnf, N, d), a_.lnf_mean, a_.lnf_rstd, mat(a_.res.back(), N, d),
-                          P("ln_f.weight").data, P("ln_f.bias").data);
-        linear_forward(mat(a_.logits, N, V), mat(a_.lnf, N, d), P("wte.weight"), static_cast<const T*>(nullptr));
+        linear_fwd(w_->wte, mat(a_.logits, N, V), mat(a_.lnf, N, d), /*bias=*/false);
 
         aux_ = T(0);
         for (const auto& m : mlps_) aux_ += m->aux_loss();
@@ -232,9 +317,30 @@ public:
         return ce_ + aux_;
     }
 
+    double evaluate_loss(std::span<const int> tokens, std::span<const int> targets, Index B, Index Tn) override {
+        require(!targets.empty(), "evaluate_loss: needs targets");
+        begin(tokens, targets, B, Tn, false, false);
+        run_layers();
+        const Index N = B * Tn, d = cfg_.d_model, V = cfg_.vocab;
+        // The head on blocks of rows: [block, vocab] logits at a time, never [N, vocab].
+        const Index block = std::max<Index>(1, std::min<Index>(N, (Index(1) << 22) / V));
+        if (static_cast<Index>(head_buf_.size()) < block * V) head_buf_.resize(static_cast<std::size_t>(block * V));
+        std::vector<T> lse(static_cast<std::size_t>(block));
+        double total = 0;
+        for (Index r0 = 0; r0 < N; r0 += block) {
+            const Index rows = std::min(block, N - r0);
+            const MatrixView<T> L(head_buf_.data(), rows, V);
+            linear_fwd(w_->wte, L, ConstMatrixView<T>(a_.lnf + r0 * d, rows, d), false);
+            total += double(crossentropy_forward(lse.data(), ConstMatrixView<T>(L), targets_.data() + r0)) * double(rows);
+        }
+        ce_ = T(total / double(N));
+        aux_ = T(0);
+        return total / double(N);
+    }
+
     /// Accumulates d(loss of the last forward)/d(parameters) into grads() (full mode), lora_grads() (if
     /// LoRA is present) and the MLP plug-ins. Needs a training forward with targets just before.
-    void backward() {
+    void backward() override {
         require(training_ && !targets_.empty(), "backward: the last forward must be a training forward with targets");
         const Index B = B_, Tn = T_, N = B * Tn, d = cfg_.d_model, V = cfg_.vocab, r = lora_rank();
         const bool base = mode_ == TrainMode::full;
@@ -245,21 +351,21 @@ public:
         eigen(mat(g.dlogits, N, V)).setZero();
         crossentropy_backward(mat(g.dlogits, N, V), mat(a_.logits, N, V), a_.lse, targets_.data(), T(1));
         eigen(dln).setZero();
-        linear_backward(dln, G("wte.weight"), static_cast<T*>(nullptr), mat(g.dlogits, N, V), mat(a_.lnf, N, d),
-                        P("wte.weight"));
+        linear_bwd(w_->wte, dln, G("wte.weight"), nullptr, mat(g.dlogits, N, V), mat(a_.lnf, N, d));
         eigen(dres).setZero();
         layernorm_backward(dres, G("ln_f.weight").data, G("ln_f.bias").data, dln, mat(a_.res.back(), N, d),
-                           a_.lnf_mean, a_.lnf_rstd, P("ln_f.weight").data);
+                           a_.lnf_mean, a_.lnf_rstd, w_->lnf_w.data());
 
         for (Index l = cfg_.n_layer - 1; l >= 0; --l) {
             const LayerActs& a = a_.layer[static_cast<std::size_t>(l)];
+            const auto& lw = w_->layers[static_cast<std::size_t>(l)];
             // dres holds dLoss/d(block output); the residual passes it straight through to the block input.
             eigen(dln).setZero();
             mlps_[static_cast<std::size_t>(l)]->backward(dln, dres, mat(a.ln2, N, d));
             layernorm_backward(dres, gl(l, "ln_2.weight"), gl(l, "ln_2.bias"), dln, mat(a.mid, N, d), a.ln2_mean,
-                               a.ln2_rstd, pl(l, "ln_2.weight"));
+                               a.ln2_rstd, lw.ln2_w.data());
             eigen(mat(g.datty, N, d)).setZero();
-            projection_backward(l, "attn.c_proj.", mat(g.datty, N, d), dres, mat(a.atty, N, d), a.xa_proj,
+            projection_backward(l, "attn.c_proj.", lw.c_proj, mat(g.datty, N, d), dres, mat(a.atty, N, d), a.xa_proj,
                                 mat(g.dxa, N, r));
             eigen(mat(g.dqkv, N, 3 * d)).setZero();
             attention_backward(mat(g.dqkv, N, 3 * d), mat(g.datty, N, d), mat(a.qkv, N, 3 * d), a.probs, B, Tn,
@@ -267,21 +373,90 @@ public:
             // Below block 0's attention only the embeddings remain: frozen, they need no input gradient.
             const bool need_dx = base || l > 0;
             if (need_dx) eigen(dln).setZero();
-            projection_backward(l, "attn.c_attn.", need_dx ? dln : MatrixView<T>(), mat(g.dqkv, N, 3 * d),
+            projection_backward(l, "attn.c_attn.", lw.c_attn, need_dx ? dln : MatrixView<T>(), mat(g.dqkv, N, 3 * d),
                                 mat(a.ln1, N, d), a.xa_attn, mat(g.dxa, N, r));
             if (need_dx)
                 layernorm_backward(dres, gl(l, "ln_1.weight"), gl(l, "ln_1.bias"), dln,
                                    mat(a_.res[static_cast<std::size_t>(l)], N, d), a.ln1_mean, a.ln1_rstd,
-                                   pl(l, "ln_1.weight"));
+                                   lw.ln1_w.data());
         }
         if (base) encoder_backward(G("wte.weight"), G("wpe.weight"), dres, tokens_.data(), B, Tn);
     }
 
     /// Logits [B*T, vocab] of the last forward.
-    ConstMatrixView<T> logits() const { return {a_.logits, B_ * T_, cfg_.vocab}; }
+    ConstMatrixView<T> logits() const override { return {a_.logits, keep_logits_ ? B_ * T_ : 0, cfg_.vocab}; }
     /// The two parts of the last loss: mean cross-entropy and the sum of the MLPs' aux losses.
-    T last_ce_loss() const { return ce_; }
-    T last_aux_loss() const { return aux_; }
+    T last_ce_loss() const override { return ce_; }
+    T last_aux_loss() const override { return aux_; }
+
+    // ---- generation ----------------------------------------------------------------------------------
+
+    void reset_cache(Index capacity) override {
+        require(capacity >= 1 && capacity <= cfg_.n_ctx, "cache capacity ", capacity, ": must be in [1, n_ctx = ",
+                cfg_.n_ctx, "]");
+        cache_k_.assign(static_cast<std::size_t>(cfg_.n_layer), {});
+        cache_v_.assign(static_cast<std::size_t>(cfg_.n_layer), {});
+        for (Index l = 0; l < cfg_.n_layer; ++l) {
+            cache_k_[static_cast<std::size_t>(l)].resize(static_cast<std::size_t>(capacity * cfg_.d_model));
+            cache_v_[static_cast<std::size_t>(l)].resize(static_cast<std::size_t>(capacity * cfg_.d_model));
+        }
+        cache_cap_ = capacity;
+        cached_ = 0;
+    }
+    Index cached_tokens() const override { return cached_; }
+
+    std::span<const T> decode(std::span<const int> tokens) override {
+        const Index n = static_cast<Index>(tokens.size()), d = cfg_.d_model, V = cfg_.vocab, r = lora_rank(),
+                    p0 = cached_;
+        require(cache_cap_ > 0, "decode: call reset_cache(capacity) first");
+        require(n >= 1, "decode: needs at least one token");
+        require(p0 + n <= cache_cap_, "decode: ", p0, " cached + ", n, " new tokens exceed the cache capacity ", cache_cap_);
+        check_tokens(tokens, "tokens");
+        DecodeBuffers& b = dec_;
+        const auto grow = [](auto& v, Index size) {
+            if (static_cast<Index>(v.size()) < size) v.resize(static_cast<std::size_t>(size));
+        };
+        grow(b.x, n * d);
+        grow(b.ln, n * d);
+        grow(b.qkv, n * 3 * d);
+        grow(b.att, n * d);
+        grow(b.mid, n * d);
+        grow(b.xa, n * std::max<Index>(r, 1));
+        grow(b.logits, V);
+        grow(b.mean, 2 * n);
+        const auto x = mat(b.x.data(), n, d), ln = mat(b.ln.data(), n, d), mid = mat(b.mid.data(), n, d),
+                   qkv = mat(b.qkv.data(), n, 3 * d);
+        embed(x, tokens, p0);
+        const AttentionHeads heads{cfg_.n_head, cfg_.n_head, cfg_.head_size()};
+        for (Index l = 0; l < cfg_.n_layer; ++l) {
+            const auto& lw = w_->layers[static_cast<std::size_t>(l)];
+            T* kc = cache_k_[static_cast<std::size_t>(l)].data();
+            T* vc = cache_v_[static_cast<std::size_t>(l)].data();
+            layernorm_forward(ln, b.mean.data(), b.mean.data() + n, x, lw.ln1_w.data(), lw.ln1_b.data());
+            projection_forward(l, "attn.c_attn.", lw.c_attn, qkv, ln, b.xa.data());
+            for (Index i = 0; i < n; ++i) {
+                std::copy_n(qkv.row_ptr(i) + d, d, kc + (p0 + i) * d);
+                std::copy_n(qkv.row_ptr(i) + 2 * d, d, vc + (p0 + i) * d);
+            }
+            causal_attention_forward(mat(b.att.data(), n, d), static_cast<T*>(nullptr),
+                                     ConstMatrixView<T>(qkv.data, n, d, 3 * d), ConstMatrixView<T>(kc, p0 + n, d),
+                                     ConstMatrixView<T>(vc, p0 + n, d), 1, n, p0 + n, heads);
+            projection_forward(l, "attn.c_proj.", lw.c_proj, mid, mat(b.att.data(), n, d), b.xa.data());
+            residual_forward(mid, ConstMatrixView<T>(x));
+            layernorm_forward(ln, b.mean.data(), b.mean.data() + n, mid, lw.ln2_w.data(), lw.ln2_b.data());
+            mlps_[static_cast<std::size_t>(l)]->forward(x, ln, false);
+            residual_forward(x, ConstMatrixView<T>(mid));
+        }
+        cached_ = p0 + n;
+        const auto last = mat(b.x.data() + (n - 1) * d, 1, d), lastn = mat(b.ln.data(), 1, d);
+        layernorm_forward(lastn, b.mean.data(), b.mean.data() + 1, last, w_->lnf_w.data(), w_->lnf_b.data());
+        linear_fwd(w_->wte, mat(b.logits.data(), 1, V), lastn, false);
+        return {b.logits.data(), static_cast<std::size_t>(V)};
+    }
+
+    /// A frozen-base model over the same weights (for a trainable model: views into its params(), which
+    /// must then stay unchanged while the new model lives; the buffer itself is kept alive).
+    std::unique_ptr<CausalLm<T>> share_base() const override { return std::make_unique<Gpt2<T>>(w_); }
 
 private:
     struct LayerActs {
@@ -295,6 +470,9 @@ private:
     struct GradActs {
         T *dres, *dln, *dqkv, *datty, *dxa, *dlogits;
     };
+    struct DecodeBuffers {
+        std::vector<T> x, ln, qkv, att, mid, xa, logits, mean;
+    };
 
     // Bump allocation of 16-element aligned slices. With base == nullptr only counts (pointers stay null).
     struct Carver {
@@ -307,13 +485,96 @@ private:
         }
     };
 
+    void check_layer(Index layer) const {
+        require(layer >= 0 && layer < cfg_.n_layer, "layer ", layer, ": out of range [0, ", cfg_.n_layer, ")");
+    }
+
+    void begin(std::span<const int> tokens, std::span<const int> targets, Index B, Index Tn, bool training,
+               bool keep_logits) {
+        require(B >= 1, "B ", B, ": must be >= 1");
+        require(Tn >= 1 && Tn <= cfg_.n_ctx, "T ", Tn, ": must be in [1, n_ctx = ", cfg_.n_ctx, "]");
+        require<ShapeError>(static_cast<Index>(tokens.size()) == B * Tn, "tokens has ", tokens.size(),
+                            " entries, expected B*T = ", B * Tn);
+        require<ShapeError>(targets.empty() || static_cast<Index>(targets.size()) == B * Tn, "targets has ",
+                            targets.size(), " entries, expected 0 or B*T = ", B * Tn);
+        check_tokens(tokens, "tokens");
+        check_tokens(targets, "targets");
+        tokens_.assign(tokens.begin(), tokens.end());
+        targets_.assign(targets.begin(), targets.end());
+        B_ = B;
+        T_ = Tn;
+        training_ = training;
+        keep_logits_ = keep_logits;
+        carve_acts(reserve(acts_buf_, carve_acts(nullptr)));
+    }
+
+    void run_layers() {
+        const Index B = B_, Tn = T_, N = B * Tn, d = cfg_.d_model;
+        embed_batch(mat(a_.res[0], N, d));
+        for (Index l = 0; l < cfg_.n_layer; ++l) {
+            const LayerActs& a = a_.layer[static_cast<std::size_t>(l)];
+            const auto& lw = w_->layers[static_cast<std::size_t>(l)];
+            const auto x = mat(a_.res[static_cast<std::size_t>(l)], N, d);
+            // In inference res[l + 1] is res[l]: x is not read after mid is formed.
+            const auto y = mat(a_.res[static_cast<std::size_t>(l) + 1], N, d);
+            layernorm_forward(mat(a.ln1, N, d), a.ln1_mean, a.ln1_rstd, x, lw.ln1_w.data(), lw.ln1_b.data());
+            projection_forward(l, "attn.c_attn.", lw.c_attn, mat(a.qkv, N, 3 * d), mat(a.ln1, N, d), a.xa_attn);
+            attention_forward(mat(a.atty, N, d), a.probs, mat(a.qkv, N, 3 * d), B, Tn, cfg_.n_head);
+            projection_forward(l, "attn.c_proj.", lw.c_proj, mat(a.mid, N, d), mat(a.atty, N, d), a.xa_proj);
+            residual_forward(mat(a.mid, N, d), x);
+            layernorm_forward(mat(a.ln2, N, d), a.ln2_mean, a.ln2_rstd, mat(a.mid, N, d), lw.ln2_w.data(),
+                              lw.ln2_b.data());
+            mlps_[static_cast<std::size_t>(l)]->forward(y, mat(a.ln2, N, d), training_);
+            residual_forward(y, mat(a.mid, N, d));
+        }
+        layernorm_forward(mat(a_.lnf, N, d), a_.lnf_mean, a_.lnf_rstd, mat(a_.res.back(), N, d), w_->lnf_w.data(),
+                          w_->lnf_b.data());
+    }
+
+    /// out[n, d] = wte[tokens[i]] + wpe[first + i] for one sequence (bf16 rows widened exactly).
+    void embed(MatrixView<T> out, std::span<const int> tokens, Index first) const {
+        const Index d = cfg_.d_model;
+        for (std::size_t i = 0; i < tokens.size(); ++i) {
+            T* dst = out.row_ptr(static_cast<Index>(i));
+            embedding_row(dst, tokens[i]);
+            const T* pos = w_->wpe.row_ptr(first + static_cast<Index>(i));
+            for (Index c = 0; c < d; ++c) dst[c] += pos[c];
+        }
+    }
+    void embedding_row(T* dst, int token) const {
+        if constexpr (std::is_same_v<T, float>) {
+            if (w_->wte.is_bf16()) {
+                kernels::convert_to_float(dst, w_->wte.weight_bf16.row_ptr(token), cfg_.d_model);
+                return;
+            }
+        }
+        std::copy_n(w_->wte.weight.row_ptr(token), cfg_.d_model, dst);
+    }
+    void embed_batch(MatrixView<T> out) const {
+        if (!w_->wte.is_bf16()) {
+            encoder_forward(out, tokens_.data(), w_->wte.weight, w_->wpe, B_, T_);
+            return;
+        }
+        for (Index b = 0; b < B_; ++b)
+            embed(out.middle_rows(b * T_, T_),
+                  std::span<const int>(tokens_).subspan(static_cast<std::size_t>(b * T_), static_cast<std::size_t>(T_)), 0);
+    }
+
     Index carve_acts(T* base) {
         Carver c{base};
-        const Index N = B_ * T_, d = cfg_.d_model, r = lora_rank();
-        a_.res.resize(static_cast<std::size_t>(cfg_.n_layer) + 1);
-        for (auto& p : a_.res) p = c.take(N * d);
-        a_.layer.resize(static_cast<std::size_t>(cfg_.n_layer));
-        for (auto& a : a_.layer) {
+        const Index N = B_ * T_, d = cfg_.d_model, r = lora_rank(), L = cfg_.n_layer;
+        // Training keeps every block's activations; inference reuses one block's (and one residual).
+        const Index blocks = training_ ? L : 1;
+        a_.res.resize(static_cast<std::size_t>(L) + 1);
+        if (training_) {
+            for (auto& p : a_.res) p = c.take(N * d);
+        } else {
+            T* r0 = c.take(N * d);
+            for (auto& p : a_.res) p = r0;
+        }
+        a_.layer.resize(static_cast<std::size_t>(L));
+        for (Index l = 0; l < blocks; ++l) {
+            LayerActs& a = a_.layer[static_cast<std::size_t>(l)];
             a.ln1 = c.take(N * d);
             a.ln1_mean = c.take(N);
             a.ln1_rstd = c.take(N);
@@ -327,10 +588,11 @@ private:
             a.xa_attn = c.take(N * r);
             a.xa_proj = c.take(N * r);
         }
+        for (Index l = blocks; l < L; ++l) a_.layer[static_cast<std::size_t>(l)] = a_.layer[0];
         a_.lnf = c.take(N * d);
         a_.lnf_mean = c.take(N);
         a_.lnf_rstd = c.take(N);
-        a_.logits = c.take(N * cfg_.vocab);
+        a_.logits = keep_logits_ ? c.take(N * cfg_.vocab) : nullptr;
         a_.lse = c.take(N);
         return c.used;
     }
@@ -354,26 +616,47 @@ private:
     }
     Index lora_rank() const { return has_lora_ ? lora_cfg_.rank : 0; }
 
-    ConstMatrixView<T> P(std::string_view name) const { return params_->view(name); }
     /// Gradient view of a base tensor, or an empty view (skip the work) when the base is frozen.
     MatrixView<T> G(std::string_view name) {
         return mode_ == TrainMode::full ? grads_->view(name) : MatrixView<T>();
     }
-    const T* pl(Index l, std::string_view tail) const { return P(layer_name(l, tail)).data; }
     T* gl(Index l, std::string_view tail) { return G(layer_name(l, tail)).data; }
 
-    // y = x W^T + b (+ s (x A^T) B^T with LoRA); `name` is "attn.c_attn." or "attn.c_proj.".
-    void projection_forward(Index l, const std::string& name, MatrixView<T> y, ConstMatrixView<T> x, T* xa) {
-        const std::string pre = layer_name(l, name);
-        linear_forward(y, x, P(pre + "weight"), P(pre + "bias").data);
-        if (has_lora_)
-            lora_forward(y, mat(xa, x.rows, lora_cfg_.rank), x, lora().view(pre + "lora_A"), lora().view(pre + "lora_B"),
-                         T(lora_cfg_.scale()));
+    /// y = x W^T (+ b): an fp32/fp64 weight through linear_forward (the trainable model's numbers), a
+    /// bf16 one through its FrozenLinear.
+    static void linear_fwd(const FrozenLinear<T>& W, MatrixView<T> y, ConstMatrixView<T> x, bool bias = true) {
+        if (W.is_bf16()) {
+            FrozenLinear<T> w = W;
+            if (!bias) w.bias = {};
+            w.forward(y, x);
+        } else {
+            linear_forward(y, x, W.weight, bias && !W.bias.empty() ? W.bias.data() : static_cast<const T*>(nullptr));
+        }
     }
-    void projection_backward(Index l, const std::string& name, MatrixView<T> dx, ConstMatrixView<T> dy,
-                             ConstMatrixView<T> x, const T* xa, MatrixView<T> dxa) {
+    /// dx += dy W (dx may be empty); in full mode also dW += dy^T x, db += sum dy.
+    static void linear_bwd(const FrozenLinear<T>& W, MatrixView<T> dx, MatrixView<T> dW, T* db, ConstMatrixView<T> dy,
+                           ConstMatrixView<T> x) {
+        if (W.is_bf16()) {
+            if (dx.data) W.backward_input(dx, dy, true);
+        } else {
+            linear_backward(dx, dW, db, dy, x, W.weight);
+        }
+    }
+
+    // y = x W^T + b (+ s (x A^T) B^T with LoRA); `name` is "attn.c_attn." or "attn.c_proj.".
+    void projection_forward(Index l, const std::string& name, const FrozenLinear<T>& W, MatrixView<T> y,
+                            ConstMatrixView<T> x, T* xa) {
+        linear_fwd(W, y, x);
+        if (has_lora_) {
+            const std::string pre = layer_name(l, name);
+            lora_forward(y, mat(xa, x.rows, lora_cfg_.rank), x, std::as_const(*lora_).view(pre + "lora_A"),
+                         std::as_const(*lora_).view(pre + "lora_B"), T(lora_cfg_.scale()));
+        }
+    }
+    void projection_backward(Index l, const std::string& name, const FrozenLinear<T>& W, MatrixView<T> dx,
+                             ConstMatrixView<T> dy, ConstMatrixView<T> x, const T* xa, MatrixView<T> dxa) {
         const std::string pre = layer_name(l, name);
-        linear_backward(dx, G(pre + "weight"), G(pre + "bias").data, dy, x, P(pre + "weight"));
+        linear_bwd(W, dx, G(pre + "weight"), G(pre + "bias").data, dy, x);
         if (has_lora_)
             lora_backward(dx, lora_grads_->view(pre + "lora_A"), lora_grads_->view(pre + "lora_B"), dxa, dy, x,
                           ConstMatrixView<T>(xa, x.rows, lora_cfg_.rank), std::as_const(*lora_).view(pre + "lora_A"),
@@ -381,7 +664,10 @@ private:
     }
 
     Gpt2Config cfg_;
-    std::unique_ptr<ParamBuffer<T>> params_, grads_, lora_, lora_grads_;
+    std::shared_ptr<ParamBuffer<T>> params_;        // trainable models only
+    std::unique_ptr<ParamBuffer<T>> grads_;         // trainable models only
+    std::shared_ptr<const Gpt2Weights<T>> w_;      // what forward and backward read
+    std::unique_ptr<ParamBuffer<T>> lora_, lora_grads_;
     AttentionLoraConfig lora_cfg_;
     bool has_lora_ = false;
     std::vector<std::unique_ptr<MlpBlock<T>>> mlps_;
@@ -389,11 +675,15 @@ private:
 
     std::vector<int> tokens_, targets_;
     Index B_ = 0, T_ = 0;
-    bool training_ = false;
+    bool training_ = false, keep_logits_ = true;
     T ce_ = 0, aux_ = 0;
-    comigs::detail::aligned_vector<T> acts_buf_, grad_buf_;
+    comigs::detail::aligned_vector<T> acts_buf_, grad_buf_, head_buf_;
     Acts a_;
     GradActs g_{};
+
+    std::vector<comigs::detail::aligned_vector<T>> cache_k_, cache_v_;
+    Index cache_cap_ = 0, cached_ = 0;
+    DecodeBuffers dec_;
 };
 
 }  // namespace comigs::models

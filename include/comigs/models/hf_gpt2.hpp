@@ -7,14 +7,19 @@
 // here. Keys may carry the "transformer." prefix of GPT2LMHeadModel checkpoints. The file's constant
 // buffers ("h.{i}.attn.bias", "masked_bias") and "lm_head.weight" (tied to wte) are ignored.
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include <algorithm>
+#include <memory>
+
 #include <comigs/io/safetensors.hpp>
 
 #include "gpt2.hpp"
+#include "tensor_source.hpp"
 
 namespace comigs::models {
 
@@ -109,6 +114,102 @@ void save_hf_gpt2(const Gpt2<T>& model, const std::filesystem::path& path, io::D
         }
     }
     f.save(path);
+}
+
+/// "transformer." when a source holds GPT2LMHeadModel keys, "" for GPT2Model keys.
+inline std::string hf_gpt2_prefix(const TensorSource& src) {
+    if (src.contains("wte.weight")) return "";
+    if (src.contains("transformer.wte.weight")) return "transformer.";
+    comigs::detail::raise<FormatError>(src.description(), ": no 'wte.weight' or 'transformer.wte.weight' tensor: not a GPT-2 model");
+}
+
+/// The Gpt2Config of a source from its tensors (for files without config.json): vocab, n_ctx and d_model
+/// from wte and wpe, n_layer from the blocks present, the hidden size from c_fc; the head count given,
+/// or from the metadata save_hf_gpt2 writes (`metadata` of the file).
+inline Gpt2Config hf_gpt2_config_from_source(const TensorSource& src, std::optional<Index> n_head,
+                                             const io::SafetensorsMetadata& metadata = {}) {
+    const std::string p = hf_gpt2_prefix(src);
+    const TensorRef& wte = src.at(p + "wte.weight");
+    const TensorRef& wpe = src.at(p + "wpe.weight");
+    require<FormatError>(wte.shape.size() == 2 && wpe.shape.size() == 2 && wte.shape[1] == wpe.shape[1],
+                         src.description(), ": wte ", shape_text(wte.shape), " and wpe ", shape_text(wpe.shape),
+                         " must be [vocab, d] and [n_ctx, d]");
+    Gpt2Config c;
+    c.vocab = wte.shape[0];
+    c.n_ctx = wpe.shape[0];
+    c.d_model = wte.shape[1];
+    c.n_layer = 0;
+    while (src.contains(p + layer_name(c.n_layer, "ln_1.weight"))) ++c.n_layer;
+    if (c.n_layer > 0) c.mlp_hidden = src.at(p + layer_name(0, "mlp.c_fc.weight")).cols();
+    if (n_head) {
+        c.n_head = *n_head;
+    } else {
+        const auto it = metadata.find(detail::n_head_key);
+        require<FormatError>(it != metadata.end(), src.description(), ": no config.json and no '", detail::n_head_key,
+                             "' metadata: the head count is unknown");
+        c.n_head = std::stol(it->second);
+    }
+    c.validate();
+    return c;
+}
+
+/// A frozen GPT-2 over the tensors of a source (Hugging Face names, "transformer." prefix or not).
+/// Conv1D weights ([in, out]) are transposed once into storage of the model's own; wte, wpe, biases
+/// and LayerNorms are read in place where their type allows. Every tensor the config implies must be
+/// there with its shape (ShapeError naming the tensor, its file and the config values, `config_name`
+/// saying where they came from); other tensors are an error, except the attention mask buffers
+/// (`attn.bias`, `attn.masked_bias`) and a stored copy of the tied head (`lm_head.weight`).
+template <class T>
+std::unique_ptr<Gpt2<T>> load_gpt2(std::shared_ptr<const TensorSource> source, const Gpt2Config& config,
+                                   WeightOptions options = {}, std::string_view config_name = "the config") {
+    config.validate();
+    const TensorSource& src = *source;
+    const std::string p = hf_gpt2_prefix(src);
+    auto store = std::make_shared<WeightStore<T>>(source, options);
+    auto w = std::make_shared<Gpt2Weights<T>>();
+    w->config = config;
+    w->owner = store;
+    const Index d = config.d_model, h = config.hidden(), V = config.vocab;
+    const std::string cfg(config_name);
+    const std::string why_d = cfg + " (n_embd " + std::to_string(d) + ")";
+    const std::string why_h = cfg + " (n_embd " + std::to_string(d) + ", n_inner " + std::to_string(h) + ")";
+    std::vector<std::string> used;
+    const auto take = [&](const std::string& name, const std::vector<Index>& shape, const std::string& why) -> const TensorRef& {
+        used.push_back(p + name);
+        return src.expect(p + name, shape, why);
+    };
+    w->wte = store->linear(take("wte.weight", {V, d}, cfg + " (vocab_size " + std::to_string(V) + ", n_embd " + std::to_string(d) + ")"));
+    w->wpe = store->matrix(take("wpe.weight", {config.n_ctx, d}, cfg + " (n_positions " + std::to_string(config.n_ctx) + ", n_embd " + std::to_string(d) + ")"));
+    w->lnf_w = store->vector(take("ln_f.weight", {d}, why_d));
+    w->lnf_b = store->vector(take("ln_f.bias", {d}, why_d));
+    for (Index l = 0; l < config.n_layer; ++l) {
+        const auto n = [l](std::string_view tail) { return layer_name(l, tail); };
+        typename Gpt2Weights<T>::Layer L;
+        L.ln1_w = store->vector(take(n("ln_1.weight"), {d}, why_d));
+        L.ln1_b = store->vector(take(n("ln_1.bias"), {d}, why_d));
+        L.ln2_w = store->vector(take(n("ln_2.weight"), {d}, why_d));
+        L.ln2_b = store->vector(take(n("ln_2.bias"), {d}, why_d));
+        L.c_attn = store->linear_transposed(take(n("attn.c_attn.weight"), {d, 3 * d}, why_d),
+                                            &take(n("attn.c_attn.bias"), {3 * d}, why_d));
+        L.c_proj = store->linear_transposed(take(n("attn.c_proj.weight"), {d, d}, why_d),
+                                            &take(n("attn.c_proj.bias"), {d}, why_d));
+        std::map<std::string, FrozenLinear<T>> mlp;
+        mlp["fc"] = store->linear_transposed(take(n("mlp.c_fc.weight"), {d, h}, why_h), &take(n("mlp.c_fc.bias"), {h}, why_h));
+        mlp["proj"] = store->linear_transposed(take(n("mlp.c_proj.weight"), {h, d}, why_h),
+                                               &take(n("mlp.c_proj.bias"), {d}, why_h));
+        L.mlp = std::make_shared<FrozenMlp<T>>(MlpForm::gelu, d, h, std::move(mlp), store);
+        w->layers.push_back(std::move(L));
+    }
+    std::sort(used.begin(), used.end());
+    for (const std::string& name : src.names()) {
+        if (std::binary_search(used.begin(), used.end(), name) || name.ends_with(".attn.bias") ||
+            name.ends_with(".attn.masked_bias") || name == "lm_head.weight")
+            continue;
+        comigs::detail::raise<FormatError>(src.description(), ": tensor '", name, "' in '", src.at(name).file, "' (",
+                                           shape_text(src.at(name).shape), ") is not part of the GPT-2 model ", cfg,
+                                           " describes (n_layer ", config.n_layer, ")");
+    }
+    return std::make_unique<Gpt2<T>>(std::shared_ptr<const Gpt2Weights<T>>(std::move(w)));
 }
 
 }  // namespace comigs::models

@@ -125,6 +125,42 @@ void layernorm_backward(MatrixView<T> dx, T* dw, T* db, CView<T> dout, CView<T> 
 }
 
 // ---------------------------------------------------------------------------------------------------
+// RMSNorm over the last dimension (Llama, Qwen2): out = x * rsqrt(mean(x^2) + eps) * w.
+
+/// out[N, d] = x * rstd * w per row, rstd[N] = 1 / sqrt(mean(x^2) + eps) saved for backward; w [d].
+/// (transformers normalises first and multiplies by w after: the same order here.)
+template <class T>
+void rmsnorm_forward(MatrixView<T> out, T* rstd, CView<T> x, const T* w, T eps) {
+    const Index d = x.cols;
+    const auto W = detail::row_array(w, d);
+#pragma omp parallel for schedule(static) if (detail::worth_threads(x.size()))
+    for (Index n = 0; n < x.rows; ++n) {
+        const auto xr = detail::row_array(x.row_ptr(n), d);
+        const T r = T(1) / std::sqrt(xr.square().mean() + eps);
+        if (rstd) rstd[n] = r;
+        detail::row_array(out.row_ptr(n), d) = W * (xr * r);
+    }
+}
+
+/// dx[N, d] += rstd (g - xhat mean(g xhat)) with g = dout * w, xhat = x rstd; dw[d] += sum_n dout * xhat
+/// (dw may be null: frozen).
+template <class T>
+void rmsnorm_backward(MatrixView<T> dx, T* dw, CView<T> dout, CView<T> x, const T* rstd, const T* w) {
+    const Index d = x.cols;
+    const auto W = detail::row_array(w, d);
+#pragma omp parallel for schedule(static) if (detail::worth_threads(x.size()))
+    for (Index n = 0; n < x.rows; ++n) {
+        const auto xhat = detail::row_array(x.row_ptr(n), d) * rstd[n];
+        const auto g = detail::row_array(dout.row_ptr(n), d) * W;
+        const T gx_mean = (g * xhat).mean();
+        detail::row_array(dx.row_ptr(n), d) += rstd[n] * (g - xhat * gx_mean);
+    }
+    if (dw == nullptr) return;
+    for (Index n = 0; n < x.rows; ++n)
+        detail::row_array(dw, d) += detail::row_array(dout.row_ptr(n), d) * (detail::row_array(x.row_ptr(n), d) * rstd[n]);
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Linear layer, weights [out, in] as nn.Linear. Eigen's GEMMs run on all OpenMP threads.
 
 /// y[N, out] = x[N, in] W[out, in]^T + b[out] (b may be null).

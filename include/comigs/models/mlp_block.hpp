@@ -4,7 +4,11 @@
 #include <string>
 #include <utility>
 
+#include <memory>
+
 #include <comigs/detail/aligned.hpp>
+#include <comigs/frozen.hpp>
+#include <comigs/kernels/elementwise.hpp>
 #include <comigs/params.hpp>
 
 #include "layers.hpp"
@@ -90,6 +94,76 @@ private:
     std::string prefix_;
     bool train_base_ = true;
     Index n_ = 0, hidden_ = 0;
+    comigs::detail::aligned_vector<T> buf_;
+};
+
+/// A block's MLP as it was pretrained, frozen: GPT-2's y = proj(gelu_tanh(fc x)) or Llama's
+/// y = down(silu(gate x) * up x) over a shared comigs::FrozenMlp (fp32, bf16 or borrowed weights). Nothing
+/// trains; backward gives only the input gradient. The host's default MLP when it is loaded to be adapted.
+template <class T>
+class FrozenMlpBlock final : public MlpBlock<T> {
+public:
+    explicit FrozenMlpBlock(std::shared_ptr<const FrozenMlp<T>> base) : base_(std::move(base)) {
+        require(base_ != nullptr, "frozen MLP block: null base");
+    }
+
+    void forward(MatrixView<T> y, ConstMatrixView<T> x, bool training) override {
+        const Index n = x.rows, h = base_->d_hidden();
+        // Training keeps this block's activations for its backward; inference uses a scratch shared by
+        // every block (a 30-block model would otherwise hold 30 [N, hidden] x 4 buffers to evaluate).
+        reserve(training ? buf_ : shared_scratch(), n, h);
+        kept_ = training;
+        if (base_->form() == MlpForm::gelu) {
+            base_->linear("fc").forward(slot(0), x);
+            kernels::gelu_forward(slot(1).data, slot(0).data, n * h);
+            base_->linear("proj").forward(y, slot(1));
+        } else {
+            base_->linear("gate").forward(slot(0), x);
+            base_->linear("up").forward(slot(1), x);
+            kernels::swiglu_forward(slot(2).data, slot(0).data, slot(1).data, n * h);
+            base_->linear("down").forward(y, slot(2));
+        }
+    }
+
+    void backward(MatrixView<T> dx, ConstMatrixView<T> dy, ConstMatrixView<T> x) override {
+        const Index n = x.rows, h = base_->d_hidden();
+        require(kept_, "frozen MLP backward: the last forward was not a training forward");
+        require<ShapeError>(n == n_, "frozen MLP backward on ", n, " tokens, forward had ", n_);
+        if (base_->form() == MlpForm::gelu) {
+            const MatrixView<T> pre = slot(0), dact = slot(2);
+            base_->linear("proj").backward_input(dact, dy, false);
+            kernels::gelu_backward(dact.data, dact.data, pre.data, n * h);
+            base_->linear("fc").backward_input(dx, dact, true);
+        } else {
+            const MatrixView<T> g = slot(0), u = slot(1), da = slot(2), dg = slot(3);
+            base_->linear("down").backward_input(da, dy, false);
+#pragma omp parallel for schedule(static) if (n * h >= (Index(1) << 16))
+            for (Index i = 0; i < n; ++i)
+                kernels::swiglu_backward_row(dg.row_ptr(i), da.row_ptr(i), da.row_ptr(i), g.row_ptr(i), u.row_ptr(i), h);
+            base_->linear("gate").backward_input(dx, dg, true);
+            base_->linear("up").backward_input(dx, da, true);  // da now holds d(up)
+        }
+    }
+
+    const FrozenMlp<T>& base() const { return *base_; }
+
+private:
+    static comigs::detail::aligned_vector<T>& shared_scratch() {
+        thread_local comigs::detail::aligned_vector<T> scratch;
+        return scratch;
+    }
+    void reserve(comigs::detail::aligned_vector<T>& buf, Index n, Index hidden) {
+        n_ = n;
+        hidden_ = hidden;
+        if (static_cast<Index>(buf.size()) < 4 * n * hidden) buf.resize(static_cast<std::size_t>(4 * n * hidden));
+        data_ = buf.data();
+    }
+    MatrixView<T> slot(int i) { return {data_ + i * n_ * hidden_, n_, hidden_}; }
+
+    std::shared_ptr<const FrozenMlp<T>> base_;
+    Index n_ = 0, hidden_ = 0;
+    bool kept_ = false;
+    T* data_ = nullptr;
     comigs::detail::aligned_vector<T> buf_;
 };
 

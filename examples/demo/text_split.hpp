@@ -1,0 +1,112 @@
+#pragma once
+// How comigs-demo splits one user's real text into training, validation, test and dev (tuning) token
+// streams so that every split samples the WHOLE text, whatever the sizes asked for.
+//
+// The text is cut into chunks of `chunk` bytes (512 by default; the last one may be shorter). The
+// held-out splits (test, validation, dev) take whole chunks, spread evenly over the text: their K chunks
+// sit at floor((j + 1/2) N / K) among the N full chunks, and those positions are dealt to the splits in
+// proportion to their sizes (each position goes to the split furthest behind its quota), so each
+// held-out split's chunks are evenly spaced too. Training takes the chunks left over; when fewer
+// training tokens are asked for, it takes an evenly spaced subset of them. Each split is the
+// concatenation of its chunks in text order, cut to the size asked for.
+//
+// So a split of m chunks has one within every ~N/m chunks of the text: a test set of 10k tokens of a
+// 1.2 MB text samples all of it, not its first 100 kB (what the demo's first splitter did).
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <comigs/error.hpp>
+
+#include "corpus.hpp"
+
+namespace comigs::demo {
+
+/// Sizes of the four splits of one user's text, in tokens (bytes).
+struct SplitSizes {
+    Index train = -1;  ///< < 0: everything the held-out splits leave
+    Index validation = 3000;
+    Index test = 10000;
+    Index dev = 0;  ///< tuning split (hyper-parameters are chosen on it, never on test); 0: none
+    Index chunk = 512;
+};
+
+/// The four streams and, for checks, the chunk indices each one took (in text order).
+struct TextSplit {
+    Stream train, validation, test, dev;
+    std::vector<Index> train_chunks, validation_chunks, test_chunks, dev_chunks;
+    Index chunks = 0;  ///< N: chunks of the text (the last one possibly short)
+};
+
+namespace detail {
+/// m distinct indices of [0, n) spread evenly: floor((j + 1/2) n / m), j < m (needs m <= n; the
+/// indices strictly increase because consecutive ones differ by n / m >= 1 before flooring).
+inline std::vector<Index> spread_evenly(Index n, Index m) {
+    std::vector<Index> out;
+    out.reserve(static_cast<std::size_t>(std::max<Index>(m, 0)));
+    for (Index j = 0; j < m; ++j) out.push_back(static_cast<Index>((2 * j + 1) * n / (2 * m)));
+    return out;
+}
+
+inline Index chunks_for(Index tokens, Index chunk) { return tokens <= 0 ? 0 : (tokens + chunk - 1) / chunk; }
+}  // namespace detail
+
+/// Splits `text` (see the file comment). `who` names the text in errors. Throws InvalidArgument when the
+/// held-out splits need more whole chunks than the text has (one chunk is always left for training).
+inline TextSplit split_text(std::string_view who, std::string_view text, const SplitSizes& sizes) {
+    require(sizes.chunk >= 1, "text '", who, "': chunk ", sizes.chunk, ": must be >= 1");
+    require(sizes.validation >= 0 && sizes.test >= 0 && sizes.dev >= 0, "text '", who, "': split sizes (validation ",
+            sizes.validation, ", test ", sizes.test, ", dev ", sizes.dev, "): must be >= 0");
+    const Index bytes = static_cast<Index>(text.size()), C = sizes.chunk;
+    TextSplit out;
+    out.chunks = (bytes + C - 1) / C;
+    const Index full = bytes / C;  // held-out splits take whole chunks only
+    // Held-out splits in the order positions are dealt: test, validation, dev.
+    const Index need[3] = {detail::chunks_for(sizes.test, C), detail::chunks_for(sizes.validation, C),
+                           detail::chunks_for(sizes.dev, C)};
+    const Index K = need[0] + need[1] + need[2];
+    require(K < full || (K == 0 && bytes > 0), "text '", who, "': ", bytes, " bytes are ", full, " whole chunks of ", C,
+            " bytes; test ", sizes.test, ", validation ", sizes.validation, " and dev ", sizes.dev, " tokens need ", K,
+            " of them and training at least one more");
+    std::vector<Index>* held[3] = {&out.test_chunks, &out.validation_chunks, &out.dev_chunks};
+    std::vector<char> taken(static_cast<std::size_t>(out.chunks), 0);
+    Index dealt[3] = {0, 0, 0};
+    for (Index pos : detail::spread_evenly(full, K)) {
+        // The split furthest behind its quota: smallest (dealt + 1/2) / need, ties in split order.
+        int best = -1;
+        for (int s = 0; s < 3; ++s) {
+            if (dealt[s] == need[s]) continue;
+            if (best < 0 || (2 * dealt[s] + 1) * need[best] < (2 * dealt[best] + 1) * need[s]) best = s;
+        }
+        held[best]->push_back(pos);
+        ++dealt[best];
+        taken[static_cast<std::size_t>(pos)] = 1;
+    }
+    std::vector<Index> rest;
+    for (Index k = 0; k < out.chunks; ++k)
+        if (!taken[static_cast<std::size_t>(k)]) rest.push_back(k);
+    const Index want = sizes.train < 0 ? static_cast<Index>(rest.size()) : detail::chunks_for(sizes.train, C);
+    if (want >= static_cast<Index>(rest.size())) {
+        out.train_chunks = rest;
+    } else {
+        for (Index j : detail::spread_evenly(static_cast<Index>(rest.size()), want))
+            out.train_chunks.push_back(rest[static_cast<std::size_t>(j)]);
+    }
+    auto gather = [&](Stream& s, const std::vector<Index>& ks, Index limit) {
+        for (Index k : ks) {
+            const Index begin = k * C, n = std::min(C, bytes - begin);
+            append_bytes(s.tokens, text.substr(static_cast<std::size_t>(begin), static_cast<std::size_t>(n)));
+        }
+        if (limit >= 0 && s.size() > limit) s.tokens.resize(static_cast<std::size_t>(limit));
+        s.personal.assign(s.tokens.size(), 0);
+    };
+    gather(out.train, out.train_chunks, sizes.train);
+    gather(out.validation, out.validation_chunks, sizes.validation);
+    gather(out.test, out.test_chunks, sizes.test);
+    gather(out.dev, out.dev_chunks, sizes.dev);
+    return out;
+}
+
+}  // namespace comigs::demo

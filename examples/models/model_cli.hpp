@@ -1,0 +1,109 @@
+#pragma once
+// What comigs-eval and comigs-generate share: loading a model folder (and an adapter file), how its
+// BF16 weights are computed with, its tokenizer, and token ids from the command line.
+#include <CLI/CLI.hpp>
+#include <omp.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <comigs/models.hpp>
+
+#if __has_include(<comigs/text/bpe_tokenizer.hpp>)
+#include <comigs/text/bpe_tokenizer.hpp>
+#define COMIGS_MODELS_HAVE_TOKENIZER 1
+#else
+#define COMIGS_MODELS_HAVE_TOKENIZER 0
+#endif
+
+namespace comigs::model_cli {
+
+/// The options every model program takes.
+struct ModelOptions {
+    std::string model;
+    std::string adapter;
+    bool bf16_compute = false;  ///< bf16 activations against BF16 weights (faster; about 3 digits)
+    bool widen = false;         ///< widen every BF16 matrix to fp32 at load (twice the memory)
+    int threads = 0;
+
+    void add_to(CLI::App& app) {
+        app.add_option("--model", model,
+                       "Hugging Face model folder (config.json + model.safetensors, or shards with "
+                       "model.safetensors.index.json): GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM")
+            ->required();
+        app.add_option("--adapter", adapter, "adapter file (comigs-demo's per-user adapters, save_adapters)")
+            ->check(CLI::ExistingFile);
+        app.add_flag("--bf16-compute", bf16_compute,
+                     "multiply BF16 weights by bf16-rounded activations (bf16 dot products; about 3 significant "
+                     "digits). Default: fp32 arithmetic on the exact BF16 values, weights widened a panel at a "
+                     "time inside each product, never as a whole");
+        app.add_flag("--widen", widen, "widen the whole BF16 base to fp32 at load (twice the memory of the file)");
+        app.add_option("--threads", threads, "OpenMP threads (default: OMP_NUM_THREADS or all cores)");
+    }
+    models::WeightOptions weights() const { return {.keep_bf16 = !widen, .fp32_compute = !bf16_compute}; }
+};
+
+/// The loaded model, with the adapters installed when asked for.
+struct Loaded {
+    models::LoadedModel<float> lm;
+    std::vector<std::shared_ptr<MixtureOfLoraMlp<float>>> mixtures;
+    std::filesystem::path folder;
+};
+
+inline Loaded load(const ModelOptions& o) {
+    if (o.threads > 0) omp_set_num_threads(o.threads);
+    Loaded l;
+    l.lm = models::load_hf_model<float>(o.model, o.weights());
+    std::error_code ec;
+    l.folder = std::filesystem::is_directory(o.model, ec) ? std::filesystem::path(o.model)
+                                                           : std::filesystem::path(o.model).parent_path();
+    if (!o.adapter.empty()) l.mixtures = models::load_adapters(o.adapter, *l.lm.model);
+    auto& m = *l.lm.model;
+    std::fprintf(stderr, "%s: %s, %ld blocks, d %ld, vocabulary %ld, context %ld; %.1f MB of weights mapped; %s%s\n",
+                 o.model.c_str(), l.lm.architecture.c_str(), long(m.n_layer()), long(m.d_model()), long(m.vocab()),
+                 long(m.max_positions()), double(l.lm.file_bytes) / 1e6,
+                 o.widen ? "BF16 widened to fp32" : o.bf16_compute ? "bf16 products" : "fp32 compute",
+                 o.adapter.empty() ? "" : (", adapters from " + o.adapter + (l.mixtures.empty() ? "" : " (mixtures on every MLP)")).c_str());
+    return l;
+}
+
+/// "1 2 3" or "1,2,3" -> ids, each checked against the vocabulary.
+inline std::vector<int> parse_ids(const std::string& text, Index vocab) {
+    std::string s = text;
+    for (char& c : s)
+        if (c == ',') c = ' ';
+    std::istringstream in(s);
+    std::vector<int> ids;
+    std::string item;
+    while (in >> item) {
+        std::size_t used = 0;
+        long v = -1;
+        try {
+            v = std::stol(item, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        require(used == item.size(), "--ids entry '", item, "': not an integer");
+        require(v >= 0 && v < vocab, "--ids entry ", v, ": outside the vocabulary [0, ", vocab, ")");
+        ids.push_back(static_cast<int>(v));
+    }
+    require(!ids.empty(), "--ids: no token ids given");
+    return ids;
+}
+
+#if COMIGS_MODELS_HAVE_TOKENIZER
+/// The model folder's tokenizer (tokenizer.json, or vocab.json + merges.txt).
+inline text::BpeTokenizer tokenizer(const std::filesystem::path& folder, Index vocab) {
+    auto t = text::BpeTokenizer::load(folder);
+    require(t.vocab_size() <= vocab, "tokenizer of '", folder.string(), "': ", t.vocab_size(),
+            " tokens, more than the model's vocabulary of ", vocab);
+    return t;
+}
+#endif
+
+}  // namespace comigs::model_cli
