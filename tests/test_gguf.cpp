@@ -1,3 +1,4 @@
+#include <unistd.h>
 #include <comigs/io/gguf.hpp>
 #include <comigs/io/safetensors.hpp>
 #include <comigs/random.hpp>
@@ -155,7 +156,7 @@ TEST_CASE("GGUF: files comigs builds read back equal; saved atomically") {
     const auto q8 = g.values<float>("w.Q8_0");
     for (std::size_t i = 0; i < m.size(); ++i) CHECK(std::abs(q8[i] - m[i]) < 0.03f);
 
-    const auto dir = std::filesystem::temp_directory_path() / "comigs_test_gguf";
+    const auto dir = std::filesystem::temp_directory_path() / ("comigs_test_gguf_" + std::to_string(::getpid()));
     std::filesystem::create_directories(dir);
     f.save(dir / "out.gguf");
     const GgufFile h = GgufFile::open(dir / "out.gguf");
