@@ -12,13 +12,22 @@ set -euo pipefail
 src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${COMIGS_ARM_BUILD_DIR:-$src/build-aarch64}"
 start=$SECONDS
-bash "$src/tools/install-deps.sh" g++-aarch64-linux-gnu qemu-user
+# zlib (the demo's gzip reader) for the target: Debian's arm64 package (multiarch), linked statically so
+# that qemu needs no target libraries beyond the cross toolchain's.
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO dpkg --add-architecture arm64
+  $SUDO apt-get update -qq
+fi
+bash "$src/tools/install-deps.sh" g++-aarch64-linux-gnu qemu-user zlib1g-dev:arm64
 launcher=()
 command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 # shellcheck disable=SC2086
 cmake -S "$src" -B "$build" -DCMAKE_TOOLCHAIN_FILE="$src/cmake/toolchain-aarch64-linux-gnu.cmake" \
   -DCOMIGS_NATIVE=OFF -DCOMIGS_USE_ONEDNN=OFF -DCOMIGS_BUILD_MPI=OFF -DCOMIGS_BUILD_BENCHMARKS=OFF \
-  -DCOMIGS_INSTALL=OFF "${launcher[@]}" ${COMIGS_ARM_CMAKE_ARGS:-}
+  -DCOMIGS_INSTALL=OFF -DZLIB_LIBRARY=/usr/lib/aarch64-linux-gnu/libz.a -DZLIB_INCLUDE_DIR=/usr/include \
+  "${launcher[@]}" ${COMIGS_ARM_CMAKE_ARGS:-}
 cmake --build "$build" -j2
 echo "== aarch64 build: $((SECONDS - start)) s"
 aarch64-linux-gnu-readelf -h "$build/tests/comigs-tests" | grep -q "AArch64" || { echo "comigs-tests is not an aarch64 program"; exit 1; }
