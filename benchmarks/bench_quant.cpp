@@ -4,6 +4,7 @@
 // report the median over pairs of t(fp32) / t(quantized): on a shared machine a ratio of two cases'
 // medians compares stretches of time far apart, the two halves of a pair run milliseconds apart.
 #include "bench_common.hpp"
+#include "random_model.hpp"
 
 #include <comigs/kernels/quant.hpp>
 
@@ -82,6 +83,43 @@ void quant_fwd(benchmark::State& state, Index tokens, Precision p) {
     set_counters(state, tokens, base_flops_fwd(tokens, s.cfg.d_model, s.cfg.d_hidden));
 }
 
+/// Times `a` and `b` back to back once per iteration, alternating which goes first; counters
+/// `speed_ratio` = median over pairs of t(a) / t(b), `<a_name>_ms` and `<b_name>_ms` the medians.
+template <class A, class Bf>
+void time_pairs(benchmark::State& state, const char* a_name, A&& a, const char* b_name, Bf&& b) {
+    const auto seconds = [](auto& f) {
+        const auto t0 = std::chrono::steady_clock::now();
+        f();
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    };
+    seconds(a);  // warm-up
+    seconds(b);
+    std::vector<double> ratio, ta, tb;
+    bool a_first = true;
+    for (auto _ : state) {
+        double x, y;
+        if (a_first) {
+            x = seconds(a);
+            y = seconds(b);
+        } else {
+            y = seconds(b);
+            x = seconds(a);
+        }
+        a_first = !a_first;
+        ratio.push_back(x / y);
+        ta.push_back(x);
+        tb.push_back(y);
+    }
+    const auto median = [](std::vector<double>& v) {
+        std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+        return v[v.size() / 2];
+    };
+    if (ratio.empty()) return;
+    state.counters["speed_ratio"] = median(ratio);
+    state.counters[std::string(a_name) + "_ms"] = 1e3 * median(ta);
+    state.counters[std::string(b_name) + "_ms"] = 1e3 * median(tb);
+}
+
 // Kernel: the fp32 layer and the layer on a base held in p, timed pair by pair (forward + backward, or
 // forward only for decode); counter `speed_ratio` = median over pairs of t(fp32) / t(p), `fp32_ms` and
 // `quant_ms` the medians.
@@ -124,6 +162,46 @@ void quant_pair(benchmark::State& state, Index tokens, Precision p, bool backwar
     state.counters["quant_ms"] = 1e3 * median(tq);
 }
 
+// Kernel: one CoMiGS fine-tuning step of the whole SmolLM2-135M-shaped model (random_model.hpp: 8 x 128
+// tokens, attention LoRA, a 2-expert mixture on every MLP, AdamW) on a bf16 base (bf16 products) and on
+// a Q4_0 base, pair by pair: speed_ratio = t(bf16) / t(q4_0).
+void model_step_pair(benchmark::State& state) {
+    auto bf = random_host(RandomHost::smollm2_135m, models::ElementType::bf16);
+    auto q4 = random_host(RandomHost::smollm2_135m, models::ElementType::q4_0);
+    ModelAdapters abf(*bf), aq4(*q4);
+    time_pairs(state, "bf16", [&] { abf.step(*bf); }, "q4_0", [&] { aq4.step(*q4); });
+    state.SetItemsProcessed(state.iterations() * ModelStepShape::B * ModelStepShape::T);
+}
+
+// Kernel: decode (T = 1) of the whole Llama-3.2-1B-shaped model with its mixtures, KV cache holding
+// 64..79 tokens (refilled, untimed, every 16): the fp32 base (4.9 GB) against the Q4_0 base (0.7 GB),
+// pair by pair: speed_ratio = t(fp32) / t(q4_0). Both bases exceed the last-level cache, so every
+// token streams the whole base from memory: this is where decode is memory-bound.
+void model_decode_pair(benchmark::State& state) {
+    constexpr Index context = 64, steps = 16;
+    auto f32 = random_host(RandomHost::llama32_1b, models::ElementType::f32);
+    auto q4 = random_host(RandomHost::llama32_1b, models::ElementType::q4_0);
+    ModelAdapters af(*f32), aq(*q4);
+    struct Decoder {
+        models::CausalLm<float>& m;
+        const std::vector<int>& tokens;
+        Index next = context + steps;
+        void operator()() {
+            if (next == context + steps) {
+                m.reset_cache(context + steps);
+                m.decode(std::span<const int>(tokens.data(), static_cast<std::size_t>(context)));
+                next = context;
+            }
+            benchmark::DoNotOptimize(m.decode(std::span<const int>(&tokens[static_cast<std::size_t>(next)], 1)).data());
+            ++next;
+        }
+    };
+    Decoder df{*f32, af.tokens}, dq{*q4, aq.tokens};
+    // The refill is timed inside a pair once every 16 tokens for both halves alike; the median ignores it.
+    time_pairs(state, "fp32", df, "q4_0", dq);
+    state.SetItemsProcessed(state.iterations());
+}
+
 // Kernel: gemm_quant alone, y[T, 3072] = x[T, 768] W^T (the fc GEMM) with W held in p; fp32 through gemm.
 void quant_gemm(benchmark::State& state, Index tokens, Precision p) {
     using S = Gpt2Shape;
@@ -152,6 +230,8 @@ BENCHMARK_CAPTURE(quant_pair, q8_0/decode, 1, Precision::q8_0, false)->Name("qua
 BENCHMARK_CAPTURE(quant_pair, q4_0/decode_llama1b, 1, Precision::q4_0, false, QuantShape::llama1b)
     ->Name("quant_pair/q4_0/decode_llama1b")
     ->UseRealTime();
+BENCHMARK(model_step_pair)->Name("quant_model_pair/q4_0_vs_bf16/step/smollm2_135m")->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(model_decode_pair)->Name("quant_model_pair/q4_0_vs_fp32/decode/llama32_1b")->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(quant_fwd_bwd, fp32/gpt2, kTok, Precision::fp32)->Name("quant_fwd_bwd/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(quant_fwd_bwd, q8_0/gpt2, kTok, Precision::q8_0)->Name("quant_fwd_bwd/q8_0/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(quant_fwd_bwd, q4_0/gpt2, kTok, Precision::q4_0)->Name("quant_fwd_bwd/q4_0/gpt2")->UseRealTime();
