@@ -1,3 +1,4 @@
+#include <unistd.h>
 #include <comigs/io/gguf.hpp>
 #include <comigs/io/safetensors.hpp>
 #include <comigs/random.hpp>

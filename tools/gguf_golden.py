@@ -125,6 +125,42 @@ def contents(rng, alignment):
     return meta, tensors
 
 
+def tiny_llama(rng):
+    """A Llama model file small enough for the fuzzer's inputs (d 32, 1 block, 2 heads, vocabulary 32,
+    Q4_0 matrices, tied head), for models/gguf_model.hpp's readers."""
+    d, h, v = 32, 32, 32
+    meta = [("general.architecture", T_STR, "llama"), ("llama.block_count", T_U32, 1),
+            ("llama.embedding_length", T_U32, d), ("llama.feed_forward_length", T_U32, h),
+            ("llama.attention.head_count", T_U32, 2), ("llama.attention.head_count_kv", T_U32, 1),
+            ("llama.attention.layer_norm_rms_epsilon", T_F32, 1e-5), ("llama.rope.freq_base", T_F32, 10000.0)]
+    m = lambda rows, cols: (rng.standard_normal((rows, cols)) * 0.1).astype(np.float32)  # noqa: E731
+    ones = np.ones(d, dtype=np.float32)
+    tensors = [("token_embd.weight", GGML_Q4_0, m(v, d)), ("blk.0.attn_norm.weight", GGML_F32, ones),
+               ("blk.0.attn_q.weight", GGML_Q4_0, m(d, d)), ("blk.0.attn_k.weight", GGML_Q4_0, m(16, d)),
+               ("blk.0.attn_v.weight", GGML_Q4_0, m(16, d)), ("blk.0.attn_output.weight", GGML_Q4_0, m(d, d)),
+               ("blk.0.ffn_norm.weight", GGML_F32, ones), ("blk.0.ffn_gate.weight", GGML_Q4_0, m(h, d)),
+               ("blk.0.ffn_up.weight", GGML_Q4_0, m(h, d)), ("blk.0.ffn_down.weight", GGML_Q4_0, m(d, h)),
+               ("output_norm.weight", GGML_F32, ones)]
+    return meta, tensors
+
+
+def tiny_tokenizer():
+    """tokenizer.ggml.* of a byte-level BPE vocabulary (256 byte tokens in GPT-2's alphabet, 3 merges, a
+    control token), for models/gguf_model.hpp's tokenizer reader."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    tokens = [chr(c) for c in cs] + ["th", "the", "\u0120the", "<|endoftext|>"]
+    types = [1] * (len(tokens) - 1) + [3]
+    return [("tokenizer.ggml.model", T_STR, "gpt2"), ("tokenizer.ggml.pre", T_STR, "gpt-2"),
+            ("tokenizer.ggml.tokens", T_ARR, (T_STR, tokens)), ("tokenizer.ggml.token_type", T_ARR, (T_I32, types)),
+            ("tokenizer.ggml.merges", T_ARR, (T_STR, ["t h", "th e", "\u0120 the"]))]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(HERE, "..", "tests", "golden"))
@@ -151,6 +187,8 @@ def main():
         "valid_no_tensors.gguf": write_gguf(meta[:4], []),
         "valid_align64.gguf": write_gguf(meta[:1] + [("general.alignment", T_U32, 64)], tensors[:2], 64),
     }
+    seeds["model_tiny_llama.gguf"] = write_gguf(*tiny_llama(rng))
+    seeds["model_tokenizer_only.gguf"] = write_gguf(tiny_tokenizer(), [])
     for name, data in seeds.items():
         with open(os.path.join(args.corpus, name), "wb") as f:
             f.write(data)

@@ -22,6 +22,15 @@ repeat_kv for GQA; softmax attention with a causal mask. The mixture MLP is tool
 (naive: each selected expert runs the whole MLP). Everything is computed in float64 from the stored
 values (BF16, F16 and F32 weights widened exactly).
 
+  * model.gguf (Llama and Qwen2 cases) the same model as llama.cpp's converter writes it: llama.cpp's tensor
+                      names, dims ne0 first, the rows of attn_q / attn_k of llama models permuted for GGML's
+                      pairwise RoPE (w.reshape(heads, 2, rows / heads / 2, in).swapaxes(1, 2)), llama3 scaling as
+                      the rope_freqs tensor, 1-D tensors in F32. Cases with a Q8_0 / Q4_0 tag exist only as
+                      model.gguf: their matrices are quantized by tools/quant_reference.py (ggml's reference
+                      block functions) and the reference computes with the dequantized values; those cases
+                      carry a byte-level BPE tokenizer in the GGUF metadata and the same tokenizer as
+                      tokenizer.json beside it. gguf_cases.txt lists every case with a model.gguf.
+
 Run from the repository root with Debian's torch:  /usr/bin/python3 tools/make_model_golden.py
 Output is deterministic (fixed seeds, sorted tensor names); the script checks top-k routing margins.
 """
@@ -37,6 +46,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gguf_golden as gg  # noqa: E402
+import quant_reference as qr  # noqa: E402
 import reference_mixture as rm  # noqa: E402
 import safetensors_io as st  # noqa: E402
 
@@ -345,6 +356,181 @@ def adapter_tensors(kind, c, gen, lora_rank, mix):
 
 
 # ----------------------------------------------------------------------------------------------------
+# GGUF (llama.cpp's layout, written here from its converter's documented behaviour, not from comigs)
+
+
+def gguf_matrix_type(name, tag):
+    """The ggml type of a matrix in a quantized case: Q4_0 cases keep the untied head in Q8_0 (mixed types)."""
+    if tag == "Q4_0" and name == "lm_head.weight":
+        return "Q8_0"
+    return tag
+
+
+def quant_round(t, qtype):
+    """A matrix's values after quantizing each row to qtype and dequantizing, in float64."""
+    a = t.to(torch.float32).numpy()
+    q, dq = (qr.quantize_q8_0, qr.dequantize_q8_0) if qtype == "Q8_0" else (qr.quantize_q4_0, qr.dequantize_q4_0)
+    rows = [dq(q(r), r.size) for r in a]
+    return torch.tensor(np.stack(rows), dtype=DT)
+
+
+def permute_qk(w, heads):
+    """llama.cpp's converter (LlamaModel.permute): rows reordered for GGML's pairwise RoPE."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+BPE_CORPUS = ("the quick brown fox jumps over the lazy dog; the dog sleeps. there then these those other "
+              "mother brother weather whether 2024 1234 tokens token ization the theory of the three trees")
+
+
+def tiny_bpe(vocab_size, n_special, specials_first):
+    """A byte-level BPE vocabulary: 256 byte tokens (GPT-2's order), merges learned greedily on BPE_CORPUS
+    (words with their leading space), and n_special added tokens first or last. Returns (tokens, merges,
+    special ids)."""
+    b2u = bytes_to_unicode()
+    byte_tokens = [b2u[b] for b in sorted(b2u, key=lambda b: list(b2u).index(b))]
+    n_merges = vocab_size - 256 - n_special
+    words = [[b2u[b] for b in (w if i == 0 else " " + w).encode()] for i, w in enumerate(BPE_CORPUS.split(" "))]
+    merges, vocab = [], list(byte_tokens)
+    while len(merges) < n_merges:
+        counts = {}
+        for wd in words:
+            for a, b in zip(wd, wd[1:]):
+                counts[(a, b)] = counts.get((a, b), 0) + 1
+        (a, b), _ = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
+        merges.append((a, b))
+        vocab.append(a + b)
+        for wd in words:
+            i = 0
+            while i + 1 < len(wd):
+                if wd[i] == a and wd[i + 1] == b:
+                    wd[i:i + 2] = [a + b]
+                i += 1
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool>"][:n_special]
+    tokens = specials + vocab if specials_first else vocab + specials
+    first = 0 if specials_first else len(vocab)
+    return tokens, merges, list(range(first, first + n_special))
+
+
+def write_tokenizer(case_dir, name, c):
+    """GGUF tokenizer metadata, and the same tokenizer as a tokenizer.json (transformers' format)."""
+    smol = name.startswith("smollm")
+    tokens, merges, special_ids = tiny_bpe(c["vocab_size"], 4, specials_first=smol)
+    # The last added token is an ordinary one (transformers special false; llama.cpp USER_DEFINED).
+    kinds = {i: (4 if i == special_ids[-1] else 3) for i in special_ids}
+    digits = {"type": "Digits", "individual_digits": True}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    llama3 = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+              "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+    pre = ({"type": "Sequence", "pretokenizers": [digits, byte_level]} if smol else
+           {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": llama3}, "behavior": "Isolated",
+                                                   "invert": False},
+                                                  dict(byte_level, use_regex=False)]})
+    tj = {"version": "1.0", "normalizer": None, "pre_tokenizer": pre, "decoder": {"type": "ByteLevel"},
+          "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": kinds[i] == 3} for i in special_ids],
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                    "ignore_merges": not smol,
+                    "vocab": {t: i for i, t in enumerate(tokens) if i not in kinds},
+                    "merges": [a + " " + b for a, b in merges]}}
+    with open(os.path.join(case_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tj, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    meta = [("tokenizer.ggml.model", gg.T_STR, "gpt2"),
+            ("tokenizer.ggml.pre", gg.T_STR, "smollm" if smol else "llama-bpe"),
+            ("tokenizer.ggml.tokens", gg.T_ARR, (gg.T_STR, tokens)),
+            ("tokenizer.ggml.token_type", gg.T_ARR, (gg.T_I32, [kinds.get(i, 1) for i in range(len(tokens))])),
+            ("tokenizer.ggml.merges", gg.T_ARR, (gg.T_STR, [a + " " + b for a, b in merges])),
+            ("tokenizer.ggml.bos_token_id", gg.T_U32, c["bos_token_id"]),
+            ("tokenizer.ggml.eos_token_id", gg.T_U32, c["eos_token_id"])]
+    return meta
+
+
+def write_gguf_model(case_dir, name, c, w, tag):
+    """model.gguf as llama.cpp's convert_hf_to_gguf.py lays a LlamaForCausalLM / Qwen2ForCausalLM out."""
+    arch = c["model_type"]
+    d, H, KV = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    hd = c.get("head_dim") or d // H
+    meta = [("general.architecture", gg.T_STR, arch), ("general.type", gg.T_STR, "model"),
+            ("general.name", gg.T_STR, name),
+            (arch + ".block_count", gg.T_U32, c["num_hidden_layers"]),
+            (arch + ".context_length", gg.T_U32, c["max_position_embeddings"]),
+            (arch + ".embedding_length", gg.T_U32, d),
+            (arch + ".feed_forward_length", gg.T_U32, c["intermediate_size"]),
+            (arch + ".attention.head_count", gg.T_U32, H),
+            (arch + ".attention.head_count_kv", gg.T_U32, KV),
+            (arch + ".rope.freq_base", gg.T_F32, c["rope_theta"]),
+            (arch + ".attention.layer_norm_rms_epsilon", gg.T_F32, c["rms_norm_eps"]),
+            (arch + ".vocab_size", gg.T_U32, c["vocab_size"]),
+            (arch + ".rope.dimension_count", gg.T_U32, hd)]
+    if c.get("head_dim"):
+        meta += [(arch + ".attention.key_length", gg.T_U32, hd), (arch + ".attention.value_length", gg.T_U32, hd)]
+    if tag in ("Q8_0", "Q4_0"):
+        meta += write_tokenizer(case_dir, name, c)
+    ggml = {"F32": gg.GGML_F32, "F16": gg.GGML_F16, "BF16": gg.GGML_BF16, "Q8_0": gg.GGML_Q8_0, "Q4_0": gg.GGML_Q4_0}
+    tensors = []
+
+    def add(gguf_name, hf_name, permute_heads=None):
+        t = w[hf_name]
+        if permute_heads:
+            t = permute_qk(t, permute_heads)
+        kind = gg.GGML_F32 if t.dim() == 1 else ggml[gguf_matrix_type(hf_name, tag)]
+        tensors.append((gguf_name, kind, t.to(torch.float32).numpy()))
+
+    add("token_embd.weight", "model.embed_tokens.weight")
+    scaling = c.get("rope_scaling")
+    if scaling and scaling.get("rope_type") == "llama3":
+        # LlamaModel.generate_extra_tensors: per-frequency divisors of the inverse frequencies.
+        base = c["rope_theta"]
+        freqs = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        factors = []
+        for f in freqs.tolist():
+            wavelen = 2 * math.pi / f
+            if wavelen < old / hi:
+                factors.append(1.0)
+            elif wavelen > old / lo:
+                factors.append(factor)
+            else:
+                smooth = (old / wavelen - lo) / (hi - lo)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        tensors.append(("rope_freqs.weight", gg.GGML_F32, np.array(factors, dtype=np.float32)))
+    permute = arch == "llama"
+    for i in range(c["num_hidden_layers"]):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        add(b + "attn_norm.weight", p + "input_layernorm.weight")
+        for g, h, heads in (("attn_q", "q_proj", H), ("attn_k", "k_proj", KV), ("attn_v", "v_proj", None),
+                            ("attn_output", "o_proj", None)):
+            add(b + g + ".weight", p + "self_attn." + h + ".weight", heads if permute else None)
+            if p + "self_attn." + h + ".bias" in w:
+                add(b + g + ".bias", p + "self_attn." + h + ".bias", heads if permute else None)
+        add(b + "ffn_norm.weight", p + "post_attention_layernorm.weight")
+        for g, h in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
+            add(b + g + ".weight", p + "mlp." + h + ".weight")
+    add("output_norm.weight", "model.norm.weight")
+    if not c["tie_word_embeddings"]:
+        add("output.weight", "lm_head.weight")
+    with open(os.path.join(case_dir, "model.gguf"), "wb") as f:
+        f.write(gg.write_gguf(meta, tensors))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Cases
 
 
@@ -374,6 +560,15 @@ CASES = [
     # F16 files (older Llama-family releases, fp16 exports): widened to fp32 at load.
     ("gpt2_f16", "gpt2", {}, "F16", 1, False, 2, 2, 17),
     ("llama_f16_gqa", "llama", {"rope_scaling": None}, "F16", 1, False, 2, 2, 18),
+    # GGUF only (quantized): row lengths multiples of 32, a byte-level BPE vocabulary of 300 tokens.
+    ("smollm_q8_0_gguf", "llama", {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+                                   "num_key_value_heads": 2, "head_dim": None, "vocab_size": 300, "rope_scaling": None,
+                                   "rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": 1,
+                                   "eos_token_id": 2}, "Q8_0", 1, False, 2, 2, 17),
+    ("llama_q4_0_gguf", "llama", {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "head_dim": None, "vocab_size": 300,
+                                  "tie_word_embeddings": False, "rope_theta": 500000.0, "bos_token_id": 296,
+                                  "eos_token_id": 297}, "Q4_0", 1, False, 3, 2, 18),
 ]
 B, T = 2, 7
 LORA_RANK, LORA_ALPHA = 2, 4.0
@@ -396,6 +591,9 @@ def make_case(name, kind, changes, tag, shards, hub_keys, experts, top_k, seed):
         w = {k: bf16_round(v) for k, v in w.items()}
     elif tag == "F16":
         w = {k: f16_round(v) for k, v in w.items()}
+    elif tag in ("Q8_0", "Q4_0"):
+        w = {k: quant_round(v, gguf_matrix_type(k, tag)) if v.dim() == 2 else v.to(torch.float32).to(DT)
+             for k, v in w.items()}
     else:
         w = {k: v.to(torch.float32).to(DT) for k, v in w.items()}
     file_weights = dict(w)
@@ -409,7 +607,11 @@ def make_case(name, kind, changes, tag, shards, hub_keys, experts, top_k, seed):
 
     case_dir = os.path.join(OUT, name)
     shutil.rmtree(case_dir, ignore_errors=True)
-    write_model(os.path.join(case_dir, "model"), file_weights, tag, c, shards)
+    if tag not in ("Q8_0", "Q4_0"):
+        write_model(os.path.join(case_dir, "model"), file_weights, tag, c, shards)
+    if kind != "gpt2":
+        os.makedirs(case_dir, exist_ok=True)
+        write_gguf_model(case_dir, name, c, w, tag)
 
     mix = rm.MixtureConfig(form="gelu" if kind == "gpt2" else "swiglu", experts=experts, top_k=top_k, rank=MIX_RANK,
                            alpha=MIX_ALPHA, scaling="sqrt", expert0_importance=1.0 / experts,
@@ -449,7 +651,12 @@ def main():
         make_case(*case)
     with open(os.path.join(OUT, "cases.txt"), "w") as f:
         for case in CASES:
-            f.write(case[0] + "\n")
+            if case[3] not in ("Q8_0", "Q4_0"):
+                f.write(case[0] + "\n")
+    with open(os.path.join(OUT, "gguf_cases.txt"), "w") as f:
+        for case in CASES:
+            if case[1] != "gpt2":
+                f.write(case[0] + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 #pragma once
 // comigs-demo on a real model (--model PATH): a Hugging Face folder (GPT-2, Llama, Qwen2; models/hf_model.hpp)
-// replaces the pretrained tiny host, and the users' text is cut with the model's own tokenizer.
+// or a GGUF model file (llama, qwen2; models/gguf_model.hpp, Q8_0 / Q4_0 bases kept quantized) replaces the
+// pretrained tiny host, and the users' text is cut with the model's own tokenizer (a GGUF file's from its
+// metadata).
 //
 // A folder with tokenizer.json (or vocab.json + merges.txt) uses its byte-level BPE tokenizer
 // (comigs/text/bpe_tokenizer.hpp); a model of vocabulary 256 without tokenizer files is byte-level
@@ -59,6 +61,18 @@ public:
         return c;
     }
 
+#if COMIGS_DEMO_HAVE_TOKENIZER
+    /// A tokenizer the model brought in another form (a GGUF file's metadata); `path` names the model.
+    static TextCodec for_tokenizer(text::BpeTokenizer t, const std::string& path, Index vocab) {
+        require(t.vocab_size() <= vocab, "tokenizer of '", path, "': ", t.vocab_size(),
+                " tokens, more than the model's vocabulary of ", vocab);
+        TextCodec c;
+        c.bpe_ = std::make_shared<text::BpeTokenizer>(std::move(t));
+        c.what_ = "the model's BPE tokenizer (" + std::to_string(c.bpe_->vocab_size()) + " tokens, from the GGUF file)";
+        return c;
+    }
+#endif
+
     bool byte_level() const { return !bpe_; }
     const std::string& description() const { return what_; }
 
@@ -111,8 +125,14 @@ DemoModel<T> load_demo_model(const std::string& path, bool fp32_compute) {
     namespace fs = std::filesystem;
     DemoModel<T> d;
     d.path = path;
-    d.loaded = models::load_hf_model<T>(path, {.keep_bf16 = true, .fp32_compute = fp32_compute});
+    d.loaded = models::load_model<T>(path, {.keep_bf16 = true, .fp32_compute = fp32_compute});
     std::error_code ec;
+#if COMIGS_DEMO_HAVE_TOKENIZER
+    if (d.loaded.gguf && d.loaded.gguf->find("tokenizer.ggml.model")) {
+        d.codec = TextCodec::for_tokenizer(models::gguf_tokenizer(*d.loaded.gguf, path), path, d.loaded.model->vocab());
+        return d;
+    }
+#endif
     const fs::path folder = fs::is_directory(path, ec) ? fs::path(path) : fs::path(path).parent_path();
     d.codec = TextCodec::for_model(folder, d.loaded.model->vocab());
     return d;

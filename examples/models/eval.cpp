@@ -70,14 +70,14 @@ int main(int argc, char** argv) {
             ss << in.rdbuf();
             const std::string text = ss.str();
             text_bytes = text.size();
-            ids = comigs::model_cli::tokenizer(loaded.folder, m.vocab()).encode(text);
+            ids = comigs::model_cli::tokenizer(loaded, mo.model, m.vocab()).encode(text);
 #else
             comigs::require(false, "--text: this build has no tokenizer (include/comigs/text/bpe_tokenizer.hpp); "
                                    "use --ids");
 #endif
         }
         if (bos) {
-            comigs::require(loaded.lm.bos_token.has_value(), "--bos: the model's config.json has no bos_token_id");
+            comigs::require(loaded.lm.bos_token.has_value(), "--bos: the model has no bos_token_id (config.json, or tokenizer.ggml.bos_token_id in a GGUF file)");
             ids.insert(ids.begin(), *loaded.lm.bos_token);
         }
         if (ctx <= 0) ctx = std::min<long>(long(m.max_positions()), 1024);

@@ -1,4 +1,4 @@
-// comigs-generate: continue a prompt with a Hugging Face model (and a user's adapters), KV-cached,
+// comigs-generate: continue a prompt with a Hugging Face model or a GGUF file (and a user's adapters), KV-cached,
 // streaming tokens as they come.
 //   comigs-generate --model PATH [--adapter FILE] (--prompt TEXT | --ids "...") --max-new-tokens N
 //                   [--temperature t] [--top-k k] [--top-p p] [--seed s] [--print-ids]
@@ -38,10 +38,8 @@ int main(int argc, char** argv) {
         std::vector<int> ids;
 #if COMIGS_MODELS_HAVE_TOKENIZER
         std::optional<comigs::text::BpeTokenizer> tok;
-        std::error_code ec;
-        if (!prompt.empty() || std::filesystem::exists(loaded.folder / "tokenizer.json", ec) ||
-            std::filesystem::exists(loaded.folder / "vocab.json", ec))
-            tok = comigs::model_cli::tokenizer(loaded.folder, m.vocab());
+        if (!prompt.empty() || comigs::model_cli::has_tokenizer(loaded))
+            tok = comigs::model_cli::tokenizer(loaded, mo.model, m.vocab());
         ids = prompt.empty() ? comigs::model_cli::parse_ids(ids_text, m.vocab()) : tok->encode(prompt);
 #else
         comigs::require(prompt.empty(), "--prompt: this build has no tokenizer (include/comigs/text/bpe_tokenizer.hpp); "
@@ -49,7 +47,7 @@ int main(int argc, char** argv) {
         ids = comigs::model_cli::parse_ids(ids_text, m.vocab());
 #endif
         if (bos) {
-            comigs::require(loaded.lm.bos_token.has_value(), "--bos: the model's config.json has no bos_token_id");
+            comigs::require(loaded.lm.bos_token.has_value(), "--bos: the model has no bos_token_id (config.json, or tokenizer.ggml.bos_token_id in a GGUF file)");
             ids.insert(ids.begin(), *loaded.lm.bos_token);
         }
         if (!ignore_eos) g.stop_tokens = loaded.lm.eos_tokens;

@@ -1,6 +1,6 @@
 #pragma once
-// What comigs-eval and comigs-generate share: loading a model folder (and an adapter file), how its
-// BF16 weights are computed with, its tokenizer, and token ids from the command line.
+// What comigs-eval and comigs-generate share: loading a model folder or GGUF file (and an adapter file),
+// how its BF16 weights are computed with, its tokenizer, and token ids from the command line.
 #include <CLI/CLI.hpp>
 #include <omp.h>
 
@@ -34,7 +34,8 @@ struct ModelOptions {
     void add_to(CLI::App& app) {
         app.add_option("--model", model,
                        "Hugging Face model folder (config.json + model.safetensors, or shards with "
-                       "model.safetensors.index.json): GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM")
+                       "model.safetensors.index.json): GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM; or a "
+                       "GGUF model file (llama.cpp; architecture llama or qwen2; F32/F16/BF16/Q8_0/Q4_0 tensors)")
             ->required();
         app.add_option("--adapter", adapter, "adapter file (comigs-demo's per-user adapters, save_adapters)")
             ->check(CLI::ExistingFile);
@@ -58,7 +59,7 @@ struct Loaded {
 inline Loaded load(const ModelOptions& o) {
     if (o.threads > 0) omp_set_num_threads(o.threads);
     Loaded l;
-    l.lm = models::load_hf_model<float>(o.model, o.weights());
+    l.lm = models::load_model<float>(o.model, o.weights());
     std::error_code ec;
     l.folder = std::filesystem::is_directory(o.model, ec) ? std::filesystem::path(o.model)
                                                            : std::filesystem::path(o.model).parent_path();
@@ -97,10 +98,18 @@ inline std::vector<int> parse_ids(const std::string& text, Index vocab) {
 }
 
 #if COMIGS_MODELS_HAVE_TOKENIZER
-/// The model folder's tokenizer (tokenizer.json, or vocab.json + merges.txt).
-inline text::BpeTokenizer tokenizer(const std::filesystem::path& folder, Index vocab) {
-    auto t = text::BpeTokenizer::load(folder);
-    require(t.vocab_size() <= vocab, "tokenizer of '", folder.string(), "': ", t.vocab_size(),
+/// True when the model brings a tokenizer: tokenizer files in its folder, or a GGUF file's metadata.
+inline bool has_tokenizer(const Loaded& l) {
+    std::error_code ec;
+    if (l.lm.gguf) return l.lm.gguf->find("tokenizer.ggml.model") != nullptr;
+    return std::filesystem::exists(l.folder / "tokenizer.json", ec) || std::filesystem::exists(l.folder / "vocab.json", ec);
+}
+
+/// The model's tokenizer: a GGUF file's metadata (tokenizer.ggml.*), or the folder's tokenizer.json (or
+/// vocab.json + merges.txt).
+inline text::BpeTokenizer tokenizer(const Loaded& l, const std::string& model_path, Index vocab) {
+    auto t = l.lm.gguf ? models::gguf_tokenizer(*l.lm.gguf, model_path) : text::BpeTokenizer::load(l.folder);
+    require(t.vocab_size() <= vocab, "tokenizer of '", model_path, "': ", t.vocab_size(),
             " tokens, more than the model's vocabulary of ", vocab);
     return t;
 }

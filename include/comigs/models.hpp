@@ -11,12 +11,14 @@
 //   models/llama.hpp         LlamaConfig, Llama (Llama, SmolLM2, Qwen2) over frozen LlamaWeights
 //   models/hf_gpt2.hpp       GPT-2 weights in the Hugging Face safetensors layout
 //   models/hf_model.hpp      Hugging Face model folders: config.json + (sharded) safetensors, mapped
+//   models/gguf_model.hpp    GGUF model files (llama.cpp) into the Llama host, their tokenizer; load_model
 //   models/generate.hpp      KV-cached generation, sampling
 //   models/adapter_file.hpp  one user's adapters (attention LoRA, mixtures) in safetensors, PEFT-style keys
 #include "models/adapter_file.hpp"
 #include "models/attention.hpp"
 #include "models/causal_lm.hpp"
 #include "models/generate.hpp"
+#include "models/gguf_model.hpp"
 #include "models/gpt2.hpp"
 #include "models/hf_gpt2.hpp"
 #include "models/hf_model.hpp"

@@ -34,7 +34,7 @@ rm -rf "${work:?}"/*
 "$build/tests/fuzz/fuzz_bpe_roundtrip" -max_total_time="$tok_seconds" -timeout=10 -rss_limit_mb=2048 -max_len=4096 \
   -artifact_prefix="$build/fuzz-artifacts/" -print_final_stats=1 "$work" "$src/tests/fuzz/corpus_bpe_roundtrip"
 mkdir -p "$work/gguf"
-"$build/tests/fuzz/fuzz_gguf" -max_total_time="$(( (seconds + 1) / 2 ))" -timeout=10 -rss_limit_mb=2048 -max_len=4096 \
+"$build/tests/fuzz/fuzz_gguf" -max_total_time="$(( (seconds + 1) / 2 ))" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
   -artifact_prefix="$build/fuzz-artifacts/gguf-" -print_final_stats=1 "$work/gguf" "$src/tests/fuzz/gguf_corpus"
 # The demo's text extractors: half the time (they are small and fast).
 mkdir -p "$work/text"

@@ -405,25 +405,30 @@ void fused_rows_trans(MatrixView<T> C, ConstMatrixView<T> A, Index m0, const Qua
 }
 
 /// Fused C[m, c] = alpha * sum_o A[m, o] W[o, c] (+ C when accumulate) for the columns [c0, c0 + nc)
-/// (c0 a multiple of 32, nc <= 256) and the MR <= 4 rows of A: the columns' sums stay in a small
-/// buffer while the rows of W stream past.
+/// (c0 and nc multiples of 32) and the MR <= 4 rows of A: the columns' sums stay in a buffer while the
+/// rows of W stream past in order (whole row segments one after the other: strided reads of a few
+/// blocks per row would cost a TLB miss per row on large matrices). Each column is summed over the
+/// rows in order, whatever the column range: results do not depend on how the columns are split.
 template <class T, int MR>
 void fused_cols_none(MatrixView<T> C, ConstMatrixView<T> A, Index m0, const QuantMatrixView& W, Index c0, Index nc,
                      T alpha, bool accumulate) {
-    alignas(64) T acc[MR][256] = {};
-    alignas(64) T w[256];
+    thread_local comigs::detail::aligned_vector<T> acc_store, w_store;
+    acc_store.assign(static_cast<std::size_t>(MR * nc), T(0));
+    w_store.resize(static_cast<std::size_t>(nc));
+    T* w = w_store.data();
     for (Index o = 0; o < W.rows; ++o) {
         dequantize_row(w, W.type, W.block_ptr(o, c0 / 32), nc);
         for (int m = 0; m < MR; ++m) {
             const T a = A(m0 + m, o);
-            T* s = acc[m];
+            T* s = acc_store.data() + m * nc;
 #pragma omp simd
             for (Index j = 0; j < nc; ++j) s[j] += a * w[j];
         }
     }
     for (int m = 0; m < MR; ++m) {
         T* c = C.row_ptr(m0 + m) + c0;
-        for (Index j = 0; j < nc; ++j) c[j] = accumulate ? c[j] + alpha * acc[m][j] : alpha * acc[m][j];
+        const T* s = acc_store.data() + m * nc;
+        for (Index j = 0; j < nc; ++j) c[j] = accumulate ? c[j] + alpha * s[j] : alpha * s[j];
     }
 }
 
@@ -433,7 +438,7 @@ void fused_part(MatrixView<T> C, ConstMatrixView<T> A, Index m0, const QuantMatr
     if (opw == Op::trans)
         fused_rows_trans<T, MR>(C, A, m0, W, lo, hi, alpha, accumulate);
     else
-        for (Index c = lo; c < hi; c += 256) fused_cols_none<T, MR>(C, A, m0, W, c, std::min<Index>(256, hi - c), alpha, accumulate);
+        fused_cols_none<T, MR>(C, A, m0, W, lo, hi - lo, alpha, accumulate);
 }
 
 /// The fused kernels over all rows of A (at most quant_fused_max_rows), for the output range [lo, hi)
@@ -498,14 +503,16 @@ void gemm_quant(MatrixView<T> C, ConstMatrixView<T> A, const QuantMatrixView& W,
         return;
     }
     const bool fused = m <= detail::quant_fused_max_rows();
-    // Chunks of the output columns: multiples of 32 (W's blocks run along the columns when none).
-    const Index chunk = fused ? (opw == Op::trans ? 64 : 256) : std::max<Index>(32, detail::quant_panel_cols() / 32 * 32);
-    const Index chunks = (n + chunk - 1) / chunk;
     int threads = 1;
 #ifdef _OPENMP
-    if (!omp_in_parallel() && m * n * k >= detail::gemm_parallel_min() / (fused ? 4 : 1))
-        threads = static_cast<int>(std::min<Index>(omp_get_max_threads(), chunks));
+    if (!omp_in_parallel() && m * n * k >= detail::gemm_parallel_min() / (fused ? 4 : 1)) threads = omp_get_max_threads();
 #endif
+    // Chunks of the output columns: multiples of 32 (W's blocks run along the columns when none). The
+    // fused input gradient streams whole rows of W: one column range a thread.
+    Index chunk = std::max<Index>(32, detail::quant_panel_cols() / 32 * 32);
+    if (fused) chunk = opw == Op::trans ? 64 : std::max<Index>(32, (n + 32 * threads - 1) / (32 * threads) * 32);
+    const Index chunks = (n + chunk - 1) / chunk;
+    threads = static_cast<int>(std::min<Index>(threads, chunks));
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
 #pragma omp for schedule(dynamic, 1)

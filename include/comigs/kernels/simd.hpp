@@ -211,7 +211,11 @@ inline void sigmoid_fast(const xsimd::batch<float, A>& x, xsimd::batch<float, A>
         return;
     }
 #endif
-    const B z = xsimd::min(xsimd::max(-x, B(-80.0f)), B(80.0f));
+    // Clamped by comparisons, so that NaN becomes -80 on every target (x86's max returns its second
+    // operand for NaN; NEON's vmaxq propagates NaN, which would reach the float-to-int conversion).
+    const B mx = -x;
+    const B lo = xsimd::select(mx > B(-80.0f), mx, B(-80.0f));
+    const B z = xsimd::select(lo < B(80.0f), lo, B(80.0f));
     const B n = xsimd::nearbyint(z * B(1.44269504088896341f));  // round(z / ln 2), |n| <= 116
     B rr = xsimd::fma(-n, B(0.693359375f), z);                  // ln 2 = 0.693359375 - 2.12194440e-4
     rr = xsimd::fma(-n, B(-2.12194440e-4f), rr);

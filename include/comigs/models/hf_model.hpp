@@ -24,6 +24,7 @@
 #include <nlohmann/json.hpp>
 
 #include <comigs/error.hpp>
+#include <comigs/io/gguf.hpp>
 #include <comigs/io/mapped_file.hpp>
 #include <comigs/io/safetensors.hpp>
 
@@ -387,7 +388,9 @@ struct LoadedModel {
     std::string architecture;     ///< as config.json names it
     std::vector<int> eos_tokens;  ///< eos_token_id (an int or a list), may be empty
     std::optional<int> bos_token;
-    std::size_t file_bytes = 0;   ///< the model's safetensors bytes (mapped)
+    std::size_t file_bytes = 0;   ///< the model's file bytes (mapped)
+    /// The GGUF file a model came from (its metadata holds the tokenizer: gguf_model.hpp), or null.
+    std::shared_ptr<const io::GgufFile> gguf;
 };
 
 /// Loads a GPT-2, Llama or Qwen2 model folder (see the file comment). `options` decide how the frozen

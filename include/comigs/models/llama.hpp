@@ -54,6 +54,9 @@ struct LlamaConfig {
     double rms_eps = 1e-6;             ///< rms_norm_eps
     double rope_theta = 10000;
     std::optional<Llama3RopeScaling> rope_scaling;  ///< rope_scaling of rope_type "llama3", or none
+    /// Per-frequency divisors of inv_freq [head_dim / 2] (llama.cpp's `rope_freqs` tensor, which a GGUF file
+    /// carries instead of rope_scaling: the llama3 rule's factors), or empty.
+    std::vector<float> rope_freq_divisors;
     bool tie_word_embeddings = false;
     bool attention_bias = false;  ///< biases on q, k, v and o (Llama's attention_bias)
     bool qkv_bias = false;        ///< biases on q, k, v only (Qwen2)
@@ -80,6 +83,12 @@ struct LlamaConfig {
         require(std::isfinite(rms_eps) && rms_eps > 0, "rms_norm_eps ", rms_eps, ": must be > 0");
         require(std::isfinite(rope_theta) && rope_theta > 1, "rope_theta ", rope_theta, ": must be > 1");
         if (rope_scaling) rope_scaling->validate();
+        require(rope_freq_divisors.empty() || !rope_scaling, "rope_freqs and rope_scaling: give one of them");
+        require(rope_freq_divisors.empty() || static_cast<Index>(rope_freq_divisors.size()) * 2 == hd(), "rope_freqs: ",
+                rope_freq_divisors.size(), " divisors, expected head_dim / 2 = ", hd() / 2);
+        for (std::size_t j = 0; j < rope_freq_divisors.size(); ++j)
+            require(std::isfinite(rope_freq_divisors[j]) && rope_freq_divisors[j] > 0, "rope_freqs[", j, "] = ",
+                    rope_freq_divisors[j], ": must be finite and > 0");
     }
 };
 
@@ -183,6 +192,7 @@ std::shared_ptr<const LlamaWeights<T>> load_llama_weights(std::shared_ptr<const 
                                            qkv_bias ? ", q/k/v biases" : ", no biases", ")");
     }
     w->inv_freq = rope_inv_freq(hd, config.rope_theta, config.rope_scaling);
+    for (std::size_t j = 0; j < config.rope_freq_divisors.size(); ++j) w->inv_freq[j] /= config.rope_freq_divisors[j];
     return w;
 }
 
@@ -581,7 +591,7 @@ private:
     }
     T* res(Index l) const { return acts_.res[static_cast<std::size_t>(l)]; }
 
-    /// out[n, d] = embedding rows of the tokens (bf16 rows widened exactly).
+    /// out[n, d] = embedding rows of the tokens (bf16 rows widened exactly, quantized rows dequantized).
     void embed_rows(MatrixView<T> out, std::span<const int> tokens) const {
         const FrozenLinear<T>& e = w_->embed;
         for (std::size_t i = 0; i < tokens.size(); ++i) {
@@ -591,6 +601,10 @@ private:
                     kernels::convert_to_float(dst, e.weight_bf16.row_ptr(tokens[i]), out.cols);
                     continue;
                 }
+            }
+            if (e.is_quantized()) {
+                kernels::dequantize_row(dst, e.weight_quant.type, e.weight_quant.row_ptr(tokens[i]), out.cols);
+                continue;
             }
             std::copy_n(e.weight.row_ptr(tokens[i]), out.cols, dst);
         }

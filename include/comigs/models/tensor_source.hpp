@@ -29,11 +29,13 @@
 #include <comigs/frozen.hpp>
 #include <comigs/io/safetensors.hpp>
 #include <comigs/kernels/bf16.hpp>
+#include <comigs/kernels/quant.hpp>
 
 namespace comigs::models {
 
-/// Element types of source tensors (little-endian, row-major).
-enum class ElementType { f32, f64, f16, bf16 };
+/// Element types of source tensors (little-endian, row-major). q8_0 / q4_0 are GGML's blocks of 32
+/// values along each row (a GGUF file's quantized matrices; kernels/quant.hpp).
+enum class ElementType { f32, f64, f16, bf16, q8_0, q4_0 };
 
 inline const char* to_string(ElementType t) {
     switch (t) {
@@ -41,11 +43,35 @@ inline const char* to_string(ElementType t) {
         case ElementType::f64: return "F64";
         case ElementType::f16: return "F16";
         case ElementType::bf16: return "BF16";
+        case ElementType::q8_0: return "Q8_0";
+        case ElementType::q4_0: return "Q4_0";
     }
     return "?";
 }
+inline bool is_quantized(ElementType t) { return t == ElementType::q8_0 || t == ElementType::q4_0; }
+inline kernels::QuantType quant_type_of(ElementType t) {
+    return t == ElementType::q4_0 ? kernels::QuantType::q4_0 : kernels::QuantType::q8_0;
+}
+/// Bytes of one value of a float type (the block types have no per-value size: see tensor_bytes).
 inline std::size_t element_size(ElementType t) {
     return t == ElementType::f32 ? 4 : t == ElementType::f64 ? 8 : 2;
+}
+/// Bytes of a tensor of `shape` (row-major, the last dimension the row) in type t; the block types need
+/// rows whose length is a multiple of 32. ShapeError naming `what` otherwise, or on overflow.
+inline std::size_t tensor_bytes(ElementType t, std::span<const Index> shape, std::string_view what) {
+    std::size_t n = 1;
+    for (Index s : shape) {
+        require<ShapeError>(s >= 0, what, ": negative dimension ", s);
+        require<ShapeError>(!__builtin_mul_overflow(n, static_cast<std::size_t>(s), &n), what, ": too many values");
+    }
+    if (!is_quantized(t)) {
+        require<ShapeError>(!__builtin_mul_overflow(n, element_size(t), &n), what, ": too many bytes");
+        return n;
+    }
+    const Index row = shape.empty() ? 1 : shape.back();
+    require<ShapeError>(row % kernels::quant_block_size == 0, what, ": ", to_string(t), " rows of ", row,
+                        " values, not a multiple of 32");
+    return n / kernels::quant_block_size * kernels::quant_block_bytes(quant_type_of(t));
 }
 /// The element type of a safetensors dtype; FormatError naming `what` for dtypes a model cannot hold.
 inline ElementType element_type_of(io::Dtype d, std::string_view what) {
@@ -119,27 +145,36 @@ class MemorySource final : public TensorSource {
 public:
     explicit MemorySource(std::string what = "tensors in memory") : what_(std::move(what)) {}
 
-    /// Adds (or replaces) a tensor from raw little-endian bytes.
+    /// Adds (or replaces) a tensor from raw little-endian bytes (GGML blocks for q8_0 / q4_0).
     void add_bytes(std::string name, ElementType type, std::vector<Index> shape, std::vector<std::byte> bytes) {
-        Index n = 1;
-        for (Index s : shape) {
-            require<ShapeError>(s >= 0, "tensor '", name, "': negative dimension in ", shape_text(shape));
-            n *= s;
-        }
-        require<ShapeError>(static_cast<std::size_t>(n) * element_size(type) == bytes.size(), "tensor '", name, "': ",
-                            shape_text(shape), " of ", to_string(type), " needs ", n * Index(element_size(type)),
-                            " bytes, got ", bytes.size());
+        const std::size_t need = tensor_bytes(type, shape, "tensor '" + name + "' " + shape_text(shape));
+        require<ShapeError>(need == bytes.size(), "tensor '", name, "': ", shape_text(shape), " of ", to_string(type),
+                            " needs ", need, " bytes, got ", bytes.size());
         auto stored = std::make_unique<Stored>();
         stored->bytes.assign(bytes.begin(), bytes.end());
         stored->ref = {name, type, std::move(shape), {stored->bytes.data(), stored->bytes.size()}, what_};
         tensors_[std::move(name)] = std::move(stored);
     }
 
-    /// Adds a tensor of float or double values, stored as `type` (F32, F64, BF16 or F16; rounding to
-    /// nearest even).
+    /// Adds a tensor of float or double values, stored as `type` (F32, F64, BF16 or F16, rounding to
+    /// nearest even; Q8_0 or Q4_0, quantized row by row as ggml does).
     template <class V>
     void add(std::string name, std::vector<Index> shape, std::span<const V> values, ElementType type) {
         static_assert(std::is_floating_point_v<V>);
+        if (is_quantized(type)) {
+            const Index row = shape.empty() ? 1 : shape.back();
+            std::vector<std::byte> bytes(tensor_bytes(type, shape, "tensor '" + name + "'"));
+            require<ShapeError>(values.size() % static_cast<std::size_t>(std::max<Index>(row, 1)) == 0, "tensor '", name,
+                                "': ", values.size(), " values for rows of ", row);
+            const std::size_t rb = kernels::quant_row_bytes(quant_type_of(type), row);
+            std::vector<float> f(static_cast<std::size_t>(row));
+            for (std::size_t r = 0; r * rb < bytes.size(); ++r) {
+                for (std::size_t j = 0; j < f.size(); ++j) f[j] = static_cast<float>(values[r * f.size() + j]);
+                kernels::quantize_row(bytes.data() + r * rb, quant_type_of(type), f.data(), row);
+            }
+            add_bytes(std::move(name), type, std::move(shape), std::move(bytes));
+            return;
+        }
         std::vector<std::byte> bytes(values.size() * element_size(type));
         for (std::size_t i = 0; i < values.size(); ++i) {
             std::byte* p = bytes.data() + i * element_size(type);
@@ -164,6 +199,7 @@ public:
                     std::memcpy(p, &b, 2);
                     break;
                 }
+                default: break;
             }
         }
         add_bytes(std::move(name), type, std::move(shape), std::move(bytes));
@@ -224,7 +260,9 @@ public:
         require<ShapeError>(weight.shape.size() == 2, source_->description(), ": tensor '", weight.name,
                             "' has shape ", shape_text(weight.shape), ", a linear weight has 2 dimensions");
         FrozenLinear<T> f;
-        if constexpr (std::is_same_v<T, float>) {
+        if (is_quantized(weight.type)) {
+            f.weight_quant = quant_matrix(weight);
+        } else if constexpr (std::is_same_v<T, float>) {
             if (weight.type == ElementType::bf16 && options_.keep_bf16) {
                 f.weight_bf16 = bf16_matrix(weight);
                 f.fp32_compute = options_.fp32_compute;
@@ -248,6 +286,8 @@ public:
     FrozenLinear<T> linear_transposed(const TensorRef& weight, const TensorRef* bias = nullptr) {
         require<ShapeError>(weight.shape.size() == 2, source_->description(), ": tensor '", weight.name,
                             "' has shape ", shape_text(weight.shape), ", a linear weight has 2 dimensions");
+        require<FormatError>(!is_quantized(weight.type), source_->description(), ": tensor '", weight.name, "' is ",
+                             to_string(weight.type), ", and a transposed ([in, out]) weight cannot be held in blocks");
         const Index in = weight.rows(), out = weight.cols();
         FrozenLinear<T> f;
         bool done = false;
@@ -301,6 +341,18 @@ public:
         return {p, t.rows(), t.cols()};
     }
 
+    /// A Q8_0 / Q4_0 matrix in place (blocks need no alignment).
+    kernels::QuantMatrixView quant_matrix(const TensorRef& t) {
+        require(is_quantized(t.type), "tensor '", t.name, "': ", to_string(t.type), ", not Q8_0 / Q4_0");
+        require<ShapeError>(t.shape.size() == 2, source_->description(), ": tensor '", t.name, "' has shape ",
+                            shape_text(t.shape), ", expected a matrix");
+        require<FormatError>(t.bytes.size() == tensor_bytes(t.type, t.shape, t.name), source_->description(),
+                             ": tensor '", t.name, "' holds ", t.bytes.size(), " bytes, not the ",
+                             tensor_bytes(t.type, t.shape, t.name), " of ", to_string(t.type), " ", shape_text(t.shape));
+        viewed_bytes_ += t.bytes.size();
+        return {quant_type_of(t.type), t.bytes.data(), t.rows(), t.cols()};
+    }
+
     /// Any tensor as a flat vector in the host's type (norm weights, biases, embeddings).
     std::span<const T> vector(const TensorRef& t) { return {converted(t), static_cast<std::size_t>(t.numel())}; }
 
@@ -319,14 +371,23 @@ private:
     }
     const T* convert(const TensorRef& t) {
         const std::size_t n = static_cast<std::size_t>(t.numel());
-        require<FormatError>(t.bytes.size() == n * element_size(t.type), source_->description(), ": tensor '", t.name,
-                             "' holds ", t.bytes.size(), " bytes for ", n, " ", to_string(t.type), " values");
+        require<FormatError>(t.bytes.size() == tensor_bytes(t.type, t.shape, t.name), source_->description(),
+                             ": tensor '", t.name, "' holds ", t.bytes.size(), " bytes for ", n, " ",
+                             to_string(t.type), " values");
         if (t.type == host_type && reinterpret_cast<std::uintptr_t>(t.bytes.data()) % alignof(T) == 0) {
             viewed_bytes_ += t.bytes.size();
             return reinterpret_cast<const T*>(t.bytes.data());
         }
         auto& buf = owned_.emplace_back(n);
         const std::byte* src = t.bytes.data();
+        if (is_quantized(t.type)) {  // dequantized once (a quantized norm or embedding read as values)
+            const Index row = t.cols();
+            const std::size_t rb = kernels::quant_row_bytes(quant_type_of(t.type), row);
+            for (std::size_t r = 0; r * static_cast<std::size_t>(row) < n; ++r)
+                kernels::dequantize_row(buf.data() + r * static_cast<std::size_t>(row), quant_type_of(t.type), src + r * rb, row);
+            owned_bytes_ += n * sizeof(T);
+            return buf.data();
+        }
         for (std::size_t i = 0; i < n; ++i) {
             switch (t.type) {
                 case ElementType::f32: {
@@ -353,6 +414,7 @@ private:
                     buf[i] = static_cast<T>(comigs::detail::f16_bits_to_float(b));
                     break;
                 }
+                default: break;  // the block types are dequantized above
             }
         }
         owned_bytes_ += n * sizeof(T);

@@ -126,6 +126,24 @@ inline const nlohmann::json* member(const nlohmann::json& obj, const char* key) 
 
 }  // namespace detail
 
+/// A byte-level BPE tokenizer's parts as files other than tokenizer.json record them (a GGUF file's
+/// tokenizer.ggml.* keys): the spelling of every id, what kind of token each is, the merges in rank order
+/// and the pre-tokenizer.
+struct BpeVocabulary {
+    enum class Kind : std::uint8_t {
+        normal,   ///< a vocabulary token spelled in the byte-level alphabet ("Ġthe")
+        special,  ///< an added token matched only when asked (Hugging Face `special`, GGUF CONTROL); its text as is
+        added,    ///< an added token always matched (GGUF USER_DEFINED); its text as is
+        unused,   ///< an id no text encodes to (GGUF UNUSED, "[PAD5]"); decodes to its spelling
+    };
+    std::vector<std::string> tokens;                          ///< index = id
+    std::vector<Kind> kinds;                                  ///< per id, or empty (all normal)
+    std::vector<std::pair<std::string, std::string>> merges;  ///< (left, right) in rank order
+    PreTokenizer pre_tokenizer;
+    bool ignore_merges = false;  ///< a piece that is itself a token is taken whole (Llama-3)
+    bool nfc = false;            ///< text put in Unicode NFC first (Qwen2)
+};
+
 /// A byte-level BPE tokenizer. Immutable after loading; encode() and decode() may run concurrently.
 class BpeTokenizer {
 public:
@@ -212,6 +230,43 @@ public:
             if (t.kinds_[i] == Kind::Vocab && t.pending_[i] == "<|endoftext|>")
                 t.added_.push_back(AddedToken{static_cast<std::int32_t>(i), "<|endoftext|>", true});
         t.pre_tokenizer_ = PreTokenizer::split(SplitPattern::Gpt2);
+        t.finish();
+        return t;
+    }
+
+    /// From its parts (BpeVocabulary); `source` names them in error messages (FormatError: a kinds list of
+    /// another length, an empty added token or one added twice, a byte without a token, a merge whose sides
+    /// or result are not tokens).
+    static BpeTokenizer from_vocabulary(const BpeVocabulary& v, const std::string& source) {
+        using K = BpeVocabulary::Kind;
+        BpeTokenizer t;
+        t.source_ = source;
+        if (!v.kinds.empty() && v.kinds.size() != v.tokens.size())
+            t.fail(v.kinds.size(), " token kinds for ", v.tokens.size(), " tokens");
+        if (v.tokens.size() >= static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()))
+            t.fail(v.tokens.size(), " tokens: more than ids can number");
+        for (std::size_t i = 0; i < v.tokens.size(); ++i) {
+            const auto id = static_cast<std::int32_t>(i);
+            const std::string& spelling = v.tokens[i];
+            const K kind = v.kinds.empty() ? K::normal : v.kinds[i];
+            if (kind == K::special || kind == K::added) {
+                if (spelling.empty()) t.fail("token ", id, ": an added token with empty text");
+                for (const AddedToken& other : t.added_)
+                    if (other.content == spelling) t.fail("token ", id, ": added token '", spelling, "' is also token ", other.id);
+                t.set_token(id, Kind::Raw, spelling, spelling);
+                t.added_.push_back(AddedToken{id, spelling, kind == K::special});
+            } else if (auto bytes = kind == K::normal ? token_text_to_bytes(spelling) : std::nullopt) {
+                t.set_token(id, Kind::Vocab, std::move(*bytes), spelling);
+            } else {
+                t.raw_spellings_.emplace(spelling, id);
+                t.set_token(id, Kind::Raw, spelling, spelling);
+            }
+        }
+        t.find_byte_tokens("the token list");
+        t.build_merges(v.merges);
+        t.pre_tokenizer_ = v.pre_tokenizer;
+        t.ignore_merges_ = v.ignore_merges;
+        t.nfc_ = v.nfc;
         t.finish();
         return t;
     }
@@ -348,6 +403,11 @@ private:
                 set_token(id, Kind::Raw, spelling, spelling);
             }
         }
+        find_byte_tokens(what);
+    }
+
+    /// The token of every single byte (a byte-level vocabulary has all 256).
+    void find_byte_tokens(const char* what) {
         for (unsigned b = 0; b < 256; ++b) {
             const std::string one(1, static_cast<char>(b));
             const auto it = byte_tokens_.find(one);

@@ -1,0 +1,192 @@
+#pragma once
+// Real-shaped hosts with random frozen weights (GPT-2-124M, SmolLM2-135M, Llama-3.2-1B) held in fp32,
+// bf16, Q8_0 or Q4_0, and the CoMiGS adapters a fine-tuning step trains on them: shared by
+// comigs-model-memory (model_memory.cpp) and the whole-model cases of bench_quant.cpp.
+#include <memory>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <comigs/mixture.hpp>
+#include <comigs/models.hpp>
+#include <comigs/models/mixture_mlp.hpp>
+#include <comigs/optim.hpp>
+#include <comigs/random.hpp>
+
+namespace comigs::bench {
+
+namespace cm = comigs::models;
+
+/// The step of the memory table and the step benchmark: 8 x 128 tokens; attention LoRA rank 8; on
+/// every MLP a mixture of 2 experts (1G1S), top-2, rank 8.
+struct ModelStepShape {
+    static constexpr Index B = 8, T = 128, rank = 8, experts = 2, top_k = 2;
+};
+
+enum class RandomHost { gpt2_124m, smollm2_135m, llama32_1b };
+
+inline cm::Gpt2Config gpt2_124m_config() {
+    cm::Gpt2Config c;
+    c.vocab = 50257;
+    c.n_ctx = 1024;
+    c.d_model = 768;
+    c.n_head = 12;
+    c.n_layer = 12;
+    return c;
+}
+inline cm::LlamaConfig smollm2_135m_config() {
+    cm::LlamaConfig c;
+    c.vocab = 49152;
+    c.d_model = 576;
+    c.n_layer = 30;
+    c.n_head = 9;
+    c.n_kv_head = 3;
+    c.mlp_hidden = 1536;
+    c.max_positions = 2048;
+    c.rms_eps = 1e-5;
+    c.rope_theta = 100000;
+    c.tie_word_embeddings = true;
+    return c;
+}
+inline cm::LlamaConfig llama32_1b_config() {
+    cm::LlamaConfig c;
+    c.vocab = 128256;
+    c.d_model = 2048;
+    c.n_layer = 16;
+    c.n_head = 32;
+    c.n_kv_head = 8;
+    c.mlp_hidden = 8192;
+    c.max_positions = 131072;
+    c.rms_eps = 1e-5;
+    c.rope_theta = 500000;
+    c.tie_word_embeddings = true;
+    return c;
+}
+
+/// Random tensors under Hugging Face names: matrices U(-0.05, 0.05) stored as `type` (Q8_0 / Q4_0
+/// quantized as ggml does: what a GGUF file maps), vectors (norms 1, biases 0) in F32.
+struct RandomSource {
+    std::shared_ptr<cm::MemorySource> src = std::make_shared<cm::MemorySource>("random weights");
+    cm::ElementType type = cm::ElementType::f32;
+    Rng rng{25};
+    void matrix(const std::string& name, Index rows, Index cols) {
+        std::vector<float> v(static_cast<std::size_t>(rows * cols));
+        for (float& x : v) x = static_cast<float>(rng.uniform() * 0.1 - 0.05);
+        src->add(name, {rows, cols}, std::span<const float>(v), type);
+    }
+    void fill(const std::string& name, Index n, float value) {
+        std::vector<float> v(static_cast<std::size_t>(n), value);
+        src->add(name, {n}, std::span<const float>(v), cm::ElementType::f32);
+    }
+};
+
+/// A frozen host of random weights held in `type`; bf16 matrices multiply bf16-rounded activations
+/// (the fast path), quantized ones compute with their dequantized values. GPT-2 takes fp32 or bf16
+/// only: its Conv1D ([in, out]) matrices are transposed at load and cannot stay in blocks.
+inline std::unique_ptr<cm::CausalLm<float>> random_host(RandomHost host, cm::ElementType type) {
+    RandomSource r;
+    r.type = type;
+    const cm::WeightOptions options{.keep_bf16 = true, .fp32_compute = false};
+    if (host == RandomHost::gpt2_124m) {
+        require(!cm::is_quantized(type), "gpt2_124m: its Conv1D ([in, out]) weights are transposed at load and "
+                                         "cannot be held in blocks; fp32 or bf16");
+        const auto c = gpt2_124m_config();
+        const Index d = c.d_model, h = c.hidden();
+        r.matrix("wte.weight", c.vocab, d);
+        r.matrix("wpe.weight", c.n_ctx, d);
+        r.fill("ln_f.weight", d, 1);
+        r.fill("ln_f.bias", d, 0);
+        for (Index l = 0; l < c.n_layer; ++l) {
+            const auto n = [l](const std::string& t) { return cm::layer_name(l, t); };
+            for (const std::string ln : {"ln_1", "ln_2"}) {
+                r.fill(n(ln + ".weight"), d, 1);
+                r.fill(n(ln + ".bias"), d, 0);
+            }
+            r.matrix(n("attn.c_attn.weight"), d, 3 * d);  // Conv1D: [in, out]
+            r.fill(n("attn.c_attn.bias"), 3 * d, 0);
+            r.matrix(n("attn.c_proj.weight"), d, d);
+            r.fill(n("attn.c_proj.bias"), d, 0);
+            r.matrix(n("mlp.c_fc.weight"), d, h);
+            r.fill(n("mlp.c_fc.bias"), h, 0);
+            r.matrix(n("mlp.c_proj.weight"), h, d);
+            r.fill(n("mlp.c_proj.bias"), d, 0);
+        }
+        return cm::load_gpt2<float>(r.src, c, options);
+    }
+    const cm::LlamaConfig c = host == RandomHost::smollm2_135m ? smollm2_135m_config() : llama32_1b_config();
+    const Index d = c.d_model, qw = c.n_head * c.hd(), kvw = c.kv_heads() * c.hd(), h = c.mlp_hidden;
+    r.matrix("model.embed_tokens.weight", c.vocab, d);
+    r.fill("model.norm.weight", d, 1);
+    for (Index l = 0; l < c.n_layer; ++l) {
+        const auto n = [l](const char* t) { return cm::llama_layer_name(l, t); };
+        r.fill(n("input_layernorm.weight"), d, 1);
+        r.fill(n("post_attention_layernorm.weight"), d, 1);
+        r.matrix(n("self_attn.q_proj.weight"), qw, d);
+        r.matrix(n("self_attn.k_proj.weight"), kvw, d);
+        r.matrix(n("self_attn.v_proj.weight"), kvw, d);
+        r.matrix(n("self_attn.o_proj.weight"), d, qw);
+        r.matrix(n("mlp.gate_proj.weight"), h, d);
+        r.matrix(n("mlp.up_proj.weight"), h, d);
+        r.matrix(n("mlp.down_proj.weight"), d, h);
+    }
+    return std::make_unique<cm::Llama<float>>(cm::load_llama_weights<float>(r.src, c, options));
+}
+
+/// The CoMiGS adapters on a host (ModelStepShape): attention LoRA, a mixture on every MLP (non-zero B,
+/// so no work is skipped for zeros), AdamW over all of them, a random batch.
+struct ModelAdapters {
+    using S = ModelStepShape;
+    std::vector<std::shared_ptr<MixtureOfLoraMlp<float>>> mixtures;
+    std::unique_ptr<AdamW<float>> opt;
+    std::vector<int> tokens, targets;
+
+    explicit ModelAdapters(cm::CausalLm<float>& model) {
+        Rng rng(26);
+        model.add_attention_lora({S::rank, 16.0, LoraScaling::sqrt}, rng);
+        randomize_b(model.lora(), rng);
+        std::vector<ParamBinding<float>> bindings{bind("attention", model.lora(), model.lora_grads())};
+        for (Index l = 0; l < model.n_layer(); ++l) {
+            MixtureConfig mc;
+            mc.form = model.mlp_form();
+            mc.d_model = model.d_model();
+            mc.d_hidden = model.mlp_hidden();
+            mc.n_experts = S::experts;
+            mc.top_k = S::top_k;
+            mc.rank = S::rank;
+            auto mix = std::make_shared<MixtureOfLoraMlp<float>>(mc, model.frozen_mlp(l));
+            mix->init(rng);
+            randomize_b(mix->params(), rng);
+            model.set_mlp(l, std::make_unique<cm::MixtureMlp<float>>(mix, 0.01 / double(model.n_layer())));
+            bindings.push_back(bind("mlp" + std::to_string(l), mix->params(), mix->grads()));
+            mixtures.push_back(std::move(mix));
+        }
+        opt = std::make_unique<AdamW<float>>(std::vector<AdamWGroup<float>>{
+            {.name = "adapters",
+             .bindings = std::move(bindings),
+             .lr = LrSchedule::constant(1e-4),
+             .options = {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.01}}});
+        tokens.resize(static_cast<std::size_t>(S::B * S::T));
+        targets.resize(tokens.size());
+        const auto V = static_cast<std::uint64_t>(model.vocab());
+        for (int& t : tokens) t = static_cast<int>(rng.below(V));
+        for (int& t : targets) t = static_cast<int>(rng.below(V));
+    }
+    /// One fine-tuning step: forward with the loss, backward, AdamW.
+    void step(cm::CausalLm<float>& model) {
+        model.zero_grad();
+        for (auto& m : mixtures) m->zero_grad();
+        model.forward(tokens, targets, S::B, S::T, true);
+        model.backward();
+        opt->step();
+    }
+
+private:
+    static void randomize_b(ParamBuffer<float>& p, Rng& rng) {
+        for (const auto& s : p.layout().tensors())
+            if (s.name.find("lora_B") != std::string::npos)
+                for (float& v : p.span(s.name)) v = static_cast<float>(rng.normal() * 0.01);
+    }
+};
+
+}  // namespace comigs::bench
