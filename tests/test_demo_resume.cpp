@@ -54,12 +54,15 @@ TEST_CASE("demo results: the field lists round-trip exactly and make results.jso
     u.test_ppl_personalised = std::numeric_limits<double>::quiet_NaN();
     u.floor_ppl = 2.5;
     u.shared_to_generalist = std::nullopt;
+    u.kept_round = 7;
     m.users = {u, UserResult{}};
-    m.curve = {{4, 12.25}, {8, 11.0}};
+    m.curve = {{4, 12.25, {12.0, 12.5}}, {8, 11.0, {10.5, 11.5}}};
     m.upload_floats_per_round = 5120;
+    m.routed = true;
     RoutingSample s;
     s.user = 1;
     s.text = {'a', 'b'};
+    s.token_text = {"a", "b"};
     s.expert = {{0, 1}, {1, 1}};
     s.expert_is_generalist = {true, false};
 
@@ -80,8 +83,13 @@ TEST_CASE("demo results: the field lists round-trip exactly and make results.jso
     CHECK(!back.users[0].shared_to_generalist);
     CHECK(back.curve.size() == 2);
     CHECK(back.curve[1].mean_ppl == 11.0);
+    CHECK(back.curve[1].user_ppl == m.curve[1].user_ppl);
     CHECK(back.upload_floats_per_round == 5120);
+    CHECK(back.routed);
+    CHECK(back.users[0].kept_round == 7);
+    CHECK(!back.users[1].kept_round);
     REQUIRE(samples.size() == 1);
+    CHECK(samples[0].token_text == s.token_text);
     CHECK(samples[0].expert == s.expert);
     CHECK(samples[0].expert_is_generalist == s.expert_is_generalist);
     // Cut short: a clear error, not a read past the end.
