@@ -66,9 +66,10 @@ TEST_CASE_TEMPLATE("kernels::lm_head_cross_entropy equals the plain reference: o
     // for much of each row.
     for (const Case c : {Case{1, 1, 1, 1.0}, Case{5, 7, 97, 1.0}, Case{33, 16, 1031, 4.0}, Case{8, 3, 2, 1.0},
                          Case{19, 24, 300, 4.0}}) {
-        for (const auto& [rows, elements, min_cols] : {std::array<Index, 3>{1024, Index(1) << 21, 256},
-                                                       std::array<Index, 3>{4, 64, 1}, std::array<Index, 3>{1, 7, 3},
-                                                       std::array<Index, 3>{7, 130, 16}}) {
+        for (const auto& knob : {std::array<Index, 3>{1024, Index(1) << 21, 256}, std::array<Index, 3>{4, 64, 1},
+                                 std::array<Index, 3>{1, 7, 3}, std::array<Index, 3>{7, 130, 16}}) {
+            // Named copies, not a structured binding: clang 14 cannot capture one in CAPTURE's lambda.
+            const Index rows = knob[0], elements = knob[1], min_cols = knob[2];
             CAPTURE(c.N);
             CAPTURE(c.d);
             CAPTURE(c.V);
