@@ -16,6 +16,7 @@
 // work space) at their peak, from bench_memory.cpp.
 #include "bench_common.hpp"
 #include "bench_memory.hpp"
+#include "random_model.hpp"
 
 #include <comigs/kernels/attention.hpp>
 #include <comigs/kernels/cross_entropy.hpp>
@@ -39,179 +40,41 @@ namespace {
 
 namespace cm = comigs::models;
 
-/// The shapes of issue 24: batch 8 x 128 tokens; 2 experts top-2 rank 8 (alpha 16, rsLoRA scaling).
-struct StepShape {
-    static constexpr Index B = 8, T = 128, experts = 2, top_k = 2, rank = 8;
-};
 /// Decode: one new token after `context` cached ones; the cache is refilled every `steps` tokens.
 struct DecodeShape {
     static constexpr Index context = 512, steps = 16;
 };
 
-enum class Host { gpt2_124m, smollm2_135m };
-
-cm::Gpt2Config gpt2_124m() {
-    cm::Gpt2Config c;
-    c.vocab = 50257;
-    c.n_ctx = 1024;
-    c.d_model = 768;
-    c.n_head = 12;
-    c.n_layer = 12;
-    return c;
-}
-
-cm::LlamaConfig smollm2_135m() {
-    cm::LlamaConfig c;
-    c.vocab = 49152;
-    c.d_model = 576;
-    c.n_layer = 30;
-    c.n_head = 9;
-    c.n_kv_head = 3;
-    c.mlp_hidden = 1536;
-    c.max_positions = 2048;
-    c.rms_eps = 1e-5;
-    c.rope_theta = 100000;
-    c.tie_word_embeddings = true;
-    return c;
-}
-
-/// Every tensor of the host under Hugging Face names, random (matrices N(0, 0.02), norms 1, biases 0),
-/// stored as `type` (F32, or BF16 for the bf16 frozen base, read in place).
-std::shared_ptr<cm::MemorySource> random_source(Host host, cm::ElementType type) {
-    auto src = std::make_shared<cm::MemorySource>("random weights");
-    Rng rng(24);
-    const auto add = [&](const std::string& name, std::vector<Index> shape, double fill = -1) {
-        Index n = 1;
-        for (Index x : shape) n *= x;
-        std::vector<float> v(static_cast<std::size_t>(n));
-        if (fill >= 0)
-            std::fill(v.begin(), v.end(), float(fill));
-        else
-            for (float& x : v) x = float(rng.normal(0.0, 0.02));
-        src->add(name, std::move(shape), std::span<const float>(v), type);
-    };
-    if (host == Host::gpt2_124m) {
-        const auto c = gpt2_124m();
-        const Index d = c.d_model, h = c.hidden();
-        add("wte.weight", {c.vocab, d});
-        add("wpe.weight", {c.n_ctx, d});
-        add("ln_f.weight", {d}, 1);
-        add("ln_f.bias", {d}, 0);
-        for (Index l = 0; l < c.n_layer; ++l) {
-            const auto n = [l](const char* t) { return cm::layer_name(l, t); };
-            add(n("ln_1.weight"), {d}, 1);
-            add(n("ln_1.bias"), {d}, 0);
-            add(n("ln_2.weight"), {d}, 1);
-            add(n("ln_2.bias"), {d}, 0);
-            add(n("attn.c_attn.weight"), {d, 3 * d});  // Conv1D: [in, out]
-            add(n("attn.c_attn.bias"), {3 * d}, 0);
-            add(n("attn.c_proj.weight"), {d, d});
-            add(n("attn.c_proj.bias"), {d}, 0);
-            add(n("mlp.c_fc.weight"), {d, h});
-            add(n("mlp.c_fc.bias"), {h}, 0);
-            add(n("mlp.c_proj.weight"), {h, d});
-            add(n("mlp.c_proj.bias"), {d}, 0);
-        }
-    } else {
-        const auto c = smollm2_135m();
-        const Index d = c.d_model, qw = c.n_head * c.hd(), kvw = c.kv_heads() * c.hd(), h = c.mlp_hidden;
-        add("model.embed_tokens.weight", {c.vocab, d});
-        add("model.norm.weight", {d}, 1);
-        for (Index l = 0; l < c.n_layer; ++l) {
-            const auto n = [l](const char* t) { return cm::llama_layer_name(l, t); };
-            add(n("input_layernorm.weight"), {d}, 1);
-            add(n("post_attention_layernorm.weight"), {d}, 1);
-            add(n("self_attn.q_proj.weight"), {qw, d});
-            add(n("self_attn.k_proj.weight"), {kvw, d});
-            add(n("self_attn.v_proj.weight"), {kvw, d});
-            add(n("self_attn.o_proj.weight"), {d, qw});
-            add(n("mlp.gate_proj.weight"), {h, d});
-            add(n("mlp.up_proj.weight"), {h, d});
-            add(n("mlp.down_proj.weight"), {d, h});
-        }
-    }
-    return src;
-}
-
-/// The frozen host over random weights: fp32 matrices, or bf16 ones with bf16 products. The fp32 GPT-2
-/// is a trainable model's weights shared by a frozen one (its init, one copy: loading HF's Conv1D
-/// tensors would keep the source beside the transposed matrices).
-std::unique_ptr<cm::CausalLm<float>> random_host(Host host, bool bf16) {
-    if (host == Host::gpt2_124m && !bf16) {
-        cm::Gpt2<float> trainable(gpt2_124m());
+/// The frozen host of a step (random_model.hpp): fp32 matrices, or bf16 ones with bf16 products. The
+/// fp32 GPT-2 is a trainable model's weights shared by a frozen one (its init, one copy: loading HF's
+/// Conv1D tensors would keep the source beside the transposed matrices).
+std::unique_ptr<cm::CausalLm<float>> step_host(RandomHost host, bool bf16) {
+    if (host == RandomHost::gpt2_124m && !bf16) {
+        cm::Gpt2<float> trainable(gpt2_124m_config());
         Rng rng(24);
         trainable.init_weights(rng);
         return trainable.share_base();  // keeps the parameter buffer alive; the gradients go
     }
-    const auto src = random_source(host, bf16 ? cm::ElementType::bf16 : cm::ElementType::f32);
-    cm::WeightOptions options;
-    options.keep_bf16 = true;
-    if (host == Host::gpt2_124m) return cm::load_gpt2<float>(src, gpt2_124m(), options);
-    return std::make_unique<cm::Llama<float>>(cm::load_llama_weights<float>(src, smollm2_135m(), options));
+    return random_host(host, bf16 ? cm::ElementType::bf16 : cm::ElementType::f32);
 }
 
-/// Sets every LoRA B (zero after init) to small random values, so that no work is skipped for zeros.
-void randomize_b(ParamBuffer<float>& p, Rng& rng) {
-    for (const auto& s : p.layout().tensors())
-        if (s.name.find("lora_B") != std::string::npos)
-            for (float& v : p.span(s.name)) v = static_cast<float>(rng.normal(0.0, 0.01));
-}
-
-/// A CoMiGS model on a random frozen host: attention LoRA, a mixture of LoRA experts on every MLP
-/// (`experts` = 1, top-1: plain LoRA on the MLP, the decode baseline), AdamW over every adapter, a batch.
+/// A CoMiGS model on a random frozen host (ModelAdapters: attention LoRA, a mixture of LoRA experts on
+/// every MLP, AdamW), with tokens for a batch and a decode prompt.
 struct CoMiGSModel {
+    using S = ModelStepShape;
     std::unique_ptr<cm::CausalLm<float>> model;
-    std::vector<std::shared_ptr<MixtureOfLoraMlp<float>>> mixtures;
-    std::unique_ptr<AdamW<float>> opt;
-    std::vector<int> tokens, targets;
+    ModelAdapters adapters;
 
-    CoMiGSModel(Host host, bool bf16, Index experts = StepShape::experts, Index top_k = StepShape::top_k) {
-        using S = StepShape;
-        model = random_host(host, bf16);
-        Rng rng(25);
-        model->add_attention_lora({S::rank, 16.0, LoraScaling::sqrt}, rng);
-        randomize_b(model->lora(), rng);
-        std::vector<ParamBinding<float>> bindings{bind("attention", model->lora(), model->lora_grads())};
-        for (Index l = 0; l < model->n_layer(); ++l) {
-            MixtureConfig mc;
-            mc.form = model->mlp_form();
-            mc.d_model = model->d_model();
-            mc.d_hidden = model->mlp_hidden();
-            mc.n_experts = experts;
-            mc.top_k = top_k;
-            mc.rank = S::rank;
-            auto mix = std::make_shared<MixtureOfLoraMlp<float>>(mc, model->frozen_mlp(l));
-            mix->init(rng);
-            randomize_b(mix->params(), rng);
-            model->set_mlp(l, std::make_unique<cm::MixtureMlp<float>>(mix, 0.01 / double(model->n_layer())));
-            bindings.push_back(bind("mlp" + std::to_string(l), mix->params(), mix->grads()));
-            mixtures.push_back(std::move(mix));
-        }
-        opt = std::make_unique<AdamW<float>>(std::vector<AdamWGroup<float>>{
-            {.name = "adapters",
-             .bindings = std::move(bindings),
-             .lr = LrSchedule::constant(1e-4),
-             .options = {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.01}}});
-        tokens.resize(static_cast<std::size_t>(std::max(S::B * S::T, DecodeShape::context + DecodeShape::steps)));
-        targets.resize(static_cast<std::size_t>(S::B * S::T));
-        const auto V = static_cast<std::uint64_t>(model->vocab());
-        for (int& t : tokens) t = static_cast<int>(rng.below(V));
-        for (int& t : targets) t = static_cast<int>(rng.below(V));
-    }
+    CoMiGSModel(RandomHost host, bool bf16, Index experts = S::experts, Index top_k = S::top_k)
+        : model(step_host(host, bf16)),
+          adapters(*model, experts, top_k, DecodeShape::context + DecodeShape::steps) {}
 
-    std::span<const int> batch() const { return {tokens.data(), static_cast<std::size_t>(StepShape::B * StepShape::T)}; }
-    void step() {
-        model->zero_grad();
-        for (auto& m : mixtures) m->zero_grad();
-        model->forward(batch(), targets, StepShape::B, StepShape::T, true);
-        model->backward();
-        opt->step();
-    }
-    double eval_forward() { return model->evaluate_loss(batch(), targets, StepShape::B, StepShape::T); }
+    void step() { adapters.step(*model); }
+    double eval_forward() { return model->evaluate_loss(adapters.batch(), adapters.targets, S::B, S::T); }
     /// Empties the cache and fills it with a prompt of `context` tokens.
     void prefill() {
         model->reset_cache(DecodeShape::context + DecodeShape::steps);
-        model->decode(std::span<const int>(tokens.data(), static_cast<std::size_t>(DecodeShape::context)));
+        model->decode(std::span<const int>(adapters.tokens.data(), static_cast<std::size_t>(DecodeShape::context)));
     }
 };
 
@@ -223,19 +86,19 @@ void report_heap(benchmark::State& state, long long before) {
 }
 
 // Kernel: one CoMiGS fine-tuning step (forward, backward, AdamW on the LoRA adapters and routers).
-void model_step(benchmark::State& state, Host host, bool bf16) {
+void model_step(benchmark::State& state, RandomHost host, bool bf16) {
     const long long before = heap_current();
     CoMiGSModel m(host, bf16);
     heap_reset_peak();
     m.step();  // warm-up: buffers sized, pages touched
     for (auto _ : state) m.step();
-    state.SetItemsProcessed(state.iterations() * StepShape::B * StepShape::T);
+    state.SetItemsProcessed(state.iterations() * ModelStepShape::B * ModelStepShape::T);
     report_heap(state, before);
 }
 
 // Kernel: model_step on one thread, set inside the case: with random interleaving its repetitions
 // alternate with the all-threads case's in one process (the thread scaling figure).
-void model_step_one_thread(benchmark::State& state, Host host, bool bf16) {
+void model_step_one_thread(benchmark::State& state, RandomHost host, bool bf16) {
 #ifdef _OPENMP
     const int saved = omp_get_max_threads();
     omp_set_num_threads(1);
@@ -247,20 +110,20 @@ void model_step_one_thread(benchmark::State& state, Host host, bool bf16) {
 }
 
 // Kernel: the evaluation forward with the loss (CausalLm::evaluate_loss: head in vocabulary chunks).
-void model_fwd(benchmark::State& state, Host host, bool bf16) {
+void model_fwd(benchmark::State& state, RandomHost host, bool bf16) {
     const long long before = heap_current();
     CoMiGSModel m(host, bf16);
     heap_reset_peak();
     benchmark::DoNotOptimize(m.eval_forward());
     for (auto _ : state) benchmark::DoNotOptimize(m.eval_forward());
-    state.SetItemsProcessed(state.iterations() * StepShape::B * StepShape::T);
+    state.SetItemsProcessed(state.iterations() * ModelStepShape::B * ModelStepShape::T);
     report_heap(state, before);
 }
 
 // Kernel: model_step with the hosts' phase timers on (comigs/profile.hpp): counters <pass>_<phase>_ms
 // per step, and other_ms (AdamW, zeroing, what no phase covers). The timers add little; the phase
 // table of docs/performance.md comes from here.
-void model_phases(benchmark::State& state, Host host, bool bf16) {
+void model_phases(benchmark::State& state, RandomHost host, bool bf16) {
     CoMiGSModel m(host, bf16);
     m.step();
     profile::reset();
@@ -280,13 +143,13 @@ void model_phases(benchmark::State& state, Host host, bool bf16) {
                                profile::to_string(profile::Phase(p)) + "_ms"] = sec / steps * 1e3;
         }
     state.counters["other_ms"] = (total - covered) / steps * 1e3;
-    state.SetItemsProcessed(state.iterations() * StepShape::B * StepShape::T);
+    state.SetItemsProcessed(state.iterations() * ModelStepShape::B * ModelStepShape::T);
 }
 
 // Kernel: one new token with the KV cache holding 512..527 tokens (refilled, untimed, every 16), for the
 // mixture model (2 experts, top-2) or the same model with plain LoRA on its MLPs (1 expert).
-void model_decode(benchmark::State& state, Host host, Index experts) {
-    CoMiGSModel m(host, false, experts, std::min<Index>(experts, StepShape::top_k));
+void model_decode(benchmark::State& state, RandomHost host, Index experts) {
+    CoMiGSModel m(host, false, experts, std::min<Index>(experts, ModelStepShape::top_k));
     m.prefill();
     Index next = DecodeShape::context;
     for (auto _ : state) {
@@ -296,7 +159,7 @@ void model_decode(benchmark::State& state, Host host, Index experts) {
             next = DecodeShape::context;
             state.ResumeTiming();
         }
-        benchmark::DoNotOptimize(m.model->decode(std::span<const int>(&m.tokens[static_cast<std::size_t>(next)], 1)).data());
+        benchmark::DoNotOptimize(m.model->decode(std::span<const int>(&m.adapters.tokens[static_cast<std::size_t>(next)], 1)).data());
         ++next;
     }
     state.SetItemsProcessed(state.iterations());
@@ -307,7 +170,7 @@ void model_decode(benchmark::State& state, Host host, Index experts) {
 
 /// One layer's attention inputs: packed qkv [N, 3d] as c_attn writes it, and a random output gradient.
 struct AttentionSetup {
-    static constexpr Index B = StepShape::B, T = StepShape::T, H = 12, hd = 64, d = H * hd, N = B * T;
+    static constexpr Index B = ModelStepShape::B, T = ModelStepShape::T, H = 12, hd = 64, d = H * hd, N = B * T;
     std::vector<float> qkv, out, dout, dqkv, lse, probs;
     AttentionSetup() {
         Rng rng(3);
@@ -350,7 +213,7 @@ void attention_probs(benchmark::State& state) {
 
 /// The head's inputs: final hidden states [N, d], the tied embedding [V, d], targets.
 struct HeadSetup {
-    static constexpr Index N = StepShape::B * StepShape::T, d = 768, V = 50257;
+    static constexpr Index N = ModelStepShape::B * ModelStepShape::T, d = 768, V = 50257;
     std::vector<float> x, W, dx, logits, lse;
     std::vector<int> targets;
     HeadSetup() {
@@ -402,23 +265,23 @@ void lm_head_logits(benchmark::State& state) {
 }
 
 #define COMIGS_MODEL_CASES(host)                                                                           \
-    BENCHMARK_CAPTURE(model_step, fp32_##host, Host::host, false)                                          \
+    BENCHMARK_CAPTURE(model_step, fp32_##host, RandomHost::host, false)                                          \
         ->Name("model_step/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                   \
-    BENCHMARK_CAPTURE(model_step_one_thread, fp32_##host, Host::host, false)                               \
+    BENCHMARK_CAPTURE(model_step_one_thread, fp32_##host, RandomHost::host, false)                               \
         ->Name("model_step/fp32/" #host "/one_thread")->Unit(benchmark::kMillisecond)->UseRealTime();     \
-    BENCHMARK_CAPTURE(model_step, bf16_##host, Host::host, true)                                           \
+    BENCHMARK_CAPTURE(model_step, bf16_##host, RandomHost::host, true)                                           \
         ->Name("model_step/bf16/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                   \
-    BENCHMARK_CAPTURE(model_fwd, fp32_##host, Host::host, false)                                           \
+    BENCHMARK_CAPTURE(model_fwd, fp32_##host, RandomHost::host, false)                                           \
         ->Name("model_fwd/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                    \
-    BENCHMARK_CAPTURE(model_fwd, bf16_##host, Host::host, true)                                            \
+    BENCHMARK_CAPTURE(model_fwd, bf16_##host, RandomHost::host, true)                                            \
         ->Name("model_fwd/bf16/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                    \
-    BENCHMARK_CAPTURE(model_phases, fp32_##host, Host::host, false)                                        \
+    BENCHMARK_CAPTURE(model_phases, fp32_##host, RandomHost::host, false)                                        \
         ->Name("model_phases/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                 \
-    BENCHMARK_CAPTURE(model_phases, bf16_##host, Host::host, true)                                         \
+    BENCHMARK_CAPTURE(model_phases, bf16_##host, RandomHost::host, true)                                         \
         ->Name("model_phases/bf16/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();                 \
-    BENCHMARK_CAPTURE(model_decode, mixture_##host, Host::host, StepShape::experts)                       \
+    BENCHMARK_CAPTURE(model_decode, mixture_##host, RandomHost::host, ModelStepShape::experts)                       \
         ->Name("model_decode/mixture/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime();         \
-    BENCHMARK_CAPTURE(model_decode, lora_##host, Host::host, 1)                                           \
+    BENCHMARK_CAPTURE(model_decode, lora_##host, RandomHost::host, 1)                                           \
         ->Name("model_decode/lora/fp32/" #host)->Unit(benchmark::kMillisecond)->UseRealTime()
 
 COMIGS_MODEL_CASES(gpt2_124m);

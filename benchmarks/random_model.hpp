@@ -1,7 +1,8 @@
 #pragma once
 // Real-shaped hosts with random frozen weights (GPT-2-124M, SmolLM2-135M, Llama-3.2-1B) held in fp32,
 // bf16, Q8_0 or Q4_0, and the CoMiGS adapters a fine-tuning step trains on them: shared by
-// comigs-model-memory (model_memory.cpp) and the whole-model cases of bench_quant.cpp.
+// comigs-model-memory (model_memory.cpp) and the whole-model cases of bench_quant.cpp and bench_model.cpp.
+#include <algorithm>
 #include <memory>
 #include <span>
 #include <stdexcept>
@@ -64,6 +65,11 @@ inline cm::LlamaConfig llama32_1b_config() {
     return c;
 }
 
+/// The Llama-family shape of a host (SmolLM2-135M or Llama-3.2-1B).
+inline cm::LlamaConfig random_llama_config(RandomHost host) {
+    return host == RandomHost::smollm2_135m ? smollm2_135m_config() : llama32_1b_config();
+}
+
 /// Random tensors under Hugging Face names: matrices U(-0.05, 0.05) stored as `type` (Q8_0 / Q4_0
 /// quantized as ggml does: what a GGUF file maps), vectors (norms 1, biases 0) in F32.
 struct RandomSource {
@@ -81,16 +87,11 @@ struct RandomSource {
     }
 };
 
-/// A frozen host of random weights held in `type`; bf16 matrices multiply bf16-rounded activations
-/// (the fast path), quantized ones compute with their dequantized values. GPT-2 takes fp32 or bf16
-/// only: its Conv1D ([in, out]) matrices are transposed at load and cannot stay in blocks.
-inline std::unique_ptr<cm::CausalLm<float>> random_host(RandomHost host, cm::ElementType type) {
+/// Every tensor of a host under Hugging Face names, random, matrices stored as `type`.
+inline std::shared_ptr<cm::MemorySource> random_source(RandomHost host, cm::ElementType type) {
     RandomSource r;
     r.type = type;
-    const cm::WeightOptions options{.keep_bf16 = true, .fp32_compute = false};
     if (host == RandomHost::gpt2_124m) {
-        require(!cm::is_quantized(type), "gpt2_124m: its Conv1D ([in, out]) weights are transposed at load and "
-                                         "cannot be held in blocks; fp32 or bf16");
         const auto c = gpt2_124m_config();
         const Index d = c.d_model, h = c.hidden();
         r.matrix("wte.weight", c.vocab, d);
@@ -112,9 +113,9 @@ inline std::unique_ptr<cm::CausalLm<float>> random_host(RandomHost host, cm::Ele
             r.matrix(n("mlp.c_proj.weight"), h, d);
             r.fill(n("mlp.c_proj.bias"), d, 0);
         }
-        return cm::load_gpt2<float>(r.src, c, options);
+        return r.src;
     }
-    const cm::LlamaConfig c = host == RandomHost::smollm2_135m ? smollm2_135m_config() : llama32_1b_config();
+    const cm::LlamaConfig c = random_llama_config(host);
     const Index d = c.d_model, qw = c.n_head * c.hd(), kvw = c.kv_heads() * c.hd(), h = c.mlp_hidden;
     r.matrix("model.embed_tokens.weight", c.vocab, d);
     r.fill("model.norm.weight", d, 1);
@@ -130,33 +131,56 @@ inline std::unique_ptr<cm::CausalLm<float>> random_host(RandomHost host, cm::Ele
         r.matrix(n("mlp.up_proj.weight"), h, d);
         r.matrix(n("mlp.down_proj.weight"), d, h);
     }
-    return std::make_unique<cm::Llama<float>>(cm::load_llama_weights<float>(r.src, c, options));
+    return r.src;
+}
+
+/// A frozen host of random weights held in `type`; bf16 matrices multiply bf16-rounded activations
+/// (the fast path), quantized ones compute with their dequantized values. GPT-2 takes fp32 or bf16
+/// only: its Conv1D ([in, out]) matrices are transposed at load and cannot stay in blocks.
+inline std::unique_ptr<cm::CausalLm<float>> random_host(RandomHost host, cm::ElementType type) {
+    const cm::WeightOptions options{.keep_bf16 = true, .fp32_compute = false};
+    if (host == RandomHost::gpt2_124m) {
+        require(!cm::is_quantized(type), "gpt2_124m: its Conv1D ([in, out]) weights are transposed at load and "
+                                         "cannot be held in blocks; fp32 or bf16");
+        return cm::load_gpt2<float>(random_source(host, type), gpt2_124m_config(), options);
+    }
+    return std::make_unique<cm::Llama<float>>(
+        cm::load_llama_weights<float>(random_source(host, type), random_llama_config(host), options));
+}
+
+/// Sets every LoRA B (zero after init) to small random values, so that no work is skipped for zeros.
+inline void randomize_lora_b(ParamBuffer<float>& p, Rng& rng) {
+    for (const auto& s : p.layout().tensors())
+        if (s.name.find("lora_B") != std::string::npos)
+            for (float& v : p.span(s.name)) v = static_cast<float>(rng.normal() * 0.01);
 }
 
 /// The CoMiGS adapters on a host (ModelStepShape): attention LoRA, a mixture on every MLP (non-zero B,
-/// so no work is skipped for zeros), AdamW over all of them, a random batch.
+/// so no work is skipped for zeros; `experts` = 1, top-1: plain LoRA on the MLP), AdamW over all of
+/// them, random tokens (at least a batch; more for a decode prompt) and targets for a batch.
 struct ModelAdapters {
     using S = ModelStepShape;
     std::vector<std::shared_ptr<MixtureOfLoraMlp<float>>> mixtures;
     std::unique_ptr<AdamW<float>> opt;
     std::vector<int> tokens, targets;
 
-    explicit ModelAdapters(cm::CausalLm<float>& model) {
+    explicit ModelAdapters(cm::CausalLm<float>& model, Index experts = S::experts, Index top_k = S::top_k,
+                           Index n_tokens = S::B * S::T) {
         Rng rng(26);
         model.add_attention_lora({S::rank, 16.0, LoraScaling::sqrt}, rng);
-        randomize_b(model.lora(), rng);
+        randomize_lora_b(model.lora(), rng);
         std::vector<ParamBinding<float>> bindings{bind("attention", model.lora(), model.lora_grads())};
         for (Index l = 0; l < model.n_layer(); ++l) {
             MixtureConfig mc;
             mc.form = model.mlp_form();
             mc.d_model = model.d_model();
             mc.d_hidden = model.mlp_hidden();
-            mc.n_experts = S::experts;
-            mc.top_k = S::top_k;
+            mc.n_experts = experts;
+            mc.top_k = top_k;
             mc.rank = S::rank;
             auto mix = std::make_shared<MixtureOfLoraMlp<float>>(mc, model.frozen_mlp(l));
             mix->init(rng);
-            randomize_b(mix->params(), rng);
+            randomize_lora_b(mix->params(), rng);
             model.set_mlp(l, std::make_unique<cm::MixtureMlp<float>>(mix, 0.01 / double(model.n_layer())));
             bindings.push_back(bind("mlp" + std::to_string(l), mix->params(), mix->grads()));
             mixtures.push_back(std::move(mix));
@@ -166,27 +190,23 @@ struct ModelAdapters {
              .bindings = std::move(bindings),
              .lr = LrSchedule::constant(1e-4),
              .options = {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.01}}});
-        tokens.resize(static_cast<std::size_t>(S::B * S::T));
-        targets.resize(tokens.size());
+        tokens.resize(static_cast<std::size_t>(std::max(S::B * S::T, n_tokens)));
+        targets.resize(static_cast<std::size_t>(S::B * S::T));
         const auto V = static_cast<std::uint64_t>(model.vocab());
         for (int& t : tokens) t = static_cast<int>(rng.below(V));
         for (int& t : targets) t = static_cast<int>(rng.below(V));
     }
+    /// The first batch of the tokens.
+    std::span<const int> batch() const { return {tokens.data(), static_cast<std::size_t>(S::B * S::T)}; }
     /// One fine-tuning step: forward with the loss, backward, AdamW.
     void step(cm::CausalLm<float>& model) {
         model.zero_grad();
         for (auto& m : mixtures) m->zero_grad();
-        model.forward(tokens, targets, S::B, S::T, true);
+        model.forward(batch(), targets, S::B, S::T, true);
         model.backward();
         opt->step();
     }
 
-private:
-    static void randomize_b(ParamBuffer<float>& p, Rng& rng) {
-        for (const auto& s : p.layout().tensors())
-            if (s.name.find("lora_B") != std::string::npos)
-                for (float& v : p.span(s.name)) v = static_cast<float>(rng.normal() * 0.01);
-    }
 };
 
 }  // namespace comigs::bench
