@@ -2,14 +2,15 @@
 // bytes counted by bench_memory.cpp's operator new/delete, and the process's peak RSS), in three parts:
 //   base         the frozen base as the model holds it: the source tensors in the chosen precision
 //                (F32, BF16, or GGML Q8_0 / Q4_0 blocks, what a GGUF file maps) plus anything the host
-//                builds from them at load (GPT-2's Conv1D matrices transposed)
+//                builds from them at load (GPT-2's Conv1D matrices transposed, or quantized from F32;
+//                the source's bytes of those are freed, as a mapped file drops their pages)
 //   adapters     attention LoRA (rank 8 on q/k/v/o, GPT-2's c_attn/c_proj), a 2-expert top-2 rank-8
 //                mixture with its router on every MLP, their gradients and AdamW's two moments
 //   activations  the peak above that during one training step (forward, backward, AdamW) on 8 x 128
 //                tokens: everything kept between forward and backward, logits and work space
 //
 //   comigs-model-memory HOST PRECISION [--no-step]
-//       HOST: gpt2_124m | smollm2_135m | llama32_1b;  PRECISION: fp32 | bf16 | q8_0 | q4_0 (Llama hosts)
+//       HOST: gpt2_124m | smollm2_135m | llama32_1b;  PRECISION: fp32 | bf16 | q8_0 | q4_0
 //       --no-step: base and adapters only (the step of a 1B model takes minutes on a small machine)
 // Prints one markdown table row. Each run is its own process, so the numbers do not mix.
 #include <sys/resource.h>

@@ -87,9 +87,13 @@ struct RandomSource {
     }
 };
 
-/// Every tensor of a host under Hugging Face names, random, matrices stored as `type`.
-inline std::shared_ptr<cm::MemorySource> random_source(RandomHost host, cm::ElementType type) {
+/// Every tensor of a host under Hugging Face names, random, matrices stored as `type`. `free_released`:
+/// the bytes a host copies at load (GPT-2's Conv1D matrices, transposed or quantized) are freed, as a
+/// mapped file drops their pages (TensorSource::release).
+inline std::shared_ptr<cm::MemorySource> random_source(RandomHost host, cm::ElementType type,
+                                                       bool free_released = false) {
     RandomSource r;
+    r.src = std::make_shared<cm::MemorySource>("random weights", free_released);
     r.type = type;
     if (host == RandomHost::gpt2_124m) {
         const auto c = gpt2_124m_config();
@@ -135,14 +139,16 @@ inline std::shared_ptr<cm::MemorySource> random_source(RandomHost host, cm::Elem
 }
 
 /// A frozen host of random weights held in `type`; bf16 matrices multiply bf16-rounded activations
-/// (the fast path), quantized ones compute with their dequantized values. GPT-2 takes fp32 or bf16
-/// only: its Conv1D ([in, out]) matrices are transposed at load and cannot stay in blocks.
+/// (the fast path), quantized ones compute with their dequantized values. The Llama hosts get their
+/// matrices already in blocks (what a GGUF file maps); GPT-2 gets an F32 file's tensors and quantizes
+/// them at load (WeightOptions::quantize: its Conv1D matrices are [in, out] there, quantized transposed),
+/// and the source frees what the host copied (a mapped file's released pages).
 inline std::unique_ptr<cm::CausalLm<float>> random_host(RandomHost host, cm::ElementType type) {
-    const cm::WeightOptions options{.keep_bf16 = true, .fp32_compute = false};
+    cm::WeightOptions options{.keep_bf16 = true, .fp32_compute = false};
     if (host == RandomHost::gpt2_124m) {
-        require(!cm::is_quantized(type), "gpt2_124m: its Conv1D ([in, out]) weights are transposed at load and "
-                                         "cannot be held in blocks; fp32 or bf16");
-        return cm::load_gpt2<float>(random_source(host, type), gpt2_124m_config(), options);
+        if (cm::is_quantized(type)) options.quantize = cm::quant_type_of(type);
+        return cm::load_gpt2<float>(random_source(host, cm::is_quantized(type) ? cm::ElementType::f32 : type, true),
+                                    gpt2_124m_config(), options);
     }
     return std::make_unique<cm::Llama<float>>(
         cm::load_llama_weights<float>(random_source(host, type), random_llama_config(host), options));

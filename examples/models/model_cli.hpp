@@ -29,6 +29,7 @@ struct ModelOptions {
     std::string adapter;
     bool bf16_compute = false;  ///< bf16 activations against BF16 weights (faster; about 3 digits)
     bool widen = false;         ///< widen every BF16 matrix to fp32 at load (twice the memory)
+    std::string precision;  ///< "" (as the file holds it), q8_0 or q4_0 (quantized at load)
     int threads = 0;
 
     void add_to(CLI::App& app) {
@@ -44,9 +45,19 @@ struct ModelOptions {
                      "digits). Default: fp32 arithmetic on the exact BF16 values, weights widened a panel at a "
                      "time inside each product, never as a whole");
         app.add_flag("--widen", widen, "widen the whole BF16 base to fp32 at load (twice the memory of the file)");
+        app.add_option("--precision", precision,
+                       "quantize the frozen matrices (attention, MLP, head) at load into GGML blocks: q8_0 "
+                       "(1.0625 bytes a weight) or q4_0 (0.5625); products use the dequantized values. "
+                       "Default: as the file holds them. A GGUF file's Q8_0/Q4_0 matrices stay as they are")
+            ->check(CLI::IsMember({"q8_0", "q4_0"}));
         app.add_option("--threads", threads, "OpenMP threads (default: OMP_NUM_THREADS or all cores)");
     }
-    models::WeightOptions weights() const { return {.keep_bf16 = !widen, .fp32_compute = !bf16_compute}; }
+    models::WeightOptions weights() const {
+        models::WeightOptions w{.keep_bf16 = !widen, .fp32_compute = !bf16_compute};
+        if (precision == "q8_0") w.quantize = kernels::QuantType::q8_0;
+        if (precision == "q4_0") w.quantize = kernels::QuantType::q4_0;
+        return w;
+    }
 };
 
 /// The loaded model, with the adapters installed when asked for.
@@ -68,7 +79,10 @@ inline Loaded load(const ModelOptions& o) {
     std::fprintf(stderr, "%s: %s, %ld blocks, d %ld, vocabulary %ld, context %ld; %.1f MB of weights mapped; %s%s\n",
                  o.model.c_str(), l.lm.architecture.c_str(), long(m.n_layer()), long(m.d_model()), long(m.vocab()),
                  long(m.max_positions()), double(l.lm.file_bytes) / 1e6,
-                 o.widen ? "BF16 widened to fp32" : o.bf16_compute ? "bf16 products" : "fp32 compute",
+                 !o.precision.empty() ? ("quantized to " + o.precision + " at load").c_str()
+                 : o.widen            ? "BF16 widened to fp32"
+                 : o.bf16_compute     ? "bf16 products"
+                                      : "fp32 compute",
                  o.adapter.empty() ? "" : (", adapters from " + o.adapter + (l.mixtures.empty() ? "" : " (mixtures on every MLP)")).c_str());
     return l;
 }

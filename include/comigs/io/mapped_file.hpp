@@ -69,6 +69,19 @@ public:
         ::madvise(const_cast<std::byte*>(data_) + begin, end - begin, sequential ? MADV_SEQUENTIAL : MADV_WILLNEED);
     }
 
+    /// Drops the resident pages that lie wholly inside [offset, offset + length) (MADV_DONTNEED): a
+    /// range that was read once (copied, transposed, quantized) and will not be read again stops counting
+    /// towards the process's memory. The mapping is private and read-only, so reading the range again
+    /// is still correct: the pages come back from the file.
+    void release(std::size_t offset, std::size_t length) const noexcept {
+        if (!data_ || offset >= size_) return;
+        const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+        const auto base = reinterpret_cast<std::uintptr_t>(data_);  // page-aligned (mmap)
+        const std::size_t end = length > size_ - offset ? size_ : offset + length;
+        const std::size_t first = (base + offset + page - 1) / page * page - base, last = (base + end) / page * page - base;
+        if (first < last) ::madvise(const_cast<std::byte*>(data_) + first, last - first, MADV_DONTNEED);
+    }
+
 private:
     void unmap() noexcept {
         if (data_) ::munmap(const_cast<std::byte*>(data_), size_);

@@ -8,7 +8,8 @@
 //   - trainable (Gpt2(config)): every weight in one fp32/fp64 buffer with Hugging Face GPT-2 names and a
 //     gradient buffer beside it, for pretraining (the demo's host) and fine-tuning with a frozen base;
 //   - frozen (Gpt2(weights), load_gpt2 in hf_gpt2.hpp): Gpt2Weights shared by every model over them,
-//     each linear a comigs::FrozenLinear (fp32, or BF16 kept as BF16), the MLPs FrozenMlps.
+//     each linear a comigs::FrozenLinear (fp32, BF16 kept as BF16, or Q8_0 / Q4_0 blocks quantized at load:
+//     WeightOptions::quantize), the MLPs FrozenMlps.
 // Linear weights are [out, in] as nn.Linear (HF's Conv1D stores [in, out]: hf_gpt2.hpp transposes).
 #include <cmath>
 #include <limits>
@@ -602,6 +603,10 @@ private:
         }
     }
     void embedding_row(T* dst, int token) const {
+        if (w_->wte.is_quantized()) {
+            kernels::dequantize_row(dst, w_->wte.weight_quant.type, w_->wte.weight_quant.row_ptr(token), cfg_.d_model);
+            return;
+        }
         if constexpr (std::is_same_v<T, float>) {
             if (w_->wte.is_bf16()) {
                 kernels::convert_to_float(dst, w_->wte.weight_bf16.row_ptr(token), cfg_.d_model);
@@ -611,7 +616,7 @@ private:
         std::copy_n(w_->wte.weight.row_ptr(token), cfg_.d_model, dst);
     }
     void embed_batch(MatrixView<T> out) const {
-        if (!w_->wte.is_bf16()) {
+        if (w_->wte.is_plain()) {
             encoder_forward(out, tokens_.data(), w_->wte.weight, w_->wpe, B_, T_);
             return;
         }
@@ -692,9 +697,9 @@ private:
     T* gl(Index l, std::string_view tail) { return G(layer_name(l, tail)).data; }
 
     /// y = x W^T (+ b): an fp32/fp64 weight through linear_forward (the trainable model's numbers), a
-    /// bf16 one through its FrozenLinear.
+    /// bf16 or quantized one through its FrozenLinear.
     static void linear_fwd(const FrozenLinear<T>& W, MatrixView<T> y, ConstMatrixView<T> x, bool bias = true) {
-        if (W.is_bf16()) {
+        if (!W.is_plain()) {
             FrozenLinear<T> w = W;
             if (!bias) w.bias = {};
             w.forward(y, x);
@@ -705,7 +710,7 @@ private:
     /// dx += dy W (dx may be empty); in full mode also dW += dy^T x, db += sum dy.
     static void linear_bwd(const FrozenLinear<T>& W, MatrixView<T> dx, MatrixView<T> dW, T* db, ConstMatrixView<T> dy,
                            ConstMatrixView<T> x) {
-        if (W.is_bf16()) {
+        if (!W.is_plain()) {
             if (dx.data) W.backward_input(dx, dy, true);
         } else {
             linear_backward(dx, dW, db, dy, x, W.weight);

@@ -154,7 +154,10 @@ inline Gpt2Config hf_gpt2_config_from_source(const TensorSource& src, std::optio
 }
 
 /// A frozen GPT-2 over the tensors of a source (Hugging Face names, "transformer." prefix or not).
-/// Conv1D weights ([in, out]) are transposed once into storage of the model's own; wte, wpe, biases
+/// Conv1D weights ([in, out]) are transposed once into storage of the model's own (with
+/// `options.quantize`, straight into Q8_0 / Q4_0 blocks along their [out, in] rows; wte, the tied
+/// head, too), after which the source is told it may drop their bytes (TensorSource::release: a mapped
+/// file's pages go, so the base is held once, not as file + copy); wte, wpe, biases
 /// and LayerNorms are read in place where their type allows. Every tensor the config implies must be
 /// there with its shape (ShapeError naming the tensor, its file and the config values, `config_name`
 /// saying where they came from); other tensors are an error, except the attention mask buffers

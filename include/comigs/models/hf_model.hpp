@@ -9,6 +9,7 @@
 // missing shard, a tensor the index puts in a shard that does not hold it, and a config that disagrees
 // with the tensors (ShapeError naming the tensor, its file, both shapes and the config values).
 #include <algorithm>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -106,6 +107,19 @@ public:
         return v;
     }
     std::string description() const override { return what_; }
+
+    /// Drops the resident pages of a tensor's bytes (whole pages inside it) from its shard's mapping.
+    void release(const TensorRef& t) const override {
+        const auto p = reinterpret_cast<std::uintptr_t>(t.bytes.data());
+        for (const auto& m : maps_) {
+            const auto b = m->bytes();
+            const auto lo = reinterpret_cast<std::uintptr_t>(b.data());
+            if (p >= lo && p - lo + t.bytes.size() <= b.size()) {
+                m->release(static_cast<std::size_t>(p - lo), t.bytes.size());
+                return;
+            }
+        }
+    }
 
     const std::filesystem::path& root() const { return root_; }
     /// The `__metadata__` of the first shard (e.g. the n_head comigs writes into GPT-2 files).

@@ -11,11 +11,13 @@
 // for a float host that keeps BF16) is viewed, not copied; anything else is converted once into storage
 // the store owns. The store keeps its source alive, so every view it hands out stays valid while any
 // model (or copy of a model) holding the store lives.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -123,6 +125,11 @@ public:
 
     bool contains(std::string_view name) const { return find(name) != nullptr; }
 
+    /// A hint from a host that has copied a tensor into a form of its own (transposed, quantized) and
+    /// will not read its bytes again: a mapped file drops its pages (they come back if read). By default
+    /// nothing happens; the TensorRef stays valid either way.
+    virtual void release(const TensorRef&) const {}
+
     /// The tensor called `name`; FormatError naming the source when it is absent.
     const TensorRef& at(std::string_view name) const {
         const TensorRef* t = find(name);
@@ -143,7 +150,11 @@ public:
 /// Tensors held in memory (tests, programs that build models from other formats).
 class MemorySource final : public TensorSource {
 public:
-    explicit MemorySource(std::string what = "tensors in memory") : what_(std::move(what)) {}
+    /// `free_released`: release() frees a tensor's bytes (its TensorRef then holds none), the way a
+    /// mapped file drops its pages; for measuring what a host keeps (comigs-model-memory). Off: release()
+    /// does nothing.
+    explicit MemorySource(std::string what = "tensors in memory", bool free_released = false)
+        : what_(std::move(what)), free_released_(free_released) {}
 
     /// Adds (or replaces) a tensor from raw little-endian bytes (GGML blocks for q8_0 / q4_0).
     void add_bytes(std::string name, ElementType type, std::vector<Index> shape, std::vector<std::byte> bytes) {
@@ -223,12 +234,21 @@ public:
     }
     std::string description() const override { return what_; }
 
+    void release(const TensorRef& t) const override {
+        if (!free_released_) return;
+        const auto it = tensors_.find(t.name);
+        if (it == tensors_.end() || &it->second->ref != &t) return;
+        it->second->ref.bytes = {};
+        comigs::detail::aligned_vector<std::byte>().swap(it->second->bytes);
+    }
+
 private:
     struct Stored {
         comigs::detail::aligned_vector<std::byte> bytes;
         TensorRef ref;
     };
     std::string what_;
+    bool free_released_ = false;
     std::map<std::string, std::unique_ptr<Stored>, std::less<>> tensors_;
 };
 
@@ -241,6 +261,13 @@ struct WeightOptions {
     /// panel at a time inside the GEMM; activations not rounded): the numbers of the model cast to fp32,
     /// without the copy. Off: activations are rounded to bf16 for bf16 dot products (faster, ~3 digits).
     bool fp32_compute = false;
+    /// Quantize the matrices of every frozen linear (attention, MLP, the head and the embedding it may
+    /// be tied to) at load into GGML's blocks along each [out, in] row, from their float values as
+    /// llama.cpp's quantize_row_*_ref does; GPT-2's Conv1D weights ([in, out] in the file) are quantized
+    /// transposed, so no fp32 copy of them is ever made. Rows must be multiples of 32 values. Matrices
+    /// that come already quantized (a GGUF file) stay as they are; vectors (norms, biases, GPT-2's
+    /// position table) keep their type. Empty: matrices are held as the file has them.
+    std::optional<kernels::QuantType> quantize = std::nullopt;
 };
 
 /// Frozen tensors of a source, in the forms the hosts compute with (see the file comment).
@@ -262,6 +289,8 @@ public:
         FrozenLinear<T> f;
         if (is_quantized(weight.type)) {
             f.weight_quant = quant_matrix(weight);
+        } else if (options_.quantize) {
+            f.weight_quant = quantized(weight, false);
         } else if constexpr (std::is_same_v<T, float>) {
             if (weight.type == ElementType::bf16 && options_.keep_bf16) {
                 f.weight_bf16 = bf16_matrix(weight);
@@ -282,7 +311,8 @@ public:
     }
 
     /// A linear map from a weight stored [in, out] (GPT-2's Conv1D): transposed once into storage of the
-    /// store's own ([out, in]; BF16 stays BF16 when kept), so that every frozen linear has one layout.
+    /// store's own ([out, in]; BF16 stays BF16 when kept; with `quantize`, straight into blocks along the
+    /// [out, in] rows), so that every frozen linear has one layout.
     FrozenLinear<T> linear_transposed(const TensorRef& weight, const TensorRef* bias = nullptr) {
         require<ShapeError>(weight.shape.size() == 2, source_->description(), ": tensor '", weight.name,
                             "' has shape ", shape_text(weight.shape), ", a linear weight has 2 dimensions");
@@ -291,26 +321,41 @@ public:
         const Index in = weight.rows(), out = weight.cols();
         FrozenLinear<T> f;
         bool done = false;
+        if (options_.quantize) {
+            f.weight_quant = quantized(weight, true);
+            done = true;
+        }
         if constexpr (std::is_same_v<T, float>) {
-            if (weight.type == ElementType::bf16 && options_.keep_bf16) {
-                const auto src = bf16_matrix(weight);
+            if (!done && weight.type == ElementType::bf16 && options_.keep_bf16) {
+                require<FormatError>(weight.bytes.size() == tensor_bytes(weight.type, weight.shape, weight.name),
+                                     source_->description(), ": tensor '", weight.name, "' holds ", weight.bytes.size(),
+                                     " bytes for a BF16 ", shape_text(weight.shape));
                 auto& buf = owned_bf16_.emplace_back(static_cast<std::size_t>(in * out));
                 for (Index i = 0; i < in; ++i)
-                    for (Index o = 0; o < out; ++o) buf[static_cast<std::size_t>(o * in + i)] = src(i, o);
+                    for (Index o = 0; o < out; ++o)
+                        std::memcpy(&buf[static_cast<std::size_t>(o * in + i)],
+                                    weight.bytes.data() + static_cast<std::size_t>(i * out + o) * 2, 2);
                 owned_bytes_ += buf.size() * sizeof(kernels::bf16);
                 f.weight_bf16 = ConstMatrixView<kernels::bf16>(buf.data(), out, in);
                 f.fp32_compute = options_.fp32_compute;
                 done = true;
             }
         }
-        if (!done) {
-            const T* src = converted(weight);
+        if (!done) {  // read value by value from the source's bytes: no converted copy in between
+            require<FormatError>(weight.bytes.size() == tensor_bytes(weight.type, weight.shape, weight.name),
+                                 source_->description(), ": tensor '", weight.name, "' holds ", weight.bytes.size(),
+                                 " bytes, not the ", tensor_bytes(weight.type, weight.shape, weight.name), " of ",
+                                 to_string(weight.type), " ", shape_text(weight.shape));
             auto& buf = owned_.emplace_back(static_cast<std::size_t>(in * out));
+            const std::size_t es = element_size(weight.type);
             for (Index i = 0; i < in; ++i)
-                for (Index o = 0; o < out; ++o) buf[static_cast<std::size_t>(o * in + i)] = src[i * out + o];
+                for (Index o = 0; o < out; ++o)
+                    buf[static_cast<std::size_t>(o * in + i)] =
+                        static_cast<T>(value_at(weight, static_cast<std::size_t>(i * out + o) * es));
             owned_bytes_ += buf.size() * sizeof(T);
             f.weight = ConstMatrixView<T>(buf.data(), out, in);
         }
+        source_->release(weight);  // every form above is a copy: the file's [in, out] bytes are not read again
         if (bias) {
             require<ShapeError>(bias->numel() == out, source_->description(), ": bias '", bias->name, "' has shape ",
                                 shape_text(bias->shape), " for weight '", weight.name, "' of ", out, " outputs");
@@ -353,6 +398,57 @@ public:
         return {quant_type_of(t.type), t.bytes.data(), t.rows(), t.cols()};
     }
 
+    /// A float matrix (F32, F64, F16, BF16) quantized into owned blocks of options().quantize along the
+    /// rows of its [out, in] form: the tensor itself, or with `transposed` the transpose of an [in, out]
+    /// tensor. Values go through float (quantize_row's input). ShapeError naming the tensor when a row is
+    /// not a multiple of 32 values; NumericError naming the tensor and row for a non-finite value.
+    kernels::QuantMatrixView quantized(const TensorRef& t, bool transposed) {
+        require(options_.quantize.has_value(), "tensor '", t.name, "': quantized() without options().quantize");
+        require<ShapeError>(t.shape.size() == 2, source_->description(), ": tensor '", t.name, "' has shape ",
+                            shape_text(t.shape), ", expected a matrix");
+        require<FormatError>(!is_quantized(t.type) && t.bytes.size() == tensor_bytes(t.type, t.shape, t.name),
+                             source_->description(), ": tensor '", t.name, "' holds ", t.bytes.size(), " bytes, not the ",
+                             tensor_bytes(t.type, t.shape, t.name), " of ", to_string(t.type), " ", shape_text(t.shape));
+        const kernels::QuantType q = *options_.quantize;
+        const Index rows = transposed ? t.cols() : t.rows(), cols = transposed ? t.rows() : t.cols();
+        require<ShapeError>(cols % kernels::quant_block_size == 0, source_->description(), ": tensor '", t.name, "' ",
+                            shape_text(t.shape), ": its [out, in] rows have ", cols, " values, not a multiple of 32, so ",
+                            kernels::to_string(q), " blocks cannot hold them");
+        const std::size_t rb = kernels::quant_row_bytes(q, cols);
+        auto& buf = owned_quant_.emplace_back(static_cast<std::size_t>(rows) * rb);
+        owned_bytes_ += buf.size();
+        // A panel of output rows at a time: the transposed case reads the source row by row (cache lines
+        // in order) and gathers `panel` columns of it.
+        constexpr Index panel = 64;
+        std::vector<float> tile(static_cast<std::size_t>(panel * cols));
+        const std::size_t es = element_size(t.type);
+        for (Index r0 = 0; r0 < rows; r0 += panel) {
+            const Index nr = std::min(panel, rows - r0);
+            if (transposed) {
+                for (Index i = 0; i < cols; ++i)  // source row i: values (i, r0 .. r0 + nr)
+                    for (Index r = 0; r < nr; ++r)
+                        tile[static_cast<std::size_t>(r * cols + i)] = static_cast<float>(
+                            value_at(t, (static_cast<std::size_t>(i) * static_cast<std::size_t>(rows) + static_cast<std::size_t>(r0 + r)) * es));
+            } else {
+                for (Index r = 0; r < nr; ++r)
+                    for (Index i = 0; i < cols; ++i)
+                        tile[static_cast<std::size_t>(r * cols + i)] = static_cast<float>(
+                            value_at(t, (static_cast<std::size_t>(r0 + r) * static_cast<std::size_t>(cols) + static_cast<std::size_t>(i)) * es));
+            }
+            for (Index r = 0; r < nr; ++r) {
+                try {
+                    kernels::quantize_row(buf.data() + static_cast<std::size_t>(r0 + r) * rb, q,
+                                          tile.data() + r * cols, cols);
+                } catch (const NumericError& e) {
+                    comigs::detail::raise<NumericError>(source_->description(), ": tensor '", t.name, "' (",
+                                                        transposed ? "column " : "row ", r0 + r, "): ", e.what());
+                }
+            }
+        }
+        source_->release(t);  // the blocks are the only form the host reads
+        return {q, buf.data(), rows, cols};
+    }
+
     /// Any tensor as a flat vector in the host's type (norm weights, biases, embeddings).
     std::span<const T> vector(const TensorRef& t) { return {converted(t), static_cast<std::size_t>(t.numel())}; }
 
@@ -362,6 +458,29 @@ public:
 
 private:
     static constexpr ElementType host_type = std::is_same_v<T, float> ? ElementType::f32 : ElementType::f64;
+
+    /// The value at byte offset `at` of a float tensor (F32, F64, F16, BF16), exactly.
+    static double value_at(const TensorRef& t, std::size_t at) {
+        const std::byte* p = t.bytes.data() + at;
+        switch (t.type) {
+            case ElementType::f32: {
+                float f;
+                std::memcpy(&f, p, 4);
+                return f;
+            }
+            case ElementType::f64: {
+                double f;
+                std::memcpy(&f, p, 8);
+                return f;
+            }
+            default: {
+                std::uint16_t b;
+                std::memcpy(&b, p, 2);
+                return t.type == ElementType::bf16 ? comigs::detail::bf16_bits_to_float(b)
+                                                   : comigs::detail::f16_bits_to_float(b);
+            }
+        }
+    }
 
     const T* converted(const TensorRef& t) {
         if (const auto it = converted_.find(t.name); it != converted_.end()) return it->second;
@@ -425,6 +544,7 @@ private:
     WeightOptions options_;
     std::vector<comigs::detail::aligned_vector<T>> owned_;  // never resized after creation: views stay valid
     std::vector<comigs::detail::aligned_vector<kernels::bf16>> owned_bf16_;
+    std::vector<comigs::detail::aligned_vector<std::byte>> owned_quant_;  // blocks quantized at load
     std::map<std::string, const T*, std::less<>> converted_;  // a tensor used twice (tied head) converts once
     std::size_t viewed_bytes_ = 0, owned_bytes_ = 0;
 };
