@@ -346,3 +346,38 @@ TEST_CASE("models::load_gpt2: the Conv1D bytes a host copied are released, never
         std::filesystem::remove_all(dir);
     }
 }
+
+TEST_CASE("models::quantized_gpt2_weights: a GPT-2 base held in memory, quantized, is the file quantized at load") {
+    // A pretrained (here: initialised) trainable host, saved in the Hugging Face layout and loaded with
+    // WeightOptions::quantize, gives the same blocks as its in-memory weights quantized: same logits.
+    Rng rng(46);
+    const cm::Gpt2Config c = small_gpt2();
+    cm::Gpt2<float> host(c);
+    host.init_weights(rng);
+    for (float& v : host.params().all()) v += float(rng.normal(0.0, 0.05));
+    char tmpl[] = "/tmp/comigs_test_qgpt2_XXXXXX";
+    REQUIRE(mkdtemp(tmpl) != nullptr);
+    const std::filesystem::path file = std::filesystem::path(tmpl) / "host.safetensors";
+    cm::save_hf_gpt2(host, file);
+    const std::vector<int> tokens{2, 7, 1, 8, 2, 8};
+    for (const Precision p : {Precision::q8_0, Precision::q4_0}) {
+        CAPTURE(to_string(p));
+        const auto w = cm::quantized_gpt2_weights<float>(host.weights_ptr(), p);
+        cm::Gpt2<float> a(w);
+        CHECK(w->wte.is_quantized());
+        CHECK(w->layers[1].mlp->precision() == p);
+        const auto b = cm::load_hf_model<float>(file, {.quantize = quant_type(p)});
+        a.forward(tokens, {}, 1, 6, false);
+        b.model->forward(tokens, {}, 1, 6, false);
+        CHECK(max_diff<float>(a.logits(), b.model->logits()) == 0.0);
+        // Requantizing blocks (q8_0 -> q4_0 from the dequantized values) is allowed; fp32 is not a target.
+        CHECK(cm::quantized_gpt2_weights<float>(w, Precision::q4_0)->layers[0].c_attn.weight_quant.type ==
+              kernels::QuantType::q4_0);
+    }
+    CHECK_THROWS_AS(cm::quantized_gpt2_weights<float>(host.weights_ptr(), Precision::fp32), InvalidArgument);
+    cm::Gpt2Config odd = small_gpt2(48);
+    cm::Gpt2<float> odd_host(odd);
+    CHECK_THROWS_WITH_AS(cm::quantized_gpt2_weights<float>(odd_host.weights_ptr(), Precision::q8_0),
+                         doctest::Contains("wte has rows of 48 values"), InvalidArgument);
+    std::filesystem::remove_all(tmpl);
+}

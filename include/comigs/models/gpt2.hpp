@@ -143,6 +143,66 @@ std::shared_ptr<Gpt2Weights<T>> gpt2_weights_view(const Gpt2Config& c, const Par
     return w;
 }
 
+/// The weights `w` with every linear (attention c_attn and c_proj, the MLPs' fc and proj, and wte: the
+/// tied head and the embedding rows) held in GGML's Q8_0 or Q4_0 blocks along its [out, in] rows,
+/// quantized from the current values (fp32/fp64, bf16, or the dequantized values of other blocks) as
+/// FrozenMlp::set_precision does for one MLP: the way to a quantized base for a GPT-2 held in memory
+/// (a pretrained Gpt2(config)'s weights_ptr(); a file quantizes at load: WeightOptions::quantize).
+/// LayerNorms, biases and wpe stay where they are (`w` is kept alive). Rows must be multiples of 32
+/// values (InvalidArgument naming the linear); NumericError for a non-finite weight.
+template <class T>
+std::shared_ptr<const Gpt2Weights<T>> quantized_gpt2_weights(std::shared_ptr<const Gpt2Weights<T>> w, Precision p) {
+    require(w != nullptr, "quantized_gpt2_weights: null weights");
+    require(is_quantized(p), "quantized_gpt2_weights: precision ", to_string(p), " is not q8_0 or q4_0");
+    struct Owner {
+        std::shared_ptr<const void> previous;
+        std::vector<comigs::detail::aligned_vector<std::byte>> blocks;
+    };
+    auto owner = std::make_shared<Owner>();
+    owner->previous = w;
+    const kernels::QuantType q = quant_type(p);
+    const auto quantize = [&](const FrozenLinear<T>& f, const std::string& what) {
+        const Index rows = f.out_features(), cols = f.in_features();
+        require(cols % kernels::quant_block_size == 0, "quantized_gpt2_weights: ", what, " has rows of ", cols,
+                " values, not a multiple of 32 (GGML blocks)");
+        const std::size_t rb = kernels::quant_row_bytes(q, cols);
+        auto& buf = owner->blocks.emplace_back(static_cast<std::size_t>(rows) * rb);
+        std::vector<float> row(static_cast<std::size_t>(cols));
+        for (Index i = 0; i < rows; ++i) {
+            if (f.is_quantized()) {
+                kernels::dequantize_row(row.data(), f.weight_quant.type, f.weight_quant.row_ptr(i), cols);
+            } else if (f.is_bf16()) {
+                kernels::convert_to_float(row.data(), f.weight_bf16.row_ptr(i), cols);
+            } else {
+                for (Index j = 0; j < cols; ++j) row[static_cast<std::size_t>(j)] = static_cast<float>(f.weight(i, j));
+            }
+            try {
+                kernels::quantize_row(buf.data() + static_cast<std::size_t>(i) * rb, q, row.data(), cols);
+            } catch (const NumericError& e) {
+                comigs::detail::raise<NumericError>("quantized_gpt2_weights: ", what, " row ", i, ": ", e.what());
+            }
+        }
+        FrozenLinear<T> out;
+        out.weight_quant = kernels::QuantMatrixView(q, buf.data(), rows, cols);
+        out.bias = f.bias;
+        return out;
+    };
+    auto n = std::make_shared<Gpt2Weights<T>>(*w);
+    n->owner = owner;
+    n->wte = quantize(w->wte, "wte");
+    for (std::size_t l = 0; l < n->layers.size(); ++l) {
+        auto& L = n->layers[l];
+        const auto name = [l](std::string_view tail) { return layer_name(static_cast<Index>(l), tail); };
+        L.c_attn = quantize(w->layers[l].c_attn, name("attn.c_attn"));
+        L.c_proj = quantize(w->layers[l].c_proj, name("attn.c_proj"));
+        std::map<std::string, FrozenLinear<T>> mlp;
+        mlp["fc"] = quantize(w->layers[l].mlp->linear("fc"), name("mlp.c_fc"));
+        mlp["proj"] = quantize(w->layers[l].mlp->linear("proj"), name("mlp.c_proj"));
+        L.mlp = std::make_shared<FrozenMlp<T>>(MlpForm::gelu, n->config.d_model, n->config.hidden(), std::move(mlp), owner);
+    }
+    return n;
+}
+
 /// The model. Typical step:
 ///   model.zero_grad(); T loss = model.forward(tokens, targets, B, T); model.backward(); optimiser step
 /// on (params(), grads()) in full mode, on (lora(), lora_grads()) and the plug-ins' own buffers in
