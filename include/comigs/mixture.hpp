@@ -304,13 +304,15 @@ public:
         if (dropped_) {
             // The second stage's LoRA input is the dropped-out activation; its mask is drawn up front.
             detail::draw_mask(mask2_, static_cast<std::size_t>(rows * h), cfg_.dropout, *rng);
-            detail::as_view(udrop_, rows, h);
         }
 
         // Per token, fused over its k routed rows while they are in cache: z1 = A1e x, the
-        // pre-activation p = H[t] + s B1e z1, u = act(p) (kept), m[t] = sum_j g_j u_j, z2 = A2e u.
-        auto U = detail::as_view(act_, rows, h);
-        auto M = detail::as_view(m_, n, h);
+        // pre-activation p = H[t] + s B1e z1, u = act(p), m[t] = sum_j g_j u_j, z2 = A2e u. u and m are
+        // work space (backward rebuilds u from H and z1); what is kept is H, z1, z2 and s g z2.
+        Workspace& ws = workspace();
+        auto U = detail::as_view(ws.u, rows, h);
+        auto Ud = dropped_ ? detail::as_view(ws.udrop, rows, h) : MatrixView<T>();
+        auto M = detail::as_view(ws.m, n, h);
         auto Z2 = detail::as_view(z2_, rows, r);
         auto Zs = detail::as_view(z2s_, n, E * r);
 #pragma omp parallel for schedule(static) if (rows * h > 65536)
@@ -337,7 +339,7 @@ public:
                     kernels::axpy(mt, g, u, h);
                 const T* ul = u;
                 if (dropped_) {
-                    T* ud = udrop_.data() + i * h;
+                    T* ud = Ud.row_ptr(i);
                     const T* mk = mask2_.data() + i * h;
                     for (Index c = 0; c < h; ++c) ud[c] = u[c] * mk[c];
                     ul = ud;
@@ -385,12 +387,15 @@ public:
         const Index nf = static_cast<Index>(first_.size());
         const ConstMatrixView<T> xs(x_.data(), n, d);
         const ConstMatrixView<T> xl = dropped_ ? ConstMatrixView<T>(xdrop_.data(), n, d) : xs;
-        const ConstMatrixView<T> U(act_.data(), rows, h);
-        const ConstMatrixView<T> Ul = dropped_ ? ConstMatrixView<T>(udrop_.data(), rows, h) : U;
+        Workspace& ws = workspace();
+        // u (and its dropped-out copy) rebuilt from H and z1 in the per-token pass below.
+        const auto U = detail::as_view(ws.u, rows, h);
+        const auto Ud = dropped_ ? detail::as_view(ws.udrop, rows, h) : MatrixView<T>();
+        const ConstMatrixView<T> Ul = dropped_ ? ConstMatrixView<T>(Ud) : ConstMatrixView<T>(U);
         const auto second = base_->linear(second_);
 
         // dm = dy W2: one base GEMM.
-        auto dM = detail::as_view(work_h_, n, h);
+        auto dM = detail::as_view(ws.dm, n, h);
         second.backward_input(dM, dy, false);
 
         std::vector<T>& dgate = dgate_;
@@ -398,14 +403,12 @@ public:
         auto Qg = detail::as_view(work_r_, rows, r);
         const ConstMatrixView<T> Z2(z2_.data(), rows, r);
         const ConstMatrixView<T> Zs(z2s_.data(), n, E * r);
-        auto dXl = detail::as_view(work_dx_, n, d);
-        dpre_.resize(static_cast<std::size_t>(nf));
-        dh_.resize(static_cast<std::size_t>(nf));
+        auto dXl = detail::as_view(ws.dx, n, d);
         dz_.resize(static_cast<std::size_t>(nf));
         std::vector<MatrixView<T>> dP, dH, DZ;
         for (Index f = 0; f < nf; ++f) {
-            dP.push_back(detail::as_view(dpre_[static_cast<std::size_t>(f)], rows, h));
-            dH.push_back(detail::as_view(dh_[static_cast<std::size_t>(f)], n, h));
+            dP.push_back(detail::as_view(ws.dp[static_cast<std::size_t>(f)], rows, h));
+            dH.push_back(detail::as_view(ws.dh[static_cast<std::size_t>(f)], n, h));
             DZ.push_back(detail::as_view(dz_[static_cast<std::size_t>(f)], n, E * r));
         }
 
@@ -433,7 +436,18 @@ public:
                 kernels::lowrank_project(q, factor(fb2t_, 0, e), dyt, r, d);
                 T* qg = Qg.row_ptr(i);
                 for (Index c = 0; c < r; ++c) qg[c] = g * s_ * q[c];
-                const T* u = U.row_ptr(i);
+                // u = act(p) as the forward computed it (same inputs, same kernel: the same bits).
+                preactivations(p, t, e);
+                T* u = U.row_ptr(i);
+                if (cfg_.form == MlpForm::gelu)
+                    kernels::gelu_forward_row(u, p, h);
+                else
+                    kernels::swiglu_forward_row(u, p, p + h, h);
+                if (dropped_) {
+                    T* ud = Ud.row_ptr(i);
+                    const T* mk = mask2_.data() + i * h;
+                    for (Index c = 0; c < h; ++c) ud[c] = u[c] * mk[c];
+                }
                 dgate[static_cast<std::size_t>(t * k + j)] =
                     kernels::dot(u, dm, h) + bias_dot + s_ * kernels::dot(Z2.row_ptr(i), q, r);
                 kernels::scale_copy(du, g, dm, h);
@@ -446,7 +460,6 @@ public:
                     const T* mk = mask2_.data() + i * h;
                     for (Index c = 0; c < h; ++c) du[c] += tmp[c] * mk[c];
                 }
-                preactivations(p, t, e);
                 if (cfg_.form == MlpForm::gelu)
                     kernels::gelu_backward_row(dP[0].row_ptr(i), du, p, h);
                 else
@@ -524,10 +537,27 @@ private:
     MatrixView<T> grad_A(Index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'A')); }
     MatrixView<T> grad_B(Index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'B')); }
 
-    /// act_bf16_ as a [rows, cols] bf16 matrix (grown when needed).
+    /// Buffers of [N, hidden] size that live only inside one forward or one backward call, shared by
+    /// every mixture on the calling thread: a model of L mixtures holds one set instead of L (SmolLM2
+    /// at 8 x 128 tokens: 62 MB instead of 30 x 44). What backward needs stays in the mixture itself.
+    /// Taken on the calling thread only (never inside a parallel region: each thread has its own).
+    struct Workspace {
+        Aligned<T> m;                    ///< forward: m = sum_e g_e u_e, input of the second base GEMM
+        Aligned<T> u, udrop;             ///< u of every routed row (general path; backward rebuilds it)
+        Aligned<T> dm, dx;               ///< backward: dm = dy W2; the LoRA part of dx (general path)
+        Aligned<T> dp[2], dh[2];         ///< backward, per first-stage linear: dp per routed row, dH per token
+        Aligned<kernels::bf16> bf16;     ///< m (forward) or dH (backward) in bf16 for a bf16 base GEMM
+    };
+    static Workspace& workspace() {
+        thread_local Workspace ws;
+        return ws;
+    }
+
+    /// The workspace's bf16 buffer as a [rows, cols] matrix (grown when needed).
     MatrixView<kernels::bf16> bf16_view(Index rows, Index cols) {
-        if (act_bf16_.size() < static_cast<std::size_t>(rows * cols)) act_bf16_.resize(static_cast<std::size_t>(rows * cols));
-        return MatrixView<kernels::bf16>(act_bf16_.data(), rows, cols);
+        auto& buf = workspace().bf16;
+        if (buf.size() < static_cast<std::size_t>(rows * cols)) buf.resize(static_cast<std::size_t>(rows * cols));
+        return MatrixView<kernels::bf16>(buf.data(), rows, cols);
     }
     /// The LoRA factors as [r, *] row blocks for the rank-r kernels: A1 and A2 point into params(); B1
     /// and B2 are transposed into fb1t_ / fb2t_ (they are stored [out, r]). Called by forward; the
@@ -625,7 +655,7 @@ private:
         // With the second weight in bf16 the row pass writes m in bf16 itself (no conversion pass, no
         // fp32 m at all).
         const auto Mb = second.is_bf16() ? bf16_view(n, h) : MatrixView<kernels::bf16>();
-        const auto M = Mb.data ? MatrixView<T>() : detail::as_view(m_, n, h);
+        const auto M = Mb.data ? MatrixView<T>() : detail::as_view(workspace().m, n, h);
         kernels::gelu_mixture_forward(M, z2, ConstMatrixView<T>(H), b1.empty() ? nullptr : b1.data(), k,
                                       route_.expert.data(), route_.gate.data(), zs, fb1t_.data(), fa2_.data(), E, r,
                                       part_, Mb);
@@ -672,7 +702,8 @@ private:
         const T* b1 = fc.bias.empty() ? nullptr : fc.bias.data();
         const bool bias2 = !second.bias.empty();
 
-        const auto dM = detail::as_view(work_h_, n, h);
+        Workspace& ws = workspace();
+        const auto dM = detail::as_view(ws.dm, n, h);
 
         // dy [B2^T; b2]^T for every expert (one small GEMM): per routed row q = B2e^T dy and
         // qg = g s q, per token b2 . dy (for the gate gradient).
@@ -713,8 +744,7 @@ private:
         // the gradients of A2 (in place) and B1 (transposed in gb1t_).
         // dH in bf16 straight from the row pass when it feeds a bf16 product (then no fp32 dH at all).
         const auto dHb = !dx.empty() && fc.is_bf16() ? bf16_view(n, h) : MatrixView<kernels::bf16>();
-        dh_.resize(1);
-        const auto dH = dHb.data ? MatrixView<T>() : detail::as_view(dh_[0], n, h);
+        const auto dH = dHb.data ? MatrixView<T>() : detail::as_view(ws.dh[0], n, h);
         T* dz = detail::as_view(rdz_, rows, r).data;
         T* udm = detail::as_view(rudm_, rows, 1).data;
         detail::as_view(gb1t_, E * r, h);
@@ -840,24 +870,20 @@ private:
     RoutingResult<T> route_;
     detail::ExpertGroups groups_;
     // Every buffer a kernel streams over is Aligned (below).
-    Aligned<T> x_, xdrop_, udrop_, act_;
+    Aligned<T> x_, xdrop_;
     std::vector<T> mask1_, mask2_, z2_, z2s_;
-    Aligned<T> m_;  // the row passes stream the finished rows of m and dH
     std::vector<Aligned<T>> pre_;  // per first-stage linear: H [N, h]
     std::vector<std::vector<T>> z1_;  // per first-stage linear: z1 [N, E r]
     // LoRA factors as [r, *] rows (prepare_factors).
     std::vector<const T*> fa1_, fa2_, fb1t_, fb2t_;
     Aligned<T> fb1t_store_, fb2t_store_;
-    // Work space reused between calls.
-    Aligned<T> work_h_, work_dx_, work_t_;
+    // Small work space reused between calls (the [N, hidden] ones are in workspace()).
+    Aligned<T> work_t_;
     // The fused path's small products: stacked [router weight; A1], x times it, [s g z2 | sum g],
     // dy [B2^T; b2]^T and [dL/d logits | dz].
     Aligned<T> wcat_, pcat_, zfull_, qfull_, dfull_, gbt_;
     std::vector<T> work_r_, work_gather_, dgate_, dlog_;
-    Aligned<kernels::bf16> act_bf16_;  // m (forward) or dH (backward) in bf16 for a bf16 base GEMM
-    std::vector<Aligned<T>> dpre_;
     std::vector<std::vector<T>> dz_;
-    std::vector<Aligned<T>> dh_;
 };
 
 }  // namespace comigs
