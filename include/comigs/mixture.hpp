@@ -254,8 +254,12 @@ public:
 
     /// y[N, d] = mixture(x[N, d]) (overwritten); returns the load-balancing loss of this batch.
     /// `training` enables dropout and router noise (drawn from `rng`, required then).
-    /// Keeps what backward needs (a copy of x included), so x may change afterwards.
-    double forward(MatrixView<T> y, ConstMatrixView<T> x, bool training = false, Rng* rng = nullptr) {
+    /// Keeps what backward needs (a copy of x included), so x may change afterwards; with `borrow_x`
+    /// it keeps a view of x instead of a copy: the caller promises that x stays valid and unchanged
+    /// until backward and that y does not overlap it (a model's MLP block, whose host keeps the block's
+    /// input for its own backward: one [N, d] copy less per layer).
+    double forward(MatrixView<T> y, ConstMatrixView<T> x, bool training = false, Rng* rng = nullptr,
+                   bool borrow_x = false) {
         const Index n = x.rows, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
         require_shape(x, n, d, "mixture input x");
         require_shape(y, n, d, "mixture output y");
@@ -263,19 +267,28 @@ public:
         require(rng != nullptr || !training || cfg_.dropout == 0.0, "rng: dropout ", cfg_.dropout,
                 " in training needs a generator");
         require(rng != nullptr || !rcfg_.draws_noise(training), "rng: router noise in training needs a generator");
+        require(!borrow_x || !overlaps(y, x), "mixture forward borrowing x: the output y overlaps x");
         complete_ = false;  // until the end: a forward that fails midway leaves nothing to differentiate
         n_ = n;
-        x_.resize(static_cast<std::size_t>(n * d));
-        MatrixView<T> xs(x_.data(), n, d);
+        // The copy of x (none when borrowed) and the view backward reads.
+        MatrixView<T> xcopy;
+        if (!borrow_x) {
+            x_.resize(static_cast<std::size_t>(n * d));
+            xcopy = MatrixView<T>(x_.data(), n, d);
+        }
+        xk_ = borrow_x ? x : ConstMatrixView<T>(xcopy);
         dropped_ = training && cfg_.dropout > 0.0;
         fused_ = fused_path();
         if (fused_) {
-            forward_fused(y, x, xs, training, rng);  // copies x into xs beside its first product
+            forward_fused(y, x, xcopy, training, rng);  // copies x into xcopy beside its first product
             complete_ = true;
             return route_.lb_loss;
         }
+        if (!borrow_x) {
 #pragma omp parallel for schedule(static) if (n * d > 65536)
-        for (Index t = 0; t < n; ++t) std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs.row_ptr(t));
+            for (Index t = 0; t < n; ++t) std::copy(x.row_ptr(t), x.row_ptr(t) + d, xcopy.row_ptr(t));
+        }
+        const ConstMatrixView<T> xs = xk_;
         router_forward(route_, ConstMatrixView<T>(xs), router_weight(), rcfg_, training, rng);
         groups_.build(route_);
         const Index k = route_.slots, rows = n * k;
@@ -285,7 +298,8 @@ public:
         if (dropped_) {
             detail::draw_mask(mask1_, static_cast<std::size_t>(n * d), cfg_.dropout, *rng);
             auto xd = detail::as_view(xdrop_, n, d);
-            for (Index i = 0; i < n * d; ++i) xd.data[i] = xs.data[i] * mask1_[static_cast<std::size_t>(i)];
+            for (Index t = 0; t < n; ++t)
+                for (Index c = 0; c < d; ++c) xd(t, c) = xs(t, c) * mask1_[static_cast<std::size_t>(t * d + c)];
             xl = xd;
         }
 
@@ -385,7 +399,7 @@ public:
         prepare_factors();
         const Index k = route_.slots, rows = n * k;
         const Index nf = static_cast<Index>(first_.size());
-        const ConstMatrixView<T> xs(x_.data(), n, d);
+        const ConstMatrixView<T> xs = xk_;
         const ConstMatrixView<T> xl = dropped_ ? ConstMatrixView<T>(xdrop_.data(), n, d) : xs;
         Workspace& ws = workspace();
         // u (and its dropped-out copy) rebuilt from H and z1 in the per-token pass below.
@@ -529,6 +543,13 @@ private:
     template <class U>
     using Aligned = comigs::detail::aligned_vector<U>;
 
+    /// Whether the memory of two views overlaps (from the first row's start to the last row's end).
+    static bool overlaps(ConstMatrixView<T> a, ConstMatrixView<T> b) {
+        if (a.empty() || b.empty()) return false;
+        const auto lo = [](ConstMatrixView<T> m) { return reinterpret_cast<std::uintptr_t>(m.data); };
+        const auto hi = [](ConstMatrixView<T> m) { return reinterpret_cast<std::uintptr_t>(m.row_ptr(m.rows - 1) + m.cols); };
+        return lo(a) < hi(b) && lo(b) < hi(a);
+    }
     ConstMatrixView<T> router_weight() const {
         return rcfg_.has_weight() ? params_.view("router.weight") : ConstMatrixView<T>();
     }
@@ -623,7 +644,8 @@ private:
     /// [rows, hidden] is kept: backward recomputes u from H. The model-width products (router logits,
     /// s A1 x, and y's LoRA part with the second bias) are small GEMMs over every expert's columns:
     /// twice the multiply-adds of k rank-r products per token, in a fraction of their time.
-    /// x is the caller's input, copied into xs (kept for backward) in the first product's region.
+    /// x is the caller's input, copied into xs_out (kept for backward; empty: x is borrowed) in the first
+    /// product's region.
     void forward_fused(MatrixView<T> y, ConstMatrixView<T> x, MatrixView<T> xs_out, bool training, Rng* rng) {
         const Index n = x.rows, d = cfg_.d_model, h = cfg_.d_hidden, r = cfg_.rank, E = cfg_.n_experts;
         const Index er = router_cols(), pc = er + E * r;
@@ -636,10 +658,12 @@ private:
         const auto H = detail::as_view(pre_[0], n, h);
         using Prod = kernels::GemmProduct<T>;
         const Prod proj{P, x, kernels::Op::none, stacked_first_inputs(wcat_, s_), kernels::Op::trans};
-        const auto copy_x = [&](Index t) { std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs_out.row_ptr(t)); };
+        const auto copy_x = [&](Index t) {
+            if (xs_out.data) std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs_out.row_ptr(t));
+        };
         if (!fc.is_plain()) {  // bf16 or quantized: the base product runs through its own kernels
             kernels::gemm_chunked_and<T>({proj}, n, n * d, copy_x);
-            fc.forward(H, ConstMatrixView<T>(xs_out));
+            fc.forward(H, xs_out.data ? ConstMatrixView<T>(xs_out) : x);
         } else {  // the small product and the copy on the threads done with their part of H
             kernels::gemm_with<T>({H, x, kernels::Op::none, fc.weight, kernels::Op::trans}, {}, {proj}, n, n * d, copy_x);
         }
@@ -696,7 +720,7 @@ private:
     void backward_fused(MatrixView<T> dx, ConstMatrixView<T> dy, T lb_grad) {
         const Index n = n_, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
         const Index k = route_.slots, rows = n * k, er = router_cols(), pc = er + E * r, zc = E * r + 1;
-        const ConstMatrixView<T> xs(x_.data(), n, d);
+        const ConstMatrixView<T> xs = xk_;
         const auto fc = base_->linear(first_[0]);
         const auto second = base_->linear(second_);
         const T* b1 = fc.bias.empty() ? nullptr : fc.bias.data();
@@ -870,7 +894,8 @@ private:
     RoutingResult<T> route_;
     detail::ExpertGroups groups_;
     // Every buffer a kernel streams over is Aligned (below).
-    Aligned<T> x_, xdrop_;
+    Aligned<T> x_, xdrop_;  // the copy of x (unless borrowed), x with dropout
+    ConstMatrixView<T> xk_;  // x as backward reads it: x_ or the caller's borrowed x
     std::vector<T> mask1_, mask2_, z2_, z2s_;
     std::vector<Aligned<T>> pre_;  // per first-stage linear: H [N, h]
     std::vector<std::vector<T>> z1_;  // per first-stage linear: z1 [N, E r]
