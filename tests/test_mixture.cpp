@@ -594,3 +594,50 @@ TEST_CASE("MixtureOfLoraMlp: absurd expert counts are refused before anything is
     cfg.routing = Routing::mean;
     CHECK_THROWS_WITH_AS(MixtureOfLoraMlp<float>(cfg, base), doctest::Contains("experts 1000000000"), InvalidArgument);
 }
+
+TEST_CASE("MixtureOfLoraMlp: a borrowed x gives the bits of a copied one; an overlapping y is refused") {
+    using namespace comigs;
+    for (const Case& c : {Case{MlpForm::gelu, 3, 2}, Case{MlpForm::swiglu, 3, 2},
+                          Case{MlpForm::gelu, 2, 2, Routing::top_k, 0.25}, Case{MlpForm::swiglu, 2, 1, Routing::top_k, 0.25}}) {
+        CAPTURE(to_string(c.form));
+        CAPTURE(c.dropout);
+        Fixture fx(c);
+        const Index n = fx.n, d = fx.cfg.d_model, ld = d + 3;  // x borrowed with a row stride > d
+        // One forward + backward (training, fixed draws): y, dx and every gradient.
+        const auto run = [&](bool borrow) {
+            std::vector<double> xs(static_cast<std::size_t>(n * ld), -7.0);
+            for (Index t = 0; t < n; ++t)
+                for (Index j = 0; j < d; ++j) xs[static_cast<std::size_t>(t * ld + j)] = fx.x[static_cast<std::size_t>(t * d + j)];
+            std::vector<double> y(fx.x.size()), dx(fx.x.size(), 0.0);
+            Rng rng(99);
+            fx.layer->zero_grad();
+            fx.layer->forward(MatrixView<double>(y.data(), n, d), ConstMatrixView<double>(xs.data(), n, d, ld), true, &rng,
+                              borrow);
+            fx.layer->backward(MatrixView<double>(dx.data(), n, d), ConstMatrixView<double>(fx.dy.data(), n, d), 0.01);
+            std::vector<double> all(y);
+            all.insert(all.end(), dx.begin(), dx.end());
+            all.insert(all.end(), fx.layer->grads().all().begin(), fx.layer->grads().all().end());
+            return all;
+        };
+        const auto copied = run(false), borrowed = run(true);
+        CHECK(borrowed == copied);
+        // The backward really reads the borrowed x: changed after the forward, the gradients change.
+        std::vector<double> y(fx.x.size()), dx(fx.x.size(), 0.0), xb(fx.x);
+        Rng rng(99);
+        fx.layer->zero_grad();
+        fx.layer->forward(MatrixView<double>(y.data(), n, d), ConstMatrixView<double>(xb.data(), n, d), true, &rng, true);
+        for (double& v : xb) v += 1.0;
+        fx.layer->backward(MatrixView<double>(dx.data(), n, d), ConstMatrixView<double>(fx.dy.data(), n, d), 0.01);
+        const auto g = fx.layer->grads().all();
+        CHECK(std::vector<double>(g.begin(), g.end()) !=
+              std::vector<double>(copied.begin() + static_cast<std::ptrdiff_t>(2 * fx.x.size()), copied.end()));
+    }
+    Fixture fx({MlpForm::gelu, 2, 2});
+    const Index n = fx.n, d = fx.cfg.d_model;
+    std::vector<double> buf(static_cast<std::size_t>((n + 1) * d));
+    CHECK_THROWS_WITH_AS(fx.layer->forward(MatrixView<double>(buf.data() + d, n, d), ConstMatrixView<double>(buf.data(), n, d),
+                                           false, nullptr, true),
+                         doctest::Contains("overlaps x"), InvalidArgument);
+    // Copied, y may overlap x.
+    CHECK_NOTHROW(fx.layer->forward(MatrixView<double>(buf.data() + d, n, d), ConstMatrixView<double>(buf.data(), n, d)));
+}

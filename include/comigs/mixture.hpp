@@ -254,8 +254,12 @@ public:
 
     /// y[N, d] = mixture(x[N, d]) (overwritten); returns the load-balancing loss of this batch.
     /// `training` enables dropout and router noise (drawn from `rng`, required then).
-    /// Keeps what backward needs (a copy of x included), so x may change afterwards.
-    double forward(MatrixView<T> y, ConstMatrixView<T> x, bool training = false, Rng* rng = nullptr) {
+    /// Keeps what backward needs (a copy of x included), so x may change afterwards; with `borrow_x`
+    /// it keeps a view of x instead of a copy: the caller promises that x stays valid and unchanged
+    /// until backward and that y does not overlap it (a model's MLP block, whose host keeps the block's
+    /// input for its own backward: one [N, d] copy less per layer).
+    double forward(MatrixView<T> y, ConstMatrixView<T> x, bool training = false, Rng* rng = nullptr,
+                   bool borrow_x = false) {
         const Index n = x.rows, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
         require_shape(x, n, d, "mixture input x");
         require_shape(y, n, d, "mixture output y");
@@ -263,19 +267,28 @@ public:
         require(rng != nullptr || !training || cfg_.dropout == 0.0, "rng: dropout ", cfg_.dropout,
                 " in training needs a generator");
         require(rng != nullptr || !rcfg_.draws_noise(training), "rng: router noise in training needs a generator");
+        require(!borrow_x || !overlaps(y, x), "mixture forward borrowing x: the output y overlaps x");
         complete_ = false;  // until the end: a forward that fails midway leaves nothing to differentiate
         n_ = n;
-        x_.resize(static_cast<std::size_t>(n * d));
-        MatrixView<T> xs(x_.data(), n, d);
+        // The copy of x (none when borrowed) and the view backward reads.
+        MatrixView<T> xcopy;
+        if (!borrow_x) {
+            x_.resize(static_cast<std::size_t>(n * d));
+            xcopy = MatrixView<T>(x_.data(), n, d);
+        }
+        xk_ = borrow_x ? x : ConstMatrixView<T>(xcopy);
         dropped_ = training && cfg_.dropout > 0.0;
         fused_ = fused_path();
         if (fused_) {
-            forward_fused(y, x, xs, training, rng);  // copies x into xs beside its first product
+            forward_fused(y, x, xcopy, training, rng);  // copies x into xcopy beside its first product
             complete_ = true;
             return route_.lb_loss;
         }
+        if (!borrow_x) {
 #pragma omp parallel for schedule(static) if (n * d > 65536)
-        for (Index t = 0; t < n; ++t) std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs.row_ptr(t));
+            for (Index t = 0; t < n; ++t) std::copy(x.row_ptr(t), x.row_ptr(t) + d, xcopy.row_ptr(t));
+        }
+        const ConstMatrixView<T> xs = xk_;
         router_forward(route_, ConstMatrixView<T>(xs), router_weight(), rcfg_, training, rng);
         groups_.build(route_);
         const Index k = route_.slots, rows = n * k;
@@ -285,7 +298,8 @@ public:
         if (dropped_) {
             detail::draw_mask(mask1_, static_cast<std::size_t>(n * d), cfg_.dropout, *rng);
             auto xd = detail::as_view(xdrop_, n, d);
-            for (Index i = 0; i < n * d; ++i) xd.data[i] = xs.data[i] * mask1_[static_cast<std::size_t>(i)];
+            for (Index t = 0; t < n; ++t)
+                for (Index c = 0; c < d; ++c) xd(t, c) = xs(t, c) * mask1_[static_cast<std::size_t>(t * d + c)];
             xl = xd;
         }
 
@@ -304,13 +318,15 @@ public:
         if (dropped_) {
             // The second stage's LoRA input is the dropped-out activation; its mask is drawn up front.
             detail::draw_mask(mask2_, static_cast<std::size_t>(rows * h), cfg_.dropout, *rng);
-            detail::as_view(udrop_, rows, h);
         }
 
         // Per token, fused over its k routed rows while they are in cache: z1 = A1e x, the
-        // pre-activation p = H[t] + s B1e z1, u = act(p) (kept), m[t] = sum_j g_j u_j, z2 = A2e u.
-        auto U = detail::as_view(act_, rows, h);
-        auto M = detail::as_view(m_, n, h);
+        // pre-activation p = H[t] + s B1e z1, u = act(p), m[t] = sum_j g_j u_j, z2 = A2e u. u and m are
+        // work space (backward rebuilds u from H and z1); what is kept is H, z1, z2 and s g z2.
+        Workspace& ws = workspace();
+        auto U = detail::as_view(ws.u, rows, h);
+        auto Ud = dropped_ ? detail::as_view(ws.udrop, rows, h) : MatrixView<T>();
+        auto M = detail::as_view(ws.m, n, h);
         auto Z2 = detail::as_view(z2_, rows, r);
         auto Zs = detail::as_view(z2s_, n, E * r);
 #pragma omp parallel for schedule(static) if (rows * h > 65536)
@@ -337,7 +353,7 @@ public:
                     kernels::axpy(mt, g, u, h);
                 const T* ul = u;
                 if (dropped_) {
-                    T* ud = udrop_.data() + i * h;
+                    T* ud = Ud.row_ptr(i);
                     const T* mk = mask2_.data() + i * h;
                     for (Index c = 0; c < h; ++c) ud[c] = u[c] * mk[c];
                     ul = ud;
@@ -383,14 +399,17 @@ public:
         prepare_factors();
         const Index k = route_.slots, rows = n * k;
         const Index nf = static_cast<Index>(first_.size());
-        const ConstMatrixView<T> xs(x_.data(), n, d);
+        const ConstMatrixView<T> xs = xk_;
         const ConstMatrixView<T> xl = dropped_ ? ConstMatrixView<T>(xdrop_.data(), n, d) : xs;
-        const ConstMatrixView<T> U(act_.data(), rows, h);
-        const ConstMatrixView<T> Ul = dropped_ ? ConstMatrixView<T>(udrop_.data(), rows, h) : U;
+        Workspace& ws = workspace();
+        // u (and its dropped-out copy) rebuilt from H and z1 in the per-token pass below.
+        const auto U = detail::as_view(ws.u, rows, h);
+        const auto Ud = dropped_ ? detail::as_view(ws.udrop, rows, h) : MatrixView<T>();
+        const ConstMatrixView<T> Ul = dropped_ ? ConstMatrixView<T>(Ud) : ConstMatrixView<T>(U);
         const auto second = base_->linear(second_);
 
         // dm = dy W2: one base GEMM.
-        auto dM = detail::as_view(work_h_, n, h);
+        auto dM = detail::as_view(ws.dm, n, h);
         second.backward_input(dM, dy, false);
 
         std::vector<T>& dgate = dgate_;
@@ -398,14 +417,12 @@ public:
         auto Qg = detail::as_view(work_r_, rows, r);
         const ConstMatrixView<T> Z2(z2_.data(), rows, r);
         const ConstMatrixView<T> Zs(z2s_.data(), n, E * r);
-        auto dXl = detail::as_view(work_dx_, n, d);
-        dpre_.resize(static_cast<std::size_t>(nf));
-        dh_.resize(static_cast<std::size_t>(nf));
+        auto dXl = detail::as_view(ws.dx, n, d);
         dz_.resize(static_cast<std::size_t>(nf));
         std::vector<MatrixView<T>> dP, dH, DZ;
         for (Index f = 0; f < nf; ++f) {
-            dP.push_back(detail::as_view(dpre_[static_cast<std::size_t>(f)], rows, h));
-            dH.push_back(detail::as_view(dh_[static_cast<std::size_t>(f)], n, h));
+            dP.push_back(detail::as_view(ws.dp[static_cast<std::size_t>(f)], rows, h));
+            dH.push_back(detail::as_view(ws.dh[static_cast<std::size_t>(f)], n, h));
             DZ.push_back(detail::as_view(dz_[static_cast<std::size_t>(f)], n, E * r));
         }
 
@@ -433,7 +450,18 @@ public:
                 kernels::lowrank_project(q, factor(fb2t_, 0, e), dyt, r, d);
                 T* qg = Qg.row_ptr(i);
                 for (Index c = 0; c < r; ++c) qg[c] = g * s_ * q[c];
-                const T* u = U.row_ptr(i);
+                // u = act(p) as the forward computed it (same inputs, same kernel: the same bits).
+                preactivations(p, t, e);
+                T* u = U.row_ptr(i);
+                if (cfg_.form == MlpForm::gelu)
+                    kernels::gelu_forward_row(u, p, h);
+                else
+                    kernels::swiglu_forward_row(u, p, p + h, h);
+                if (dropped_) {
+                    T* ud = Ud.row_ptr(i);
+                    const T* mk = mask2_.data() + i * h;
+                    for (Index c = 0; c < h; ++c) ud[c] = u[c] * mk[c];
+                }
                 dgate[static_cast<std::size_t>(t * k + j)] =
                     kernels::dot(u, dm, h) + bias_dot + s_ * kernels::dot(Z2.row_ptr(i), q, r);
                 kernels::scale_copy(du, g, dm, h);
@@ -446,7 +474,6 @@ public:
                     const T* mk = mask2_.data() + i * h;
                     for (Index c = 0; c < h; ++c) du[c] += tmp[c] * mk[c];
                 }
-                preactivations(p, t, e);
                 if (cfg_.form == MlpForm::gelu)
                     kernels::gelu_backward_row(dP[0].row_ptr(i), du, p, h);
                 else
@@ -516,6 +543,13 @@ private:
     template <class U>
     using Aligned = comigs::detail::aligned_vector<U>;
 
+    /// Whether the memory of two views overlaps (from the first row's start to the last row's end).
+    static bool overlaps(ConstMatrixView<T> a, ConstMatrixView<T> b) {
+        if (a.empty() || b.empty()) return false;
+        const auto lo = [](ConstMatrixView<T> m) { return reinterpret_cast<std::uintptr_t>(m.data); };
+        const auto hi = [](ConstMatrixView<T> m) { return reinterpret_cast<std::uintptr_t>(m.row_ptr(m.rows - 1) + m.cols); };
+        return lo(a) < hi(b) && lo(b) < hi(a);
+    }
     ConstMatrixView<T> router_weight() const {
         return rcfg_.has_weight() ? params_.view("router.weight") : ConstMatrixView<T>();
     }
@@ -524,10 +558,27 @@ private:
     MatrixView<T> grad_A(Index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'A')); }
     MatrixView<T> grad_B(Index e, const std::string& name) { return grads_.view(tensor_name(e, name, 'B')); }
 
-    /// act_bf16_ as a [rows, cols] bf16 matrix (grown when needed).
+    /// Buffers of [N, hidden] size that live only inside one forward or one backward call, shared by
+    /// every mixture on the calling thread: a model of L mixtures holds one set instead of L (SmolLM2
+    /// at 8 x 128 tokens: 62 MB instead of 30 x 44). What backward needs stays in the mixture itself.
+    /// Taken on the calling thread only (never inside a parallel region: each thread has its own).
+    struct Workspace {
+        Aligned<T> m;                    ///< forward: m = sum_e g_e u_e, input of the second base GEMM
+        Aligned<T> u, udrop;             ///< u of every routed row (general path; backward rebuilds it)
+        Aligned<T> dm, dx;               ///< backward: dm = dy W2; the LoRA part of dx (general path)
+        Aligned<T> dp[2], dh[2];         ///< backward, per first-stage linear: dp per routed row, dH per token
+        Aligned<kernels::bf16> bf16;     ///< m (forward) or dH (backward) in bf16 for a bf16 base GEMM
+    };
+    static Workspace& workspace() {
+        thread_local Workspace ws;
+        return ws;
+    }
+
+    /// The workspace's bf16 buffer as a [rows, cols] matrix (grown when needed).
     MatrixView<kernels::bf16> bf16_view(Index rows, Index cols) {
-        if (act_bf16_.size() < static_cast<std::size_t>(rows * cols)) act_bf16_.resize(static_cast<std::size_t>(rows * cols));
-        return MatrixView<kernels::bf16>(act_bf16_.data(), rows, cols);
+        auto& buf = workspace().bf16;
+        if (buf.size() < static_cast<std::size_t>(rows * cols)) buf.resize(static_cast<std::size_t>(rows * cols));
+        return MatrixView<kernels::bf16>(buf.data(), rows, cols);
     }
     /// The LoRA factors as [r, *] row blocks for the rank-r kernels: A1 and A2 point into params(); B1
     /// and B2 are transposed into fb1t_ / fb2t_ (they are stored [out, r]). Called by forward; the
@@ -593,7 +644,8 @@ private:
     /// [rows, hidden] is kept: backward recomputes u from H. The model-width products (router logits,
     /// s A1 x, and y's LoRA part with the second bias) are small GEMMs over every expert's columns:
     /// twice the multiply-adds of k rank-r products per token, in a fraction of their time.
-    /// x is the caller's input, copied into xs (kept for backward) in the first product's region.
+    /// x is the caller's input, copied into xs_out (kept for backward; empty: x is borrowed) in the first
+    /// product's region.
     void forward_fused(MatrixView<T> y, ConstMatrixView<T> x, MatrixView<T> xs_out, bool training, Rng* rng) {
         const Index n = x.rows, d = cfg_.d_model, h = cfg_.d_hidden, r = cfg_.rank, E = cfg_.n_experts;
         const Index er = router_cols(), pc = er + E * r;
@@ -606,10 +658,12 @@ private:
         const auto H = detail::as_view(pre_[0], n, h);
         using Prod = kernels::GemmProduct<T>;
         const Prod proj{P, x, kernels::Op::none, stacked_first_inputs(wcat_, s_), kernels::Op::trans};
-        const auto copy_x = [&](Index t) { std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs_out.row_ptr(t)); };
+        const auto copy_x = [&](Index t) {
+            if (xs_out.data) std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs_out.row_ptr(t));
+        };
         if (!fc.is_plain()) {  // bf16 or quantized: the base product runs through its own kernels
             kernels::gemm_chunked_and<T>({proj}, n, n * d, copy_x);
-            fc.forward(H, ConstMatrixView<T>(xs_out));
+            fc.forward(H, xs_out.data ? ConstMatrixView<T>(xs_out) : x);
         } else {  // the small product and the copy on the threads done with their part of H
             kernels::gemm_with<T>({H, x, kernels::Op::none, fc.weight, kernels::Op::trans}, {}, {proj}, n, n * d, copy_x);
         }
@@ -625,7 +679,7 @@ private:
         // With the second weight in bf16 the row pass writes m in bf16 itself (no conversion pass, no
         // fp32 m at all).
         const auto Mb = second.is_bf16() ? bf16_view(n, h) : MatrixView<kernels::bf16>();
-        const auto M = Mb.data ? MatrixView<T>() : detail::as_view(m_, n, h);
+        const auto M = Mb.data ? MatrixView<T>() : detail::as_view(workspace().m, n, h);
         kernels::gelu_mixture_forward(M, z2, ConstMatrixView<T>(H), b1.empty() ? nullptr : b1.data(), k,
                                       route_.expert.data(), route_.gate.data(), zs, fb1t_.data(), fa2_.data(), E, r,
                                       part_, Mb);
@@ -666,13 +720,14 @@ private:
     void backward_fused(MatrixView<T> dx, ConstMatrixView<T> dy, T lb_grad) {
         const Index n = n_, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
         const Index k = route_.slots, rows = n * k, er = router_cols(), pc = er + E * r, zc = E * r + 1;
-        const ConstMatrixView<T> xs(x_.data(), n, d);
+        const ConstMatrixView<T> xs = xk_;
         const auto fc = base_->linear(first_[0]);
         const auto second = base_->linear(second_);
         const T* b1 = fc.bias.empty() ? nullptr : fc.bias.data();
         const bool bias2 = !second.bias.empty();
 
-        const auto dM = detail::as_view(work_h_, n, h);
+        Workspace& ws = workspace();
+        const auto dM = detail::as_view(ws.dm, n, h);
 
         // dy [B2^T; b2]^T for every expert (one small GEMM): per routed row q = B2e^T dy and
         // qg = g s q, per token b2 . dy (for the gate gradient).
@@ -713,8 +768,7 @@ private:
         // the gradients of A2 (in place) and B1 (transposed in gb1t_).
         // dH in bf16 straight from the row pass when it feeds a bf16 product (then no fp32 dH at all).
         const auto dHb = !dx.empty() && fc.is_bf16() ? bf16_view(n, h) : MatrixView<kernels::bf16>();
-        dh_.resize(1);
-        const auto dH = dHb.data ? MatrixView<T>() : detail::as_view(dh_[0], n, h);
+        const auto dH = dHb.data ? MatrixView<T>() : detail::as_view(ws.dh[0], n, h);
         T* dz = detail::as_view(rdz_, rows, r).data;
         T* udm = detail::as_view(rudm_, rows, 1).data;
         detail::as_view(gb1t_, E * r, h);
@@ -840,24 +894,21 @@ private:
     RoutingResult<T> route_;
     detail::ExpertGroups groups_;
     // Every buffer a kernel streams over is Aligned (below).
-    Aligned<T> x_, xdrop_, udrop_, act_;
+    Aligned<T> x_, xdrop_;  // the copy of x (unless borrowed), x with dropout
+    ConstMatrixView<T> xk_;  // x as backward reads it: x_ or the caller's borrowed x
     std::vector<T> mask1_, mask2_, z2_, z2s_;
-    Aligned<T> m_;  // the row passes stream the finished rows of m and dH
     std::vector<Aligned<T>> pre_;  // per first-stage linear: H [N, h]
     std::vector<std::vector<T>> z1_;  // per first-stage linear: z1 [N, E r]
     // LoRA factors as [r, *] rows (prepare_factors).
     std::vector<const T*> fa1_, fa2_, fb1t_, fb2t_;
     Aligned<T> fb1t_store_, fb2t_store_;
-    // Work space reused between calls.
-    Aligned<T> work_h_, work_dx_, work_t_;
+    // Small work space reused between calls (the [N, hidden] ones are in workspace()).
+    Aligned<T> work_t_;
     // The fused path's small products: stacked [router weight; A1], x times it, [s g z2 | sum g],
     // dy [B2^T; b2]^T and [dL/d logits | dz].
     Aligned<T> wcat_, pcat_, zfull_, qfull_, dfull_, gbt_;
     std::vector<T> work_r_, work_gather_, dgate_, dlog_;
-    Aligned<kernels::bf16> act_bf16_;  // m (forward) or dH (backward) in bf16 for a bf16 base GEMM
-    std::vector<Aligned<T>> dpre_;
     std::vector<std::vector<T>> dz_;
-    std::vector<Aligned<T>> dh_;
 };
 
 }  // namespace comigs

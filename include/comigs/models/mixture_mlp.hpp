@@ -40,9 +40,11 @@ public:
     }
 
     void forward(MatrixView<T> y, ConstMatrixView<T> x, bool training) override {
-        balance_ = mixture_->forward(y, x, training, rng_);
+        // The mixture borrows x instead of copying it (MlpBlock: x stays valid and unchanged until
+        // backward; the hosts keep each block's input for their own backward).
+        balance_ = mixture_->forward(y, x, training, rng_, /*borrow_x=*/true);
     }
-    void backward(MatrixView<T> dx, ConstMatrixView<T> dy, ConstMatrixView<T> /*x: the mixture keeps a copy*/) override {
+    void backward(MatrixView<T> dx, ConstMatrixView<T> dy, ConstMatrixView<T> /*x: the mixture holds a view*/) override {
         mixture_->backward(dx, dy, T(lb_weight_));
     }
     T aux_loss() const override { return T(lb_weight_ * balance_); }
