@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fine-tuning memory table of docs/on-device.md: comigs-model-memory (benchmarks/model_memory.cpp) for
 # GPT-2-124M, SmolLM2-135M and Llama-3.2-1B shapes with random weights in fp32 / bf16 / Q8_0 / Q4_0, one
-# process each. Usage: tools/model-memory.sh [BUILD_DIR]   (default build; needs ~12 GB free for 1B fp32)
+# process each. Usage: tools/model-memory.sh [BUILD_DIR]   (default build; needs ~8 GB free for 1B fp32)
 set -euo pipefail
 build="${1:-build}"
 prog="$build/benchmarks/comigs-model-memory"
