@@ -36,10 +36,14 @@ filter="${COMIGS_ARM_TEST_FILTER-$arm_files}"
 # Test cases left out of the default run (doctest name patterns, `?` for a comma; measured under qemu,
 # see docs/on-device.md): each repeats code that other cases run on ARM too.
 arm_excluded_cases=(
-  # 49 CPU s (float) and more (double): 200 Adam steps of pretraining and LoRA fine-tuning; the GPT-2
+  # 49 CPU s (float) and more (double): 300 Adam steps of pretraining, 80 of LoRA fine-tuning; the GPT-2
   # gradients are checked by finite differences ("full-parameter backward", "mixture_mlp") and the
   # trainer by test_train.
   "models::gpt2 model: Adam pretraining learns a repeated text*"
+  # Its second subcase forks a child that goes on running the emulated program: under qemu-user the
+  # child hung (66 CPU s, killed after 12 minutes). A save that survives a crash is file-system logic,
+  # the same on every target, checked by both x86 stages.
+  "atomic_write_file: a crash mid-save leaves the previous file intact*"
 )
 subset=()
 targets=()
