@@ -34,7 +34,7 @@ bash "$src/tools/install-deps.sh" g++-aarch64-linux-gnu qemu-user zlib1g-dev:arm
 arm_files="kernels|lora|router|mixture|frozen|quant|view|params|optim|train|random|error|safetensors|peft|gguf|checkpoint|layer_file|mapped_file|adapter_file|hf_model|gpt2|llama|lm_head|generate|aggregate|unicode|byte_level|normalizer|pretokenizer|bpe_tokenizer"
 filter="${COMIGS_ARM_TEST_FILTER-$arm_files}"
 # Test cases left out of the default run (doctest name patterns, `?` for a comma; measured under qemu,
-# see docs/on-device.md): each repeats code that other cases run on ARM too.
+# see docs/on-device.md), each with its reason.
 arm_excluded_cases=(
   # 49 CPU s (float) and more (double): 300 Adam steps of pretraining, 80 of LoRA fine-tuning; the GPT-2
   # gradients are checked by finite differences ("full-parameter backward", "mixture_mlp") and the
