@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #ifdef _OPENMP
@@ -565,6 +566,25 @@ TEST_CASE_TEMPLATE("elementwise kernels equal the scalar activation formulas on 
     CHECK(o[4] == T(80));
     kernels::gelu_backward(o, std::vector<T>(5, T(1)).data(), big, 5);
     for (T val : o) CHECK(std::isfinite(val));
+}
+
+TEST_CASE("simd::batch: the widest vectors of the target (NEON on aarch64)") {
+    // xsimd falls back to scalar batches when it sees no vector unit; the aarch64 run under qemu checks
+    // that the kernels were compiled for NEON (tools/test-aarch64.sh).
+    const std::string arch = kernels::simd::batch<float>::arch_type::name();
+    CAPTURE(arch);
+#if defined(__aarch64__)
+    CHECK(arch == "arm64+neon");
+    CHECK(kernels::simd::width<float> == 4);
+    CHECK(kernels::simd::width<double> == 2);
+#elif defined(__AVX512F__)
+    CHECK(kernels::simd::width<float> == 16);
+#elif defined(__AVX__)
+    CHECK(kernels::simd::width<float> == 8);
+#elif defined(__x86_64__)
+    CHECK(kernels::simd::width<float> == 4);
+#endif
+    CHECK(kernels::simd::width<float> == 2 * kernels::simd::width<double>);
 }
 
 TEST_CASE_TEMPLATE("simd::exp: saturates like std::exp far outside the range, keeps NaN (no UB under UBSan)", T, float,

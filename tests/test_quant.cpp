@@ -256,3 +256,17 @@ TEST_CASE("quantization: the vector block decoders give the plain loops' values 
         CHECK(std::memcmp(fast.data(), plain.data(), fast.size() * sizeof(float)) == 0);
     }
 }
+
+TEST_CASE("quantization: the build takes its target's vector block decoders (NEON on aarch64)") {
+    // The vector forms equal the loops bit for bit (above), so only the compiled-in name tells a NEON
+    // build from one that fell back to the loops: tools/test-aarch64.sh runs this under qemu.
+    const std::string isa = kernels::quant_decoder_isa;
+    CAPTURE(isa);
+#if defined(__aarch64__)
+    CHECK(isa == "neon");
+#elif defined(__AVX512F__)
+    CHECK(isa == "avx512");
+#else
+    CHECK(isa == "plain");
+#endif
+}

@@ -54,6 +54,18 @@ enum class QuantType { q8_0, q4_0 };
 
 inline const char* to_string(QuantType t) { return t == QuantType::q8_0 ? "q8_0" : "q4_0"; }
 
+/// The instruction set the block decoders were compiled for: "avx512", "neon" or "plain" (the loops).
+/// The aarch64 test run checks that it is "neon" there: the vector forms equal the loops bit for bit,
+/// so only this tells which one a build took.
+inline constexpr const char* quant_decoder_isa =
+#if defined(COMIGS_QUANT_AVX512)
+    "avx512";
+#elif defined(COMIGS_QUANT_NEON)
+    "neon";
+#else
+    "plain";
+#endif
+
 /// Values per block (both formats).
 inline constexpr Index quant_block_size = 32;
 
