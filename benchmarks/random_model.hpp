@@ -134,8 +134,9 @@ inline std::shared_ptr<cm::MemorySource> random_source(RandomHost host, cm::Elem
     return r.src;
 }
 
-/// A frozen host of random weights held in `type`; bf16 matrices multiply bf16-rounded activations
-/// (the fast path), quantized ones compute with their dequantized values. GPT-2 takes fp32 or bf16
+/// A frozen host of random weights held in `type`, with the default (fast) products: bf16 matrices
+/// multiply bf16-rounded activations, quantized ones bf16 panels (training) or int8 activations (Q4_0
+/// decode) where the CPU has them (FrozenLinear::fp32_compute off). GPT-2 takes fp32 or bf16
 /// only: its Conv1D ([in, out]) matrices are transposed at load and cannot stay in blocks.
 inline std::unique_ptr<cm::CausalLm<float>> random_host(RandomHost host, cm::ElementType type) {
     const cm::WeightOptions options{.keep_bf16 = true, .fp32_compute = false};
