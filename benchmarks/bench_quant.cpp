@@ -1,5 +1,6 @@
 // Quantized frozen bases (kernels/quant.hpp) against the fp32 base, at GPT-2 MLP shapes: the mixture
-// layer's training step (T = 1024, the panel path) and decode (T = 1, the fused kernels). The `pair`
+// layer's training step (T = 1024: bf16 panels by default, fp32 panels in the `_exact` cases) and
+// decode (T = 1: int8 products for Q4_0 by default, the exact fused kernels in `_exact`). The `pair`
 // cases time the fp32 layer and the quantized one back to back, alternating which goes first, and
 // report the median over pairs of t(fp32) / t(quantized): on a shared machine a ratio of two cases'
 // medians compares stretches of time far apart, the two halves of a pair run milliseconds apart.
@@ -7,6 +8,7 @@
 #include "random_model.hpp"
 
 #include <comigs/kernels/quant.hpp>
+#include <comigs/profile.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -28,7 +30,7 @@ struct QuantLayer {
     std::unique_ptr<MixtureOfLoraMlp<float>> mix;
     std::vector<float> x, y, dy, dx;
 
-    QuantLayer(Index tokens, Precision p, QuantShape shape = QuantShape::gpt2) : n(tokens) {
+    QuantLayer(Index tokens, Precision p, QuantShape shape = QuantShape::gpt2, bool fp32_compute = false) : n(tokens) {
         using S = Gpt2Shape;
         const bool llama = shape == QuantShape::llama1b;
         cfg.form = llama ? MlpForm::swiglu : MlpForm::gelu;
@@ -41,6 +43,7 @@ struct QuantLayer {
         base = std::make_shared<FrozenMlp<float>>(cfg.form, cfg.d_model, cfg.d_hidden);
         base->randomize(rng, 0.02);
         base->set_precision(p);
+        base->set_fp32_compute(fp32_compute);
         mix = std::make_unique<MixtureOfLoraMlp<float>>(cfg, base);
         mix->init(rng);
         for (const auto& spec : mix->params().layout().tensors())
@@ -122,10 +125,11 @@ void time_pairs(benchmark::State& state, const char* a_name, A&& a, const char* 
 
 // Kernel: the fp32 layer and the layer on a base held in p, timed pair by pair (forward + backward, or
 // forward only for decode); counter `speed_ratio` = median over pairs of t(fp32) / t(p), `fp32_ms` and
-// `quant_ms` the medians.
+// `quant_ms` the medians. `exact`: the quantized base computes in fp32 on its dequantized values
+// (fp32_compute) instead of its default rounded products.
 void quant_pair(benchmark::State& state, Index tokens, Precision p, bool backward,
-                QuantShape shape = QuantShape::gpt2) {
-    QuantLayer f(tokens, Precision::fp32, shape), q(tokens, p, shape);
+                QuantShape shape = QuantShape::gpt2, bool exact = false) {
+    QuantLayer f(tokens, Precision::fp32, shape), q(tokens, p, shape, exact);
     const auto seconds = [&](QuantLayer& l) {
         const auto t0 = std::chrono::steady_clock::now();
         if (backward)
@@ -171,6 +175,32 @@ void model_step_pair(benchmark::State& state) {
     ModelAdapters abf(*bf), aq4(*q4);
     time_pairs(state, "bf16", [&] { abf.step(*bf); }, "q4_0", [&] { aq4.step(*q4); });
     state.SetItemsProcessed(state.iterations() * ModelStepShape::B * ModelStepShape::T);
+}
+
+// Kernel: the SmolLM2-135M-shaped step of model_step_pair on one base (bf16 or q4_0) with the hosts'
+// phase timers (comigs/profile.hpp): counters <pass>_<phase>_ms per step and other_ms (AdamW, zeroing,
+// what no phase covers), as bench_model's model_phases.
+void model_step_phases(benchmark::State& state, models::ElementType type) {
+    auto host = random_host(RandomHost::smollm2_135m, type);
+    ModelAdapters a(*host);
+    a.step(*host);
+    profile::reset();
+    profile::enable(true);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (auto _ : state) a.step(*host);
+    const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    profile::enable(false);
+    const double steps = double(std::max<benchmark::IterationCount>(state.iterations(), 1));
+    double covered = 0;
+    for (int p = 0; p < profile::phase_count; ++p)
+        for (const auto pass : {profile::Pass::forward, profile::Pass::backward}) {
+            const double sec = profile::seconds(profile::Phase(p), pass);
+            covered += sec;
+            if (sec > 0)
+                state.counters[std::string(pass == profile::Pass::forward ? "fwd_" : "bwd_") +
+                               profile::to_string(profile::Phase(p)) + "_ms"] = sec / steps * 1e3;
+        }
+    state.counters["other_ms"] = (total - covered) / steps * 1e3;
 }
 
 // Kernel: decode (T = 1) of the whole Llama-3.2-1B-shaped model with its mixtures, KV cache holding
@@ -230,7 +260,21 @@ BENCHMARK_CAPTURE(quant_pair, q8_0/decode, 1, Precision::q8_0, false)->Name("qua
 BENCHMARK_CAPTURE(quant_pair, q4_0/decode_llama1b, 1, Precision::q4_0, false, QuantShape::llama1b)
     ->Name("quant_pair/q4_0/decode_llama1b")
     ->UseRealTime();
+BENCHMARK_CAPTURE(quant_pair, q8_0/gpt2_exact, kTok, Precision::q8_0, true, QuantShape::gpt2, true)
+    ->Name("quant_pair/q8_0/gpt2_exact")
+    ->UseRealTime();
+BENCHMARK_CAPTURE(quant_pair, q4_0/decode_exact, 1, Precision::q4_0, false, QuantShape::gpt2, true)
+    ->Name("quant_pair/q4_0/decode_exact")
+    ->UseRealTime();
 BENCHMARK(model_step_pair)->Name("quant_model_pair/q4_0_vs_bf16/step/smollm2_135m")->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(model_step_phases, bf16, models::ElementType::bf16)
+    ->Name("quant_model_phases/bf16/step/smollm2_135m")
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(model_step_phases, q4_0, models::ElementType::q4_0)
+    ->Name("quant_model_phases/q4_0/step/smollm2_135m")
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(model_decode_pair)->Name("quant_model_pair/q4_0_vs_fp32/decode/llama32_1b")->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(quant_fwd_bwd, fp32/gpt2, kTok, Precision::fp32)->Name("quant_fwd_bwd/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(quant_fwd_bwd, q8_0/gpt2, kTok, Precision::q8_0)->Name("quant_fwd_bwd/q8_0/gpt2")->UseRealTime();

@@ -138,11 +138,12 @@ inline std::shared_ptr<cm::MemorySource> random_source(RandomHost host, cm::Elem
     return r.src;
 }
 
-/// A frozen host of random weights held in `type`; bf16 matrices multiply bf16-rounded activations
-/// (the fast path), quantized ones compute with their dequantized values. The Llama hosts get their
-/// matrices already in blocks (what a GGUF file maps); GPT-2 gets an F32 file's tensors and quantizes
-/// them at load (WeightOptions::quantize: its Conv1D matrices are [in, out] there, quantized transposed),
-/// and the source frees what the host copied (a mapped file's released pages).
+/// A frozen host of random weights held in `type`, with the default (fast) products: bf16 matrices
+/// multiply bf16-rounded activations, quantized ones bf16 panels (training) or int8 activations (Q4_0
+/// decode) where the CPU has them (FrozenLinear::fp32_compute off). The Llama hosts get their matrices
+/// already in blocks (what a GGUF file maps); GPT-2 gets an F32 file's tensors and quantizes them at load
+/// (WeightOptions::quantize: its Conv1D matrices are [in, out] there, quantized transposed), and the
+/// source frees what the host copied (a mapped file's released pages).
 inline std::unique_ptr<cm::CausalLm<float>> random_host(RandomHost host, cm::ElementType type) {
     cm::WeightOptions options{.keep_bf16 = true, .fp32_compute = false};
     if (host == RandomHost::gpt2_124m) {

@@ -48,6 +48,7 @@ TEST_CASE_TEMPLATE("FrozenMlp precision q8_0/q4_0: GGML blocks, the dequantized 
             CAPTURE(std::string(to_string(form)));
             CAPTURE(std::string(to_string(p)));
             FrozenMlp<T> mlp(form, 64, 96);
+            mlp.set_fp32_compute(true);  // the products in fp32 on the dequantized values (no rounding)
             Rng rng(4);
             mlp.randomize(rng, 0.5);
             const auto fp32_bytes = mlp.weight_bytes();

@@ -76,7 +76,9 @@ TEST_CASE("models::frozen_head_cross_entropy: every FrozenLinear head form equal
     forms.push_back({"bf16 fp32 compute", b16, 1e-5});
     FrozenLinear<float> q8;
     q8.weight_quant = kernels::QuantMatrixView(kernels::QuantType::q8_0, wq.data(), V, d);
-    forms.push_back({"q8_0", q8, 1e-5});
+    forms.push_back({"q8_0 (bf16 products)", q8, 1e-2});  // x, the probabilities and W's values rounded to bf16
+    q8.fp32_compute = true;
+    forms.push_back({"q8_0 fp32 compute", q8, 1e-5});
 
     const SmallChunks small;
     for (const auto& f : forms) {

@@ -270,3 +270,219 @@ TEST_CASE("quantization: the build takes its target's vector block decoders (NEO
     CHECK(isa == "plain");
 #endif
 }
+
+namespace {
+/// llama.cpp's Q4_0 x Q8_0 block dot product in double, from the blocks: sum_b dw_b dx_b sum_j
+/// (nibble_j - 8) q_j, the activations quantized by the plain quantize_row_q8_0.
+double int8_dot_reference(const std::byte* w, const float* x, Index k) {
+    std::vector<kernels::BlockQ8_0> xb(static_cast<std::size_t>(k / 32));
+    kernels::quantize_row_q8_0(xb.data(), x, k);
+    double sum = 0.0;
+    for (Index b = 0; b < k / 32; ++b) {
+        kernels::BlockQ4_0 wb;
+        std::memcpy(&wb, w + b * 18, sizeof wb);
+        const auto& xq = xb[static_cast<std::size_t>(b)];
+        long dot = 0;
+        for (int j = 0; j < 16; ++j)
+            dot += long((wb.qs[j] & 0x0F) - 8) * xq.qs[j] + long((wb.qs[j] >> 4) - 8) * xq.qs[j + 16];
+        sum += double(kernels::detail::block_scale(wb.d)) * double(kernels::detail::block_scale(xq.d)) * double(dot);
+    }
+    return sum;
+}
+}  // namespace
+
+TEST_CASE("kernels::gemm_quant_rounded: decode rows of Q4_0 take llama.cpp's int8 block dot products") {
+    QuantKnob<Index> par(kernels::detail::gemm_parallel_min(), 1);
+    Rng rng(41);
+    for (Index k : {64, 192, 640})
+        for (Index n : {1, 63, 65, 130})
+            for (Index m : {1, 2, 4})
+                for (float beta : {0.0f, 1.0f}) {
+                    CAPTURE(k);
+                    CAPTURE(n);
+                    CAPTURE(m);
+                    CAPTURE(beta);
+                    std::vector<float> Wf(static_cast<std::size_t>(n * k));
+                    for (auto& v : Wf) v = static_cast<float>(rng.normal(0.0, 0.05));
+                    const std::size_t rb = kernels::quant_row_bytes(QuantType::q4_0, k), stride = rb + 5;
+                    std::vector<std::byte> store(static_cast<std::size_t>(n) * stride + 1);
+                    for (Index i = 0; i < n; ++i)
+                        kernels::quantize_row(store.data() + 1 + i * stride, QuantType::q4_0, Wf.data() + i * k, k);
+                    const kernels::QuantMatrixView W(QuantType::q4_0, store.data() + 1, n, k, stride);
+                    const Index lda = k + 3, ldc = n + 2;
+                    std::vector<float> A(static_cast<std::size_t>(m * lda)), C0(static_cast<std::size_t>(m * ldc));
+                    for (auto& v : A) v = static_cast<float>(rng.normal());
+                    for (auto& v : C0) v = static_cast<float>(rng.normal());
+                    // Ties of the activation rounding (x / d = j + 0.5 exactly: d = 1 when amax = 127) and a
+                    // zero block.
+                    A[0] = 127.0f;
+                    A[1] = 2.5f;
+                    A[2] = -2.5f;
+                    A[3] = 0.5f;
+                    std::fill_n(A.begin() + 32, 32, 0.0f);
+                    const ConstMatrixView<float> Av(A.data(), m, k, lda);
+                    std::vector<float> C = C0;
+                    kernels::gemm_quant_rounded(MatrixView<float>(C.data(), m, n, ldc), Av, W, kernels::Op::trans, 0.75f,
+                                                beta);
+                    for (Index i = 0; i < m; ++i)
+                        for (Index j = 0; j < n; ++j) {
+                            double ref = 0.0, mag = 0.0;
+                            if (kernels::quant_int8_products()) {
+                                ref = int8_dot_reference(W.row_ptr(j), Av.row_ptr(i), k);
+                                // |terms| bound for the tolerance: the dequantized weight times |x|.
+                                std::vector<float> wd(static_cast<std::size_t>(k));
+                                kernels::dequantize_row(wd.data(), QuantType::q4_0, W.row_ptr(j), k);
+                                for (Index c = 0; c < k; ++c) mag += std::abs(double(wd[static_cast<std::size_t>(c)]) * Av(i, c));
+                            } else {  // the exact products
+                                std::vector<float> wd(static_cast<std::size_t>(k));
+                                kernels::dequantize_row(wd.data(), QuantType::q4_0, W.row_ptr(j), k);
+                                for (Index c = 0; c < k; ++c) {
+                                    ref += double(wd[static_cast<std::size_t>(c)]) * Av(i, c);
+                                    mag += std::abs(double(wd[static_cast<std::size_t>(c)]) * Av(i, c));
+                                }
+                            }
+                            ref = 0.75 * ref + beta * double(C0[static_cast<std::size_t>(i * ldc + j)]);
+                            const double got = C[static_cast<std::size_t>(i * ldc + j)];
+                            REQUIRE(std::abs(got - ref) <= 4.0 * double(k) * 6e-8 * (mag + 1.0));
+                        }
+                    for (Index i = 0; i < m; ++i)  // padding untouched
+                        for (Index j = n; j < ldc; ++j)
+                            REQUIRE(C[static_cast<std::size_t>(i * ldc + j)] == C0[static_cast<std::size_t>(i * ldc + j)]);
+                    std::vector<float> C1 = C0, C2 = C0;
+                    quant_with_threads(1, [&] {
+                        kernels::gemm_quant_rounded(MatrixView<float>(C1.data(), m, n, ldc), Av, W, kernels::Op::trans,
+                                                    0.75f, beta);
+                    });
+                    quant_with_threads(2, [&] {
+                        kernels::gemm_quant_rounded(MatrixView<float>(C2.data(), m, n, ldc), Av, W, kernels::Op::trans,
+                                                    0.75f, beta);
+                    });
+                    REQUIRE(C1 == C2);
+                    REQUIRE(C1 == C);
+                }
+}
+
+TEST_CASE("kernels::gemm_quant_rounded: the activation quantizer gives quantize_row_q8_0's blocks") {
+    Rng rng(43);
+    const Index k = 64 * 7;
+    std::vector<float> x(static_cast<std::size_t>(k));
+    for (auto& v : x) v = static_cast<float>(rng.normal() * std::exp(rng.uniform(-6, 6)));
+    // Ties both ways, values an ulp either side of a tie, a zero block, a one-value block.
+    for (int j = 0; j < 32; ++j) x[static_cast<std::size_t>(j)] = float(j - 16) + 0.5f;
+    x[0] = 127.0f;
+    x[33] = 127.0f;
+    x[34] = std::nextafter(2.5f, 0.0f);
+    x[35] = std::nextafter(-2.5f, 0.0f);
+    x[36] = std::nextafter(0.5f, 1.0f);
+    std::fill_n(x.begin() + 64, 32, 0.0f);
+    std::fill_n(x.begin() + 96, 32, 0.0f);
+    x[100] = -3e-3f;
+    kernels::detail::Q8ActivationRow row;
+    kernels::detail::quantize_activation_row(row, x.data(), k);
+    std::vector<kernels::BlockQ8_0> ref(static_cast<std::size_t>(k / 32));
+    kernels::quantize_row_q8_0(ref.data(), x.data(), k);
+    for (Index b = 0; b < k / 32; ++b) {
+        CAPTURE(b);
+        const auto& r = ref[static_cast<std::size_t>(b)];
+        CHECK(row.scale[static_cast<std::size_t>(b)] == kernels::detail::block_scale(r.d));
+        const std::int8_t* q = row.q.data() + (b / 2) * 64 + (b % 2) * 16;
+        CHECK(std::memcmp(q, r.qs, 16) == 0);
+        CHECK(std::memcmp(q + 32, r.qs + 16, 16) == 0);
+        int sum = 0;
+        for (int j = 0; j < 32; ++j) sum += r.qs[j];
+        CHECK(row.offset[static_cast<std::size_t>(b / 2 * 16 + (b % 2) * 4)] == -8 * sum);
+    }
+}
+
+TEST_CASE("kernels::gemm_quant_rounded: many rows multiply bf16-rounded activations and weights") {
+    // Panels of 5 rows of W, so that several panels and a tail happen.
+    QuantKnob<Index> panel(kernels::detail::quant_bf16_panel_elements(), 5 * 96);
+    Rng rng(47);
+    for (QuantType t : {QuantType::q8_0, QuantType::q4_0})
+        for (kernels::Op op : {kernels::Op::trans, kernels::Op::none})
+            for (float beta : {0.0f, 1.0f}) {
+                CAPTURE(kernels::to_string(t));
+                CAPTURE(op == kernels::Op::trans);
+                CAPTURE(beta);
+                const Index m = 9, wr = 23, wc = 96;  // W [wr, wc]
+                const Index k = op == kernels::Op::trans ? wc : wr, n = op == kernels::Op::trans ? wr : wc;
+                std::vector<float> Wf(static_cast<std::size_t>(wr * wc));
+                for (auto& v : Wf) v = static_cast<float>(rng.normal(0.0, 0.5));
+                const auto store = quantized(t, Wf, wr, wc);
+                const kernels::QuantMatrixView W(t, store.data(), wr, wc);
+                std::vector<float> Wdq(Wf.size());
+                for (Index i = 0; i < wr; ++i) kernels::dequantize_row(Wdq.data() + i * wc, t, W.row_ptr(i), wc);
+                const Index lda = k + 1, ldc = n + 3;
+                std::vector<float> A(static_cast<std::size_t>(m * lda)), C0(static_cast<std::size_t>(m * ldc));
+                for (auto& v : A) v = static_cast<float>(rng.normal());
+                for (auto& v : C0) v = static_cast<float>(rng.normal());
+                std::vector<float> C = C0;
+                kernels::gemm_quant_rounded(MatrixView<float>(C.data(), m, n, ldc), ConstMatrixView<float>(A.data(), m, k, lda),
+                                            W, op, 0.5f, beta);
+                const bool b16 = kernels::quant_bf16_products();
+                const auto round = [&](float v) { return b16 ? kernels::to_float(kernels::to_bf16(v)) : v; };
+                for (Index i = 0; i < m; ++i)
+                    for (Index j = 0; j < n; ++j) {
+                        double ref = 0.0, mag = 0.0;
+                        for (Index c = 0; c < k; ++c) {
+                            const float w = op == kernels::Op::trans ? Wdq[static_cast<std::size_t>(j * wc + c)]
+                                                                     : Wdq[static_cast<std::size_t>(c * wc + j)];
+                            const double p = double(round(w)) * double(round(A[static_cast<std::size_t>(i * lda + c)]));
+                            ref += p;
+                            mag += std::abs(p);
+                        }
+                        ref = 0.5 * ref + beta * double(C0[static_cast<std::size_t>(i * ldc + j)]);
+                        REQUIRE(std::abs(double(C[static_cast<std::size_t>(i * ldc + j)]) - ref) <=
+                                4.0 * double(k) * 6e-8 * (mag + 1.0));
+                    }
+                for (Index i = 0; i < m; ++i)
+                    for (Index j = n; j < ldc; ++j)
+                        REQUIRE(C[static_cast<std::size_t>(i * ldc + j)] == C0[static_cast<std::size_t>(i * ldc + j)]);
+            }
+}
+
+TEST_CASE("kernels::gemm_quant_rounded: bad input is refused") {
+    std::vector<std::byte> store(kernels::quant_row_bytes(QuantType::q4_0, 64) * 3);
+    const kernels::QuantMatrixView W(QuantType::q4_0, store.data(), 3, 64);
+    std::vector<float> A(64, 1.0f), C(3);
+    CHECK_THROWS_WITH_AS(kernels::gemm_quant_rounded(MatrixView<float>(C.data(), 1, 3),
+                                                     ConstMatrixView<float>(A.data(), 1, 32), W, kernels::Op::trans),
+                         doctest::Contains("q4_0"), ShapeError);
+    if (kernels::quant_int8_products()) {
+        A[7] = std::numeric_limits<float>::quiet_NaN();
+        CHECK_THROWS_WITH_AS(kernels::gemm_quant_rounded(MatrixView<float>(C.data(), 1, 3),
+                                                         ConstMatrixView<float>(A.data(), 1, 64), W, kernels::Op::trans),
+                             doctest::Contains("not finite"), NumericError);
+    }
+}
+
+TEST_CASE("kernels::gemm_quant_rounded: int8 decode products equal the numpy reference's block dot products (golden)") {
+    const auto f = io::SafetensorsFile::load(std::string(COMIGS_GOLDEN_DIR) + "/quant_blocks.safetensors");
+    const Index rows = f.shape("x")[0], cols = f.shape("x")[1];
+    const auto x = f.get<float>("x");
+    const auto blocks = f.get<std::uint8_t>("q4_0.blocks");
+    const auto dot = f.get<double>("q4_0_q8_0.dot");
+    REQUIRE(dot.size() == static_cast<std::size_t>(rows * rows));
+    const kernels::QuantMatrixView W(QuantType::q4_0, reinterpret_cast<const std::byte*>(blocks.data()), rows, cols);
+    std::vector<float> wd(static_cast<std::size_t>(rows * cols));
+    for (Index i = 0; i < rows; ++i) kernels::dequantize_row(wd.data() + i * cols, QuantType::q4_0, W.row_ptr(i), cols);
+    for (Index j0 = 0; j0 < rows; j0 += 4) {  // up to 4 activation rows at a time: the decode path
+        const Index m = std::min<Index>(4, rows - j0);
+        const ConstMatrixView<float> A(x.data() + j0 * cols, m, cols);
+        std::vector<float> C(static_cast<std::size_t>(m * rows)), E(C.size());
+        kernels::gemm_quant_rounded(MatrixView<float>(C.data(), m, rows), A, W, kernels::Op::trans);
+        kernels::gemm_quant<float>(MatrixView<float>(E.data(), m, rows), A, W, kernels::Op::trans);
+        for (Index j = 0; j < m; ++j)
+            for (Index i = 0; i < rows; ++i) {
+                CAPTURE(i);
+                CAPTURE(j0 + j);
+                double mag = 0.0;
+                for (Index c = 0; c < cols; ++c) mag += std::abs(double(wd[static_cast<std::size_t>(i * cols + c)]) * A(j, c));
+                const double got = C[static_cast<std::size_t>(j * rows + i)];
+                if (kernels::quant_int8_products())
+                    CHECK(std::abs(got - dot[static_cast<std::size_t>(i * rows + j0 + j)]) <= 1e-5 * mag + 1e-30);
+                else  // no int8 products on this target: the exact ones
+                    CHECK(got == E[static_cast<std::size_t>(j * rows + i)]);
+            }
+    }
+}

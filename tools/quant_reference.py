@@ -13,7 +13,9 @@ dequantize_row_* functions) operation by operation in float32:
         q = min(15, (int8)(x * id + 8.5)) (the product rounded to float before the add, truncation toward
         zero), byte j = q_j | q_{j+16} << 4; value (q - 8) * fp16(d).
 The file holds the input rows `x` [R, 256] (F32), and for each format the raw blocks `<fmt>.blocks`
-[R, bytes per row] (U8) and the dequantized values `<fmt>.values` [R, 256] (F32). The rows include the
+[R, bytes per row] (U8) and the dequantized values `<fmt>.values` [R, 256] (F32); `q4_0_q8_0.dot` [R, R]
+(F64) is ggml's Q4_0 x Q8_0 block dot product (the int8 decode products) of row i's Q4_0 blocks against
+row j quantized to Q8_0. The rows include the
 cases the rounding rules decide: halves, values a float ulp either side of them, opposite signs of equal
 magnitude, zero blocks, tiny and large scales, fp16 subnormal scales.
 """
@@ -86,6 +88,20 @@ def dequantize_q4_0(blocks, n):
     return (np.concatenate([lo, hi], axis=1) * d).astype(F).reshape(n)
 
 
+def vec_dot_q4_0_q8_0(wblocks, xblocks):
+    """ggml's Q4_0 x Q8_0 dot product (the int8 products of a decode row): per block the integer sum of
+    (nibble - 8) * q, exact, times fp16(dw) * fp16(dx); summed in float64."""
+    w = np.frombuffer(wblocks, dtype=np.uint8).reshape(-1, 18)
+    x = np.frombuffer(xblocks, dtype=np.uint8).reshape(-1, 34)
+    dw = w[:, :2].copy().view(np.float16).astype(np.float64)[:, 0]
+    dx = x[:, :2].copy().view(np.float16).astype(np.float64)[:, 0]
+    qs = w[:, 2:].astype(np.int64)
+    levels = np.concatenate([(qs & 0x0F) - 8, (qs >> 4) - 8], axis=1)   # [nb, 32]
+    xq = x[:, 2:].copy().view(np.int8).astype(np.int64)                 # [nb, 32]
+    isum = (levels * xq).sum(axis=1)
+    return float(np.sum(dw * dx * isum.astype(np.float64)))
+
+
 def test_rows(rng):
     """Rows of 256 values (8 blocks each) that exercise every rounding rule."""
     rows = []
@@ -155,6 +171,12 @@ def main():
         assert np.all(err <= bound), name
         tensors[name + ".blocks"] = np.frombuffer(b"".join(blocks), dtype=np.uint8).reshape(x.shape[0], -1)
         tensors[name + ".values"] = vals
+    # The int8 decode products: row i's Q4_0 blocks (weights) against row j quantized to Q8_0
+    # (activations), every pair.
+    q4 = [quantize_q4_0(row) for row in x]
+    q8 = [quantize_q8_0(row) for row in x]
+    tensors["q4_0_q8_0.dot"] = np.array([[vec_dot_q4_0_q8_0(q4[i], q8[j]) for j in range(len(x))]
+                                         for i in range(len(x))], dtype=np.float64)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "quant_blocks.safetensors")
     sio.save_file(tensors, path, metadata={"source": "tools/quant_reference.py", "block": "32"})

@@ -146,7 +146,8 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
                    "instead of the tiny GPT; the users' text is cut with its tokenizer and the split sizes count its "
                    "tokens. Each user's adapters are saved to <out>/adapters/<method>/user-<u>.safetensors");
     app.add_flag("--model-fp32-compute", c.model_fp32_compute,
-                 "with --model: fp32 products on its BF16 weights (exact values; default: bf16 products)");
+                 "with --model: fp32 products on its BF16 / Q8_0 / Q4_0 weights (exact values; default: bf16 "
+                 "products, int8 activations for Q4_0 decode)");
     app.add_option("--checkpoint-dir", c.checkpoint_dir,
                    "checkpoint every method's rounds here (SIGINT/SIGTERM: stop at the round's end with a checkpoint)");
     app.add_option("--checkpoint-every", c.checkpoint_every, "rounds between checkpoints")->capture_default_str();

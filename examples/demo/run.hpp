@@ -115,7 +115,7 @@ struct DemoConfig {
     std::string text_root = "/";         ///< where the setting's Debian packages are installed
     Index text_cap = 1200000;            ///< bytes of a setting user's text kept (evenly spaced pieces); <= 0: all
     std::string model;  ///< a Hugging Face model folder (real_model.hpp) as the host instead of the tiny GPT
-    bool model_fp32_compute = false;  ///< with --model: fp32 products on BF16 weights (default: bf16 products)
+    bool model_fp32_compute = false;  ///< with --model: fp32 products on BF16/Q8_0/Q4_0 weights (default: rounded)
     Index curve_tokens = 2048;           ///< test tokens per user for the curve points
     Index sample_tokens = 256;           ///< test tokens per user shown in routing.html
     bool progress = true;

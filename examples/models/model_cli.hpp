@@ -42,8 +42,9 @@ struct ModelOptions {
             ->check(CLI::ExistingFile);
         app.add_flag("--bf16-compute", bf16_compute,
                      "multiply BF16 weights by bf16-rounded activations (bf16 dot products; about 3 significant "
-                     "digits). Default: fp32 arithmetic on the exact BF16 values, weights widened a panel at a "
-                     "time inside each product, never as a whole");
+                     "digits), and Q8_0/Q4_0 weights with their default rounded products (bf16 panels; int8 "
+                     "activations for Q4_0 decode). Default: fp32 arithmetic on the exact BF16 / dequantized "
+                     "values, weights widened a panel at a time inside each product, never as a whole");
         app.add_flag("--widen", widen, "widen the whole BF16 base to fp32 at load (twice the memory of the file)");
         app.add_option("--precision", precision,
                        "quantize the frozen matrices (attention, MLP, head) at load into GGML blocks: q8_0 "

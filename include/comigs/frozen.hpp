@@ -23,15 +23,18 @@ namespace comigs {
 ///     (kernels/gemm_bf16.hpp), unless `fp32_compute` asks for fp32 arithmetic on the weight's exact
 ///     values (widened a panel at a time: what a framework computes on the model cast to fp32, without
 ///     an fp32 copy of the weight);
-///   - `weight_quant` in GGML's Q8_0 or Q4_0 blocks along each row (kernels/quant.hpp): the products
-///     compute with the dequantized values (fp32 activations, no fp32 copy of W).
+///   - `weight_quant` in GGML's Q8_0 or Q4_0 blocks along each row (kernels/quant.hpp): as for bf16,
+///     float products with many rows use bf16 dot products where the CPU has them (activations and the
+///     dequantized panels rounded to bf16, kernels::gemm_quant_rounded) unless `fp32_compute`, which asks
+///     for fp32 arithmetic on the dequantized values (kernels::gemm_quant; always so for double, for
+///     decode's few rows and on CPUs without bf16 products). No fp32 copy of W either way.
 template <class T>
 struct FrozenLinear {
     ConstMatrixView<T> weight;                      ///< [out, in] (empty unless held plain)
     std::span<const T> bias;                        ///< [out] or empty
     ConstMatrixView<kernels::bf16> weight_bf16{};   ///< [out, in] when held in bf16, else empty
     kernels::QuantMatrixView weight_quant{};        ///< [out, in] when held quantized, else empty
-    bool fp32_compute = false;                      ///< a bf16 weight: products in fp32, activations not rounded
+    bool fp32_compute = false;                      ///< bf16/quantized weight: fp32 products, nothing rounded
 
     bool is_bf16() const { return weight_bf16.data != nullptr; }
     bool is_quantized() const { return weight_quant.data != nullptr; }
@@ -48,7 +51,7 @@ struct FrozenLinear {
     void forward(MatrixView<T> y, ConstMatrixView<T> x, bool accumulate = false) const {
         const T beta = accumulate ? T(1) : T(0);
         if (is_quantized()) {
-            kernels::gemm_quant<T>(y, x, weight_quant, kernels::Op::trans, T(1), beta);
+            quant_product(y, x, kernels::Op::trans, beta);
         } else if constexpr (std::is_same_v<T, float>) {
             if (is_bf16() && fp32_compute)
                 kernels::gemm_bf16_widened(y, x, weight_bf16, kernels::Op::trans, 1.0f, beta);
@@ -94,7 +97,7 @@ struct FrozenLinear {
     void backward_input(MatrixView<T> dx, ConstMatrixView<T> dy, bool accumulate = true) const {
         const T beta = accumulate ? T(1) : T(0);
         if (is_quantized()) {
-            kernels::gemm_quant<T>(dx, dy, weight_quant, kernels::Op::none, T(1), beta);
+            quant_product(dx, dy, kernels::Op::none, beta);
             return;
         }
         if constexpr (std::is_same_v<T, float>) {
@@ -107,6 +110,15 @@ struct FrozenLinear {
             }
         }
         kernels::gemm<T>(dx, dy, kernels::Op::none, weight, kernels::Op::none, T(1), beta);
+    }
+
+private:
+    /// A product with the quantized weight: bf16 products unless fp32_compute (float only; as the bf16
+    /// weight does), else the dequantized values in T.
+    void quant_product(MatrixView<T> c, ConstMatrixView<T> a, kernels::Op op, T beta) const {
+        if constexpr (std::is_same_v<T, float>)
+            if (!fp32_compute) return kernels::gemm_quant_rounded(c, a, weight_quant, op, 1.0f, beta);
+        kernels::gemm_quant<T>(c, a, weight_quant, op, T(1), beta);
     }
 };
 
@@ -212,6 +224,13 @@ public:
     const ParamBuffer<T>& weights() const { return weights_; }
 
     Precision precision() const { return precision_; }
+
+    /// Products against the bf16 or quantized matrices in fp32 arithmetic on their exact (widened or
+    /// dequantized) values, activations not rounded: FrozenLinear::fp32_compute of every linear() (the
+    /// default, off, lets them use bf16 dot products where the CPU has them). No effect in fp32 or on
+    /// a borrowed MLP (its linears carry their own choice).
+    void set_fp32_compute(bool on) { fp32_compute_ = on; }
+    bool fp32_compute() const { return fp32_compute_; }
 
     /// Stores the weight matrices in `p`, converting the current values once: fp32 -> bf16 rounds to
     /// nearest even, -> Q8_0 / Q4_0 quantizes rows as ggml does (from the float values; a quantized base
@@ -341,9 +360,11 @@ public:
         if (precision_ == Precision::bf16) {
             f.weight_bf16 = bf16_weight(name + ".weight");
             require(f.weight_bf16.data != nullptr, "linear '", name, "': not in this MLP");
+            f.fp32_compute = fp32_compute_;
         } else if (is_quantized(precision_)) {
             f.weight_quant = quant_weight(name + ".weight");
             require(f.weight_quant.data != nullptr, "linear '", name, "': not in this MLP");
+            f.fp32_compute = fp32_compute_;
         } else {
             f.weight = weights_.view(name + ".weight");
         }
@@ -385,6 +406,7 @@ private:
     MlpForm form_;
     Index d_, h_;
     Precision precision_ = Precision::fp32;
+    bool fp32_compute_ = false;
     std::shared_ptr<const ParamLayout> full_layout_;
     ParamBuffer<T> weights_;
     comigs::detail::aligned_vector<kernels::bf16> bf16_;

@@ -842,11 +842,15 @@ private:
 
     /// Whether the one-pass row kernels (kernels/fused.hpp) apply: GELU form, no dropout, r <= 8.
     bool fused_path() const {
-        // The fused passes round m and dH to bf16 for a bf16 weight: a base asking for fp32 arithmetic
-        // on its bf16 values takes the general path.
+        // The fused passes round m and dH to bf16 for a bf16 weight: a bf16 base asking for fp32
+        // arithmetic on its values takes the general path (a quantized one multiplies through its own
+        // kernels either way).
+        const auto exact_bf16 = [&](const std::string& name) {
+            const auto l = base_->linear(name);
+            return l.is_bf16() && l.fp32_compute;
+        };
         return kernels::detail::fused_rows_enabled() && cfg_.form == MlpForm::gelu && !dropped_ &&
-               cfg_.rank <= kernels::fused_max_rank && !base_->linear(first_[0]).fp32_compute &&
-               !base_->linear(second_).fp32_compute;
+               cfg_.rank <= kernels::fused_max_rank && !exact_bf16(first_[0]) && !exact_bf16(second_);
     }
     /// Factor (f, e) of a table filled by prepare_factors().
     const T* factor(const std::vector<const T*>& table, Index f, Index e) const {

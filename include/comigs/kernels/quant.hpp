@@ -11,11 +11,14 @@
 // and the dequantized values those it reads; tools/quant_reference.py re-implements them in numpy for
 // the golden tests. A dequantized value is always the float q * d (also for double callers).
 //
-// The products never hold an fp32 copy of a whole weight matrix: many activation rows (training)
-// dequantize a panel of W at a time into a small buffer and multiply it with the fp32 GEMM (the same
-// numbers as with the dequantized weight up to summation order, at fp32 speed); a few rows (decode)
-// take fused kernels that dequantize each block in registers and multiply it at once (memory-bound:
-// Q4_0 reads 0.5625 bytes a weight where fp32 reads 4).
+// The products never hold an fp32 copy of a whole weight matrix. gemm_quant computes with the
+// dequantized values in fp32 (the reference; gradient checks and golden tests): many activation rows
+// (training) dequantize a panel of W at a time into a small buffer and multiply it with the fp32 GEMM
+// (the same numbers as with the dequantized weight up to summation order, at fp32 speed); a few rows
+// (decode) take fused kernels that decode each block in registers and multiply it at once.
+// gemm_quant_rounded (what a FrozenLinear uses unless fp32_compute) rounds operands where the CPU then
+// multiplies faster: bf16 panels into the bf16 GEMM for many rows (as the bf16 base), and for decode
+// rows of Q4_0 llama.cpp's int8 block dot products (activations quantized to Q8_0 blocks, AVX512-VNNI).
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -39,6 +42,11 @@
 #include <arm_neon.h>
 #define COMIGS_QUANT_NEON 1
 #endif
+// The int8 decode products (Q4_0 weights against Q8_0-quantized activations) need AVX512-VNNI's
+// vpdpbusd (with BW/VL); without it those products take the exact fused kernels.
+#if defined(COMIGS_QUANT_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define COMIGS_QUANT_VNNI 1
+#endif
 #if defined(__F16C__) && !defined(COMIGS_QUANT_AVX512)
 #include <immintrin.h>
 #endif
@@ -46,6 +54,7 @@
 #include "../detail/aligned.hpp"
 #include "../detail/float16.hpp"
 #include "gemm.hpp"
+#include "gemm_bf16.hpp"
 
 namespace comigs::kernels {
 
@@ -351,29 +360,37 @@ void fused_rows_trans(MatrixView<T> C, ConstMatrixView<T> A, Index m0, const Qua
     };
 #if defined(COMIGS_QUANT_AVX512)
     if constexpr (std::is_same_v<T, float>) {
-        for (Index o = o0; o < o1; ++o) {
-            // Two accumulators a row for each half of a block, even and odd blocks apart: four
-            // independent FMA chains.
-            __m512 e0[MR], e1[MR], d0[MR], d1[MR];
-            for (int m = 0; m < MR; ++m) e0[m] = e1[m] = d0[m] = d1[m] = _mm512_setzero_ps();
-            const auto step = [&](Index b, __m512* acc0, __m512* acc1) {
-                __m512 lo, hi;
-                decode_block(W.block_ptr(o, b), W.type, lo, hi);
-                for (int m = 0; m < MR; ++m) {
-                    const float* a = A.row_ptr(m0 + m) + b * 32;
-                    acc0[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(a), acc0[m]);
-                    acc1[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(a + 16), acc1[m]);
+        // The block type as a compile-time constant: no branch per block.
+        const auto rows = [&](auto type) {
+            for (Index o = o0; o < o1; ++o) {
+                // Per block: the levels times the activations summed in one register, then one FMA with
+                // the block scale; even and odd blocks in separate accumulators (two FMA chains).
+                __m512 e[MR], d[MR];
+                for (int m = 0; m < MR; ++m) e[m] = d[m] = _mm512_setzero_ps();
+                const auto step = [&](Index b, __m512* acc) {
+                    const std::byte* p = W.block_ptr(o, b);
+                    __m512 lo, hi;
+                    decode_levels(p, decltype(type)::value, lo, hi);
+                    const __m512 scale = _mm512_set1_ps(block_scale(p));
+                    for (int m = 0; m < MR; ++m) {
+                        const float* a = A.row_ptr(m0 + m) + b * 32;
+                        const __m512 t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(a + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(a)));
+                        acc[m] = _mm512_fmadd_ps(t, scale, acc[m]);
+                    }
+                };
+                Index b = 0;
+                for (; b + 2 <= nb; b += 2) {
+                    step(b, e);
+                    step(b + 1, d);
                 }
-            };
-            Index b = 0;
-            for (; b + 2 <= nb; b += 2) {
-                step(b, e0, e1);
-                step(b + 1, d0, d1);
+                if (b < nb) step(b, e);
+                for (int m = 0; m < MR; ++m) store(m, o, _mm512_reduce_add_ps(_mm512_add_ps(e[m], d[m])));
             }
-            if (b < nb) step(b, e0, e1);
-            for (int m = 0; m < MR; ++m)
-                store(m, o, _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(e0[m], e1[m]), _mm512_add_ps(d0[m], d1[m]))));
-        }
+        };
+        if (W.type == QuantType::q8_0)
+            rows(std::integral_constant<QuantType, QuantType::q8_0>{});
+        else
+            rows(std::integral_constant<QuantType, QuantType::q4_0>{});
         return;
     }
 #elif defined(COMIGS_QUANT_NEON)
@@ -538,7 +555,222 @@ void gemm_quant(MatrixView<T> C, ConstMatrixView<T> A, const QuantMatrixView& W,
     }
 }
 
+namespace detail {
+/// Elements of W gemm_quant_rounded dequantizes at a time (4 MB of bf16: a whole projection of a small
+/// model, a few panels of a large one; a test shrinks it to hit the tails).
+inline Index& quant_bf16_panel_elements() {
+    static Index elements = Index(1) << 21;
+    return elements;
+}
+
+/// One activation row quantized as ggml quantizes the vector side of its Q4_0 dot products: Q8_0
+/// blocks of 32 (quantize_row_q8_0: d = amax / 127 stored in fp16, q = round(x / d) half away from
+/// zero). Laid out for the kernel: each pair of blocks (b, b + 1) as 64 bytes [q_b 0-15, q_b+1 0-15,
+/// q_b 16-31, q_b+1 16-31] (the order of a Q4_0 pair's nibbles: low of b, low of b + 1, high of b,
+/// high of b + 1); `scale` the fp16 scales read back as float; `offset` per pair 16 int32 lanes, zero
+/// but lane 0 = -8 sum(q_b) and lane 4 = -8 sum(q_b+1) (the Q4_0 levels are nibble - 8).
+struct Q8ActivationRow {
+    comigs::detail::aligned_vector<std::int8_t> q;
+    comigs::detail::aligned_vector<std::int32_t> offset;
+    std::vector<float> scale;
+};
+
+/// Quantizes x[0, k) (k a multiple of 64; finite values) into `out`.
+inline void quantize_activation_row(Q8ActivationRow& out, const float* x, Index k) {
+    const Index nb = k / 32;
+    out.q.resize(static_cast<std::size_t>(k));
+    out.offset.assign(static_cast<std::size_t>(nb / 2 * 16), 0);
+    out.scale.resize(static_cast<std::size_t>(nb));
+    for (Index b = 0; b < nb; ++b) {
+        BlockQ8_0 blk;
+#if defined(COMIGS_QUANT_VNNI)
+        // quantize_row_q8_0 in registers: the same float operations (x * id rounded to float, then
+        // rounded half away from zero: truncate, and step away when the dropped part is >= 0.5).
+        const __m512 v0 = _mm512_loadu_ps(x + b * 32), v1 = _mm512_loadu_ps(x + b * 32 + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        blk.d = comigs::detail::float_to_f16_bits(d);
+        const auto level = [&](__m512 v) {
+            const __m512 t = _mm512_mul_ps(v, _mm512_set1_ps(id));
+            const __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            const __mmask16 away = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(t, r)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+            const __m512 step = _mm512_or_ps(_mm512_set1_ps(1.0f), _mm512_and_ps(t, _mm512_set1_ps(-0.0f)));
+            return _mm512_cvttps_epi32(_mm512_mask_add_ps(r, away, r, step));
+        };
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(blk.qs), _mm512_cvtepi32_epi8(level(v0)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(blk.qs + 16), _mm512_cvtepi32_epi8(level(v1)));
+#else
+        quantize_row_q8_0(&blk, x + b * 32, 32);
+#endif
+        out.scale[static_cast<std::size_t>(b)] = block_scale(blk.d);
+        std::int32_t sum = 0;
+        for (int j = 0; j < 32; ++j) sum += blk.qs[j];
+        std::int8_t* dst = out.q.data() + (b & ~Index(1)) * 32 + (b & 1) * 16;
+        std::memcpy(dst, blk.qs, 16);
+        std::memcpy(dst + 32, blk.qs + 16, 16);
+        out.offset[static_cast<std::size_t>(b / 2 * 16 + (b & 1) * 4)] = -8 * sum;
+    }
+}
+
+/// Whether the int8 products take a Q4_0 product of `rows` activation rows against W (op trans) on this
+/// build: AVX512-VNNI, few rows, an even number of blocks a row.
+inline bool quant_int8_applies(const QuantMatrixView& W, Op opw, Index rows) {
+#if defined(COMIGS_QUANT_VNNI)
+    return W.type == QuantType::q4_0 && opw == Op::trans && rows <= quant_fused_max_rows() && W.cols % 64 == 0;
+#else
+    (void)W, (void)opw, (void)rows;
+    return false;
+#endif
+}
+
+#if defined(COMIGS_QUANT_VNNI)
+/// y[o] = alpha * sum_b dw_b dx_b sum_j (nibble_j - 8) q_j (+ y[o] when accumulate) for the rows o in
+/// [o0, o1) of a Q4_0 W, x a quantized activation row: per pair of blocks one vpdpbusd of the 64
+/// nibbles (as unsigned bytes) against the activations, started from the pair's -8 sum(q) offsets,
+/// converted to float (exact: |sum| < 2^24) and added with the pair's scales dw dx in its lanes.
+inline void int8_rows_trans(float* y, const Q8ActivationRow& x, const QuantMatrixView& W, Index o0, Index o1,
+                            float alpha, bool accumulate) {
+    const Index pairs = W.cols / 64;
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    // Lanes 0-3 and 8-11 belong to the pair's first block, 4-7 and 12-15 to its second.
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+    for (Index o = o0; o < o1; ++o) {
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        const std::byte* row = W.row_ptr(o);
+        const auto step = [&](Index pr, __m512& acc) {
+            const std::byte* p = row + pr * 36;
+            const __m256i both = _mm256_inserti128_si256(
+                _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2))),
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 20)), 1);
+            const __m512i w = _mm512_and_si512(
+                _mm512_inserti64x4(_mm512_castsi256_si512(both), _mm256_srli_epi16(both, 4), 1), nibble);
+            const __m512i sum = _mm512_dpbusd_epi32(_mm512_load_si512(x.offset.data() + pr * 16), w,
+                                                    _mm512_load_si512(x.q.data() + pr * 64));
+            std::uint16_t d0, d1;
+            std::memcpy(&d0, p, 2);
+            std::memcpy(&d1, p + 18, 2);
+            const __m128 dw = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(d0 | (std::uint32_t(d1) << 16))));
+            const __m128 dx = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(x.scale.data() + 2 * pr)));
+            const __m512 sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sc, acc);
+        };
+        Index pr = 0;
+        for (; pr + 2 <= pairs; pr += 2) {
+            step(pr, acc0);
+            step(pr + 1, acc1);
+        }
+        if (pr < pairs) step(pr, acc0);
+        const float v = alpha * _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        y[o] = accumulate ? y[o] + v : v;
+    }
+}
+#endif
+
+/// The int8 products for every row of A (quant_int8_applies): each row quantized once, the output
+/// rows in fixed chunks shared by the threads (results independent of the thread count).
+inline void gemm_quant_int8(MatrixView<float> C, ConstMatrixView<float> A, const QuantMatrixView& W, float alpha,
+                            bool accumulate) {
+#if defined(COMIGS_QUANT_VNNI)
+    thread_local std::vector<Q8ActivationRow> rows;
+    if (rows.size() < static_cast<std::size_t>(A.rows)) rows.resize(static_cast<std::size_t>(A.rows));
+    for (Index m = 0; m < A.rows; ++m) {
+        const float* a = A.row_ptr(m);
+        for (Index j = 0; j < A.cols; ++j)
+            require<NumericError>(std::isfinite(a[j]), "gemm_quant (int8 products): activation ", a[j], " at [", m,
+                                  ", ", j, "] is not finite");
+        quantize_activation_row(rows[static_cast<std::size_t>(m)], a, A.cols);
+    }
+    const Index n = W.rows, chunk = 64, chunks = (n + chunk - 1) / chunk;
+    int threads = 1;
+#ifdef _OPENMP
+    if (!omp_in_parallel() && A.rows * n * A.cols >= detail::gemm_parallel_min() / 4) threads = omp_get_max_threads();
+#endif
+    threads = static_cast<int>(std::min<Index>(threads, chunks));
+    const std::vector<Q8ActivationRow>& xr = rows;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
+    for (Index c = 0; c < chunks; ++c)
+        for (Index m = 0; m < A.rows; ++m)
+            int8_rows_trans(C.row_ptr(m), xr[static_cast<std::size_t>(m)], W, c * chunk, std::min(n, c * chunk + chunk),
+                            alpha, accumulate);
+#else
+    (void)C, (void)A, (void)W, (void)alpha, (void)accumulate;
+    comigs::detail::raise<InvalidArgument>("gemm_quant_int8: not built for this target (needs AVX512-VNNI)");
+#endif
+}
+}  // namespace detail
+
+/// Whether gemm_quant_rounded multiplies many rows in bf16 on this machine and build (oneDNN with bf16
+/// dot products); elsewhere those products are gemm_quant's.
+inline bool quant_bf16_products() { return bf16_backend() == Bf16Backend::onednn; }
+
+/// Whether gemm_quant_rounded takes int8 products for few rows of Q4_0 on this build (AVX512-VNNI).
+inline bool quant_int8_products() {
+#if defined(COMIGS_QUANT_VNNI)
+    return true;
+#else
+    return false;
+#endif
+}
+
+/// As gemm_quant<float>, with rounded operands where the CPU multiplies them faster (what FrozenLinear
+/// uses unless fp32_compute, as for a bf16 weight):
+///   - many rows (training; more than quant_fused_max_rows), with bf16 dot products
+///     (quant_bf16_products()): the activations rounded to bf16 once, W dequantized a panel at a time
+///     into bf16 (q * d rounded to nearest even: 8 significant bits) and multiplied by the bf16 GEMM
+///     (oneDNN, AMX / AVX512-BF16), accumulating in fp32: what the bf16 base computes;
+///   - few rows (decode) of a Q4_0 W, y = x W^T, with AVX512-VNNI (quant_int8_products()): each
+///     activation row quantized to Q8_0 blocks as llama.cpp does for its Q4_0 dot products, then
+///     integer dot products per block (exact) scaled by the two fp16 scales;
+///   - anything else: gemm_quant (the dequantized values in fp32).
+inline void gemm_quant_rounded(MatrixView<float> C, ConstMatrixView<float> A, const QuantMatrixView& W, Op opw,
+                               float alpha = 1.0f, float beta = 0.0f) {
+    const Index m = A.rows, k = A.cols;
+    const Index kw = opw == Op::none ? W.rows : W.cols;
+    const Index n = opw == Op::none ? W.cols : W.rows;
+    const bool int8 = detail::quant_int8_applies(W, opw, m);
+    if (!(int8 || (quant_bf16_products() && m > detail::quant_fused_max_rows())) || m == 0 || k == 0 || n == 0 ||
+        kw != k || C.rows != m || C.cols != n || !(beta == 0.0f || beta == 1.0f)) {
+        gemm_quant<float>(C, A, W, opw, alpha, beta);  // also reports shape and beta errors
+        return;
+    }
+    if (int8) {
+        detail::gemm_quant_int8(C, A, W, alpha, beta != 0.0f);
+        return;
+    }
+    // Buffers kept between calls: no page faults per call.
+    thread_local comigs::detail::aligned_vector<bf16> abuf, wbuf;
+    if (abuf.size() < static_cast<std::size_t>(m * k)) abuf.resize(static_cast<std::size_t>(m * k));
+    convert_rows_to_bf16(abuf.data(), A);
+    const ConstMatrixView<bf16> Ab(abuf.data(), m, k);
+    // Panels of whole rows of W (contiguous blocks): output rows when trans, reduction rows when none.
+    const Index row_len = W.cols;
+    const Index rows = std::clamp<Index>(detail::quant_bf16_panel_elements() / row_len, 1, W.rows);
+    if (wbuf.size() < static_cast<std::size_t>(rows * row_len)) wbuf.resize(static_cast<std::size_t>(rows * row_len));
+    for (Index r0 = 0; r0 < W.rows; r0 += rows) {
+        const Index cnt = std::min(rows, W.rows - r0);
+        bf16* wp = wbuf.data();
+#pragma omp parallel if (cnt * row_len >= 65536)
+        {
+            thread_local comigs::detail::aligned_vector<float> row;
+            row.resize(static_cast<std::size_t>(row_len));
+#pragma omp for schedule(static)
+            for (Index i = 0; i < cnt; ++i) {
+                dequantize_row(row.data(), W.type, W.row_ptr(r0 + i), row_len);
+                convert_to_bf16(wp + i * row_len, row.data(), row_len);
+            }
+        }
+        const ConstMatrixView<bf16> Wp(wp, cnt, row_len);
+        if (opw == Op::trans)
+            gemm_bf16_from(MatrixView<float>(C.data + r0, m, cnt, C.stride), Ab, Wp, Op::trans, alpha, beta);
+        else
+            gemm_bf16_from(C, ConstMatrixView<bf16>(Ab.data + r0, m, cnt, k), Wp, Op::none, alpha,
+                           r0 == 0 ? beta : 1.0f);
+    }
+}
+
 }  // namespace comigs::kernels
 
 #undef COMIGS_QUANT_AVX512
 #undef COMIGS_QUANT_NEON
+#undef COMIGS_QUANT_VNNI

@@ -257,9 +257,10 @@ struct WeightOptions {
     /// Keep BF16 matrices in BF16 (float hosts; no fp32 copy). Off: every matrix is widened to the
     /// host's type once, at load (twice the memory of a BF16 file, and the fp32 GEMMs).
     bool keep_bf16 = true;
-    /// Products against BF16 matrices in fp32 arithmetic on their exact values (each weight widened a
-    /// panel at a time inside the GEMM; activations not rounded): the numbers of the model cast to fp32,
-    /// without the copy. Off: activations are rounded to bf16 for bf16 dot products (faster, ~3 digits).
+    /// Products against BF16 and Q8_0/Q4_0 matrices in fp32 arithmetic on their exact (widened or
+    /// dequantized) values, a panel at a time inside the GEMM, activations not rounded: the numbers of
+    /// the model cast to fp32, without the copy. Off: activations (and dequantized panels) are rounded
+    /// to bf16 for bf16 dot products where the CPU has them (faster, ~3 digits).
     bool fp32_compute = false;
     /// Quantize the matrices of every frozen linear (attention, MLP, the head and the embedding it may
     /// be tied to) at load into GGML's blocks along each [out, in] row, from their float values as
@@ -289,8 +290,10 @@ public:
         FrozenLinear<T> f;
         if (is_quantized(weight.type)) {
             f.weight_quant = quant_matrix(weight);
+            f.fp32_compute = options_.fp32_compute;
         } else if (options_.quantize) {
             f.weight_quant = quantized(weight, false);
+            f.fp32_compute = options_.fp32_compute;
         } else if constexpr (std::is_same_v<T, float>) {
             if (weight.type == ElementType::bf16 && options_.keep_bf16) {
                 f.weight_bf16 = bf16_matrix(weight);
@@ -323,6 +326,7 @@ public:
         bool done = false;
         if (options_.quantize) {
             f.weight_quant = quantized(weight, true);
+            f.fp32_compute = options_.fp32_compute;
             done = true;
         }
         if constexpr (std::is_same_v<T, float>) {
