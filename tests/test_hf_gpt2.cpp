@@ -148,7 +148,8 @@ TEST_CASE_TEMPLATE("models::load_gpt2 quantize: Q8_0 / Q4_0 GPT-2 equals fp32 GP
         Rng rng(41);
         const cm::Gpt2Config c = small_gpt2();
         const auto src = gpt2_source(c, rng);
-        const auto qm = cm::load_gpt2<T>(src, c, {.quantize = q});
+        // Exact products (fp32_compute): the default rounds float operands to bf16 / int8 for speed.
+        const auto qm = cm::load_gpt2<T>(src, c, {.fp32_compute = true, .quantize = q});
         const auto ref = cm::load_gpt2<T>(dequantized_gpt2_source(*src, q), c);
 
         // Every linear is held in blocks, none in T: attention, MLP, and the tied head / embedding.
