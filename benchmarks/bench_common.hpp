@@ -7,8 +7,12 @@
 #include <comigs/kernels/activation.hpp>
 #include <comigs/kernels/elementwise.hpp>
 #include <comigs/mixture.hpp>
+#include <comigs/profile.hpp>
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace comigs::bench {
@@ -34,6 +38,31 @@ inline void set_counters(benchmark::State& state, Index tokens, double flops) {
     state.SetItemsProcessed(state.iterations() * tokens);
     state.counters["GFLOP/s"] =
         benchmark::Counter(flops * 1e-9 * double(state.iterations()), benchmark::Counter::kIsRate);
+}
+
+/// Times `step` (one training step) once per benchmark iteration, after one untimed step, with the hosts'
+/// phase timers on (comigs/profile.hpp), and reports ms per step of every phase and pass
+/// (`fwd_<phase>_ms`, `bwd_<phase>_ms`) and of what no phase covers (`other_ms`: AdamW, zeroing).
+template <class Step>
+void profile_steps(benchmark::State& state, Step&& step) {
+    step();
+    profile::reset();
+    profile::enable(true);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (auto _ : state) step();
+    const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    profile::enable(false);
+    const double steps = double(std::max<benchmark::IterationCount>(state.iterations(), 1));
+    double covered = 0;
+    for (int p = 0; p < profile::phase_count; ++p)
+        for (const auto pass : {profile::Pass::forward, profile::Pass::backward}) {
+            const double sec = profile::seconds(profile::Phase(p), pass);
+            covered += sec;
+            if (sec > 0)
+                state.counters[std::string(pass == profile::Pass::forward ? "fwd_" : "bwd_") +
+                               profile::to_string(profile::Phase(p)) + "_ms"] = sec / steps * 1e3;
+        }
+    state.counters["other_ms"] = (total - covered) / steps * 1e3;
 }
 
 }  // namespace comigs::bench

@@ -125,24 +125,7 @@ void model_fwd(benchmark::State& state, RandomHost host, bool bf16) {
 // table of docs/performance.md comes from here.
 void model_phases(benchmark::State& state, RandomHost host, bool bf16) {
     CoMiGSModel m(host, bf16);
-    m.step();
-    profile::reset();
-    profile::enable(true);
-    const auto t0 = std::chrono::steady_clock::now();
-    for (auto _ : state) m.step();
-    const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    profile::enable(false);
-    const double steps = double(std::max<benchmark::IterationCount>(state.iterations(), 1));
-    double covered = 0;
-    for (int p = 0; p < profile::phase_count; ++p)
-        for (const auto pass : {profile::Pass::forward, profile::Pass::backward}) {
-            const double sec = profile::seconds(profile::Phase(p), pass);
-            covered += sec;
-            if (sec > 0)
-                state.counters[std::string(pass == profile::Pass::forward ? "fwd_" : "bwd_") +
-                               profile::to_string(profile::Phase(p)) + "_ms"] = sec / steps * 1e3;
-        }
-    state.counters["other_ms"] = (total - covered) / steps * 1e3;
+    profile_steps(state, [&] { m.step(); });
     state.SetItemsProcessed(state.iterations() * ModelStepShape::B * ModelStepShape::T);
 }
 

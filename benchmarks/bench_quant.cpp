@@ -183,24 +183,7 @@ void model_step_pair(benchmark::State& state) {
 void model_step_phases(benchmark::State& state, models::ElementType type) {
     auto host = random_host(RandomHost::smollm2_135m, type);
     ModelAdapters a(*host);
-    a.step(*host);
-    profile::reset();
-    profile::enable(true);
-    const auto t0 = std::chrono::steady_clock::now();
-    for (auto _ : state) a.step(*host);
-    const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    profile::enable(false);
-    const double steps = double(std::max<benchmark::IterationCount>(state.iterations(), 1));
-    double covered = 0;
-    for (int p = 0; p < profile::phase_count; ++p)
-        for (const auto pass : {profile::Pass::forward, profile::Pass::backward}) {
-            const double sec = profile::seconds(profile::Phase(p), pass);
-            covered += sec;
-            if (sec > 0)
-                state.counters[std::string(pass == profile::Pass::forward ? "fwd_" : "bwd_") +
-                               profile::to_string(profile::Phase(p)) + "_ms"] = sec / steps * 1e3;
-        }
-    state.counters["other_ms"] = (total - covered) / steps * 1e3;
+    profile_steps(state, [&] { a.step(*host); });
 }
 
 // Kernel: decode (T = 1) of the whole Llama-3.2-1B-shaped model with its mixtures, KV cache holding
