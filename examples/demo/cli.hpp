@@ -11,6 +11,7 @@
 #include <sstream>
 #include <string_view>
 
+#include "demo_main.hpp"
 #include "placement.hpp"
 #include "run.hpp"
 
@@ -40,9 +41,11 @@ inline std::vector<std::string> split_names(const std::string& s) {
 }
 }  // namespace cli_detail
 
-/// The demo's command line and run. `place`: where the users train (comigs-demo-mpi passes its MPI
-/// communicator); rank 0 prints and writes the outputs.
-inline int demo_main(int argc, char** argv, Placement place = {}) {
+#ifdef COMIGS_DEMO_IMPLEMENTATION
+// Compiled once with run_demo, in demo.cpp (the comigs_demo library); declared in demo_main.hpp.
+int demo_main(int argc, char** argv) { return demo_main(argc, argv, Placement{}); }
+
+int demo_main(int argc, char** argv, Placement place) {
     using namespace cli_detail;
     comigs::demo::DemoConfig c;
     CLI::App app{
@@ -201,5 +204,6 @@ inline int demo_main(int argc, char** argv, Placement place = {}) {
     }
     return 0;
 }
+#endif  // COMIGS_DEMO_IMPLEMENTATION
 
 }  // namespace comigs::demo

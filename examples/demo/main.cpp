@@ -2,6 +2,6 @@
 // host on the embedded corpus's base source (or reuses the saved one), then trains every method on
 // the same users, data, steps and batch, and writes results.json, curves.svg and routing.html.
 // See run.hpp for the methods and the protocols.
-#include "cli.hpp"
+#include "demo_main.hpp"
 
 int main(int argc, char** argv) { return comigs::demo::demo_main(argc, argv); }

@@ -6,7 +6,8 @@
 //   mpirun -np 4 ./comigs-demo-mpi --users 4 --methods comigs-1g1s
 #include <comigs/mpi.hpp>
 
-#include "demo/cli.hpp"
+#include "demo/demo_main.hpp"
+#include "demo/placement.hpp"
 
 int main(int argc, char** argv) {
     comigs::MpiEnvironment mpi(argc, argv);
