@@ -68,7 +68,12 @@ struct Loaded {
     std::filesystem::path folder;
 };
 
-inline Loaded load(const ModelOptions& o) {
+/// Loads the model (and the adapters). Compiled once, in model_cli.cpp (the comigs_model_cli library):
+/// the loaders instantiate every host, the bulk of compiling comigs-eval and comigs-generate.
+Loaded load(const ModelOptions& o);
+
+#ifdef COMIGS_MODEL_CLI_IMPLEMENTATION
+Loaded load(const ModelOptions& o) {
     if (o.threads > 0) omp_set_num_threads(o.threads);
     Loaded l;
     l.lm = models::load_model<float>(o.model, o.weights());
@@ -87,6 +92,7 @@ inline Loaded load(const ModelOptions& o) {
                  o.adapter.empty() ? "" : (", adapters from " + o.adapter + (l.mixtures.empty() ? "" : " (mixtures on every MLP)")).c_str());
     return l;
 }
+#endif  // COMIGS_MODEL_CLI_IMPLEMENTATION
 
 /// "1 2 3" or "1,2,3" -> ids, each checked against the vocabulary.
 inline std::vector<int> parse_ids(const std::string& text, Index vocab) {
@@ -122,12 +128,16 @@ inline bool has_tokenizer(const Loaded& l) {
 
 /// The model's tokenizer: a GGUF file's metadata (tokenizer.ggml.*), or the folder's tokenizer.json (or
 /// vocab.json + merges.txt).
-inline text::BpeTokenizer tokenizer(const Loaded& l, const std::string& model_path, Index vocab) {
+text::BpeTokenizer tokenizer(const Loaded& l, const std::string& model_path, Index vocab);
+
+#ifdef COMIGS_MODEL_CLI_IMPLEMENTATION
+text::BpeTokenizer tokenizer(const Loaded& l, const std::string& model_path, Index vocab) {
     auto t = l.lm.gguf ? models::gguf_tokenizer(*l.lm.gguf, model_path) : text::BpeTokenizer::load(l.folder);
     require(t.vocab_size() <= vocab, "tokenizer of '", model_path, "': ", t.vocab_size(),
             " tokens, more than the model's vocabulary of ", vocab);
     return t;
 }
+#endif  // COMIGS_MODEL_CLI_IMPLEMENTATION
 #endif
 
 }  // namespace comigs::model_cli
