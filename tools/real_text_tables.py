@@ -93,6 +93,12 @@ def table_baselines(runs, plan="baselines"):
         print("| " + " | ".join(row) + " |")
 
 
+def run_method(res, default="comigs-1g1s"):
+    """The method with a router of a single-method variant run (comigs-2g for 2G1S), else the default."""
+    ms = [m for m in res["methods"] if m.startswith("comigs")]
+    return ms[0] if len(ms) == 1 else default
+
+
 def table_variants(runs, plan, reference_runs, method="comigs-1g1s", split="dev"):
     """Relative change of each variant against the reference schedule, per regime (mean over seeds of
     the per-seed relative difference), and the generalist's gate weight."""
@@ -107,14 +113,51 @@ def table_variants(runs, plan, reference_runs, method="comigs-1g1s", split="dev"
         for regime in regimes:
             ref = reference_runs.get(regime, {})
             seeds = runs[plan][regime].get(v, {})
-            d = [pct(metric(seeds[s], method, split), metric(ref[s], method, split))
-                 for s in seeds if s in ref and metric(seeds[s], method, split) and metric(ref[s], method, split)]
+            d = [pct(metric(seeds[s], run_method(seeds[s], method), split), metric(ref[s], method, split))
+                 for s in seeds if s in ref and metric(seeds[s], run_method(seeds[s], method), split)
+                 and metric(ref[s], method, split)]
             all_d += [statistics.mean(d)] if d else []
-            gen = [seeds[s]["methods"][method]["mean_generalist_share"] for s in seeds if method in seeds[s]["methods"]]
+            gen = [seeds[s]["methods"][run_method(seeds[s], method)]["mean_generalist_share"] for s in seeds
+                   if run_method(seeds[s], method) in seeds[s]["methods"]]
             row.append(f"{statistics.mean(d):+.1f}% ({statistics.mean(gen):.2f})" if d else "-")
         row.append(f"{statistics.mean(all_d):+.2f}%" if all_d else "-")
         print("| " + " | ".join(row) + " |")
     print("\nIn brackets: the generalist's mean gate weight on test tokens.")
+
+
+def table_capacity(runs, split="dev"):
+    """CoMiGS with more experts or rank against the baselines at their own capacity (2 experts, rank 8;
+    learning rate: the best of the baselines plan's dev grid) and at CoMiGS' (3 experts: capacity-base)."""
+    cap, base, cbase = runs.get("capacity", {}), runs.get("baselines", {}), runs.get("capacity-base", {})
+    best = baseline_lrs(runs)
+    cols = [("Local", None), ("Local 3 experts", None), ("FedAvg", None), ("FedAvg 3 experts", None),
+            ("CoMiGS-1G1S", None), ("1G2S", "1g2s-top3"), ("2G1S", "2g1s-top3"), ("1G1S rank 16", "rank16")]
+    print(f"\n### Capacity: mean {split} perplexity (tuning seeds), and the relative difference to the better "
+          "baseline at 2 and at 3 experts\n")
+    print("| regime | " + " | ".join(c for c, _ in cols) + " | 1G2S vs better (2 experts) | 1G2S vs better (3 experts) |"
+          " 2G1S vs better (2 experts) | 2G1S vs better (3 experts) |")
+    print("|---|" + "---|" * (len(cols) + 4))
+    for regime in sorted(cap, key=regime_key):
+        b, cb = base.get(regime, {}), cbase.get(regime, {})
+        per = {}  # column -> {seed: ppl}
+        for m, col in (("local", "Local"), ("fedavg", "FedAvg")):
+            v = b.get(best.get((regime, m), ""), {})
+            per[col] = {s: metric(r, m, split) for s, r in v.items()}
+            v3 = next((vv for name, vv in cb.items() if name.startswith(f"experts3-{m}")), {})
+            per[f"{col} 3 experts"] = {s: metric(r, m, split) for s, r in v3.items()}
+        per["CoMiGS-1G1S"] = {s: metric(r, "comigs-1g1s", split) for s, r in b.get("reference", {}).items()}
+        for col, v in cols:
+            if v:
+                per[col] = {s: metric(r, run_method(r), split) for s, r in cap[regime].get(v, {}).items()}
+        row = [regime] + [fmt(list(per[c].values())) for c, _ in cols]
+        for col in ("1G2S", "2G1S"):
+            for suffix in ("", " 3 experts"):
+                seeds = [s for s in per[col] if s in per["Local" + suffix] and s in per["FedAvg" + suffix]]
+                d = [pct(per[col][s], min(per["Local" + suffix][s], per["FedAvg" + suffix][s])) for s in seeds]
+                row.append(f"{statistics.mean(d):+.1f}%" if d else "-")
+        print("| " + " | ".join(row) + " |")
+    print("\nBaselines at 2 experts use the learning rate that won their dev grid; at 3 experts Local uses the "
+          "same rate (1e-2 on all of a text, 3e-3 otherwise) and FedAvg 1e-2.")
 
 
 def final_rows(runs, plan="final", split="test"):
@@ -203,7 +246,10 @@ def main():
             table_chosen_on_tuning_seeds(runs)
             table_final(runs, plan, "test")
             table_final(runs, plan, "dev")
-        elif plan != "baselines":
+        elif plan == "capacity":
+            table_capacity(runs)
+            table_variants(runs, plan, ref)
+        elif plan not in ("baselines", "capacity-base", "repro"):
             table_variants(runs, plan, ref)
 
 
