@@ -102,6 +102,10 @@ def runs_of(plan):
         for name, flags in variants.items():
             for r, s in itertools.product(["ml-all", "dom-all"], TUNING_SEEDS):
                 out.append((r, name, s, "comigs-1g1s", REFERENCE + flags))
+        # The held-out splits are dealt in proportion to their sizes: another validation size gives other
+        # dev (and test) chunks. Local at the same sizes measures that shift (it never reads validation).
+        for r, s in itertools.product(["ml-all", "dom-all"], TUNING_SEEDS):
+            out.append((r, "local-val30000", s, "local", ["--val-tokens", "30000"]))
     elif plan == "final":  # the "when collaboration pays" table: report seeds, choices fixed beforehand
         # Local's learning rate is the best of its dev grid at the nearest tuned size on a log scale
         # (6000 tokens: 3e-3; all: 1e-2); FedAvg's (1e-2) and CoMiGS' schedule (reference) won at every

@@ -160,6 +160,28 @@ def table_capacity(runs, split="dev"):
           "same rate (1e-2 on all of a text, 3e-3 otherwise) and FedAvg 1e-2.")
 
 
+def table_val(runs, split="dev"):
+    """A larger validation set. Another validation size deals other chunks to the dev and test splits, so
+    CoMiGS is compared with Local at the same sizes: the change of CoMiGS' ratio to Local."""
+    val, base = runs.get("val", {}), runs.get("baselines", {})
+    print(f"\n### Validation size: CoMiGS-1G1S against Local at the same split sizes ({split} split, tuning seeds)\n")
+    print("| regime | Local (val 3000) | CoMiGS (val 3000) | vs Local | Local (val 30000) | CoMiGS (val 30000) | vs Local "
+          "| change |")
+    print("|---|---|---|---|---|---|---|---|")
+    for regime in sorted(val, key=regime_key):
+        loc3, com3 = base.get(regime, {}).get("lr1e-2", {}), base.get(regime, {}).get("reference", {})
+        loc30, com30 = val[regime].get("local-val30000", {}), val[regime].get("val30000", {})
+        seeds = sorted(set(loc3) & set(com3) & set(loc30) & set(com30))
+        if not seeds:
+            continue
+        m = lambda v, meth: [metric(v[s], meth, split) for s in seeds]
+        d3 = [pct(c, l) for c, l in zip(m(com3, "comigs-1g1s"), m(loc3, "local"))]
+        d30 = [pct(c, l) for c, l in zip(m(com30, "comigs-1g1s"), m(loc30, "local"))]
+        print(f"| {regime} | {fmt(m(loc3, 'local'))} | {fmt(m(com3, 'comigs-1g1s'))} | {statistics.mean(d3):+.1f}% | "
+              f"{fmt(m(loc30, 'local'))} | {fmt(m(com30, 'comigs-1g1s'))} | {statistics.mean(d30):+.1f}% | "
+              f"{statistics.mean(d30) - statistics.mean(d3):+.1f} points |")
+
+
 def final_rows(runs, plan="final", split="test"):
     """Per regime of the final plan: seeds -> {method: results.json entry} (local from its own runs),
     with the host's perplexity."""
@@ -246,6 +268,9 @@ def main():
             table_chosen_on_tuning_seeds(runs)
             table_final(runs, plan, "test")
             table_final(runs, plan, "dev")
+        elif plan == "val":
+            table_val(runs)
+            table_variants(runs, plan, ref)
         elif plan == "capacity":
             table_capacity(runs)
             table_variants(runs, plan, ref)
