@@ -124,6 +124,17 @@ def runs_of(plan):
                 out.append((r, "local", s, "local", lr_flags("3e-3") + keep))
     elif plan == "repro":  # one earlier run again: does the current program give the same perplexities?
         out.append(("ml-all", "target0.2", 10, "comigs-1g1s", REFERENCE + ["--generalist-target", "0.2"]))
+    elif plan == "final-r16":  # CoMiGS-1G1S with rank-16 experts (the capacity study's best), report seeds;
+        # the baselines at rank 16 where they are the equal-capacity comparison that matters (all of a text)
+        keep = ["--keep-best"]
+        regimes = ["emb-h0.9", "ml-6000", "dom-6000", "ml-all", "dom-all", "emb-h0.5", "emb-h0"] + \
+            [f"{k}-{n}" for n in ["12000", "3000"] for k in ["ml", "dom"]]
+        r16 = ["--ranks", "16,16,16,16"]
+        for r in regimes:
+            for s in REPORT_SEEDS:
+                out.append((r, "comigs-rank16", s, "comigs-1g1s", REFERENCE + keep + r16))
+        for r, s in itertools.product(["ml-all", "dom-all"], REPORT_SEEDS):
+            out.append((r, "baselines-rank16", s, "local,fedavg", lr_flags("1e-2") + keep + r16))
     elif plan == "capacity":  # more experts or rank (CoMiGS variants; equal-capacity baselines: "capacity-base")
         # Why: on all of a text Local has two local rank-8 experts, CoMiGS-1G1S one local expert beside an
         # averaged compromise (1G2S gives it Local's local capacity); at h = 0 FedAvg averages both experts,
@@ -143,6 +154,10 @@ def runs_of(plan):
             lr = "1e-2" if r.endswith("-all") else "3e-3"  # Local's dev-grid winner (FedAvg: 1e-2 everywhere)
             out.append((r, f"experts3-local-lr{lr}", s, "local", ["--experts", "3,3,3,3", "--top-k", "3"] + lr_flags(lr)))
             out.append((r, "experts3-fedavg-lr1e-2", s, "fedavg", ["--experts", "3,3,3,3", "--top-k", "3"] + lr_flags("1e-2")))
+        for r, s in itertools.product(["ml-all", "dom-all", "emb-h0", "emb-h0.9"], TUNING_SEEDS):  # rank 16
+            lr = "1e-2" if r.endswith("-all") else "3e-3"
+            out.append((r, f"rank16-local-lr{lr}", s, "local", ["--ranks", "16,16,16,16"] + lr_flags(lr)))
+            out.append((r, "rank16-fedavg-lr1e-2", s, "fedavg", ["--ranks", "16,16,16,16"] + lr_flags("1e-2")))
         for r, s in itertools.product(["ml-all", "dom-all", "emb-h0", "emb-h0.9"], TUNING_SEEDS):  # 2G2S's capacity
             lr = "1e-2" if r.endswith("-all") else "3e-3"
             out.append((r, f"experts4-local-lr{lr}", s, "local", ["--experts", "4,4,4,4", "--top-k", "4"] + lr_flags(lr)))

@@ -127,37 +127,41 @@ def table_variants(runs, plan, reference_runs, method="comigs-1g1s", split="dev"
 
 def table_capacity(runs, split="dev"):
     """CoMiGS with more experts or rank against the baselines at their own capacity (2 experts, rank 8;
-    learning rate: the best of the baselines plan's dev grid) and at CoMiGS' (3 experts: capacity-base)."""
+    learning rate: the best of the baselines plan's dev grid) and at CoMiGS' (capacity-base: 3 experts,
+    or rank 16)."""
     cap, base, cbase = runs.get("capacity", {}), runs.get("baselines", {}), runs.get("capacity-base", {})
     best = baseline_lrs(runs)
-    cols = [("Local", None), ("Local 3 experts", None), ("FedAvg", None), ("FedAvg 3 experts", None),
-            ("CoMiGS-1G1S", None), ("1G2S", "1g2s-top3"), ("2G1S", "2g1s-top3"), ("1G1S rank 16", "rank16")]
-    print(f"\n### Capacity: mean {split} perplexity (tuning seeds), and the relative difference to the better "
-          "baseline at 2 and at 3 experts\n")
-    print("| regime | " + " | ".join(c for c, _ in cols) + " | 1G2S vs better (2 experts) | 1G2S vs better (3 experts) |"
-          " 2G1S vs better (2 experts) | 2G1S vs better (3 experts) |")
-    print("|---|" + "---|" * (len(cols) + 4))
+    comigs = [("1G2S", "1g2s-top3", "experts3"), ("2G1S", "2g1s-top3", "experts3"), ("1G1S rank 16", "rank16", "rank16")]
+    extra = [("3 experts", "experts3"), ("rank 16", "rank16")]
+    print(f"\n### Capacity: mean {split} perplexity (tuning seeds), and each CoMiGS variant against the better "
+          "baseline at the usual capacity (2 experts, rank 8) and at its own\n")
+    head = ["regime", "Local", "FedAvg"] + [f"{m} {c}" for c, _ in extra for m in ("Local", "FedAvg")] + \
+        ["CoMiGS-1G1S"] + [c for c, _, _ in comigs] + [f"{c} vs better ({w})" for c, _, _ in comigs
+                                                       for w in ("usual", "same capacity")]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     for regime in sorted(cap, key=regime_key):
         b, cb = base.get(regime, {}), cbase.get(regime, {})
         per = {}  # column -> {seed: ppl}
         for m, col in (("local", "Local"), ("fedavg", "FedAvg")):
             v = b.get(best.get((regime, m), ""), {})
             per[col] = {s: metric(r, m, split) for s, r in v.items()}
-            v3 = next((vv for name, vv in cb.items() if name.startswith(f"experts3-{m}")), {})
-            per[f"{col} 3 experts"] = {s: metric(r, m, split) for s, r in v3.items()}
+            for c, prefix in extra:
+                vv = next((x for name, x in cb.items() if name.startswith(f"{prefix}-{m}")), {})
+                per[f"{col} {c}"] = {s: metric(r, m, split) for s, r in vv.items()}
         per["CoMiGS-1G1S"] = {s: metric(r, "comigs-1g1s", split) for s, r in b.get("reference", {}).items()}
-        for col, v in cols:
-            if v:
-                per[col] = {s: metric(r, run_method(r), split) for s, r in cap[regime].get(v, {}).items()}
-        row = [regime] + [fmt(list(per[c].values())) for c, _ in cols]
-        for col in ("1G2S", "2G1S"):
-            for suffix in ("", " 3 experts"):
-                seeds = [s for s in per[col] if s in per["Local" + suffix] and s in per["FedAvg" + suffix]]
-                d = [pct(per[col][s], min(per["Local" + suffix][s], per["FedAvg" + suffix][s])) for s in seeds]
+        for col, v, _ in comigs:
+            per[col] = {s: metric(r, run_method(r), split) for s, r in cap[regime].get(v, {}).items()}
+        row = [regime] + [fmt(list(per[c].values())) for c in head[1:len(head) - 2 * len(comigs)]]
+        for col, _, prefix in comigs:
+            for suffix in ("", " " + dict((p, c) for c, p in extra)[prefix]):
+                loc, fed = per["Local" + suffix], per["FedAvg" + suffix]
+                seeds = [s for s in per[col] if s in loc and s in fed]
+                d = [pct(per[col][s], min(loc[s], fed[s])) for s in seeds]
                 row.append(f"{statistics.mean(d):+.1f}%" if d else "-")
         print("| " + " | ".join(row) + " |")
-    print("\nBaselines at 2 experts use the learning rate that won their dev grid; at 3 experts Local uses the "
-          "same rate (1e-2 on all of a text, 3e-3 otherwise) and FedAvg 1e-2.")
+    print("\nBaselines at the usual capacity use the learning rate that won their dev grid (FedAvg at h = 0.9: "
+          "with --keep-best); at CoMiGS' capacity Local uses 1e-2 on all of a text and 3e-3 otherwise, FedAvg 1e-2.")
 
 
 def table_val(runs, split="dev"):
