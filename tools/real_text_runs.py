@@ -98,6 +98,7 @@ def runs_of(plan):
         variants = {
             "val30000": ["--val-tokens", "30000"],
             "before10-val30000": ["--router-every", "10", "--router-phase", "before", "--val-tokens", "30000"],
+            "r16-val30000": ["--ranks", "16,16,16,16", "--val-tokens", "30000"],  # with the capacity study's best
         }
         for name, flags in variants.items():
             for r, s in itertools.product(["ml-all", "dom-all"], TUNING_SEEDS):

@@ -166,24 +166,32 @@ def table_capacity(runs, split="dev"):
 
 def table_val(runs, split="dev"):
     """A larger validation set. Another validation size deals other chunks to the dev and test splits, so
-    CoMiGS is compared with Local at the same sizes: the change of CoMiGS' ratio to Local."""
+    each CoMiGS variant is compared with Local at the same sizes: the change of its ratio to Local."""
     val, base = runs.get("val", {}), runs.get("baselines", {})
+    cap = runs.get("capacity", {})
     print(f"\n### Validation size: CoMiGS-1G1S against Local at the same split sizes ({split} split, tuning seeds)\n")
-    print("| regime | Local (val 3000) | CoMiGS (val 3000) | vs Local | Local (val 30000) | CoMiGS (val 30000) | vs Local "
-          "| change |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| regime | variant | Local (val 3000) | CoMiGS (val 3000) | vs Local | Local (val 30000) | CoMiGS (val 30000) "
+          "| vs Local | change |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for regime in sorted(val, key=regime_key):
-        loc3, com3 = base.get(regime, {}).get("lr1e-2", {}), base.get(regime, {}).get("reference", {})
-        loc30, com30 = val[regime].get("local-val30000", {}), val[regime].get("val30000", {})
-        seeds = sorted(set(loc3) & set(com3) & set(loc30) & set(com30))
-        if not seeds:
-            continue
-        m = lambda v, meth: [metric(v[s], meth, split) for s in seeds]
-        d3 = [pct(c, l) for c, l in zip(m(com3, "comigs-1g1s"), m(loc3, "local"))]
-        d30 = [pct(c, l) for c, l in zip(m(com30, "comigs-1g1s"), m(loc30, "local"))]
-        print(f"| {regime} | {fmt(m(loc3, 'local'))} | {fmt(m(com3, 'comigs-1g1s'))} | {statistics.mean(d3):+.1f}% | "
-              f"{fmt(m(loc30, 'local'))} | {fmt(m(com30, 'comigs-1g1s'))} | {statistics.mean(d30):+.1f}% | "
-              f"{statistics.mean(d30) - statistics.mean(d3):+.1f} points |")
+        loc3 = base.get(regime, {}).get("lr1e-2", {})
+        loc30 = val[regime].get("local-val30000", {})
+        # the same CoMiGS at the usual validation size
+        at3000 = {"val30000": base.get(regime, {}).get("reference", {}),
+                  "r16-val30000": cap.get(regime, {}).get("rank16", {})}
+        for v, com30 in sorted(val[regime].items()):
+            com3 = at3000.get(v)
+            if com3 is None:
+                continue
+            seeds = sorted(set(loc3) & set(com3) & set(loc30) & set(com30))
+            if not seeds:
+                continue
+            m = lambda runs_, meth: [metric(runs_[s], meth, split) for s in seeds]
+            d3 = [pct(c, l) for c, l in zip(m(com3, "comigs-1g1s"), m(loc3, "local"))]
+            d30 = [pct(c, l) for c, l in zip(m(com30, "comigs-1g1s"), m(loc30, "local"))]
+            print(f"| {regime} | {v} | {fmt(m(loc3, 'local'))} | {fmt(m(com3, 'comigs-1g1s'))} | "
+                  f"{statistics.mean(d3):+.1f}% | {fmt(m(loc30, 'local'))} | {fmt(m(com30, 'comigs-1g1s'))} | "
+                  f"{statistics.mean(d30):+.1f}% | {statistics.mean(d30) - statistics.mean(d3):+.1f} points |")
 
 
 def final_rows(runs, plan="final", split="test"):
@@ -257,6 +265,46 @@ def table_final(runs, plan="final", split="test"):
           "highest.")
 
 
+def best_p2s(entry):
+    return max((l["personal_to_specialist"] for l in entry["routing_by_layer"] if l["personal_to_specialist"] is not None),
+               default=None)
+
+
+def table_final_r16(runs, split="test"):
+    """CoMiGS-1G1S with rank-16 experts (final-r16) against the final plan's baselines at rank 8 and, on all
+    of a text, against the baselines at rank 16 (equal capacity)."""
+    rows, r16 = final_rows(runs, "final", split), runs.get("final-r16", {})
+    key = "mean_test_ppl" if split == "test" else "mean_dev_ppl"
+    print(f"\n### CoMiGS-1G1S with rank-16 experts (final-r16; {split} split, mean ± sd over report seeds)\n")
+    print("| regime | seeds | CoMiGS-1G1S (rank 8) | CoMiGS-1G1S rank 16 | vs rank 8 | vs Local | vs FedAvg | vs better | "
+          "Local rank 16 | FedAvg rank 16 | vs better at rank 16 | generalist weight | personal to specialist |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for regime in sorted(r16, key=regime_key):
+        com = r16[regime].get("comigs-rank16", {})
+        seeds = sorted(s for s in com if s in rows.get(regime, {}))
+        if not seeds:
+            continue
+        base = rows[regime]
+        c16 = [com[s]["methods"]["comigs-1g1s"][key] for s in seeds]
+        c8 = [base[s]["comigs-1g1s"][key] for s in seeds]
+        loc = [base[s]["local"][key] for s in seeds]
+        fed = [base[s]["fedavg"][key] for s in seeds]
+        d = lambda ys: f"{statistics.mean(pct(x, y) for x, y in zip(c16, ys)):+.1f}%"
+        b16 = r16[regime].get("baselines-rank16", {})
+        s16 = [s for s in seeds if s in b16]
+        l16 = [b16[s]["methods"]["local"][key] for s in s16]
+        f16 = [b16[s]["methods"]["fedavg"][key] for s in s16]
+        c16s = [com[s]["methods"]["comigs-1g1s"][key] for s in s16]
+        eq = f"{statistics.mean(pct(x, min(y, z)) for x, y, z in zip(c16s, l16, f16)):+.1f}%" if s16 else "-"
+        gen = statistics.mean(com[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
+        p2s = [best_p2s(com[s]["methods"]["comigs-1g1s"]) for s in seeds]
+        p2s = f"{statistics.mean(p2s):.2f}" if all(x is not None for x in p2s) else "-"
+        print(f"| {regime} | {len(seeds)} | {fmt(c8)} | {fmt(c16)} | {d(c8)} | {d(loc)} | {d(fed)} | "
+              f"{d([min(x, y) for x, y in zip(loc, fed)])} | {fmt(l16)} | {fmt(f16)} | {eq} | {gen:.2f} | {p2s} |")
+    print("\nRank 16 doubles every expert (parameters, and the generalist's upload per round); the baselines at rank 16 "
+          "(learning rate 1e-2, --keep-best) are the comparison at equal capacity.")
+
+
 def main():
     out = sys.argv[1]
     plans = sys.argv[2:] or ["baselines", "router"]
@@ -272,6 +320,8 @@ def main():
             table_chosen_on_tuning_seeds(runs)
             table_final(runs, plan, "test")
             table_final(runs, plan, "dev")
+        elif plan == "final-r16":
+            table_final_r16(runs)
         elif plan == "val":
             table_val(runs)
             table_variants(runs, plan, ref)
