@@ -136,6 +136,15 @@ def runs_of(plan):
                 out.append((r, "comigs-rank16", s, "comigs-1g1s", REFERENCE + keep + r16))
         for r, s in itertools.product(["ml-all", "dom-all"], REPORT_SEEDS):
             out.append((r, "baselines-rank16", s, "local,fedavg", lr_flags("1e-2") + keep + r16))
+    elif plan == "final-val30000":  # all of a text with a 30k-token validation set (2.5% of a user's text):
+        # CoMiGS-1G1S at rank 16 (the val plan's best) against Local at rank 8 and 16, all at that split
+        keep, v30, r16 = ["--keep-best"], ["--val-tokens", "30000"], ["--ranks", "16,16,16,16"]
+        for r in ["ml-all", "dom-all"]:
+            for s in REPORT_SEEDS:
+                out.append((r, "comigs-rank16", s, "comigs-1g1s", REFERENCE + keep + v30 + r16))
+                out.append((r, "local", s, "local", lr_flags("1e-2") + keep + v30))
+            for s in REPORT_SEEDS:
+                out.append((r, "local-rank16", s, "local", lr_flags("1e-2") + keep + v30 + r16))
     elif plan == "capacity":  # more experts or rank (CoMiGS variants; equal-capacity baselines: "capacity-base")
         # Why: on all of a text Local has two local rank-8 experts, CoMiGS-1G1S one local expert beside an
         # averaged compromise (1G2S gives it Local's local capacity); at h = 0 FedAvg averages both experts,
