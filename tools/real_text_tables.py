@@ -327,8 +327,9 @@ def table_final_val30000(runs, split="test"):
         d16 = (f"{statistics.mean(pct(com[s]['methods']['comigs-1g1s'][key], l16[s]['methods']['local'][key]) for s in s16):+.1f}%"
                if s16 else "-")
         gen = statistics.mean(com[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
-        print(f"| {regime} | {len(seeds)} | {fmt(lo)} | {fmt(lo16)} | {fmt(c)} | "
-              f"{statistics.mean(pct(x, y) for x, y in zip(c, lo)):+.1f}% | {d16} | {gen:.2f} |")
+        n16 = f" ({len(s16)} seeds)" if s16 and len(s16) != len(seeds) else ""
+        print(f"| {regime} | {len(seeds)} | {fmt(lo)} | {fmt(lo16)}{n16} | {fmt(c)} | "
+              f"{statistics.mean(pct(x, y) for x, y in zip(c, lo)):+.1f}% | {d16}{n16} | {gen:.2f} |")
     print("\nAnother validation size deals other chunks to the test split: compare these numbers with each other, "
           "not with the tables at 3000 validation tokens. FedAvg (5-12% behind Local on all of a text, with --keep-best) was not run.")
 
