@@ -331,7 +331,7 @@ def table_final_val30000(runs, split="test"):
         print(f"| {regime} | {len(seeds)} | {fmt(lo)} | {fmt(lo16)}{n16} | {fmt(c)} | "
               f"{statistics.mean(pct(x, y) for x, y in zip(c, lo)):+.1f}% | {d16}{n16} | {gen:.2f} |")
     print("\nAnother validation size deals other chunks to the test split: compare these numbers with each other, "
-          "not with the tables at 3000 validation tokens. FedAvg (5-12% behind Local on all of a text, with --keep-best) was not run.")
+          "not with the tables at 3000 validation tokens. FedAvg (8-12% behind Local on all of a text, with --keep-best) was not run.")
 
 
 def main():
