@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -97,10 +98,15 @@ def runs_of(plan):
         variants = {
             "val30000": ["--val-tokens", "30000"],
             "before10-val30000": ["--router-every", "10", "--router-phase", "before", "--val-tokens", "30000"],
+            "r16-val30000": ["--ranks", "16,16,16,16", "--val-tokens", "30000"],  # with the capacity study's best
         }
         for name, flags in variants.items():
             for r, s in itertools.product(["ml-all", "dom-all"], TUNING_SEEDS):
                 out.append((r, name, s, "comigs-1g1s", REFERENCE + flags))
+        # The held-out splits are dealt in proportion to their sizes: another validation size gives other
+        # dev (and test) chunks. Local at the same sizes measures that shift (it never reads validation).
+        for r, s in itertools.product(["ml-all", "dom-all"], TUNING_SEEDS):
+            out.append((r, "local-val30000", s, "local", ["--val-tokens", "30000"]))
     elif plan == "final":  # the "when collaboration pays" table: report seeds, choices fixed beforehand
         # Local's learning rate is the best of its dev grid at the nearest tuned size on a log scale
         # (6000 tokens: 3e-3; all: 1e-2); FedAvg's (1e-2) and CoMiGS' schedule (reference) won at every
@@ -117,15 +123,60 @@ def runs_of(plan):
                     continue
                 out.append((r, "shared", s, "fedavg,comigs-1g1s", REFERENCE + keep))
                 out.append((r, "local", s, "local", lr_flags("3e-3") + keep))
-    elif plan == "capacity":  # more experts or rank (CoMiGS variants; equal-capacity baselines run in "final")
+    elif plan == "repro":  # one earlier run again: does the current program give the same perplexities?
+        out.append(("ml-all", "target0.2", 10, "comigs-1g1s", REFERENCE + ["--generalist-target", "0.2"]))
+    elif plan == "final-r16":  # CoMiGS-1G1S with rank-16 experts (the capacity study's best), report seeds;
+        # the baselines at rank 16 where they are the equal-capacity comparison that matters (all of a text)
+        keep = ["--keep-best"]
+        regimes = ["emb-h0.9", "ml-6000", "dom-6000", "ml-all", "dom-all", "emb-h0.5", "emb-h0"] + \
+            [f"{k}-{n}" for n in ["12000", "3000"] for k in ["ml", "dom"]]
+        r16 = ["--ranks", "16,16,16,16"]
+        for r in regimes:
+            for s in REPORT_SEEDS:
+                out.append((r, "comigs-rank16", s, "comigs-1g1s", REFERENCE + keep + r16))
+        for r, s in itertools.product(["ml-all", "dom-all"], REPORT_SEEDS):
+            out.append((r, "baselines-rank16", s, "local,fedavg", lr_flags("1e-2") + keep + r16))
+    elif plan == "final-val30000":  # all of a text with a 30k-token validation set (2.5% of a user's text):
+        # CoMiGS-1G1S at rank 16 (the val plan's best) against Local at rank 8 and 16, all at that split
+        keep, v30, r16 = ["--keep-best"], ["--val-tokens", "30000"], ["--ranks", "16,16,16,16"]
+        for r in ["ml-all", "dom-all"]:
+            for s in REPORT_SEEDS:
+                out.append((r, "comigs-rank16", s, "comigs-1g1s", REFERENCE + keep + v30 + r16))
+                out.append((r, "local", s, "local", lr_flags("1e-2") + keep + v30))
+            for s in REPORT_SEEDS:
+                out.append((r, "local-rank16", s, "local", lr_flags("1e-2") + keep + v30 + r16))
+    elif plan == "capacity":  # more experts or rank (CoMiGS variants; equal-capacity baselines: "capacity-base")
+        # Why: on all of a text Local has two local rank-8 experts, CoMiGS-1G1S one local expert beside an
+        # averaged compromise (1G2S gives it Local's local capacity); at h = 0 FedAvg averages both experts,
+        # CoMiGS one (2G1S gives it FedAvg's shared capacity). Ordered by the regime each one targets.
         variants = {
-            "rank16": ("comigs-1g1s", ["--ranks", "16,16,16,16"]),
-            "2g1s-top3": ("comigs-2g", ["--experts", "3", "--top-k", "3"]),  # 2G1S: roles G, G, S
-            "1g2s-top3": ("comigs-1g1s", ["--experts", "3", "--top-k", "3"]),  # 1G2S: roles G, S, S
+            "1g2s-top3": ("comigs-1g1s", ["--experts", "3,3,3,3", "--top-k", "3"], ["ml-all", "dom-all", "emb-h0.9", "emb-h0"]),
+            "2g1s-top3": ("comigs-2g", ["--experts", "3,3,3,3", "--top-k", "3"], ["emb-h0", "emb-h0.9", "ml-all", "dom-all"]),
+            "rank16": ("comigs-1g1s", ["--ranks", "16,16,16,16"], ["ml-all", "dom-all", "emb-h0", "emb-h0.9"]),
+            # Both at once: FedAvg's shared and Local's local capacity (roles G, G, S, S).
+            "2g2s-top4": ("comigs-2g", ["--experts", "4,4,4,4", "--top-k", "4"], ["emb-h0", "ml-all", "dom-all", "emb-h0.9"]),
         }
-        for name, (methods, flags) in variants.items():
-            for r, s in itertools.product(STUDY_REGIMES, TUNING_SEEDS):
+        for name, (methods, flags, regimes) in variants.items():
+            for r, s in itertools.product(regimes, TUNING_SEEDS):
                 out.append((r, name, s, methods, REFERENCE + flags))
+    elif plan == "capacity-base":  # the baselines at CoMiGS' capacity: 3 experts (1G2S / 2G1S), rank 16
+        for r, s in itertools.product(["ml-all", "dom-all", "emb-h0", "emb-h0.9"], TUNING_SEEDS):
+            lr = "1e-2" if r.endswith("-all") else "3e-3"  # Local's dev-grid winner (FedAvg: 1e-2 everywhere)
+            out.append((r, f"experts3-local-lr{lr}", s, "local", ["--experts", "3,3,3,3", "--top-k", "3"] + lr_flags(lr)))
+            out.append((r, "experts3-fedavg-lr1e-2", s, "fedavg", ["--experts", "3,3,3,3", "--top-k", "3"] + lr_flags("1e-2")))
+        for r, s in itertools.product(["ml-all", "dom-all", "emb-h0", "emb-h0.9"], TUNING_SEEDS):  # rank 16
+            lr = "1e-2" if r.endswith("-all") else "3e-3"
+            out.append((r, f"rank16-local-lr{lr}", s, "local", ["--ranks", "16,16,16,16"] + lr_flags(lr)))
+            out.append((r, "rank16-fedavg-lr1e-2", s, "fedavg", ["--ranks", "16,16,16,16"] + lr_flags("1e-2")))
+        for r, s in itertools.product(["ml-all", "dom-all", "emb-h0", "emb-h0.9"], TUNING_SEEDS):  # 2G2S's capacity
+            lr = "1e-2" if r.endswith("-all") else "3e-3"
+            out.append((r, f"experts4-local-lr{lr}", s, "local", ["--experts", "4,4,4,4", "--top-k", "4"] + lr_flags(lr)))
+            out.append((r, "experts4-fedavg-lr1e-2", s, "fedavg", ["--experts", "4,4,4,4", "--top-k", "4"] + lr_flags("1e-2")))
+    elif plan == "speclr":  # the specialists' learning rate against the generalists' (CoMiGS-1G1S)
+        variants = {"spec-lr2": ["--specialist-lr-scale", "2"], "spec-lr0.5": ["--specialist-lr-scale", "0.5"]}
+        for name, flags in variants.items():
+            for r, s in itertools.product(["ml-all", "dom-all", "emb-h0", "emb-h0.9"], TUNING_SEEDS):
+                out.append((r, name, s, "comigs-1g1s", REFERENCE + flags))
     else:
         sys.exit(f"unknown plan '{plan}'")
     return out
@@ -147,6 +198,7 @@ def main():
     ap.add_argument("plans", nargs="+")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--only", default="", help="run only the runs whose folder matches this regular expression")
     a = ap.parse_args()
     out_dir = pathlib.Path(a.out)
     (out_dir / "hosts").mkdir(parents=True, exist_ok=True)
@@ -161,7 +213,7 @@ def main():
     for plan in a.plans:
         for run in runs_of(plan):
             folder, host, cmd = command(demo, out_dir, plan, *run)
-            if not (folder / "results.json").exists():
+            if re.search(a.only, str(folder)) and not (folder / "results.json").exists():
                 todo.append((folder, host, cmd))
     # Hosts first, one run per host, so that parallel runs never pretrain the same host twice.
     first, rest, seen = [], [], set()
@@ -189,7 +241,7 @@ def main():
         if (folder / "results.json").exists() or taken(folder):
             return
         (folder / "command.txt").write_text(" ".join(cmd) + "\n")
-        p = subprocess.Popen(["nice", "-n", "10"] + cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        p = subprocess.Popen(["nice", "-n", "19"] + cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
         (folder / "lock").write_text(str(p.pid))
         log, _ = p.communicate()

@@ -93,6 +93,12 @@ def table_baselines(runs, plan="baselines"):
         print("| " + " | ".join(row) + " |")
 
 
+def run_method(res, default="comigs-1g1s"):
+    """The method with a router of a single-method variant run (comigs-2g for 2G1S), else the default."""
+    ms = [m for m in res["methods"] if m.startswith("comigs")]
+    return ms[0] if len(ms) == 1 else default
+
+
 def table_variants(runs, plan, reference_runs, method="comigs-1g1s", split="dev"):
     """Relative change of each variant against the reference schedule, per regime (mean over seeds of
     the per-seed relative difference), and the generalist's gate weight."""
@@ -107,14 +113,87 @@ def table_variants(runs, plan, reference_runs, method="comigs-1g1s", split="dev"
         for regime in regimes:
             ref = reference_runs.get(regime, {})
             seeds = runs[plan][regime].get(v, {})
-            d = [pct(metric(seeds[s], method, split), metric(ref[s], method, split))
-                 for s in seeds if s in ref and metric(seeds[s], method, split) and metric(ref[s], method, split)]
+            d = [pct(metric(seeds[s], run_method(seeds[s], method), split), metric(ref[s], method, split))
+                 for s in seeds if s in ref and metric(seeds[s], run_method(seeds[s], method), split)
+                 and metric(ref[s], method, split)]
             all_d += [statistics.mean(d)] if d else []
-            gen = [seeds[s]["methods"][method]["mean_generalist_share"] for s in seeds if method in seeds[s]["methods"]]
+            gen = [seeds[s]["methods"][run_method(seeds[s], method)]["mean_generalist_share"] for s in seeds
+                   if run_method(seeds[s], method) in seeds[s]["methods"]]
             row.append(f"{statistics.mean(d):+.1f}% ({statistics.mean(gen):.2f})" if d else "-")
         row.append(f"{statistics.mean(all_d):+.2f}%" if all_d else "-")
         print("| " + " | ".join(row) + " |")
     print("\nIn brackets: the generalist's mean gate weight on test tokens.")
+
+
+def table_capacity(runs, split="dev"):
+    """CoMiGS with more experts or rank against the baselines at their own capacity (2 experts, rank 8;
+    learning rate: the best of the baselines plan's dev grid) and at CoMiGS' (capacity-base: 3 experts,
+    or rank 16)."""
+    cap, base, cbase = runs.get("capacity", {}), runs.get("baselines", {}), runs.get("capacity-base", {})
+    best = baseline_lrs(runs)
+    comigs = [("1G2S", "1g2s-top3", "experts3"), ("2G1S", "2g1s-top3", "experts3"), ("1G1S rank 16", "rank16", "rank16")]
+    extra = [("3 experts", "experts3"), ("rank 16", "rank16")]
+    print(f"\n### Capacity: mean {split} perplexity (tuning seeds), and each CoMiGS variant against the better "
+          "baseline at the usual capacity (2 experts, rank 8) and at its own\n")
+    head = ["regime", "Local", "FedAvg"] + [f"{m} {c}" for c, _ in extra for m in ("Local", "FedAvg")] + \
+        ["CoMiGS-1G1S"] + [c for c, _, _ in comigs] + [f"{c} vs better ({w})" for c, _, _ in comigs
+                                                       for w in ("usual", "same capacity")]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for regime in sorted(cap, key=regime_key):
+        b, cb = base.get(regime, {}), cbase.get(regime, {})
+        per = {}  # column -> {seed: ppl}
+        for m, col in (("local", "Local"), ("fedavg", "FedAvg")):
+            v = b.get(best.get((regime, m), ""), {})
+            per[col] = {s: metric(r, m, split) for s, r in v.items()}
+            for c, prefix in extra:
+                vv = next((x for name, x in cb.items() if name.startswith(f"{prefix}-{m}")), {})
+                per[f"{col} {c}"] = {s: metric(r, m, split) for s, r in vv.items()}
+        per["CoMiGS-1G1S"] = {s: metric(r, "comigs-1g1s", split) for s, r in b.get("reference", {}).items()}
+        for col, v, _ in comigs:
+            per[col] = {s: metric(r, run_method(r), split) for s, r in cap[regime].get(v, {}).items()}
+        row = [regime] + [fmt(list(per[c].values())) for c in head[1:len(head) - 2 * len(comigs)]]
+        for col, _, prefix in comigs:
+            for suffix in ("", " " + dict((p, c) for c, p in extra)[prefix]):
+                # the better of the baselines measured at that capacity (only the better one at the usual
+                # capacity was run at rank 16: Local on all of a text and at h = 0.9, FedAvg at h = 0)
+                loc, fed = per["Local" + suffix], per["FedAvg" + suffix]
+                seeds = [s for s in per[col] if s in loc or s in fed]
+                d = [pct(per[col][s], min(x[s] for x in (loc, fed) if s in x)) for s in seeds]
+                row.append(f"{statistics.mean(d):+.1f}%" if d else "-")
+        print("| " + " | ".join(row) + " |")
+    print("\nBaselines at the usual capacity use the learning rate that won their dev grid (FedAvg at h = 0.9: "
+          "with --keep-best); at CoMiGS' capacity Local uses 1e-2 on all of a text and 3e-3 otherwise, FedAvg 1e-2.")
+
+
+def table_val(runs, split="dev"):
+    """A larger validation set. Another validation size deals other chunks to the dev and test splits, so
+    each CoMiGS variant is compared with Local at the same sizes: the change of its ratio to Local."""
+    val, base = runs.get("val", {}), runs.get("baselines", {})
+    cap = runs.get("capacity", {})
+    print(f"\n### Validation size: CoMiGS-1G1S against Local at the same split sizes ({split} split, tuning seeds)\n")
+    print("| regime | variant | Local (val 3000) | CoMiGS (val 3000) | vs Local | Local (val 30000) | CoMiGS (val 30000) "
+          "| vs Local | change |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for regime in sorted(val, key=regime_key):
+        loc3 = base.get(regime, {}).get("lr1e-2", {})
+        loc30 = val[regime].get("local-val30000", {})
+        # the same CoMiGS at the usual validation size
+        at3000 = {"val30000": base.get(regime, {}).get("reference", {}),
+                  "r16-val30000": cap.get(regime, {}).get("rank16", {})}
+        for v, com30 in sorted(val[regime].items()):
+            com3 = at3000.get(v)
+            if com3 is None:
+                continue
+            seeds = sorted(set(loc3) & set(com3) & set(loc30) & set(com30))
+            if not seeds:
+                continue
+            m = lambda runs_, meth: [metric(runs_[s], meth, split) for s in seeds]
+            d3 = [pct(c, l) for c, l in zip(m(com3, "comigs-1g1s"), m(loc3, "local"))]
+            d30 = [pct(c, l) for c, l in zip(m(com30, "comigs-1g1s"), m(loc30, "local"))]
+            print(f"| {regime} | {v} | {fmt(m(loc3, 'local'))} | {fmt(m(com3, 'comigs-1g1s'))} | "
+                  f"{statistics.mean(d3):+.1f}% | {fmt(m(loc30, 'local'))} | {fmt(m(com30, 'comigs-1g1s'))} | "
+                  f"{statistics.mean(d30):+.1f}% | {statistics.mean(d30) - statistics.mean(d3):+.1f} points |")
 
 
 def final_rows(runs, plan="final", split="test"):
@@ -188,6 +267,73 @@ def table_final(runs, plan="final", split="test"):
           "highest.")
 
 
+def best_p2s(entry):
+    return max((l["personal_to_specialist"] for l in entry["routing_by_layer"] if l["personal_to_specialist"] is not None),
+               default=None)
+
+
+def table_final_r16(runs, split="test"):
+    """CoMiGS-1G1S with rank-16 experts (final-r16) against the final plan's baselines at rank 8 and, on all
+    of a text, against the baselines at rank 16 (equal capacity)."""
+    rows, r16 = final_rows(runs, "final", split), runs.get("final-r16", {})
+    key = "mean_test_ppl" if split == "test" else "mean_dev_ppl"
+    print(f"\n### CoMiGS-1G1S with rank-16 experts (final-r16; {split} split, mean ± sd over report seeds)\n")
+    print("| regime | seeds | CoMiGS-1G1S (rank 8) | CoMiGS-1G1S rank 16 | vs rank 8 | vs Local | vs FedAvg | vs better | "
+          "Local rank 16 | FedAvg rank 16 | vs better at rank 16 | generalist weight | personal to specialist |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for regime in sorted(r16, key=regime_key):
+        com = r16[regime].get("comigs-rank16", {})
+        seeds = sorted(s for s in com if s in rows.get(regime, {}))
+        if not seeds:
+            continue
+        base = rows[regime]
+        c16 = [com[s]["methods"]["comigs-1g1s"][key] for s in seeds]
+        c8 = [base[s]["comigs-1g1s"][key] for s in seeds]
+        loc = [base[s]["local"][key] for s in seeds]
+        fed = [base[s]["fedavg"][key] for s in seeds]
+        d = lambda ys: f"{statistics.mean(pct(x, y) for x, y in zip(c16, ys)):+.1f}%"
+        b16 = r16[regime].get("baselines-rank16", {})
+        s16 = [s for s in seeds if s in b16]
+        l16 = [b16[s]["methods"]["local"][key] for s in s16]
+        f16 = [b16[s]["methods"]["fedavg"][key] for s in s16]
+        c16s = [com[s]["methods"]["comigs-1g1s"][key] for s in s16]
+        eq = f"{statistics.mean(pct(x, min(y, z)) for x, y, z in zip(c16s, l16, f16)):+.1f}%" if s16 else "-"
+        gen = statistics.mean(com[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
+        p2s = [best_p2s(com[s]["methods"]["comigs-1g1s"]) for s in seeds]
+        p2s = f"{statistics.mean(p2s):.2f}" if all(x is not None for x in p2s) else "-"
+        print(f"| {regime} | {len(seeds)} | {fmt(c8)} | {fmt(c16)} | {d(c8)} | {d(loc)} | {d(fed)} | "
+              f"{d([min(x, y) for x, y in zip(loc, fed)])} | {fmt(l16)} | {fmt(f16)} | {eq} | {gen:.2f} | {p2s} |")
+    print("\nRank 16 doubles every expert (parameters, and the generalist's upload per round); the baselines at rank 16 "
+          "(learning rate 1e-2, --keep-best) are the comparison at equal capacity.")
+
+
+def table_final_val30000(runs, split="test"):
+    """All of a text with a 30k-token validation set (final-val30000): CoMiGS-1G1S at rank 16 against Local
+    at rank 8 and at rank 16, every run at the same split sizes."""
+    fv = runs.get("final-val30000", {})
+    key = "mean_test_ppl" if split == "test" else "mean_dev_ppl"
+    print(f"\n### All of a text, 30k validation tokens per user (final-val30000; {split} split, report seeds)\n")
+    print("| regime | seeds | Local | Local rank 16 | CoMiGS-1G1S rank 16 | vs Local | vs Local rank 16 | generalist weight |")
+    print("|---|---|---|---|---|---|---|---|")
+    for regime in sorted(fv, key=regime_key):
+        com, loc, l16 = (fv[regime].get(v, {}) for v in ("comigs-rank16", "local", "local-rank16"))
+        seeds = sorted(set(com) & set(loc))
+        if not seeds:
+            continue
+        c = [com[s]["methods"]["comigs-1g1s"][key] for s in seeds]
+        lo = [loc[s]["methods"]["local"][key] for s in seeds]
+        s16 = [s for s in seeds if s in l16]
+        lo16 = [l16[s]["methods"]["local"][key] for s in s16]
+        d16 = (f"{statistics.mean(pct(com[s]['methods']['comigs-1g1s'][key], l16[s]['methods']['local'][key]) for s in s16):+.1f}%"
+               if s16 else "-")
+        gen = statistics.mean(com[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
+        n16 = f" ({len(s16)} seeds)" if s16 and len(s16) != len(seeds) else ""
+        print(f"| {regime} | {len(seeds)} | {fmt(lo)} | {fmt(lo16)}{n16} | {fmt(c)} | "
+              f"{statistics.mean(pct(x, y) for x, y in zip(c, lo)):+.1f}% | {d16}{n16} | {gen:.2f} |")
+    print("\nAnother validation size deals other chunks to the test split: compare these numbers with each other, "
+          "not with the tables at 3000 validation tokens. FedAvg (8-12% behind Local on all of a text, with --keep-best) was not run.")
+
+
 def main():
     out = sys.argv[1]
     plans = sys.argv[2:] or ["baselines", "router"]
@@ -203,7 +349,17 @@ def main():
             table_chosen_on_tuning_seeds(runs)
             table_final(runs, plan, "test")
             table_final(runs, plan, "dev")
-        elif plan != "baselines":
+        elif plan == "final-r16":
+            table_final_r16(runs)
+        elif plan == "final-val30000":
+            table_final_val30000(runs)
+        elif plan == "val":
+            table_val(runs)
+            table_variants(runs, plan, ref)
+        elif plan == "capacity":
+            table_capacity(runs)
+            table_variants(runs, plan, ref)
+        elif plan not in ("baselines", "capacity-base", "repro"):
             table_variants(runs, plan, ref)
 
 
