@@ -1345,8 +1345,9 @@ TEST_CASE_TEMPLATE("fused SwiGLU mixture passes equal plain loops (biases, ranks
                         auto gA2f = cast_vec<T>(gA2_0);
                         std::vector<T> gBgf(BgTf.size(), T(7)), gBuf(gBgf);
                         const auto fg = expert_blocks<const T*>(BgTf, E, r * h), fu = expert_blocks<const T*>(BuTf, E, r * h);
-                        const auto fa = expert_blocks<const T*>(A2f, E, r * h), ga = expert_blocks<T*>(gA2f, E, r * h);
-                        const auto gbg = expert_blocks<T*>(gBgf, E, r * h), gbu = expert_blocks<T*>(gBuf, E, r * h);
+                        const auto fa = expert_blocks<const T*>(A2f, E, r * h);
+                        const auto ga = expert_blocks<T*>(gA2f, E, r * h), gbg = expert_blocks<T*>(gBgf, E, r * h),
+                                   gbu = expert_blocks<T*>(gBuf, E, r * h);
                         const auto gate = cast_vec<T>(route.gate);
                         std::vector<T> Mf(M.size()), dHgf(M.size()), dHuf(M.size()), z2f(z2.size()), dzgf(z2.size()),
                             dzuf(z2.size()), udmf(udm.size()), part;
