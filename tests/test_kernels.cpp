@@ -847,21 +847,28 @@ TEST_CASE("MixtureOfLoraMlp on a bf16 base: close to the fp32 layer, bitwise rep
     }
 }
 
-TEST_CASE_TEMPLATE("MixtureOfLoraMlp: one-pass row kernels equal the separate kernels (ranks 1..8, odd hidden sizes)", T,
+TEST_CASE_TEMPLATE("MixtureOfLoraMlp: one-pass row kernels equal the separate kernels (GELU and SwiGLU, ranks 1..8, odd hidden sizes, column groups)", T,
                    float, double) {
     const double tol = std::is_same_v<T, float> ? 2e-5 : 1e-11;
+    for (MlpForm form : {MlpForm::gelu, MlpForm::swiglu})
+    for (Index group : {Index(7), Index(256)})
     for (Index rank : {Index(1), Index(3), Index(8)})
         for (Index hidden : {Index(17), Index(48), Index(61)}) {
+            const char* form_name = to_string(form);
+            CAPTURE(form_name);
+            CAPTURE(group);
             CAPTURE(rank);
             CAPTURE(hidden);
+            Knob<Index> gc(kernels::detail::mix_group_cols(), group);
             Rng rng(11);
             MixtureConfig cfg;
+            cfg.form = form;
             cfg.d_model = 19;
             cfg.d_hidden = hidden;
             cfg.n_experts = 3;
             cfg.top_k = 2;
             cfg.rank = rank;
-            auto base = std::make_shared<FrozenMlp<T>>(MlpForm::gelu, cfg.d_model, cfg.d_hidden);
+            auto base = std::make_shared<FrozenMlp<T>>(form, cfg.d_model, cfg.d_hidden);
             base->randomize(rng, 0.3);
             MixtureOfLoraMlp<T> layer(cfg, base);
             layer.init(rng);
@@ -1263,4 +1270,137 @@ TEST_CASE_TEMPLATE("simd::reduce_add_rows sums each batch; simd::sigmoid_fast, s
             }
         }
     }
+}
+
+TEST_CASE_TEMPLATE("fused SwiGLU mixture passes equal plain loops (biases, ranks, groups, blocks, tails); bf16 outputs are the rows rounded",
+                   T, float, double) {
+    const double tol = std::is_same_v<T, float> ? 3e-5 : 1e-12;
+    Knob<Index> pmin(kernels::detail::mix_parallel_min(), 0);
+    Rng rng(29);
+    const Index E = 4, n = 11;
+    for (Index r : {Index(1), Index(3), Index(8)})
+        for (Index h : {Index(17), Index(61)})
+            for (Index k : {Index(1), Index(2)})
+                for (Index group : {Index(1), Index(7), Index(256)})
+                    for (Index block : {Index(1), Index(64)}) {
+                        CAPTURE(r);
+                        CAPTURE(h);
+                        CAPTURE(k);
+                        CAPTURE(group);
+                        CAPTURE(block);
+                        Knob<Index> gc(kernels::detail::mix_group_cols(), group);
+                        Knob<Index> tb(kernels::detail::mix_token_block(), block);
+                        const RoutedRows route(n, k, E, rng);
+                        auto rnd = [&](Index count, double sd) {
+                            std::vector<double> v(static_cast<std::size_t>(count));
+                            for (double& x : v) x = rng.normal(0.0, sd);
+                            return v;
+                        };
+                        const auto Hg = rnd(n * h, 1.0), Hu = rnd(n * h, 1.0), bg = rnd(h, 0.3), bu = rnd(h, 0.3);
+                        const auto dM = rnd(n * h, 1.0), zg = rnd(n * k * r, 0.5), zu = rnd(n * k * r, 0.5);
+                        const auto qg = rnd(n * k * r, 0.5), BgT = rnd(E * r * h, 0.5), BuT = rnd(E * r * h, 0.5);
+                        const auto A2 = rnd(E * r * h, 0.5), gA2_0 = rnd(E * r * h, 0.5);
+                        const double s = 0.75;
+                        // The plain-loop reference in double.
+                        std::vector<double> M(static_cast<std::size_t>(n * h), 0.0), dHg(M), dHu(M),
+                            z2(static_cast<std::size_t>(n * k * r), 0.0), dzg(z2), dzu(z2),
+                            udm(static_cast<std::size_t>(n * k), 0.0), gA2(gA2_0),
+                            gBg(static_cast<std::size_t>(E * r * h), 0.0), gBu(gBg);
+                        for (Index t = 0; t < n; ++t)
+                            for (Index j = 0; j < k; ++j) {
+                                const Index i = t * k + j, e = route.expert[static_cast<std::size_t>(i)];
+                                const double g = route.gate[static_cast<std::size_t>(i)];
+                                for (Index c = 0; c < h; ++c) {
+                                    const auto tc = static_cast<std::size_t>(t * h + c);
+                                    double pg = Hg[tc] + bg[static_cast<std::size_t>(c)];
+                                    double pu = Hu[tc] + bu[static_cast<std::size_t>(c)], da = g * dM[tc];
+                                    for (Index q = 0; q < r; ++q) {
+                                        const auto iq = static_cast<std::size_t>(i * r + q);
+                                        const auto fq = static_cast<std::size_t>((e * r + q) * h + c);
+                                        pg += zg[iq] * BgT[fq];
+                                        pu += zu[iq] * BuT[fq];
+                                        da += qg[iq] * A2[fq];
+                                    }
+                                    const double sg = 1.0 / (1.0 + std::exp(-pg)), silu = pg * sg, a = silu * pu;
+                                    const double dpg = da * pu * sg * (1.0 + pg * (1.0 - sg)), dpu = da * silu;
+                                    M[tc] += g * a;
+                                    dHg[tc] += dpg;
+                                    dHu[tc] += dpu;
+                                    udm[static_cast<std::size_t>(i)] += a * dM[tc];
+                                    for (Index q = 0; q < r; ++q) {
+                                        const auto iq = static_cast<std::size_t>(i * r + q);
+                                        const auto fq = static_cast<std::size_t>((e * r + q) * h + c);
+                                        z2[iq] += A2[fq] * a;
+                                        dzg[iq] += s * BgT[fq] * dpg;
+                                        dzu[iq] += s * BuT[fq] * dpu;
+                                        gA2[fq] += qg[iq] * a;
+                                        gBg[fq] += zg[iq] * dpg;
+                                        gBu[fq] += zu[iq] * dpu;
+                                    }
+                                }
+                            }
+                        const auto Hgf = cast_vec<T>(Hg), Huf = cast_vec<T>(Hu), bgf = cast_vec<T>(bg), buf = cast_vec<T>(bu);
+                        const auto dMf = cast_vec<T>(dM), zgf = cast_vec<T>(zg), zuf = cast_vec<T>(zu), qgf = cast_vec<T>(qg);
+                        const auto BgTf = cast_vec<T>(BgT), BuTf = cast_vec<T>(BuT), A2f = cast_vec<T>(A2);
+                        auto gA2f = cast_vec<T>(gA2_0);
+                        std::vector<T> gBgf(BgTf.size(), T(7)), gBuf(gBgf);
+                        const auto fg = expert_blocks<const T*>(BgTf, E, r * h), fu = expert_blocks<const T*>(BuTf, E, r * h);
+                        const auto fa = expert_blocks<const T*>(A2f, E, r * h);
+                        const auto ga = expert_blocks<T*>(gA2f, E, r * h), gbg = expert_blocks<T*>(gBgf, E, r * h),
+                                   gbu = expert_blocks<T*>(gBuf, E, r * h);
+                        const auto gate = cast_vec<T>(route.gate);
+                        std::vector<T> Mf(M.size()), dHgf(M.size()), dHuf(M.size()), z2f(z2.size()), dzgf(z2.size()),
+                            dzuf(z2.size()), udmf(udm.size()), part;
+                        const ConstMatrixView<T> Hgv(Hgf.data(), n, h), Huv(Huf.data(), n, h);
+                        kernels::swiglu_mixture_forward(MatrixView<T>(Mf.data(), n, h), z2f.data(), Hgv, Huv, bgf.data(),
+                                                        buf.data(), k, route.expert.data(), gate.data(), zgf.data(),
+                                                        zuf.data(), fg.data(), fu.data(), fa.data(), E, r, part);
+                        kernels::swiglu_mixture_backward(MatrixView<T>(dHgf.data(), n, h), MatrixView<T>(dHuf.data(), n, h),
+                                                         dzgf.data(), dzuf.data(), udmf.data(),
+                                                         ConstMatrixView<T>(dMf.data(), n, h), Hgv, Huv, bgf.data(),
+                                                         buf.data(), k, route.expert.data(), gate.data(), zgf.data(),
+                                                         zuf.data(), qgf.data(), fg.data(), fu.data(), fa.data(),
+                                                         ga.data(), h, gbg.data(), gbu.data(), E, T(s), r, part);
+                        check_close(Mf.data(), M, tol, "M");
+                        check_close(z2f.data(), z2, tol, "z2");
+                        check_close(dHgf.data(), dHg, tol, "dHg");
+                        check_close(dHuf.data(), dHu, tol, "dHu");
+                        check_close(dzgf.data(), dzg, tol, "dzg");
+                        check_close(dzuf.data(), dzu, tol, "dzu");
+                        check_close(udmf.data(), udm, tol, "a.dm");
+                        check_close(gA2f.data(), gA2, tol, "dA2");
+                        check_close(gBgf.data(), gBg, tol, "dBg^T");
+                        check_close(gBuf.data(), gBu, tol, "dBu^T");
+                        if constexpr (std::is_same_v<T, float>) {
+                            // bf16 outputs: the finished fp32 rows rounded, everything else the same bits.
+                            std::vector<kernels::bf16> Mb(M.size()), dHgb(M.size()), dHub(M.size());
+                            std::vector<T> z2b(z2.size()), dzgb(z2.size()), dzub(z2.size()), udmb(udm.size());
+                            auto gA2b = cast_vec<T>(gA2_0);
+                            std::vector<T> gBgb(BgTf.size()), gBub(gBgb);
+                            const auto gab = expert_blocks<T*>(gA2b, E, r * h), gbgb = expert_blocks<T*>(gBgb, E, r * h),
+                                       gbub = expert_blocks<T*>(gBub, E, r * h);
+                            kernels::swiglu_mixture_forward(MatrixView<T>(), z2b.data(), Hgv, Huv, bgf.data(), buf.data(), k,
+                                                            route.expert.data(), gate.data(), zgf.data(), zuf.data(),
+                                                            fg.data(), fu.data(), fa.data(), E, r, part,
+                                                            MatrixView<kernels::bf16>(Mb.data(), n, h));
+                            kernels::swiglu_mixture_backward(
+                                MatrixView<T>(), MatrixView<T>(), dzgb.data(), dzub.data(), udmb.data(),
+                                ConstMatrixView<T>(dMf.data(), n, h), Hgv, Huv, bgf.data(), buf.data(), k, route.expert.data(),
+                                gate.data(), zgf.data(), zuf.data(), qgf.data(), fg.data(), fu.data(), fa.data(), gab.data(), h,
+                                gbgb.data(), gbub.data(), E, T(s), r, part, MatrixView<kernels::bf16>(dHgb.data(), n, h),
+                                MatrixView<kernels::bf16>(dHub.data(), n, h));
+                            for (std::size_t x = 0; x < M.size(); ++x) {
+                                REQUIRE(Mb[x].bits == kernels::to_bf16(Mf[x]).bits);
+                                REQUIRE(dHgb[x].bits == kernels::to_bf16(dHgf[x]).bits);
+                                REQUIRE(dHub[x].bits == kernels::to_bf16(dHuf[x]).bits);
+                            }
+                            CHECK(z2b == z2f);
+                            CHECK(dzgb == dzgf);
+                            CHECK(dzub == dzuf);
+                            CHECK(udmb == udmf);
+                            CHECK(gA2b == gA2f);
+                            CHECK(gBgb == gBgf);
+                            CHECK(gBub == gBuf);
+                        }
+                    }
 }

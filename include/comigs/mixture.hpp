@@ -568,6 +568,7 @@ private:
         Aligned<T> dm, dx;               ///< backward: dm = dy W2; the LoRA part of dx (general path)
         Aligned<T> dp[2], dh[2];         ///< backward, per first-stage linear: dp per routed row, dH per token
         Aligned<kernels::bf16> bf16;     ///< m (forward) or dH (backward) in bf16 for a bf16 base GEMM
+        Aligned<kernels::bf16> bf16_up;  ///< SwiGLU backward: dH of the up linear in bf16
     };
     static Workspace& workspace() {
         thread_local Workspace ws;
@@ -575,8 +576,8 @@ private:
     }
 
     /// The workspace's bf16 buffer as a [rows, cols] matrix (grown when needed).
-    MatrixView<kernels::bf16> bf16_view(Index rows, Index cols) {
-        auto& buf = workspace().bf16;
+    MatrixView<kernels::bf16> bf16_view(Index rows, Index cols, int which = 0) {
+        auto& buf = which == 0 ? workspace().bf16 : workspace().bf16_up;
         if (buf.size() < static_cast<std::size_t>(rows * cols)) buf.resize(static_cast<std::size_t>(rows * cols));
         return MatrixView<kernels::bf16>(buf.data(), rows, cols);
     }
@@ -621,25 +622,29 @@ private:
     /// Columns of the fused path's small products with x: the router logits (E, when there is a
     /// router), then every expert's r LoRA inputs.
     Index router_cols() const { return rcfg_.has_weight() ? cfg_.n_experts : 0; }
-    /// [router weight; scale A1_0; ...; scale A1_{E-1}] as one [E (+ E r), d] matrix (wcat_).
+    /// [router weight; scale A1_0; ...; scale A1_{E-1}] as one [E (+ nf E r), d] matrix (wcat_), the
+    /// E r rows of each first-stage linear f (GELU fc; SwiGLU gate, then up) after those of f - 1.
     ConstMatrixView<T> stacked_first_inputs(Aligned<T>& buf, T scale) {
         const Index E = cfg_.n_experts, r = cfg_.rank, d = cfg_.d_model, er = router_cols();
-        auto W = detail::as_view(buf, er + E * r, d);
+        const Index nf = static_cast<Index>(first_.size());
+        auto W = detail::as_view(buf, er + nf * E * r, d);
         if (er) {
             const auto wr = router_weight();
             for (Index e = 0; e < E; ++e) std::copy_n(wr.row_ptr(e), d, W.row_ptr(e));
         }
-        for (Index e = 0; e < E; ++e) {
-            const auto a1 = A(e, first_[0]);
-            for (Index q = 0; q < r; ++q) {
-                T* dst = W.row_ptr(er + e * r + q);
-                for (Index c = 0; c < d; ++c) dst[c] = scale * a1(q, c);
+        for (Index f = 0; f < nf; ++f)
+            for (Index e = 0; e < E; ++e) {
+                const auto a1 = A(e, first_[static_cast<std::size_t>(f)]);
+                for (Index q = 0; q < r; ++q) {
+                    T* dst = W.row_ptr(er + (f * E + e) * r + q);
+                    for (Index c = 0; c < d; ++c) dst[c] = scale * a1(q, c);
+                }
             }
-        }
         return W;
     }
 
-    /// Forward of the GELU form through the one-pass kernels (kernels/fused.hpp), routing included.
+    /// Forward through the one-pass kernels (kernels/fused.hpp; GELU, or SwiGLU with gate and up side by
+    /// side), routing included.
     /// Per routed row i = t k + j (token-major): zs = s A1e x, z2 = A2e u; nothing of size
     /// [rows, hidden] is kept: backward recomputes u from H. The model-width products (router logits,
     /// s A1 x, and y's LoRA part with the second bias) are small GEMMs over every expert's columns:
@@ -648,13 +653,13 @@ private:
     /// product's region.
     void forward_fused(MatrixView<T> y, ConstMatrixView<T> x, MatrixView<T> xs_out, bool training, Rng* rng) {
         const Index n = x.rows, d = cfg_.d_model, h = cfg_.d_hidden, r = cfg_.rank, E = cfg_.n_experts;
-        const Index er = router_cols(), pc = er + E * r;
+        const Index nf = static_cast<Index>(first_.size()), er = router_cols(), pc = er + nf * E * r;
         const auto P = detail::as_view(pcat_, n, pc);
         // H = x W1^T without the bias: the row passes add it while H is in registers.
         auto fc = base_->linear(first_[0]);
         const auto b1 = fc.bias;
         fc.bias = {};
-        pre_.resize(1);
+        pre_.resize(static_cast<std::size_t>(nf));
         const auto H = detail::as_view(pre_[0], n, h);
         using Prod = kernels::GemmProduct<T>;
         const Prod proj{P, x, kernels::Op::none, stacked_first_inputs(wcat_, s_), kernels::Op::trans};
@@ -667,22 +672,38 @@ private:
         } else {  // the small product and the copy on the threads done with their part of H
             kernels::gemm_with<T>({H, x, kernels::Op::none, fc.weight, kernels::Op::trans}, {}, {proj}, n, n * d, copy_x);
         }
+        // SwiGLU: Hu = x Wu^T, the up linear's base product (its bias added by the row passes too).
+        auto up = nf > 1 ? base_->linear(first_[1]) : fc;
+        const auto bu = up.bias;
+        if (nf > 1) {
+            up.bias = {};
+            up.forward(detail::as_view(pre_[1], n, h), x);
+        }
         router_forward_logits(route_, ConstMatrixView<T>(P.data, n, er, pc), rcfg_, training, rng);
         groups_.build(route_);
         const Index k = route_.slots, rows = n * k;
         prepare_factors();
-        T* zs = detail::as_view(rz1_, rows, r).data;
-        for (Index i = 0; i < rows; ++i)
-            std::copy_n(P.row_ptr(i / k) + er + route_.expert[static_cast<std::size_t>(i)] * r, r, zs + i * r);
+        // zs = s A1 x per routed row and first-stage linear: [nf][rows, r].
+        T* zs = detail::as_view(rz1_, nf * rows, r).data;
+        for (Index f = 0; f < nf; ++f)
+            for (Index i = 0; i < rows; ++i)
+                std::copy_n(P.row_ptr(i / k) + er + (f * E + route_.expert[static_cast<std::size_t>(i)]) * r, r,
+                            zs + (f * rows + i) * r);
         T* z2 = detail::as_view(rz2_, rows, r).data;
         auto second = base_->linear(second_);
         // With the second weight in bf16 the row pass writes m in bf16 itself (no conversion pass, no
         // fp32 m at all).
         const auto Mb = second.is_bf16() ? bf16_view(n, h) : MatrixView<kernels::bf16>();
         const auto M = Mb.data ? MatrixView<T>() : detail::as_view(workspace().m, n, h);
-        kernels::gelu_mixture_forward(M, z2, ConstMatrixView<T>(H), b1.empty() ? nullptr : b1.data(), k,
-                                      route_.expert.data(), route_.gate.data(), zs, fb1t_.data(), fa2_.data(), E, r,
-                                      part_, Mb);
+        if (nf == 1)
+            kernels::gelu_mixture_forward(M, z2, ConstMatrixView<T>(H), b1.empty() ? nullptr : b1.data(), k,
+                                          route_.expert.data(), route_.gate.data(), zs, fb1t_.data(), fa2_.data(), E, r,
+                                          part_, Mb);
+        else
+            kernels::swiglu_mixture_forward(M, z2, ConstMatrixView<T>(H), ConstMatrixView<T>(pre_[1].data(), n, h),
+                                            b1.empty() ? nullptr : b1.data(), bu.empty() ? nullptr : bu.data(), k,
+                                            route_.expert.data(), route_.gate.data(), zs, zs + rows * r, fb1t_.data(),
+                                            fb1t_.data() + E, fa2_.data(), E, r, part_, Mb);
 
         // y = W2 m (one base GEMM) + [s g z2 per expert | sum g] [B2^T; b2] (one small GEMM; the
         // unchosen experts' columns are zero). The left factor is kept: backward's dB2 is its
@@ -719,9 +740,11 @@ private:
     /// Backward of forward_fused (with the factors it prepared).
     void backward_fused(MatrixView<T> dx, ConstMatrixView<T> dy, T lb_grad) {
         const Index n = n_, d = cfg_.d_model, h = cfg_.d_hidden, E = cfg_.n_experts, r = cfg_.rank;
-        const Index k = route_.slots, rows = n * k, er = router_cols(), pc = er + E * r, zc = E * r + 1;
+        const Index nf = static_cast<Index>(first_.size());
+        const Index k = route_.slots, rows = n * k, er = router_cols(), pc = er + nf * E * r, zc = E * r + 1;
         const ConstMatrixView<T> xs = xk_;
         const auto fc = base_->linear(first_[0]);
+        const auto up = base_->linear(first_[nf > 1 ? 1 : 0]);  // SwiGLU's up linear (GELU: unused)
         const auto second = base_->linear(second_);
         const T* b1 = fc.bias.empty() ? nullptr : fc.bias.data();
         const bool bias2 = !second.bias.empty();
@@ -769,22 +792,35 @@ private:
         // dH in bf16 straight from the row pass when it feeds a bf16 product (then no fp32 dH at all).
         const auto dHb = !dx.empty() && fc.is_bf16() ? bf16_view(n, h) : MatrixView<kernels::bf16>();
         const auto dH = dHb.data ? MatrixView<T>() : detail::as_view(ws.dh[0], n, h);
-        T* dz = detail::as_view(rdz_, rows, r).data;
+        // SwiGLU: dHu likewise (its own bf16 buffer).
+        const auto dHub = nf > 1 && !dx.empty() && up.is_bf16() ? bf16_view(n, h, 1) : MatrixView<kernels::bf16>();
+        const auto dHu = nf > 1 && !dHub.data ? detail::as_view(ws.dh[1], n, h) : MatrixView<T>();
+        T* dz = detail::as_view(rdz_, nf * rows, r).data;  // [nf][rows, r]
         T* udm = detail::as_view(rudm_, rows, 1).data;
-        detail::as_view(gb1t_, E * r, h);
+        detail::as_view(gb1t_, nf * E * r, h);
         gA2_.resize(static_cast<std::size_t>(E));
-        gB1_.resize(static_cast<std::size_t>(E));
+        gB1_.resize(static_cast<std::size_t>(nf * E));
         Index ldg = h;
         for (Index e = 0; e < E; ++e) {
             const auto ga2 = grad_A(e, second_);
             ldg = ga2.stride;
             gA2_[static_cast<std::size_t>(e)] = ga2.data;
-            gB1_[static_cast<std::size_t>(e)] = gb1t_.data() + e * r * h;
+            for (Index f = 0; f < nf; ++f) gB1_[static_cast<std::size_t>(f * E + e)] = gb1t_.data() + (f * E + e) * r * h;
         }
-        kernels::gelu_mixture_backward(dH, dz, udm, ConstMatrixView<T>(dM), ConstMatrixView<T>(pre_[0].data(), n, h),
-                                       b1, k, route_.expert.data(), route_.gate.data(), rz1_.data(), qg, fb1t_.data(),
-                                       fa2_.data(), gA2_.data(), ldg, gB1_.data(), E, s_, r, part_, dHb);
-        for (Index e = 0; e < E; ++e) kernels::add_transposed(grad_B(e, first_[0]), gB1_[static_cast<std::size_t>(e)]);
+        if (nf == 1)
+            kernels::gelu_mixture_backward(dH, dz, udm, ConstMatrixView<T>(dM), ConstMatrixView<T>(pre_[0].data(), n, h),
+                                           b1, k, route_.expert.data(), route_.gate.data(), rz1_.data(), qg,
+                                           fb1t_.data(), fa2_.data(), gA2_.data(), ldg, gB1_.data(), E, s_, r, part_, dHb);
+        else
+            kernels::swiglu_mixture_backward(
+                dH, dHu, dz, dz + rows * r, udm, ConstMatrixView<T>(dM), ConstMatrixView<T>(pre_[0].data(), n, h),
+                ConstMatrixView<T>(pre_[1].data(), n, h), b1, up.bias.empty() ? nullptr : up.bias.data(), k,
+                route_.expert.data(), route_.gate.data(), rz1_.data(), rz1_.data() + rows * r, qg, fb1t_.data(),
+                fb1t_.data() + E, fa2_.data(), gA2_.data(), ldg, gB1_.data(), gB1_.data() + E, E, s_, r, part_, dHb, dHub);
+        for (Index f = 0; f < nf; ++f)
+            for (Index e = 0; e < E; ++e)
+                kernels::add_transposed(grad_B(e, first_[static_cast<std::size_t>(f)]),
+                                        gB1_[static_cast<std::size_t>(f * E + e)]);
 
         // The gate gradients, then the model width in three small GEMMs over every expert's columns
         // (zero where a token did not choose the expert), with D = [dL/d logits | dz]:
@@ -801,10 +837,11 @@ private:
         for (Index t = 0; t < n; ++t) {
             T* dt = D.row_ptr(t);
             if (er) std::copy_n(dlog_.data() + t * E, E, dt);
-            for (Index j = 0; j < k; ++j) {
-                const Index i = t * k + j;
-                std::copy_n(dz + i * r, r, dt + er + route_.expert[static_cast<std::size_t>(i)] * r);
-            }
+            for (Index f = 0; f < nf; ++f)
+                for (Index j = 0; j < k; ++j) {
+                    const Index i = t * k + j;
+                    std::copy_n(dz + (f * rows + i) * r, r, dt + er + (f * E + route_.expert[static_cast<std::size_t>(i)]) * r);
+                }
         }
         const auto W = stacked_first_inputs(wcat_, T(1));
         const auto G = detail::as_view(work_t_, pc, d);    // [dW_router; dA1]
@@ -827,8 +864,11 @@ private:
             for (Index e = 0; e < E; ++e) kernels::axpy(gwr.row_ptr(e), T(1), G.row_ptr(e), d);
         }
         for (Index e = 0; e < E; ++e) {
-            auto ga1 = grad_A(e, first_[0]);
-            for (Index q2 = 0; q2 < r; ++q2) kernels::axpy(ga1.row_ptr(q2), T(1), G.row_ptr(er + e * r + q2), d);
+            for (Index f = 0; f < nf; ++f) {
+                auto ga1 = grad_A(e, first_[static_cast<std::size_t>(f)]);
+                for (Index q2 = 0; q2 < r; ++q2)
+                    kernels::axpy(ga1.row_ptr(q2), T(1), G.row_ptr(er + (f * E + e) * r + q2), d);
+            }
             if (groups_.count(e) > 0) kernels::add_transposed(grad_B(e, second_), GB.data + e * r * d);
         }
 
@@ -838,9 +878,15 @@ private:
         } else if (!dx.empty() && !dx_here) {
             fc.backward_input(dx, ConstMatrixView<T>(dH), true);
         }
+        // SwiGLU: the up linear's, likewise.
+        if (dHub.data) {
+            if constexpr (std::is_same_v<T, float>) up.backward_input(dx, ConstMatrixView<kernels::bf16>(dHub), true);
+        } else if (nf > 1 && !dx.empty()) {
+            up.backward_input(dx, ConstMatrixView<T>(dHu), true);
+        }
     }
 
-    /// Whether the one-pass row kernels (kernels/fused.hpp) apply: GELU form, no dropout, r <= 8.
+    /// Whether the one-pass row kernels (kernels/fused.hpp) apply: no dropout, r <= 8 (GELU or SwiGLU).
     bool fused_path() const {
         // The fused passes round m and dH to bf16 for a bf16 weight: a bf16 base asking for fp32
         // arithmetic on its values takes the general path (a quantized one multiplies through its own
@@ -849,8 +895,8 @@ private:
             const auto l = base_->linear(name);
             return l.is_bf16() && l.fp32_compute;
         };
-        return kernels::detail::fused_rows_enabled() && cfg_.form == MlpForm::gelu && !dropped_ &&
-               cfg_.rank <= kernels::fused_max_rank && !exact_bf16(first_[0]) && !exact_bf16(second_);
+        return kernels::detail::fused_rows_enabled() && !dropped_ && cfg_.rank <= kernels::fused_max_rank &&
+               std::none_of(first_.begin(), first_.end(), exact_bf16) && !exact_bf16(second_);
     }
     /// Factor (f, e) of a table filled by prepare_factors().
     const T* factor(const std::vector<const T*>& table, Index f, Index e) const {

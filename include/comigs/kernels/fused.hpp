@@ -1,5 +1,5 @@
 #pragma once
-// One-pass kernels for the routed rows of the GELU mixture (rank r <= 8, no dropout).
+// One-pass kernels for the routed rows of the GELU and SwiGLU mixtures (rank r <= 8, no dropout).
 //
 // Work is split over the hidden size: it is cut into fixed groups of columns (mix_group_cols), each
 // thread starts on a contiguous range of groups (GroupQueue: a thread done early takes the others'
@@ -824,6 +824,461 @@ void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, 
     }
 }
 
+// ---- SwiGLU: the same passes with two first-stage linears (gate g, up u) -------------------------------
+// Per routed row: pg = Hg + bg + zg^T BgT, pu = Hu + bu + zu^T BuT, a = silu(pg) pu; m and z2 = A2 a as
+// for GELU. Backward, with da = g dm + qg^T A2: dpg = da pu silu'(pg), dpu = da silu(pg), both summed
+// per token (dHg, dHu), dzg = s BgT dpg, dzu = s BuT dpu, and dA2, dBg^T, dBu^T accumulated in the
+// same pass. The row of the gate linear (MixRow) carries m / dHg and the row's sums; a second MixRow
+// per routed row carries the up linear's H, zs and (backward) its dHu output.
+
+/// s = sigmoid(x) and 1 - s without cancellation (silu(x) = x s, silu'(x) = s + x s (1 - s)).
+template <class B, class T = typename B::value_type>
+inline B silu_sigmoid(const B& x, B& oms) {
+    if constexpr (std::is_same_v<T, float>) {
+        B s;
+        simd::sigmoid_pow2(x * B(T(-1.4426950408889634)), s, oms);  // 1 / (1 + 2^(-x / ln 2))
+        return s;
+    } else {
+        const B e = simd::exp(-x), s = B(T(1)) / (B(T(1)) + e);
+        oms = simd::select(s < B(T(0.5)), B(T(1)) - s, e * s);  // e may be inf where s = 0
+        return s;
+    }
+}
+template <class T>
+inline T silu_sigmoid_scalar(T x, T& oms) {
+    const T e = std::exp(-x), s = T(1) / (T(1) + e);
+    oms = s < T(0.5) ? T(1) - s : e * s;
+    return s;
+}
+
+/// Forward of R routed rows of one expert on nc columns: gate rows `rows` (H = Hg, zs = zg, the m
+/// output and the z2 sums) and up rows `ups` (H = Hu, zs = zu); fg, fu, fa the packed BgT, BuT and A2
+/// columns (row stride ld); bg, bu at the first column or null. Three sweeps as mix_forward_rows: pg
+/// into sg[x] and pu into sv[x], then a = silu(pg) pu (into sg) with the gate mix into m, then A2 a.
+template <int Q, int R, class T>
+inline void swiglu_forward_rows(const MixRow<Q, T>* rows, const MixRow<Q, T>* ups, const T* bg, const T* bu,
+                                const T* fg, const T* fu, const T* fa, T* const* sg, T* const* sv, Index ld, Index nc) {
+    using B = simd::batch<T>;
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    const Index cv = nc / w * w;
+    T zg[R][Q], zu[R][Q], g[R];
+    for (int x = 0; x < R; ++x) {
+        for (int q = 0; q < Q; ++q) {
+            zg[x][q] = rows[x].zs->v[q];
+            zu[x][q] = ups[x].zs->v[q];
+        }
+        g[x] = rows[x].g;
+    }
+    rank_sweep<Q, R>(sg, zg, fg, ld, cv, [&](int x, Index c, B& a0, B& a1) {
+        a0 = simd::load(rows[x].H + c);
+        a1 = bg ? simd::load(bg + c) : B(T(0));
+    });
+    rank_sweep<Q, R>(sv, zu, fu, ld, cv, [&](int x, Index c, B& a0, B& a1) {
+        a0 = simd::load(ups[x].H + c);
+        a1 = bu ? simd::load(bu + c) : B(T(0));
+    });
+    for (Index c = 0; c < cv; c += w) {
+        for (int x = 0; x < R; ++x) {
+            if (rows[x].next_h) prefetch_line(rows[x].next_h + c);
+            if (ups[x].next_h) prefetch_line(ups[x].next_h + c);
+            const B pg = simd::load(sg[x] + c);
+            B oms;
+            const B a = pg * silu_sigmoid(pg, oms) * simd::load(sv[x] + c);
+            put_row(rows[x], c, rows[x].first ? B(g[x]) * a : simd::fma(B(g[x]), a, simd::load(rows[x].prev + c)));
+            simd::store(sg[x] + c, a);
+        }
+    }
+    B acc[R][Q];
+    for (int x = 0; x < R; ++x)
+        for (int q = 0; q < Q; ++q) acc[x][q] = B(T(0));
+    project_rows<Q, R>(acc, sg, fa, ld, cv);
+    for (int x = 0; x < R; ++x) {
+        T* out = rows[x].part;
+        if (cv > 0)
+            simd::reduce_add_rows<Q>(acc[x], out);
+        else
+            for (int q = 0; q < Q; ++q) out[q] = T(0);
+        for (Index c = cv; c < nc; ++c) {
+            T g0 = rows[x].H[c] + (bg ? bg[c] : T(0)), u0 = ups[x].H[c] + (bu ? bu[c] : T(0)), g1 = T(0), u1 = T(0);
+            for (int q = 0; q < Q; q += 2) {
+                g0 += zg[x][q] * fg[q * ld + c];
+                g1 += zg[x][q + 1] * fg[(q + 1) * ld + c];
+                u0 += zu[x][q] * fu[q * ld + c];
+                u1 += zu[x][q + 1] * fu[(q + 1) * ld + c];
+            }
+            const T pg = g0 + g1;
+            T oms;
+            const T a = pg * silu_sigmoid_scalar(pg, oms) * (u0 + u1);
+            put_row_scalar(rows[x], c, rows[x].first ? g[x] * a : rows[x].prev[c] + g[x] * a);
+            for (int q = 0; q < Q; ++q) out[q] += fa[q * ld + c] * a;
+        }
+    }
+}
+
+/// Backward of R routed rows (layout as swiglu_forward_rows; the gate rows carry dm, qg and the dHg
+/// output, the up rows the dHu output): da = g dm + qg^T A2, pg and pu recomputed, a = silu(pg) pu,
+/// dpg = da pu silu'(pg), dpu = da silu(pg); dHg and dHu (= when first, else +=); part[q] = the partial
+/// sums of BgT dpg, part[Q + q] of BuT dpu (q < Q), part[2 Q] of a . dm. a, dpg and dpu go to su[x],
+/// sd[x] and sv[x] for the gradient sweep.
+template <int Q, int R, class T>
+inline void swiglu_backward_rows(const MixRow<Q, T>* rows, const MixRow<Q, T>* ups, const T* bg, const T* bu,
+                                 const T* fg, const T* fu, const T* fa, T* const* su, T* const* sd, T* const* sv,
+                                 Index ld, Index nc) {
+    using B = simd::batch<T>;
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    const Index cv = nc / w * w;
+    B dot[R];
+    T zg[R][Q], zu[R][Q], qg[R][Q], g[R];
+    for (int x = 0; x < R; ++x) {
+        dot[x] = B(T(0));
+        for (int q = 0; q < Q; ++q) {
+            zg[x][q] = rows[x].zs->v[q];
+            zu[x][q] = ups[x].zs->v[q];
+            qg[x][q] = rows[x].qg->v[q];
+        }
+        g[x] = rows[x].g;
+    }
+    rank_sweep<Q, R>(su, zg, fg, ld, cv, [&](int x, Index c, B& a0, B& a1) {
+        a0 = simd::load(rows[x].H + c);
+        a1 = bg ? simd::load(bg + c) : B(T(0));
+    });
+    rank_sweep<Q, R>(sv, zu, fu, ld, cv, [&](int x, Index c, B& a0, B& a1) {
+        a0 = simd::load(ups[x].H + c);
+        a1 = bu ? simd::load(bu + c) : B(T(0));
+    });
+    rank_sweep<Q, R>(sd, qg, fa, ld, cv, [&](int x, Index c, B& a0, B& a1) {
+        a0 = B(g[x]) * simd::load(rows[x].dm + c);
+        a1 = B(T(0));
+    });
+    for (Index c = 0; c < cv; c += w) {
+        for (int x = 0; x < R; ++x) {
+            const MixRow<Q, T>& row = rows[x];
+            if (row.next_h) prefetch_line(row.next_h + c);
+            if (ups[x].next_h) prefetch_line(ups[x].next_h + c);
+            if (row.next_dm) prefetch_line(row.next_dm + c);
+            const B pg = simd::load(su[x] + c), pu = simd::load(sv[x] + c), da = simd::load(sd[x] + c);
+            B oms;
+            const B s = silu_sigmoid(pg, oms);
+            const B silu = pg * s;
+            const B a = silu * pu;
+            dot[x] = simd::fma(a, simd::load(row.dm + c), dot[x]);
+            const B dpg = da * pu * simd::fma(silu, oms, s);
+            const B dpu = da * silu;
+            put_row(row, c, row.first ? dpg : simd::load(row.prev + c) + dpg);
+            put_row(ups[x], c, row.first ? dpu : simd::load(ups[x].prev + c) + dpu);
+            simd::store(su[x] + c, a);
+            simd::store(sd[x] + c, dpg);
+            simd::store(sv[x] + c, dpu);
+        }
+    }
+    {
+        B acc[R][Q];
+        for (int x = 0; x < R; ++x)
+            for (int q = 0; q < Q; ++q) acc[x][q] = B(T(0));
+        project_rows<Q, R>(acc, sd, fg, ld, cv);
+        for (int x = 0; x < R; ++x) {
+            T* out = rows[x].part;
+            if (cv > 0) {
+                simd::reduce_add_rows<Q>(acc[x], out);
+                out[2 * Q] = simd::reduce_add(dot[x]);
+            } else {
+                for (int q = 0; q < Q; ++q) out[q] = T(0);
+                out[2 * Q] = T(0);
+            }
+        }
+    }
+    {
+        B acc[R][Q];
+        for (int x = 0; x < R; ++x)
+            for (int q = 0; q < Q; ++q) acc[x][q] = B(T(0));
+        project_rows<Q, R>(acc, sv, fu, ld, cv);
+        for (int x = 0; x < R; ++x) {
+            T* out = rows[x].part + Q;
+            if (cv > 0)
+                simd::reduce_add_rows<Q>(acc[x], out);
+            else
+                for (int q = 0; q < Q; ++q) out[q] = T(0);
+        }
+    }
+    for (Index c = cv; c < nc; ++c)
+        for (int x = 0; x < R; ++x) {
+            const T dmv = rows[x].dm[c];
+            T da0 = g[x] * dmv, da1 = T(0), g0 = rows[x].H[c] + (bg ? bg[c] : T(0)), g1 = T(0),
+              u0 = ups[x].H[c] + (bu ? bu[c] : T(0)), u1 = T(0);
+            for (int q = 0; q < Q; q += 2) {
+                da0 += qg[x][q] * fa[q * ld + c];
+                da1 += qg[x][q + 1] * fa[(q + 1) * ld + c];
+                g0 += zg[x][q] * fg[q * ld + c];
+                g1 += zg[x][q + 1] * fg[(q + 1) * ld + c];
+                u0 += zu[x][q] * fu[q * ld + c];
+                u1 += zu[x][q + 1] * fu[(q + 1) * ld + c];
+            }
+            const T pg = g0 + g1, pu = u0 + u1, da = da0 + da1;
+            T oms;
+            const T s = silu_sigmoid_scalar(pg, oms);
+            const T silu = pg * s, a = silu * pu;
+            const T dpg = da * pu * (silu * oms + s), dpu = da * silu;
+            T* out = rows[x].part;
+            out[2 * Q] += a * dmv;
+            const bool first = rows[x].first;
+            put_row_scalar(rows[x], c, first ? dpg : rows[x].prev[c] + dpg);
+            put_row_scalar(ups[x], c, first ? dpu : ups[x].prev[c] + dpu);
+            su[x][c] = a;
+            sd[x][c] = dpg;
+            sv[x][c] = dpu;
+            for (int q = 0; q < Q; ++q) {
+                out[q] += fg[q * ld + c] * dpg;
+                out[Q + q] += fu[q * ld + c] * dpu;
+            }
+        }
+}
+
+/// gb[q][c] += sum_x xz_x[q] sd[x][c] over a span's rows (mix_grad_span's second half alone).
+template <int Q, class T>
+inline void mix_grad_one(T* gb, Index nc, Index ld, const T* xz, const T* sd, Index count) {
+    constexpr Index cb = 2 * static_cast<Index>(simd::width<T>);
+    const Index cv = nc / cb * cb;
+    if (cv > 0) lowrank_outer_cols<Q>(gb, ld, xz, Q, sd, ld, static_cast<const Index*>(nullptr), count, 0, cv, T(1));
+    for (Index q = 0; q < Q; ++q)
+        for (Index c = cv; c < nc; ++c) {
+            T b = T(0);
+            for (Index x = 0; x < count; ++x) b += xz[x * Q + q] * sd[x * ld + c];
+            gb[q * ld + c] += b;
+        }
+}
+
+/// The SwiGLU forward driver (mixture_forward_q with the up linear beside the gate).
+template <int Q, class T>
+void swiglu_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> Hg, ConstMatrixView<T> Hu, const T* bg, const T* bu,
+                      Index k, const std::int32_t* expert, const T* gate, const T* zsg, const T* zsu,
+                      const T* const* BgT, const T* const* BuT, const T* const* A2, Index experts, Index r,
+                      std::vector<T>& part, MatrixView<bf16> Mb) {
+    const Index n = Hg.rows, h = Hg.cols, rows = n * k;
+    const Index W = std::max<Index>(1, mix_group_cols()), groups = (h + W - 1) / W;
+    const Index tb = std::max<Index>(1, mix_token_block());
+    MixOrder order;
+    order.build(n, k, experts, expert, tb);
+    std::vector<Coef<Q, T>> zcg, zcu;
+    zcg.reserve(static_cast<std::size_t>(rows));
+    zcu.reserve(static_cast<std::size_t>(rows));
+    for (Index i = 0; i < rows; ++i) {
+        zcg.emplace_back(zsg + i * r, r);
+        zcu.emplace_back(zsu + i * r, r);
+    }
+    part.resize(static_cast<std::size_t>(groups * rows * Q));
+    const bool par = rows * h >= mix_parallel_min();
+    const bool direct = r == Q && rows < 4 * experts;  // decode: the factors read in place
+    std::vector<T> full(r == Q ? 0 : static_cast<std::size_t>(rows * Q));
+    const Index spans = static_cast<Index>(order.span.size()) - 1;
+    for_groups(h, par, [&](Index c0, Index c1, Index grp, Index tp) {
+        Index sp0, sp1;
+        part_spans(spans, experts, tp, sp0, sp1);
+        if (sp0 == sp1) return;
+        const Index nc = c1 - c0, ncp = padded_cols<T>(nc), fsize = direct ? 0 : experts * Q * ncp;
+        auto& buf = fused_scratch<T>();
+        buf.resize(static_cast<std::size_t>(3 * fsize));
+        T* fg = buf.data();
+        T* fu = fg + fsize;
+        T* fa = fu + fsize;
+        if (!direct) {
+            pack_factor_cols<Q>(fg, BgT, experts, r, h, c0, nc, ncp);
+            pack_factor_cols<Q>(fu, BuT, experts, r, h, c0, nc, ncp);
+            pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc, ncp);
+        }
+        const Index ld = direct ? h : ncp;
+        auto& rowbuf = fused_rows_scratch<T>();
+        rowbuf.resize(static_cast<std::size_t>(4 * ncp));
+        T* const sg[2] = {rowbuf.data(), rowbuf.data() + ncp};
+        T* const sv[2] = {rowbuf.data() + 2 * ncp, rowbuf.data() + 3 * ncp};
+        auto& partial = fused_partial_scratch<T>();
+        partial.resize(static_cast<std::size_t>(tb * ncp));
+        T* pg = part.data() + grp * rows * Q;
+        const T* biasg = bg ? bg + c0 : nullptr;
+        const T* biasu = bu ? bu + c0 : nullptr;
+        for (Index sp = sp0; sp < sp1; ++sp) {
+            const Index e = sp % experts;
+            const T* fge = direct ? BgT[e] + c0 : fg + e * Q * ncp;
+            const T* fue = direct ? BuT[e] + c0 : fu + e * Q * ncp;
+            const T* fae = direct ? A2[e] + c0 : fa + e * Q * ncp;
+            const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
+            for (Index x = x0; x < x1; x += 2) {
+                const int R = x + 1 < x1 ? 2 : 1;
+                MixRow<Q, T> rw[2], up[2];
+                for (int y = 0; y < R; ++y) {
+                    const Index i = order.rows[static_cast<std::size_t>(x + y)], t = i / k;
+                    MixRow<Q, T>& row = rw[y];
+                    row.H = Hg.row_ptr(t) + c0;
+                    row.dm = nullptr;
+                    row.zs = &zcg[static_cast<std::size_t>(i)];
+                    row.qg = nullptr;
+                    row.g = gate[i];
+                    set_visit(row, order, i, pg + i * Q, M.data ? M.row_ptr(t) + c0 : nullptr,
+                              Mb.data ? Mb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * ncp, nc);
+                    point_next(row, order, x + y + 2, k, Hg, ConstMatrixView<T>(), c0);
+                    MixRow<Q, T>& u = up[y];
+                    u = MixRow<Q, T>{};
+                    u.H = Hu.row_ptr(t) + c0;
+                    u.zs = &zcu[static_cast<std::size_t>(i)];
+                    point_next(u, order, x + y + 2, k, Hu, ConstMatrixView<T>(), c0);
+                }
+                if (R == 2)
+                    swiglu_forward_rows<Q, 2>(rw, up, biasg, biasu, fge, fue, fae, sg, sv, ld, nc);
+                else
+                    swiglu_forward_rows<Q, 1>(rw, up, biasg, biasu, fge, fue, fae, sg, sv, ld, nc);
+            }
+        }
+        simd::stream_fence();
+    }, [&] { sum_groups_part(r == Q ? z2 : full.data(), part.data(), groups, rows * Q); });
+    if (r != Q)
+        for (Index i = 0; i < rows; ++i)
+            for (Index q = 0; q < r; ++q) z2[i * r + q] = full[static_cast<std::size_t>(i * Q + q)];
+}
+
+/// The SwiGLU backward driver (mixture_backward_q with the up linear beside the gate).
+template <int Q, class T>
+void swiglu_backward_q(MatrixView<T> dHg, MatrixView<T> dHu, T* dzg, T* dzu, T* udm, ConstMatrixView<T> dM,
+                       ConstMatrixView<T> Hg, ConstMatrixView<T> Hu, const T* bg, const T* bu, Index k,
+                       const std::int32_t* expert, const T* gate, const T* zsg, const T* zsu, const T* qg,
+                       const T* const* BgT, const T* const* BuT, const T* const* A2, T* const* gA2, Index ldg,
+                       T* const* gBgT, T* const* gBuT, Index experts, T s, Index r, std::vector<T>& part,
+                       MatrixView<bf16> dHgb, MatrixView<bf16> dHub) {
+    const Index n = Hg.rows, h = Hg.cols, rows = n * k;
+    const Index W = std::max<Index>(1, mix_group_cols()), groups = (h + W - 1) / W;
+    constexpr Index P = 2 * Q + 1;
+    const Index tb = std::max<Index>(1, mix_token_block());
+    MixOrder order;
+    order.build(n, k, experts, expert, tb);
+    std::vector<Coef<Q, T>> zcg, zcu, qc;
+    zcg.reserve(static_cast<std::size_t>(rows));
+    zcu.reserve(static_cast<std::size_t>(rows));
+    qc.reserve(static_cast<std::size_t>(rows));
+    for (Index i = 0; i < rows; ++i) {
+        zcg.emplace_back(zsg + i * r, r);
+        zcu.emplace_back(zsu + i * r, r);
+        qc.emplace_back(qg + i * r, r);
+    }
+    part.resize(static_cast<std::size_t>(groups * rows * P));
+    Index longest = 0;
+    for (std::size_t sp = 0; sp + 1 < order.span.size(); ++sp) longest = std::max(longest, order.span[sp + 1] - order.span[sp]);
+    const bool par = rows * h >= mix_parallel_min();
+    std::vector<T> sums(static_cast<std::size_t>(rows * P));
+    const Index spans = static_cast<Index>(order.span.size()) - 1;
+    // Each unit's dA2, dBg^T and dBu^T parts ([experts Q, ncp] each); the parts are added in finish.
+    const Index ustride = 3 * experts * Q * padded_cols<T>(std::min(W, h));
+    auto& ugrads = fused_unit_grads<T>();
+    ugrads.resize(static_cast<std::size_t>(groups * mix_token_parts * ustride));
+    for_groups(h, par, [&](Index c0, Index c1, Index grp, Index tp) {
+        const Index nc = c1 - c0, ncp = padded_cols<T>(nc), fsize = experts * Q * ncp;
+        T* ga = ugrads.data() + (grp * mix_token_parts + tp) * ustride;
+        T* gbg = ga + fsize;
+        T* gbu = gbg + fsize;
+        std::fill(ga, ga + 3 * fsize, T(0));
+        Index sp0, sp1;
+        part_spans(spans, experts, tp, sp0, sp1);
+        if (sp0 == sp1) return;
+        auto& buf = fused_scratch<T>();
+        buf.resize(static_cast<std::size_t>(3 * fsize));
+        T* fg = buf.data();
+        T* fu = fg + fsize;
+        T* fa = fu + fsize;
+        pack_factor_cols<Q>(fg, BgT, experts, r, h, c0, nc, ncp);
+        pack_factor_cols<Q>(fu, BuT, experts, r, h, c0, nc, ncp);
+        pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc, ncp);
+        T* pg = part.data() + grp * rows * P;
+        const T* biasg = bg ? bg + c0 : nullptr;
+        const T* biasu = bu ? bu + c0 : nullptr;
+        auto& rowbuf = fused_rows_scratch<T>();
+        rowbuf.resize(static_cast<std::size_t>(longest * (3 * ncp + 3 * Q)));
+        T* su = rowbuf.data();
+        T* sd = su + longest * ncp;
+        T* sv = sd + longest * ncp;
+        T* xq = sv + longest * ncp;
+        T* xzg = xq + longest * Q;
+        T* xzu = xzg + longest * Q;
+        auto& partial = fused_partial_scratch<T>();
+        partial.resize(static_cast<std::size_t>(2 * tb * ncp));
+        T* partial_u = partial.data() + tb * ncp;
+        for (Index sp = sp0; sp < sp1; ++sp) {
+            const Index e = sp % experts, off = e * Q * ncp;
+            const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
+            if (x1 == x0) continue;
+            for (Index x = x0; x < x1; x += 2) {
+                const int R = x + 1 < x1 ? 2 : 1;
+                MixRow<Q, T> rw[2], up[2];
+                T* sur[2];
+                T* sdr[2];
+                T* svr[2];
+                for (int y = 0; y < R; ++y) {
+                    const Index i = order.rows[static_cast<std::size_t>(x + y)], t = i / k, slot = x + y - x0;
+                    MixRow<Q, T>& row = rw[y];
+                    row.H = Hg.row_ptr(t) + c0;
+                    row.dm = dM.row_ptr(t) + c0;
+                    row.zs = &zcg[static_cast<std::size_t>(i)];
+                    row.qg = &qc[static_cast<std::size_t>(i)];
+                    row.g = gate[i];
+                    set_visit(row, order, i, pg + i * P, dHg.data ? dHg.row_ptr(t) + c0 : nullptr,
+                              dHgb.data ? dHgb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * ncp, nc);
+                    point_next(row, order, x + y + 2, k, Hg, dM, c0);
+                    MixRow<Q, T>& u = up[y];
+                    u = MixRow<Q, T>{};
+                    u.H = Hu.row_ptr(t) + c0;
+                    u.zs = &zcu[static_cast<std::size_t>(i)];
+                    set_visit(u, order, i, static_cast<T*>(nullptr), dHu.data ? dHu.row_ptr(t) + c0 : nullptr,
+                              dHub.data ? dHub.row_ptr(t) + c0 : nullptr, partial_u + (t % tb) * ncp, nc);
+                    point_next(u, order, x + y + 2, k, Hu, ConstMatrixView<T>(), c0);
+                    sur[y] = su + slot * ncp;
+                    sdr[y] = sd + slot * ncp;
+                    svr[y] = sv + slot * ncp;
+                    std::copy_n(qc[static_cast<std::size_t>(i)].v, Q, xq + slot * Q);
+                    std::copy_n(zcg[static_cast<std::size_t>(i)].v, Q, xzg + slot * Q);
+                    std::copy_n(zcu[static_cast<std::size_t>(i)].v, Q, xzu + slot * Q);
+                }
+                if (R == 2)
+                    swiglu_backward_rows<Q, 2>(rw, up, biasg, biasu, fg + off, fu + off, fa + off, sur, sdr, svr, ncp, nc);
+                else
+                    swiglu_backward_rows<Q, 1>(rw, up, biasg, biasu, fg + off, fu + off, fa + off, sur, sdr, svr, ncp, nc);
+            }
+            mix_grad_span<Q>(ga + off, gbg + off, nc, ncp, xq, xzg, su, sd, x1 - x0);
+            mix_grad_one<Q>(gbu + off, nc, ncp, xzu, sv, x1 - x0);
+        }
+        simd::stream_fence();
+    }, [&] {
+        sum_groups_part(sums.data(), part.data(), groups, rows * P);
+        // The calling thread's groups: dA2 += the parts' sums, dBg^T and dBu^T = the parts' sums, in part order.
+        Index g0, g1;
+        thread_range(groups, g0, g1);
+        for (Index g = g0; g < g1; ++g) {
+            const Index c0 = g * W, nc = std::min(h, c0 + W) - c0, ncp = padded_cols<T>(nc), fsize = experts * Q * ncp;
+            const T* u0 = ugrads.data() + g * mix_token_parts * ustride;
+            for (Index e = 0; e < experts; ++e)
+                for (Index q = 0; q < r; ++q) {
+                    const Index o = (e * Q + q) * ncp;
+                    T* da = gA2[e] + q * ldg + c0;
+                    T* dbg = gBgT[e] + q * h + c0;
+                    T* dbu = gBuT[e] + q * h + c0;
+                    for (Index c = 0; c < nc; ++c) {
+                        T a = u0[o + c], b = u0[fsize + o + c], v = u0[2 * fsize + o + c];
+                        for (Index pt = 1; pt < mix_token_parts; ++pt) {
+                            a += u0[pt * ustride + o + c];
+                            b += u0[pt * ustride + fsize + o + c];
+                            v += u0[pt * ustride + 2 * fsize + o + c];
+                        }
+                        da[c] += a;
+                        dbg[c] = b;
+                        dbu[c] = v;
+                    }
+                }
+        }
+    });
+    for (Index i = 0; i < rows; ++i) {
+        for (Index q = 0; q < r; ++q) {
+            dzg[i * r + q] = s * sums[static_cast<std::size_t>(i * P + q)];
+            dzu[i * r + q] = s * sums[static_cast<std::size_t>(i * P + Q + q)];
+        }
+        udm[i] = sums[static_cast<std::size_t>(i * P + 2 * Q)];
+    }
+}
+
 }  // namespace detail
 
 /// Forward of the routed rows of a GELU mixture, one pass over the hidden size for all of them.
@@ -877,6 +1332,63 @@ void gelu_mixture_backward(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> d
     else
         detail::mixture_backward_q<8>(dH, dz, udm, dM, H, b1, k, expert, gate, zs, qg, B1T, A2, gA2, ldg, gB1T, experts,
                                       s, r, part, dHb);
+}
+
+/// Forward of the routed rows of a SwiGLU mixture, one pass over the hidden size for all of them (as
+/// gelu_mixture_forward, with the up linear beside the gate): zsg and zsu [n k, r] are s Ag x and
+/// s Au x per row, BgT[e], BuT[e] and A2[e] expert e's factors as [r, h] rows. With
+/// pg = Hg[t] + bg + zsg_i^T BgT, pu = Hu[t] + bu + zsu_i^T BuT (bg, bu may be null), a_i = silu(pg) pu:
+///   M[t] = sum_j gate[i] a_i   and   z2[i] = A2 a_i.
+/// Mb as in gelu_mixture_forward. Results do not depend on the thread count.
+template <class T>
+void swiglu_mixture_forward(MatrixView<T> M, T* z2, ConstMatrixView<T> Hg, ConstMatrixView<T> Hu, const T* bg,
+                            const T* bu, Index k, const std::int32_t* expert, const T* gate, const T* zsg,
+                            const T* zsu, const T* const* BgT, const T* const* BuT, const T* const* A2, Index experts,
+                            Index r, std::vector<T>& part, MatrixView<bf16> Mb = {}) {
+    require<ShapeError>(Hu.rows == Hg.rows && Hu.cols == Hg.cols, "swiglu_mixture_forward: Hg [", Hg.rows, ", ",
+                        Hg.cols, "] and Hu [", Hu.rows, ", ", Hu.cols, "] differ");
+    require<ShapeError>((M.rows == Hg.rows && M.cols == Hg.cols) || (Mb.data && !M.data), "swiglu_mixture_forward: M [",
+                        M.rows, ", ", M.cols, "] and H [", Hg.rows, ", ", Hg.cols, "] differ");
+    require<ShapeError>(Mb.data == nullptr || (std::is_same_v<T, float> && Mb.rows == Hg.rows && Mb.cols == Hg.cols),
+                        "swiglu_mixture_forward: bf16 output [", Mb.rows, ", ", Mb.cols, "] must be float and match H");
+    require(r >= 1 && r <= fused_max_rank, "swiglu_mixture_forward rank ", r, ": the fused kernel takes 1..",
+            fused_max_rank);
+    if (detail::padded_rank(r) == 4)
+        detail::swiglu_forward_q<4>(M, z2, Hg, Hu, bg, bu, k, expert, gate, zsg, zsu, BgT, BuT, A2, experts, r, part, Mb);
+    else
+        detail::swiglu_forward_q<8>(M, z2, Hg, Hu, bg, bu, k, expert, gate, zsg, zsu, BgT, BuT, A2, experts, r, part, Mb);
+}
+
+/// Backward of swiglu_mixture_forward, given dM = dL/dM [n, h] and qg [n k, r] = gate s B2^T dy per row;
+/// with da_i = gate[i] dM[t] + qg_i^T A2:
+///   dpg_i = da_i pu silu'(pg),  dpu_i = da_i silu(pg),  dHg[t] = sum_j dpg_i,  dHu[t] = sum_j dpu_i,
+///   dzg[i] = s BgT dpg_i,  dzu[i] = s BuT dpu_i,  udm[i] = a_i . dM[t],
+///   gA2[e] ([r, h], row stride ldg) += sum over e's rows of qg_i a_i^T,
+///   gBgT[e], gBuT[e] ([r, h]) = sum over e's rows of zsg_i dpg_i^T, zsu_i dpu_i^T (overwritten).
+/// dHgb / dHub as dHb in gelu_mixture_backward, each for its own output. Results do not depend on the
+/// thread count.
+template <class T>
+void swiglu_mixture_backward(MatrixView<T> dHg, MatrixView<T> dHu, T* dzg, T* dzu, T* udm, ConstMatrixView<T> dM,
+                             ConstMatrixView<T> Hg, ConstMatrixView<T> Hu, const T* bg, const T* bu, Index k,
+                             const std::int32_t* expert, const T* gate, const T* zsg, const T* zsu, const T* qg,
+                             const T* const* BgT, const T* const* BuT, const T* const* A2, T* const* gA2, Index ldg,
+                             T* const* gBgT, T* const* gBuT, Index experts, T s, Index r, std::vector<T>& part,
+                             MatrixView<bf16> dHgb = {}, MatrixView<bf16> dHub = {}) {
+    const auto same = [&](auto m) { return m.rows == Hg.rows && m.cols == Hg.cols; };
+    require<ShapeError>(same(Hu) && same(dM) && (same(dHg) || (dHgb.data && !dHg.data)) &&
+                            (same(dHu) || (dHub.data && !dHu.data)),
+                        "swiglu_mixture_backward: dHg, dHu, dM, Hg and Hu must have the same shape");
+    require<ShapeError>((dHgb.data == nullptr || (std::is_same_v<T, float> && same(dHgb))) &&
+                            (dHub.data == nullptr || (std::is_same_v<T, float> && same(dHub))),
+                        "swiglu_mixture_backward: bf16 outputs must be float and match H");
+    require(r >= 1 && r <= fused_max_rank, "swiglu_mixture_backward rank ", r, ": the fused kernel takes 1..",
+            fused_max_rank);
+    if (detail::padded_rank(r) == 4)
+        detail::swiglu_backward_q<4>(dHg, dHu, dzg, dzu, udm, dM, Hg, Hu, bg, bu, k, expert, gate, zsg, zsu, qg, BgT, BuT,
+                                     A2, gA2, ldg, gBgT, gBuT, experts, s, r, part, dHgb, dHub);
+    else
+        detail::swiglu_backward_q<8>(dHg, dHu, dzg, dzu, udm, dM, Hg, Hu, bg, bu, k, expert, gate, zsg, zsu, qg, BgT, BuT,
+                                     A2, gA2, ldg, gBgT, gBuT, experts, s, r, part, dHgb, dHub);
 }
 
 }  // namespace comigs::kernels

@@ -26,6 +26,7 @@
 #include <comigs/frozen.hpp>
 #include <comigs/kernels/attention.hpp>
 #include <comigs/kernels/bf16.hpp>
+#include <comigs/kernels/gemm.hpp>
 #include <comigs/params.hpp>
 #include <comigs/profile.hpp>
 #include <comigs/random.hpp>
@@ -362,9 +363,8 @@ public:
             const MatrixView<T> dx = need_dx ? dln : MatrixView<T>();
             {
                 profile::Scope scope(profile::Phase::qkv, profile::Pass::backward);
-                proj_backward(lw.q, l, 0, dx, mat(g.dq, N, H * hd), mat(la.xn, N, d), la.xa[0], mat(g.dxa, N, r));
-                proj_backward(lw.k, l, 1, dx, mat(g.dk, N, KV * hd), mat(la.xn, N, d), la.xa[1], mat(g.dxa, N, r));
-                proj_backward(lw.v, l, 2, dx, mat(g.dv, N, KV * hd), mat(la.xn, N, d), la.xa[2], mat(g.dxa, N, r));
+                qkv_backward(lw, l, dx, mat(g.dq, N, H * hd), mat(g.dk, N, KV * hd), mat(g.dv, N, KV * hd),
+                             mat(la.xn, N, d), la.xa, g.dxa);
             }
             if (need_dx) {
                 profile::Scope scope(profile::Phase::norm, profile::Pass::backward);
@@ -581,7 +581,7 @@ private:
         const Index N = B_ * T_, d = cf.d_model, qw = cf.n_head * cf.hd(), kvw = cf.kv_heads() * cf.hd();
         const auto layout = [&](Carver& c) {
             grads_ = {c.take(N * d), c.take(N * d), c.take(N * qw), c.take(N * kvw), c.take(N * kvw), c.take(N * qw),
-                      c.take(N * lora_rank())};
+                      c.take(N * 3 * lora_rank())};  // dxa: [N, 3 r] for q, k and v side by side
         };
         Carver count{nullptr};
         layout(count);
@@ -628,9 +628,8 @@ private:
             }
             {
                 profile::Scope scope(profile::Phase::qkv);
-                proj_forward(lw.q, l, 0, mat(a.q, N, H * hd), mat(a.xn, N, d), a.xa[0]);
-                proj_forward(lw.k, l, 1, mat(a.k, N, KV * hd), mat(a.xn, N, d), a.xa[1]);
-                proj_forward(lw.v, l, 2, mat(a.v, N, KV * hd), mat(a.xn, N, d), a.xa[2]);
+                qkv_forward(lw, l, mat(a.q, N, H * hd), mat(a.k, N, KV * hd), mat(a.v, N, KV * hd), mat(a.xn, N, d),
+                            a.xa);
             }
             {
                 profile::Scope scope(profile::Phase::norm);
@@ -678,22 +677,98 @@ private:
         return prefixes_[i];
     }
 
-    // y = x W^T + b (+ s (x A^T) B^T with LoRA); p: 0 q, 1 k, 2 v, 3 o.
+    // y = x W^T + b (+ s (x A^T) B^T with LoRA); p: 0 q, 1 k, 2 v, 3 o. The rank-r products are
+    // chunked over the threads (kernels::gemm_chunked: the same bits for any thread count), not serial.
     void proj_forward(const FrozenLinear<T>& W, Index l, int p, MatrixView<T> y, ConstMatrixView<T> x, T* xa) {
         W.forward(y, x);
         if (has_lora_) {
+            using P = kernels::GemmProduct<T>;
             const LoraViews v = lora_views(l, p);
-            lora_forward(y, mat(xa, x.rows, lora_cfg_.rank), x, v.A, v.B, T(lora_cfg_.scale()));
+            const auto xav = mat(xa, x.rows, lora_cfg_.rank);
+            kernels::gemm_chunked<T>({P{xav, x, kernels::Op::none, v.A, kernels::Op::trans}});
+            kernels::gemm_chunked<T>(
+                {P{y, ConstMatrixView<T>(xav), kernels::Op::none, v.B, kernels::Op::trans, T(lora_cfg_.scale()), T(1)}});
         }
     }
+    // q, k and v of layer l from the same x: the three base products, then each rank-r step of the
+    // three LoRAs as one parallel region (xa = x A^T, then y += s xa B^T).
+    void qkv_forward(const typename LlamaWeights<T>::Layer& lw, Index l, MatrixView<T> q, MatrixView<T> k,
+                     MatrixView<T> v, ConstMatrixView<T> x, T* const* xa) {
+        lw.q.forward(q, x);
+        lw.k.forward(k, x);
+        lw.v.forward(v, x);
+        if (!has_lora_) return;
+        using P = kernels::GemmProduct<T>;
+        using kernels::Op;
+        const Index r = lora_cfg_.rank;
+        const T s = T(lora_cfg_.scale());
+        const LoraViews a = lora_views(l, 0), b = lora_views(l, 1), c = lora_views(l, 2);
+        const auto xq = mat(xa[0], x.rows, r), xk = mat(xa[1], x.rows, r), xv = mat(xa[2], x.rows, r);
+        kernels::gemm_chunked<T>({P{xq, x, Op::none, a.A, Op::trans}, P{xk, x, Op::none, b.A, Op::trans},
+                                  P{xv, x, Op::none, c.A, Op::trans}});
+        kernels::gemm_chunked<T>({P{q, ConstMatrixView<T>(xq), Op::none, a.B, Op::trans, s, T(1)},
+                                  P{k, ConstMatrixView<T>(xk), Op::none, b.B, Op::trans, s, T(1)},
+                                  P{v, ConstMatrixView<T>(xv), Op::none, c.B, Op::trans, s, T(1)}});
+    }
+    // dx += dy W (when dx has data); with LoRA: dB += s dy^T xa, dxa = s dy B (one region), then
+    // dA += dxa^T x and dx += dxa A (one region).
     void proj_backward(const FrozenLinear<T>& W, Index l, int p, MatrixView<T> dx, ConstMatrixView<T> dy,
                        ConstMatrixView<T> x, const T* xa, MatrixView<T> dxa) {
         if (dx.data) W.backward_input(dx, dy, true);
         if (has_lora_) {
+            using P = kernels::GemmProduct<T>;
+            using kernels::Op;
             const LoraViews v = lora_views(l, p);
-            lora_backward(dx, v.dA, v.dB, dxa, dy, x, ConstMatrixView<T>(xa, x.rows, lora_cfg_.rank), v.A, v.B,
-                          T(lora_cfg_.scale()));
+            const T s = T(lora_cfg_.scale());
+            const ConstMatrixView<T> xav(xa, x.rows, lora_cfg_.rank), dxc(dxa);
+            kernels::gemm_chunked<T>({P{v.dB, dy, Op::trans, xav, Op::none, s, T(1)}, P{dxa, dy, Op::none, v.B, Op::none, s}});
+            if (dx.data)
+                kernels::gemm_chunked<T>({P{v.dA, dxc, Op::trans, x, Op::none, T(1), T(1)},
+                                          P{dx, dxc, Op::none, v.A, Op::none, T(1), T(1)}});
+            else
+                kernels::gemm_chunked<T>({P{v.dA, dxc, Op::trans, x, Op::none, T(1), T(1)}});
         }
+    }
+    // The backward of qkv_forward: the three base input gradients into dx (when it has data), then
+    // the three LoRAs' rank-r steps, each one region: dB += s dy^T xa and dxa = s dy B; then dA +=
+    // dxa^T x and dx += [dxa_q dxa_k dxa_v] [A_q; A_k; A_v] (one product: the three write the same dx).
+    // dxa3 [N, 3 r] is scratch.
+    void qkv_backward(const typename LlamaWeights<T>::Layer& lw, Index l, MatrixView<T> dx, ConstMatrixView<T> dq,
+                      ConstMatrixView<T> dk, ConstMatrixView<T> dv, ConstMatrixView<T> x, T* const* xa, T* dxa3) {
+        if (dx.data) {
+            lw.q.backward_input(dx, dq, true);
+            lw.k.backward_input(dx, dk, true);
+            lw.v.backward_input(dx, dv, true);
+        }
+        if (!has_lora_) return;
+        using P = kernels::GemmProduct<T>;
+        using kernels::Op;
+        const Index r = lora_cfg_.rank, N = x.rows, d = x.cols;
+        const T s = T(lora_cfg_.scale());
+        const LoraViews a = lora_views(l, 0), b = lora_views(l, 1), c = lora_views(l, 2);
+        const MatrixView<T> dxa[3] = {MatrixView<T>(dxa3, N, r, 3 * r), MatrixView<T>(dxa3 + r, N, r, 3 * r),
+                                      MatrixView<T>(dxa3 + 2 * r, N, r, 3 * r)};
+        const auto xv = [&](int p) { return ConstMatrixView<T>(xa[p], N, r); };
+        kernels::gemm_chunked<T>({P{a.dB, dq, Op::trans, xv(0), Op::none, s, T(1)}, P{dxa[0], dq, Op::none, a.B, Op::none, s},
+                                  P{b.dB, dk, Op::trans, xv(1), Op::none, s, T(1)}, P{dxa[1], dk, Op::none, b.B, Op::none, s},
+                                  P{c.dB, dv, Op::trans, xv(2), Op::none, s, T(1)}, P{dxa[2], dv, Op::none, c.B, Op::none, s}});
+        const auto dc = [&](int p) { return ConstMatrixView<T>(dxa[p]); };
+        if (!dx.data) {
+            kernels::gemm_chunked<T>({P{a.dA, dc(0), Op::trans, x, Op::none, T(1), T(1)},
+                                      P{b.dA, dc(1), Op::trans, x, Op::none, T(1), T(1)},
+                                      P{c.dA, dc(2), Op::trans, x, Op::none, T(1), T(1)}});
+            return;
+        }
+        lora_a3_.resize(static_cast<std::size_t>(3 * r * d));
+        for (int p = 0; p < 3; ++p) {
+            const ConstMatrixView<T> A = p == 0 ? a.A : p == 1 ? b.A : c.A;
+            for (Index q = 0; q < r; ++q) std::copy_n(A.row_ptr(q), d, lora_a3_.data() + (p * r + q) * d);
+        }
+        kernels::gemm_chunked<T>({P{a.dA, dc(0), Op::trans, x, Op::none, T(1), T(1)},
+                                  P{b.dA, dc(1), Op::trans, x, Op::none, T(1), T(1)},
+                                  P{c.dA, dc(2), Op::trans, x, Op::none, T(1), T(1)},
+                                  P{dx, ConstMatrixView<T>(dxa3, N, 3 * r), Op::none,
+                                    ConstMatrixView<T>(lora_a3_.data(), 3 * r, d), Op::none, T(1), T(1)}});
     }
 
     std::shared_ptr<const LlamaWeights<T>> w_;
@@ -702,6 +777,7 @@ private:
     AttentionLoraConfig lora_cfg_;
     bool has_lora_ = false;
     std::vector<std::string> prefixes_;
+    comigs::detail::aligned_vector<T> lora_a3_;  // [A_q; A_k; A_v] for qkv_backward
 
     std::vector<int> tokens_, targets_;
     Index B_ = 0, T_ = 0;
