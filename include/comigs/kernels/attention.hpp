@@ -75,17 +75,11 @@ MatrixView<T> attn_view(MatrixView<T> m, Index row0, Index rows, Index col0, Ind
     return {m.row_ptr(row0) + col0, rows, cols, m.stride};
 }
 
-/// C = alpha op(A) op(B) + beta C on the calling thread: inside a parallel region oneDNN's sgemm for
-/// float where comigs has it (its small-shape kernels beat Eigen's packing at [64, 64] x [64, 128]),
-/// else Eigen. Outside one (a single task), Eigen: oneDNN would choose its own threads and split, so
-/// the sums would depend on the thread count.
+/// C = alpha op(A) op(B) + beta C on the calling thread: oneDNN's sgemm for float where comigs has it
+/// (its small-shape kernels beat Eigen's packing at [64, 64] x [64, 128]), else Eigen.
 template <class T>
 void attn_product(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView<T> B, Op opb, T alpha, T beta) {
-    bool team = false;
-#ifdef _OPENMP
-    team = omp_in_parallel() != 0;
-#endif
-    gemm_serial<T>(C, A, opa, B, opb, alpha, beta, team ? Index(0) : std::numeric_limits<Index>::max());
+    gemm_serial<T>(C, A, opa, B, opb, alpha, beta, /*onednn_min=*/0);
 }
 
 /// max of x[0 .. n) (n >= 1), in vectors.
