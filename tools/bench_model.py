@@ -10,7 +10,10 @@ that the load of a shared machine falls on both sides alike:
   3. comigs' thread scaling: model_step/fp32/<shape> and .../one_thread, repetitions interleaved in one
      process;
   4. decode: comigs-bench model_decode/{mixture,lora}/<shape> (one new token, KV cache at context 512),
-     and the reference's --mode decode for context.
+     and the reference's --mode decode for context;
+  5. the floor (GPT-2 only, in the step's process, repetitions interleaved with the steps'):
+     model_floor/{fp32,bf16}/<shape>, the frozen base's GEMMs of one step and nothing else. reference /
+     floor is the best ratio any implementation of the step on these backends could reach.
 Every process runs under /usr/bin/time -v: its maximum resident set size is that side's peak memory
 (weights, activations, work space, allocator and runtime). Prints each figure per round, then the
 medians over rounds against the targets of issue 24.
@@ -32,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OPENBLAS_OMP = "/usr/lib/x86_64-linux-gnu/openblas-openmp"
 TCMALLOC = "libtcmalloc_minimal.so.4"
 SHAPES = ("gpt2_124m", "smollm2_135m")
+FLOOR_SHAPES = ("gpt2_124m",)  # shapes with model_floor cases
 
 
 def cpu_name():
@@ -117,7 +121,8 @@ def main():
     ap.add_argument("--torch-reps", type=int, default=3, help="reference_model.py repetitions per process")
     ap.add_argument("--min-time", default="0.1")
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: fwd, bf16, scaling, decode, torch-decode")
+    ap.add_argument("--skip", default="",
+                    help="comma list of parts to skip: fwd, bf16, floor, scaling, decode, torch-decode")
     ap.add_argument("--torch-wait-policy", default="default", choices=["default", "passive", "active"],
                     help="OMP_WAIT_POLICY of the reference (default: unset, libgomp's spin-then-sleep)")
     ap.add_argument("--comigs-wait-policy", default="passive", choices=["default", "passive", "active"])
@@ -138,6 +143,9 @@ def main():
             load = os.getloadavg()[0]
             ts, trss = run_torch(shape, "step", args)
             cases = f"model_step/fp32/{shape}$" + ("" if "bf16" in skip else f"|model_step/bf16/{shape}$")
+            floor = "floor" not in skip and shape in FLOOR_SHAPES
+            if floor:
+                cases += f"|model_floor/fp32/{shape}$" + ("" if "bf16" in skip else f"|model_floor/bf16/{shape}$")
             res, crss = run_bench(cases, args)
             r[(shape, "torch_step")], r[(shape, "torch_step_rss")] = ts, trss
             r[(shape, "step")] = res[f"model_step/fp32/{shape}"]["seconds"]
@@ -150,6 +158,16 @@ def main():
             print(f"round {rnd + 1} {shape} (load {load:.1f}): step  reference {ts:7.3f} s {mb(trss)} | comigs fp32 "
                   f"{r[(shape, 'step')]:7.3f} s {mb(r[(shape, 'step_rss')])}"
                   + ("" if "bf16" in skip else f" | bf16 {r[(shape, 'step16')]:7.3f} s {mb(r[(shape, 'step16_rss')])}"))
+            if floor:
+                line = f"round {rnd + 1} {shape}: floor (frozen-base GEMMs only)"
+                for prec, key in (("fp32", "floor"), ("bf16", "floor16")):
+                    if f"model_floor/{prec}/{shape}" not in res:
+                        continue
+                    r[(shape, key)] = res[f"model_floor/{prec}/{shape}"]["seconds"]
+                    step = r[(shape, "step" if prec == "fp32" else "step16")]
+                    line += (f" | {prec} {r[(shape, key)]:7.3f} s: step / floor {step / r[(shape, key)]:.2f}, "
+                             f"reference / floor {ts / r[(shape, key)]:.2f}x")
+                print(line)
             if "fwd" not in skip:
                 tf, tfrss = run_torch(shape, "fwd", args)
                 res, cfrss = run_bench(f"model_fwd/fp32/{shape}$", args)
@@ -200,6 +218,14 @@ def main():
         v = med(shape, "ratio16")
         if v is not None:
             target("bf16-base step vs reference", f"{v:.2f}x", ">= 5x", v >= 5.0, f"rounds {each(shape, 'ratio16')}")
+        for key, what in (("floor", "fp32"), ("floor16", "bf16")):
+            for r in rounds:
+                if (shape, key) in r:
+                    r[(shape, key + "_ratio")] = r[(shape, "torch_step")] / r[(shape, key)]
+            v = med(shape, key + "_ratio")
+            if v is not None:
+                target(f"best possible {what} ratio (ref / floor)", f"{v:.2f}x", "(bound)", None,
+                       f"floor {med(shape, key):.3f} s; rounds {each(shape, key + '_ratio')}")
         v = med(shape, "mem")
         target("peak memory of a step vs reference", f"{100 * v:.0f}%", "<= 50%", v <= 0.5,
                f"comigs {mb(med(shape, 'step_rss')).strip()}, reference {mb(med(shape, 'torch_step_rss')).strip()}; "

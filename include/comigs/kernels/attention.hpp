@@ -20,17 +20,17 @@
 //   dq_i += s sum_j dz_ij k_j;   dk_j += s sum_i dz_ij q_i
 // Scores, softmax and sums in T (fp32 for float, as transformers computes them).
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
-#include <Eigen/Core>
-
 #include "../detail/aligned.hpp"
 #include "../error.hpp"
 #include "../view.hpp"
 #include "elementwise.hpp"
+#include "gemm.hpp"
 
 namespace comigs::kernels {
 
@@ -65,21 +65,36 @@ inline Index& attention_block_rows() {
     return rows;
 }
 
+/// rows x cols block of a view starting at (row0, col0).
 template <class T>
-using AttnRowMajor = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <class T>
-using AttnMap = Eigen::Map<AttnRowMajor<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
-template <class T>
-using AttnConstMap = Eigen::Map<const AttnRowMajor<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
-
-/// rows x cols block of a view starting at (row0, col0), as an Eigen map.
-template <class T>
-AttnConstMap<T> attn_block(ConstMatrixView<T> m, Index row0, Index rows, Index col0, Index cols) {
-    return {m.row_ptr(row0) + col0, rows, cols, Eigen::OuterStride<>(m.stride)};
+ConstMatrixView<T> attn_view(ConstMatrixView<T> m, Index row0, Index rows, Index col0, Index cols) {
+    return {m.row_ptr(row0) + col0, rows, cols, m.stride};
 }
 template <class T>
-AttnMap<T> attn_block(MatrixView<T> m, Index row0, Index rows, Index col0, Index cols) {
-    return {m.row_ptr(row0) + col0, rows, cols, Eigen::OuterStride<>(m.stride)};
+MatrixView<T> attn_view(MatrixView<T> m, Index row0, Index rows, Index col0, Index cols) {
+    return {m.row_ptr(row0) + col0, rows, cols, m.stride};
+}
+
+/// C = alpha op(A) op(B) + beta C on the calling thread: oneDNN's sgemm for float where comigs has it
+/// (its small-shape kernels beat Eigen's packing at [64, 64] x [64, 128]), else Eigen.
+template <class T>
+void attn_product(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView<T> B, Op opb, T alpha, T beta) {
+    gemm_serial<T>(C, A, opa, B, opb, alpha, beta, /*onednn_min=*/0);
+}
+
+/// max of x[0 .. n) (n >= 1), in vectors.
+template <class T>
+T attn_row_max(const T* x, Index n) {
+    using Bt = simd::batch<T>;
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    if (n < w) return *std::max_element(x, x + n);
+    Bt m = simd::load(x);
+    Index i = w;
+    for (; i + w <= n; i += w) m = xsimd::max(m, simd::load(x + i));
+    if (i < n) m = xsimd::max(m, simd::load(x + n - w));
+    std::array<T, simd::width<T>> lanes;
+    simd::store(lanes.data(), m);
+    return *std::max_element(lanes.begin(), lanes.end());
 }
 
 /// Shape checks shared by forward and backward.
@@ -125,23 +140,23 @@ void attention_forward(MatrixView<T> out, T* lse, std::type_identity_t<ConstMatr
             const Index blk = task % blocks, bh = task / blocks, b = bh / H, h = bh % H, g = h / G;
             const Index i0 = blk * br, rows = std::min(br, n - i0), kend = past + i0 + rows;
             if (static_cast<Index>(scores.size()) < rows * kend) scores.resize(static_cast<std::size_t>(rows * kend));
-            Eigen::Map<detail::AttnRowMajor<T>> S(scores.data(), rows, kend);
-            const auto Q = detail::attn_block(q, b * n + i0, rows, h * hd, hd);
-            const auto K = detail::attn_block(k, b * L, kend, g * hd, hd);
-            const auto V = detail::attn_block(v, b * L, kend, g * hd, hd);
-            S.noalias() = scale * (Q * K.transpose());
+            const MatrixView<T> S(scores.data(), rows, kend);
+            const auto Q = detail::attn_view(q, b * n + i0, rows, h * hd, hd);
+            const auto K = detail::attn_view(k, b * L, kend, g * hd, hd);
+            const auto V = detail::attn_view(v, b * L, kend, g * hd, hd);
+            detail::attn_product(S, Q, Op::none, K, Op::trans, scale, T(0));
             for (Index r = 0; r < rows; ++r) {
                 T* row = scores.data() + r * kend;
                 const Index valid = past + i0 + r + 1;
-                const T m = *std::max_element(row, row + valid);
+                const T m = detail::attn_row_max(row, valid);
                 const T l = exp_shifted_sum(row, valid, m);
                 const T inv = T(1) / l;
                 for (Index j = 0; j < valid; ++j) row[j] *= inv;
                 std::fill(row + valid, row + kend, T(0));
                 if (lse) lse[bh * n + i0 + r] = m + std::log(l);
             }
-            auto O = detail::attn_block(out, b * n + i0, rows, h * hd, hd);
-            O.noalias() = S * V;
+            detail::attn_product(detail::attn_view(out, b * n + i0, rows, h * hd, hd), ConstMatrixView<T>(S), Op::none,
+                                 V, Op::none, T(1), T(0));
         }
     }
 }
@@ -184,25 +199,30 @@ void attention_backward(MatrixView<T> dq, MatrixView<T> dk, MatrixView<T> dv,
                         pbuf.resize(static_cast<std::size_t>(rows * kend));
                         dpbuf.resize(static_cast<std::size_t>(rows * kend));
                     }
-                    Eigen::Map<detail::AttnRowMajor<T>> P(pbuf.data(), rows, kend), dP(dpbuf.data(), rows, kend);
-                    const auto Q = detail::attn_block(q, b * n + i0, rows, h * hd, hd);
-                    const auto dO = detail::attn_block(dout, b * n + i0, rows, h * hd, hd);
-                    const auto O = detail::attn_block(out, b * n + i0, rows, h * hd, hd);
-                    const auto K = detail::attn_block(k, b * L, kend, g * hd, hd);
-                    const auto V = detail::attn_block(v, b * L, kend, g * hd, hd);
+                    const MatrixView<T> P(pbuf.data(), rows, kend), dP(dpbuf.data(), rows, kend);
+                    const auto Q = detail::attn_view(q, b * n + i0, rows, h * hd, hd);
+                    const auto dO = detail::attn_view(dout, b * n + i0, rows, h * hd, hd);
+                    const auto O = detail::attn_view(out, b * n + i0, rows, h * hd, hd);
+                    const auto K = detail::attn_view(k, b * L, kend, g * hd, hd);
+                    const auto V = detail::attn_view(v, b * L, kend, g * hd, hd);
                     // D_i = dout_i . out_i (= sum_j P_ij dP_ij)
                     dsum.resize(static_cast<std::size_t>(rows));
-                    for (Index r = 0; r < rows; ++r) dsum[static_cast<std::size_t>(r)] = dO.row(r).dot(O.row(r));
-                    P.noalias() = scale * (Q * K.transpose());
+                    for (Index r = 0; r < rows; ++r) {
+                        T D = 0;
+                        const T *dor = dO.row_ptr(r), *orow = O.row_ptr(r);
+                        for (Index c = 0; c < hd; ++c) D += dor[c] * orow[c];
+                        dsum[static_cast<std::size_t>(r)] = D;
+                    }
+                    detail::attn_product(P, Q, Op::none, K, Op::trans, scale, T(0));
                     for (Index r = 0; r < rows; ++r) {
                         T* row = pbuf.data() + r * kend;
                         const Index valid = past + i0 + r + 1;
                         exp_shifted_sum(row, valid, lse_h[i0 + r]);
                         std::fill(row + valid, row + kend, T(0));
                     }
-                    auto dV = detail::attn_block(dv, b * L, kend, g * hd, hd);
-                    dV.noalias() += P.transpose() * dO;
-                    dP.noalias() = dO * V.transpose();
+                    const auto dV = detail::attn_view(dv, b * L, kend, g * hd, hd);
+                    detail::attn_product(dV, ConstMatrixView<T>(P), Op::trans, dO, Op::none, T(1), T(1));
+                    detail::attn_product(dP, dO, Op::none, V, Op::trans, T(1), T(0));
                     // dz = P (dP - D); P = 0 where masked keeps it causal.
                     for (Index r = 0; r < rows; ++r) {
                         T* pr = pbuf.data() + r * kend;
@@ -211,10 +231,10 @@ void attention_backward(MatrixView<T> dq, MatrixView<T> dk, MatrixView<T> dv,
                         const Index valid = past + i0 + r + 1;
                         for (Index j = 0; j < valid; ++j) pr[j] *= dpr[j] - D;
                     }
-                    auto dQ = detail::attn_block(dq, b * n + i0, rows, h * hd, hd);
-                    dQ.noalias() += scale * (P * K);
-                    auto dK = detail::attn_block(dk, b * L, kend, g * hd, hd);
-                    dK.noalias() += scale * (P.transpose() * Q);
+                    detail::attn_product(detail::attn_view(dq, b * n + i0, rows, h * hd, hd), ConstMatrixView<T>(P),
+                                         Op::none, K, Op::none, scale, T(1));
+                    detail::attn_product(detail::attn_view(dk, b * L, kend, g * hd, hd), ConstMatrixView<T>(P),
+                                         Op::trans, Q, Op::none, scale, T(1));
                 }
             }
         }

@@ -19,7 +19,9 @@
 // kernels::gemm (fp32, double) or, for a weight held in bf16 (float only), the bf16 GEMMs with x and
 // the chunk's probabilities rounded to bf16 (accumulation in fp32); hosts pass their frozen linears.
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <concepts>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -79,6 +81,31 @@ void grow(V& v, Index n) {
     if (static_cast<Index>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
 }
 
+/// max_i x[i] over n >= 1 values, in vectors (the tail as an overlapping last vector); the same value
+/// as std::max_element for any finite or infinite inputs (max is exact and order-free).
+template <class T>
+T row_max(const T* x, Index n) {
+    using B = simd::batch<T>;
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    if (n < w) return *std::max_element(x, x + n);
+    B m = simd::load(x);
+    Index i = w;
+    for (; i + w <= n; i += w) m = xsimd::max(m, simd::load(x + i));
+    if (i < n) m = xsimd::max(m, simd::load(x + n - w));
+    std::array<T, simd::width<T>> lanes;
+    simd::store(lanes.data(), m);
+    return *std::max_element(lanes.begin(), lanes.end());
+}
+
+/// Whether a head weight takes the chunk's probabilities in bf16 (probabilities(rows, cols) gives the
+/// [rows, cols] buffer, accumulate_rounded(acc, v0, add) multiplies it): the softmax pass then rounds
+/// each row while it is in cache, instead of the product converting the whole chunk again.
+template <class Weight>
+concept TakesBf16Probabilities = requires(Weight& w, MatrixView<float> acc) {
+    { w.probabilities(Index(1), Index(1)) } -> std::same_as<MatrixView<bf16>>;
+    w.accumulate_rounded(acc, Index(0), true);
+};
+
 }  // namespace detail
 
 /// The head weight W [V, d] as a view (T, or bf16 when T is float), in the form
@@ -123,10 +150,25 @@ public:
         const W* src = w_.row_ptr(v);
         for (Index c = 0; c < w_.cols; ++c) out[c] = T(detail::weight_at(src, c));
     }
+    /// A bf16 weight: the [rows, cols] buffer the softmax pass writes the chunk's probabilities into,
+    /// rounded as gemm_bf16 rounds them (detail::TakesBf16Probabilities), and acc [R, d] (+)= P W_c.
+    MatrixView<bf16> probabilities(Index rows, Index cols)
+        requires std::is_same_v<W, bf16>
+    {
+        detail::grow(pb_, rows * cols);
+        return pview_ = MatrixView<bf16>(pb_.data(), rows, cols);
+    }
+    void accumulate_rounded(MatrixView<T> acc, Index v0, bool add)
+        requires std::is_same_v<W, bf16>
+    {
+        gemm_bf16_from(acc, ConstMatrixView<bf16>(pview_), w_.middle_rows(v0, pview_.cols), Op::none, 1.0f,
+                       add ? 1.0f : 0.0f);
+    }
 
 private:
     ConstMatrixView<W> w_;
-    comigs::detail::aligned_vector<bf16> xb_;
+    comigs::detail::aligned_vector<bf16> xb_, pb_;
+    MatrixView<bf16> pview_{};
     Index xrows_ = 0;
 };
 
@@ -173,22 +215,33 @@ double lm_head_cross_entropy_with(MatrixView<T> dx, T* lse, T* nll, std::type_id
             const MatrixView<T> Z(buf.z.data(), rows, cols);
             weight.logits(Z, xr, v0);
             // Online softmax over this chunk: z -> exp(z - m_new), s and acc rescaled to the new maximum.
+            // A weight that takes bf16 probabilities gets each row rounded here, while it is in cache.
             const bool first = v0 == 0;
+            MatrixView<bf16> Pb;
+            if constexpr (detail::TakesBf16Probabilities<Weight>)
+                if (grad) Pb = weight.probabilities(rows, cols);
 #pragma omp parallel for schedule(static) if (rows * cols >= 65536)
             for (Index r = 0; r < rows; ++r) {
                 T* zr = Z.row_ptr(r);
                 const Index t = targets[r0 + r];
                 if (t >= v0 && t < v0 + cols) zt[r] = zr[t - v0];
-                const T mnew = std::max(m[r], *std::max_element(zr, zr + cols));
+                const T mnew = std::max(m[r], detail::row_max(zr, cols));
                 const T rescale = first ? T(0) : std::exp(m[r] - mnew);
                 s[r] = s[r] * rescale + exp_shifted_sum(zr, cols, mnew);
                 m[r] = mnew;
+                if constexpr (detail::TakesBf16Probabilities<Weight>)
+                    if (Pb.data) convert_to_bf16(Pb.row_ptr(r), zr, cols);
                 if (grad && !first && rescale != T(1)) {
                     T* ar = acc.row_ptr(r);
                     for (Index c = 0; c < d; ++c) ar[c] *= rescale;
                 }
             }
-            if (grad) weight.accumulate(acc, ConstMatrixView<T>(Z), v0, !first);
+            if (grad) {
+                if constexpr (detail::TakesBf16Probabilities<Weight>)
+                    weight.accumulate_rounded(acc, v0, !first);
+                else
+                    weight.accumulate(acc, ConstMatrixView<T>(Z), v0, !first);
+            }
         }
         // Finish the rows: lse, nll, and dx += g (acc / s - W_t).
         T* wt = buf.acc.data() + R * d;

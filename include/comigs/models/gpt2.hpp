@@ -443,11 +443,10 @@ public:
                 layernorm_backward(dres, gl(l, "ln_2.weight"), gl(l, "ln_2.bias"), dln, mat(a.mid, N, d), a.ln2_mean,
                                    a.ln2_rstd, lw.ln2_w.data());
             }
-            eigen(mat(g.datty, N, d)).setZero();
             {
                 profile::Scope scope(profile::Phase::out_proj, profile::Pass::backward);
                 projection_backward(l, "attn.c_proj.", lw.c_proj, mat(g.datty, N, d), dres, mat(a.atty, N, d),
-                                    a.xa_proj, mat(g.dxa, N, r));
+                                    a.xa_proj, mat(g.dxa, N, r), /*overwrite=*/true);
             }
             eigen(mat(g.dqkv, N, 3 * d)).setZero();
             {
@@ -460,11 +459,11 @@ public:
             }
             // Below block 0's attention only the embeddings remain: frozen, they need no input gradient.
             const bool need_dx = base || l > 0;
-            if (need_dx) eigen(dln).setZero();
             {
                 profile::Scope scope(profile::Phase::qkv, profile::Pass::backward);
                 projection_backward(l, "attn.c_attn.", lw.c_attn, need_dx ? dln : MatrixView<T>(),
-                                    mat(g.dqkv, N, 3 * d), mat(a.ln1, N, d), a.xa_attn, mat(g.dxa, N, r));
+                                    mat(g.dqkv, N, 3 * d), mat(a.ln1, N, d), a.xa_attn, mat(g.dxa, N, r),
+                                    /*overwrite=*/true);
             }
             if (need_dx) {
                 profile::Scope scope(profile::Phase::norm, profile::Pass::backward);
@@ -499,7 +498,7 @@ public:
     Index cached_tokens() const override { return cached_; }
 
     std::span<const T> decode(std::span<const int> tokens) override {
-        const Index n = static_cast<Index>(tokens.size()), d = cfg_.d_model, V = cfg_.vocab, r = lora_rank(),
+        const Index n = static_cast<Index>(tokens.size()), d = cfg_.d_model, V = cfg_.vocab,
                     p0 = cached_;
         require(cache_cap_ > 0, "decode: call reset_cache(capacity) first");
         require(n >= 1, "decode: needs at least one token");
@@ -514,7 +513,7 @@ public:
         grow(b.qkv, n * 3 * d);
         grow(b.att, n * d);
         grow(b.mid, n * d);
-        grow(b.xa, n * std::max<Index>(r, 1));
+        grow(b.xa, n * xa_cols());
         grow(b.logits, V);
         grow(b.mean, 2 * n);
         const auto x = mat(b.x.data(), n, d), ln = mat(b.ln.data(), n, d), mid = mat(b.mid.data(), n, d),
@@ -687,7 +686,7 @@ private:
 
     Index carve_acts(T* base) {
         Carver c{base};
-        const Index N = B_ * T_, d = cfg_.d_model, r = lora_rank(), L = cfg_.n_layer;
+        const Index N = B_ * T_, d = cfg_.d_model, L = cfg_.n_layer;
         // Training keeps every block's activations; inference reuses one block's (and one residual).
         const Index blocks = training_ ? L : 1;
         a_.res.resize(static_cast<std::size_t>(L) + 1);
@@ -710,8 +709,8 @@ private:
             a.ln2 = c.take(N * d);
             a.ln2_mean = c.take(N);
             a.ln2_rstd = c.take(N);
-            a.xa_attn = c.take(N * r);
-            a.xa_proj = c.take(N * r);
+            a.xa_attn = c.take(N * xa_cols());
+            a.xa_proj = c.take(N * xa_cols());
         }
         for (Index l = blocks; l < L; ++l) a_.layer[static_cast<std::size_t>(l)] = a_.layer[0];
         a_.lnf = c.take(N * d);
@@ -777,24 +776,125 @@ private:
         }
     }
 
-    // y = x W^T + b (+ s (x A^T) B^T with LoRA); `name` is "attn.c_attn." or "attn.c_proj.".
+    /// Columns a projection's saved LoRA input takes per row: xa = x A^T (r) and a column of ones (the
+    /// fused path's bias term).
+    Index xa_cols() const { return has_lora_ ? lora_cfg_.rank + 1 : 1; }
+    /// Whether projections take the fused path: a frozen base with LoRA. (A trainable model keeps the
+    /// layers.hpp products its pretraining results were computed with.)
+    bool fused_projections() const { return has_lora_ && mode_ == TrainMode::frozen_base; }
+
+    // y = x W^T + b (+ s (x A^T) B^T with LoRA); `name` is "attn.c_attn." or "attn.c_proj.". xa [N,
+    // xa_cols()] receives x A^T (and the fused path's ones).
+    //
+    // Fused path (frozen base with LoRA), two parallel regions instead of a GEMM, a bias pass and two
+    // serial LoRA products:
+    //   xa = x A^T                                  (small product, chunks of rows; xa[:, r] = 1)
+    //   y  = x W^T + [xa | 1] [s B | b]^T           (the base GEMM, then the rank-(r+1) update on
+    //                                                each thread's rows, while they are in cache)
     void projection_forward(Index l, const std::string& name, const FrozenLinear<T>& W, MatrixView<T> y,
                             ConstMatrixView<T> x, T* xa) {
-        linear_fwd(W, y, x);
-        if (has_lora_) {
-            const std::string pre = layer_name(l, name);
-            lora_forward(y, mat(xa, x.rows, lora_cfg_.rank), x, std::as_const(*lora_).view(pre + "lora_A"),
-                         std::as_const(*lora_).view(pre + "lora_B"), T(lora_cfg_.scale()));
+        if (!fused_projections()) {
+            linear_fwd(W, y, x);
+            if (has_lora_) {
+                const std::string pre = layer_name(l, name);
+                lora_forward(y, MatrixView<T>(xa, x.rows, lora_cfg_.rank, xa_cols()), x,
+                             std::as_const(*lora_).view(pre + "lora_A"), std::as_const(*lora_).view(pre + "lora_B"),
+                             T(lora_cfg_.scale()));
+            }
+            return;
+        }
+        using Prod = kernels::GemmProduct<T>;
+        const std::string pre = layer_name(l, name);
+        const auto A = std::as_const(*lora_).view(pre + "lora_A"), Bl = std::as_const(*lora_).view(pre + "lora_B");
+        const Index N = x.rows, r = lora_cfg_.rank, out = y.cols, kc = r + (W.bias.empty() ? 0 : 1);
+        const T s = T(lora_cfg_.scale());
+        if (static_cast<Index>(proj_bb_.size()) < out * kc) proj_bb_.resize(static_cast<std::size_t>(out * kc));
+        const MatrixView<T> Bb(proj_bb_.data(), out, kc);  // [s B | b]
+        for (Index o = 0; o < out; ++o) {
+            for (Index q = 0; q < r; ++q) Bb(o, q) = s * Bl(o, q);
+            if (kc > r) Bb(o, r) = W.bias[static_cast<std::size_t>(o)];
+        }
+        const Index xc = xa_cols(), in = x.cols;
+        const Prod update{y, ConstMatrixView<T>(xa, N, kc, xc), kernels::Op::none, ConstMatrixView<T>(Bb),
+                          kernels::Op::trans, T(1), T(1)};
+        const Prod lora_in{MatrixView<T>(xa, N, r, xc), x, kernels::Op::none, A, kernels::Op::trans};
+        FrozenLinear<T> w = W;
+        w.bias = {};
+        if constexpr (std::is_same_v<T, float>) {
+            if (w.is_bf16() && !w.fp32_compute) {  // x rounded to bf16 beside the small product
+                kernels::bf16* xb = bf16_scratch(N * in);
+                kernels::gemm_chunked_and<T>({lora_in}, N, N * in, [&](Index i) {
+                    xa[i * xc + r] = T(1);
+                    kernels::convert_to_bf16(xb + i * in, x.row_ptr(i), in);
+                });
+                w.forward(y, ConstMatrixView<kernels::bf16>(xb, N, in));
+                kernels::gemm_chunked<T>({update});
+                return;
+            }
+        }
+        kernels::gemm_chunked_and<T>({lora_in}, N, N, [&](Index i) { xa[i * xc + r] = T(1); });
+        if (w.is_plain()) {
+            kernels::gemm_with<T>(Prod{y, x, kernels::Op::none, w.weight, kernels::Op::trans}, {update}, {}, 0, 0,
+                                  [](Index) {});
+        } else {
+            w.forward(y, x);
+            kernels::gemm_chunked<T>({update});
         }
     }
+    // dx (+)= dL/dx of projection_forward (dx may be empty: no input gradient), and the LoRA gradients;
+    // `overwrite`: dx is written, not accumulated into. dxa [N, r] is scratch. Fused path (frozen base
+    // with LoRA):
+    //   dB += s dy^T xa,  dxa = s dy B              (one region of small products)
+    //   dx (+)= dy W + dxa A,  dA += dxa^T x        (the base GEMM, then the rank-r update on each
+    //                                                thread's rows; dA on the threads done first)
     void projection_backward(Index l, const std::string& name, const FrozenLinear<T>& W, MatrixView<T> dx,
-                             ConstMatrixView<T> dy, ConstMatrixView<T> x, const T* xa, MatrixView<T> dxa) {
+                             ConstMatrixView<T> dy, ConstMatrixView<T> x, const T* xa, MatrixView<T> dxa,
+                             bool overwrite) {
         const std::string pre = layer_name(l, name);
-        linear_bwd(W, dx, G(pre + "weight"), G(pre + "bias").data, dy, x);
-        if (has_lora_)
-            lora_backward(dx, lora_grads_->view(pre + "lora_A"), lora_grads_->view(pre + "lora_B"), dxa, dy, x,
-                          ConstMatrixView<T>(xa, x.rows, lora_cfg_.rank), std::as_const(*lora_).view(pre + "lora_A"),
-                          std::as_const(*lora_).view(pre + "lora_B"), T(lora_cfg_.scale()));
+        const Index r = lora_rank();
+        const ConstMatrixView<T> xav(xa, x.rows, r, xa_cols());
+        if (!fused_projections()) {
+            if (overwrite && dx.data) eigen(dx).setZero();
+            linear_bwd(W, dx, G(pre + "weight"), G(pre + "bias").data, dy, x);
+            if (has_lora_)
+                lora_backward(dx, lora_grads_->view(pre + "lora_A"), lora_grads_->view(pre + "lora_B"), dxa, dy, x,
+                              xav, std::as_const(*lora_).view(pre + "lora_A"),
+                              std::as_const(*lora_).view(pre + "lora_B"), T(lora_cfg_.scale()));
+            return;
+        }
+        using Prod = kernels::GemmProduct<T>;
+        const auto A = std::as_const(*lora_).view(pre + "lora_A"), Bl = std::as_const(*lora_).view(pre + "lora_B");
+        const auto dA = lora_grads_->view(pre + "lora_A"), dB = lora_grads_->view(pre + "lora_B");
+        const T s = T(lora_cfg_.scale());
+        const Prod grad_b{dB, dy, kernels::Op::trans, xav, kernels::Op::none, s, T(1)},
+            lora_dy{dxa, dy, kernels::Op::none, Bl, kernels::Op::none, s, T(0)};
+        const Prod grad_a{dA, ConstMatrixView<T>(dxa), kernels::Op::trans, x, kernels::Op::none, T(1), T(1)};
+        const Prod update{dx, ConstMatrixView<T>(dxa), kernels::Op::none, A, kernels::Op::none, T(1), T(1)};
+        if constexpr (std::is_same_v<T, float>) {
+            if (dx.data && W.is_bf16() && !W.fp32_compute) {  // dy rounded to bf16 beside the small products
+                const Index N = dy.rows, out = dy.cols;
+                kernels::bf16* dyb = bf16_scratch(N * out);
+                kernels::gemm_chunked_and<T>({grad_b, lora_dy}, N, N * out, [&](Index i) {
+                    kernels::convert_to_bf16(dyb + i * out, dy.row_ptr(i), out);
+                });
+                W.backward_input(dx, ConstMatrixView<kernels::bf16>(dyb, N, out), !overwrite);
+                kernels::gemm_chunked<T>({update, grad_a});
+                return;
+            }
+        }
+        kernels::gemm_chunked<T>({grad_b, lora_dy});
+        if (!dx.data) {
+            kernels::gemm_chunked<T>({grad_a});
+            return;
+        }
+        if (W.is_plain()) {
+            kernels::gemm_with<T>(Prod{dx, dy, kernels::Op::none, W.weight, kernels::Op::none, T(1),
+                                       overwrite ? T(0) : T(1)},
+                                  {update}, {grad_a}, 0, 0, [](Index) {});
+        } else {
+            W.backward_input(dx, dy, !overwrite);
+            kernels::gemm_chunked<T>({update, grad_a});
+        }
     }
 
     Gpt2Config cfg_;
@@ -813,6 +913,12 @@ private:
     bool head_fused_ = false;  ///< the last forward ran the fused head (frozen base, training, targets)
     T ce_ = 0, aux_ = 0;
     comigs::detail::aligned_vector<T> acts_buf_, grad_buf_;
+    comigs::detail::aligned_vector<T> proj_bb_;  // [s B | b] of the projection being run (fused path)
+    comigs::detail::aligned_vector<kernels::bf16> proj_bf16_;  // its input or output gradient in bf16
+    kernels::bf16* bf16_scratch(Index n) {
+        if (static_cast<Index>(proj_bf16_.size()) < n) proj_bf16_.resize(static_cast<std::size_t>(n));
+        return proj_bf16_.data();
+    }
     Acts a_;
     GradActs g_{};
 
