@@ -626,6 +626,24 @@ TEST_CASE_TEMPLATE("simd::exp: saturates like std::exp far outside the range, ke
     CHECK(std::isnan(o[6]));
 }
 
+TEST_CASE_TEMPLATE("kernels::max_of: std::max_element's value on every length, offset and position, infinities", T, float,
+                   double) {
+    std::vector<T> x(80);
+    for (Index n = 1; n <= 70; ++n) {
+        for (Index off : {Index(0), Index(3)}) {
+            for (Index at = 0; at < n; at += (n > 20 ? 7 : 1)) {
+                for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<T>(-1000.0 + 0.5 * static_cast<double>(i % 13));
+                x[static_cast<std::size_t>(off + at)] = static_cast<T>(7.25);
+                REQUIRE(kernels::max_of(x.data() + off, n) == *std::max_element(x.begin() + off, x.begin() + off + n));
+                x[static_cast<std::size_t>(off + at)] = std::numeric_limits<T>::infinity();
+                CHECK(kernels::max_of(x.data() + off, n) == std::numeric_limits<T>::infinity());
+            }
+            std::fill(x.begin(), x.end(), -std::numeric_limits<T>::infinity());
+            CHECK(kernels::max_of(x.data() + off, n) == -std::numeric_limits<T>::infinity());
+        }
+    }
+}
+
 TEST_CASE("elementwise kernels: results identical whatever the chunk size and thread count") {
     Rng rng(6);
     const Index n = 200003;

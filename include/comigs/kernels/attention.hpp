@@ -20,7 +20,6 @@
 //   dq_i += s sum_j dz_ij k_j;   dk_j += s sum_i dz_ij q_i
 // Scores, softmax and sums in T (fp32 for float, as transformers computes them).
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -82,21 +81,6 @@ void attn_product(MatrixView<T> C, ConstMatrixView<T> A, Op opa, ConstMatrixView
     gemm_serial<T>(C, A, opa, B, opb, alpha, beta, /*onednn_min=*/0);
 }
 
-/// max of x[0 .. n) (n >= 1), in vectors.
-template <class T>
-T attn_row_max(const T* x, Index n) {
-    using Bt = simd::batch<T>;
-    constexpr Index w = static_cast<Index>(simd::width<T>);
-    if (n < w) return *std::max_element(x, x + n);
-    Bt m = simd::load(x);
-    Index i = w;
-    for (; i + w <= n; i += w) m = xsimd::max(m, simd::load(x + i));
-    if (i < n) m = xsimd::max(m, simd::load(x + n - w));
-    std::array<T, simd::width<T>> lanes;
-    simd::store(lanes.data(), m);
-    return *std::max_element(lanes.begin(), lanes.end());
-}
-
 /// Shape checks shared by forward and backward.
 template <class T>
 void check_attention_views(const AttentionShape& s, const char* what, ConstMatrixView<T> q, ConstMatrixView<T> k,
@@ -148,7 +132,7 @@ void attention_forward(MatrixView<T> out, T* lse, std::type_identity_t<ConstMatr
             for (Index r = 0; r < rows; ++r) {
                 T* row = scores.data() + r * kend;
                 const Index valid = past + i0 + r + 1;
-                const T m = detail::attn_row_max(row, valid);
+                const T m = max_of(row, valid);
                 const T l = exp_shifted_sum(row, valid, m);
                 const T inv = T(1) / l;
                 for (Index j = 0; j < valid; ++j) row[j] *= inv;

@@ -19,7 +19,6 @@
 // kernels::gemm (fp32, double) or, for a weight held in bf16 (float only), the bf16 GEMMs with x and
 // the chunk's probabilities rounded to bf16 (accumulation in fp32); hosts pass their frozen linears.
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <concepts>
 #include <limits>
@@ -79,22 +78,6 @@ HeadLossBuffers<T>& head_loss_buffers() {
 template <class V>
 void grow(V& v, Index n) {
     if (static_cast<Index>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
-}
-
-/// max_i x[i] over n >= 1 values, in vectors (the tail as an overlapping last vector); the same value
-/// as std::max_element for any finite or infinite inputs (max is exact and order-free).
-template <class T>
-T row_max(const T* x, Index n) {
-    using B = simd::batch<T>;
-    constexpr Index w = static_cast<Index>(simd::width<T>);
-    if (n < w) return *std::max_element(x, x + n);
-    B m = simd::load(x);
-    Index i = w;
-    for (; i + w <= n; i += w) m = xsimd::max(m, simd::load(x + i));
-    if (i < n) m = xsimd::max(m, simd::load(x + n - w));
-    std::array<T, simd::width<T>> lanes;
-    simd::store(lanes.data(), m);
-    return *std::max_element(lanes.begin(), lanes.end());
 }
 
 /// Whether a head weight takes the chunk's probabilities in bf16 (probabilities(rows, cols) gives the
@@ -225,7 +208,7 @@ double lm_head_cross_entropy_with(MatrixView<T> dx, T* lse, T* nll, std::type_id
                 T* zr = Z.row_ptr(r);
                 const Index t = targets[r0 + r];
                 if (t >= v0 && t < v0 + cols) zt[r] = zr[t - v0];
-                const T mnew = std::max(m[r], detail::row_max(zr, cols));
+                const T mnew = std::max(m[r], max_of(zr, cols));
                 const T rescale = first ? T(0) : std::exp(m[r] - mnew);
                 s[r] = s[r] * rescale + exp_shifted_sum(zr, cols, mnew);
                 m[r] = mnew;

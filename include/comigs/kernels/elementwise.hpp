@@ -158,6 +158,22 @@ inline void scale_copy(T* y, T a, const T* x, Index n) {
     for (; i < n; ++i) y[i] = a * x[i];
 }
 
+/// max_i x[i] over n >= 1 values, in vectors (the tail as an overlapping last vector): the same value as
+/// std::max_element for any finite or infinite inputs (max is exact and order-free). The softmax passes
+/// of attention and the LM head's cross-entropy start from it.
+template <class T>
+inline T max_of(const T* x, Index n) {
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    if (n < w) return *std::max_element(x, x + n);
+    simd::batch<T> m = simd::load(x);
+    Index i = w;
+    for (; i + w <= n; i += w) m = xsimd::max(m, simd::load(x + i));
+    if (i < n) m = xsimd::max(m, simd::load(x + n - w));
+    std::array<T, simd::width<T>> lanes;
+    simd::store(lanes.data(), m);
+    return *std::max_element(lanes.begin(), lanes.end());
+}
+
 /// sum_i x[i] y[i], accumulated in T lanes then summed (fixed order: deterministic).
 template <class T>
 inline T dot(const T* x, const T* y, Index n) {
