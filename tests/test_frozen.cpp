@@ -115,12 +115,20 @@ TEST_CASE("FrozenMlp precision: bf16 -> q4_0 -> q8_0 conversions, loading blocks
     std::vector<float> from_bf16(64 * 32);
     const auto wb = mlp.bf16_weight("fc.weight");
     for (Index r = 0; r < 64; ++r) kernels::convert_to_float(from_bf16.data() + r * 32, wb.row_ptr(r), 32);
+    std::vector<float> read(32);
+    mlp.linear("fc").row_as_float(5, read.data());  // a frozen weight's values read back: exact widening
+    CHECK(std::equal(read.begin(), read.end(), from_bf16.begin() + 5 * 32));
     mlp.set_precision(Precision::q4_0);  // from the bf16 values
     std::vector<std::byte> expect(kernels::quant_row_bytes(kernels::QuantType::q4_0, 32) * 64);
     for (Index r = 0; r < 64; ++r)
         kernels::quantize_row(expect.data() + r * 18, kernels::QuantType::q4_0, from_bf16.data() + r * 32, 32);
     const auto q = mlp.quant_weight("fc.weight");
     CHECK(std::memcmp(q.data, expect.data(), expect.size()) == 0);
+    std::vector<float> deq(32);
+    kernels::dequantize_row(deq.data(), q.type, q.row_ptr(7), 32);
+    mlp.linear("fc").row_as_float(7, read.data());
+    CHECK(read == deq);
+    CHECK(read != std::vector<float>(from_bf16.begin() + 7 * 32, from_bf16.begin() + 8 * 32));  // really Q4_0
     CHECK(mlp.linear("proj").bias.size() == 32);
     // Loading blocks that come already quantized (a GGUF file): written in place.
     auto bytes = mlp.quant_weight_bytes("proj.weight");

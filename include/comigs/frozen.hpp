@@ -47,6 +47,21 @@ struct FrozenLinear {
         return is_bf16() ? weight_bf16.rows : is_quantized() ? weight_quant.rows : weight.rows;
     }
 
+    /// out[in] = row i of W as float: exact for bf16 and quantized storage (widened / dequantized),
+    /// rounded to float from a double matrix. The one way to read a frozen weight's values back
+    /// (changing a base's precision converts from these).
+    void row_as_float(Index i, float* out) const {
+        const Index cols = in_features();
+        if (is_quantized()) {
+            kernels::dequantize_row(out, weight_quant.type, weight_quant.row_ptr(i), cols);
+        } else if (is_bf16()) {
+            kernels::convert_to_float(out, weight_bf16.row_ptr(i), cols);
+        } else {
+            const T* src = weight.row_ptr(i);
+            for (Index j = 0; j < cols; ++j) out[j] = static_cast<float>(src[j]);
+        }
+    }
+
     /// y[N, out] = x[N, in] W^T + b (overwrites y, or adds to it when `accumulate`).
     void forward(MatrixView<T> y, ConstMatrixView<T> x, bool accumulate = false) const {
         const T beta = accumulate ? T(1) : T(0);
@@ -271,8 +286,9 @@ public:
         std::vector<float> row;
         for (const auto& m : mats) {
             row.resize(static_cast<std::size_t>(m.cols));
+            const FrozenLinear<T> source = linear(m.name.substr(0, m.name.size() - 7));  // drop ".weight"
             for (Index i = 0; i < m.rows; ++i) {
-                read_row(m.name, i, row.data());
+                source.row_as_float(i, row.data());
                 if (p == Precision::fp32) {
                     T* dst = next.view(m.name).row_ptr(i);
                     for (Index j = 0; j < m.cols; ++j) dst[j] = static_cast<T>(row[static_cast<std::size_t>(j)]);
@@ -389,20 +405,6 @@ private:
     };
 
     /// Row i of matrix `name` in the current precision, as floats (the values the products use).
-    void read_row(const std::string& name, Index i, float* out) const {
-        if (precision_ == Precision::fp32) {
-            const T* src = weights_.view(name).row_ptr(i);
-            const Index cols = weights_.view(name).cols;
-            for (Index j = 0; j < cols; ++j) out[j] = static_cast<float>(src[j]);
-        } else if (precision_ == Precision::bf16) {
-            const auto w = bf16_weight(name);
-            kernels::convert_to_float(out, w.row_ptr(i), w.cols);
-        } else {
-            const auto w = quant_weight(name);
-            kernels::dequantize_row(out, w.type, w.row_ptr(i), w.cols);
-        }
-    }
-
     MlpForm form_;
     Index d_, h_;
     Precision precision_ = Precision::fp32;

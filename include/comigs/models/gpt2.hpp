@@ -169,13 +169,7 @@ std::shared_ptr<const Gpt2Weights<T>> quantized_gpt2_weights(std::shared_ptr<con
         auto& buf = owner->blocks.emplace_back(static_cast<std::size_t>(rows) * rb);
         std::vector<float> row(static_cast<std::size_t>(cols));
         for (Index i = 0; i < rows; ++i) {
-            if (f.is_quantized()) {
-                kernels::dequantize_row(row.data(), f.weight_quant.type, f.weight_quant.row_ptr(i), cols);
-            } else if (f.is_bf16()) {
-                kernels::convert_to_float(row.data(), f.weight_bf16.row_ptr(i), cols);
-            } else {
-                for (Index j = 0; j < cols; ++j) row[static_cast<std::size_t>(j)] = static_cast<float>(f.weight(i, j));
-            }
+            f.row_as_float(i, row.data());
             try {
                 kernels::quantize_row(buf.data() + static_cast<std::size_t>(i) * rb, q, row.data(), cols);
             } catch (const NumericError& e) {
