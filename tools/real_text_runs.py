@@ -177,6 +177,26 @@ def runs_of(plan):
         for name, flags in variants.items():
             for r, s in itertools.product(["ml-all", "dom-all", "emb-h0", "emb-h0.9"], TUNING_SEEDS):
                 out.append((r, name, s, "comigs-1g1s", REFERENCE + flags))
+    elif plan == "fedgap3":  # the specialist's cost at h = 0: the balancing loss's pull to 1/2, and earlier router phases
+        for r, s in itertools.product(["emb-h0", "ml-6000", "dom-6000"], TUNING_SEEDS):
+            out.append((r, "lb0", s, "comigs-1g1s", REFERENCE + ["--lb-weight", "0"]))
+        for r, s in itertools.product(["ml-6000", "dom-6000"], TUNING_SEEDS):  # emb-h0: the phase plan's before10
+            out.append((r, "before10", s, "comigs-1g1s", REFERENCE + ["--router-every", "10", "--router-phase", "before"]))
+    elif plan == "valshare-scarce":  # --val-tokens 50% where it changes the scarce sizes: 3000 -> 1500, 12000 -> 6000
+        for r, s in itertools.product(["ml-3000", "ml-12000", "dom-3000", "dom-12000"], TUNING_SEEDS):
+            for name, v in (("", []), ("-val50pct", ["--val-tokens", "50%"])):
+                out.append((r, "reference" + name, s, "comigs-1g1s", REFERENCE + v))
+                out.append((r, "local-lr3e-3" + name, s, "local", lr_flags("3e-3") + v))
+    elif plan == "fedgap2":  # where the gap to FedAvg comes from: its two-expert average, or CoMiGS' specialist?
+        for r, s in itertools.product(["emb-h0", "ml-6000", "dom-6000"], TUNING_SEEDS):
+            # FedAvg with one rank-8 expert (gate 1): CoMiGS' generalist alone, trained as FedAvg trains it.
+            out.append((r, "fedavg-1expert", s, "fedavg", lr_flags("1e-2") + ["--experts", "1,1,1,1"]))
+            # Two generalists and a router (no specialist): the router's gates without a local expert.
+            out.append((r, "comigs-2g", s, "comigs-2g", REFERENCE))
+        # The report runs use --keep-best: FedAvg's kept model of a round before the last is its model right
+        # after that round's local steps (FedAvg fine-tuned locally). Does that flip the ranking at 6000 tokens?
+        for r, s in itertools.product(["ml-6000", "dom-6000"], TUNING_SEEDS):
+            out.append((r, "keepbest", s, "fedavg,comigs-1g1s", REFERENCE + ["--keep-best"]))
     elif plan == "valshare":  # a validation set that is a share of each user's training text (--val-tokens 50%)
         # All of a text: 50% gives validation a third of what test and dev leave (~390k tokens a user).
         v50 = ["--val-tokens", "50%"]
