@@ -236,6 +236,31 @@ def table_valshare(runs, split="dev"):
         print("\n6000 training tokens, 3000 validation tokens against 50%: " + "; ".join(same) + ".")
 
 
+def table_valshare_scarce(runs, split="dev"):
+    """--val-tokens 50% at 3000 and 12000 training tokens (1500 and 6000 validation tokens) against 3000
+    validation tokens: CoMiGS-1G1S against Local (lr 3e-3) at the same split sizes."""
+    vs = runs.get("valshare-scarce", {})
+    if not vs:
+        return
+    print(f"\n### Validation as a share of scarce training text ({split} split, tuning seeds)\n")
+    print("| regime | Local (val 3000) | CoMiGS (val 3000) | vs Local | Local (val 50%) | CoMiGS (val 50%) | vs Local "
+          "| change | generalist weight (3000 / 50%) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for regime in sorted(vs, key=regime_key):
+        v = vs[regime]
+        l3, c3, l5, c5 = (v.get(k, {}) for k in ("local-lr3e-3", "reference", "local-lr3e-3-val50pct", "reference-val50pct"))
+        seeds = sorted(set(l3) & set(c3) & set(l5) & set(c5))
+        if not seeds:
+            continue
+        m = lambda r, meth: [metric(r[s], meth, split) for s in seeds]
+        d3 = statistics.mean(pct(c, l) for c, l in zip(m(c3, "comigs-1g1s"), m(l3, "local")))
+        d5 = statistics.mean(pct(c, l) for c, l in zip(m(c5, "comigs-1g1s"), m(l5, "local")))
+        g = lambda r: statistics.mean(r[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
+        n5 = c5[seeds[0]]["config"]["validation_tokens"][0]
+        print(f"| {regime} | {fmt(m(l3, 'local'))} | {fmt(m(c3, 'comigs-1g1s'))} | {d3:+.1f}% | {fmt(m(l5, 'local'))} | "
+              f"{fmt(m(c5, 'comigs-1g1s'))} ({n5}) | {d5:+.1f}% | {d5 - d3:+.1f} points | {g(c3):.2f} / {g(c5):.2f} |")
+
+
 def table_fedgap(runs, split="dev"):
     """Where FedAvg wins: CoMiGS-1G1S and its variants (fedgap), FedAvg with one expert and CoMiGS-2G
     (fedgap2) against FedAvg (2 experts, lr 1e-2) of the baselines plan; per-seed relative difference."""
@@ -463,6 +488,7 @@ def main():
             table_final_val30000(runs)
         elif plan == "valshare":
             table_valshare(runs)
+            table_valshare_scarce(runs)
         elif plan in ("fedgap", "fedgap2"):
             if plan == "fedgap" or "fedgap" not in plans:
                 table_fedgap(runs)
