@@ -280,7 +280,8 @@ TEST_CASE("comigs-demo command line: --quick is a base configuration the other f
     const comigs_test::TempDir tmp("comigs-test-demo-cli");
     const std::string out = tmp.path().string();
     std::vector<std::string> args{"comigs-demo", "--users", "2",       "--quick",   "--top-k", "1",  "--methods",
-                                  "local",       "--quiet", "--threads", "1",       "--out",   out};
+                                  "local",       "--quiet", "--threads", "1",       "--out",   out,
+                                  "--train-tokens", "1500,2000", "--val-tokens", "50%"};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     REQUIRE(comigs::demo::demo_main(static_cast<int>(argv.size()), argv.data()) == 0);
@@ -288,8 +289,18 @@ TEST_CASE("comigs-demo command line: --quick is a base configuration the other f
     CHECK(j["config"]["users"].get<int>() == 2);  // given before --quick: still wins
     CHECK(j["config"]["top_k"].get<int>() == 1);
     CHECK(j["config"]["host"]["d_model"].get<int>() == 32);  // from --quick
-    CHECK(j["config"]["train_tokens"] == nlohmann::json::array({1500, 1500}));
+    CHECK(j["config"]["train_tokens"] == nlohmann::json::array({1500, 2000}));
+    CHECK(j["config"]["validation_tokens"] == nlohmann::json::array({750, 1000}));  // 50% of each user's training
+    CHECK(j["config"]["validation_share"].get<double>() == 0.5);
     CHECK(j["methods"].contains("local"));
+
+    for (const char* share : {"0%", "-5%", "abc%", "50%%", "%"}) {
+        std::vector<std::string> bad_share{"comigs-demo", "--quick", "--val-tokens", share, "--quiet", "--out", out};
+        std::vector<char*> bad_share_argv;
+        for (auto& a : bad_share) bad_share_argv.push_back(a.data());
+        CHECK_MESSAGE(comigs::demo::demo_main(static_cast<int>(bad_share_argv.size()), bad_share_argv.data()) == 1,
+                      share);
+    }
 
     std::vector<std::string> bad{"comigs-demo", "--quick", "--users", "0", "--quiet", "--out", out};
     std::vector<char*> bad_argv;

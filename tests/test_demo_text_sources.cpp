@@ -62,6 +62,14 @@ TEST_CASE("text sources: package files from dpkg's list, filtered, sorted, extra
     fake_package(root, "libc6-dev:amd64", {{"/usr/include/stdio.h", "int printf(const char*, ...);\n"},
                                            {"/usr/include/readme.txt", "not a header"}});
     CHECK(source_text(root, missing) == "int printf(const char*, ...);\n");
+    // A foreign architecture's list beside it (a cross-build's libc6-dev:arm64) changes nothing: the
+    // native one is read (dpkg's arch file), and without that file the first in name order.
+    fake_package(root, "libc6-dev:arm64", {{"/usr/include/aarch64.h", "int arm;\n"}});
+    fake_package(root, "libc6-dev:zz", {{"/usr/include/zz.h", "int zz;\n"}});
+    CHECK(source_text(root, missing) == "int printf(const char*, ...);\n");
+    std::ofstream(root / "var/lib/dpkg/arch") << "arm64\namd64\n";
+    CHECK(source_text(root, missing) == "int arm;\n");
+    fs::remove(root / "var/lib/dpkg/arch");
     // Filters: excluded paths and names with an extension.
     fake_package(root, "fortunes", {{"/usr/share/games/fortunes/wisdom", "Be kind.\n%\n"},
                                     {"/usr/share/games/fortunes/wisdom.dat", "binary"},

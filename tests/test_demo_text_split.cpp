@@ -5,6 +5,7 @@
 #include <demo/text_split.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <set>
 #include <string>
@@ -154,4 +155,33 @@ TEST_CASE("text split: bad sizes are clear errors") {
     // No held-out split at all: everything is training text.
     const auto sp = split_text("all.txt", text, SplitSizes{-1, 0, 0, 0, 8});
     CHECK(sp.train.size() == 800);
+}
+
+TEST_CASE("text split: a validation set that is a share of the training text (--val-tokens P%)") {
+    using comigs::demo::validation_for_share;
+    // A given training size: round(share x train); 6000 tokens at 50% keep the old default of 3000.
+    CHECK(validation_for_share(0.5, 6000, 0, 0, 0) == 3000);
+    CHECK(validation_for_share(0.25, 1001, 0, 0, 0) == 250);
+    CHECK(validation_for_share(1.5, 1000, 99999, 7, 7) == 1500);  // the text's size does not matter then
+    // All of a text: validation and training share what test and dev leave, 1 : 1/share.
+    CHECK(validation_for_share(0.5, -1, 12000, 1500, 1500) == 3000);
+    CHECK(validation_for_share(0.5, -1, 100, 80, 40) == 0);  // nothing left
+    CHECK_THROWS_AS(validation_for_share(0.0, 100, 0, 0, 0), comigs::InvalidArgument);
+    CHECK_THROWS_AS(validation_for_share(-0.5, 100, 0, 0, 0), comigs::InvalidArgument);
+
+    // Split with it: the validation set is half the training text, up to the chunks' rounding.
+    const Index N = 1000, C = 8;
+    const std::string text = numbered_text(N);
+    for (double share : {0.5, 0.1, 2.0}) {
+        SplitSizes z;
+        z.chunk = C;
+        z.test = 40 * C;
+        z.dev = 20 * C;
+        z.validation = validation_for_share(share, -1, Index(text.size()), z.test, z.dev);
+        const auto sp = split_text("share.txt", text, z);
+        CHECK(std::abs(double(sp.validation.size()) - share * double(sp.train.size())) <= 2.0 * C * (1 + share));
+        // Nothing lost but the cut end of the validation set's last chunk.
+        CHECK(sp.train.size() + sp.validation.size() + sp.test.size() + sp.dev.size() > text.size() - C);
+        check_covers(sp.validation_chunks, N);
+    }
 }

@@ -177,6 +177,49 @@ def runs_of(plan):
         for name, flags in variants.items():
             for r, s in itertools.product(["ml-all", "dom-all", "emb-h0", "emb-h0.9"], TUNING_SEEDS):
                 out.append((r, name, s, "comigs-1g1s", REFERENCE + flags))
+    elif plan == "fedgap3":  # the specialist's cost at h = 0: the balancing loss's pull to 1/2, and earlier router phases
+        for r, s in itertools.product(["emb-h0", "ml-6000", "dom-6000"], TUNING_SEEDS):
+            out.append((r, "lb0", s, "comigs-1g1s", REFERENCE + ["--lb-weight", "0"]))
+        for r, s in itertools.product(["ml-6000", "dom-6000"], TUNING_SEEDS):  # emb-h0: the phase plan's before10
+            out.append((r, "before10", s, "comigs-1g1s", REFERENCE + ["--router-every", "10", "--router-phase", "before"]))
+    elif plan == "valshare-scarce":  # --val-tokens 50% where it changes the scarce sizes: 3000 -> 1500, 12000 -> 6000
+        for r, s in itertools.product(["ml-3000", "ml-12000", "dom-3000", "dom-12000"], TUNING_SEEDS):
+            for name, v in (("", []), ("-val50pct", ["--val-tokens", "50%"])):
+                out.append((r, "reference" + name, s, "comigs-1g1s", REFERENCE + v))
+                out.append((r, "local-lr3e-3" + name, s, "local", lr_flags("3e-3") + v))
+    elif plan == "fedgap2":  # where the gap to FedAvg comes from: its two-expert average, or CoMiGS' specialist?
+        for r, s in itertools.product(["emb-h0", "ml-6000", "dom-6000"], TUNING_SEEDS):
+            # FedAvg with one rank-8 expert (gate 1): CoMiGS' generalist alone, trained as FedAvg trains it.
+            out.append((r, "fedavg-1expert", s, "fedavg", lr_flags("1e-2") + ["--experts", "1,1,1,1"]))
+            # Two generalists and a router (no specialist): the router's gates without a local expert.
+            out.append((r, "comigs-2g", s, "comigs-2g", REFERENCE))
+        # The report runs use --keep-best: FedAvg's kept model of a round before the last is its model right
+        # after that round's local steps (FedAvg fine-tuned locally). Does that flip the ranking at 6000 tokens?
+        for r, s in itertools.product(["ml-6000", "dom-6000"], TUNING_SEEDS):
+            out.append((r, "keepbest", s, "fedavg,comigs-1g1s", REFERENCE + ["--keep-best"]))
+    elif plan == "valshare":  # a validation set that is a share of each user's training text (--val-tokens 50%)
+        # All of a text: 50% gives validation a third of what test and dev leave (~390k tokens a user).
+        v50 = ["--val-tokens", "50%"]
+        for r, s in itertools.product(["ml-all", "dom-all"], TUNING_SEEDS):
+            out.append((r, "val50pct", s, "comigs-1g1s", REFERENCE + v50))
+            out.append((r, "local-val50pct", s, "local", v50))  # the same split (Local never reads validation)
+        # 6000 training tokens: 50% is the old default of 3000, so the runs must not change at all.
+        for r in ["emb-h0.9", "ml-6000"]:
+            out.append((r, "reference", 10, "comigs-1g1s", REFERENCE))
+            out.append((r, "val50pct", 10, "comigs-1g1s", REFERENCE + v50))
+    elif plan == "fedgap":  # where FedAvg wins: does the generalist learn as FedAvg's experts do? (CoMiGS-1G1S)
+        # The reference again first (the current program against the baselines plan's runs, bit for bit).
+        out.append(("emb-h0", "reference", 10, "comigs-1g1s", REFERENCE))
+        variants = {
+            # The specialist at half the rate: it takes less of the local fit while the gates are still even.
+            "spec-lr0.5": ["--specialist-lr-scale", "0.5"],
+            # The generalist at twice the rate (the specialist keeps 1e-2): a gate g < 1 scales the
+            # generalist's share of the output, FedAvg's two averaged experts share all of it.
+            "gen-lr2": lr_flags("2e-2") + ["--specialist-lr-scale", "0.5"],
+        }
+        for name, flags in variants.items():
+            for r, s in itertools.product(["emb-h0", "ml-6000", "dom-6000"], TUNING_SEEDS):
+                out.append((r, name, s, "comigs-1g1s", REFERENCE + flags))
     else:
         sys.exit(f"unknown plan '{plan}'")
     return out

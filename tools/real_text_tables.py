@@ -196,6 +196,139 @@ def table_val(runs, split="dev"):
                   f"{statistics.mean(d30):+.1f}% | {statistics.mean(d30) - statistics.mean(d3):+.1f} points |")
 
 
+def table_valshare(runs, split="dev"):
+    """A validation set that is a share of each user's training text (--val-tokens 50%) against 3000 and
+    30000 validation tokens: CoMiGS-1G1S against Local at the same split sizes (another validation size
+    deals other chunks to dev and test); and at 6000 training tokens, where 50% is 3000, the same run."""
+    vs, base, val = runs.get("valshare", {}), runs.get("baselines", {}), runs.get("val", {})
+    print(f"\n### Validation as a share of the training text: CoMiGS-1G1S against Local at the same split sizes "
+          f"({split} split, tuning seeds)\n")
+    print("| regime | validation per user | Local | CoMiGS-1G1S | CoMiGS vs Local (per seed) | generalist weight |")
+    print("|---|---|---|---|---|---|")
+    for regime in sorted(vs, key=regime_key):
+        if not regime.endswith("-all"):
+            continue
+        sizes = [("3000", base.get(regime, {}).get("lr1e-2", {}), base.get(regime, {}).get("reference", {})),
+                 ("30000", val.get(regime, {}).get("local-val30000", {}), val.get(regime, {}).get("val30000", {})),
+                 ("50% of training", vs[regime].get("local-val50pct", {}), vs[regime].get("val50pct", {}))]
+        for name, loc, com in sizes:
+            seeds = sorted(set(loc) & set(com))
+            if not seeds:
+                continue
+            lo = [metric(loc[s], "local", split) for s in seeds]
+            co = [metric(com[s], "comigs-1g1s", split) for s in seeds]
+            d = [pct(c, l) for c, l in zip(co, lo)]
+            gen = statistics.mean(com[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
+            if name.startswith("50%"):
+                n = statistics.mean(statistics.mean(com[s]["config"]["validation_tokens"]) for s in seeds)
+                name += f" (~{n / 1000:.0f}k)"
+            print(f"| {regime} | {name} | {fmt(lo)} | {fmt(co)} | {statistics.mean(d):+.1f}% "
+                  f"({', '.join(f'{x:+.1f}%' for x in d)}) | {gen:.2f} |")
+    same = []
+    for regime in sorted(vs, key=regime_key):
+        ref, v50 = vs[regime].get("reference", {}), vs[regime].get("val50pct", {})
+        for s in sorted(set(ref) & set(v50)):
+            a, b = ref[s]["methods"]["comigs-1g1s"], v50[s]["methods"]["comigs-1g1s"]
+            same.append(f"{regime} seed {s}: dev {a['mean_dev_ppl']:.6f} / {b['mean_dev_ppl']:.6f}, test "
+                        f"{a['mean_test_ppl']:.6f} / {b['mean_test_ppl']:.6f} (validation "
+                        f"{ref[s]['config']['validation_tokens'][0]} / {v50[s]['config']['validation_tokens'][0]})")
+    if same:
+        print("\n6000 training tokens, 3000 validation tokens against 50%: " + "; ".join(same) + ".")
+
+
+def table_valshare_scarce(runs, split="dev"):
+    """--val-tokens 50% at 3000 and 12000 training tokens (1500 and 6000 validation tokens) against 3000
+    validation tokens: CoMiGS-1G1S against Local (lr 3e-3) at the same split sizes."""
+    vs = runs.get("valshare-scarce", {})
+    if not vs:
+        return
+    print(f"\n### Validation as a share of scarce training text ({split} split, tuning seeds)\n")
+    print("| regime | Local (val 3000) | CoMiGS (val 3000) | vs Local | Local (val 50%) | CoMiGS (val 50%) | vs Local "
+          "| change | generalist weight (3000 / 50%) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for regime in sorted(vs, key=regime_key):
+        v = vs[regime]
+        l3, c3, l5, c5 = (v.get(k, {}) for k in ("local-lr3e-3", "reference", "local-lr3e-3-val50pct", "reference-val50pct"))
+        seeds = sorted(set(l3) & set(c3) & set(l5) & set(c5))
+        if not seeds:
+            continue
+        m = lambda r, meth: [metric(r[s], meth, split) for s in seeds]
+        d3 = statistics.mean(pct(c, l) for c, l in zip(m(c3, "comigs-1g1s"), m(l3, "local")))
+        d5 = statistics.mean(pct(c, l) for c, l in zip(m(c5, "comigs-1g1s"), m(l5, "local")))
+        g = lambda r: statistics.mean(r[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
+        n5 = c5[seeds[0]]["config"]["validation_tokens"][0]
+        print(f"| {regime} | {fmt(m(l3, 'local'))} | {fmt(m(c3, 'comigs-1g1s'))} | {d3:+.1f}% | {fmt(m(l5, 'local'))} | "
+              f"{fmt(m(c5, 'comigs-1g1s'))} ({n5}) | {d5:+.1f}% | {d5 - d3:+.1f} points | {g(c3):.2f} / {g(c5):.2f} |")
+
+
+def table_fedgap(runs, split="dev"):
+    """Where FedAvg wins: CoMiGS-1G1S and its variants (fedgap), FedAvg with one expert and CoMiGS-2G
+    (fedgap2) against FedAvg (2 experts, lr 1e-2) of the baselines plan; per-seed relative difference."""
+    base, fg, fg2 = runs.get("baselines", {}), runs.get("fedgap", {}), runs.get("fedgap2", {})
+    cols = [("CoMiGS-1G1S (reference)", "baselines", "reference", "comigs-1g1s"),
+            ("spec-lr0.5", "fedgap", "spec-lr0.5", "comigs-1g1s"),
+            ("gen-lr2", "fedgap", "gen-lr2", "comigs-1g1s"),
+            ("lb-weight 0", "fedgap3", "lb0", "comigs-1g1s"),
+            ("router before, every 10", "fedgap3", "before10", "comigs-1g1s"),
+            ("FedAvg 1 expert", "fedgap2", "fedavg-1expert", "fedavg"),
+            ("CoMiGS-2G", "fedgap2", "comigs-2g", "comigs-2g")]
+    fg3 = runs.get("fedgap3", {})
+    # emb-h0's "before10" ran in the phase plan
+    fg3 = {r: dict(v, **({"before10": runs["phase"][r]["before10"]} if r in runs.get("phase", {}) and
+                         "before10" in runs["phase"][r] and "before10" not in v else {}))
+           for r, v in fg3.items()}
+    src = {"baselines": base, "fedgap": fg, "fedgap2": fg2, "fedgap3": fg3}
+    regimes = sorted(set(fg) | set(fg2), key=regime_key)
+    print(f"\n### Where FedAvg wins: mean {split} perplexity (tuning seeds) and the change against FedAvg "
+          "(2 averaged experts, mean routing, lr 1e-2)\n")
+    print("| regime | FedAvg | " + " | ".join(c for c, *_ in cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for regime in regimes:
+        fed = base.get(regime, {}).get("lr1e-2", {})
+        row = [regime, fmt([metric(r, "fedavg", split) for r in fed.values()])]
+        for _, plan, variant, method in cols:
+            v = src[plan].get(regime, {}).get(variant, {})
+            seeds = sorted(s for s in v if s in fed and metric(v[s], method, split))
+            if not seeds:
+                row.append("-")
+                continue
+            vals = [metric(v[s], method, split) for s in seeds]
+            d = statistics.mean(pct(x, metric(fed[s], "fedavg", split)) for x, s in zip(vals, seeds))
+            gen = v[seeds[0]]["methods"][method].get("mean_generalist_share")
+            g = (f", {statistics.mean(v[s]['methods'][method]['mean_generalist_share'] for s in seeds):.2f}"
+                 if gen is not None and method.startswith("comigs-1g") else "")
+            row.append(f"{fmt(vals)} ({d:+.1f}%{g})")
+        print("| " + " | ".join(row) + " |")
+    print("\nIn brackets: the change against FedAvg (mean over seeds of the per-seed relative difference) and, for "
+          "CoMiGS-1G1S, the generalist's mean gate weight on test tokens.")
+
+
+def table_keepbest(runs, split="dev"):
+    """--keep-best at 6000 tokens (fedgap2's keepbest runs) against the same runs without it (baselines)."""
+    fg2, base = runs.get("fedgap2", {}), runs.get("baselines", {})
+    rows = [(r, fg2[r]["keepbest"]) for r in sorted(fg2, key=regime_key) if "keepbest" in fg2[r]]
+    if not rows:
+        return
+    print(f"\n### --keep-best at 6000 training tokens ({split} split, tuning seeds)\n")
+    print("| regime | FedAvg | FedAvg keep-best | CoMiGS-1G1S | CoMiGS-1G1S keep-best | CoMiGS vs FedAvg | "
+          "the same, both keep-best | FedAvg's kept rounds | CoMiGS' kept rounds |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for regime, kb in rows:
+        fed, ref = base.get(regime, {}).get("lr1e-2", {}), base.get(regime, {}).get("reference", {})
+        seeds = sorted(set(kb) & set(fed) & set(ref))
+        if not seeds:
+            continue
+        f = [metric(fed[s], "fedavg", split) for s in seeds]
+        c = [metric(ref[s], "comigs-1g1s", split) for s in seeds]
+        fk = [metric(kb[s], "fedavg", split) for s in seeds]
+        ck = [metric(kb[s], "comigs-1g1s", split) for s in seeds]
+        kept = lambda m: " / ".join(",".join(str(u["kept_round"]) for u in kb[s]["methods"][m]["users"]) for s in seeds)
+        print(f"| {regime} | {fmt(f)} | {fmt(fk)} | {fmt(c)} | {fmt(ck)} | "
+              f"{statistics.mean(pct(x, y) for x, y in zip(c, f)):+.1f}% | "
+              f"{statistics.mean(pct(x, y) for x, y in zip(ck, fk)):+.1f}% | {kept('fedavg')} | {kept('comigs-1g1s')} |")
+    print("\nKept round 20: the final download; an earlier round r: the user's model right after round r's local steps.")
+
+
 def final_rows(runs, plan="final", split="test"):
     """Per regime of the final plan: seeds -> {method: results.json entry} (local from its own runs),
     with the host's perplexity."""
@@ -353,6 +486,14 @@ def main():
             table_final_r16(runs)
         elif plan == "final-val30000":
             table_final_val30000(runs)
+        elif plan == "valshare":
+            table_valshare(runs)
+            table_valshare_scarce(runs)
+        elif plan in ("fedgap", "fedgap2"):
+            if plan == "fedgap" or "fedgap" not in plans:
+                table_fedgap(runs)
+            if plan == "fedgap2":
+                table_keepbest(runs)
         elif plan == "val":
             table_val(runs)
             table_variants(runs, plan, ref)

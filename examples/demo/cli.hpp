@@ -6,6 +6,7 @@
 // See run.hpp for the methods and the protocols.
 #include <CLI/CLI.hpp>
 
+#include <cmath>
 #include <cstdio>
 #include <exception>
 #include <sstream>
@@ -113,7 +114,10 @@ int demo_main(int argc, char** argv, Placement place) {
         ->capture_default_str();
     app.add_option("--train-tokens", train_tokens,
                    "training tokens per user: one value for everyone or a comma list (default 6000 each; real text: all)");
-    app.add_option("--val-tokens", val_tokens, "validation tokens per user: one value or a comma list (default 3000)");
+    app.add_option("--val-tokens", val_tokens,
+                   "validation tokens per user: one value or a comma list (default 3000), or a share of each user's "
+                   "training tokens, e.g. 50% (all of a real text: validation and training split what test and dev "
+                   "leave 1:2)");
     app.add_option("--test-tokens", test_tokens, "test tokens per user: one value or a comma list (default 10000)");
     app.add_option("--dev-tokens", c.dev_tokens,
                    "tokens per user of a tuning split, held out like test and evaluated (dev_ppl): choose "
@@ -184,7 +188,16 @@ int demo_main(int argc, char** argv, Placement place) {
         if (!experts.empty()) c.experts = parse_list<comigs::Index>(experts, "--experts");
         if (!ranks.empty()) c.ranks = parse_list<comigs::Index>(ranks, "--ranks");
         if (!train_tokens.empty()) c.train_tokens = parse_list<comigs::Index>(train_tokens, "--train-tokens");
-        if (!val_tokens.empty()) c.validation_per_user = parse_list<comigs::Index>(val_tokens, "--val-tokens");
+        if (!val_tokens.empty() && val_tokens.back() == '%') {
+            std::istringstream is(val_tokens.substr(0, val_tokens.size() - 1));
+            double percent = 0;
+            is >> percent;
+            comigs::require(!is.fail() && is.eof() && std::isfinite(percent) && percent > 0, "--val-tokens '",
+                            val_tokens, "': a share must be one number > 0 followed by %");
+            c.validation_share = percent / 100;
+        } else if (!val_tokens.empty()) {
+            c.validation_per_user = parse_list<comigs::Index>(val_tokens, "--val-tokens");
+        }
         if (!test_tokens.empty()) c.test_per_user = parse_list<comigs::Index>(test_tokens, "--test-tokens");
         c.methods = split_names(methods);
         c.progress = !quiet && place.leader();

@@ -92,6 +92,9 @@ struct DemoConfig {
     Index validation_tokens = 3000;
     Index test_tokens = 10000;
     std::vector<Index> validation_per_user, test_per_user;  ///< per user or one value (empty: the above)
+    /// > 0: every user's validation tokens are this share of its training tokens (--val-tokens P%;
+    /// text_split.hpp's validation_for_share), instead of validation_tokens / validation_per_user.
+    double validation_share = -1;
     Index dev_tokens = 0;  ///< per user: a tuning split, evaluated but never trained on (0: none)
     Index base_tokens = 300000;
     double beta_personal = 3.0;
@@ -173,7 +176,15 @@ struct DemoConfig {
         if (v.empty()) return fallback;
         return v.size() == 1 ? v[0] : v[static_cast<std::size_t>(u)];
     }
-    Index validation_of(int u) const { return per_user(validation_per_user, u, validation_tokens); }
+    /// Validation tokens of user u; with validation_share, -1 where the training text is all of a real text
+    /// (the split resolves it from the text's size: validation_for_share).
+    Index validation_of(int u) const {
+        if (validation_share > 0) {
+            const Index t = train_of(u);
+            return t < 0 ? Index{-1} : validation_for_share(validation_share, t, 0, 0, 0);
+        }
+        return per_user(validation_per_user, u, validation_tokens);
+    }
     Index test_of(int u) const { return per_user(test_per_user, u, test_tokens); }
     /// Training tokens of user u; < 0: all of a real text.
     Index train_of(int u) const {
@@ -205,6 +216,8 @@ struct DemoConfig {
             for (Index v : *list) require(v >= 0, flag, " entry ", v, ": must be >= 0");
         }
         require(dev_tokens >= 0, "--dev-tokens ", dev_tokens, ": must be >= 0");
+        require(validation_share < 0 || (std::isfinite(validation_share) && validation_share > 0),
+                "--val-tokens share ", validation_share * 100, "%: must be finite and > 0");
         require(user_text.empty() || setting.empty(), "--user-text and --setting: give one or the other");
         for (Index e : experts) require(e >= 1, "--experts entry ", e, ": must be >= 1");
         for (Index r : ranks) require(r >= 1, "--ranks entry ", r, ": must be >= 1");
@@ -831,7 +844,12 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         }
         for (int u = 0; u < c.users; ++u) {
             const auto& [name, text] = texts[std::size_t(u)];
-            const SplitSizes want{c.train_of(u), c.validation_of(u), c.test_of(u), c.dev_tokens};
+            SplitSizes want{c.train_of(u), c.validation_of(u), c.test_of(u), c.dev_tokens};
+            if (want.validation < 0) {  // a share of all of the text: count the text in the tokens asked for
+                const double bpt = real ? bytes_per_token(real->codec, text) : 1.0;
+                want.validation = validation_for_share(c.validation_share, -1,
+                                                       static_cast<Index>(double(text.size()) / bpt), want.test, want.dev);
+            }
             if (!real) {
                 ctx.users.push_back(text_user(name, text, want));
                 continue;
@@ -918,6 +936,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         {"heterogeneity", embedded ? nlohmann::json(c.heterogeneity) : nlohmann::json()},
         {"train_tokens", split_sizes(&UserData::train)},
         {"validation_tokens", split_sizes(&UserData::validation)},
+        {"validation_share", c.validation_share > 0 ? nlohmann::json(c.validation_share) : nlohmann::json()},
         {"test_tokens", split_sizes(&UserData::test)},
         {"dev_tokens", split_sizes(&UserData::dev)},
         {"user_names", [&] {

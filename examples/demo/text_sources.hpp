@@ -83,11 +83,25 @@ inline std::vector<std::filesystem::path> source_files(const std::filesystem::pa
     namespace fs = std::filesystem;
     const fs::path info = root / "var/lib/dpkg/info";
     fs::path list = info / (src.package + ".list");
-    if (!fs::exists(list) && fs::is_directory(info))
+    if (!fs::exists(list) && fs::is_directory(info)) {
+        // A Multi-Arch package has one list per installed architecture (libc6-dev:amd64.list beside a
+        // cross-build's libc6-dev:arm64.list), with different files: take the native one (the first line
+        // of dpkg's <root>/var/lib/dpkg/arch), else the first in name order, never whichever the directory
+        // lists last (that made the text depend on what else was installed).
+        std::vector<fs::path> lists;
         for (const auto& e : fs::directory_iterator(info)) {
             const std::string f = e.path().filename().string();
-            if (f.starts_with(src.package + ":") && f.ends_with(".list")) list = e.path();
+            if (f.starts_with(src.package + ":") && f.ends_with(".list")) lists.push_back(e.path());
         }
+        std::sort(lists.begin(), lists.end());
+        std::string native;
+        if (std::ifstream arch(info.parent_path() / "arch"); arch) std::getline(arch, native);
+        const auto it = std::find_if(lists.begin(), lists.end(), [&](const fs::path& l) {
+            return !native.empty() && l.filename() == src.package + ":" + native + ".list";
+        });
+        if (it != lists.end()) list = *it;
+        else if (!lists.empty()) list = lists.front();
+    }
     require<IoError>(fs::exists(list), "text source '", src.name, "': Debian package '", src.package,
                      "' is not installed (no ", list.string(), "); install it with: apt-get install ", src.package,
                      " (or tools/install-deps.sh --real-text)");

@@ -13,6 +13,7 @@
 // So a split of m chunks has one within every ~N/m chunks of the text: a test set of 10k tokens of a
 // 1.2 MB text samples all of it, not its first 100 kB (what the demo's first splitter did).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -52,6 +53,18 @@ inline std::vector<Index> spread_evenly(Index n, Index m) {
 
 inline Index chunks_for(Index tokens, Index chunk) { return tokens <= 0 ? 0 : (tokens + chunk - 1) / chunk; }
 }  // namespace detail
+
+/// Validation tokens that are `share` of the training tokens (--val-tokens P%): round(share x train);
+/// with all of a text for training (train < 0), validation and training share what test and dev leave
+/// of the text's `text_tokens`, validation = share / (1 + share) of it, so that it is again share x
+/// training (up to the held-out splits' rounding to whole chunks). A proportional rule: 6000 training
+/// tokens at 50% keep 3000, all of a 1.2 MB text gets about 390k.
+inline Index validation_for_share(double share, Index train, Index text_tokens, Index test, Index dev) {
+    require(std::isfinite(share) && share > 0, "validation share ", share, ": must be finite and > 0");
+    if (train >= 0) return static_cast<Index>(std::llround(share * static_cast<double>(train)));
+    const Index rest = std::max<Index>(0, text_tokens - test - dev);
+    return static_cast<Index>(std::llround(share / (1 + share) * static_cast<double>(rest)));
+}
 
 /// Splits `text` (see the file comment). `who` names the text in errors. Throws InvalidArgument when the
 /// held-out splits need more whole chunks than the text has (one chunk is always left for training).
