@@ -9,7 +9,9 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
+#include <comigs/kernels/gemm.hpp>
 #include <comigs/view.hpp>
 
 namespace comigs::models {
@@ -180,25 +182,124 @@ void linear_backward(MatrixView<T> dx, MatrixView<T> dW, T* db, CView<T> dy, CVi
     if (db) detail::row_vector(db, W.rows) += eigen(dy).colwise().sum();
 }
 
-/// LoRA update of a linear layer: y[N, out] += s (x A^T) B^T with A [r, in], B [out, r];
-/// saves xa = x A^T [N, r] for backward.
+namespace detail {
+/// Rows per chunk of the LoRA passes below: fixed, so the partial sums and their order are the same
+/// for any thread count.
+inline constexpr Index lora_rows_chunk = 64;
+
+/// The dy half of a LoRA backward at rank R in one pass over dy (instead of two products that each
+/// read it): dxa[N, R] = s dy B and dB[out, R] += s dy^T xa, B [out, R], xa [N, R]. Four rows at a
+/// time share each load of B's and dB's rows; each chunk of rows sums its part of dy^T xa in `part`
+/// [chunks, out, R], added to dB in chunk order.
+template <int R, class T>
+void lora_dy_pass(MatrixView<T> dB, MatrixView<T> dxa, CView<T> dy, CView<T> xa, CView<T> B, T s, std::vector<T>& part) {
+    const Index N = dy.rows, out = dy.cols, chunks = (N + lora_rows_chunk - 1) / lora_rows_chunk;
+    part.assign(static_cast<std::size_t>(chunks * out * R), T(0));
+#pragma omp parallel for schedule(static) if (worth_threads(dy.size()))
+    for (Index c = 0; c < chunks; ++c) {
+        T* pc = part.data() + c * out * R;
+        const Index n1 = std::min(N, (c + 1) * lora_rows_chunk);
+        Index n = c * lora_rows_chunk;
+        for (; n + 4 <= n1; n += 4) {
+            const T *d0 = dy.row_ptr(n), *d1 = dy.row_ptr(n + 1), *d2 = dy.row_ptr(n + 2), *d3 = dy.row_ptr(n + 3);
+            T x0[R], x1[R], x2[R], x3[R], a0[R] = {}, a1[R] = {}, a2[R] = {}, a3[R] = {};
+            for (int j = 0; j < R; ++j) {
+                x0[j] = xa(n, j);
+                x1[j] = xa(n + 1, j);
+                x2[j] = xa(n + 2, j);
+                x3[j] = xa(n + 3, j);
+            }
+            for (Index o = 0; o < out; ++o) {
+                const T* b = B.row_ptr(o);
+                T* p = pc + o * R;
+                const T v0 = d0[o], v1 = d1[o], v2 = d2[o], v3 = d3[o];
+#pragma omp simd
+                for (int j = 0; j < R; ++j) {
+                    a0[j] += v0 * b[j];
+                    a1[j] += v1 * b[j];
+                    a2[j] += v2 * b[j];
+                    a3[j] += v3 * b[j];
+                    p[j] += v0 * x0[j] + v1 * x1[j] + v2 * x2[j] + v3 * x3[j];
+                }
+            }
+            for (int j = 0; j < R; ++j) {
+                dxa(n, j) = s * a0[j];
+                dxa(n + 1, j) = s * a1[j];
+                dxa(n + 2, j) = s * a2[j];
+                dxa(n + 3, j) = s * a3[j];
+            }
+        }
+        for (; n < n1; ++n) {
+            const T* d0 = dy.row_ptr(n);
+            T x0[R], a0[R] = {};
+            for (int j = 0; j < R; ++j) x0[j] = xa(n, j);
+            for (Index o = 0; o < out; ++o) {
+                const T* b = B.row_ptr(o);
+                T* p = pc + o * R;
+                const T v0 = d0[o];
+#pragma omp simd
+                for (int j = 0; j < R; ++j) {
+                    a0[j] += v0 * b[j];
+                    p[j] += v0 * x0[j];
+                }
+            }
+            for (int j = 0; j < R; ++j) dxa(n, j) = s * a0[j];
+        }
+    }
+#pragma omp parallel for schedule(static) if (worth_threads(chunks * out * R))
+    for (Index o = 0; o < out; ++o) {
+        T sum[R] = {};
+        for (Index c = 0; c < chunks; ++c)
+            for (int j = 0; j < R; ++j) sum[j] += part[static_cast<std::size_t>((c * out + o) * R + j)];
+        for (int j = 0; j < R; ++j) dB(o, j) += s * sum[j];
+    }
+}
+
+/// Whether lora_dy_pass has a kernel for rank r.
+inline bool lora_dy_pass_rank(Index r) { return r == 4 || r == 8 || r == 16; }
+
+/// lora_dy_pass at B's rank (one of lora_dy_pass_rank's).
 template <class T>
-void lora_forward(MatrixView<T> y, MatrixView<T> xa, CView<T> x, CView<T> A,
-                  CView<T> B, T s) {
-    eigen(xa).noalias() = eigen(x) * eigen(A).transpose();
-    eigen(y).noalias() += s * (eigen(CView<T>(xa)) * eigen(B).transpose());
+void lora_dy_pass(MatrixView<T> dB, MatrixView<T> dxa, CView<T> dy, CView<T> xa, CView<T> B, T s) {
+    thread_local std::vector<T> part;
+    switch (B.cols) {
+        case 4: return lora_dy_pass<4, T>(dB, dxa, dy, xa, B, s, part);
+        case 8: return lora_dy_pass<8, T>(dB, dxa, dy, xa, B, s, part);
+        case 16: return lora_dy_pass<16, T>(dB, dxa, dy, xa, B, s, part);
+        default: return;
+    }
+}
+}  // namespace detail
+
+/// LoRA update of a linear layer: y[N, out] += s (x A^T) B^T with A [r, in], B [out, r];
+/// saves xa = x A^T [N, r] for backward. Both products are chunked over the threads
+/// (kernels::gemm_chunked: the same bits for any thread count).
+template <class T>
+void lora_forward(MatrixView<T> y, MatrixView<T> xa, CView<T> x, CView<T> A, CView<T> B, T s) {
+    using kernels::Op;
+    kernels::gemm_chunked<T>(xa, x, Op::none, A, Op::trans);
+    kernels::gemm_chunked<T>(y, CView<T>(xa), Op::none, B, Op::trans, s, T(1));
 }
 
 /// dB += s dy^T xa; dA += s (dy B)^T x; dx[N, in] += s (dy B) A. dxa [N, r] is scratch (overwritten).
-/// dx.data may be null when nothing below needs the input gradient.
+/// dx.data may be null when nothing below needs the input gradient. dB and dxa = s dy B in one pass
+/// over dy (detail::lora_dy_pass; two products in one region at other ranks), then dA and dx
+/// (kernels::gemm_chunked). The same bits for any thread count.
 template <class T>
 void lora_backward(MatrixView<T> dx, MatrixView<T> dA, MatrixView<T> dB, MatrixView<T> dxa, CView<T> dy,
                    CView<T> x, CView<T> xa, CView<T> A, CView<T> B, T s) {
-    eigen(dB).noalias() += s * (eigen(dy).transpose() * eigen(xa));
-    eigen(dxa).noalias() = s * (eigen(dy) * eigen(B));
+    using P = kernels::GemmProduct<T>;
+    using kernels::Op;
+    if (detail::lora_dy_pass_rank(B.cols))
+        detail::lora_dy_pass(dB, dxa, dy, xa, B, s);
+    else
+        kernels::gemm_chunked<T>({P{dB, dy, Op::trans, xa, Op::none, s, T(1)}, P{dxa, dy, Op::none, B, Op::none, s}});
     const CView<T> dxa_c = dxa;
-    eigen(dA).noalias() += eigen(dxa_c).transpose() * eigen(x);
-    if (dx.data) eigen(dx).noalias() += eigen(dxa_c) * eigen(A);
+    if (dx.data)
+        kernels::gemm_chunked<T>({P{dA, dxa_c, Op::trans, x, Op::none, T(1), T(1)},
+                                  P{dx, dxa_c, Op::none, A, Op::none, T(1), T(1)}});
+    else
+        kernels::gemm_chunked<T>(dA, dxa_c, Op::trans, x, Op::none, T(1), T(1));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -332,10 +433,36 @@ void crossentropy_backward(MatrixView<T> dlogits, CView<T> logits, const T* lse,
     }
 }
 
-/// y[N, C] += x[N, C] (residual connection; its backward is the identity).
+/// y[N, C] += x[N, C] (residual connection; its backward is the identity). Rows split over the threads.
 template <class T>
 void residual_forward(MatrixView<T> y, CView<T> x) {
-    eigen(y) += eigen(x);
+#pragma omp parallel for schedule(static) if (detail::worth_threads(x.size()))
+    for (Index n = 0; n < x.rows; ++n) detail::row_array(y.row_ptr(n), x.cols) += detail::row_array(x.row_ptr(n), x.cols);
+}
+
+/// The residual add and the RMSNorm after it in one pass over the rows: y += x, then out = y * rstd * w
+/// (rmsnorm_forward of the new y; rstd [N] saved, may be null). The same bits as residual_forward then
+/// rmsnorm_forward (the same per-row operations), one read of y instead of two.
+template <class T>
+void residual_rmsnorm_forward(MatrixView<T> y, CView<T> x, MatrixView<T> out, T* rstd, const T* w, T eps) {
+    const Index d = x.cols;
+    const auto W = detail::row_array(w, d);
+#pragma omp parallel for schedule(static) if (detail::worth_threads(x.size()))
+    for (Index n = 0; n < x.rows; ++n) {
+        auto yr = detail::row_array(y.row_ptr(n), d);
+        yr += detail::row_array(x.row_ptr(n), d);
+        const auto yc = detail::row_array(static_cast<const T*>(y.row_ptr(n)), d);
+        const T r = T(1) / std::sqrt(yc.square().mean() + eps);
+        if (rstd) rstd[n] = r;
+        detail::row_array(out.row_ptr(n), d) = W * (yc * r);
+    }
+}
+
+/// x[N, C] = 0, rows split over the threads (gradient buffers of a few MB each, zeroed per layer).
+template <class T>
+void zero_rows(MatrixView<T> x) {
+#pragma omp parallel for schedule(static) if (detail::worth_threads(x.size()))
+    for (Index n = 0; n < x.rows; ++n) std::fill_n(x.row_ptr(n), x.cols, T(0));
 }
 
 }  // namespace comigs::models
