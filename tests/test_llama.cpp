@@ -90,7 +90,9 @@ TEST_CASE("models::residual_rmsnorm_forward: the residual add then RMSNorm in on
     for (Index j = 0; j < d; ++j) ms += double(yb[static_cast<std::size_t>(j)]) * yb[static_cast<std::size_t>(j)];
     CHECK(outb[3] == doctest::Approx(yb[3] / std::sqrt(ms / double(d) + 1e-5) * w[3]).epsilon(1e-5));
     // zero_rows zeroes exactly the view's columns of a strided view.
-    models::zero_rows(MatrixView<float>(outb.data(), N, d / 2, d));
+    std::vector<float> other(5, 1.0f);
+    models::zero_rows<float>({MatrixView<float>(outb.data(), N, d / 2, d), MatrixView<float>(other.data(), 2, 2)});
+    CHECK(other == std::vector<float>{0, 0, 0, 0, 1});
     CHECK(std::all_of(outb.begin(), outb.begin() + d / 2, [](float v) { return v == 0.0f; }));
     CHECK(outb[static_cast<std::size_t>(d / 2)] == outa[static_cast<std::size_t>(d / 2)]);
     CHECK(outb[static_cast<std::size_t>((N - 1) * d + d / 2 - 1)] == 0.0f);

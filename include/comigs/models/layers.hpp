@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <span>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -187,85 +189,119 @@ namespace detail {
 /// for any thread count.
 inline constexpr Index lora_rows_chunk = 64;
 
-/// The dy half of a LoRA backward at rank R in one pass over dy (instead of two products that each
-/// read it): dxa[N, R] = s dy B and dB[out, R] += s dy^T xa, B [out, R], xa [N, R]. Four rows at a
-/// time share each load of B's and dB's rows; each chunk of rows sums its part of dy^T xa in `part`
-/// [chunks, out, R], added to dB in chunk order.
+/// One LoRA's dy half for lora_dy_pass: dxa[N, R] = s dy B and dB[out, R] += s dy^T xa.
+template <class T>
+struct LoraDyJob {
+    MatrixView<T> dB, dxa;
+    ConstMatrixView<T> dy, xa, B;
+};
+
+/// The dy half of LoRA backwards at rank R in one pass over each dy (instead of two products that each
+/// read it), several LoRAs in one parallel region: dxa[N, R] = s dy B and dB[out, R] += s dy^T xa, B
+/// [out, R], xa [N, R]. Four rows at a time share each load of B's and dB's rows; each chunk of rows
+/// sums its part of dy^T xa in `part`, added to dB in chunk order after a barrier.
 template <int R, class T>
-void lora_dy_pass(MatrixView<T> dB, MatrixView<T> dxa, CView<T> dy, CView<T> xa, CView<T> B, T s, std::vector<T>& part) {
-    const Index N = dy.rows, out = dy.cols, chunks = (N + lora_rows_chunk - 1) / lora_rows_chunk;
-    part.assign(static_cast<std::size_t>(chunks * out * R), T(0));
-#pragma omp parallel for schedule(static) if (worth_threads(dy.size()))
-    for (Index c = 0; c < chunks; ++c) {
-        T* pc = part.data() + c * out * R;
-        const Index n1 = std::min(N, (c + 1) * lora_rows_chunk);
-        Index n = c * lora_rows_chunk;
-        for (; n + 4 <= n1; n += 4) {
-            const T *d0 = dy.row_ptr(n), *d1 = dy.row_ptr(n + 1), *d2 = dy.row_ptr(n + 2), *d3 = dy.row_ptr(n + 3);
-            T x0[R], x1[R], x2[R], x3[R], a0[R] = {}, a1[R] = {}, a2[R] = {}, a3[R] = {};
-            for (int j = 0; j < R; ++j) {
-                x0[j] = xa(n, j);
-                x1[j] = xa(n + 1, j);
-                x2[j] = xa(n + 2, j);
-                x3[j] = xa(n + 3, j);
-            }
-            for (Index o = 0; o < out; ++o) {
-                const T* b = B.row_ptr(o);
-                T* p = pc + o * R;
-                const T v0 = d0[o], v1 = d1[o], v2 = d2[o], v3 = d3[o];
-#pragma omp simd
-                for (int j = 0; j < R; ++j) {
-                    a0[j] += v0 * b[j];
-                    a1[j] += v1 * b[j];
-                    a2[j] += v2 * b[j];
-                    a3[j] += v3 * b[j];
-                    p[j] += v0 * x0[j] + v1 * x1[j] + v2 * x2[j] + v3 * x3[j];
-                }
-            }
-            for (int j = 0; j < R; ++j) {
-                dxa(n, j) = s * a0[j];
-                dxa(n + 1, j) = s * a1[j];
-                dxa(n + 2, j) = s * a2[j];
-                dxa(n + 3, j) = s * a3[j];
-            }
-        }
-        for (; n < n1; ++n) {
-            const T* d0 = dy.row_ptr(n);
-            T x0[R], a0[R] = {};
-            for (int j = 0; j < R; ++j) x0[j] = xa(n, j);
-            for (Index o = 0; o < out; ++o) {
-                const T* b = B.row_ptr(o);
-                T* p = pc + o * R;
-                const T v0 = d0[o];
-#pragma omp simd
-                for (int j = 0; j < R; ++j) {
-                    a0[j] += v0 * b[j];
-                    p[j] += v0 * x0[j];
-                }
-            }
-            for (int j = 0; j < R; ++j) dxa(n, j) = s * a0[j];
-        }
+void lora_dy_pass(std::span<const LoraDyJob<T>> jobs, T s, std::vector<T>& part) {
+    const Index nj = static_cast<Index>(jobs.size());
+    std::vector<Index> first_chunk(static_cast<std::size_t>(nj + 1), 0), first_part(first_chunk), first_row(first_chunk);
+    Index work = 0;
+    for (Index j = 0; j < nj; ++j) {
+        const auto& J = jobs[static_cast<std::size_t>(j)];
+        const Index chunks = (J.dy.rows + lora_rows_chunk - 1) / lora_rows_chunk;
+        first_chunk[static_cast<std::size_t>(j + 1)] = first_chunk[static_cast<std::size_t>(j)] + chunks;
+        first_part[static_cast<std::size_t>(j + 1)] = first_part[static_cast<std::size_t>(j)] + chunks * J.dy.cols * R;
+        first_row[static_cast<std::size_t>(j + 1)] = first_row[static_cast<std::size_t>(j)] + J.dy.cols;
+        work += J.dy.size();
     }
-#pragma omp parallel for schedule(static) if (worth_threads(chunks * out * R))
-    for (Index o = 0; o < out; ++o) {
-        T sum[R] = {};
-        for (Index c = 0; c < chunks; ++c)
-            for (int j = 0; j < R; ++j) sum[j] += part[static_cast<std::size_t>((c * out + o) * R + j)];
-        for (int j = 0; j < R; ++j) dB(o, j) += s * sum[j];
+    const Index total_chunks = first_chunk.back(), total_rows = first_row.back();
+    part.assign(static_cast<std::size_t>(first_part.back()), T(0));
+    const auto job_of = [&](const std::vector<Index>& first, Index t) {
+        return static_cast<Index>(std::upper_bound(first.begin(), first.end(), t) - first.begin()) - 1;
+    };
+#pragma omp parallel if (worth_threads(work))
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (Index t = 0; t < total_chunks; ++t) {
+            const Index j = job_of(first_chunk, t), c = t - first_chunk[static_cast<std::size_t>(j)];
+            const auto& J = jobs[static_cast<std::size_t>(j)];
+            const Index N = J.dy.rows, out = J.dy.cols;
+            T* pc = part.data() + first_part[static_cast<std::size_t>(j)] + c * out * R;
+            const Index n1 = std::min(N, (c + 1) * lora_rows_chunk);
+            Index n = c * lora_rows_chunk;
+            for (; n + 4 <= n1; n += 4) {
+                const T *d0 = J.dy.row_ptr(n), *d1 = J.dy.row_ptr(n + 1), *d2 = J.dy.row_ptr(n + 2), *d3 = J.dy.row_ptr(n + 3);
+                T x0[R], x1[R], x2[R], x3[R], a0[R] = {}, a1[R] = {}, a2[R] = {}, a3[R] = {};
+                for (int q = 0; q < R; ++q) {
+                    x0[q] = J.xa(n, q);
+                    x1[q] = J.xa(n + 1, q);
+                    x2[q] = J.xa(n + 2, q);
+                    x3[q] = J.xa(n + 3, q);
+                }
+                for (Index o = 0; o < out; ++o) {
+                    const T* b = J.B.row_ptr(o);
+                    T* p = pc + o * R;
+                    const T v0 = d0[o], v1 = d1[o], v2 = d2[o], v3 = d3[o];
+#pragma omp simd
+                    for (int q = 0; q < R; ++q) {
+                        a0[q] += v0 * b[q];
+                        a1[q] += v1 * b[q];
+                        a2[q] += v2 * b[q];
+                        a3[q] += v3 * b[q];
+                        p[q] += v0 * x0[q] + v1 * x1[q] + v2 * x2[q] + v3 * x3[q];
+                    }
+                }
+                for (int q = 0; q < R; ++q) {
+                    J.dxa(n, q) = s * a0[q];
+                    J.dxa(n + 1, q) = s * a1[q];
+                    J.dxa(n + 2, q) = s * a2[q];
+                    J.dxa(n + 3, q) = s * a3[q];
+                }
+            }
+            for (; n < n1; ++n) {
+                const T* d0 = J.dy.row_ptr(n);
+                T x0[R], a0[R] = {};
+                for (int q = 0; q < R; ++q) x0[q] = J.xa(n, q);
+                for (Index o = 0; o < out; ++o) {
+                    const T* b = J.B.row_ptr(o);
+                    T* p = pc + o * R;
+                    const T v0 = d0[o];
+#pragma omp simd
+                    for (int q = 0; q < R; ++q) {
+                        a0[q] += v0 * b[q];
+                        p[q] += v0 * x0[q];
+                    }
+                }
+                for (int q = 0; q < R; ++q) J.dxa(n, q) = s * a0[q];
+            }
+        }
+        // (implicit barrier) dB, row by row over every job: the chunks' parts in chunk order.
+#pragma omp for schedule(static)
+        for (Index t = 0; t < total_rows; ++t) {
+            const Index j = job_of(first_row, t), o = t - first_row[static_cast<std::size_t>(j)];
+            const auto& J = jobs[static_cast<std::size_t>(j)];
+            const Index out = J.dy.cols, chunks = first_chunk[static_cast<std::size_t>(j + 1)] - first_chunk[static_cast<std::size_t>(j)];
+            const T* pj = part.data() + first_part[static_cast<std::size_t>(j)];
+            T sum[R] = {};
+            for (Index c = 0; c < chunks; ++c)
+                for (int q = 0; q < R; ++q) sum[q] += pj[(c * out + o) * R + q];
+            for (int q = 0; q < R; ++q) J.dB(o, q) += s * sum[q];
+        }
     }
 }
 
 /// Whether lora_dy_pass has a kernel for rank r.
 inline bool lora_dy_pass_rank(Index r) { return r == 4 || r == 8 || r == 16; }
 
-/// lora_dy_pass at B's rank (one of lora_dy_pass_rank's).
+/// lora_dy_pass at the jobs' rank (one of lora_dy_pass_rank's, the same for all).
 template <class T>
-void lora_dy_pass(MatrixView<T> dB, MatrixView<T> dxa, CView<T> dy, CView<T> xa, CView<T> B, T s) {
+void lora_dy_pass(std::initializer_list<LoraDyJob<T>> jobs, T s) {
     thread_local std::vector<T> part;
-    switch (B.cols) {
-        case 4: return lora_dy_pass<4, T>(dB, dxa, dy, xa, B, s, part);
-        case 8: return lora_dy_pass<8, T>(dB, dxa, dy, xa, B, s, part);
-        case 16: return lora_dy_pass<16, T>(dB, dxa, dy, xa, B, s, part);
+    const std::span<const LoraDyJob<T>> js(jobs.begin(), jobs.size());
+    if (js.empty()) return;
+    switch (js[0].B.cols) {
+        case 4: return lora_dy_pass<4, T>(js, s, part);
+        case 8: return lora_dy_pass<8, T>(js, s, part);
+        case 16: return lora_dy_pass<16, T>(js, s, part);
         default: return;
     }
 }
@@ -291,7 +327,7 @@ void lora_backward(MatrixView<T> dx, MatrixView<T> dA, MatrixView<T> dB, MatrixV
     using P = kernels::GemmProduct<T>;
     using kernels::Op;
     if (detail::lora_dy_pass_rank(B.cols))
-        detail::lora_dy_pass(dB, dxa, dy, xa, B, s);
+        detail::lora_dy_pass<T>({{dB, dxa, dy, xa, B}}, s);
     else
         kernels::gemm_chunked<T>({P{dB, dy, Op::trans, xa, Op::none, s, T(1)}, P{dxa, dy, Op::none, B, Op::none, s}});
     const CView<T> dxa_c = dxa;
@@ -458,11 +494,26 @@ void residual_rmsnorm_forward(MatrixView<T> y, CView<T> x, MatrixView<T> out, T*
     }
 }
 
-/// x[N, C] = 0, rows split over the threads (gradient buffers of a few MB each, zeroed per layer).
+/// Every view = 0, in one parallel region (rows split over the threads): gradient buffers of a few MB
+/// each, zeroed per layer.
 template <class T>
-void zero_rows(MatrixView<T> x) {
-#pragma omp parallel for schedule(static) if (detail::worth_threads(x.size()))
-    for (Index n = 0; n < x.rows; ++n) std::fill_n(x.row_ptr(n), x.cols, T(0));
+void zero_rows(std::initializer_list<MatrixView<T>> views) {
+    Index rows = 0, work = 0;
+    for (const auto& v : views) {
+        rows += v.rows;
+        work += v.size();
+    }
+#pragma omp parallel for schedule(static) if (detail::worth_threads(work))
+    for (Index t = 0; t < rows; ++t) {
+        Index i = t;
+        for (const auto& v : views) {
+            if (i < v.rows) {
+                std::fill_n(v.row_ptr(i), v.cols, T(0));
+                break;
+            }
+            i -= v.rows;
+        }
+    }
 }
 
 }  // namespace comigs::models

@@ -316,7 +316,7 @@ public:
         auto& a = acts_;
 
         // The fused head of the training forward left dLoss/d(final norm output) in dfin.
-        zero_rows(dres);
+        zero_rows<T>({dres});
         rmsnorm_backward(dres, static_cast<T*>(nullptr), mat(a.dfin, N, d), mat(res(c.n_layer), N, d), a.rstd_f,
                          w_->final_norm.data());
         const kernels::AttentionShape shape = attention_shape(B_, T_, T_);
@@ -325,7 +325,7 @@ public:
             const Layer& la = a.layer[static_cast<std::size_t>(l)];
             const auto& lw = w_->layers[static_cast<std::size_t>(l)];
             // dres: dLoss/d(block output); the residual passes it to the attention output (mid) as is.
-            zero_rows(dln);
+            zero_rows<T>({dln});
             {
                 profile::Scope scope(profile::Phase::mlp, profile::Pass::backward);
                 mlps_[static_cast<std::size_t>(l)]->backward(dln, dres, mat(la.mn, N, d));
@@ -334,15 +334,15 @@ public:
                 profile::Scope scope(profile::Phase::norm, profile::Pass::backward);
                 rmsnorm_backward(dres, static_cast<T*>(nullptr), dln, mat(la.mid, N, d), la.rstd2, lw.mlp_norm.data());
             }
-            zero_rows(mat(g.datt, N, H * hd));
+            // The buffers the attention's backward accumulates into, in one region (datt and dln are
+            // overwritten by the first product into them).
+            zero_rows<T>({mat(g.dq, N, H * hd), mat(g.dk, N, KV * hd), mat(g.dv, N, KV * hd)});
+            const bool need_dx = l > 0;  // below block 0's attention only the frozen embedding remains
             {
                 profile::Scope scope(profile::Phase::out_proj, profile::Pass::backward);
                 proj_backward(lw.o, l, 3, mat(g.datt, N, H * hd), dres, mat(la.att, N, H * hd), la.xa[3],
                               mat(g.dxa, N, r));
             }
-            zero_rows(mat(g.dq, N, H * hd));
-            zero_rows(mat(g.dk, N, KV * hd));
-            zero_rows(mat(g.dv, N, KV * hd));
             {
                 profile::Scope scope(profile::Phase::attention, profile::Pass::backward);
                 kernels::attention_backward(mat(g.dq, N, H * hd), mat(g.dk, N, KV * hd), mat(g.dv, N, KV * hd),
@@ -357,9 +357,6 @@ public:
                 rope_apply(mat(g.dq, N, H * hd), H, hd, rope_, pos, true);
                 rope_apply(mat(g.dk, N, KV * hd), KV, hd, rope_, pos, true);
             }
-            // Below block 0's attention only the frozen embedding remains: no input gradient needed.
-            const bool need_dx = l > 0;
-            if (need_dx) zero_rows(dln);
             const MatrixView<T> dx = need_dx ? dln : MatrixView<T>();
             {
                 profile::Scope scope(profile::Phase::qkv, profile::Pass::backward);
@@ -727,23 +724,24 @@ private:
                                   P{k, ConstMatrixView<T>(xk), Op::none, b.B, Op::trans, s, T(1)},
                                   P{v, ConstMatrixView<T>(xv), Op::none, c.B, Op::trans, s, T(1)}});
     }
-    // dx += dy W (when dx has data); with LoRA models::lora_backward (dxa [N, r] scratch).
+    // dx = dy W (overwritten, when dx has data); with LoRA models::lora_backward adds to it (dxa [N, r]
+    // scratch).
     void proj_backward(const FrozenLinear<T>& W, Index l, int p, MatrixView<T> dx, ConstMatrixView<T> dy,
                        ConstMatrixView<T> x, const T* xa, MatrixView<T> dxa) {
-        if (dx.data) W.backward_input(dx, dy, true);
+        if (dx.data) W.backward_input(dx, dy, false);
         if (!has_lora_) return;
         const LoraViews v = lora_views(l, p);
         lora_backward(dx, v.dA, v.dB, dxa, dy, x, ConstMatrixView<T>(xa, x.rows, lora_cfg_.rank), v.A, v.B,
                       T(lora_cfg_.scale()));
     }
-    // The backward of qkv_forward: the three base input gradients into dx (when it has data), then
+    // The backward of qkv_forward: the three base input gradients into dx (overwritten, when it has data), then
     // the three LoRAs' rank-r steps, each one region: dB += s dy^T xa and dxa = s dy B; then dA +=
     // dxa^T x and dx += [dxa_q dxa_k dxa_v] [A_q; A_k; A_v] (one product: the three write the same dx).
     // dxa3 [N, 3 r] is scratch.
     void qkv_backward(const typename LlamaWeights<T>::Layer& lw, Index l, MatrixView<T> dx, ConstMatrixView<T> dq,
                       ConstMatrixView<T> dk, ConstMatrixView<T> dv, ConstMatrixView<T> x, T* const* xa, T* dxa3) {
         if (dx.data) {
-            lw.q.backward_input(dx, dq, true);
+            lw.q.backward_input(dx, dq, false);  // overwrites dx
             lw.k.backward_input(dx, dk, true);
             lw.v.backward_input(dx, dv, true);
         }
@@ -757,9 +755,9 @@ private:
                                       MatrixView<T>(dxa3 + 2 * r, N, r, 3 * r)};
         const auto xv = [&](int p) { return ConstMatrixView<T>(xa[p], N, r); };
         if (detail::lora_dy_pass_rank(r)) {  // one pass over each of dq, dk, dv (models::lora_backward's)
-            detail::lora_dy_pass(a.dB, dxa[0], dq, xv(0), a.B, s);
-            detail::lora_dy_pass(b.dB, dxa[1], dk, xv(1), b.B, s);
-            detail::lora_dy_pass(c.dB, dxa[2], dv, xv(2), c.B, s);
+            detail::lora_dy_pass<T>({{a.dB, dxa[0], dq, xv(0), a.B}, {b.dB, dxa[1], dk, xv(1), b.B},
+                                     {c.dB, dxa[2], dv, xv(2), c.B}},
+                                    s);
         } else {
             kernels::gemm_chunked<T>(
                 {P{a.dB, dq, Op::trans, xv(0), Op::none, s, T(1)}, P{dxa[0], dq, Op::none, a.B, Op::none, s},
