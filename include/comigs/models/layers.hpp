@@ -241,7 +241,9 @@ void lora_dy_pass(std::span<const LoraDyJob<T>> jobs, T s, std::vector<T>& part)
                     const T* b = J.B.row_ptr(o);
                     T* p = pc + o * R;
                     const T v0 = d0[o], v1 = d1[o], v2 = d2[o], v3 = d3[o];
-#pragma omp simd
+#if defined(__GNUC__) && !defined(__clang__)  // GCC vectorises the loop over q only when told;
+#pragma omp simd                                // clang's -O1 (CI's sanitizer build) would warn
+#endif
                     for (int q = 0; q < R; ++q) {
                         a0[q] += v0 * b[q];
                         a1[q] += v1 * b[q];
@@ -265,7 +267,9 @@ void lora_dy_pass(std::span<const LoraDyJob<T>> jobs, T s, std::vector<T>& part)
                     const T* b = J.B.row_ptr(o);
                     T* p = pc + o * R;
                     const T v0 = d0[o];
-#pragma omp simd
+#if defined(__GNUC__) && !defined(__clang__)  // GCC vectorises the loop over q only when told;
+#pragma omp simd                                // clang's -O1 (CI's sanitizer build) would warn
+#endif
                     for (int q = 0; q < R; ++q) {
                         a0[q] += v0 * b[q];
                         p[q] += v0 * x0[q];
