@@ -221,7 +221,9 @@ struct TinyLlama {
 using llama_tests::TinyLlama;
 
 TEST_CASE("models::Llama: LoRA on q/k/v/o and a SwiGLU mixture get exact gradients through the model") {
-    for (const auto& [qwen, rank] : {std::pair{false, Index(3)}, std::pair{true, Index(3)}, std::pair{false, Index(4)}}) {
+    for (const auto& variant : {std::pair{false, Index(3)}, std::pair{true, Index(3)}, std::pair{false, Index(4)}}) {
+        const bool qwen = variant.first;
+        const Index rank = variant.second;  // 4: the one-pass LoRA backward kernel
         CAPTURE(qwen);
         CAPTURE(rank);
         TinyLlama t(qwen, 5, rank);
