@@ -9,6 +9,7 @@
 #include <memory>
 #include <numbers>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include <comigs/mixture.hpp>
@@ -65,6 +66,37 @@ TEST_CASE("models::rmsnorm backward (input and weight) matches finite difference
     for (Index j = 0; j < d; ++j) ms += x[static_cast<std::size_t>(j)] * x[static_cast<std::size_t>(j)];
     ms /= double(d);
     CHECK(y[2] == doctest::Approx(x[2] / std::sqrt(ms + 1e-5) * w[2]).epsilon(1e-14));
+}
+
+TEST_CASE("models::residual_rmsnorm_forward: the residual add then RMSNorm in one pass, bit for bit; zero_rows") {
+    // 160 x 520 rows: above the threshold at which the row loops run on the threads.
+    Rng rng(11);
+    const Index N = 160, d = 520;
+    const auto x = random_values(N * d, rng, 0, 1), w = random_values(d, rng, 1, 0.3);
+    auto y0 = random_values(N * d, rng, 0, 1);
+    std::vector<float> xf(x.begin(), x.end()), wf(w.begin(), w.end()), ya(y0.begin(), y0.end()), yb = ya;
+    std::vector<float> outa(xf.size()), outb(xf.size(), -1.0f), ra(N), rb(N);
+    models::residual_forward(MatrixView<float>(ya.data(), N, d), ConstMatrixView<float>(xf.data(), N, d));
+    models::rmsnorm_forward(MatrixView<float>(outa.data(), N, d), ra.data(), ConstMatrixView<float>(ya.data(), N, d),
+                            wf.data(), 1e-5f);
+    models::residual_rmsnorm_forward(MatrixView<float>(yb.data(), N, d), ConstMatrixView<float>(xf.data(), N, d),
+                                     MatrixView<float>(outb.data(), N, d), rb.data(), wf.data(), 1e-5f);
+    CHECK(ya == yb);
+    CHECK(outa == outb);
+    CHECK(ra == rb);
+    // The sum is the sum, and the norm is transformers' (checked against a double computation).
+    CHECK(yb[7] == doctest::Approx(y0[7] + x[7]).epsilon(1e-6));
+    double ms = 0;
+    for (Index j = 0; j < d; ++j) ms += double(yb[static_cast<std::size_t>(j)]) * yb[static_cast<std::size_t>(j)];
+    CHECK(outb[3] == doctest::Approx(yb[3] / std::sqrt(ms / double(d) + 1e-5) * w[3]).epsilon(1e-5));
+    // zero_rows zeroes exactly the view's columns of a strided view.
+    std::vector<float> other(5, 1.0f);
+    models::zero_rows<float>({MatrixView<float>(outb.data(), N, d / 2, d), MatrixView<float>(other.data(), 2, 2)});
+    CHECK(other == std::vector<float>{0, 0, 0, 0, 1});
+    CHECK(std::all_of(outb.begin(), outb.begin() + d / 2, [](float v) { return v == 0.0f; }));
+    CHECK(outb[static_cast<std::size_t>(d / 2)] == outa[static_cast<std::size_t>(d / 2)]);
+    CHECK(outb[static_cast<std::size_t>((N - 1) * d + d / 2 - 1)] == 0.0f);
+    CHECK(outb.back() == outa.back());
 }
 
 TEST_CASE("models::rope: transformers' frequencies, llama3 scaling, and the rotation's backward") {
@@ -163,11 +195,13 @@ struct TinyLlama {
     std::unique_ptr<models::Llama<double>> model;
     std::shared_ptr<comigs::MixtureOfLoraMlp<double>> mixture;
 
-    explicit TinyLlama(bool qwen, std::uint64_t seed = 5) : config(comigs::test::tiny_llama_config(qwen)) {
+    /// attention_rank: 3 takes the two-product LoRA backward, 4 the one-pass kernel (models::lora_backward).
+    explicit TinyLlama(bool qwen, std::uint64_t seed = 5, Index attention_rank = 3)
+        : config(comigs::test::tiny_llama_config(qwen)) {
         Rng rng(seed);
         auto src = comigs::test::llama_source(config, rng);
         model = std::make_unique<models::Llama<double>>(models::load_llama_weights<double>(src, config));
-        model->add_attention_lora({3, 16.0, comigs::LoraScaling::sqrt}, rng);
+        model->add_attention_lora({attention_rank, 16.0, comigs::LoraScaling::sqrt}, rng);
         for (double& x : model->lora().all()) x = rng.normal(0.0, 0.1);
         comigs::MixtureConfig mc;
         mc.form = comigs::MlpForm::swiglu;
@@ -187,9 +221,12 @@ struct TinyLlama {
 using llama_tests::TinyLlama;
 
 TEST_CASE("models::Llama: LoRA on q/k/v/o and a SwiGLU mixture get exact gradients through the model") {
-    for (bool qwen : {false, true}) {
+    for (const auto& variant : {std::pair{false, Index(3)}, std::pair{true, Index(3)}, std::pair{false, Index(4)}}) {
+        const bool qwen = variant.first;
+        const Index rank = variant.second;  // 4: the one-pass LoRA backward kernel
         CAPTURE(qwen);
-        TinyLlama t(qwen);
+        CAPTURE(rank);
+        TinyLlama t(qwen, 5, rank);
         Rng rng(6);
         const Index B = 2, T = 5;
         const auto tokens = token_draw(B * T, t.config.vocab, rng), targets = token_draw(B * T, t.config.vocab, rng);

@@ -666,19 +666,30 @@ private:
         const auto copy_x = [&](Index t) {
             if (xs_out.data) std::copy(x.row_ptr(t), x.row_ptr(t) + d, xs_out.row_ptr(t));
         };
+        // SwiGLU's up linear (Hu = x Wu^T; its bias added by the row passes too).
+        auto up = nf > 1 ? base_->linear(first_[1]) : fc;
+        const auto bu = up.bias;
+        if (nf > 1) up.bias = {};
+        // Both first linears in bf16 products: x rounded to bf16 once for the two (the bf16 slot of the
+        // backward's dHu is free in the forward).
+        bool up_done = false;
         if (!fc.is_plain()) {  // bf16 or quantized: the base product runs through its own kernels
             kernels::gemm_chunked_and<T>({proj}, n, n * d, copy_x);
-            fc.forward(H, xs_out.data ? ConstMatrixView<T>(xs_out) : x);
+            const auto bf16_products = [](const FrozenLinear<T>& L) { return L.is_bf16() && !L.fp32_compute; };
+            if constexpr (std::is_same_v<T, float>) {
+                if (nf > 1 && bf16_products(fc) && bf16_products(up) && n > 0 && d > 0) {
+                    const auto xb = bf16_view(n, d, 1);
+                    kernels::convert_rows_to_bf16(xb.data, x);
+                    fc.forward(H, ConstMatrixView<kernels::bf16>(xb));
+                    up.forward(detail::as_view(pre_[1], n, h), ConstMatrixView<kernels::bf16>(xb));
+                    up_done = true;
+                }
+            }
+            if (!up_done) fc.forward(H, xs_out.data ? ConstMatrixView<T>(xs_out) : x);
         } else {  // the small product and the copy on the threads done with their part of H
             kernels::gemm_with<T>({H, x, kernels::Op::none, fc.weight, kernels::Op::trans}, {}, {proj}, n, n * d, copy_x);
         }
-        // SwiGLU: Hu = x Wu^T, the up linear's base product (its bias added by the row passes too).
-        auto up = nf > 1 ? base_->linear(first_[1]) : fc;
-        const auto bu = up.bias;
-        if (nf > 1) {
-            up.bias = {};
-            up.forward(detail::as_view(pre_[1], n, h), x);
-        }
+        if (nf > 1 && !up_done) up.forward(detail::as_view(pre_[1], n, h), x);
         router_forward_logits(route_, ConstMatrixView<T>(P.data, n, er, pc), rcfg_, training, rng);
         groups_.build(route_);
         const Index k = route_.slots, rows = n * k;

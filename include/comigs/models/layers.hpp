@@ -8,8 +8,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <span>
+#include <initializer_list>
 #include <type_traits>
+#include <vector>
 
+#include <comigs/kernels/gemm.hpp>
 #include <comigs/view.hpp>
 
 namespace comigs::models {
@@ -180,25 +184,162 @@ void linear_backward(MatrixView<T> dx, MatrixView<T> dW, T* db, CView<T> dy, CVi
     if (db) detail::row_vector(db, W.rows) += eigen(dy).colwise().sum();
 }
 
-/// LoRA update of a linear layer: y[N, out] += s (x A^T) B^T with A [r, in], B [out, r];
-/// saves xa = x A^T [N, r] for backward.
+namespace detail {
+/// Rows per chunk of the LoRA passes below: fixed, so the partial sums and their order are the same
+/// for any thread count.
+inline constexpr Index lora_rows_chunk = 64;
+
+/// One LoRA's dy half for lora_dy_pass: dxa[N, R] = s dy B and dB[out, R] += s dy^T xa.
 template <class T>
-void lora_forward(MatrixView<T> y, MatrixView<T> xa, CView<T> x, CView<T> A,
-                  CView<T> B, T s) {
-    eigen(xa).noalias() = eigen(x) * eigen(A).transpose();
-    eigen(y).noalias() += s * (eigen(CView<T>(xa)) * eigen(B).transpose());
+struct LoraDyJob {
+    MatrixView<T> dB, dxa;
+    ConstMatrixView<T> dy, xa, B;
+};
+
+/// The dy half of LoRA backwards at rank R in one pass over each dy (instead of two products that each
+/// read it), several LoRAs in one parallel region: dxa[N, R] = s dy B and dB[out, R] += s dy^T xa, B
+/// [out, R], xa [N, R]. Four rows at a time share each load of B's and dB's rows; each chunk of rows
+/// sums its part of dy^T xa in `part`, added to dB in chunk order after a barrier.
+template <int R, class T>
+void lora_dy_pass(std::span<const LoraDyJob<T>> jobs, T s, std::vector<T>& part) {
+    const Index nj = static_cast<Index>(jobs.size());
+    std::vector<Index> first_chunk(static_cast<std::size_t>(nj + 1), 0), first_part(first_chunk), first_row(first_chunk);
+    Index work = 0;
+    for (Index j = 0; j < nj; ++j) {
+        const auto& J = jobs[static_cast<std::size_t>(j)];
+        const Index chunks = (J.dy.rows + lora_rows_chunk - 1) / lora_rows_chunk;
+        first_chunk[static_cast<std::size_t>(j + 1)] = first_chunk[static_cast<std::size_t>(j)] + chunks;
+        first_part[static_cast<std::size_t>(j + 1)] = first_part[static_cast<std::size_t>(j)] + chunks * J.dy.cols * R;
+        first_row[static_cast<std::size_t>(j + 1)] = first_row[static_cast<std::size_t>(j)] + J.dy.cols;
+        work += J.dy.size();
+    }
+    const Index total_chunks = first_chunk.back(), total_rows = first_row.back();
+    part.assign(static_cast<std::size_t>(first_part.back()), T(0));
+    const auto job_of = [&](const std::vector<Index>& first, Index t) {
+        return static_cast<Index>(std::upper_bound(first.begin(), first.end(), t) - first.begin()) - 1;
+    };
+#pragma omp parallel if (worth_threads(work))
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (Index t = 0; t < total_chunks; ++t) {
+            const Index j = job_of(first_chunk, t), c = t - first_chunk[static_cast<std::size_t>(j)];
+            const auto& J = jobs[static_cast<std::size_t>(j)];
+            const Index N = J.dy.rows, out = J.dy.cols;
+            T* pc = part.data() + first_part[static_cast<std::size_t>(j)] + c * out * R;
+            const Index n1 = std::min(N, (c + 1) * lora_rows_chunk);
+            Index n = c * lora_rows_chunk;
+            for (; n + 4 <= n1; n += 4) {
+                const T *d0 = J.dy.row_ptr(n), *d1 = J.dy.row_ptr(n + 1), *d2 = J.dy.row_ptr(n + 2), *d3 = J.dy.row_ptr(n + 3);
+                T x0[R], x1[R], x2[R], x3[R], a0[R] = {}, a1[R] = {}, a2[R] = {}, a3[R] = {};
+                for (int q = 0; q < R; ++q) {
+                    x0[q] = J.xa(n, q);
+                    x1[q] = J.xa(n + 1, q);
+                    x2[q] = J.xa(n + 2, q);
+                    x3[q] = J.xa(n + 3, q);
+                }
+                for (Index o = 0; o < out; ++o) {
+                    const T* b = J.B.row_ptr(o);
+                    T* p = pc + o * R;
+                    const T v0 = d0[o], v1 = d1[o], v2 = d2[o], v3 = d3[o];
+#if defined(__GNUC__) && !defined(__clang__)  // GCC vectorises the loop over q only when told;
+#pragma omp simd                                // clang's -O1 (CI's sanitizer build) would warn
+#endif
+                    for (int q = 0; q < R; ++q) {
+                        a0[q] += v0 * b[q];
+                        a1[q] += v1 * b[q];
+                        a2[q] += v2 * b[q];
+                        a3[q] += v3 * b[q];
+                        p[q] += v0 * x0[q] + v1 * x1[q] + v2 * x2[q] + v3 * x3[q];
+                    }
+                }
+                for (int q = 0; q < R; ++q) {
+                    J.dxa(n, q) = s * a0[q];
+                    J.dxa(n + 1, q) = s * a1[q];
+                    J.dxa(n + 2, q) = s * a2[q];
+                    J.dxa(n + 3, q) = s * a3[q];
+                }
+            }
+            for (; n < n1; ++n) {
+                const T* d0 = J.dy.row_ptr(n);
+                T x0[R], a0[R] = {};
+                for (int q = 0; q < R; ++q) x0[q] = J.xa(n, q);
+                for (Index o = 0; o < out; ++o) {
+                    const T* b = J.B.row_ptr(o);
+                    T* p = pc + o * R;
+                    const T v0 = d0[o];
+#if defined(__GNUC__) && !defined(__clang__)  // GCC vectorises the loop over q only when told;
+#pragma omp simd                                // clang's -O1 (CI's sanitizer build) would warn
+#endif
+                    for (int q = 0; q < R; ++q) {
+                        a0[q] += v0 * b[q];
+                        p[q] += v0 * x0[q];
+                    }
+                }
+                for (int q = 0; q < R; ++q) J.dxa(n, q) = s * a0[q];
+            }
+        }
+        // (implicit barrier) dB, row by row over every job: the chunks' parts in chunk order.
+#pragma omp for schedule(static)
+        for (Index t = 0; t < total_rows; ++t) {
+            const Index j = job_of(first_row, t), o = t - first_row[static_cast<std::size_t>(j)];
+            const auto& J = jobs[static_cast<std::size_t>(j)];
+            const Index out = J.dy.cols, chunks = first_chunk[static_cast<std::size_t>(j + 1)] - first_chunk[static_cast<std::size_t>(j)];
+            const T* pj = part.data() + first_part[static_cast<std::size_t>(j)];
+            T sum[R] = {};
+            for (Index c = 0; c < chunks; ++c)
+                for (int q = 0; q < R; ++q) sum[q] += pj[(c * out + o) * R + q];
+            for (int q = 0; q < R; ++q) J.dB(o, q) += s * sum[q];
+        }
+    }
+}
+
+/// Whether lora_dy_pass has a kernel for rank r.
+inline bool lora_dy_pass_rank(Index r) { return r == 4 || r == 8 || r == 16; }
+
+/// lora_dy_pass at the jobs' rank (one of lora_dy_pass_rank's, the same for all).
+template <class T>
+void lora_dy_pass(std::initializer_list<LoraDyJob<T>> jobs, T s) {
+    thread_local std::vector<T> part;
+    const std::span<const LoraDyJob<T>> js(jobs.begin(), jobs.size());
+    if (js.empty()) return;
+    switch (js[0].B.cols) {
+        case 4: return lora_dy_pass<4, T>(js, s, part);
+        case 8: return lora_dy_pass<8, T>(js, s, part);
+        case 16: return lora_dy_pass<16, T>(js, s, part);
+        default: return;
+    }
+}
+}  // namespace detail
+
+/// LoRA update of a linear layer: y[N, out] += s (x A^T) B^T with A [r, in], B [out, r];
+/// saves xa = x A^T [N, r] for backward. Both products are chunked over the threads
+/// (kernels::gemm_chunked: the same bits for any thread count).
+template <class T>
+void lora_forward(MatrixView<T> y, MatrixView<T> xa, CView<T> x, CView<T> A, CView<T> B, T s) {
+    using kernels::Op;
+    kernels::gemm_chunked<T>(xa, x, Op::none, A, Op::trans);
+    kernels::gemm_chunked<T>(y, CView<T>(xa), Op::none, B, Op::trans, s, T(1));
 }
 
 /// dB += s dy^T xa; dA += s (dy B)^T x; dx[N, in] += s (dy B) A. dxa [N, r] is scratch (overwritten).
-/// dx.data may be null when nothing below needs the input gradient.
+/// dx.data may be null when nothing below needs the input gradient. dB and dxa = s dy B in one pass
+/// over dy (detail::lora_dy_pass; two products in one region at other ranks), then dA and dx
+/// (kernels::gemm_chunked). The same bits for any thread count.
 template <class T>
 void lora_backward(MatrixView<T> dx, MatrixView<T> dA, MatrixView<T> dB, MatrixView<T> dxa, CView<T> dy,
                    CView<T> x, CView<T> xa, CView<T> A, CView<T> B, T s) {
-    eigen(dB).noalias() += s * (eigen(dy).transpose() * eigen(xa));
-    eigen(dxa).noalias() = s * (eigen(dy) * eigen(B));
+    using P = kernels::GemmProduct<T>;
+    using kernels::Op;
+    if (detail::lora_dy_pass_rank(B.cols))
+        detail::lora_dy_pass<T>({{dB, dxa, dy, xa, B}}, s);
+    else
+        kernels::gemm_chunked<T>({P{dB, dy, Op::trans, xa, Op::none, s, T(1)}, P{dxa, dy, Op::none, B, Op::none, s}});
     const CView<T> dxa_c = dxa;
-    eigen(dA).noalias() += eigen(dxa_c).transpose() * eigen(x);
-    if (dx.data) eigen(dx).noalias() += eigen(dxa_c) * eigen(A);
+    if (dx.data)
+        kernels::gemm_chunked<T>({P{dA, dxa_c, Op::trans, x, Op::none, T(1), T(1)},
+                                  P{dx, dxa_c, Op::none, A, Op::none, T(1), T(1)}});
+    else
+        kernels::gemm_chunked<T>(dA, dxa_c, Op::trans, x, Op::none, T(1), T(1));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -332,10 +473,51 @@ void crossentropy_backward(MatrixView<T> dlogits, CView<T> logits, const T* lse,
     }
 }
 
-/// y[N, C] += x[N, C] (residual connection; its backward is the identity).
+/// y[N, C] += x[N, C] (residual connection; its backward is the identity). Rows split over the threads.
 template <class T>
 void residual_forward(MatrixView<T> y, CView<T> x) {
-    eigen(y) += eigen(x);
+#pragma omp parallel for schedule(static) if (detail::worth_threads(x.size()))
+    for (Index n = 0; n < x.rows; ++n) detail::row_array(y.row_ptr(n), x.cols) += detail::row_array(x.row_ptr(n), x.cols);
+}
+
+/// The residual add and the RMSNorm after it in one pass over the rows: y += x, then out = y * rstd * w
+/// (rmsnorm_forward of the new y; rstd [N] saved, may be null). The same bits as residual_forward then
+/// rmsnorm_forward (the same per-row operations), one read of y instead of two.
+template <class T>
+void residual_rmsnorm_forward(MatrixView<T> y, CView<T> x, MatrixView<T> out, T* rstd, const T* w, T eps) {
+    const Index d = x.cols;
+    const auto W = detail::row_array(w, d);
+#pragma omp parallel for schedule(static) if (detail::worth_threads(x.size()))
+    for (Index n = 0; n < x.rows; ++n) {
+        auto yr = detail::row_array(y.row_ptr(n), d);
+        yr += detail::row_array(x.row_ptr(n), d);
+        const auto yc = detail::row_array(static_cast<const T*>(y.row_ptr(n)), d);
+        const T r = T(1) / std::sqrt(yc.square().mean() + eps);
+        if (rstd) rstd[n] = r;
+        detail::row_array(out.row_ptr(n), d) = W * (yc * r);
+    }
+}
+
+/// Every view = 0, in one parallel region (rows split over the threads): gradient buffers of a few MB
+/// each, zeroed per layer.
+template <class T>
+void zero_rows(std::initializer_list<MatrixView<T>> views) {
+    Index rows = 0, work = 0;
+    for (const auto& v : views) {
+        rows += v.rows;
+        work += v.size();
+    }
+#pragma omp parallel for schedule(static) if (detail::worth_threads(work))
+    for (Index t = 0; t < rows; ++t) {
+        Index i = t;
+        for (const auto& v : views) {
+            if (i < v.rows) {
+                std::fill_n(v.row_ptr(i), v.cols, T(0));
+                break;
+            }
+            i -= v.rows;
+        }
+    }
 }
 
 }  // namespace comigs::models

@@ -316,7 +316,7 @@ public:
         auto& a = acts_;
 
         // The fused head of the training forward left dLoss/d(final norm output) in dfin.
-        eigen(dres).setZero();
+        zero_rows<T>({dres});
         rmsnorm_backward(dres, static_cast<T*>(nullptr), mat(a.dfin, N, d), mat(res(c.n_layer), N, d), a.rstd_f,
                          w_->final_norm.data());
         const kernels::AttentionShape shape = attention_shape(B_, T_, T_);
@@ -325,7 +325,7 @@ public:
             const Layer& la = a.layer[static_cast<std::size_t>(l)];
             const auto& lw = w_->layers[static_cast<std::size_t>(l)];
             // dres: dLoss/d(block output); the residual passes it to the attention output (mid) as is.
-            eigen(dln).setZero();
+            zero_rows<T>({dln});
             {
                 profile::Scope scope(profile::Phase::mlp, profile::Pass::backward);
                 mlps_[static_cast<std::size_t>(l)]->backward(dln, dres, mat(la.mn, N, d));
@@ -334,15 +334,15 @@ public:
                 profile::Scope scope(profile::Phase::norm, profile::Pass::backward);
                 rmsnorm_backward(dres, static_cast<T*>(nullptr), dln, mat(la.mid, N, d), la.rstd2, lw.mlp_norm.data());
             }
-            eigen(mat(g.datt, N, H * hd)).setZero();
+            // The buffers the attention's backward accumulates into, in one region (datt and dln are
+            // overwritten by the first product into them).
+            zero_rows<T>({mat(g.dq, N, H * hd), mat(g.dk, N, KV * hd), mat(g.dv, N, KV * hd)});
+            const bool need_dx = l > 0;  // below block 0's attention only the frozen embedding remains
             {
                 profile::Scope scope(profile::Phase::out_proj, profile::Pass::backward);
                 proj_backward(lw.o, l, 3, mat(g.datt, N, H * hd), dres, mat(la.att, N, H * hd), la.xa[3],
                               mat(g.dxa, N, r));
             }
-            eigen(mat(g.dq, N, H * hd)).setZero();
-            eigen(mat(g.dk, N, KV * hd)).setZero();
-            eigen(mat(g.dv, N, KV * hd)).setZero();
             {
                 profile::Scope scope(profile::Phase::attention, profile::Pass::backward);
                 kernels::attention_backward(mat(g.dq, N, H * hd), mat(g.dk, N, KV * hd), mat(g.dv, N, KV * hd),
@@ -357,9 +357,6 @@ public:
                 rope_apply(mat(g.dq, N, H * hd), H, hd, rope_, pos, true);
                 rope_apply(mat(g.dk, N, KV * hd), KV, hd, rope_, pos, true);
             }
-            // Below block 0's attention only the frozen embedding remains: no input gradient needed.
-            const bool need_dx = l > 0;
-            if (need_dx) eigen(dln).setZero();
             const MatrixView<T> dx = need_dx ? dln : MatrixView<T>();
             {
                 profile::Scope scope(profile::Phase::qkv, profile::Pass::backward);
@@ -618,14 +615,16 @@ private:
             embed_rows(mat(res(0), N, d), tokens_);
         }
         const auto pos = [Tn = T_](Index i) { return i % Tn; };
+        {
+            // Block 0's input norm; every later norm is fused with the residual add before it.
+            profile::Scope scope(profile::Phase::norm);
+            const Layer& a0 = acts_.layer[0];
+            rmsnorm_forward(mat(a0.xn, N, d), a0.rstd1, mat(res(0), N, d), w_->layers[0].attn_norm.data(), T(c.rms_eps));
+        }
         for (Index l = 0; l < c.n_layer; ++l) {
             const Layer& a = acts_.layer[static_cast<std::size_t>(l)];
             const auto& lw = w_->layers[static_cast<std::size_t>(l)];
             const auto x = mat(res(l), N, d);
-            {
-                profile::Scope scope(profile::Phase::norm);
-                rmsnorm_forward(mat(a.xn, N, d), a.rstd1, x, lw.attn_norm.data(), T(c.rms_eps));
-            }
             {
                 profile::Scope scope(profile::Phase::qkv);
                 qkv_forward(lw, l, mat(a.q, N, H * hd), mat(a.k, N, KV * hd), mat(a.v, N, KV * hd), mat(a.xn, N, d),
@@ -648,20 +647,25 @@ private:
             }
             {
                 profile::Scope scope(profile::Phase::norm);
-                residual_forward(mat(a.mid, N, d), ConstMatrixView<T>(x));
-                rmsnorm_forward(mat(a.mn, N, d), a.rstd2, mat(a.mid, N, d), lw.mlp_norm.data(), T(c.rms_eps));
+                residual_rmsnorm_forward(mat(a.mid, N, d), ConstMatrixView<T>(x), mat(a.mn, N, d), a.rstd2,
+                                         lw.mlp_norm.data(), T(c.rms_eps));
             }
             const auto y = mat(res(l + 1), N, d);  // in inference the same buffer as x: x is no longer needed
             {
                 profile::Scope scope(profile::Phase::mlp);
                 mlps_[static_cast<std::size_t>(l)]->forward(y, mat(a.mn, N, d), training_);
             }
+            // y += mid, then the next block's input norm (or the final norm) of y in the same pass.
             profile::Scope scope(profile::Phase::norm);
-            residual_forward(y, ConstMatrixView<T>(a.mid, N, d));
+            if (l + 1 < c.n_layer) {
+                const Layer& next = acts_.layer[static_cast<std::size_t>(l + 1)];
+                residual_rmsnorm_forward(y, ConstMatrixView<T>(a.mid, N, d), mat(next.xn, N, d), next.rstd1,
+                                         w_->layers[static_cast<std::size_t>(l + 1)].attn_norm.data(), T(c.rms_eps));
+            } else {
+                residual_rmsnorm_forward(y, ConstMatrixView<T>(a.mid, N, d), mat(acts_.fin, N, d), acts_.rstd_f,
+                                         w_->final_norm.data(), T(c.rms_eps));
+            }
         }
-        profile::Scope scope(profile::Phase::norm);
-        rmsnorm_forward(mat(acts_.fin, N, d), acts_.rstd_f, mat(res(c.n_layer), N, d), w_->final_norm.data(),
-                        T(c.rms_eps));
     }
 
     LoraViews lora_views(Index l, int p) {
@@ -677,26 +681,36 @@ private:
         return prefixes_[i];
     }
 
-    // y = x W^T + b (+ s (x A^T) B^T with LoRA); p: 0 q, 1 k, 2 v, 3 o. The rank-r products are
-    // chunked over the threads (kernels::gemm_chunked: the same bits for any thread count), not serial.
+    // y = x W^T + b (+ s (x A^T) B^T with LoRA: models::lora_forward); p: 0 q, 1 k, 2 v, 3 o.
     void proj_forward(const FrozenLinear<T>& W, Index l, int p, MatrixView<T> y, ConstMatrixView<T> x, T* xa) {
         W.forward(y, x);
-        if (has_lora_) {
-            using P = kernels::GemmProduct<T>;
-            const LoraViews v = lora_views(l, p);
-            const auto xav = mat(xa, x.rows, lora_cfg_.rank);
-            kernels::gemm_chunked<T>({P{xav, x, kernels::Op::none, v.A, kernels::Op::trans}});
-            kernels::gemm_chunked<T>(
-                {P{y, ConstMatrixView<T>(xav), kernels::Op::none, v.B, kernels::Op::trans, T(lora_cfg_.scale()), T(1)}});
-        }
+        if (!has_lora_) return;
+        const LoraViews v = lora_views(l, p);
+        lora_forward(y, mat(xa, x.rows, lora_cfg_.rank), x, v.A, v.B, T(lora_cfg_.scale()));
     }
     // q, k and v of layer l from the same x: the three base products, then each rank-r step of the
     // three LoRAs as one parallel region (xa = x A^T, then y += s xa B^T).
     void qkv_forward(const typename LlamaWeights<T>::Layer& lw, Index l, MatrixView<T> q, MatrixView<T> k,
                      MatrixView<T> v, ConstMatrixView<T> x, T* const* xa) {
-        lw.q.forward(q, x);
-        lw.k.forward(k, x);
-        lw.v.forward(v, x);
+        bool done = false;
+        if constexpr (std::is_same_v<T, float>) {
+            // bf16 products: x rounded to bf16 once for the three (gemm_bf16 would round it per product).
+            const auto bf16_products = [](const FrozenLinear<T>& W) { return W.is_bf16() && !W.fp32_compute; };
+            if (bf16_products(lw.q) && bf16_products(lw.k) && bf16_products(lw.v) && x.rows > 0 && x.cols > 0) {
+                if (xb_.size() < static_cast<std::size_t>(x.size())) xb_.resize(static_cast<std::size_t>(x.size()));
+                kernels::convert_rows_to_bf16(xb_.data(), x);
+                const ConstMatrixView<kernels::bf16> xb(xb_.data(), x.rows, x.cols);
+                lw.q.forward(q, xb);
+                lw.k.forward(k, xb);
+                lw.v.forward(v, xb);
+                done = true;
+            }
+        }
+        if (!done) {
+            lw.q.forward(q, x);
+            lw.k.forward(k, x);
+            lw.v.forward(v, x);
+        }
         if (!has_lora_) return;
         using P = kernels::GemmProduct<T>;
         using kernels::Op;
@@ -710,33 +724,24 @@ private:
                                   P{k, ConstMatrixView<T>(xk), Op::none, b.B, Op::trans, s, T(1)},
                                   P{v, ConstMatrixView<T>(xv), Op::none, c.B, Op::trans, s, T(1)}});
     }
-    // dx += dy W (when dx has data); with LoRA: dB += s dy^T xa, dxa = s dy B (one region), then
-    // dA += dxa^T x and dx += dxa A (one region).
+    // dx = dy W (overwritten, when dx has data); with LoRA models::lora_backward adds to it (dxa [N, r]
+    // scratch).
     void proj_backward(const FrozenLinear<T>& W, Index l, int p, MatrixView<T> dx, ConstMatrixView<T> dy,
                        ConstMatrixView<T> x, const T* xa, MatrixView<T> dxa) {
-        if (dx.data) W.backward_input(dx, dy, true);
-        if (has_lora_) {
-            using P = kernels::GemmProduct<T>;
-            using kernels::Op;
-            const LoraViews v = lora_views(l, p);
-            const T s = T(lora_cfg_.scale());
-            const ConstMatrixView<T> xav(xa, x.rows, lora_cfg_.rank), dxc(dxa);
-            kernels::gemm_chunked<T>({P{v.dB, dy, Op::trans, xav, Op::none, s, T(1)}, P{dxa, dy, Op::none, v.B, Op::none, s}});
-            if (dx.data)
-                kernels::gemm_chunked<T>({P{v.dA, dxc, Op::trans, x, Op::none, T(1), T(1)},
-                                          P{dx, dxc, Op::none, v.A, Op::none, T(1), T(1)}});
-            else
-                kernels::gemm_chunked<T>({P{v.dA, dxc, Op::trans, x, Op::none, T(1), T(1)}});
-        }
+        if (dx.data) W.backward_input(dx, dy, false);
+        if (!has_lora_) return;
+        const LoraViews v = lora_views(l, p);
+        lora_backward(dx, v.dA, v.dB, dxa, dy, x, ConstMatrixView<T>(xa, x.rows, lora_cfg_.rank), v.A, v.B,
+                      T(lora_cfg_.scale()));
     }
-    // The backward of qkv_forward: the three base input gradients into dx (when it has data), then
+    // The backward of qkv_forward: the three base input gradients into dx (overwritten, when it has data), then
     // the three LoRAs' rank-r steps, each one region: dB += s dy^T xa and dxa = s dy B; then dA +=
     // dxa^T x and dx += [dxa_q dxa_k dxa_v] [A_q; A_k; A_v] (one product: the three write the same dx).
     // dxa3 [N, 3 r] is scratch.
     void qkv_backward(const typename LlamaWeights<T>::Layer& lw, Index l, MatrixView<T> dx, ConstMatrixView<T> dq,
                       ConstMatrixView<T> dk, ConstMatrixView<T> dv, ConstMatrixView<T> x, T* const* xa, T* dxa3) {
         if (dx.data) {
-            lw.q.backward_input(dx, dq, true);
+            lw.q.backward_input(dx, dq, false);  // overwrites dx
             lw.k.backward_input(dx, dk, true);
             lw.v.backward_input(dx, dv, true);
         }
@@ -749,9 +754,16 @@ private:
         const MatrixView<T> dxa[3] = {MatrixView<T>(dxa3, N, r, 3 * r), MatrixView<T>(dxa3 + r, N, r, 3 * r),
                                       MatrixView<T>(dxa3 + 2 * r, N, r, 3 * r)};
         const auto xv = [&](int p) { return ConstMatrixView<T>(xa[p], N, r); };
-        kernels::gemm_chunked<T>({P{a.dB, dq, Op::trans, xv(0), Op::none, s, T(1)}, P{dxa[0], dq, Op::none, a.B, Op::none, s},
-                                  P{b.dB, dk, Op::trans, xv(1), Op::none, s, T(1)}, P{dxa[1], dk, Op::none, b.B, Op::none, s},
-                                  P{c.dB, dv, Op::trans, xv(2), Op::none, s, T(1)}, P{dxa[2], dv, Op::none, c.B, Op::none, s}});
+        if (detail::lora_dy_pass_rank(r)) {  // one pass over each of dq, dk, dv (models::lora_backward's)
+            detail::lora_dy_pass<T>({{a.dB, dxa[0], dq, xv(0), a.B}, {b.dB, dxa[1], dk, xv(1), b.B},
+                                     {c.dB, dxa[2], dv, xv(2), c.B}},
+                                    s);
+        } else {
+            kernels::gemm_chunked<T>(
+                {P{a.dB, dq, Op::trans, xv(0), Op::none, s, T(1)}, P{dxa[0], dq, Op::none, a.B, Op::none, s},
+                 P{b.dB, dk, Op::trans, xv(1), Op::none, s, T(1)}, P{dxa[1], dk, Op::none, b.B, Op::none, s},
+                 P{c.dB, dv, Op::trans, xv(2), Op::none, s, T(1)}, P{dxa[2], dv, Op::none, c.B, Op::none, s}});
+        }
         const auto dc = [&](int p) { return ConstMatrixView<T>(dxa[p]); };
         if (!dx.data) {
             kernels::gemm_chunked<T>({P{a.dA, dc(0), Op::trans, x, Op::none, T(1), T(1)},
@@ -778,6 +790,7 @@ private:
     bool has_lora_ = false;
     std::vector<std::string> prefixes_;
     comigs::detail::aligned_vector<T> lora_a3_;  // [A_q; A_k; A_v] for qkv_backward
+    comigs::detail::aligned_vector<kernels::bf16> xb_;  // q/k/v input rounded to bf16 (bf16 products)
 
     std::vector<int> tokens_, targets_;
     Index B_ = 0, T_ = 0;
