@@ -139,6 +139,29 @@ TEST_CASE("demo corpus: sizes, per-user training sizes and independence of the o
     for (const std::uint8_t t : ref.users[1].test.tokens) CHECK(ref.alphabet.contains(t));
 }
 
+TEST_CASE("demo corpus: an early-stopping split is its own draw and changes no other split") {
+    CorpusConfig cfg = small_config(5);
+    const Corpus ref = make_corpus(cfg);
+    cfg.stop_chars_per_user = {500};
+    const Corpus c = make_corpus(cfg);
+    for (std::size_t u = 0; u < 4; ++u) {
+        CHECK(ref.users[u].stop.size() == 0);
+        CHECK(c.users[u].stop.size() == 500);
+        CHECK(c.users[u].stop.personal.size() == 500);
+        CHECK(same(c.users[u].train, ref.users[u].train));
+        CHECK(same(c.users[u].validation, ref.users[u].validation));
+        CHECK(same(c.users[u].test, ref.users[u].test));
+        // Not a copy of another split's start.
+        CHECK(!std::equal(c.users[u].stop.tokens.begin(), c.users[u].stop.tokens.end(), c.users[u].validation.tokens.begin()));
+    }
+    cfg.stop_chars_per_user = {500, 0, 300, 200};
+    CHECK(make_corpus(cfg).users[2].stop.size() == 300);
+    cfg.stop_chars_per_user = {500, 300};
+    CHECK_THROWS_AS(make_corpus(cfg), comigs::InvalidArgument);
+    cfg.stop_chars_per_user = {-1};
+    CHECK_THROWS_AS(make_corpus(cfg), comigs::InvalidArgument);
+}
+
 TEST_CASE("demo corpus: every transition row is strictly positive and sums to exactly 1") {
     const Corpus c = make_corpus(small_config(3));
     std::vector<const Markov2*> sources{&c.base, &c.shared};

@@ -92,7 +92,7 @@ TEST_CASE("cap_text: evenly spaced pieces of the text, at most the cap") {
     CHECK(cap_text(text, 15, 10).size() == 10);
 }
 
-TEST_CASE("comigs-demo --setting multilingual on a fake Debian root, with a dev split") {
+TEST_CASE("comigs-demo --setting multilingual on a fake Debian root, with dev and stop splits") {
     const comigs_test::TempDir tmp("comigs-test-demo-setting");
     const fs::path root = tmp.path();
     const std::string base = "/usr/share/doc/debian-handbook/html/";
@@ -103,7 +103,7 @@ TEST_CASE("comigs-demo --setting multilingual on a fake Debian root, with a dev 
     const std::string out = (root / "out").string();
     std::vector<std::string> args{"comigs-demo", "--quick", "--setting", "multilingual", "--text-root", root.string(),
                                   "--methods", "local,comigs-1g1s", "--dev-tokens", "700", "--val-tokens",
-                                  "600,700,600,600", "--quiet", "--out", out};
+                                  "600,700,600,600", "--keep-best", "--stop-tokens", "500", "--quiet", "--out", out};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     REQUIRE(demo_main(static_cast<int>(argv.size()), argv.data()) == 0);
@@ -114,10 +114,13 @@ TEST_CASE("comigs-demo --setting multilingual on a fake Debian root, with a dev 
     CHECK(j["config"]["train_tokens"] == nlohmann::json::array({1500, 1500, 1500, 1500}));
     CHECK(j["config"]["validation_tokens"] == nlohmann::json::array({600, 700, 600, 600}));
     CHECK(j["config"]["dev_tokens"] == nlohmann::json::array({700, 700, 700, 700}));
+    CHECK(j["config"]["stop_tokens"] == nlohmann::json::array({500, 500, 500, 500}));
+    CHECK(j["config"]["keep_best"] == true);
     for (const char* m : {"local", "comigs-1g1s"}) {
         const auto& r = j["methods"][m];
         CHECK(r["mean_dev_ppl"].get<double>() > 1.0);
         CHECK(r["users"][0]["dev_ppl"].get<double>() > 1.0);
+        for (const auto& u : r["users"]) CHECK(u["kept_round"].get<long>() >= 0);
         CHECK(r["routing_by_layer"].size() == 2);
     }
     const auto& layer0 = j["methods"]["comigs-1g1s"]["routing_by_layer"][0];

@@ -185,3 +185,47 @@ TEST_CASE("text split: a validation set that is a share of the training text (--
         check_covers(sp.validation_chunks, N);
     }
 }
+
+TEST_CASE("text split: the stop split is disjoint from the others, covers the text, and moves nothing else") {
+    const Index N = 2000;
+    const std::string text = numbered_text(N, 5);  // a short last chunk, never held out
+    SplitSizes z;
+    z.chunk = 8;
+    z.test = 800;
+    z.validation = 400;
+    z.dev = 400;
+    z.train = 1600;  // 200 of the 1801 chunks the held-out splits leave
+    const auto before = split_text("numbered", text, z);
+    z.stop = 800;  // 100 chunks
+    const auto sp = split_text("numbered", text, z);
+    CHECK(sp.stop.size() == 800);
+    CHECK(chunks_in(sp.stop) == sp.stop_chunks);
+    check_covers(sp.stop_chunks, N + 1);
+    // A limited training set leaves room: every other split is the one without a stop split.
+    CHECK(sp.train.tokens == before.train.tokens);
+    CHECK(sp.validation.tokens == before.validation.tokens);
+    CHECK(sp.test.tokens == before.test.tokens);
+    CHECK(sp.dev.tokens == before.dev.tokens);
+    CHECK(before.stop.size() == 0);
+    std::set<Index> all;
+    for (const auto* ks : {&sp.test_chunks, &sp.validation_chunks, &sp.dev_chunks, &sp.train_chunks, &sp.stop_chunks})
+        for (Index k : *ks) CHECK(all.insert(k).second);
+    CHECK(std::find(sp.stop_chunks.begin(), sp.stop_chunks.end(), N) == sp.stop_chunks.end());
+    // All of the text for training: the stop split comes out of it, spread over the text again.
+    z.train = -1;
+    const auto full = split_text("numbered", text, z);
+    CHECK(full.stop.size() == 800);
+    check_covers(full.stop_chunks, N + 1);
+    CHECK(full.test.tokens == before.test.tokens);
+    CHECK(full.validation.tokens == before.validation.tokens);
+    CHECK(static_cast<Index>(full.train_chunks.size()) == N + 1 - 200 - 100);
+    std::set<Index> every;
+    for (const auto* ks : {&full.test_chunks, &full.validation_chunks, &full.dev_chunks, &full.train_chunks, &full.stop_chunks})
+        for (Index k : *ks) CHECK(every.insert(k).second);
+    CHECK(static_cast<Index>(every.size()) == N + 1);
+    // More than the text holds is a clear error naming the split.
+    z.stop = 8 * 1802;
+    CHECK_THROWS_WITH_AS(split_text("numbered", text, z), doctest::Contains("stop split"), comigs::InvalidArgument);
+    z.stop = -1;
+    CHECK_THROWS_WITH_AS(split_text("numbered", text, z), doctest::Contains("stop -1"), comigs::InvalidArgument);
+}

@@ -207,6 +207,19 @@ def runs_of(plan):
         for r in ["emb-h0.9", "ml-6000"]:
             out.append((r, "reference", 10, "comigs-1g1s", REFERENCE))
             out.append((r, "val50pct", 10, "comigs-1g1s", REFERENCE + v50))
+    elif plan == "stop":  # --keep-best judged for every method on a split no router trains on (--stop-tokens)
+        # The validation split is CoMiGS' router's training data: keep-best on it chooses CoMiGS' round on
+        # data it was fitted to, the baselines' on held-out data. The stop split is held out from every
+        # method; at these training sizes it comes from chunks training leaves, so training, validation,
+        # test and dev are the same tokens as without it, and "keepbest" (on validation, as the final plan)
+        # is the comparison at the same split. keepbest at 6000 also repeats fedgap2's runs (bit for bit).
+        keep, stop = ["--keep-best"], ["--stop-tokens", "3000"]
+        for r in ["ml-6000", "dom-6000", "ml-3000", "dom-3000", "emb-h0.9", "ml-12000"]:
+            for s in TUNING_SEEDS:
+                out.append((r, "keepbest-stop3000", s, "fedavg,comigs-1g1s", REFERENCE + keep + stop))
+                out.append((r, "local-keepbest-stop3000", s, "local", lr_flags("3e-3") + keep + stop))
+                out.append((r, "keepbest", s, "fedavg,comigs-1g1s", REFERENCE + keep))
+                out.append((r, "local-keepbest", s, "local", lr_flags("3e-3") + keep))
     elif plan == "fedgap":  # where FedAvg wins: does the generalist learn as FedAvg's experts do? (CoMiGS-1G1S)
         # The reference again first (the current program against the baselines plan's runs, bit for bit).
         out.append(("emb-h0", "reference", 10, "comigs-1g1s", REFERENCE))

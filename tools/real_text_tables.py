@@ -329,6 +329,54 @@ def table_keepbest(runs, split="dev"):
     print("\nKept round 20: the final download; an earlier round r: the user's model right after round r's local steps.")
 
 
+def table_stop(runs, split="dev"):
+    """--keep-best choosing each user's round on a stop split no method trains on (--stop-tokens 3000)
+    against choosing it on validation (CoMiGS' router's training data), at the same training, validation,
+    test and dev tokens (the stop plan)."""
+    plan = runs.get("stop", {})
+    rows = [r for r in sorted(plan, key=regime_key)]
+    if not rows:
+        return
+    methods = [("local", "Local"), ("fedavg", "FedAvg"), ("comigs-1g1s", "CoMiGS-1G1S")]
+    print(f"\n### Early stopping on a split no router trains on ({split} split, tuning seeds)\n")
+    print("Each cell: mean perplexity with --keep-best choosing on validation → on the stop split (change). "
+          "Last columns: CoMiGS-1G1S against each baseline, both under the same rule (validation → stop).\n")
+    print("| regime | seeds | " + " | ".join(n for _, n in methods) + " | CoMiGS vs Local | CoMiGS vs FedAvg | "
+          "kept rounds on stop (Local / FedAvg / CoMiGS, seed 10) |")
+    print("|---|---|" + "---|" * (len(methods) + 3))
+    for regime in rows:
+        v = plan[regime]
+        def entries(variant_pair):
+            got = {}
+            for variant in variant_pair:
+                for sd, res in v.get(variant, {}).items():
+                    for m, e in res["methods"].items():
+                        got.setdefault(sd, {})[m] = (e, res)
+            return got
+        val = entries(("keepbest", "local-keepbest"))
+        stp = entries(("keepbest-stop3000", "local-keepbest-stop3000"))
+        seeds = sorted(sd for sd in set(val) & set(stp)
+                       if all(m in val[sd] and m in stp[sd] for m, _ in methods))
+        if not seeds:
+            continue
+        def ppl(d, sd, m):
+            e, res = d[sd][m]
+            return e["mean_dev_ppl"] if split == "dev" else e["mean_test_ppl"]
+        cells = []
+        for m, _ in methods:
+            a = [ppl(val, sd, m) for sd in seeds]
+            b = [ppl(stp, sd, m) for sd in seeds]
+            cells.append(f"{statistics.mean(a):.3f} → {statistics.mean(b):.3f} "
+                         f"({statistics.mean(pct(y, x) for x, y in zip(a, b)):+.1f}%)")
+        for base in ("local", "fedavg"):
+            a = statistics.mean(pct(ppl(val, sd, "comigs-1g1s"), ppl(val, sd, base)) for sd in seeds)
+            b = statistics.mean(pct(ppl(stp, sd, "comigs-1g1s"), ppl(stp, sd, base)) for sd in seeds)
+            cells.append(f"{a:+.1f}% → {b:+.1f}%")
+        kept = " / ".join(",".join(str(u["kept_round"]) for u in stp[seeds[0]][m][0]["users"]) for m, _ in methods)
+        print(f"| {regime} | {','.join(map(str, seeds))} | " + " | ".join(cells) + f" | {kept} |")
+    print("\nChanges: mean over seeds of the per-seed relative difference. Kept round 20: the final download.")
+
+
 def final_rows(runs, plan="final", split="test"):
     """Per regime of the final plan: seeds -> {method: results.json entry} (local from its own runs),
     with the host's perplexity."""
@@ -494,13 +542,15 @@ def main():
                 table_fedgap(runs)
             if plan == "fedgap2":
                 table_keepbest(runs)
+        elif plan == "stop":
+            table_stop(runs, "dev")  # tuning seeds: dev only (test is for the report seeds)
         elif plan == "val":
             table_val(runs)
             table_variants(runs, plan, ref)
         elif plan == "capacity":
             table_capacity(runs)
             table_variants(runs, plan, ref)
-        elif plan not in ("baselines", "capacity-base", "repro"):
+        elif plan not in ("baselines", "capacity-base", "repro", "stop"):
             table_variants(runs, plan, ref)
 
 

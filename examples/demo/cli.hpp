@@ -67,7 +67,7 @@ int demo_main(int argc, char** argv, Placement place) {
         "share of the host-to-floor gap closed (embedded corpus), routing shares.\n"
         "Attention LoRA (--attention-lora R) is off by default: only the MLPs carry adapters; with it, every "
         "method that shares anything also shares the attention adapters (local and comigs-2s keep them)."};
-    std::string experts, ranks, train_tokens, val_tokens, test_tokens, methods;
+    std::string experts, ranks, train_tokens, val_tokens, test_tokens, stop_tokens, methods;
     bool quick = false;
     app.add_option("--users", c.users, "number of users")->capture_default_str();
     app.add_option("--experts", experts, "experts per user, comma list (default 2 each; 1 = a single generalist)");
@@ -102,7 +102,7 @@ int demo_main(int argc, char** argv, Placement place) {
         ->capture_default_str();
     app.add_flag("--keep-best", c.keep_best,
                  "every user keeps its model of the round with the best validation perplexity (early stopping), "
-                 "if it beats the final download");
+                 "if it beats the final download; with --stop-tokens, the best perplexity on its stop split");
     app.add_option("--recalibrate", c.recalibrate,
                    "router-only steps on validation data after the final download (CoMiGS methods)")
         ->capture_default_str();
@@ -119,6 +119,10 @@ int demo_main(int argc, char** argv, Placement place) {
                    "training tokens, e.g. 50% (all of a real text: validation and training split what test and dev "
                    "leave 1:2)");
     app.add_option("--test-tokens", test_tokens, "test tokens per user: one value or a comma list (default 10000)");
+    app.add_option("--stop-tokens", stop_tokens,
+                   "early-stopping tokens per user: one value or a comma list (default 0): held out from training "
+                   "and validation; --keep-best chooses every method's round on them (0: on validation, which "
+                   "routers train on)");
     app.add_option("--dev-tokens", c.dev_tokens,
                    "tokens per user of a tuning split, held out like test and evaluated (dev_ppl): choose "
                    "settings on it, never on test")->capture_default_str();
@@ -199,6 +203,7 @@ int demo_main(int argc, char** argv, Placement place) {
             c.validation_per_user = parse_list<comigs::Index>(val_tokens, "--val-tokens");
         }
         if (!test_tokens.empty()) c.test_per_user = parse_list<comigs::Index>(test_tokens, "--test-tokens");
+        if (!stop_tokens.empty()) c.stop_per_user = parse_list<comigs::Index>(stop_tokens, "--stop-tokens");
         c.methods = split_names(methods);
         c.progress = !quiet && place.leader();
         const auto out = comigs::demo::run_demo(c, place);

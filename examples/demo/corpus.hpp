@@ -385,6 +385,7 @@ struct CorpusConfig {
     index test_chars = 10000;                 ///< per user, unless test_chars_per_user is given
     std::vector<index> validation_chars_per_user, test_chars_per_user;  ///< empty, or num_users sizes
     index dev_chars = 0;                      ///< per user: a tuning split (hyper-parameters are chosen on it)
+    std::vector<index> stop_chars_per_user;   ///< empty (none), or one size, or num_users: an early-stopping split
     index base_chars = 300000;                ///< host pretraining stream from the base source
     index base_validation_chars = 10000;      ///< held-out base stream (host evaluation)
 
@@ -417,6 +418,9 @@ struct CorpusConfig {
             for (index v : *sizes) require(v >= 0, "per-user split size ", v, ": must be >= 0");
         }
         require(dev_chars >= 0, "dev_chars ", dev_chars, ": must be >= 0");
+        require(stop_chars_per_user.size() <= 1 || stop_chars_per_user.size() == static_cast<std::size_t>(num_users),
+                "stop_chars_per_user has ", stop_chars_per_user.size(), " sizes, expected 0, 1 or num_users = ", num_users);
+        for (index v : stop_chars_per_user) require(v >= 0, "stop_chars_per_user entry ", v, ": must be >= 0");
         require(train_chars >= 0, "train_chars ", train_chars, ": must be >= 0");
         require(validation_chars >= 0, "validation_chars ", validation_chars, ": must be >= 0");
         require(test_chars >= 0, "test_chars ", test_chars, ": must be >= 0");
@@ -431,6 +435,10 @@ struct CorpusConfig {
         return validation_chars_per_user.empty() ? validation_chars
                                                  : validation_chars_per_user[static_cast<std::size_t>(user)];
     }
+    index stop_chars_of(int user) const {
+        if (stop_chars_per_user.empty()) return 0;
+        return stop_chars_per_user.size() == 1 ? stop_chars_per_user[0] : stop_chars_per_user[static_cast<std::size_t>(user)];
+    }
     index test_chars_of(int user) const {
         return test_chars_per_user.empty() ? test_chars : test_chars_per_user[static_cast<std::size_t>(user)];
     }
@@ -444,6 +452,7 @@ struct UserCorpus {
     std::vector<int> signature;  ///< symbol indices of S_u's signature letters
     Stream train, validation, test;
     Stream dev;  ///< tuning split (CorpusConfig::dev_chars; Rng stream 3, so it changes no other split)
+    Stream stop;  ///< early-stopping split (CorpusConfig::stop_chars_per_user; Rng stream 4, likewise)
 
     const Stream& split(Split s) const {
         return s == Split::train ? train : s == Split::validation ? validation : test;
@@ -581,10 +590,11 @@ inline Corpus make_corpus(const CorpusConfig& config) {
         user.personal =
             detail::tilt(c.base, config.beta_personal, user.signature, config.signature_log_boost, tilt_rng,
                          config.boost_after_signature);
-        const std::array<std::pair<Stream*, index>, 4> splits{{{&user.train, config.train_chars_of(u)},
+        const std::array<std::pair<Stream*, index>, 5> splits{{{&user.train, config.train_chars_of(u)},
                                                                {&user.validation, config.validation_chars_of(u)},
                                                                {&user.test, config.test_chars_of(u)},
-                                                               {&user.dev, config.dev_chars}}};
+                                                               {&user.dev, config.dev_chars},
+                                                               {&user.stop, config.stop_chars_of(u)}}};
         for (std::uint64_t s = 0; s < splits.size(); ++s) {
             Rng rng = detail::make_rng(config.seed, detail::StreamKind::user_text, uid, s);
             *splits[s].first = sample_stream(c.alphabet, c.shared, user.personal, c.switching, splits[s].second, rng);

@@ -80,6 +80,7 @@ struct DemoConfig {
     double router_init_std = 0.02;    ///< router weight init N(0, std^2)
     double specialist_lr_scale = 1;   ///< specialists' rates times this, in methods that mix generalists and specialists
     bool keep_best = false;           ///< each user keeps its model of the round with the best validation perplexity
+                                      ///< (with stop tokens: the best perplexity on its stop split)
     double pcl_temperature = 1.0;
     Index recalibrate = 0;  ///< router-only steps on validation data after the final download
     Index attention_rank = 0;  ///< > 0: shared LoRA of this rank on c_attn and c_proj (as the reference)
@@ -96,6 +97,9 @@ struct DemoConfig {
     /// text_split.hpp's validation_for_share), instead of validation_tokens / validation_per_user.
     double validation_share = -1;
     Index dev_tokens = 0;  ///< per user: a tuning split, evaluated but never trained on (0: none)
+    /// Per user or one value (empty: 0): an early-stopping split --keep-best chooses rounds on instead of
+    /// validation, which a router trains on; held out from every method's training (--stop-tokens).
+    std::vector<Index> stop_per_user;
     Index base_tokens = 300000;
     double beta_personal = 3.0;
     double signature_boost = 4.0;
@@ -186,6 +190,7 @@ struct DemoConfig {
         return per_user(validation_per_user, u, validation_tokens);
     }
     Index test_of(int u) const { return per_user(test_per_user, u, test_tokens); }
+    Index stop_of(int u) const { return per_user(stop_per_user, u, 0); }
     /// Training tokens of user u; < 0: all of a real text.
     Index train_of(int u) const {
         return per_user(train_tokens, u, real_text() && !quick ? Index{-1} : default_train_tokens);
@@ -210,7 +215,7 @@ struct DemoConfig {
         require(ranks.empty() || ranks.size() == std::size_t(users), "--ranks has ", ranks.size(),
                 " entries, expected one per user (", users, ")");
         for (const auto& [list, flag] : {std::pair{&train_tokens, "--train-tokens"}, {&validation_per_user, "--val-tokens"},
-                                         {&test_per_user, "--test-tokens"}}) {
+                                         {&test_per_user, "--test-tokens"}, {&stop_per_user, "--stop-tokens"}}) {
             require(list->size() <= 1 || list->size() == std::size_t(users), flag, " has ", list->size(),
                     " entries, expected one, or one per user (", users, ")");
             for (Index v : *list) require(v >= 0, flag, " entry ", v, ": must be >= 0");
@@ -241,6 +246,7 @@ struct UserData {
     std::string name;
     Stream train, validation, test;
     Stream dev;  ///< tuning split (--dev-tokens): evaluated, never trained on
+    Stream stop;  ///< early-stopping split (--stop-tokens): --keep-best's rounds are chosen on it
     std::optional<double> floor_ppl;
     bool labelled = false;
 };
@@ -280,6 +286,7 @@ inline UserData text_user(const std::string& name, std::string_view text, const 
     u.validation = std::move(sp.validation);
     u.test = std::move(sp.test);
     u.dev = std::move(sp.dev);
+    u.stop = std::move(sp.stop);
     return u;
 }
 
@@ -520,6 +527,7 @@ struct RunContext {
     std::vector<std::shared_ptr<const FrozenMlp<Real>>> bases;
     std::vector<UserData> users;
     std::vector<Windows> test, validation, dev, curve, sample;
+    std::vector<Windows> stop;  ///< --keep-best's choice data per user: the stop split, or validation without one
     Windows ood;
     std::vector<double> host_ppl;
     Placement place;  ///< which users this process trains (all, or those of its MPI rank)
@@ -619,15 +627,16 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
     // the position among this rank's users.
     result.users.resize(std::size_t(U));
     RunnerHooks<Real> hooks;
-    // --keep-best: every user snapshots its adapters whenever its validation perplexity right after its
-    // local steps is its best so far, and deploys that snapshot if it beats the final download.
+    // --keep-best: every user snapshots its adapters whenever its perplexity on ctx.stop (the stop split,
+    // or validation without one) right after its local steps is its best so far, and deploys that snapshot
+    // if it beats the final download.
     std::vector<double> best_val(std::size_t(U), std::numeric_limits<double>::infinity());
     std::vector<Index> best_round(std::size_t(U), -1);
     std::vector<std::vector<NamedTensor<Real>>> best_params(static_cast<std::size_t>(U));
     hooks.after_local = [&](Index round, UserId user, std::size_t) {
         const std::size_t i = std::size_t(user);
         if (c.keep_best) {
-            const double v = evaluate_windows(*models[i], ctx.validation[i], false).ppl;
+            const double v = evaluate_windows(*models[i], ctx.stop[i], false).ppl;
             if (v < best_val[i]) {
                 best_val[i] = v;
                 best_round[i] = round;
@@ -661,7 +670,7 @@ inline MethodResult run_method(const std::string& name, RunContext& ctx, Progres
         UserResult& ur = result.users[i];
         if (c.keep_best) {
             ur.kept_round = c.rounds;  // the final download
-            if (best_val[i] < evaluate_windows(*models[i], ctx.validation[i], false).ppl) {
+            if (best_val[i] < evaluate_windows(*models[i], ctx.stop[i], false).ppl) {
                 load_adapter_parameters(models[i]->adapters(), std::span<const NamedTensor<Real>>(best_params[i]));
                 ur.kept_round = best_round[i];
             }
@@ -809,6 +818,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
             cc.test_chars_per_user.push_back(c.test_of(u));
         }
         cc.dev_chars = c.dev_tokens;
+        for (int u = 0; u < c.users; ++u) cc.stop_chars_per_user.push_back(c.stop_of(u));
         cc.base_chars = c.base_tokens;
         cc.beta_personal = c.beta_personal;
         cc.signature_log_boost = c.signature_boost;
@@ -821,6 +831,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
             d.validation = uc.validation;
             d.test = uc.test;
             d.dev = uc.dev;
+            d.stop = uc.stop;
             d.labelled = true;
             ctx.users.push_back(std::move(d));
         }
@@ -845,6 +856,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         for (int u = 0; u < c.users; ++u) {
             const auto& [name, text] = texts[std::size_t(u)];
             SplitSizes want{c.train_of(u), c.validation_of(u), c.test_of(u), c.dev_tokens};
+            want.stop = c.stop_of(u);
             if (want.validation < 0) {  // a share of all of the text: count the text in the tokens asked for
                 const double bpt = real ? bytes_per_token(real->codec, text) : 1.0;
                 want.validation = validation_for_share(c.validation_share, -1,
@@ -858,12 +870,14 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
             const double bpt = bytes_per_token(real->codec, text);
             ctx.users.push_back(text_user(name, text,
                                           SplitSizes{byte_budget(want.train, bpt), byte_budget(want.validation, bpt),
-                                                     byte_budget(want.test, bpt), byte_budget(want.dev, bpt)}));
+                                                     byte_budget(want.test, bpt), byte_budget(want.dev, bpt), 512,
+                                                     byte_budget(want.stop, bpt)}));
             UserData& d = ctx.users.back();
             tokenize_stream(d.train, real->codec, want.train);
             tokenize_stream(d.validation, real->codec, want.validation);
             tokenize_stream(d.test, real->codec, want.test);
             tokenize_stream(d.dev, real->codec, want.dev);
+            tokenize_stream(d.stop, real->codec, want.stop);
         }
         if (!setting_host.empty()) {
             append_bytes(host_stream.tokens, setting_host);
@@ -881,11 +895,18 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         host_stream.personal.assign(host_stream.tokens.size(), 0);
         host_key += "n" + std::to_string(host_stream.size());
     }
-    for (const auto& u : ctx.users)
-        for (const Stream* s : {&u.train, &u.validation, &u.test, &u.dev})
-            require(s->size() > c.seq_len + 1 || (s == &u.dev && c.dev_tokens == 0), "user '", u.name, "': the ",
-                    s == &u.train ? "training" : s == &u.validation ? "validation" : s == &u.test ? "test" : "dev",
+    for (int u = 0; u < c.users; ++u) {
+        const UserData& d = ctx.users[std::size_t(u)];
+        for (const Stream* s : {&d.train, &d.validation, &d.test, &d.dev, &d.stop})
+            require(s->size() > c.seq_len + 1 || (s == &d.dev && c.dev_tokens == 0) || (s == &d.stop && c.stop_of(u) == 0),
+                    "user '", d.name, "': the ",
+                    s == &d.train        ? "training"
+                    : s == &d.validation ? "validation"
+                    : s == &d.test       ? "test"
+                    : s == &d.dev        ? "dev"
+                                         : "stop",
                     " split has ", s->size(), " tokens, fewer than --seq-len + 2 = ", c.seq_len + 2);
+    }
 
     comigs::detail::Xxh64 hasher;
     hasher.update(std::as_bytes(std::span(host_key.data(), host_key.size())));
@@ -939,6 +960,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         {"validation_share", c.validation_share > 0 ? nlohmann::json(c.validation_share) : nlohmann::json()},
         {"test_tokens", split_sizes(&UserData::test)},
         {"dev_tokens", split_sizes(&UserData::dev)},
+        {"stop_tokens", split_sizes(&UserData::stop)},
         {"user_names", [&] {
              std::vector<std::string> n;
              for (const auto& u : ctx.users) n.push_back(u.name);
@@ -973,7 +995,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
                 "': the best round's adapters are not checkpointed, so a resumed run could differ; use one or the other");
         comigs::detail::Xxh64 data;
         for (const auto& u : ctx.users)
-            for (const Stream* st : {&u.train, &u.validation, &u.test, &u.dev})
+            for (const Stream* st : {&u.train, &u.validation, &u.test, &u.dev, &u.stop})
                 data.update(std::as_bytes(std::span(st->tokens)));
         checkpoint.emplace(c.checkpoint_dir, c.checkpoint_every, c.resume, place, config, data.digest());
         ctx.checkpoint = &*checkpoint;
@@ -1014,6 +1036,7 @@ DemoOutput run_demo(DemoConfig c, Placement place) {
         ctx.test.push_back(eval_windows(d.test, c.seq_len));
         ctx.validation.push_back(eval_windows(d.validation, c.seq_len));
         ctx.dev.push_back(eval_windows(d.dev, c.seq_len));
+        ctx.stop.push_back(c.stop_of(u) > 0 ? eval_windows(d.stop, c.seq_len) : ctx.validation.back());
         ctx.curve.push_back(eval_windows(d.test, c.seq_len, c.curve_tokens));
         ctx.sample.push_back(eval_windows(d.test, c.seq_len, c.sample_tokens));
         ood_parts.push_back(eval_windows(d.test, c.seq_len, per_user_ood));

@@ -1,6 +1,6 @@
 #pragma once
-// How comigs-demo splits one user's real text into training, validation, test and dev (tuning) token
-// streams so that every split samples the WHOLE text, whatever the sizes asked for.
+// How comigs-demo splits one user's real text into training, validation, test, dev (tuning) and
+// stop (early-stopping) token streams so that every split samples the WHOLE text, whatever the sizes asked for.
 //
 // The text is cut into chunks of `chunk` bytes (512 by default; the last one may be shorter). The
 // held-out splits (test, validation, dev) take whole chunks, spread evenly over the text: their K chunks
@@ -12,9 +12,17 @@
 //
 // So a split of m chunks has one within every ~N/m chunks of the text: a test set of 10k tokens of a
 // 1.2 MB text samples all of it, not its first 100 kB (what the demo's first splitter did).
+//
+// The early-stopping split (`stop`, --stop-tokens) is dealt after the others, from the chunks training
+// leaves: an evenly spaced subset of the whole chunks neither held out nor taken by training. So asking
+// for it moves no other split's chunk when the text has room (a limited training size): runs with and
+// without it train, validate and test on the same tokens. Where training takes all that is left (or
+// there is no room beside it), the stop split is taken first, evenly spaced over what the held-out
+// splits leave, and training gets the rest.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -25,19 +33,20 @@
 
 namespace comigs::demo {
 
-/// Sizes of the four splits of one user's text, in tokens (bytes).
+/// Sizes of the five splits of one user's text, in tokens (bytes).
 struct SplitSizes {
     Index train = -1;  ///< < 0: everything the held-out splits leave
     Index validation = 3000;
     Index test = 10000;
     Index dev = 0;  ///< tuning split (hyper-parameters are chosen on it, never on test); 0: none
     Index chunk = 512;
+    Index stop = 0;  ///< early-stopping split (--keep-best chooses rounds on it; never trained on); 0: none
 };
 
-/// The four streams and, for checks, the chunk indices each one took (in text order).
+/// The five streams and, for checks, the chunk indices each one took (in text order).
 struct TextSplit {
-    Stream train, validation, test, dev;
-    std::vector<Index> train_chunks, validation_chunks, test_chunks, dev_chunks;
+    Stream train, validation, test, dev, stop;
+    std::vector<Index> train_chunks, validation_chunks, test_chunks, dev_chunks, stop_chunks;
     Index chunks = 0;  ///< N: chunks of the text (the last one possibly short)
 };
 
@@ -70,8 +79,9 @@ inline Index validation_for_share(double share, Index train, Index text_tokens, 
 /// held-out splits need more whole chunks than the text has (one chunk is always left for training).
 inline TextSplit split_text(std::string_view who, std::string_view text, const SplitSizes& sizes) {
     require(sizes.chunk >= 1, "text '", who, "': chunk ", sizes.chunk, ": must be >= 1");
-    require(sizes.validation >= 0 && sizes.test >= 0 && sizes.dev >= 0, "text '", who, "': split sizes (validation ",
-            sizes.validation, ", test ", sizes.test, ", dev ", sizes.dev, "): must be >= 0");
+    require(sizes.validation >= 0 && sizes.test >= 0 && sizes.dev >= 0 && sizes.stop >= 0, "text '", who,
+            "': split sizes (validation ", sizes.validation, ", test ", sizes.test, ", dev ", sizes.dev, ", stop ",
+            sizes.stop, "): must be >= 0");
     const Index bytes = static_cast<Index>(text.size()), C = sizes.chunk;
     TextSplit out;
     out.chunks = (bytes + C - 1) / C;
@@ -101,11 +111,46 @@ inline TextSplit split_text(std::string_view who, std::string_view text, const S
     for (Index k = 0; k < out.chunks; ++k)
         if (!taken[static_cast<std::size_t>(k)]) rest.push_back(k);
     const Index want = sizes.train < 0 ? static_cast<Index>(rest.size()) : detail::chunks_for(sizes.train, C);
-    if (want >= static_cast<Index>(rest.size())) {
-        out.train_chunks = rest;
-    } else {
-        for (Index j : detail::spread_evenly(static_cast<Index>(rest.size()), want))
-            out.train_chunks.push_back(rest[static_cast<std::size_t>(j)]);
+    const Index stop_need = detail::chunks_for(sizes.stop, C);
+    // An evenly spaced `m` of `from`'s whole chunks (the short last chunk is never held out).
+    auto pick_stop = [&](const std::vector<Index>& from, Index m) {
+        std::vector<Index> whole;
+        for (Index k : from)
+            if (k < full) whole.push_back(k);
+        require(m <= static_cast<Index>(whole.size()), "text '", who, "': the stop split's ", sizes.stop,
+                " tokens need ", m, " whole chunks of ", C, " bytes; ", whole.size(), " are left");
+        std::vector<Index> picked;
+        for (Index j : detail::spread_evenly(static_cast<Index>(whole.size()), m))
+            picked.push_back(whole[static_cast<std::size_t>(j)]);
+        return picked;
+    };
+    auto without = [](const std::vector<Index>& from, const std::vector<Index>& drop) {  // both sorted
+        std::vector<Index> left;
+        std::set_difference(from.begin(), from.end(), drop.begin(), drop.end(), std::back_inserter(left));
+        return left;
+    };
+    auto take_training = [&](const std::vector<Index>& from) {
+        if (want >= static_cast<Index>(from.size())) {
+            out.train_chunks = from;
+        } else {
+            for (Index j : detail::spread_evenly(static_cast<Index>(from.size()), want))
+                out.train_chunks.push_back(from[static_cast<std::size_t>(j)]);
+        }
+    };
+    take_training(rest);
+    if (stop_need > 0) {
+        const std::vector<Index> left = without(rest, out.train_chunks);
+        Index whole_left = 0;
+        for (Index k : left) whole_left += k < full ? 1 : 0;
+        if (sizes.train >= 0 && whole_left >= stop_need) {  // room beside training: no other split moves
+            out.stop_chunks = pick_stop(left, stop_need);
+        } else {  // training takes all that is left: the stop split first, training the rest
+            out.stop_chunks = pick_stop(rest, stop_need);
+            require(static_cast<Index>(rest.size()) > stop_need, "text '", who, "': the stop split's ", sizes.stop,
+                    " tokens leave no chunk for training");
+            out.train_chunks.clear();
+            take_training(without(rest, out.stop_chunks));
+        }
     }
     auto gather = [&](Stream& s, const std::vector<Index>& ks, Index limit) {
         for (Index k : ks) {
@@ -119,6 +164,7 @@ inline TextSplit split_text(std::string_view who, std::string_view text, const S
     gather(out.validation, out.validation_chunks, sizes.validation);
     gather(out.test, out.test_chunks, sizes.test);
     gather(out.dev, out.dev_chunks, sizes.dev);
+    gather(out.stop, out.stop_chunks, sizes.stop);
     return out;
 }
 
