@@ -49,6 +49,11 @@ def pct(a, b):
     return 100.0 * (a - b) / b
 
 
+def mean_change(xs, ys):
+    """The mean over seeds of the per-seed relative difference of xs against ys (%)."""
+    return statistics.mean(pct(x, y) for x, y in zip(xs, ys))
+
+
 def metric(res, method, split):
     m = res["methods"].get(method)
     if m is None:
@@ -253,8 +258,8 @@ def table_valshare_scarce(runs, split="dev"):
         if not seeds:
             continue
         m = lambda r, meth: [metric(r[s], meth, split) for s in seeds]
-        d3 = statistics.mean(pct(c, l) for c, l in zip(m(c3, "comigs-1g1s"), m(l3, "local")))
-        d5 = statistics.mean(pct(c, l) for c, l in zip(m(c5, "comigs-1g1s"), m(l5, "local")))
+        d3 = mean_change(m(c3, "comigs-1g1s"), m(l3, "local"))
+        d5 = mean_change(m(c5, "comigs-1g1s"), m(l5, "local"))
         g = lambda r: statistics.mean(r[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
         n5 = c5[seeds[0]]["config"]["validation_tokens"][0]
         print(f"| {regime} | {fmt(m(l3, 'local'))} | {fmt(m(c3, 'comigs-1g1s'))} | {d3:+.1f}% | {fmt(m(l5, 'local'))} | "
@@ -324,8 +329,8 @@ def table_keepbest(runs, split="dev"):
         ck = [metric(kb[s], "comigs-1g1s", split) for s in seeds]
         kept = lambda m: " / ".join(",".join(str(u["kept_round"]) for u in kb[s]["methods"][m]["users"]) for s in seeds)
         print(f"| {regime} | {fmt(f)} | {fmt(fk)} | {fmt(c)} | {fmt(ck)} | "
-              f"{statistics.mean(pct(x, y) for x, y in zip(c, f)):+.1f}% | "
-              f"{statistics.mean(pct(x, y) for x, y in zip(ck, fk)):+.1f}% | {kept('fedavg')} | {kept('comigs-1g1s')} |")
+              f"{mean_change(c, f):+.1f}% | "
+              f"{mean_change(ck, fk):+.1f}% | {kept('fedavg')} | {kept('comigs-1g1s')} |")
     print("\nKept round 20: the final download; an earlier round r: the user's model right after round r's local steps.")
 
 
@@ -367,7 +372,7 @@ def table_stop(runs, split="dev"):
             a = [ppl(val, sd, m) for sd in seeds]
             b = [ppl(stp, sd, m) for sd in seeds]
             cells.append(f"{statistics.mean(a):.3f} → {statistics.mean(b):.3f} "
-                         f"({statistics.mean(pct(y, x) for x, y in zip(a, b)):+.1f}%)")
+                         f"({mean_change(b, a):+.1f}%)")
         for base in ("local", "fedavg"):
             a = statistics.mean(pct(ppl(val, sd, "comigs-1g1s"), ppl(val, sd, base)) for sd in seeds)
             b = statistics.mean(pct(ppl(stp, sd, "comigs-1g1s"), ppl(stp, sd, base)) for sd in seeds)
@@ -414,8 +419,8 @@ def table_chosen_on_tuning_seeds(runs, split="test"):
         com = [ref_v[s]["methods"]["comigs-1g1s"][key] for s in seeds]
         pfm = [ref_v[s]["methods"]["pfedmoe"][key] for s in seeds if "pfedmoe" in ref_v[s]["methods"]]
         gen = statistics.mean(ref_v[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
-        dl = statistics.mean(pct(c, x) for c, x in zip(com, loc))
-        df = statistics.mean(pct(c, x) for c, x in zip(com, fed))
+        dl = mean_change(com, loc)
+        df = mean_change(com, fed)
         print(f"| {regime} | {fmt(loc)} | {fmt(fed)} | {fmt(com)} | {fmt(pfm)} | {dl:+.1f}% | {df:+.1f}% | {gen:.2f} |")
 
 
@@ -431,9 +436,9 @@ def table_final(runs, plan="final", split="test"):
         seeds = rows[regime]
         val = {m: [seeds[s][m][key] for s in sorted(seeds)] for m in ("local", "fedavg", "comigs-1g1s")}
         c = val["comigs-1g1s"]
-        d_local = statistics.mean(pct(x, y) for x, y in zip(c, val["local"]))
-        d_fedavg = statistics.mean(pct(x, y) for x, y in zip(c, val["fedavg"]))
-        d_better = statistics.mean(pct(x, min(y, z)) for x, y, z in zip(c, val["local"], val["fedavg"]))
+        d_local = mean_change(c, val["local"])
+        d_fedavg = mean_change(c, val["fedavg"])
+        d_better = mean_change(c, map(min, val["local"], val["fedavg"]))
         gen = statistics.mean(seeds[s]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
         p2s = [max((l["personal_to_specialist"] for l in seeds[s]["comigs-1g1s"]["routing_by_layer"]
                     if l["personal_to_specialist"] is not None), default=None) for s in seeds]
@@ -472,13 +477,13 @@ def table_final_r16(runs, split="test"):
         c8 = [base[s]["comigs-1g1s"][key] for s in seeds]
         loc = [base[s]["local"][key] for s in seeds]
         fed = [base[s]["fedavg"][key] for s in seeds]
-        d = lambda ys: f"{statistics.mean(pct(x, y) for x, y in zip(c16, ys)):+.1f}%"
+        d = lambda ys: f"{mean_change(c16, ys):+.1f}%"
         b16 = r16[regime].get("baselines-rank16", {})
         s16 = [s for s in seeds if s in b16]
         l16 = [b16[s]["methods"]["local"][key] for s in s16]
         f16 = [b16[s]["methods"]["fedavg"][key] for s in s16]
         c16s = [com[s]["methods"]["comigs-1g1s"][key] for s in s16]
-        eq = f"{statistics.mean(pct(x, min(y, z)) for x, y, z in zip(c16s, l16, f16)):+.1f}%" if s16 else "-"
+        eq = f"{mean_change(c16s, map(min, l16, f16)):+.1f}%" if s16 else "-"
         gen = statistics.mean(com[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
         p2s = [best_p2s(com[s]["methods"]["comigs-1g1s"]) for s in seeds]
         p2s = f"{statistics.mean(p2s):.2f}" if all(x is not None for x in p2s) else "-"
@@ -510,7 +515,7 @@ def table_final_val30000(runs, split="test"):
         gen = statistics.mean(com[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
         n16 = f" ({len(s16)} seeds)" if s16 and len(s16) != len(seeds) else ""
         print(f"| {regime} | {len(seeds)} | {fmt(lo)} | {fmt(lo16)}{n16} | {fmt(c)} | "
-              f"{statistics.mean(pct(x, y) for x, y in zip(c, lo)):+.1f}% | {d16}{n16} | {gen:.2f} |")
+              f"{mean_change(c, lo):+.1f}% | {d16}{n16} | {gen:.2f} |")
     print("\nAnother validation size deals other chunks to the test split: compare these numbers with each other, "
           "not with the tables at 3000 validation tokens. FedAvg (8-12% behind Local on all of a text, with --keep-best) was not run.")
 
