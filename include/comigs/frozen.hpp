@@ -40,6 +40,9 @@ struct FrozenLinear {
     bool is_quantized() const { return weight_quant.data != nullptr; }
     /// True when W is a plain T matrix (`weight`), the form the fused GEMM regions of the layers need.
     bool is_plain() const { return !is_bf16() && !is_quantized(); }
+    /// True when products with W round the activations to bf16 and can take them already rounded
+    /// (the bf16-activation forward and backward_input below): a bf16 weight without fp32_compute.
+    bool takes_bf16_activations() const { return is_bf16() && !fp32_compute; }
     Index in_features() const {
         return is_bf16() ? weight_bf16.cols : is_quantized() ? weight_quant.cols : weight.cols;
     }

@@ -675,9 +675,8 @@ private:
         bool up_done = false;
         if (!fc.is_plain()) {  // bf16 or quantized: the base product runs through its own kernels
             kernels::gemm_chunked_and<T>({proj}, n, n * d, copy_x);
-            const auto bf16_products = [](const FrozenLinear<T>& L) { return L.is_bf16() && !L.fp32_compute; };
             if constexpr (std::is_same_v<T, float>) {
-                if (nf > 1 && bf16_products(fc) && bf16_products(up) && n > 0 && d > 0) {
+                if (nf > 1 && fc.takes_bf16_activations() && up.takes_bf16_activations() && n > 0 && d > 0) {
                     const auto xb = bf16_view(n, d, 1);
                     kernels::convert_rows_to_bf16(xb.data, x);
                     fc.forward(H, ConstMatrixView<kernels::bf16>(xb));

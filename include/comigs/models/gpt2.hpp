@@ -815,7 +815,7 @@ private:
         FrozenLinear<T> w = W;
         w.bias = {};
         if constexpr (std::is_same_v<T, float>) {
-            if (w.is_bf16() && !w.fp32_compute) {  // x rounded to bf16 beside the small product
+            if (w.takes_bf16_activations()) {  // x rounded to bf16 beside the small product
                 kernels::bf16* xb = bf16_scratch(N * in);
                 kernels::gemm_chunked_and<T>({lora_in}, N, N * in, [&](Index i) {
                     xa[i * xc + r] = T(1);
@@ -865,7 +865,7 @@ private:
         const Prod grad_a{dA, ConstMatrixView<T>(dxa), kernels::Op::trans, x, kernels::Op::none, T(1), T(1)};
         const Prod update{dx, ConstMatrixView<T>(dxa), kernels::Op::none, A, kernels::Op::none, T(1), T(1)};
         if constexpr (std::is_same_v<T, float>) {
-            if (dx.data && W.is_bf16() && !W.fp32_compute) {  // dy rounded to bf16 beside the small products
+            if (dx.data && W.takes_bf16_activations()) {  // dy rounded to bf16 beside the small products
                 const Index N = dy.rows, out = dy.cols;
                 kernels::bf16* dyb = bf16_scratch(N * out);
                 kernels::gemm_chunked_and<T>({grad_b, lora_dy}, N, N * out, [&](Index i) {

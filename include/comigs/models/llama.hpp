@@ -695,8 +695,8 @@ private:
         bool done = false;
         if constexpr (std::is_same_v<T, float>) {
             // bf16 products: x rounded to bf16 once for the three (gemm_bf16 would round it per product).
-            const auto bf16_products = [](const FrozenLinear<T>& W) { return W.is_bf16() && !W.fp32_compute; };
-            if (bf16_products(lw.q) && bf16_products(lw.k) && bf16_products(lw.v) && x.rows > 0 && x.cols > 0) {
+            if (lw.q.takes_bf16_activations() && lw.k.takes_bf16_activations() && lw.v.takes_bf16_activations() &&
+                x.rows > 0 && x.cols > 0) {
                 if (xb_.size() < static_cast<std::size_t>(x.size())) xb_.resize(static_cast<std::size_t>(x.size()));
                 kernels::convert_rows_to_bf16(xb_.data(), x);
                 const ConstMatrixView<kernels::bf16> xb(xb_.data(), x.rows, x.cols);

@@ -67,7 +67,7 @@ double frozen_head_cross_entropy(const FrozenLinear<T>& W, std::type_identity_t<
                                  std::type_identity_t<T> grad_scale) {
     if (W.bias.empty() && !W.is_quantized()) {
         if constexpr (std::is_same_v<T, float>) {
-            if (W.is_bf16() && !W.fp32_compute) {
+            if (W.takes_bf16_activations()) {
                 kernels::HeadWeightView<float, kernels::bf16> h(W.weight_bf16);
                 return kernels::lm_head_cross_entropy_with<float>(dx, nullptr, nullptr, x, h, targets, grad_scale);
             }
