@@ -11,6 +11,10 @@
 //   model_decode/{mixture,lora}/fp32/<host>   one new token, KV cache holding 512..527 tokens: the
 //        mixture model, and the same model with one expert (plain LoRA on the MLPs)
 //   attention_fwd_bwd/{flash,probs}/gpt2_124m   one layer's causal attention, forward + backward
+//   attention_fwd_bwd/flash/smollm2_135m, attention_fwd/flash/{gpt2_124m,smollm2_135m}   the same at
+//        SmolLM2's 9 heads over 3 kv heads, and the forward alone (GFLOP/s counter: the causal products)
+//   attention_fwd_bwd/blocked/{gpt2_124m,smollm2_135m}   the kernel's blocked path (per-block GEMM calls,
+//        what decode runs) at the same shapes
 //   lm_head_ce/{chunked,logits}/gpt2_124m       LM head + cross-entropy + its input gradient
 // items_per_second = tokens/s. Counter peak_heap_MB: heap bytes of the case (model, activations,
 // work space) at their peak, from bench_memory.cpp.
@@ -151,25 +155,39 @@ void model_decode(benchmark::State& state, RandomHost host, Index experts) {
 // ---------------------------------------------------------------------------------------------------
 // The new whole-model kernels against what they replace, at GPT-2-124M shapes (8 x 128 tokens).
 
-/// One layer's attention inputs: packed qkv [N, 3d] as c_attn writes it, and a random output gradient.
+/// One layer's attention inputs: packed qkv [N, (H + 2 KV) hd] as c_attn (or q, k, v side by side)
+/// writes it, and a random output gradient. Default: GPT-2-124M's 12 heads; SmolLM2's 9 over 3.
 struct AttentionSetup {
-    static constexpr Index B = ModelStepShape::B, T = ModelStepShape::T, H = 12, hd = 64, d = H * hd, N = B * T;
+    static constexpr Index B = ModelStepShape::B, T = ModelStepShape::T, hd = 64, N = B * T;
+    Index H = 12, KV = 12, d = H * hd, width = (H + 2 * KV) * hd;
     std::vector<float> qkv, out, dout, dqkv, lse, probs;
-    AttentionSetup() {
+    explicit AttentionSetup(Index heads = 12, Index kv_heads = 12)
+        : H(heads), KV(kv_heads), d(heads * hd), width((heads + 2 * kv_heads) * hd) {
         Rng rng(3);
-        qkv = random_vector<float>(static_cast<std::size_t>(N * 3 * d), rng);
+        qkv = random_vector<float>(static_cast<std::size_t>(N * width), rng);
         dout = random_vector<float>(static_cast<std::size_t>(N * d), rng);
         out.assign(dout.size(), 0.0f);
         dqkv.assign(qkv.size(), 0.0f);
     }
-    ConstMatrixView<float> part(int i) const { return {qkv.data() + i * d, N, d, 3 * d}; }
-    MatrixView<float> dpart(int i) { return {dqkv.data() + i * d, N, d, 3 * d}; }
+    Index offset(int i) const { return i == 0 ? 0 : d + (i - 1) * KV * hd; }
+    Index cols(int i) const { return i == 0 ? d : KV * hd; }
+    ConstMatrixView<float> part(int i) const { return {qkv.data() + offset(i), N, cols(i), width}; }
+    MatrixView<float> dpart(int i) { return {dqkv.data() + offset(i), N, cols(i), width}; }
+    kernels::AttentionShape shape() const { return {B, T, T, H, KV, hd}; }
 };
 
+/// Multiply-adds of one causal attention's products at T keys per sequence: QK^T and PV forward, the
+/// recomputed QK^T, dO V^T, P^T dO, dS^T Q and dS K backward (each hd T (T + 1) / 2 per head).
+double attention_macs(const AttentionSetup& s, int products) {
+    return double(products) * double(s.B) * double(s.H) * double(s.hd) * double(s.T) * double(s.T + 1) / 2;
+}
+
 // Kernel: kernels::attention_forward + attention_backward (flash style: lse kept, probabilities recomputed).
-void attention_flash(benchmark::State& state) {
-    AttentionSetup s;
-    const kernels::AttentionShape shape{s.B, s.T, s.T, s.H, s.H, s.hd};
+void attention_flash(benchmark::State& state, Index heads, Index kv_heads, bool tiled) {
+    const Index saved = kernels::detail::attention_tiled_min_queries();
+    if (!tiled) kernels::detail::attention_tiled_min_queries() = ModelStepShape::T + 1;  // the blocked path
+    AttentionSetup s(heads, kv_heads);
+    const auto shape = s.shape();
     s.lse.assign(static_cast<std::size_t>(s.B * s.H * s.T), 0.0f);
     for (auto _ : state) {
         kernels::attention_forward<float>({s.out.data(), s.N, s.d}, s.lse.data(), s.part(0), s.part(1), s.part(2), shape);
@@ -178,6 +196,21 @@ void attention_flash(benchmark::State& state) {
         benchmark::DoNotOptimize(s.dqkv.data());
     }
     state.SetItemsProcessed(state.iterations() * s.N);
+    set_counters(state, s.N, 2.0 * attention_macs(s, 7));
+    kernels::detail::attention_tiled_min_queries() = saved;
+}
+
+// Kernel: kernels::attention_forward alone (with the lse, as in training).
+void attention_flash_forward(benchmark::State& state, Index heads, Index kv_heads) {
+    AttentionSetup s(heads, kv_heads);
+    const auto shape = s.shape();
+    s.lse.assign(static_cast<std::size_t>(s.B * s.H * s.T), 0.0f);
+    for (auto _ : state) {
+        kernels::attention_forward<float>({s.out.data(), s.N, s.d}, s.lse.data(), s.part(0), s.part(1), s.part(2), shape);
+        benchmark::DoNotOptimize(s.out.data());
+    }
+    state.SetItemsProcessed(state.iterations() * s.N);
+    set_counters(state, s.N, 2.0 * attention_macs(s, 2));
 }
 
 // Kernel: models::attention_forward + attention_backward of the host (every probability kept).
@@ -269,7 +302,12 @@ void lm_head_logits(benchmark::State& state) {
 
 COMIGS_MODEL_CASES(gpt2_124m);
 COMIGS_MODEL_CASES(smollm2_135m);
-BENCHMARK(attention_flash)->Name("attention_fwd_bwd/flash/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(attention_flash, gpt2, 12, 12, true)->Name("attention_fwd_bwd/flash/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(attention_flash, smollm2, 9, 3, true)->Name("attention_fwd_bwd/flash/smollm2_135m")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(attention_flash, gpt2_blocked, 12, 12, false)->Name("attention_fwd_bwd/blocked/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(attention_flash, smollm2_blocked, 9, 3, false)->Name("attention_fwd_bwd/blocked/smollm2_135m")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(attention_flash_forward, gpt2, 12, 12)->Name("attention_fwd/flash/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(attention_flash_forward, smollm2, 9, 3)->Name("attention_fwd/flash/smollm2_135m")->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(attention_probs)->Name("attention_fwd_bwd/probs/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(lm_head_chunked)->Name("lm_head_ce/chunked/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(lm_head_logits)->Name("lm_head_ce/logits/gpt2_124m")->Unit(benchmark::kMillisecond)->UseRealTime();

@@ -20,12 +20,27 @@ using namespace comigs;
 using comigs::Index;
 using kernels::AttentionShape;
 
+/// Sets the blocked path's block and the tiled path's chunk to r query rows.
 struct BlockRows {
-    Index saved;
-    explicit BlockRows(Index r) : saved(kernels::detail::attention_block_rows()) {
+    Index saved, saved_chunk;
+    explicit BlockRows(Index r)
+        : saved(kernels::detail::attention_block_rows()), saved_chunk(kernels::detail::attention_chunk_rows()) {
         kernels::detail::attention_block_rows() = r;
+        kernels::detail::attention_chunk_rows() = r;
     }
-    ~BlockRows() { kernels::detail::attention_block_rows() = saved; }
+    ~BlockRows() {
+        kernels::detail::attention_block_rows() = saved;
+        kernels::detail::attention_chunk_rows() = saved_chunk;
+    }
+};
+
+/// The tiled path from `rows` query rows on (1: every shape whose head size fits the vectors).
+struct TiledFrom {
+    Index saved;
+    explicit TiledFrom(Index rows) : saved(kernels::detail::attention_tiled_min_queries()) {
+        kernels::detail::attention_tiled_min_queries() = rows;
+    }
+    ~TiledFrom() { kernels::detail::attention_tiled_min_queries() = saved; }
 };
 
 template <class F>
@@ -86,16 +101,24 @@ const AttentionShape kShapes[] = {
     {1, 17, 17, 6, 2, 16}, // GQA, a prime length
     {3, 1, 9, 2, 1, 4},    // decode: one new row per sequence, multi-query
     {1, 70, 70, 2, 2, 8},  // more rows than a default block (64): a full block and a tail
+    // Head sizes of whole vectors (the tiled path): row-block, key-tile and chunk tails, GQA groups.
+    {1, 1, 1, 2, 1, 16},      // one token
+    {2, 13, 13, 3, 1, 32},    // 13 rows: a 12-row score block and a tail; three heads on one kv head
+    {1, 37, 40, 4, 2, 16},    // KV cache of 3 positions, 40 keys: a partial key tile
+    {1, 130, 130, 2, 1, 32},  // more rows than a default chunk (128)
 };
 
 TEST_CASE_TEMPLATE("kernels::attention_forward/backward equal the plain reference: odd shapes, GQA, KV cache, "
                    "block tails, strided and unaligned views",
                    T, float, double) {
     const double tol = std::is_same_v<T, float> ? 2e-5 : 1e-12;
-    for (const Index block : {Index(64), Index(3), Index(1)}) {
+    for (const Index block : {Index(64), Index(3), Index(1)})
+      for (const Index tiled_from : {Index(1), Index(1) << 30}) {
         BlockRows br(block);
+        TiledFrom tf(tiled_from);
         for (const auto& s : kShapes) {
             CAPTURE(block);
+            CAPTURE(tiled_from);
             CAPTURE(s.batch);
             CAPTURE(s.queries);
             CAPTURE(s.keys);
@@ -131,12 +154,15 @@ TEST_CASE_TEMPLATE("kernels::attention_forward/backward equal the plain referenc
             if (s.keys > 1) CHECK(max_abs_diff(dq, dq0) > 1e-3);
             CHECK(max_abs_diff(dv, dv0) > 1e-3);
         }
-    }
+      }
 }
 
 TEST_CASE("kernels::attention_backward: finite differences in double (q, k, v; GQA and a KV-cache offset)") {
-    for (const AttentionShape s : {AttentionShape{2, 4, 4, 2, 1, 3}, AttentionShape{1, 2, 5, 2, 2, 4}}) {
+    // (the third: head size 8, on the tiled path from one row: vectors of 8 or 4 doubles)
+    for (const AttentionShape s :
+         {AttentionShape{2, 4, 4, 2, 1, 3}, AttentionShape{1, 2, 5, 2, 2, 4}, AttentionShape{1, 5, 7, 2, 1, 8}}) {
         BlockRows br(3);  // two blocks per sequence, one a tail
+        TiledFrom tf(1);
         Rng rng(5);
         const Index nq = s.batch * s.queries, nk = s.batch * s.keys, w = s.q_width(), kw = s.kv_width();
         auto q = randn<double>(static_cast<std::size_t>(nq * w), rng);

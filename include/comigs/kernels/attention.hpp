@@ -23,6 +23,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../detail/aligned.hpp"
@@ -30,6 +31,7 @@
 #include "../view.hpp"
 #include "elementwise.hpp"
 #include "gemm.hpp"
+#include "simd.hpp"
 
 namespace comigs::kernels {
 
@@ -99,6 +101,256 @@ void check_attention_views(const AttentionShape& s, const char* what, ConstMatri
 
 }  // namespace detail
 
+// ---------------------------------------------------------------------------------------------------
+// The tiled path (whole sequences and prefills: n >= attention_tiled_min_queries(), hd a multiple of
+// the vector width). Per (sequence, head) and chunk of at most attention_block_rows() query rows, the
+// chunk's [rows, L] score block lives in one per-thread buffer (64 KB at T = 128), and every product is
+// one register-blocked micro-kernel, C[R, NV w] (=|+=) alpha sum_k A(r, k) B[k, :], that skips what the
+// causal mask hides: key tiles right of a row block's last visible key (scores), keys a row block cannot
+// see (P V, dS K), query rows that cannot see a key block (P^T dO, dS^T Q). K and V are packed
+// transposed ([hd, L], zero-padded to whole tiles) once per (sequence, kv head), for all G query heads
+// of a group (GQA without copies of q). Softmax and its statistics stay in T; the backward recomputes
+// P from the forward's lse. Each head is computed by one thread in a fixed order: the same bits for any
+// thread count.
+namespace detail {
+
+/// The tiled path runs for at least this many query rows per sequence (packing K^T costs a product's
+/// worth for one row; decode keeps the blocked path). Tests lower it to 1 to run the tiled tails.
+inline Index& attention_tiled_min_queries() {
+    static Index rows = 16;
+    return rows;
+}
+/// Query rows per score buffer of the tiled path ([rows, L] scores; 64 KB at T = 128, one chunk per head
+/// at the training shapes). Tests shrink it to run chunk tails.
+inline Index& attention_chunk_rows() {
+    static Index rows = 128;
+    return rows;
+}
+
+template <class T>
+bool attention_tiled(const AttentionShape& s) {
+    return s.head_dim % static_cast<Index>(simd::width<T>) == 0 && s.queries >= attention_tiled_min_queries();
+}
+
+/// Micro-kernel: C[R, NV w] = alpha acc (overwrite) or C += alpha acc (accumulate), acc[r, :] = sum over
+/// k < kc of A(r, k) B[k, :], A(r, k) = a[r rs + k cs], B's rows ldb apart. kc may be 0.
+template <class T, int R, int NV>
+inline void attn_tile(T* c, Index ldc, const T* a, Index rs, Index cs, const T* b, Index ldb, Index kc, T alpha,
+                      bool accumulate) {
+    using V = simd::batch<T>;
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    V acc[R][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] = V(T(0));
+    for (Index k = 0; k < kc; ++k, a += cs, b += ldb) {
+        V bv[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) bv[v] = simd::load(b + v * w);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+            const V ar(a[r * rs]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) acc[r][v] = xsimd::fma(ar, bv[v], acc[r][v]);
+        }
+    }
+    const V al(alpha);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) {
+            T* p = c + r * ldc + v * w;
+            simd::store(p, accumulate ? V(xsimd::fma(al, acc[r][v], simd::load(p))) : V(al * acc[r][v]));
+        }
+}
+
+template <class T, int R, int NV>
+inline void attn_tile_nv(int nv, T* c, Index ldc, const T* a, Index rs, Index cs, const T* b, Index ldb, Index kc,
+                         T alpha, bool accumulate) {
+    if constexpr (NV > 1) {
+        if (nv < NV) return attn_tile_nv<T, R, NV - 1>(nv, c, ldc, a, rs, cs, b, ldb, kc, alpha, accumulate);
+    }
+    attn_tile<T, R, NV>(c, ldc, a, rs, cs, b, ldb, kc, alpha, accumulate);
+}
+
+template <class T, int R, int NV>
+inline void attn_tile_rows(int rows, int nv, T* c, Index ldc, const T* a, Index rs, Index cs, const T* b, Index ldb,
+                           Index kc, T alpha, bool accumulate) {
+    if constexpr (R > 1) {
+        if (rows < R) return attn_tile_rows<T, R - 1, NV>(rows, nv, c, ldc, a, rs, cs, b, ldb, kc, alpha, accumulate);
+    }
+    attn_tile_nv<T, R, NV>(nv, c, ldc, a, rs, cs, b, ldb, kc, alpha, accumulate);
+}
+
+/// C[m, cols(r0, rows)] (=|+=) alpha A B by row blocks of R rows and column tiles of NV vectors: row
+/// block [r0, r0 + rows) takes k in krange(r0, rows) = {k0, k1} and columns [0, cols(r0, rows)) (a
+/// multiple of the vector width). A(r, k) = a[r rs + k cs]; B row k at b + k ldb.
+template <class T, int R, int NV, class KRange, class Cols>
+void attn_rows(T* c, Index ldc, Index m, const T* a, Index rs, Index cs, const T* b, Index ldb, KRange krange,
+               Cols cols, T alpha, bool accumulate) {
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    for (Index r0 = 0; r0 < m; r0 += R) {
+        const Index rows = std::min<Index>(R, m - r0), ncols = cols(r0, rows);
+        const auto [k0, k1] = krange(r0, rows);
+        if (k1 <= k0 && accumulate) continue;
+        for (Index c0 = 0; c0 < ncols; c0 += NV * w) {
+            const int nv = static_cast<int>(std::min<Index>(NV, (ncols - c0) / w));
+            attn_tile_rows<T, R, NV>(static_cast<int>(rows), nv, c + r0 * ldc + c0, ldc, a + r0 * rs + k0 * cs, rs,
+                                     cs, b + k0 * ldb + c0, ldb, std::max<Index>(k1 - k0, 0), alpha, accumulate);
+        }
+    }
+}
+
+// Blocking: score-like products (N = keys) in 12 x 32 tiles (fp32 AVX-512; the causal diagonal wastes
+// less than with 64 columns), head-dim products (N = hd) in 6 x 64.
+inline constexpr int attn_score_rows = 12, attn_score_vectors = 2, attn_hd_rows = 6, attn_hd_vectors = 4;
+
+template <class T>
+Index attn_padded_keys(Index L) {
+    const Index t = attn_score_vectors * static_cast<Index>(simd::width<T>);
+    return (L + t - 1) / t * t;
+}
+
+/// dst[hd, Lp] = src rows [L, hd] transposed (zeros in columns L .. Lp).
+template <class T>
+void attn_pack_transposed(T* dst, Index Lp, ConstMatrixView<T> src) {
+    for (Index d = 0; d < src.cols; ++d) std::fill(dst + d * Lp + src.rows, dst + (d + 1) * Lp, T(0));
+    for (Index j = 0; j < src.rows; ++j) {
+        const T* row = src.row_ptr(j);
+        for (Index d = 0; d < src.cols; ++d) dst[d * Lp + j] = row[d];
+    }
+}
+
+/// S[rows, Lp] = scale Q K^T for query rows at positions first .. first + rows - 1 (their visible keys
+/// and the rest of the last tile; Kt packed [hd, Lp]).
+template <class T>
+void attn_scores(T* S, Index Lp, ConstMatrixView<T> Q, const T* Kt, Index first, T scale) {
+    constexpr Index tile = attn_score_vectors * static_cast<Index>(simd::width<T>);
+    const Index hd = Q.cols;
+    attn_rows<T, attn_score_rows, attn_score_vectors>(
+        S, Lp, Q.rows, Q.data, Q.stride, 1, Kt, Lp, [hd](Index, Index) { return std::pair<Index, Index>{0, hd}; },
+        [first, tile](Index r0, Index rows) { return (first + r0 + rows + tile - 1) / tile * tile; }, scale, false);
+}
+
+/// out[rows, hd] (=|+=) alpha P X for P's rows [rows, Lp] at positions first .. (each sees keys
+/// 0 .. its position) and X [L, hd] (V, or K for dQ).
+template <class T>
+void attn_rows_times_keys(MatrixView<T> out, const T* P, Index Lp, Index first, ConstMatrixView<T> X, T alpha,
+                          bool accumulate) {
+    const Index hd = out.cols;
+    attn_rows<T, attn_hd_rows, attn_hd_vectors>(
+        out.data, out.stride, out.rows, P, Lp, 1, X.data, X.stride,
+        [first](Index r0, Index rows) { return std::pair<Index, Index>{0, first + r0 + rows}; },
+        [hd](Index, Index) { return hd; }, alpha, accumulate);
+}
+
+/// dX[0 .. kend, hd] += alpha P^T Y for P's rows [rows, Lp] at positions first .. first + rows - 1
+/// (query row i sees key j when j <= first + i) and Y [rows, hd] (dO, or Q for dK).
+template <class T>
+void attn_keys_times_rows(MatrixView<T> dX, const T* P, Index Lp, Index first, ConstMatrixView<T> Y, T alpha) {
+    const Index hd = dX.cols, rows = Y.rows;
+    attn_rows<T, attn_hd_rows, attn_hd_vectors>(
+        dX.data, dX.stride, dX.rows, P, 1, Lp, Y.data, Y.stride,
+        [first, rows](Index j0, Index) { return std::pair<Index, Index>{std::clamp<Index>(j0 - first, 0, rows), rows}; },
+        [hd](Index, Index) { return hd; }, alpha, true);
+}
+
+/// Tiled forward (see attention_forward).
+template <class T>
+void attention_forward_tiled(MatrixView<T> out, T* lse, ConstMatrixView<T> q, ConstMatrixView<T> k,
+                             ConstMatrixView<T> v, const AttentionShape& s) {
+    const Index n = s.queries, L = s.keys, H = s.heads, hd = s.head_dim, G = s.group(), past = L - n;
+    const Index chunk = std::max<Index>(1, attention_chunk_rows()), Lp = attn_padded_keys<T>(L);
+    const Index tasks = s.batch * H;
+    const T scale = T(1) / std::sqrt(T(hd));
+    const bool parallel = tasks > 1 && s.batch * H * n * L * hd >= (Index(1) << 15);
+#pragma omp parallel if (parallel)
+    {
+        comigs::detail::aligned_vector<T> kt(static_cast<std::size_t>(hd * Lp)),
+            scores(static_cast<std::size_t>(std::min(chunk, n) * Lp));
+        Index packed = -1;  // the (sequence, kv head) in kt
+#pragma omp for schedule(static)
+        for (Index bh = 0; bh < tasks; ++bh) {
+            const Index b = bh / H, h = bh % H, g = h / G;
+            if (packed != b * s.kv_heads + g) {
+                attn_pack_transposed(kt.data(), Lp, attn_view(k, b * L, L, g * hd, hd));
+                packed = b * s.kv_heads + g;
+            }
+            const auto V = attn_view(v, b * L, L, g * hd, hd);
+            for (Index c0 = 0; c0 < n; c0 += chunk) {
+                const Index rows = std::min(chunk, n - c0), first = past + c0, kend = first + rows;
+                T* S = scores.data();
+                attn_scores<T>(S, Lp, attn_view(q, b * n + c0, rows, h * hd, hd), kt.data(), first, scale);
+                for (Index r = 0; r < rows; ++r) {
+                    T* row = S + r * Lp;
+                    const Index valid = first + r + 1;
+                    const T m = max_of(row, valid);
+                    const T l = exp_shifted_sum(row, valid, m);
+                    const T inv = T(1) / l;
+                    for (Index j = 0; j < valid; ++j) row[j] *= inv;
+                    std::fill(row + valid, row + kend, T(0));
+                    if (lse) lse[bh * n + c0 + r] = m + std::log(l);
+                }
+                attn_rows_times_keys<T>(attn_view(out, b * n + c0, rows, h * hd, hd), S, Lp, first, V, T(1), false);
+            }
+        }
+    }
+}
+
+/// Tiled backward (see attention_backward).
+template <class T>
+void attention_backward_tiled(MatrixView<T> dq, MatrixView<T> dk, MatrixView<T> dv, ConstMatrixView<T> dout,
+                              ConstMatrixView<T> q, ConstMatrixView<T> k, ConstMatrixView<T> v, ConstMatrixView<T> out,
+                              const T* lse, const AttentionShape& s) {
+    const Index n = s.queries, L = s.keys, H = s.heads, KV = s.kv_heads, hd = s.head_dim, G = s.group(),
+                past = L - n;
+    const Index chunk = std::max<Index>(1, attention_chunk_rows()), Lp = attn_padded_keys<T>(L);
+    const Index tasks = s.batch * KV;
+    const T scale = T(1) / std::sqrt(T(hd));
+    const bool parallel = tasks > 1 && s.batch * H * n * L * hd >= (Index(1) << 14);
+#pragma omp parallel if (parallel)
+    {
+        const auto buf = static_cast<std::size_t>(std::min(chunk, n) * Lp);
+        comigs::detail::aligned_vector<T> kt(static_cast<std::size_t>(hd * Lp)), vt(kt.size()), pbuf(buf), dsbuf(buf);
+#pragma omp for schedule(dynamic, 1)
+        for (Index task = 0; task < tasks; ++task) {
+            const Index b = task / KV, g = task % KV;
+            const auto K = attn_view(k, b * L, L, g * hd, hd);
+            attn_pack_transposed(kt.data(), Lp, K);
+            attn_pack_transposed(vt.data(), Lp, attn_view(v, b * L, L, g * hd, hd));
+            for (Index h = g * G; h < (g + 1) * G; ++h) {
+                const T* lse_h = lse + (b * H + h) * n;
+                for (Index c0 = 0; c0 < n; c0 += chunk) {
+                    const Index rows = std::min(chunk, n - c0), first = past + c0, kend = first + rows;
+                    const auto Q = attn_view(q, b * n + c0, rows, h * hd, hd);
+                    const auto dO = attn_view(dout, b * n + c0, rows, h * hd, hd);
+                    const auto O = attn_view(out, b * n + c0, rows, h * hd, hd);
+                    T *P = pbuf.data(), *dS = dsbuf.data();
+                    attn_scores<T>(P, Lp, Q, kt.data(), first, scale);
+                    attn_scores<T>(dS, Lp, dO, vt.data(), first, T(1));  // dP = dO V^T
+                    for (Index r = 0; r < rows; ++r) {
+                        T *pr = P + r * Lp, *dr = dS + r * Lp;
+                        const Index valid = first + r + 1;
+                        exp_shifted_sum(pr, valid, lse_h[c0 + r]);
+                        std::fill(pr + valid, pr + kend, T(0));
+                        // dz = P (dP - D), D = dout . out; zero where masked (P = 0 there)
+                        const T D = dot(dO.row_ptr(r), O.row_ptr(r), hd);
+                        for (Index j = 0; j < valid; ++j) dr[j] = pr[j] * (dr[j] - D);
+                        std::fill(dr + valid, dr + kend, T(0));
+                    }
+                    attn_keys_times_rows<T>(attn_view(dv, b * L, kend, g * hd, hd), P, Lp, first, dO, T(1));
+                    attn_keys_times_rows<T>(attn_view(dk, b * L, kend, g * hd, hd), dS, Lp, first, Q, scale);
+                    attn_rows_times_keys<T>(attn_view(dq, b * n + c0, rows, h * hd, hd), dS, Lp, first, K, scale,
+                                            true);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace detail
+
 /// out[B*n, H*hd] = causal attention of q over k, v (file comment); lse[B, H, n] receives the
 /// log-sum-exp of each query row's scores (what the backward needs; null in inference).
 /// Parallel over (sequence, head, block of query rows); every row is computed the same way whatever
@@ -110,6 +362,7 @@ void attention_forward(MatrixView<T> out, T* lse, std::type_identity_t<ConstMatr
     detail::check_attention_views<T>(s, "attention forward", q, k, v);
     require<ShapeError>(out.rows == q.rows && out.cols == q.cols, "attention forward: out is [", out.rows, ", ",
                         out.cols, "], expected [", q.rows, ", ", q.cols, "]");
+    if (detail::attention_tiled<T>(s)) return detail::attention_forward_tiled<T>(out, lse, q, k, v, s);
     const Index n = s.queries, L = s.keys, H = s.heads, hd = s.head_dim, G = s.group(), past = L - n;
     const Index br = std::max<Index>(1, detail::attention_block_rows());
     const Index blocks = (n + br - 1) / br, tasks = s.batch * H * blocks;
@@ -162,6 +415,7 @@ void attention_backward(MatrixView<T> dq, MatrixView<T> dk, MatrixView<T> dv,
                         dk.rows, ", ", dk.cols, "], dv [", dv.rows, ", ", dv.cols, "] must match k [", k.rows, ", ",
                         k.cols, "]");
     require(lse != nullptr, "attention backward: needs the log-sum-exp rows saved by the forward");
+    if (detail::attention_tiled<T>(s)) return detail::attention_backward_tiled<T>(dq, dk, dv, dout, q, k, v, out, lse, s);
     const Index n = s.queries, L = s.keys, H = s.heads, KV = s.kv_heads, hd = s.head_dim, G = s.group(),
                 past = L - n;
     const Index br = std::max<Index>(1, detail::attention_block_rows());
