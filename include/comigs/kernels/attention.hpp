@@ -21,6 +21,7 @@
 // Scores, softmax and sums in T (fp32 for float, as transformers computes them).
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -103,15 +104,17 @@ void check_attention_views(const AttentionShape& s, const char* what, ConstMatri
 
 // ---------------------------------------------------------------------------------------------------
 // The tiled path (whole sequences and prefills: n >= attention_tiled_min_queries(), hd a multiple of
-// the vector width). Per (sequence, head) and chunk of at most attention_block_rows() query rows, the
-// chunk's [rows, L] score block lives in one per-thread buffer (64 KB at T = 128), and every product is
-// one register-blocked micro-kernel, C[R, NV w] (=|+=) alpha sum_k A(r, k) B[k, :], that skips what the
-// causal mask hides: key tiles right of a row block's last visible key (scores), keys a row block cannot
-// see (P V, dS K), query rows that cannot see a key block (P^T dO, dS^T Q). K and V are packed
-// transposed ([hd, L], zero-padded to whole tiles) once per (sequence, kv head), for all G query heads
-// of a group (GQA without copies of q). Softmax and its statistics stay in T; the backward recomputes
-// P from the forward's lse. Each head is computed by one thread in a fixed order: the same bits for any
-// thread count.
+// the vector width). Per (sequence, head) and chunk of at most attention_chunk_rows() query rows, the
+// chunk's [rows, L] score block lives in a per-thread buffer (64 KB at T = 128), and every product is
+// one register-blocked micro-kernel, C[R, NV w] = epilogue(sum_k A(r, k) B[k, :]), that skips what the
+// causal mask hides: key vectors right of a row block's last visible key (scores), keys a row block
+// cannot see (P V, dS K), query rows that cannot see a key block (P^T dO, dS^T Q). The epilogues do the
+// elementwise work where the products leave it in registers: the backward's P = exp(z - lse) and
+// dS = P (dP - D), the forward's division by the row sums. K and V are packed transposed ([hd, L],
+// zero-padded) once per (sequence, kv head) for all G query heads of a group (GQA without copies of q);
+// the B operands are copied to contiguous rows. Softmax and its statistics stay in T; the backward
+// recomputes P from the forward's lse. Each head is computed by one thread in a fixed order: the same
+// bits for any thread count.
 namespace detail {
 
 /// The tiled path runs for at least this many query rows per sequence (packing K^T costs a product's
@@ -132,11 +135,12 @@ bool attention_tiled(const AttentionShape& s) {
     return s.head_dim % static_cast<Index>(simd::width<T>) == 0 && s.queries >= attention_tiled_min_queries();
 }
 
-/// Micro-kernel: C[R, NV w] = alpha acc (overwrite) or C += alpha acc (accumulate), acc[r, :] = sum over
-/// k < kc of A(r, k) B[k, :], A(r, k) = a[r rs + k cs], B's rows ldb apart. kc may be 0.
-template <class T, int R, int NV>
-inline void attn_tile(T* c, Index ldc, const T* a, Index rs, Index cs, const T* b, Index ldb, Index kc, T alpha,
-                      bool accumulate) {
+/// Micro-kernel: acc[r, :] = sum over k < kc of A(r, k) B[k, :] for r < R and NV vectors of columns,
+/// A(r, k) = a[r rs + k cs], B's rows ldb apart (kc may be 0); then store(p, acc, row0 + r, col0 + v w)
+/// for each vector, p = c + r ldc + v w: the store is the product's epilogue (scale, accumulate, exp).
+template <class T, int R, int NV, class Store>
+inline void attn_tile(T* c, Index ldc, const T* a, Index rs, Index cs, const T* b, Index ldb, Index kc,
+                      const Store& store, Index row0, Index col0) {
     using V = simd::batch<T>;
     constexpr Index w = static_cast<Index>(simd::width<T>);
     V acc[R][NV];
@@ -155,56 +159,112 @@ inline void attn_tile(T* c, Index ldc, const T* a, Index rs, Index cs, const T* 
             for (int v = 0; v < NV; ++v) acc[r][v] = xsimd::fma(ar, bv[v], acc[r][v]);
         }
     }
-    const V al(alpha);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) {
-            T* p = c + r * ldc + v * w;
-            simd::store(p, accumulate ? V(xsimd::fma(al, acc[r][v], simd::load(p))) : V(al * acc[r][v]));
-        }
+        for (int v = 0; v < NV; ++v) store(c + r * ldc + v * w, acc[r][v], row0 + r, col0 + v * w);
 }
 
-template <class T, int R, int NV>
+template <class T, int R, int NV, class Store>
 inline void attn_tile_nv(int nv, T* c, Index ldc, const T* a, Index rs, Index cs, const T* b, Index ldb, Index kc,
-                         T alpha, bool accumulate) {
+                         const Store& store, Index row0, Index col0) {
     if constexpr (NV > 1) {
-        if (nv < NV) return attn_tile_nv<T, R, NV - 1>(nv, c, ldc, a, rs, cs, b, ldb, kc, alpha, accumulate);
+        if (nv < NV) return attn_tile_nv<T, R, NV - 1>(nv, c, ldc, a, rs, cs, b, ldb, kc, store, row0, col0);
     }
-    attn_tile<T, R, NV>(c, ldc, a, rs, cs, b, ldb, kc, alpha, accumulate);
+    attn_tile<T, R, NV>(c, ldc, a, rs, cs, b, ldb, kc, store, row0, col0);
 }
 
-template <class T, int R, int NV>
+template <class T, int R, int NV, class Store>
 inline void attn_tile_rows(int rows, int nv, T* c, Index ldc, const T* a, Index rs, Index cs, const T* b, Index ldb,
-                           Index kc, T alpha, bool accumulate) {
+                           Index kc, const Store& store, Index row0, Index col0) {
     if constexpr (R > 1) {
-        if (rows < R) return attn_tile_rows<T, R - 1, NV>(rows, nv, c, ldc, a, rs, cs, b, ldb, kc, alpha, accumulate);
+        if (rows < R) return attn_tile_rows<T, R - 1, NV>(rows, nv, c, ldc, a, rs, cs, b, ldb, kc, store, row0, col0);
     }
-    attn_tile_nv<T, R, NV>(nv, c, ldc, a, rs, cs, b, ldb, kc, alpha, accumulate);
+    attn_tile_nv<T, R, NV>(nv, c, ldc, a, rs, cs, b, ldb, kc, store, row0, col0);
 }
 
-/// C[m, cols(r0, rows)] (=|+=) alpha A B by row blocks of R rows and column tiles of NV vectors: row
-/// block [r0, r0 + rows) takes k in krange(r0, rows) = {k0, k1} and columns [0, cols(r0, rows)) (a
-/// multiple of the vector width). A(r, k) = a[r rs + k cs]; B row k at b + k ldb.
-template <class T, int R, int NV, class KRange, class Cols>
+/// C[m, cols(r0, rows)] = store(A B) by row blocks of R rows and column tiles of NV vectors: row block
+/// [r0, r0 + rows) takes k in krange(r0, rows) = {k0, k1} and columns [0, cols(r0, rows)) (a multiple of
+/// the vector width). A(r, k) = a[r rs + k cs]; B row k at b + k ldb. Row blocks with no k are skipped
+/// when the store accumulates (else stored from zeros).
+template <class T, int R, int NV, class KRange, class Cols, class Store>
 void attn_rows(T* c, Index ldc, Index m, const T* a, Index rs, Index cs, const T* b, Index ldb, KRange krange,
-               Cols cols, T alpha, bool accumulate) {
+               Cols cols, const Store& store, bool accumulates) {
     constexpr Index w = static_cast<Index>(simd::width<T>);
     for (Index r0 = 0; r0 < m; r0 += R) {
         const Index rows = std::min<Index>(R, m - r0), ncols = cols(r0, rows);
         const auto [k0, k1] = krange(r0, rows);
-        if (k1 <= k0 && accumulate) continue;
+        if (k1 <= k0 && accumulates) continue;
         for (Index c0 = 0; c0 < ncols; c0 += NV * w) {
             const int nv = static_cast<int>(std::min<Index>(NV, (ncols - c0) / w));
             attn_tile_rows<T, R, NV>(static_cast<int>(rows), nv, c + r0 * ldc + c0, ldc, a + r0 * rs + k0 * cs, rs,
-                                     cs, b + k0 * ldb + c0, ldb, std::max<Index>(k1 - k0, 0), alpha, accumulate);
+                                     cs, b + k0 * ldb + c0, ldb, std::max<Index>(k1 - k0, 0), store, r0, c0);
         }
     }
 }
 
-// Blocking: score-like products (N = keys) in 12 x 32 tiles (fp32 AVX-512; the causal diagonal wastes
-// less than with 64 columns), head-dim products (N = hd) in 6 x 64.
-inline constexpr int attn_score_rows = 12, attn_score_vectors = 2, attn_hd_rows = 6, attn_hd_vectors = 4;
+/// Epilogues. p = alpha acc.
+template <class T>
+struct AttnScaled {
+    T alpha;
+    void operator()(T* p, const simd::batch<T>& acc, Index, Index) const { simd::store(p, acc * simd::batch<T>(alpha)); }
+};
+/// p += alpha acc.
+template <class T>
+struct AttnAccumulate {
+    T alpha;
+    void operator()(T* p, const simd::batch<T>& acc, Index, Index) const {
+        simd::store(p, simd::batch<T>(xsimd::fma(simd::batch<T>(alpha), acc, simd::load(p))));
+    }
+};
+/// p = acc scale[row] (the forward's P V with unnormalised P: 1 / sum exp per row).
+template <class T>
+struct AttnRowScaled {
+    const T* scale;
+    void operator()(T* p, const simd::batch<T>& acc, Index row, Index) const {
+        simd::store(p, acc * simd::batch<T>(scale[row]));
+    }
+};
+/// Lanes at columns >= valid set to zero.
+template <class T>
+simd::batch<T> attn_mask_from(const simd::batch<T>& x, Index col, Index valid) {
+    constexpr Index w = static_cast<Index>(simd::width<T>);
+    if (col + w <= valid) return x;
+    if (col >= valid) return simd::batch<T>(T(0));
+    alignas(64) T lane[simd::width<T>];
+    for (Index i = 0; i < w; ++i) lane[i] = T(i);
+    return xsimd::select(simd::load(static_cast<const T*>(lane)) < simd::batch<T>(T(valid - col)), x,
+                         simd::batch<T>(T(0)));
+}
+/// The backward's probabilities: p = exp(scale acc - lse[row]) where row (position first + row) sees
+/// the column, else 0.
+template <class T>
+struct AttnProbs {
+    T scale;
+    const T* lse;
+    Index first;
+    void operator()(T* p, const simd::batch<T>& acc, Index row, Index col) const {
+        using V = simd::batch<T>;
+        const V e = simd::exp(V(xsimd::fma(acc, V(scale), V(-lse[row]))));
+        simd::store(p, attn_mask_from(e, col, first + row + 1));
+    }
+};
+/// dS = P (acc - D[row]) with acc = dO V^T, P at the same place of the probabilities' buffer (zero where
+/// masked, so dS is too).
+template <class T>
+struct AttnSoftmaxGrad {
+    std::ptrdiff_t to_probs;  // P's place minus dS's, in elements of the one buffer holding both
+    const T* D;
+    void operator()(T* p, const simd::batch<T>& acc, Index row, Index) const {
+        using V = simd::batch<T>;
+        simd::store(p, simd::load(p + to_probs) * (acc - V(D[row])));
+    }
+};
+
+// Blocking: every product in 6 x 64 tiles (fp32 AVX-512: 24 accumulators, 10 loads per 24 FMAs). The
+// score-like products (N = keys) end each row block at its last visible key rounded to one vector;
+// 12 x 32 score tiles measured 3% slower at T = 128.
+inline constexpr int attn_score_rows = 6, attn_score_vectors = 4, attn_hd_rows = 6, attn_hd_vectors = 4;
 
 template <class T>
 Index attn_padded_keys(Index L) {
@@ -212,48 +272,105 @@ Index attn_padded_keys(Index L) {
     return (L + t - 1) / t * t;
 }
 
+#if defined(__AVX512F__)
+/// 16 x 16 block of floats transposed: dst[d * ldd + j] = src[j * lds + d], j, d < 16.
+inline void attn_transpose16(float* dst, Index ldd, const float* src, Index lds) {
+    __m512 r[16], t[16];
+    for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src + j * lds);
+    // Interleave pairs of rows (32-bit), then pairs of pairs (64-bit): each 128-bit lane of t holds a
+    // 4 x 4 block transposed; two rounds of lane shuffles put the lanes in place.
+    for (int j = 0; j < 16; j += 2) {
+        t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
+        t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 16; j += 4) {
+        const __m512d a = _mm512_castps_pd(t[j]), b = _mm512_castps_pd(t[j + 1]), c = _mm512_castps_pd(t[j + 2]),
+                      d = _mm512_castps_pd(t[j + 3]);
+        r[j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    // r[4 q + m] lane l = rows 4 q .. 4 q + 3 of column 4 l + m.
+    for (int m = 0; m < 4; ++m)
+        for (int half = 0; half < 2; ++half) {
+            const __m512 x = r[m + 8 * half], y = r[m + 4 + 8 * half];
+            t[2 * m + 8 * half] = _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0));
+            t[2 * m + 1 + 8 * half] = _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1));
+        }
+    // t[2 m + 8 h] lanes: columns m, 8 + m of row groups 2 h, 2 h + 1; t[2 m + 1 + 8 h]: columns 4 + m, 12 + m.
+    for (int m = 0; m < 4; ++m)
+        for (int odd = 0; odd < 2; ++odd) {
+            const __m512 x = t[2 * m + odd], y = t[2 * m + odd + 8];
+            // column c = 4 * (2 * sel + odd) + m for sel in {0, 1}
+            _mm512_storeu_ps(dst + (4 * odd + m) * ldd, _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)));
+            _mm512_storeu_ps(dst + (4 * (2 + odd) + m) * ldd, _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+        }
+}
+#endif
+
 /// dst[hd, Lp] = src rows [L, hd] transposed (zeros in columns L .. Lp).
 template <class T>
 void attn_pack_transposed(T* dst, Index Lp, ConstMatrixView<T> src) {
     for (Index d = 0; d < src.cols; ++d) std::fill(dst + d * Lp + src.rows, dst + (d + 1) * Lp, T(0));
-    for (Index j = 0; j < src.rows; ++j) {
+    Index j0 = 0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) {
+        if (src.cols % 16 == 0)
+            for (; j0 + 16 <= src.rows; j0 += 16)
+                for (Index d = 0; d < src.cols; d += 16)
+                    attn_transpose16(dst + d * Lp + j0, Lp, src.row_ptr(j0) + d, src.stride);
+    }
+#endif
+    for (Index j = j0; j < src.rows; ++j) {
         const T* row = src.row_ptr(j);
         for (Index d = 0; d < src.cols; ++d) dst[d * Lp + j] = row[d];
     }
 }
 
-/// S[rows, Lp] = scale Q K^T for query rows at positions first .. first + rows - 1 (their visible keys
-/// and the rest of the last tile; Kt packed [hd, Lp]).
+/// dst [rows, cols] contiguous = src (the products' B operands: rows of q, k, v or dout are thousands of
+/// bytes apart in the packed activations, and at GPT-2's stride (9216 B) 128 of them share a quarter of
+/// the L1's sets).
 template <class T>
-void attn_scores(T* S, Index Lp, ConstMatrixView<T> Q, const T* Kt, Index first, T scale) {
-    constexpr Index tile = attn_score_vectors * static_cast<Index>(simd::width<T>);
+ConstMatrixView<T> attn_pack_rows(T* dst, ConstMatrixView<T> src) {
+    for (Index r = 0; r < src.rows; ++r) std::copy(src.row_ptr(r), src.row_ptr(r) + src.cols, dst + r * src.cols);
+    return {dst, src.rows, src.cols, src.cols};
+}
+
+/// S[rows, Lp] = store(Q K^T) for query rows at positions first .. first + rows - 1: their visible keys
+/// and the rest of the last vector (Kt packed [hd, Lp]).
+template <class T, class Store>
+void attn_scores(T* S, Index Lp, ConstMatrixView<T> Q, const T* Kt, Index first, const Store& store) {
+    // Columns up to the block's last visible key rounded to one vector (the diagonal tile narrower).
+    constexpr Index w = static_cast<Index>(simd::width<T>);
     const Index hd = Q.cols;
     attn_rows<T, attn_score_rows, attn_score_vectors>(
         S, Lp, Q.rows, Q.data, Q.stride, 1, Kt, Lp, [hd](Index, Index) { return std::pair<Index, Index>{0, hd}; },
-        [first, tile](Index r0, Index rows) { return (first + r0 + rows + tile - 1) / tile * tile; }, scale, false);
+        [first](Index r0, Index rows) { return (first + r0 + rows + w - 1) / w * w; }, store, false);
 }
 
-/// out[rows, hd] (=|+=) alpha P X for P's rows [rows, Lp] at positions first .. (each sees keys
-/// 0 .. its position) and X [L, hd] (V, or K for dQ).
-template <class T>
-void attn_rows_times_keys(MatrixView<T> out, const T* P, Index Lp, Index first, ConstMatrixView<T> X, T alpha,
-                          bool accumulate) {
+/// out[rows, hd] = store(P X) for P's rows [rows, Lp] at positions first .. (each sees keys 0 .. its
+/// position) and X [L, hd] (V, or K for dQ).
+template <class T, class Store>
+void attn_rows_times_keys(MatrixView<T> out, const T* P, Index Lp, Index first, ConstMatrixView<T> X,
+                          const Store& store, bool accumulates) {
     const Index hd = out.cols;
     attn_rows<T, attn_hd_rows, attn_hd_vectors>(
         out.data, out.stride, out.rows, P, Lp, 1, X.data, X.stride,
         [first](Index r0, Index rows) { return std::pair<Index, Index>{0, first + r0 + rows}; },
-        [hd](Index, Index) { return hd; }, alpha, accumulate);
+        [hd](Index, Index) { return hd; }, store, accumulates);
 }
 
 /// dX[0 .. kend, hd] += alpha P^T Y for P's rows [rows, Lp] at positions first .. first + rows - 1
-/// (query row i sees key j when j <= first + i) and Y [rows, hd] (dO, or Q for dK).
+/// (query row i sees key j when j <= first + i; P zero where it does not) and Y [rows, hd] (dO, or Q
+/// for dK).
 template <class T>
 void attn_keys_times_rows(MatrixView<T> dX, const T* P, Index Lp, Index first, ConstMatrixView<T> Y, T alpha) {
     const Index hd = dX.cols, rows = Y.rows;
     attn_rows<T, attn_hd_rows, attn_hd_vectors>(
         dX.data, dX.stride, dX.rows, P, 1, Lp, Y.data, Y.stride,
         [first, rows](Index j0, Index) { return std::pair<Index, Index>{std::clamp<Index>(j0 - first, 0, rows), rows}; },
-        [hd](Index, Index) { return hd; }, alpha, true);
+        [hd](Index, Index) { return hd; }, AttnAccumulate<T>{alpha}, true);
 }
 
 /// Tiled forward (see attention_forward).
@@ -267,32 +384,36 @@ void attention_forward_tiled(MatrixView<T> out, T* lse, ConstMatrixView<T> q, Co
     const bool parallel = tasks > 1 && s.batch * H * n * L * hd >= (Index(1) << 15);
 #pragma omp parallel if (parallel)
     {
-        comigs::detail::aligned_vector<T> kt(static_cast<std::size_t>(hd * Lp)),
+        comigs::detail::aligned_vector<T> kt(static_cast<std::size_t>(hd * Lp)), vr(static_cast<std::size_t>(L * hd)),
             scores(static_cast<std::size_t>(std::min(chunk, n) * Lp));
-        Index packed = -1;  // the (sequence, kv head) in kt
+        std::vector<T> inv_sum(static_cast<std::size_t>(std::min(chunk, n)));
+        Index packed = -1;  // the (sequence, kv head) in kt, vr
+        ConstMatrixView<T> V;
 #pragma omp for schedule(static)
         for (Index bh = 0; bh < tasks; ++bh) {
             const Index b = bh / H, h = bh % H, g = h / G;
             if (packed != b * s.kv_heads + g) {
                 attn_pack_transposed(kt.data(), Lp, attn_view(k, b * L, L, g * hd, hd));
+                V = attn_pack_rows(vr.data(), attn_view(v, b * L, L, g * hd, hd));
                 packed = b * s.kv_heads + g;
             }
-            const auto V = attn_view(v, b * L, L, g * hd, hd);
             for (Index c0 = 0; c0 < n; c0 += chunk) {
                 const Index rows = std::min(chunk, n - c0), first = past + c0, kend = first + rows;
                 T* S = scores.data();
-                attn_scores<T>(S, Lp, attn_view(q, b * n + c0, rows, h * hd, hd), kt.data(), first, scale);
+                attn_scores<T>(S, Lp, attn_view(q, b * n + c0, rows, h * hd, hd), kt.data(), first,
+                               AttnScaled<T>{scale});
+                // exp(z - max) in place; out = (exp V) / sum exp, the division in P V's epilogue.
                 for (Index r = 0; r < rows; ++r) {
                     T* row = S + r * Lp;
                     const Index valid = first + r + 1;
                     const T m = max_of(row, valid);
                     const T l = exp_shifted_sum(row, valid, m);
-                    const T inv = T(1) / l;
-                    for (Index j = 0; j < valid; ++j) row[j] *= inv;
+                    inv_sum[static_cast<std::size_t>(r)] = T(1) / l;
                     std::fill(row + valid, row + kend, T(0));
                     if (lse) lse[bh * n + c0 + r] = m + std::log(l);
                 }
-                attn_rows_times_keys<T>(attn_view(out, b * n + c0, rows, h * hd, hd), S, Lp, first, V, T(1), false);
+                attn_rows_times_keys<T>(attn_view(out, b * n + c0, rows, h * hd, hd), S, Lp, first, V,
+                                        AttnRowScaled<T>{inv_sum.data()}, false);
             }
         }
     }
@@ -312,37 +433,40 @@ void attention_backward_tiled(MatrixView<T> dq, MatrixView<T> dk, MatrixView<T> 
 #pragma omp parallel if (parallel)
     {
         const auto buf = static_cast<std::size_t>(std::min(chunk, n) * Lp);
-        comigs::detail::aligned_vector<T> kt(static_cast<std::size_t>(hd * Lp)), vt(kt.size()), pbuf(buf), dsbuf(buf);
+        const auto rows_buf = static_cast<std::size_t>(std::min(chunk, n) * hd);
+        comigs::detail::aligned_vector<T> kt(static_cast<std::size_t>(hd * Lp)), vt(kt.size()), pds(2 * buf),
+            kr(static_cast<std::size_t>(L * hd)), qc(rows_buf), doc(rows_buf);
+        std::vector<T> dsum(static_cast<std::size_t>(std::min(chunk, n)));
+        constexpr Index w = static_cast<Index>(simd::width<T>);
 #pragma omp for schedule(dynamic, 1)
         for (Index task = 0; task < tasks; ++task) {
             const Index b = task / KV, g = task % KV;
-            const auto K = attn_view(k, b * L, L, g * hd, hd);
-            attn_pack_transposed(kt.data(), Lp, K);
+            attn_pack_transposed(kt.data(), Lp, attn_view(k, b * L, L, g * hd, hd));
+            const auto K = attn_pack_rows(kr.data(), attn_view(k, b * L, L, g * hd, hd));
             attn_pack_transposed(vt.data(), Lp, attn_view(v, b * L, L, g * hd, hd));
             for (Index h = g * G; h < (g + 1) * G; ++h) {
                 const T* lse_h = lse + (b * H + h) * n;
                 for (Index c0 = 0; c0 < n; c0 += chunk) {
                     const Index rows = std::min(chunk, n - c0), first = past + c0, kend = first + rows;
-                    const auto Q = attn_view(q, b * n + c0, rows, h * hd, hd);
-                    const auto dO = attn_view(dout, b * n + c0, rows, h * hd, hd);
+                    const auto Q = attn_pack_rows(qc.data(), attn_view(q, b * n + c0, rows, h * hd, hd));
+                    const auto dO = attn_pack_rows(doc.data(), attn_view(dout, b * n + c0, rows, h * hd, hd));
                     const auto O = attn_view(out, b * n + c0, rows, h * hd, hd);
-                    T *P = pbuf.data(), *dS = dsbuf.data();
-                    attn_scores<T>(P, Lp, Q, kt.data(), first, scale);
-                    attn_scores<T>(dS, Lp, dO, vt.data(), first, T(1));  // dP = dO V^T
+                    T *P = pds.data(), *dS = P + buf;  // one buffer: the epilogue of dS reads P at a fixed offset
+                    for (Index r = 0; r < rows; ++r)  // D_i = dout_i . out_i (= sum_j P_ij dP_ij)
+                        dsum[static_cast<std::size_t>(r)] = dot(dO.row_ptr(r), O.row_ptr(r), hd);
+                    // P = exp(z - lse) and dS = P (dO V^T - D) in the products' epilogues, zero where masked;
+                    // zeros after each row's last computed vector up to kend (the dV, dK products read them).
+                    attn_scores<T>(P, Lp, Q, kt.data(), first, AttnProbs<T>{scale, lse_h + c0, first});
+                    attn_scores<T>(dS, Lp, dO, vt.data(), first, AttnSoftmaxGrad<T>{-static_cast<std::ptrdiff_t>(buf), dsum.data()});
                     for (Index r = 0; r < rows; ++r) {
-                        T *pr = P + r * Lp, *dr = dS + r * Lp;
-                        const Index valid = first + r + 1;
-                        exp_shifted_sum(pr, valid, lse_h[c0 + r]);
-                        std::fill(pr + valid, pr + kend, T(0));
-                        // dz = P (dP - D), D = dout . out; zero where masked (P = 0 there)
-                        const T D = dot(dO.row_ptr(r), O.row_ptr(r), hd);
-                        for (Index j = 0; j < valid; ++j) dr[j] = pr[j] * (dr[j] - D);
-                        std::fill(dr + valid, dr + kend, T(0));
+                        const Index computed = std::min(kend, (first + r + w) / w * w);
+                        std::fill(P + r * Lp + computed, P + r * Lp + kend, T(0));
+                        std::fill(dS + r * Lp + computed, dS + r * Lp + kend, T(0));
                     }
                     attn_keys_times_rows<T>(attn_view(dv, b * L, kend, g * hd, hd), P, Lp, first, dO, T(1));
                     attn_keys_times_rows<T>(attn_view(dk, b * L, kend, g * hd, hd), dS, Lp, first, Q, scale);
-                    attn_rows_times_keys<T>(attn_view(dq, b * n + c0, rows, h * hd, hd), dS, Lp, first, K, scale,
-                                            true);
+                    attn_rows_times_keys<T>(attn_view(dq, b * n + c0, rows, h * hd, hd), dS, Lp, first, K,
+                                            AttnAccumulate<T>{scale}, true);
                 }
             }
         }
