@@ -249,6 +249,87 @@ void mixture_rows_bwd(benchmark::State& state) {
     state.SetItemsProcessed(state.iterations() * f.n);
 }
 
+/// Routed rows of the SwiGLU mixture at SmolLM2-135M MLP shapes (h 1536, 2 experts top-2, rank 8), with the
+/// outputs in bf16 as a bf16 base takes them (m forward; dH of gate and up backward), no biases (as Llama).
+struct SwigluRows {
+    static constexpr Index n = kT, h = 1536, r = 8, E = 2, k = 2;
+    std::vector<float> Hg, Hu, dM, zsg, zsu, qg, z2, dzg, dzu, udm, fg, fu, fa, ga, gbg, gbu, part;
+    std::vector<kernels::bf16> Mb, dHgb, dHub;
+    std::vector<std::int32_t> expert;
+    std::vector<float> gate;
+    std::vector<const float*> BgT, BuT, A2;
+    std::vector<float*> gA2, gBgT, gBuT;
+    const float* none = nullptr;  // no biases
+    SwigluRows() {
+        Rng rng(5);
+        Hg = random_vector<float>(static_cast<std::size_t>(n * h), rng);
+        Hu = random_vector<float>(Hg.size(), rng);
+        dM = random_vector<float>(Hg.size(), rng);
+        Mb.resize(Hg.size());
+        dHgb.resize(Hg.size());
+        dHub.resize(Hg.size());
+        zsg = random_vector<float>(static_cast<std::size_t>(n * k * r), rng, 0.1);
+        zsu = random_vector<float>(zsg.size(), rng, 0.1);
+        qg = random_vector<float>(zsg.size(), rng, 0.1);
+        z2.assign(zsg.size(), 0.0f);
+        dzg.assign(zsg.size(), 0.0f);
+        dzu.assign(zsg.size(), 0.0f);
+        udm.assign(static_cast<std::size_t>(n * k), 0.0f);
+        fg = random_vector<float>(static_cast<std::size_t>(E * r * h), rng, 0.01);
+        fu = random_vector<float>(fg.size(), rng, 0.01);
+        fa = random_vector<float>(fg.size(), rng, 0.01);
+        ga.assign(fg.size(), 0.0f);
+        gbg.assign(fg.size(), 0.0f);
+        gbu.assign(fg.size(), 0.0f);
+        for (Index t = 0; t < n; ++t) {  // top-2 of 2 experts: every token visits both
+            const std::int32_t e0 = rng.uniform() < 0.5 ? 0 : 1;
+            expert.push_back(e0);
+            expert.push_back(1 - e0);
+            const float g = static_cast<float>(0.5 + 0.5 * rng.uniform());
+            gate.push_back(g);
+            gate.push_back(1.0f - g);
+        }
+        for (Index e = 0; e < E; ++e) {
+            BgT.push_back(fg.data() + e * r * h);
+            BuT.push_back(fu.data() + e * r * h);
+            A2.push_back(fa.data() + e * r * h);
+            gA2.push_back(ga.data() + e * r * h);
+            gBgT.push_back(gbg.data() + e * r * h);
+            gBuT.push_back(gbu.data() + e * r * h);
+        }
+    }
+    ConstMatrixView<float> view(const std::vector<float>& v) const { return {v.data(), n, h}; }
+    MatrixView<kernels::bf16> view(std::vector<kernels::bf16>& v) const { return {v.data(), n, h}; }
+};
+
+// Kernel: kernels::swiglu_mixture_forward, the one-pass forward of the 2048 routed rows (gate and up rank-r
+// updates, silu(g) u, gate mix into m written in bf16, A2 projection) at SmolLM2-135M shapes.
+void swiglu_rows_fwd(benchmark::State& state) {
+    SwigluRows f;
+    for (auto _ : state) {
+        kernels::swiglu_mixture_forward(MatrixView<float>(), f.z2.data(), f.view(f.Hg), f.view(f.Hu), f.none,
+                                        f.none, f.k, f.expert.data(), f.gate.data(), f.zsg.data(), f.zsu.data(),
+                                        f.BgT.data(), f.BuT.data(), f.A2.data(), f.E, f.r, f.part, f.view(f.Mb));
+        benchmark::DoNotOptimize(f.Mb.data());
+    }
+    state.SetItemsProcessed(state.iterations() * f.n);
+}
+
+// Kernel: kernels::swiglu_mixture_backward, the one-pass backward of the routed rows (dHg and dHu in bf16,
+// dz of both linears, a . dm, dA2, dBg, dBu) at SmolLM2-135M shapes.
+void swiglu_rows_bwd(benchmark::State& state) {
+    SwigluRows f;
+    for (auto _ : state) {
+        kernels::swiglu_mixture_backward(MatrixView<float>(), MatrixView<float>(), f.dzg.data(), f.dzu.data(),
+                                         f.udm.data(), f.view(f.dM), f.view(f.Hg), f.view(f.Hu), f.none, f.none,
+                                         f.k, f.expert.data(), f.gate.data(), f.zsg.data(), f.zsu.data(), f.qg.data(),
+                                         f.BgT.data(), f.BuT.data(), f.A2.data(), f.gA2.data(), f.h, f.gBgT.data(),
+                                         f.gBuT.data(), f.E, 0.5f, f.r, f.part, f.view(f.dHgb), f.view(f.dHub));
+        benchmark::DoNotOptimize(f.dHgb.data());
+    }
+    state.SetItemsProcessed(state.iterations() * f.n);
+}
+
 // Not a comigs kernel: the host's vector FMA throughput per thread, on one thread and on all. On a
 // shared VM another tenant on a core's sibling lowers the clock and the 1 -> n thread ceiling that the
 // layer's thread scaling is held against; tools/bench_compare.py prints both beside each round.
@@ -289,6 +370,8 @@ BENCHMARK_CAPTURE(host_fma, one_thread, false)->Name("host_fma/one_thread")->Use
 BENCHMARK_CAPTURE(host_fma, all_threads, true)->Name("host_fma/all_threads")->UseRealTime();
 BENCHMARK(mixture_rows_fwd)->Name("mixture_rows_fwd/fp32/gpt2")->UseRealTime();
 BENCHMARK(mixture_rows_bwd)->Name("mixture_rows_bwd/fp32/gpt2")->UseRealTime();
+BENCHMARK(swiglu_rows_fwd)->Name("mixture_rows_fwd/swiglu_bf16out/smollm2")->UseRealTime();
+BENCHMARK(swiglu_rows_bwd)->Name("mixture_rows_bwd/swiglu_bf16out/smollm2")->UseRealTime();
 BENCHMARK(lowrank_outer_bench)->Name("lowrank_outer/fp32/gpt2")->UseRealTime();
 BENCHMARK(lowrank_rows_bench)->Name("lowrank_rows/fp32/gpt2")->UseRealTime();
 BENCHMARK_CAPTURE(gemm_eigen_fp32, gpt2, kT)->Name("gemm_eigen/fp32/gpt2")->UseRealTime();

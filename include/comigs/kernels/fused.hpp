@@ -12,6 +12,9 @@
 //     pre-activation in backward);
 //   - the per-row reductions over the hidden size (z2 = A2 u, dz = B1^T dp, u . dm) are summed per
 //     group, and the group sums are added in group order afterwards.
+// One implementation serves both MLPs: the row kernels and their drivers take the activation as a
+// template parameter (GeluAct: one first linear, a = gelu(p); SwigluAct: gate and up, a = silu(pg) pu),
+// and hold per first linear f its pre-activation, rank-r update, dH output and dB_f accumulator.
 // The group grid depends on the shapes alone, so every result is the same for any thread count. The
 // mixture falls back to the separate kernels (lowrank.hpp, elementwise.hpp) when these do not apply;
 // both give the same values up to rounding.
@@ -231,24 +234,27 @@ inline Index padded_cols(Index nc) {
     return (nc + w - 1) / w * w;
 }
 
-/// One routed row as the row kernels see it (pointers at the group's first column).
-template <int Q, class T>
+/// One routed row as the row kernels see it (pointers at the group's first column), for an MLP with L
+/// first-stage linears (GELU: fc; SwiGLU: gate, then up). Per linear f: its pre-activation H[f], its
+/// rank-r input zs[f] and, backward, where its dH row goes; forward, linear 0's fields carry m.
+template <int Q, class T, int L>
 struct MixRow {
-    T* out;                // where the row's sum goes: the token's row of m (forward) or dH (backward)
-                           // on its last visit, else its row of the block's partial sums
-    const T* prev;         // the token's partial sums so far (not read on its first visit)
-    const T* H;            // the token's pre-activation without bias
-    const T* dm;           // backward: dL/dm of the token
-    const Coef<Q, T>* zs;  // s A1 x of the row
-    const Coef<Q, T>* qg;  // backward: g s B2^T dy of the row
-    T g;                   // gate weight
-    bool first;            // first visit of the token: store instead of add
-    T* part;               // the row's partial sums over the group's columns
-    bf16* outb;            // when set, the last visit writes the finished row here (bf16), not to out
-    bool last;             // last visit of the token
-    bool stream;           // the finished row takes streaming stores (fp32 out 64-, bf16 outb 32-byte aligned)
-    const T* next_h;       // the H (and, backward, dM) columns of the row visited two rows later,
-    const T* next_dm;      // prefetched a line per batch during the GELU sweep; null: none
+    T* out[L];               // where the row's sum goes: the token's row of m (forward, f = 0) or dH_f
+                             // (backward) on its last visit, else its row of the block's partial sums
+    const T* prev[L];        // the token's partial sums so far (not read on its first visit)
+    bf16* outb[L];           // when set, the last visit writes the finished row here (bf16), not to out
+    bool stream[L];          // the finished row takes streaming stores (fp32 out 64-, bf16 outb 32-byte aligned)
+    const T* H[L];           // the token's pre-activation without bias
+    const Coef<Q, T>* zs[L]; // s A_f x of the row
+    const T* next_h[L];      // the H columns of the row visited two rows later, prefetched a line per
+                             // batch during the activation sweep; null: none
+    const T* dm;             // backward: dL/dm of the token
+    const Coef<Q, T>* qg;    // backward: g s B2^T dy of the row
+    const T* next_dm;        // backward: dM columns of the row visited two rows later (as next_h)
+    T g;                     // gate weight
+    bool first;              // first visit of the token: store instead of add
+    bool last;               // last visit of the token
+    T* part;                 // the row's partial sums over the group's columns
 };
 
 /// Stores the lanes of v as bf16, rounded as convert_to_bf16 rounds; with `stream` (dst 32-byte
@@ -272,69 +278,68 @@ inline void store_bf16(bf16* dst, const B& v, bool stream = false) {
     convert_to_bf16(dst, tmp, static_cast<Index>(B::size));
 }
 
-/// Writes the row value v of m or dH at column c: to the bf16 row on the token's last visit when the
+/// Writes the row value v of m or dH_f at column c: to the bf16 row on the token's last visit when the
 /// caller asked for bf16 output, else to the fp32 row.
-template <int Q, class T, class B>
-inline void put_row(const MixRow<Q, T>& row, Index c, const B& v) {
+template <int Q, class T, int L, class B>
+inline void put_row(const MixRow<Q, T, L>& row, int f, Index c, const B& v) {
     if constexpr (std::is_same_v<T, float>) {
-        if (row.outb && row.last) {
-            store_bf16(row.outb + c, v, row.stream);
+        if (row.outb[f] && row.last) {
+            store_bf16(row.outb[f] + c, v, row.stream[f]);
             return;
         }
     }
-    if (row.stream)
-        simd::store_stream(row.out + c, v);
+    if (row.stream[f])
+        simd::store_stream(row.out[f] + c, v);
     else
-        simd::store(row.out + c, v);
+        simd::store(row.out[f] + c, v);
 }
-template <int Q, class T>
-inline void put_row_scalar(const MixRow<Q, T>& row, Index c, T v) {
+template <int Q, class T, int L>
+inline void put_row_scalar(const MixRow<Q, T, L>& row, int f, Index c, T v) {
     if constexpr (std::is_same_v<T, float>) {
-        if (row.outb && row.last) {
-            row.outb[c] = to_bf16(v);
+        if (row.outb[f] && row.last) {
+            row.outb[f][c] = to_bf16(v);
             return;
         }
     }
-    row.out[c] = v;
+    row.out[f][c] = v;
 }
 
-/// Points a row at its sums: it adds to the token's row of the block's partial sums (`partial`, in a
-/// per-thread buffer) and writes there until its last visit, which writes `dst` (its row of m or dH)
-/// instead, with streaming stores when dst (or the bf16 row) holds whole aligned batches: the
-/// finished rows are read next by a GEMM, not by this pass, and streaming them saves reading each
-/// line in first (bf16 rows: 7-11% slower passes without it, 2 threads).
-template <int Q, class T>
-inline void point_sums(MixRow<Q, T>& row, T* dst, T* partial, Index nc) {
+/// Points linear f of a row at its sums: it adds to the token's row of the block's partial sums
+/// (`partial`, in a per-thread buffer) and writes there until its last visit, which writes `dst` (its
+/// row of m or dH_f) instead, or its bf16 row `dstb` when set, with streaming stores when that row holds
+/// whole aligned batches: the finished rows are read next by a GEMM, not by this pass, and streaming
+/// them saves reading each line in first (bf16 rows: 7-11% slower passes without it, 2 threads).
+/// Needs row.last set.
+template <int Q, class T, int L>
+inline void point_sums(MixRow<Q, T, L>& row, int f, T* dst, bf16* dstb, T* partial, Index nc) {
     constexpr std::size_t bytes = simd::width<T> * sizeof(T);
-    row.prev = partial;
-    row.out = row.last && dst ? dst : partial;  // no dst: the last visit writes the bf16 row alone
+    row.prev[f] = partial;
+    row.out[f] = row.last && dst ? dst : partial;  // no dst: the last visit writes the bf16 row alone
+    row.outb[f] = dstb;
     // A bf16 row streams 32 bytes per batch: it needs 32-byte alignment (its own row, not dst's).
-    const auto aligned = row.outb ? reinterpret_cast<std::uintptr_t>(row.outb) % (bytes / 2) == 0
-                                  : reinterpret_cast<std::uintptr_t>(dst) % bytes == 0;
-    row.stream = row.last && nc % static_cast<Index>(simd::width<T>) == 0 && aligned;
+    const auto aligned = dstb ? reinterpret_cast<std::uintptr_t>(dstb) % (bytes / 2) == 0
+                              : reinterpret_cast<std::uintptr_t>(dst) % bytes == 0;
+    row.stream[f] = row.last && nc % static_cast<Index>(simd::width<T>) == 0 && aligned;
 }
-/// The visit-dependent fields of a row (visit i of the order): its first/last flags, its slot of the
-/// group's per-row sums, and where its m or dH sums go (point_sums; dst null when the caller passed
-/// no fp32 output, dstb its bf16 row or null).
-template <int Q, class T>
-inline void set_visit(MixRow<Q, T>& row, const MixOrder& order, Index i, T* part, T* dst, bf16* dstb, T* partial,
-                      Index nc) {
+/// The visit-dependent fields of a row (visit i of the order): its first/last flags and its slot of
+/// the group's per-row sums.
+template <int Q, class T, int L>
+inline void set_visit(MixRow<Q, T, L>& row, const MixOrder& order, Index i, T* part) {
     row.first = order.first[static_cast<std::size_t>(i)] != 0;
     row.last = order.last[static_cast<std::size_t>(i)] != 0;
     row.part = part;
-    row.outb = dstb;
-    point_sums(row, dst, partial, nc);
 }
-/// Points a row at what its GELU sweep prefetches: the H (and, when dM has data, dM) columns from
-/// c0 of the token visited at position `pos` of the order; nothing past the order's end.
-template <int Q, class T>
-inline void point_next(MixRow<Q, T>& row, const MixOrder& order, Index pos, Index k, ConstMatrixView<T> H,
+/// Points a row at what its activation sweep prefetches: the H_f (and, when dM has data, dM) columns
+/// from c0 of the token visited at position `pos` of the order; nothing past the order's end.
+template <int Q, class T, int L>
+inline void point_next(MixRow<Q, T, L>& row, const MixOrder& order, Index pos, Index k, const ConstMatrixView<T>* H,
                        ConstMatrixView<T> dM, Index c0) {
     const bool any = pos < static_cast<Index>(order.rows.size());
     const Index t = any ? order.rows[static_cast<std::size_t>(pos)] / k : 0;
-    row.next_h = any ? H.row_ptr(t) + c0 : nullptr;
+    for (int f = 0; f < L; ++f) row.next_h[f] = any ? H[f].row_ptr(t) + c0 : nullptr;
     row.next_dm = any && dM.data ? dM.row_ptr(t) + c0 : nullptr;
 }
+
 /// Per-thread partial sums of the fused passes: one row of the group's columns per token of a block.
 template <class T>
 inline comigs::detail::aligned_vector<T>& fused_partial_scratch() {
@@ -379,41 +384,123 @@ inline void rank_sweep(T* const* out, const T (&coef)[R][Q], const T* f, Index l
     }
 }
 
-/// Forward of R routed rows of one expert on nc columns (fb, fa its packed B1^T and A2 columns, row
-/// stride ld; b1 at the first column or null): u = gelu(H + b1 + zs^T B1T), m (= when first, else +=)
-/// g u, and part[q] = the partial sum of A2 u over these columns, q < Q. Three sweeps over the
-/// columns, the rows side by side in each (they share the factor loads and give the core independent
-/// chains): p into su[x] (kept in L1), then u = gelu(p) in place with the gate mix into m, then the A2
-/// projection of u. One sweep doing the rank-r update and the GELU together holds 2 Q broadcast
-/// coefficients beside the GELU's constants and spills; it ran 10-15% slower.
-template <int Q, int R, class T>
-inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb, const T* fa, T* const* su, Index ld,
-                             Index nc) {
+
+/// s = sigmoid(x) and 1 - s without cancellation (silu(x) = x s, silu'(x) = s + x s (1 - s)).
+template <class B, class T = typename B::value_type>
+inline B silu_sigmoid(const B& x, B& oms) {
+    if constexpr (std::is_same_v<T, float>) {
+        B s;
+        simd::sigmoid_pow2(x * B(T(-1.4426950408889634)), s, oms);  // 1 / (1 + 2^(-x / ln 2))
+        return s;
+    } else {
+        const B e = simd::exp(-x), s = B(T(1)) / (B(T(1)) + e);
+        oms = simd::select(s < B(T(0.5)), B(T(1)) - s, e * s);  // e may be inf where s = 0
+        return s;
+    }
+}
+template <class T>
+inline T silu_sigmoid_scalar(T x, T& oms) {
+    const T e = std::exp(-x), s = T(1) / (T(1) + e);
+    oms = s < T(0.5) ? T(1) - s : e * s;
+    return s;
+}
+
+/// The activations of the row kernels, from the pre-activations p[f] of the L first-stage linears
+/// (vectors V = simd::batch<T>, or scalars for the column tails): a = act(p), and backward, given
+/// da = dL/da, dp[f] = da d a / d p_f.
+/// GELU (L = 1): a = gelu(p) = p sigmoid(2 a(p)).
+struct GeluAct {
+    static constexpr int linears = 1;
+    template <class V>
+    static V forward(const V* p) {
+        if constexpr (std::is_arithmetic_v<V>)
+            return p[0] * gelu_sigmoid_scalar(p[0]);
+        else
+            return p[0] * gelu_sigmoid(p[0]);
+    }
+    template <class V>
+    static V backward(const V* p, const V& da, V* dp) {
+        V oms;
+        if constexpr (std::is_arithmetic_v<V>) {
+            const V s = gelu_sigmoid_scalar(p[0], &oms);
+            dp[0] = da * gelu_grad_from_scalar(p[0], s, oms);
+            return p[0] * s;
+        } else {
+            const V s = gelu_sigmoid(p[0], &oms);
+            dp[0] = da * gelu_grad_from(p[0], s, oms);
+            return p[0] * s;
+        }
+    }
+};
+/// SwiGLU (L = 2, gate then up): a = silu(pg) pu; dpg = da pu silu'(pg), dpu = da silu(pg).
+struct SwigluAct {
+    static constexpr int linears = 2;
+    template <class V>
+    static V forward(const V* p) {
+        V oms;
+        if constexpr (std::is_arithmetic_v<V>)
+            return p[0] * silu_sigmoid_scalar(p[0], oms) * p[1];
+        else
+            return p[0] * silu_sigmoid(p[0], oms) * p[1];
+    }
+    template <class V>
+    static V backward(const V* p, const V& da, V* dp) {
+        V oms;
+        if constexpr (std::is_arithmetic_v<V>) {
+            const V s = silu_sigmoid_scalar(p[0], oms), silu = p[0] * s;
+            dp[0] = da * p[1] * (silu * oms + s);
+            dp[1] = da * silu;
+            return silu * p[1];
+        } else {
+            const V s = silu_sigmoid(p[0], oms), silu = p[0] * s;
+            dp[0] = da * p[1] * simd::fma(silu, oms, s);
+            dp[1] = da * silu;
+            return silu * p[1];
+        }
+    }
+};
+
+/// Forward of R routed rows of one expert on nc columns: p_f = H_f + b_f + zs_f^T F_f for each first
+/// linear f < L (F[f] its packed B_f^T columns, row stride ld; b[f] at the first column or null),
+/// a = Act(p), m (= when first, else +=) g a, and part[q] = the partial sum of A2 a over these columns,
+/// q < Q (fa the packed A2 columns). Three sweeps over the columns, the rows side by side in each (they
+/// share the factor loads and give the core independent chains): p_f into sp[f][x] (kept in L1), then
+/// a = Act(p) into sp[0][x] with the gate mix into m, then the A2 projection of a. One sweep doing the
+/// rank-r update and the activation together holds 2 Q broadcast coefficients beside the activation's
+/// constants and spills; it ran 10-15% slower (GELU).
+template <class Act, int Q, int R, class T, int L = Act::linears>
+inline void mix_forward_rows(const MixRow<Q, T, L>* rows, const T* const* b, const T* const* F, const T* fa,
+                             T* (*sp)[2], Index ld, Index nc) {
     using B = simd::batch<T>;
     constexpr Index w = static_cast<Index>(simd::width<T>);
     const Index cv = nc / w * w;
+    T zs[L][R][Q], g[R];
+    for (int x = 0; x < R; ++x) {
+        for (int f = 0; f < L; ++f)
+            for (int q = 0; q < Q; ++q) zs[f][x][q] = rows[x].zs[f]->v[q];
+        g[x] = rows[x].g;
+    }
+    for (int f = 0; f < L; ++f)
+        rank_sweep<Q, R>(sp[f], zs[f], F[f], ld, cv, [&](int x, Index c, B& a0, B& a1) {
+            a0 = simd::load(rows[x].H[f] + c);
+            a1 = b[f] ? simd::load(b[f] + c) : B(T(0));
+        });
+    for (Index c = 0; c < cv; c += w) {
+        for (int x = 0; x < R; ++x) {
+            B p[L];
+            for (int f = 0; f < L; ++f) {
+                if (rows[x].next_h[f]) prefetch_line(rows[x].next_h[f] + c);
+                p[f] = simd::load(sp[f][x] + c);
+            }
+            const B a = Act::forward(p);
+            put_row(rows[x], 0, c, rows[x].first ? B(g[x]) * a : simd::fma(B(g[x]), a, simd::load(rows[x].prev[0] + c)));
+            simd::store(sp[0][x] + c, a);
+        }
+    }
     B acc[R][Q];
     for (int x = 0; x < R; ++x)
         for (int q = 0; q < Q; ++q) acc[x][q] = B(T(0));
-    T zs[R][Q], g[R];
-    for (int x = 0; x < R; ++x) {
-        for (int q = 0; q < Q; ++q) zs[x][q] = rows[x].zs->v[q];
-        g[x] = rows[x].g;
-    }
-    rank_sweep<Q, R>(su, zs, fb, ld, cv, [&](int x, Index c, B& a0, B& a1) {
-        a0 = simd::load(rows[x].H + c);
-        a1 = b1 ? simd::load(b1 + c) : B(T(0));
-    });
-    for (Index c = 0; c < cv; c += w) {
-        for (int x = 0; x < R; ++x) {
-            if (rows[x].next_h) prefetch_line(rows[x].next_h + c);
-            const B p = simd::load(su[x] + c);
-            const B u = p * gelu_sigmoid(p);
-            put_row(rows[x], c, rows[x].first ? B(g[x]) * u : simd::fma(B(g[x]), u, simd::load(rows[x].prev + c)));
-            simd::store(su[x] + c, u);
-        }
-    }
-    project_rows<Q, R>(acc, su, fa, ld, cv);
+    project_rows<Q, R>(acc, sp[0], fa, ld, cv);
     for (int x = 0; x < R; ++x) {
         T* out = rows[x].part;
         if (cv > 0)
@@ -421,125 +508,131 @@ inline void mix_forward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb,
         else
             for (int q = 0; q < Q; ++q) out[q] = T(0);
         for (Index c = cv; c < nc; ++c) {
-            T p0 = rows[x].H[c], p1 = b1 ? b1[c] : T(0);
-            for (int q = 0; q < Q; q += 2) {
-                p0 += zs[x][q] * fb[q * ld + c];
-                p1 += zs[x][q + 1] * fb[(q + 1) * ld + c];
+            T p[L];
+            for (int f = 0; f < L; ++f) {
+                T p0 = rows[x].H[f][c], p1 = b[f] ? b[f][c] : T(0);
+                for (int q = 0; q < Q; q += 2) {
+                    p0 += zs[f][x][q] * F[f][q * ld + c];
+                    p1 += zs[f][x][q + 1] * F[f][(q + 1) * ld + c];
+                }
+                p[f] = p0 + p1;
             }
-            const T p = p0 + p1;
-            const T u = p * gelu_sigmoid_scalar(p);
-            put_row_scalar(rows[x], c, rows[x].first ? g[x] * u : rows[x].prev[c] + g[x] * u);
-            for (int q = 0; q < Q; ++q) out[q] += fa[q * ld + c] * u;
+            const T a = Act::forward(p);
+            put_row_scalar(rows[x], 0, c, rows[x].first ? g[x] * a : rows[x].prev[0][c] + g[x] * a);
+            for (int q = 0; q < Q; ++q) out[q] += fa[q * ld + c] * a;
         }
     }
 }
 
 /// Backward of R routed rows of one expert on nc columns (layout as mix_forward_rows), with dm = dL/dm
-/// of each row's token and qg = g s B2^T dy: du = g dm + qg^T A2, p recomputed, u = gelu(p),
-/// dp = du * gelu'(p); dH (= when first, else +=) dp, part[q] = the partial sum of B1T dp (q < Q) and
-/// part[Q] of u . dm; u and dp go to the rows su[x], sd[x] for the gradient sweep (mix_grad_span).
-/// The B1T dp sums are a second sweep over sd, as the A2 projection in mix_forward_rows.
-template <int Q, int R, class T>
-inline void mix_backward_rows(const MixRow<Q, T>* rows, const T* b1, const T* fb, const T* fa, T* const* su,
-                              T* const* sd, Index ld, Index nc) {
+/// of each row's token and qg = g s B2^T dy: da = g dm + qg^T A2, p_f recomputed, a = Act(p) and
+/// dp_f = da d a / d p_f; dH_f (= when first, else +=) dp_f; part[f Q + q] = the partial sum of
+/// F_f dp_f (q < Q) and part[L Q] of a . dm. For the gradient sweep (mix_grad_one) a goes to sp[0][x],
+/// dp_0 to sd[x] and dp_f to sp[f][x] (f >= 1). The F_f dp_f sums are sweeps over those rows, as the A2
+/// projection in mix_forward_rows.
+template <class Act, int Q, int R, class T, int L = Act::linears>
+inline void mix_backward_rows(const MixRow<Q, T, L>* rows, const T* const* b, const T* const* F, const T* fa,
+                              T* (*sp)[2], T* const* sd, Index ld, Index nc) {
     using B = simd::batch<T>;
     constexpr Index w = static_cast<Index>(simd::width<T>);
     const Index cv = nc / w * w;
-    B acc[R][Q], dot[R];
-    T zs[R][Q], qg[R][Q], g[R];
+    B dot[R];
+    T zs[L][R][Q], qg[R][Q], g[R];
     for (int x = 0; x < R; ++x) {
         dot[x] = B(T(0));
         for (int q = 0; q < Q; ++q) {
-            acc[x][q] = B(T(0));
-            zs[x][q] = rows[x].zs->v[q];
+            for (int f = 0; f < L; ++f) zs[f][x][q] = rows[x].zs[f]->v[q];
             qg[x][q] = rows[x].qg->v[q];
         }
         g[x] = rows[x].g;
     }
-    // Three sweeps over the columns, each holding few coefficients and short chains (one sweep doing
-    // all of it keeps 4 Q broadcast coefficients, spills, and ran ~10% slower): p into su, du into
-    // sd, then row by row u = gelu(p) and dp = du gelu'(p) in place with u . dm and the dH sums.
-    rank_sweep<Q, R>(su, zs, fb, ld, cv, [&](int x, Index c, B& a0, B& a1) {
-        a0 = simd::load(rows[x].H + c);
-        a1 = b1 ? simd::load(b1 + c) : B(T(0));
-    });
+    // Sweeps over the columns, each holding few coefficients and short chains (one sweep doing all of
+    // it keeps 4 Q broadcast coefficients, spills, and ran ~10% slower): p_f into sp[f], da into sd,
+    // then the rows side by side through the activation and its derivative in place, with a . dm and
+    // the dH sums: each element is one long dependency chain, and R independent chains per column
+    // batch give the core more to overlap.
+    for (int f = 0; f < L; ++f)
+        rank_sweep<Q, R>(sp[f], zs[f], F[f], ld, cv, [&](int x, Index c, B& a0, B& a1) {
+            a0 = simd::load(rows[x].H[f] + c);
+            a1 = b[f] ? simd::load(b[f] + c) : B(T(0));
+        });
     rank_sweep<Q, R>(sd, qg, fa, ld, cv, [&](int x, Index c, B& a0, B& a1) {
         a0 = B(g[x]) * simd::load(rows[x].dm + c);
         a1 = B(T(0));
     });
-    // The R rows side by side: each element is one long dependency chain (GELU and its derivative),
-    // and R independent chains per column batch give the core more to overlap.
     for (Index c = 0; c < cv; c += w) {
         for (int x = 0; x < R; ++x) {
-            const MixRow<Q, T>& row = rows[x];
-            if (row.next_h) prefetch_line(row.next_h + c);
+            const MixRow<Q, T, L>& row = rows[x];
+            B p[L], dp[L];
+            for (int f = 0; f < L; ++f) {
+                if (row.next_h[f]) prefetch_line(row.next_h[f] + c);
+                p[f] = simd::load(sp[f][x] + c);
+            }
             if (row.next_dm) prefetch_line(row.next_dm + c);
-            const B p = simd::load(su[x] + c);
-            B oms;
-            const B s = gelu_sigmoid(p, &oms);
-            const B u = p * s;
-            const B dp = simd::load(sd[x] + c) * gelu_grad_from(p, s, oms);
-            dot[x] = simd::fma(u, simd::load(row.dm + c), dot[x]);
-            put_row(row, c, row.first ? dp : simd::load(row.prev + c) + dp);
-            simd::store(su[x] + c, u);
-            simd::store(sd[x] + c, dp);
+            const B a = Act::backward(p, simd::load(sd[x] + c), dp);
+            dot[x] = simd::fma(a, simd::load(row.dm + c), dot[x]);
+            for (int f = 0; f < L; ++f) put_row(row, f, c, row.first ? dp[f] : simd::load(row.prev[f] + c) + dp[f]);
+            simd::store(sp[0][x] + c, a);
+            simd::store(sd[x] + c, dp[0]);
+            for (int f = 1; f < L; ++f) simd::store(sp[f][x] + c, dp[f]);
         }
     }
-    project_rows<Q, R>(acc, sd, fb, ld, cv);
-    for (int x = 0; x < R; ++x) {
-        T* out = rows[x].part;
-        if (cv > 0) {
-            simd::reduce_add_rows<Q>(acc[x], out);
-            out[Q] = simd::reduce_add(dot[x]);
-        } else {
-            for (int q = 0; q <= Q; ++q) out[q] = T(0);
+    for (int f = 0; f < L; ++f) {
+        B acc[R][Q];
+        for (int x = 0; x < R; ++x)
+            for (int q = 0; q < Q; ++q) acc[x][q] = B(T(0));
+        project_rows<Q, R>(acc, f == 0 ? sd : sp[f], F[f], ld, cv);
+        for (int x = 0; x < R; ++x) {
+            T* out = rows[x].part + f * Q;
+            if (cv > 0)
+                simd::reduce_add_rows<Q>(acc[x], out);
+            else
+                for (int q = 0; q < Q; ++q) out[q] = T(0);
         }
     }
+    for (int x = 0; x < R; ++x) rows[x].part[L * Q] = cv > 0 ? simd::reduce_add(dot[x]) : T(0);
     for (Index c = cv; c < nc; ++c)
         for (int x = 0; x < R; ++x) {
-            const T dmv = rows[x].dm[c];
-            T du0 = g[x] * dmv, du1 = T(0), p0 = rows[x].H[c], p1 = b1 ? b1[c] : T(0);
+            const MixRow<Q, T, L>& row = rows[x];
+            const T dmv = row.dm[c];
+            T da0 = g[x] * dmv, da1 = T(0), p[L], dp[L];
             for (int q = 0; q < Q; q += 2) {
-                du0 += qg[x][q] * fa[q * ld + c];
-                du1 += qg[x][q + 1] * fa[(q + 1) * ld + c];
-                p0 += zs[x][q] * fb[q * ld + c];
-                p1 += zs[x][q + 1] * fb[(q + 1) * ld + c];
+                da0 += qg[x][q] * fa[q * ld + c];
+                da1 += qg[x][q + 1] * fa[(q + 1) * ld + c];
             }
-            const T p = p0 + p1;
-            T oms;
-            const T s = gelu_sigmoid_scalar(p, &oms);
-            const T u = p * s;
-            const T dp = (du0 + du1) * gelu_grad_from_scalar(p, s, oms);
-            T* out = rows[x].part;
-            out[Q] += u * dmv;
-            put_row_scalar(rows[x], c, rows[x].first ? dp : rows[x].prev[c] + dp);
-            su[x][c] = u;
-            sd[x][c] = dp;
-            for (int q = 0; q < Q; ++q) out[q] += fb[q * ld + c] * dp;
+            for (int f = 0; f < L; ++f) {
+                T p0 = row.H[f][c], p1 = b[f] ? b[f][c] : T(0);
+                for (int q = 0; q < Q; q += 2) {
+                    p0 += zs[f][x][q] * F[f][q * ld + c];
+                    p1 += zs[f][x][q + 1] * F[f][(q + 1) * ld + c];
+                }
+                p[f] = p0 + p1;
+            }
+            const T a = Act::backward(p, da0 + da1, dp);
+            T* out = row.part;
+            out[L * Q] += a * dmv;
+            for (int f = 0; f < L; ++f) put_row_scalar(row, f, c, row.first ? dp[f] : row.prev[f][c] + dp[f]);
+            sp[0][x][c] = a;
+            sd[x][c] = dp[0];
+            for (int f = 1; f < L; ++f) sp[f][x][c] = dp[f];
+            for (int f = 0; f < L; ++f)
+                for (int q = 0; q < Q; ++q) out[f * Q + q] += F[f][q * ld + c] * dp[f];
         }
 }
 
-/// The gradient sweep of one span (rows of one expert): ga[q][c] += sum_x qg_x[q] su[x][c] and
-/// gb[q][c] += sum_x zs_x[q] sd[x][c] over the span's `count` rows, ga and gb packed [Q, nc], xq and
-/// xz the rows' coefficients [count, Q]: register-blocked rank-Q outer products (lowrank.hpp).
+/// The gradient sweep of one span (rows of one expert) for one factor: gb[q][c] += sum_x xz_x[q] sd[x][c]
+/// over the span's `count` rows, gb packed [Q, nc] (row stride ld), xz the rows' coefficients [count, Q]:
+/// a register-blocked rank-Q outer product (lowrank.hpp).
 template <int Q, class T>
-inline void mix_grad_span(T* ga, T* gb, Index nc, Index ld, const T* xq, const T* xz, const T* su, const T* sd,
-                          Index count) {
+inline void mix_grad_one(T* gb, Index nc, Index ld, const T* xz, const T* sd, Index count) {
     constexpr Index cb = 2 * static_cast<Index>(simd::width<T>);
     const Index cv = nc / cb * cb;
-    if (cv > 0) {
-        lowrank_outer_cols<Q>(ga, ld, xq, Q, su, ld, static_cast<const Index*>(nullptr), count, 0, cv, T(1));
-        lowrank_outer_cols<Q>(gb, ld, xz, Q, sd, ld, static_cast<const Index*>(nullptr), count, 0, cv, T(1));
-    }
+    if (cv > 0) lowrank_outer_cols<Q>(gb, ld, xz, Q, sd, ld, static_cast<const Index*>(nullptr), count, 0, cv, T(1));
     for (Index q = 0; q < Q; ++q)
         for (Index c = cv; c < nc; ++c) {
-            T a = T(0), b = T(0);
-            for (Index x = 0; x < count; ++x) {
-                a += xq[x * Q + q] * su[x * ld + c];
-                b += xz[x * Q + q] * sd[x * ld + c];
-            }
-            ga[q * ld + c] += a;
-            gb[q * ld + c] += b;
+            T s = T(0);
+            for (Index x = 0; x < count; ++x) s += xz[x * Q + q] * sd[x * ld + c];
+            gb[q * ld + c] += s;
         }
 }
 
@@ -633,18 +726,22 @@ void sum_groups_part(T* dst, const T* part, Index groups, Index len) {
     }
 }
 
-template <int Q, class T>
-void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1, Index k, const std::int32_t* expert,
-                       const T* gate, const T* zs, const T* const* B1T, const T* const* A2, Index experts, Index r,
-                       std::vector<T>& part, MatrixView<bf16> Mb) {
-    const Index n = H.rows, h = H.cols, rows = n * k;
+/// The forward pass of the routed rows for activation Act over its L first-stage linears: H[f], b[f],
+/// zs[f] and F[f] (the experts' B_f^T factors) per linear f; see gelu_mixture_forward.
+template <class Act, int Q, class T, int L = Act::linears>
+void rows_forward_q(MatrixView<T> M, T* z2, const ConstMatrixView<T>* H, const T* const* b, Index k,
+                    const std::int32_t* expert, const T* gate, const T* const* zs, const T* const* const* F,
+                    const T* const* A2, Index experts, Index r, std::vector<T>& part, MatrixView<bf16> Mb) {
+    const Index n = H[0].rows, h = H[0].cols, rows = n * k;
     const Index W = std::max<Index>(1, mix_group_cols()), groups = (h + W - 1) / W;
     const Index tb = std::max<Index>(1, mix_token_block());
     MixOrder order;
     order.build(n, k, experts, expert, tb);
-    std::vector<Coef<Q, T>> zc;
-    zc.reserve(static_cast<std::size_t>(rows));
-    for (Index i = 0; i < rows; ++i) zc.emplace_back(zs + i * r, r);
+    std::vector<Coef<Q, T>> zc[L];
+    for (int f = 0; f < L; ++f) {
+        zc[f].reserve(static_cast<std::size_t>(rows));
+        for (Index i = 0; i < rows; ++i) zc[f].emplace_back(zs[f] + i * r, r);
+    }
     part.resize(static_cast<std::size_t>(groups * rows * Q));
     const bool par = rows * h >= mix_parallel_min();
     // With few rows (decode) packing all experts' columns would cost more than the rows: read the
@@ -657,47 +754,53 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
         part_spans(spans, experts, tp, sp0, sp1);
         if (sp0 == sp1) return;
         const Index nc = c1 - c0, ncp = padded_cols<T>(nc), fsize = direct ? 0 : experts * Q * ncp;
+        // Packed columns: B_f^T of every expert for each linear f, then A2.
         auto& buf = fused_scratch<T>();
-        buf.resize(static_cast<std::size_t>(2 * fsize));
-        T* fb = buf.data();
-        T* fa = fb + fsize;
+        buf.resize(static_cast<std::size_t>((L + 1) * fsize));
+        T* const fa = buf.data() + L * fsize;
         if (!direct) {
-            pack_factor_cols<Q>(fb, B1T, experts, r, h, c0, nc, ncp);
+            for (int f = 0; f < L; ++f) pack_factor_cols<Q>(buf.data() + f * fsize, F[f], experts, r, h, c0, nc, ncp);
             pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc, ncp);
         }
         const Index ld = direct ? h : ncp;
         auto& rowbuf = fused_rows_scratch<T>();
-        rowbuf.resize(static_cast<std::size_t>(2 * ncp));
-        T* const su[2] = {rowbuf.data(), rowbuf.data() + ncp};
+        rowbuf.resize(static_cast<std::size_t>(2 * L * ncp));
+        T* sp[L][2];
+        for (int f = 0; f < L; ++f)
+            for (int x = 0; x < 2; ++x) sp[f][x] = rowbuf.data() + (2 * f + x) * ncp;
         auto& partial = fused_partial_scratch<T>();
         partial.resize(static_cast<std::size_t>(tb * ncp));
         T* pg = part.data() + grp * rows * Q;
-        const T* bias = b1 ? b1 + c0 : nullptr;
+        const T* bias[L];
+        for (int f = 0; f < L; ++f) bias[f] = b[f] ? b[f] + c0 : nullptr;
         // Span sp = (block, expert) of the visiting order: expert sp % experts.
-        for (Index sp = sp0; sp < sp1; ++sp) {
-            const Index e = sp % experts;
-            const T* fbe = direct ? B1T[e] + c0 : fb + e * Q * ncp;
+        for (Index span = sp0; span < sp1; ++span) {
+            const Index e = span % experts;
+            const T* fe[L];
+            for (int f = 0; f < L; ++f) fe[f] = direct ? F[f][e] + c0 : buf.data() + f * fsize + e * Q * ncp;
             const T* fae = direct ? A2[e] + c0 : fa + e * Q * ncp;
-            const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
+            const Index x0 = order.span[static_cast<std::size_t>(span)], x1 = order.span[static_cast<std::size_t>(span + 1)];
             for (Index x = x0; x < x1; x += 2) {
                 const int R = x + 1 < x1 ? 2 : 1;
-                MixRow<Q, T> rw[2];
+                MixRow<Q, T, L> rw[2];
                 for (int y = 0; y < R; ++y) {
                     const Index i = order.rows[static_cast<std::size_t>(x + y)], t = i / k;
-                    MixRow<Q, T>& row = rw[y];
-                    row.H = H.row_ptr(t) + c0;
-                    row.dm = nullptr;
-                    row.zs = &zc[static_cast<std::size_t>(i)];
-                    row.qg = nullptr;
+                    MixRow<Q, T, L>& row = rw[y];
+                    row = MixRow<Q, T, L>{};
+                    for (int f = 0; f < L; ++f) {
+                        row.H[f] = H[f].row_ptr(t) + c0;
+                        row.zs[f] = &zc[f][static_cast<std::size_t>(i)];
+                    }
                     row.g = gate[i];
-                    set_visit(row, order, i, pg + i * Q, M.data ? M.row_ptr(t) + c0 : nullptr,
-                              Mb.data ? Mb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * ncp, nc);
+                    set_visit(row, order, i, pg + i * Q);
+                    point_sums(row, 0, M.data ? M.row_ptr(t) + c0 : nullptr, Mb.data ? Mb.row_ptr(t) + c0 : nullptr,
+                               partial.data() + (t % tb) * ncp, nc);
                     point_next(row, order, x + y + 2, k, H, ConstMatrixView<T>(), c0);
                 }
                 if (R == 2)
-                    mix_forward_rows<Q, 2>(rw, bias, fbe, fae, su, ld, nc);
+                    mix_forward_rows<Act, Q, 2>(rw, bias, fe, fae, sp, ld, nc);
                 else
-                    mix_forward_rows<Q, 1>(rw, bias, fbe, fae, su, ld, nc);
+                    mix_forward_rows<Act, Q, 1>(rw, bias, fe, fae, sp, ld, nc);
             }
         }
         simd::stream_fence();
@@ -707,544 +810,109 @@ void mixture_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T* b1
             for (Index q = 0; q < r; ++q) z2[i * r + q] = full[static_cast<std::size_t>(i * Q + q)];
 }
 
-template <int Q, class T>
-void mixture_backward_q(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> dM, ConstMatrixView<T> H, const T* b1,
-                        Index k, const std::int32_t* expert, const T* gate, const T* zs, const T* qg,
-                        const T* const* B1T, const T* const* A2, T* const* gA2, Index ldg, T* const* gB1T,
-                        Index experts, T s, Index r, std::vector<T>& part, MatrixView<bf16> dHb) {
-    const Index n = H.rows, h = H.cols, rows = n * k;
+/// The backward pass of the routed rows for activation Act (layout as rows_forward_q; dH[f], dHb[f],
+/// dz[f] and gBT[f] per first linear f); see gelu_mixture_backward.
+template <class Act, int Q, class T, int L = Act::linears>
+void rows_backward_q(const MatrixView<T>* dH, T* const* dz, T* udm, ConstMatrixView<T> dM, const ConstMatrixView<T>* H,
+                     const T* const* b, Index k, const std::int32_t* expert, const T* gate, const T* const* zs,
+                     const T* qg, const T* const* const* F, const T* const* A2, T* const* gA2, Index ldg,
+                     T* const* const* gBT, Index experts, T s, Index r, std::vector<T>& part,
+                     const MatrixView<bf16>* dHb) {
+    const Index n = H[0].rows, h = H[0].cols, rows = n * k;
     const Index W = std::max<Index>(1, mix_group_cols()), groups = (h + W - 1) / W;
-    constexpr Index P = Q + 1;
+    constexpr Index P = L * Q + 1;
     const Index tb = std::max<Index>(1, mix_token_block());
     MixOrder order;
     order.build(n, k, experts, expert, tb);
-    std::vector<Coef<Q, T>> zc, qc;
-    zc.reserve(static_cast<std::size_t>(rows));
-    qc.reserve(static_cast<std::size_t>(rows));
-    for (Index i = 0; i < rows; ++i) {
-        zc.emplace_back(zs + i * r, r);
-        qc.emplace_back(qg + i * r, r);
+    std::vector<Coef<Q, T>> zc[L], qc;
+    for (int f = 0; f < L; ++f) {
+        zc[f].reserve(static_cast<std::size_t>(rows));
+        for (Index i = 0; i < rows; ++i) zc[f].emplace_back(zs[f] + i * r, r);
     }
+    qc.reserve(static_cast<std::size_t>(rows));
+    for (Index i = 0; i < rows; ++i) qc.emplace_back(qg + i * r, r);
     part.resize(static_cast<std::size_t>(groups * rows * P));
     Index longest = 0;
     for (std::size_t sp = 0; sp + 1 < order.span.size(); ++sp) longest = std::max(longest, order.span[sp + 1] - order.span[sp]);
     const bool par = rows * h >= mix_parallel_min();
     std::vector<T> sums(static_cast<std::size_t>(rows * P));
     const Index spans = static_cast<Index>(order.span.size()) - 1;
-    // Each unit's dA2 and dB1^T parts ([experts Q, ncp] each); the parts are added in finish.
-    const Index ustride = 2 * experts * Q * padded_cols<T>(std::min(W, h));
+    // Each unit's dA2 and dB_f^T parts ([experts Q, ncp] each, f < L); the parts are added in finish.
+    const Index ustride = (L + 1) * experts * Q * padded_cols<T>(std::min(W, h));
     auto& ugrads = fused_unit_grads<T>();
     ugrads.resize(static_cast<std::size_t>(groups * mix_token_parts * ustride));
     for_groups(h, par, [&](Index c0, Index c1, Index grp, Index tp) {
         const Index nc = c1 - c0, ncp = padded_cols<T>(nc), fsize = experts * Q * ncp;
         T* ga = ugrads.data() + (grp * mix_token_parts + tp) * ustride;  // dA2 of the unit, from zero
-        T* gb = ga + fsize;                                                // dB1^T of the unit, from zero
-        std::fill(ga, ga + 2 * fsize, T(0));
+        T* gb = ga + fsize;                                                // dB_f^T of the unit (f fsize on)
+        std::fill(ga, ga + (L + 1) * fsize, T(0));
         Index sp0, sp1;
         part_spans(spans, experts, tp, sp0, sp1);
         if (sp0 == sp1) return;
+        // Packed columns: B_f^T of every expert for each linear f, then A2.
         auto& buf = fused_scratch<T>();
-        buf.resize(static_cast<std::size_t>(2 * fsize));
-        T* fb = buf.data();
-        T* fa = fb + fsize;
-        pack_factor_cols<Q>(fb, B1T, experts, r, h, c0, nc, ncp);
+        buf.resize(static_cast<std::size_t>((L + 1) * fsize));
+        T* const fa = buf.data() + L * fsize;
+        for (int f = 0; f < L; ++f) pack_factor_cols<Q>(buf.data() + f * fsize, F[f], experts, r, h, c0, nc, ncp);
         pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc, ncp);
         T* pg = part.data() + grp * rows * P;
-        const T* bias = b1 ? b1 + c0 : nullptr;
-        // Per span: u and dp rows, and the rows' coefficients, for the gradient sweep.
+        const T* bias[L];
+        for (int f = 0; f < L; ++f) bias[f] = b[f] ? b[f] + c0 : nullptr;
+        // Per span, for the gradient sweep: the rows sp[f] (a, then dp_f for f >= 1) and sd (dp_0), and the
+        // rows' coefficients qg (xq) and zs_f (xz[f]).
         auto& rowbuf = fused_rows_scratch<T>();
-        rowbuf.resize(static_cast<std::size_t>(longest * (2 * ncp + 2 * Q)));
-        T* su = rowbuf.data();
-        T* sd = su + longest * ncp;
-        T* xq = sd + longest * ncp;
-        T* xz = xq + longest * Q;
+        rowbuf.resize(static_cast<std::size_t>(longest * (L + 1) * (ncp + Q)));
+        T* const sd = rowbuf.data() + L * longest * ncp;
+        T* const xq = rowbuf.data() + (L + 1) * longest * ncp;
         auto& partial = fused_partial_scratch<T>();
-        partial.resize(static_cast<std::size_t>(tb * ncp));
-        for (Index sp = sp0; sp < sp1; ++sp) {
-            const Index e = sp % experts, off = e * Q * ncp;
-            const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
+        partial.resize(static_cast<std::size_t>(L * tb * ncp));
+        for (Index span = sp0; span < sp1; ++span) {
+            const Index e = span % experts, off = e * Q * ncp;
+            const Index x0 = order.span[static_cast<std::size_t>(span)], x1 = order.span[static_cast<std::size_t>(span + 1)];
             if (x1 == x0) continue;
+            const T* fe[L];
+            for (int f = 0; f < L; ++f) fe[f] = buf.data() + f * fsize + off;
             for (Index x = x0; x < x1; x += 2) {
                 const int R = x + 1 < x1 ? 2 : 1;
-                MixRow<Q, T> rw[2];
-                T* sur[2];
+                MixRow<Q, T, L> rw[2];
+                T* spr[L][2];
                 T* sdr[2];
-                for (int y = 0; y < R; ++y) {
-                    const Index i = order.rows[static_cast<std::size_t>(x + y)], t = i / k;
-                    MixRow<Q, T>& row = rw[y];
-                    row.H = H.row_ptr(t) + c0;
-                    row.dm = dM.row_ptr(t) + c0;
-                    row.zs = &zc[static_cast<std::size_t>(i)];
-                    row.qg = &qc[static_cast<std::size_t>(i)];
-                    row.g = gate[i];
-                    set_visit(row, order, i, pg + i * P, dH.data ? dH.row_ptr(t) + c0 : nullptr,
-                              dHb.data ? dHb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * ncp, nc);
-                    sur[y] = su + (x + y - x0) * ncp;
-                    sdr[y] = sd + (x + y - x0) * ncp;
-                    std::copy_n(qc[static_cast<std::size_t>(i)].v, Q, xq + (x + y - x0) * Q);
-                    std::copy_n(zc[static_cast<std::size_t>(i)].v, Q, xz + (x + y - x0) * Q);
-                    point_next(row, order, x + y + 2, k, H, dM, c0);
-                }
-                if (R == 2)
-                    mix_backward_rows<Q, 2>(rw, bias, fb + off, fa + off, sur, sdr, ncp, nc);
-                else
-                    mix_backward_rows<Q, 1>(rw, bias, fb + off, fa + off, sur, sdr, ncp, nc);
-            }
-            mix_grad_span<Q>(ga + off, gb + off, nc, ncp, xq, xz, su, sd, x1 - x0);
-        }
-        simd::stream_fence();
-    }, [&] {
-        sum_groups_part(sums.data(), part.data(), groups, rows * P);
-        // The calling thread's groups: dA2 += the parts' sums, dB1^T = the parts' sums, added in part order.
-        Index g0, g1;
-        thread_range(groups, g0, g1);
-        for (Index g = g0; g < g1; ++g) {
-            const Index c0 = g * W, nc = std::min(h, c0 + W) - c0, ncp = padded_cols<T>(nc), fsize = experts * Q * ncp;
-            const T* u0 = ugrads.data() + g * mix_token_parts * ustride;
-            for (Index e = 0; e < experts; ++e)
-                for (Index q = 0; q < r; ++q) {
-                    const Index o = (e * Q + q) * ncp;
-                    T* da = gA2[e] + q * ldg + c0;
-                    T* db = gB1T[e] + q * h + c0;
-                    for (Index c = 0; c < nc; ++c) {
-                        T a = u0[o + c], b = u0[fsize + o + c];
-                        for (Index pt = 1; pt < mix_token_parts; ++pt) {
-                            a += u0[pt * ustride + o + c];
-                            b += u0[pt * ustride + fsize + o + c];
-                        }
-                        da[c] += a;
-                        db[c] = b;
-                    }
-                }
-        }
-    });
-    for (Index i = 0; i < rows; ++i) {
-        for (Index q = 0; q < r; ++q) dz[i * r + q] = s * sums[static_cast<std::size_t>(i * P + q)];
-        udm[i] = sums[static_cast<std::size_t>(i * P + Q)];
-    }
-}
-
-// ---- SwiGLU: the same passes with two first-stage linears (gate g, up u) -------------------------------
-// Per routed row: pg = Hg + bg + zg^T BgT, pu = Hu + bu + zu^T BuT, a = silu(pg) pu; m and z2 = A2 a as
-// for GELU. Backward, with da = g dm + qg^T A2: dpg = da pu silu'(pg), dpu = da silu(pg), both summed
-// per token (dHg, dHu), dzg = s BgT dpg, dzu = s BuT dpu, and dA2, dBg^T, dBu^T accumulated in the
-// same pass. The row of the gate linear (MixRow) carries m / dHg and the row's sums; a second MixRow
-// per routed row carries the up linear's H, zs and (backward) its dHu output.
-
-/// s = sigmoid(x) and 1 - s without cancellation (silu(x) = x s, silu'(x) = s + x s (1 - s)).
-template <class B, class T = typename B::value_type>
-inline B silu_sigmoid(const B& x, B& oms) {
-    if constexpr (std::is_same_v<T, float>) {
-        B s;
-        simd::sigmoid_pow2(x * B(T(-1.4426950408889634)), s, oms);  // 1 / (1 + 2^(-x / ln 2))
-        return s;
-    } else {
-        const B e = simd::exp(-x), s = B(T(1)) / (B(T(1)) + e);
-        oms = simd::select(s < B(T(0.5)), B(T(1)) - s, e * s);  // e may be inf where s = 0
-        return s;
-    }
-}
-template <class T>
-inline T silu_sigmoid_scalar(T x, T& oms) {
-    const T e = std::exp(-x), s = T(1) / (T(1) + e);
-    oms = s < T(0.5) ? T(1) - s : e * s;
-    return s;
-}
-
-/// Forward of R routed rows of one expert on nc columns: gate rows `rows` (H = Hg, zs = zg, the m
-/// output and the z2 sums) and up rows `ups` (H = Hu, zs = zu); fg, fu, fa the packed BgT, BuT and A2
-/// columns (row stride ld); bg, bu at the first column or null. Three sweeps as mix_forward_rows: pg
-/// into sg[x] and pu into sv[x], then a = silu(pg) pu (into sg) with the gate mix into m, then A2 a.
-template <int Q, int R, class T>
-inline void swiglu_forward_rows(const MixRow<Q, T>* rows, const MixRow<Q, T>* ups, const T* bg, const T* bu,
-                                const T* fg, const T* fu, const T* fa, T* const* sg, T* const* sv, Index ld, Index nc) {
-    using B = simd::batch<T>;
-    constexpr Index w = static_cast<Index>(simd::width<T>);
-    const Index cv = nc / w * w;
-    T zg[R][Q], zu[R][Q], g[R];
-    for (int x = 0; x < R; ++x) {
-        for (int q = 0; q < Q; ++q) {
-            zg[x][q] = rows[x].zs->v[q];
-            zu[x][q] = ups[x].zs->v[q];
-        }
-        g[x] = rows[x].g;
-    }
-    rank_sweep<Q, R>(sg, zg, fg, ld, cv, [&](int x, Index c, B& a0, B& a1) {
-        a0 = simd::load(rows[x].H + c);
-        a1 = bg ? simd::load(bg + c) : B(T(0));
-    });
-    rank_sweep<Q, R>(sv, zu, fu, ld, cv, [&](int x, Index c, B& a0, B& a1) {
-        a0 = simd::load(ups[x].H + c);
-        a1 = bu ? simd::load(bu + c) : B(T(0));
-    });
-    for (Index c = 0; c < cv; c += w) {
-        for (int x = 0; x < R; ++x) {
-            if (rows[x].next_h) prefetch_line(rows[x].next_h + c);
-            if (ups[x].next_h) prefetch_line(ups[x].next_h + c);
-            const B pg = simd::load(sg[x] + c);
-            B oms;
-            const B a = pg * silu_sigmoid(pg, oms) * simd::load(sv[x] + c);
-            put_row(rows[x], c, rows[x].first ? B(g[x]) * a : simd::fma(B(g[x]), a, simd::load(rows[x].prev + c)));
-            simd::store(sg[x] + c, a);
-        }
-    }
-    B acc[R][Q];
-    for (int x = 0; x < R; ++x)
-        for (int q = 0; q < Q; ++q) acc[x][q] = B(T(0));
-    project_rows<Q, R>(acc, sg, fa, ld, cv);
-    for (int x = 0; x < R; ++x) {
-        T* out = rows[x].part;
-        if (cv > 0)
-            simd::reduce_add_rows<Q>(acc[x], out);
-        else
-            for (int q = 0; q < Q; ++q) out[q] = T(0);
-        for (Index c = cv; c < nc; ++c) {
-            T g0 = rows[x].H[c] + (bg ? bg[c] : T(0)), u0 = ups[x].H[c] + (bu ? bu[c] : T(0)), g1 = T(0), u1 = T(0);
-            for (int q = 0; q < Q; q += 2) {
-                g0 += zg[x][q] * fg[q * ld + c];
-                g1 += zg[x][q + 1] * fg[(q + 1) * ld + c];
-                u0 += zu[x][q] * fu[q * ld + c];
-                u1 += zu[x][q + 1] * fu[(q + 1) * ld + c];
-            }
-            const T pg = g0 + g1;
-            T oms;
-            const T a = pg * silu_sigmoid_scalar(pg, oms) * (u0 + u1);
-            put_row_scalar(rows[x], c, rows[x].first ? g[x] * a : rows[x].prev[c] + g[x] * a);
-            for (int q = 0; q < Q; ++q) out[q] += fa[q * ld + c] * a;
-        }
-    }
-}
-
-/// Backward of R routed rows (layout as swiglu_forward_rows; the gate rows carry dm, qg and the dHg
-/// output, the up rows the dHu output): da = g dm + qg^T A2, pg and pu recomputed, a = silu(pg) pu,
-/// dpg = da pu silu'(pg), dpu = da silu(pg); dHg and dHu (= when first, else +=); part[q] = the partial
-/// sums of BgT dpg, part[Q + q] of BuT dpu (q < Q), part[2 Q] of a . dm. a, dpg and dpu go to su[x],
-/// sd[x] and sv[x] for the gradient sweep.
-template <int Q, int R, class T>
-inline void swiglu_backward_rows(const MixRow<Q, T>* rows, const MixRow<Q, T>* ups, const T* bg, const T* bu,
-                                 const T* fg, const T* fu, const T* fa, T* const* su, T* const* sd, T* const* sv,
-                                 Index ld, Index nc) {
-    using B = simd::batch<T>;
-    constexpr Index w = static_cast<Index>(simd::width<T>);
-    const Index cv = nc / w * w;
-    B dot[R];
-    T zg[R][Q], zu[R][Q], qg[R][Q], g[R];
-    for (int x = 0; x < R; ++x) {
-        dot[x] = B(T(0));
-        for (int q = 0; q < Q; ++q) {
-            zg[x][q] = rows[x].zs->v[q];
-            zu[x][q] = ups[x].zs->v[q];
-            qg[x][q] = rows[x].qg->v[q];
-        }
-        g[x] = rows[x].g;
-    }
-    rank_sweep<Q, R>(su, zg, fg, ld, cv, [&](int x, Index c, B& a0, B& a1) {
-        a0 = simd::load(rows[x].H + c);
-        a1 = bg ? simd::load(bg + c) : B(T(0));
-    });
-    rank_sweep<Q, R>(sv, zu, fu, ld, cv, [&](int x, Index c, B& a0, B& a1) {
-        a0 = simd::load(ups[x].H + c);
-        a1 = bu ? simd::load(bu + c) : B(T(0));
-    });
-    rank_sweep<Q, R>(sd, qg, fa, ld, cv, [&](int x, Index c, B& a0, B& a1) {
-        a0 = B(g[x]) * simd::load(rows[x].dm + c);
-        a1 = B(T(0));
-    });
-    for (Index c = 0; c < cv; c += w) {
-        for (int x = 0; x < R; ++x) {
-            const MixRow<Q, T>& row = rows[x];
-            if (row.next_h) prefetch_line(row.next_h + c);
-            if (ups[x].next_h) prefetch_line(ups[x].next_h + c);
-            if (row.next_dm) prefetch_line(row.next_dm + c);
-            const B pg = simd::load(su[x] + c), pu = simd::load(sv[x] + c), da = simd::load(sd[x] + c);
-            B oms;
-            const B s = silu_sigmoid(pg, oms);
-            const B silu = pg * s;
-            const B a = silu * pu;
-            dot[x] = simd::fma(a, simd::load(row.dm + c), dot[x]);
-            const B dpg = da * pu * simd::fma(silu, oms, s);
-            const B dpu = da * silu;
-            put_row(row, c, row.first ? dpg : simd::load(row.prev + c) + dpg);
-            put_row(ups[x], c, row.first ? dpu : simd::load(ups[x].prev + c) + dpu);
-            simd::store(su[x] + c, a);
-            simd::store(sd[x] + c, dpg);
-            simd::store(sv[x] + c, dpu);
-        }
-    }
-    {
-        B acc[R][Q];
-        for (int x = 0; x < R; ++x)
-            for (int q = 0; q < Q; ++q) acc[x][q] = B(T(0));
-        project_rows<Q, R>(acc, sd, fg, ld, cv);
-        for (int x = 0; x < R; ++x) {
-            T* out = rows[x].part;
-            if (cv > 0) {
-                simd::reduce_add_rows<Q>(acc[x], out);
-                out[2 * Q] = simd::reduce_add(dot[x]);
-            } else {
-                for (int q = 0; q < Q; ++q) out[q] = T(0);
-                out[2 * Q] = T(0);
-            }
-        }
-    }
-    {
-        B acc[R][Q];
-        for (int x = 0; x < R; ++x)
-            for (int q = 0; q < Q; ++q) acc[x][q] = B(T(0));
-        project_rows<Q, R>(acc, sv, fu, ld, cv);
-        for (int x = 0; x < R; ++x) {
-            T* out = rows[x].part + Q;
-            if (cv > 0)
-                simd::reduce_add_rows<Q>(acc[x], out);
-            else
-                for (int q = 0; q < Q; ++q) out[q] = T(0);
-        }
-    }
-    for (Index c = cv; c < nc; ++c)
-        for (int x = 0; x < R; ++x) {
-            const T dmv = rows[x].dm[c];
-            T da0 = g[x] * dmv, da1 = T(0), g0 = rows[x].H[c] + (bg ? bg[c] : T(0)), g1 = T(0),
-              u0 = ups[x].H[c] + (bu ? bu[c] : T(0)), u1 = T(0);
-            for (int q = 0; q < Q; q += 2) {
-                da0 += qg[x][q] * fa[q * ld + c];
-                da1 += qg[x][q + 1] * fa[(q + 1) * ld + c];
-                g0 += zg[x][q] * fg[q * ld + c];
-                g1 += zg[x][q + 1] * fg[(q + 1) * ld + c];
-                u0 += zu[x][q] * fu[q * ld + c];
-                u1 += zu[x][q + 1] * fu[(q + 1) * ld + c];
-            }
-            const T pg = g0 + g1, pu = u0 + u1, da = da0 + da1;
-            T oms;
-            const T s = silu_sigmoid_scalar(pg, oms);
-            const T silu = pg * s, a = silu * pu;
-            const T dpg = da * pu * (silu * oms + s), dpu = da * silu;
-            T* out = rows[x].part;
-            out[2 * Q] += a * dmv;
-            const bool first = rows[x].first;
-            put_row_scalar(rows[x], c, first ? dpg : rows[x].prev[c] + dpg);
-            put_row_scalar(ups[x], c, first ? dpu : ups[x].prev[c] + dpu);
-            su[x][c] = a;
-            sd[x][c] = dpg;
-            sv[x][c] = dpu;
-            for (int q = 0; q < Q; ++q) {
-                out[q] += fg[q * ld + c] * dpg;
-                out[Q + q] += fu[q * ld + c] * dpu;
-            }
-        }
-}
-
-/// gb[q][c] += sum_x xz_x[q] sd[x][c] over a span's rows (mix_grad_span's second half alone).
-template <int Q, class T>
-inline void mix_grad_one(T* gb, Index nc, Index ld, const T* xz, const T* sd, Index count) {
-    constexpr Index cb = 2 * static_cast<Index>(simd::width<T>);
-    const Index cv = nc / cb * cb;
-    if (cv > 0) lowrank_outer_cols<Q>(gb, ld, xz, Q, sd, ld, static_cast<const Index*>(nullptr), count, 0, cv, T(1));
-    for (Index q = 0; q < Q; ++q)
-        for (Index c = cv; c < nc; ++c) {
-            T b = T(0);
-            for (Index x = 0; x < count; ++x) b += xz[x * Q + q] * sd[x * ld + c];
-            gb[q * ld + c] += b;
-        }
-}
-
-/// The SwiGLU forward driver (mixture_forward_q with the up linear beside the gate).
-template <int Q, class T>
-void swiglu_forward_q(MatrixView<T> M, T* z2, ConstMatrixView<T> Hg, ConstMatrixView<T> Hu, const T* bg, const T* bu,
-                      Index k, const std::int32_t* expert, const T* gate, const T* zsg, const T* zsu,
-                      const T* const* BgT, const T* const* BuT, const T* const* A2, Index experts, Index r,
-                      std::vector<T>& part, MatrixView<bf16> Mb) {
-    const Index n = Hg.rows, h = Hg.cols, rows = n * k;
-    const Index W = std::max<Index>(1, mix_group_cols()), groups = (h + W - 1) / W;
-    const Index tb = std::max<Index>(1, mix_token_block());
-    MixOrder order;
-    order.build(n, k, experts, expert, tb);
-    std::vector<Coef<Q, T>> zcg, zcu;
-    zcg.reserve(static_cast<std::size_t>(rows));
-    zcu.reserve(static_cast<std::size_t>(rows));
-    for (Index i = 0; i < rows; ++i) {
-        zcg.emplace_back(zsg + i * r, r);
-        zcu.emplace_back(zsu + i * r, r);
-    }
-    part.resize(static_cast<std::size_t>(groups * rows * Q));
-    const bool par = rows * h >= mix_parallel_min();
-    const bool direct = r == Q && rows < 4 * experts;  // decode: the factors read in place
-    std::vector<T> full(r == Q ? 0 : static_cast<std::size_t>(rows * Q));
-    const Index spans = static_cast<Index>(order.span.size()) - 1;
-    for_groups(h, par, [&](Index c0, Index c1, Index grp, Index tp) {
-        Index sp0, sp1;
-        part_spans(spans, experts, tp, sp0, sp1);
-        if (sp0 == sp1) return;
-        const Index nc = c1 - c0, ncp = padded_cols<T>(nc), fsize = direct ? 0 : experts * Q * ncp;
-        auto& buf = fused_scratch<T>();
-        buf.resize(static_cast<std::size_t>(3 * fsize));
-        T* fg = buf.data();
-        T* fu = fg + fsize;
-        T* fa = fu + fsize;
-        if (!direct) {
-            pack_factor_cols<Q>(fg, BgT, experts, r, h, c0, nc, ncp);
-            pack_factor_cols<Q>(fu, BuT, experts, r, h, c0, nc, ncp);
-            pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc, ncp);
-        }
-        const Index ld = direct ? h : ncp;
-        auto& rowbuf = fused_rows_scratch<T>();
-        rowbuf.resize(static_cast<std::size_t>(4 * ncp));
-        T* const sg[2] = {rowbuf.data(), rowbuf.data() + ncp};
-        T* const sv[2] = {rowbuf.data() + 2 * ncp, rowbuf.data() + 3 * ncp};
-        auto& partial = fused_partial_scratch<T>();
-        partial.resize(static_cast<std::size_t>(tb * ncp));
-        T* pg = part.data() + grp * rows * Q;
-        const T* biasg = bg ? bg + c0 : nullptr;
-        const T* biasu = bu ? bu + c0 : nullptr;
-        for (Index sp = sp0; sp < sp1; ++sp) {
-            const Index e = sp % experts;
-            const T* fge = direct ? BgT[e] + c0 : fg + e * Q * ncp;
-            const T* fue = direct ? BuT[e] + c0 : fu + e * Q * ncp;
-            const T* fae = direct ? A2[e] + c0 : fa + e * Q * ncp;
-            const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
-            for (Index x = x0; x < x1; x += 2) {
-                const int R = x + 1 < x1 ? 2 : 1;
-                MixRow<Q, T> rw[2], up[2];
-                for (int y = 0; y < R; ++y) {
-                    const Index i = order.rows[static_cast<std::size_t>(x + y)], t = i / k;
-                    MixRow<Q, T>& row = rw[y];
-                    row.H = Hg.row_ptr(t) + c0;
-                    row.dm = nullptr;
-                    row.zs = &zcg[static_cast<std::size_t>(i)];
-                    row.qg = nullptr;
-                    row.g = gate[i];
-                    set_visit(row, order, i, pg + i * Q, M.data ? M.row_ptr(t) + c0 : nullptr,
-                              Mb.data ? Mb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * ncp, nc);
-                    point_next(row, order, x + y + 2, k, Hg, ConstMatrixView<T>(), c0);
-                    MixRow<Q, T>& u = up[y];
-                    u = MixRow<Q, T>{};
-                    u.H = Hu.row_ptr(t) + c0;
-                    u.zs = &zcu[static_cast<std::size_t>(i)];
-                    point_next(u, order, x + y + 2, k, Hu, ConstMatrixView<T>(), c0);
-                }
-                if (R == 2)
-                    swiglu_forward_rows<Q, 2>(rw, up, biasg, biasu, fge, fue, fae, sg, sv, ld, nc);
-                else
-                    swiglu_forward_rows<Q, 1>(rw, up, biasg, biasu, fge, fue, fae, sg, sv, ld, nc);
-            }
-        }
-        simd::stream_fence();
-    }, [&] { sum_groups_part(r == Q ? z2 : full.data(), part.data(), groups, rows * Q); });
-    if (r != Q)
-        for (Index i = 0; i < rows; ++i)
-            for (Index q = 0; q < r; ++q) z2[i * r + q] = full[static_cast<std::size_t>(i * Q + q)];
-}
-
-/// The SwiGLU backward driver (mixture_backward_q with the up linear beside the gate).
-template <int Q, class T>
-void swiglu_backward_q(MatrixView<T> dHg, MatrixView<T> dHu, T* dzg, T* dzu, T* udm, ConstMatrixView<T> dM,
-                       ConstMatrixView<T> Hg, ConstMatrixView<T> Hu, const T* bg, const T* bu, Index k,
-                       const std::int32_t* expert, const T* gate, const T* zsg, const T* zsu, const T* qg,
-                       const T* const* BgT, const T* const* BuT, const T* const* A2, T* const* gA2, Index ldg,
-                       T* const* gBgT, T* const* gBuT, Index experts, T s, Index r, std::vector<T>& part,
-                       MatrixView<bf16> dHgb, MatrixView<bf16> dHub) {
-    const Index n = Hg.rows, h = Hg.cols, rows = n * k;
-    const Index W = std::max<Index>(1, mix_group_cols()), groups = (h + W - 1) / W;
-    constexpr Index P = 2 * Q + 1;
-    const Index tb = std::max<Index>(1, mix_token_block());
-    MixOrder order;
-    order.build(n, k, experts, expert, tb);
-    std::vector<Coef<Q, T>> zcg, zcu, qc;
-    zcg.reserve(static_cast<std::size_t>(rows));
-    zcu.reserve(static_cast<std::size_t>(rows));
-    qc.reserve(static_cast<std::size_t>(rows));
-    for (Index i = 0; i < rows; ++i) {
-        zcg.emplace_back(zsg + i * r, r);
-        zcu.emplace_back(zsu + i * r, r);
-        qc.emplace_back(qg + i * r, r);
-    }
-    part.resize(static_cast<std::size_t>(groups * rows * P));
-    Index longest = 0;
-    for (std::size_t sp = 0; sp + 1 < order.span.size(); ++sp) longest = std::max(longest, order.span[sp + 1] - order.span[sp]);
-    const bool par = rows * h >= mix_parallel_min();
-    std::vector<T> sums(static_cast<std::size_t>(rows * P));
-    const Index spans = static_cast<Index>(order.span.size()) - 1;
-    // Each unit's dA2, dBg^T and dBu^T parts ([experts Q, ncp] each); the parts are added in finish.
-    const Index ustride = 3 * experts * Q * padded_cols<T>(std::min(W, h));
-    auto& ugrads = fused_unit_grads<T>();
-    ugrads.resize(static_cast<std::size_t>(groups * mix_token_parts * ustride));
-    for_groups(h, par, [&](Index c0, Index c1, Index grp, Index tp) {
-        const Index nc = c1 - c0, ncp = padded_cols<T>(nc), fsize = experts * Q * ncp;
-        T* ga = ugrads.data() + (grp * mix_token_parts + tp) * ustride;
-        T* gbg = ga + fsize;
-        T* gbu = gbg + fsize;
-        std::fill(ga, ga + 3 * fsize, T(0));
-        Index sp0, sp1;
-        part_spans(spans, experts, tp, sp0, sp1);
-        if (sp0 == sp1) return;
-        auto& buf = fused_scratch<T>();
-        buf.resize(static_cast<std::size_t>(3 * fsize));
-        T* fg = buf.data();
-        T* fu = fg + fsize;
-        T* fa = fu + fsize;
-        pack_factor_cols<Q>(fg, BgT, experts, r, h, c0, nc, ncp);
-        pack_factor_cols<Q>(fu, BuT, experts, r, h, c0, nc, ncp);
-        pack_factor_cols<Q>(fa, A2, experts, r, h, c0, nc, ncp);
-        T* pg = part.data() + grp * rows * P;
-        const T* biasg = bg ? bg + c0 : nullptr;
-        const T* biasu = bu ? bu + c0 : nullptr;
-        auto& rowbuf = fused_rows_scratch<T>();
-        rowbuf.resize(static_cast<std::size_t>(longest * (3 * ncp + 3 * Q)));
-        T* su = rowbuf.data();
-        T* sd = su + longest * ncp;
-        T* sv = sd + longest * ncp;
-        T* xq = sv + longest * ncp;
-        T* xzg = xq + longest * Q;
-        T* xzu = xzg + longest * Q;
-        auto& partial = fused_partial_scratch<T>();
-        partial.resize(static_cast<std::size_t>(2 * tb * ncp));
-        T* partial_u = partial.data() + tb * ncp;
-        for (Index sp = sp0; sp < sp1; ++sp) {
-            const Index e = sp % experts, off = e * Q * ncp;
-            const Index x0 = order.span[static_cast<std::size_t>(sp)], x1 = order.span[static_cast<std::size_t>(sp + 1)];
-            if (x1 == x0) continue;
-            for (Index x = x0; x < x1; x += 2) {
-                const int R = x + 1 < x1 ? 2 : 1;
-                MixRow<Q, T> rw[2], up[2];
-                T* sur[2];
-                T* sdr[2];
-                T* svr[2];
                 for (int y = 0; y < R; ++y) {
                     const Index i = order.rows[static_cast<std::size_t>(x + y)], t = i / k, slot = x + y - x0;
-                    MixRow<Q, T>& row = rw[y];
-                    row.H = Hg.row_ptr(t) + c0;
+                    MixRow<Q, T, L>& row = rw[y];
+                    row = MixRow<Q, T, L>{};
                     row.dm = dM.row_ptr(t) + c0;
-                    row.zs = &zcg[static_cast<std::size_t>(i)];
                     row.qg = &qc[static_cast<std::size_t>(i)];
                     row.g = gate[i];
-                    set_visit(row, order, i, pg + i * P, dHg.data ? dHg.row_ptr(t) + c0 : nullptr,
-                              dHgb.data ? dHgb.row_ptr(t) + c0 : nullptr, partial.data() + (t % tb) * ncp, nc);
-                    point_next(row, order, x + y + 2, k, Hg, dM, c0);
-                    MixRow<Q, T>& u = up[y];
-                    u = MixRow<Q, T>{};
-                    u.H = Hu.row_ptr(t) + c0;
-                    u.zs = &zcu[static_cast<std::size_t>(i)];
-                    set_visit(u, order, i, static_cast<T*>(nullptr), dHu.data ? dHu.row_ptr(t) + c0 : nullptr,
-                              dHub.data ? dHub.row_ptr(t) + c0 : nullptr, partial_u + (t % tb) * ncp, nc);
-                    point_next(u, order, x + y + 2, k, Hu, ConstMatrixView<T>(), c0);
-                    sur[y] = su + slot * ncp;
+                    set_visit(row, order, i, pg + i * P);
+                    for (int f = 0; f < L; ++f) {
+                        row.H[f] = H[f].row_ptr(t) + c0;
+                        row.zs[f] = &zc[f][static_cast<std::size_t>(i)];
+                        point_sums(row, f, dH[f].data ? dH[f].row_ptr(t) + c0 : nullptr,
+                                   dHb[f].data ? dHb[f].row_ptr(t) + c0 : nullptr,
+                                   partial.data() + (f * tb + t % tb) * ncp, nc);
+                        spr[f][y] = rowbuf.data() + (f * longest + slot) * ncp;
+                        std::copy_n(zc[f][static_cast<std::size_t>(i)].v, Q, xq + ((f + 1) * longest + slot) * Q);
+                    }
+                    point_next(row, order, x + y + 2, k, H, dM, c0);
                     sdr[y] = sd + slot * ncp;
-                    svr[y] = sv + slot * ncp;
                     std::copy_n(qc[static_cast<std::size_t>(i)].v, Q, xq + slot * Q);
-                    std::copy_n(zcg[static_cast<std::size_t>(i)].v, Q, xzg + slot * Q);
-                    std::copy_n(zcu[static_cast<std::size_t>(i)].v, Q, xzu + slot * Q);
                 }
                 if (R == 2)
-                    swiglu_backward_rows<Q, 2>(rw, up, biasg, biasu, fg + off, fu + off, fa + off, sur, sdr, svr, ncp, nc);
+                    mix_backward_rows<Act, Q, 2>(rw, bias, fe, fa + off, spr, sdr, ncp, nc);
                 else
-                    swiglu_backward_rows<Q, 1>(rw, up, biasg, biasu, fg + off, fu + off, fa + off, sur, sdr, svr, ncp, nc);
+                    mix_backward_rows<Act, Q, 1>(rw, bias, fe, fa + off, spr, sdr, ncp, nc);
             }
-            mix_grad_span<Q>(ga + off, gbg + off, nc, ncp, xq, xzg, su, sd, x1 - x0);
-            mix_grad_one<Q>(gbu + off, nc, ncp, xzu, sv, x1 - x0);
+            const Index count = x1 - x0;
+            mix_grad_one<Q>(ga + off, nc, ncp, xq, rowbuf.data(), count);
+            for (int f = 0; f < L; ++f)
+                mix_grad_one<Q>(gb + f * fsize + off, nc, ncp, xq + (f + 1) * longest * Q,
+                                f == 0 ? sd : rowbuf.data() + f * longest * ncp, count);
         }
         simd::stream_fence();
     }, [&] {
         sum_groups_part(sums.data(), part.data(), groups, rows * P);
-        // The calling thread's groups: dA2 += the parts' sums, dBg^T and dBu^T = the parts' sums, in part order.
+        // The calling thread's groups: dA2 += the parts' sums, dB_f^T = the parts' sums, added in part order.
         Index g0, g1;
         thread_range(groups, g0, g1);
         for (Index g = g0; g < g1; ++g) {
@@ -1254,28 +922,27 @@ void swiglu_backward_q(MatrixView<T> dHg, MatrixView<T> dHu, T* dzg, T* dzu, T* 
                 for (Index q = 0; q < r; ++q) {
                     const Index o = (e * Q + q) * ncp;
                     T* da = gA2[e] + q * ldg + c0;
-                    T* dbg = gBgT[e] + q * h + c0;
-                    T* dbu = gBuT[e] + q * h + c0;
                     for (Index c = 0; c < nc; ++c) {
-                        T a = u0[o + c], b = u0[fsize + o + c], v = u0[2 * fsize + o + c];
-                        for (Index pt = 1; pt < mix_token_parts; ++pt) {
-                            a += u0[pt * ustride + o + c];
-                            b += u0[pt * ustride + fsize + o + c];
-                            v += u0[pt * ustride + 2 * fsize + o + c];
-                        }
+                        T a = u0[o + c];
+                        for (Index pt = 1; pt < mix_token_parts; ++pt) a += u0[pt * ustride + o + c];
                         da[c] += a;
-                        dbg[c] = b;
-                        dbu[c] = v;
+                    }
+                    for (int f = 0; f < L; ++f) {
+                        T* db = gBT[f][e] + q * h + c0;
+                        const Index of = (f + 1) * fsize + o;
+                        for (Index c = 0; c < nc; ++c) {
+                            T v = u0[of + c];
+                            for (Index pt = 1; pt < mix_token_parts; ++pt) v += u0[pt * ustride + of + c];
+                            db[c] = v;
+                        }
                     }
                 }
         }
     });
     for (Index i = 0; i < rows; ++i) {
-        for (Index q = 0; q < r; ++q) {
-            dzg[i * r + q] = s * sums[static_cast<std::size_t>(i * P + q)];
-            dzu[i * r + q] = s * sums[static_cast<std::size_t>(i * P + Q + q)];
-        }
-        udm[i] = sums[static_cast<std::size_t>(i * P + 2 * Q)];
+        for (int f = 0; f < L; ++f)
+            for (Index q = 0; q < r; ++q) dz[f][i * r + q] = s * sums[static_cast<std::size_t>(i * P + f * Q + q)];
+        udm[i] = sums[static_cast<std::size_t>(i * P + L * Q)];
     }
 }
 
@@ -1301,10 +968,14 @@ void gelu_mixture_forward(MatrixView<T> M, T* z2, ConstMatrixView<T> H, const T*
                         "gelu_mixture_forward: bf16 output [", Mb.rows, ", ", Mb.cols, "] must be float and match H");
     require(r >= 1 && r <= fused_max_rank, "gelu_mixture_forward rank ", r, ": the fused kernel takes 1..",
             fused_max_rank);
+    const ConstMatrixView<T> Hs[1] = {H};
+    const T* const bs[1] = {b1};
+    const T* const zss[1] = {zs};
+    const T* const* const Fs[1] = {B1T};
     if (detail::padded_rank(r) == 4)
-        detail::mixture_forward_q<4>(M, z2, H, b1, k, expert, gate, zs, B1T, A2, experts, r, part, Mb);
+        detail::rows_forward_q<detail::GeluAct, 4>(M, z2, Hs, bs, k, expert, gate, zss, Fs, A2, experts, r, part, Mb);
     else
-        detail::mixture_forward_q<8>(M, z2, H, b1, k, expert, gate, zs, B1T, A2, experts, r, part, Mb);
+        detail::rows_forward_q<detail::GeluAct, 8>(M, z2, Hs, bs, k, expert, gate, zss, Fs, A2, experts, r, part, Mb);
 }
 
 /// Backward of gelu_mixture_forward, given dM = dL/dM [n, h] and qg [n k, r] = gate s B2^T dy per row:
@@ -1326,12 +997,20 @@ void gelu_mixture_backward(MatrixView<T> dH, T* dz, T* udm, ConstMatrixView<T> d
                         "gelu_mixture_backward: bf16 output [", dHb.rows, ", ", dHb.cols, "] must be float and match H");
     require(r >= 1 && r <= fused_max_rank, "gelu_mixture_backward rank ", r, ": the fused kernel takes 1..",
             fused_max_rank);
+    const MatrixView<T> dHs[1] = {dH};
+    const MatrixView<bf16> dHbs[1] = {dHb};
+    T* const dzs[1] = {dz};
+    const ConstMatrixView<T> Hs[1] = {H};
+    const T* const bs[1] = {b1};
+    const T* const zss[1] = {zs};
+    const T* const* const Fs[1] = {B1T};
+    T* const* const gBs[1] = {gB1T};
     if (detail::padded_rank(r) == 4)
-        detail::mixture_backward_q<4>(dH, dz, udm, dM, H, b1, k, expert, gate, zs, qg, B1T, A2, gA2, ldg, gB1T, experts,
-                                      s, r, part, dHb);
+        detail::rows_backward_q<detail::GeluAct, 4>(dHs, dzs, udm, dM, Hs, bs, k, expert, gate, zss, qg, Fs, A2, gA2, ldg,
+                                                    gBs, experts, s, r, part, dHbs);
     else
-        detail::mixture_backward_q<8>(dH, dz, udm, dM, H, b1, k, expert, gate, zs, qg, B1T, A2, gA2, ldg, gB1T, experts,
-                                      s, r, part, dHb);
+        detail::rows_backward_q<detail::GeluAct, 8>(dHs, dzs, udm, dM, Hs, bs, k, expert, gate, zss, qg, Fs, A2, gA2, ldg,
+                                                    gBs, experts, s, r, part, dHbs);
 }
 
 /// Forward of the routed rows of a SwiGLU mixture, one pass over the hidden size for all of them (as
@@ -1353,10 +1032,14 @@ void swiglu_mixture_forward(MatrixView<T> M, T* z2, ConstMatrixView<T> Hg, Const
                         "swiglu_mixture_forward: bf16 output [", Mb.rows, ", ", Mb.cols, "] must be float and match H");
     require(r >= 1 && r <= fused_max_rank, "swiglu_mixture_forward rank ", r, ": the fused kernel takes 1..",
             fused_max_rank);
+    const ConstMatrixView<T> Hs[2] = {Hg, Hu};
+    const T* const bs[2] = {bg, bu};
+    const T* const zss[2] = {zsg, zsu};
+    const T* const* const Fs[2] = {BgT, BuT};
     if (detail::padded_rank(r) == 4)
-        detail::swiglu_forward_q<4>(M, z2, Hg, Hu, bg, bu, k, expert, gate, zsg, zsu, BgT, BuT, A2, experts, r, part, Mb);
+        detail::rows_forward_q<detail::SwigluAct, 4>(M, z2, Hs, bs, k, expert, gate, zss, Fs, A2, experts, r, part, Mb);
     else
-        detail::swiglu_forward_q<8>(M, z2, Hg, Hu, bg, bu, k, expert, gate, zsg, zsu, BgT, BuT, A2, experts, r, part, Mb);
+        detail::rows_forward_q<detail::SwigluAct, 8>(M, z2, Hs, bs, k, expert, gate, zss, Fs, A2, experts, r, part, Mb);
 }
 
 /// Backward of swiglu_mixture_forward, given dM = dL/dM [n, h] and qg [n k, r] = gate s B2^T dy per row;
@@ -1383,12 +1066,20 @@ void swiglu_mixture_backward(MatrixView<T> dHg, MatrixView<T> dHu, T* dzg, T* dz
                         "swiglu_mixture_backward: bf16 outputs must be float and match H");
     require(r >= 1 && r <= fused_max_rank, "swiglu_mixture_backward rank ", r, ": the fused kernel takes 1..",
             fused_max_rank);
+    const MatrixView<T> dHs[2] = {dHg, dHu};
+    const MatrixView<bf16> dHbs[2] = {dHgb, dHub};
+    T* const dzs[2] = {dzg, dzu};
+    const ConstMatrixView<T> Hs[2] = {Hg, Hu};
+    const T* const bs[2] = {bg, bu};
+    const T* const zss[2] = {zsg, zsu};
+    const T* const* const Fs[2] = {BgT, BuT};
+    T* const* const gBs[2] = {gBgT, gBuT};
     if (detail::padded_rank(r) == 4)
-        detail::swiglu_backward_q<4>(dHg, dHu, dzg, dzu, udm, dM, Hg, Hu, bg, bu, k, expert, gate, zsg, zsu, qg, BgT, BuT,
-                                     A2, gA2, ldg, gBgT, gBuT, experts, s, r, part, dHgb, dHub);
+        detail::rows_backward_q<detail::SwigluAct, 4>(dHs, dzs, udm, dM, Hs, bs, k, expert, gate, zss, qg, Fs, A2, gA2,
+                                                      ldg, gBs, experts, s, r, part, dHbs);
     else
-        detail::swiglu_backward_q<8>(dHg, dHu, dzg, dzu, udm, dM, Hg, Hu, bg, bu, k, expert, gate, zsg, zsu, qg, BgT, BuT,
-                                     A2, gA2, ldg, gBgT, gBuT, experts, s, r, part, dHgb, dHub);
+        detail::rows_backward_q<detail::SwigluAct, 8>(dHs, dzs, udm, dM, Hs, bs, k, expert, gate, zss, qg, Fs, A2, gA2,
+                                                      ldg, gBs, experts, s, r, part, dHbs);
 }
 
 }  // namespace comigs::kernels
