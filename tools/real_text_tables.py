@@ -426,8 +426,10 @@ def table_stop_router(runs, split="dev"):
           f"({split} split, tuning seeds)\n")
     print("| regime | seeds | reference | before10 | change | per seed | generalist weight (reference → before10) |")
     print("|---|---|---|---|---|---|---|")
-    for regime in sorted(plan, key=regime_key):
-        ref, b10 = plan[regime].get("reference", {}), plan[regime].get("before10", {})
+    rows = [(regime, "", "") for regime in sorted(plan, key=regime_key)]
+    rows += [(regime, "-stop12000", " (stop 12000)") for regime in sorted(plan, key=regime_key)]
+    for regime, suffix, label in rows:
+        ref, b10 = plan[regime].get("reference" + suffix, {}), plan[regime].get("before10" + suffix, {})
         seeds = sorted(set(ref) & set(b10))
         if not seeds:
             continue
@@ -435,7 +437,7 @@ def table_stop_router(runs, split="dev"):
         b = [b10[s]["methods"]["comigs-1g1s"][key] for s in seeds]
         per = ", ".join(f"{pct(y, x):+.1f}%" for x, y in zip(a, b))
         gen = lambda d: statistics.mean(d[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
-        print(f"| {regime} | {','.join(map(str, seeds))} | {fmt(a)} | {fmt(b)} | {mean_change(b, a):+.1f}% | {per} | "
+        print(f"| {regime}{label} | {','.join(map(str, seeds))} | {fmt(a)} | {fmt(b)} | {mean_change(b, a):+.1f}% | {per} | "
               f"{gen(ref):.2f} → {gen(b10):.2f} |")
     print("\nChange: mean over seeds of the per-seed relative difference (negative: before10 better).")
 
