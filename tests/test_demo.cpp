@@ -281,7 +281,8 @@ TEST_CASE("comigs-demo command line: --quick is a base configuration the other f
     const std::string out = tmp.path().string();
     std::vector<std::string> args{"comigs-demo", "--users", "2",       "--quick",   "--top-k", "1",  "--methods",
                                   "local",       "--quiet", "--threads", "1",       "--out",   out,
-                                  "--train-tokens", "1500,2000", "--val-tokens", "50%"};
+                                  "--train-tokens", "1500,2000", "--val-tokens", "50%",
+                                  "--router-iters", "3", "--schedule", "reference"};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     REQUIRE(comigs::demo::demo_main(static_cast<int>(argv.size()), argv.data()) == 0);
@@ -292,6 +293,10 @@ TEST_CASE("comigs-demo command line: --quick is a base configuration the other f
     CHECK(j["config"]["train_tokens"] == nlohmann::json::array({1500, 2000}));
     CHECK(j["config"]["validation_tokens"] == nlohmann::json::array({750, 1000}));  // 50% of each user's training
     CHECK(j["config"]["validation_share"].get<double>() == 0.5);
+    CHECK(j["config"]["schedule"] == "reference");  // a preset: applied before the flags, wherever it stands
+    CHECK(j["config"]["router_every"].get<int>() == 30);
+    CHECK(j["config"]["router_phase"] == "after");
+    CHECK(j["config"]["router_iters"].get<int>() == 3);  // given before --schedule: still wins
     CHECK(j["methods"].contains("local"));
 
     for (const char* share : {"0%", "-5%", "abc%", "50%%", "%"}) {
@@ -306,4 +311,23 @@ TEST_CASE("comigs-demo command line: --quick is a base configuration the other f
     std::vector<char*> bad_argv;
     for (auto& a : bad) bad_argv.push_back(a.data());
     CHECK(comigs::demo::demo_main(static_cast<int>(bad_argv.size()), bad_argv.data()) == 1);
+}
+
+TEST_CASE("comigs-demo schedules: the default is the reference preset, which resets what the flags change") {
+    comigs::demo::DemoConfig c;
+    const comigs::demo::DemoConfig defaults = c;
+    CHECK(c.schedule == "reference");
+    CHECK(c.router_every == 30);  // the paper's: 10 router steps after every 30th expert step
+    CHECK(c.router_iters == 10);
+    CHECK(c.router_phase == "after");
+    c.lr = 3e-3;
+    c.router_every = 10;
+    c.router_phase = "before";
+    c.top_k = 1;
+    c.apply_schedule("reference");
+    CHECK(c.router_every == defaults.router_every);
+    CHECK(c.router_phase == defaults.router_phase);
+    CHECK(c.lr == defaults.lr);
+    CHECK(c.top_k == defaults.top_k);
+    CHECK_THROWS_WITH_AS(c.apply_schedule("paper"), doctest::Contains("known: reference"), comigs::InvalidArgument);
 }

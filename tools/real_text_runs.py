@@ -39,6 +39,15 @@ DEV = ["--dev-tokens", "10000"]  # every run evaluates the tuning split
 # The demo's schedule before this study: the paper's router schedule (every 30 expert steps, 10 router
 # steps), rates scaled to the tiny host (data.md), balancing target 1/E.
 REFERENCE = ["--schedule", "reference"]
+# Router phases every 10 expert steps, before the step (at each round's start, on the generalist just
+# downloaded): the phase plan's "before10".
+BEFORE10 = ["--router-every", "10", "--router-phase", "before"]
+# The fair stopping split's size (session 6, the stopsize plan): --keep-best chooses every method's round on
+# it, held out from every method's training.
+STOP_TOKENS = "6000"
+# CoMiGS' router schedule in the final-stop plan (session 6, the stop-router plan): the reference's, the
+# demo's default (before10 lost 1.0% at ml-3000, seeds 10-11, on stop splits of 6000 and 12000 tokens).
+FINAL_ROUTER = []
 
 
 def regime_flags(regime):
@@ -122,6 +131,20 @@ def runs_of(plan):
                     out.append((r, "shared", s, "local,fedavg,comigs-1g1s", REFERENCE + keep))
                     continue
                 out.append((r, "shared", s, "fedavg,comigs-1g1s", REFERENCE + keep))
+                out.append((r, "local", s, "local", lr_flags("3e-3") + keep))
+    elif plan == "final-stop":  # session 6: the report rows under the fair stopping rule, report seeds
+        # Every method --keep-best on the stop split (held out from all of them; STOP_TOKENS, the stopsize
+        # plan), CoMiGS-1G1S with the router schedule the stop-router plan chose (FINAL_ROUTER); learning rates
+        # as the final plan (Local 3e-3 below all of a text, 1e-2 on all of it; FedAvg 1e-2).
+        keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
+        regimes = ["emb-h0.9", "emb-h0.5", "ml-3000", "dom-3000", "ml-6000", "dom-6000", "ml-12000", "dom-12000",
+                   "emb-h0", "ml-all", "dom-all", "ml-25000", "dom-25000", "ml-50000", "dom-50000"]
+        for r in regimes:
+            for s in REPORT_SEEDS:
+                if r.endswith("-all"):  # every method at 1e-2: one run
+                    out.append((r, "shared", s, "local,fedavg,comigs-1g1s", REFERENCE + FINAL_ROUTER + keep))
+                    continue
+                out.append((r, "shared", s, "fedavg,comigs-1g1s", REFERENCE + FINAL_ROUTER + keep))
                 out.append((r, "local", s, "local", lr_flags("3e-3") + keep))
     elif plan == "repro":  # one earlier run again: does the current program give the same perplexities?
         out.append(("ml-all", "target0.2", 10, "comigs-1g1s", REFERENCE + ["--generalist-target", "0.2"]))
@@ -220,6 +243,26 @@ def runs_of(plan):
                 out.append((r, "local-keepbest-stop3000", s, "local", lr_flags("3e-3") + keep + stop))
                 out.append((r, "keepbest", s, "fedavg,comigs-1g1s", REFERENCE + keep))
                 out.append((r, "local-keepbest", s, "local", lr_flags("3e-3") + keep))
+    elif plan == "stopsize":  # session 6: the stop split's size (3000 in the stop plan, 6000, 12000 here)
+        # At a limited training size the stop split comes from chunks training leaves, so its size moves no
+        # other split: the same training, validation, test and dev tokens at every size (checked on the runs'
+        # curves, which read the first test tokens after every round, before any stopping).
+        keep = ["--keep-best"]
+        for n, r in itertools.product(["6000", "12000"], ["ml-3000", "dom-3000"]):
+            stop = ["--stop-tokens", n]
+            for s in TUNING_SEEDS:
+                out.append((r, f"keepbest-stop{n}", s, "fedavg,comigs-1g1s", REFERENCE + keep + stop))
+                out.append((r, f"local-keepbest-stop{n}", s, "local", lr_flags("3e-3") + keep + stop))
+    elif plan == "stop-router":  # session 6: the router schedule under the fair stopping rule (CoMiGS-1G1S)
+        keep, stop = ["--keep-best"], ["--stop-tokens", STOP_TOKENS]
+        for r, s in itertools.product(["emb-h0.9", "ml-3000", "dom-3000", "ml-6000", "dom-6000"], TUNING_SEEDS):
+            out.append((r, "reference", s, "comigs-1g1s", REFERENCE + keep + stop))
+            out.append((r, "before10", s, "comigs-1g1s", REFERENCE + BEFORE10 + keep + stop))
+        # ml-3000, where before10 was behind on the mean (+1.7% and -0.1%): again on a 12000-token stop split
+        # (the reference's runs: the stopsize plan's keepbest-stop12000, same flags)
+        for s in TUNING_SEEDS:
+            out.append(("ml-3000", "before10-stop12000", s, "comigs-1g1s",
+                        REFERENCE + BEFORE10 + ["--keep-best", "--stop-tokens", "12000"]))
     elif plan == "fedgap":  # where FedAvg wins: does the generalist learn as FedAvg's experts do? (CoMiGS-1G1S)
         # The reference again first (the current program against the baselines plan's runs, bit for bit).
         out.append(("emb-h0", "reference", 10, "comigs-1g1s", REFERENCE))

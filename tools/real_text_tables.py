@@ -382,6 +382,69 @@ def table_stop(runs, split="dev"):
     print("\nChanges: mean over seeds of the per-seed relative difference. Kept round 20: the final download.")
 
 
+def table_stopsize(runs, split="dev"):
+    """The stop split's size (session 6): --keep-best choosing on validation (the stop plan's keepbest runs),
+    on 3000 stop tokens (the stop plan) and on 6000 and 12000 (the stopsize plan), at the same training,
+    validation, test and dev tokens; per method the mean perplexity and the kept rounds."""
+    stop, size = runs.get("stop", {}), runs.get("stopsize", {})
+    rules = [("validation", "stop", ""), ("stop 3000", "stop", "-stop3000"), ("stop 6000", "stopsize", "-stop6000"),
+             ("stop 12000", "stopsize", "-stop12000")]
+    methods = [("local", "Local"), ("fedavg", "FedAvg"), ("comigs-1g1s", "CoMiGS-1G1S")]
+    print(f"\n### The stop split's size ({split} split, tuning seeds)\n")
+    print("Each cell: mean perplexity over seeds, and per seed the kept rounds of the four users (20: the final "
+          "download).\n")
+    print("| regime | method | " + " | ".join(name for name, _, _ in rules) + " | 3000 → 6000 | 6000 → 12000 |")
+    print("|---|---|" + "---|" * (len(rules) + 2))
+    for regime in sorted(set(stop) & set(size), key=regime_key):
+        for m, name in methods:
+            variant = lambda suffix: ("local-keepbest" if m == "local" else "keepbest") + suffix
+            got = [{sd: res["methods"][m] for sd, res in runs[plan][regime].get(variant(suffix), {}).items()
+                    if m in res["methods"]} for _, plan, suffix in rules]
+            seeds = sorted(set.intersection(*(set(g) for g in got)))
+            if not seeds:
+                continue
+            key = "mean_dev_ppl" if split == "dev" else "mean_test_ppl"
+            cells, means = [], []
+            for g in got:
+                mean = statistics.mean(g[sd][key] for sd in seeds)
+                means.append(mean)
+                kept = " / ".join(",".join(str(u["kept_round"]) for u in g[sd]["users"]) for sd in seeds)
+                cells.append(f"{mean:.3f} ({kept})")
+            print(f"| {regime} | {name} | " + " | ".join(cells) +
+                  f" | {pct(means[2], means[1]):+.1f}% | {pct(means[3], means[2]):+.1f}% |")
+    print("\nSeeds " + ", ".join(map(str, TUNING)) + " (kept rounds in that order); changes: of the mean over seeds. "
+          "The splits are the same at every size: the runs' curves (the first test tokens after every round) agree "
+          "to the last digit.")
+
+
+def table_stop_router(runs, split="dev"):
+    """The router schedule under the fair stopping rule (stop-router plan): CoMiGS-1G1S with the reference
+    schedule against router phases every 10 steps before the step, both --keep-best --stop-tokens 6000."""
+    plan = runs.get("stop-router", {})
+    key = "mean_dev_ppl" if split == "dev" else "mean_test_ppl"
+    print(f"\n### Router phases every 10 steps at each round's start, under the fair stopping rule "
+          f"({split} split, tuning seeds)\n")
+    print("| regime | seeds | reference | before10 | change | per seed | generalist weight (reference → before10) |")
+    print("|---|---|---|---|---|---|---|")
+    rows = [(regime, "", "") for regime in sorted(plan, key=regime_key)]
+    rows += [(regime, "-stop12000", " (stop 12000)") for regime in sorted(plan, key=regime_key)]
+    for regime, suffix, label in rows:
+        ref, b10 = plan[regime].get("reference" + suffix, {}), plan[regime].get("before10" + suffix, {})
+        seeds = sorted(set(ref) & set(b10))
+        if not seeds:
+            continue
+        a = [ref[s]["methods"]["comigs-1g1s"][key] for s in seeds]
+        b = [b10[s]["methods"]["comigs-1g1s"][key] for s in seeds]
+        per = ", ".join(f"{pct(y, x):+.1f}%" for x, y in zip(a, b))
+        gen = lambda d: statistics.mean(d[s]["methods"]["comigs-1g1s"]["mean_generalist_share"] for s in seeds)
+        print(f"| {regime}{label} | {','.join(map(str, seeds))} | {fmt(a)} | {fmt(b)} | {mean_change(b, a):+.1f}% | {per} | "
+              f"{gen(ref):.2f} → {gen(b10):.2f} |")
+    print("\nChange: mean over seeds of the per-seed relative difference (negative: before10 better).")
+
+
+TUNING = [10, 11]
+
+
 def final_rows(runs, plan="final", split="test"):
     """Per regime of the final plan: seeds -> {method: results.json entry} (local from its own runs),
     with the host's perplexity."""
@@ -547,6 +610,10 @@ def main():
                 table_fedgap(runs)
             if plan == "fedgap2":
                 table_keepbest(runs)
+        elif plan == "stopsize":
+            table_stopsize(runs, "dev")
+        elif plan == "stop-router":
+            table_stop_router(runs, "dev")
         elif plan == "stop":
             table_stop(runs, "dev")  # tuning seeds: dev only (test is for the report seeds)
         elif plan == "val":
