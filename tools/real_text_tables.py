@@ -598,6 +598,8 @@ def main():
             table_chosen_on_tuning_seeds(runs)
             table_final(runs, plan, "test")
             table_final(runs, plan, "dev")
+        elif plan == "final-stop":
+            table_final(runs, plan, "test")
         elif plan == "final-r16":
             table_final_r16(runs)
         elif plan == "final-val30000":
