@@ -516,6 +516,24 @@ def table_final(runs, plan="final", split="test"):
           "highest.")
 
 
+def table_final_per_seed(runs, plan="final-stop", split="test"):
+    """Per regime and seed of a final plan: each method's mean perplexity, CoMiGS-1G1S against each baseline,
+    and the rounds the four users kept (20: the final download)."""
+    rows = final_rows(runs, plan, split)
+    key = "mean_test_ppl" if split == "test" else "mean_dev_ppl"
+    print(f"\n### Per seed ({plan}; {split} split)\n")
+    print("| regime | seed | Local | FedAvg | CoMiGS-1G1S | vs Local | vs FedAvg | generalist weight | "
+          "kept rounds (Local / FedAvg / CoMiGS) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for regime in sorted(rows, key=regime_key):
+        for s in sorted(rows[regime]):
+            e = rows[regime][s]
+            loc, fed, com = (e[m][key] for m in ("local", "fedavg", "comigs-1g1s"))
+            kept = " / ".join(",".join(str(u["kept_round"]) for u in e[m]["users"]) for m in ("local", "fedavg", "comigs-1g1s"))
+            print(f"| {regime} | {s} | {loc:.3f} | {fed:.3f} | {com:.3f} | {pct(com, loc):+.1f}% | {pct(com, fed):+.1f}% | "
+                  f"{e['comigs-1g1s']['mean_generalist_share']:.2f} | {kept} |")
+
+
 def best_p2s(entry):
     return max((l["personal_to_specialist"] for l in entry["routing_by_layer"] if l["personal_to_specialist"] is not None),
                default=None)
@@ -600,6 +618,7 @@ def main():
             table_final(runs, plan, "dev")
         elif plan == "final-stop":
             table_final(runs, plan, "test")
+            table_final_per_seed(runs, plan, "test")
         elif plan == "final-r16":
             table_final_r16(runs)
         elif plan == "final-val30000":
