@@ -164,6 +164,12 @@ def runs_of(plan):
         regimes = FINAL_STOP_REGIMES if plan == "final-stop" else FINAL_STOP_REST_REGIMES
         for r in regimes:
             out += final_stop_runs(r)
+    elif plan == "local-lr-mid":  # session 7: Local's learning rate at 25k and 50k tokens, which the final plans
+        # took from the nearest tuned size (6000: 3e-3) without tuning; the dev grid again, under final-stop's rule
+        keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
+        for r, s in itertools.product(["ml-50000", "dom-50000", "ml-25000", "dom-25000"], TUNING_SEEDS):
+            for lr in ["3e-3", "1e-2"]:
+                out.append((r, f"local-lr{lr}", s, "local", lr_flags(lr) + keep))
     elif plan == "repro":  # one earlier run again: does the current program give the same perplexities?
         out.append(("ml-all", "target0.2", 10, "comigs-1g1s", REFERENCE + ["--generalist-target", "0.2"]))
     elif plan == "final-r16":  # CoMiGS-1G1S with rank-16 experts (the capacity study's best), report seeds;
