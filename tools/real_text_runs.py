@@ -166,10 +166,17 @@ def runs_of(plan):
             out += final_stop_runs(r)
     elif plan == "local-lr-mid":  # session 7: Local's learning rate at 25k and 50k tokens, which the final plans
         # took from the nearest tuned size (6000: 3e-3) without tuning; the dev grid again, under final-stop's rule
+        # (12000 added after 25k and 50k preferred 1e-2: it took 3e-3 by the same rule)
         keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
-        for r, s in itertools.product(["ml-50000", "dom-50000", "ml-25000", "dom-25000"], TUNING_SEEDS):
+        for r, s in itertools.product(["ml-50000", "dom-50000", "ml-25000", "dom-25000", "ml-12000", "dom-12000"],
+                                      TUNING_SEEDS):
             for lr in ["3e-3", "1e-2"]:
                 out.append((r, f"local-lr{lr}", s, "local", lr_flags(lr) + keep))
+    elif plan == "final-stop-local-lr":  # session 7: Local's report runs at 25k and 50k at 1e-2, used where the
+        # local-lr-mid plan's dev grid prefers it (the rule fixed before those runs; docs/real-text.md)
+        keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
+        for r, s in itertools.product(["ml-50000", "dom-50000", "ml-25000", "dom-25000"], REPORT_SEEDS):
+            out.append((r, "local-lr1e-2", s, "local", lr_flags("1e-2") + keep))
     elif plan == "repro":  # one earlier run again: does the current program give the same perplexities?
         out.append(("ml-all", "target0.2", 10, "comigs-1g1s", REFERENCE + ["--generalist-target", "0.2"]))
     elif plan == "final-r16":  # CoMiGS-1G1S with rank-16 experts (the capacity study's best), report seeds;
