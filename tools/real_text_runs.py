@@ -175,7 +175,8 @@ def runs_of(plan):
     elif plan == "final-stop-local-lr":  # session 7: Local's report runs at 25k and 50k at 1e-2, used where the
         # local-lr-mid plan's dev grid prefers it (the rule fixed before those runs; docs/real-text.md)
         keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
-        for r, s in itertools.product(["ml-50000", "dom-50000", "ml-25000", "dom-25000"], REPORT_SEEDS):
+        for r, s in itertools.product(["ml-50000", "dom-50000", "ml-25000", "dom-25000", "dom-12000", "ml-12000"],
+                                      REPORT_SEEDS):
             out.append((r, "local-lr1e-2", s, "local", lr_flags("1e-2") + keep))
     elif plan == "repro":  # one earlier run again: does the current program give the same perplexities?
         out.append(("ml-all", "target0.2", 10, "comigs-1g1s", REFERENCE + ["--generalist-target", "0.2"]))
