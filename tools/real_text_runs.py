@@ -166,15 +166,17 @@ def runs_of(plan):
             out += final_stop_runs(r)
     elif plan == "local-lr-mid":  # session 7: Local's learning rate at 25k and 50k tokens, which the final plans
         # took from the nearest tuned size (6000: 3e-3) without tuning; the dev grid again, under final-stop's rule
-        # (12000 added after 25k and 50k preferred 1e-2: it took 3e-3 by the same rule)
+        # (12000 added after 25k and 50k preferred 1e-2: it took 3e-3 by the same rule; then 3000, untuned too,
+        # and 6000, whose grid ran without --keep-best)
         keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
-        for r, s in itertools.product(["ml-50000", "dom-50000", "ml-25000", "dom-25000", "ml-12000", "dom-12000"],
-                                      TUNING_SEEDS):
+        for r, s in itertools.product(["ml-50000", "dom-50000", "ml-25000", "dom-25000", "ml-12000", "dom-12000",
+                                       "ml-6000", "dom-6000", "ml-3000", "dom-3000"], TUNING_SEEDS):
             for lr in ["3e-3", "1e-2"]:
                 out.append((r, f"local-lr{lr}", s, "local", lr_flags(lr) + keep))
     elif plan == "final-stop-local-lr":  # session 7: Local's report runs at 25k and 50k at 1e-2, used where the
         # local-lr-mid plan's dev grid prefers it (the rule fixed before those runs; docs/real-text.md)
         keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
+        # (3000 and 6000: 3e-3 won local-lr-mid's grid there, so none are needed)
         for r, s in itertools.product(["ml-50000", "dom-50000", "ml-25000", "dom-25000", "dom-12000", "ml-12000"],
                                       REPORT_SEEDS):
             out.append((r, "local-lr1e-2", s, "local", lr_flags("1e-2") + keep))
