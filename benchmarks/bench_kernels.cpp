@@ -179,6 +179,28 @@ void lowrank_rows_bench(benchmark::State& state) {
                                                    benchmark::Counter::kIsRate);
 }
 
+/// Random top-2 routing of n tokens over E >= 2 experts for the row fixtures: two distinct experts per
+/// token (expert[2 t], expert[2 t + 1]) with gates g and 1 - g, g in [0.5, 1).
+void random_top2(Rng& rng, Index n, Index E, std::vector<std::int32_t>& expert, std::vector<float>& gate) {
+    for (Index t = 0; t < n; ++t) {
+        const auto e0 = static_cast<std::int32_t>(rng.uniform() * E) % E;
+        const auto e1 = static_cast<std::int32_t>((e0 + 1 + static_cast<std::int32_t>(rng.uniform() * (E - 1))) % E);
+        expert.push_back(e0);
+        expert.push_back(e1);
+        const float g = static_cast<float>(0.5 + 0.5 * rng.uniform());
+        gate.push_back(g);
+        gate.push_back(1.0f - g);
+    }
+}
+
+/// Pointers to the E [r, h] blocks of one factor array (one block per expert).
+template <class P>
+std::vector<P> per_expert(P base, Index E, Index block) {
+    std::vector<P> out;
+    for (Index e = 0; e < E; ++e) out.push_back(base + e * block);
+    return out;
+}
+
 /// Routed rows of the GPT-2 mixture for the fused-pass benchmarks: random top-2 routing over E experts.
 struct FusedRows {
     static constexpr Index n = kT, h = Gpt2Shape::h, r = Gpt2Shape::r, E = Gpt2Shape::E, k = Gpt2Shape::k;
@@ -203,21 +225,11 @@ struct FusedRows {
         fa = random_vector<float>(fb.size(), rng, 0.01);
         ga.assign(fb.size(), 0.0f);
         gb.assign(fb.size(), 0.0f);
-        for (Index t = 0; t < n; ++t) {
-            const auto e0 = static_cast<std::int32_t>(rng.uniform() * E) % E;
-            const auto e1 = static_cast<std::int32_t>((e0 + 1 + static_cast<std::int32_t>(rng.uniform() * (E - 1))) % E);
-            expert.push_back(e0);
-            expert.push_back(e1);
-            const float g = static_cast<float>(0.5 + 0.5 * rng.uniform());
-            gate.push_back(g);
-            gate.push_back(1.0f - g);
-        }
-        for (Index e = 0; e < E; ++e) {
-            B1T.push_back(fb.data() + e * r * h);
-            A2.push_back(fa.data() + e * r * h);
-            gA2.push_back(ga.data() + e * r * h);
-            gB1T.push_back(gb.data() + e * r * h);
-        }
+        random_top2(rng, n, E, expert, gate);
+        B1T = per_expert<const float*>(fb.data(), E, r * h);
+        A2 = per_expert<const float*>(fa.data(), E, r * h);
+        gA2 = per_expert(ga.data(), E, r * h);
+        gB1T = per_expert(gb.data(), E, r * h);
     }
 };
 
@@ -281,22 +293,13 @@ struct SwigluRows {
         ga.assign(fg.size(), 0.0f);
         gbg.assign(fg.size(), 0.0f);
         gbu.assign(fg.size(), 0.0f);
-        for (Index t = 0; t < n; ++t) {  // top-2 of 2 experts: every token visits both
-            const std::int32_t e0 = rng.uniform() < 0.5 ? 0 : 1;
-            expert.push_back(e0);
-            expert.push_back(1 - e0);
-            const float g = static_cast<float>(0.5 + 0.5 * rng.uniform());
-            gate.push_back(g);
-            gate.push_back(1.0f - g);
-        }
-        for (Index e = 0; e < E; ++e) {
-            BgT.push_back(fg.data() + e * r * h);
-            BuT.push_back(fu.data() + e * r * h);
-            A2.push_back(fa.data() + e * r * h);
-            gA2.push_back(ga.data() + e * r * h);
-            gBgT.push_back(gbg.data() + e * r * h);
-            gBuT.push_back(gbu.data() + e * r * h);
-        }
+        random_top2(rng, n, E, expert, gate);  // top-2 of 2 experts: every token visits both
+        BgT = per_expert<const float*>(fg.data(), E, r * h);
+        BuT = per_expert<const float*>(fu.data(), E, r * h);
+        A2 = per_expert<const float*>(fa.data(), E, r * h);
+        gA2 = per_expert(ga.data(), E, r * h);
+        gBgT = per_expert(gbg.data(), E, r * h);
+        gBuT = per_expert(gbu.data(), E, r * h);
     }
     ConstMatrixView<float> view(const std::vector<float>& v) const { return {v.data(), n, h}; }
     MatrixView<kernels::bf16> view(std::vector<kernels::bf16>& v) const { return {v.data(), n, h}; }

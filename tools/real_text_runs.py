@@ -4,8 +4,9 @@
     tools/real_text_runs.py BUILD_DIR OUT_DIR PLAN [PLAN...] [--jobs 2] [--dry-run]
 
 A plan is a list of runs; a run is one comigs-demo command (one regime, one seed, one variant of the
-flags, some methods). Its results land in OUT_DIR/<plan>/<regime>/<variant>/s<seed>/results.json; a run
-whose results.json exists is skipped, so a sweep resumes where it stopped. Hosts are pretrained once per
+flags, some methods). Its results land in OUT_DIR/<plan>/<regime>/<variant>/s<seed>/results.json (a plan
+that completes another, like final-stop-rest, in that plan's folder); a run whose results.json exists is
+skipped, so a sweep resumes where it stopped. Hosts are pretrained once per
 (host text, seed) and cached in OUT_DIR/hosts/. Every run uses one thread and runs under `nice`; --jobs
 runs that many at once (the machine these were measured on was shared: 2 jobs at most).
 
@@ -48,6 +49,28 @@ STOP_TOKENS = "6000"
 # CoMiGS' router schedule in the final-stop plan (session 6, the stop-router plan): the reference's, the
 # demo's default (before10 lost 1.0% at ml-3000, seeds 10-11, on stop splits of 6000 and 12000 tokens).
 FINAL_ROUTER = []
+
+
+# The final-stop plan's regimes in the order of the claims they serve, and those session 6's machine time did
+# not reach (session 7's final-stop-rest: the plenty-of-data claim first, then 25k and 50k tokens).
+FINAL_STOP_REGIMES = ["emb-h0.9", "emb-h0.5", "ml-3000", "dom-3000", "ml-6000", "dom-6000", "ml-12000", "dom-12000",
+                      "emb-h0", "ml-all", "dom-all", "ml-25000", "dom-25000", "ml-50000", "dom-50000"]
+FINAL_STOP_REST_REGIMES = ["ml-all", "dom-all", "ml-25000", "dom-25000", "ml-50000", "dom-50000"]
+# A plan that completes another writes into that plan's folders, so the tables read them as one plan.
+PLAN_FOLDER = {"final-stop-rest": "final-stop"}
+
+
+def final_stop_runs(r):
+    """The final-stop plan's runs of one regime (report seeds)."""
+    keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
+    out = []
+    for s in REPORT_SEEDS:
+        if r.endswith("-all"):  # every method at 1e-2: one run
+            out.append((r, "shared", s, "local,fedavg,comigs-1g1s", REFERENCE + FINAL_ROUTER + keep))
+            continue
+        out.append((r, "shared", s, "fedavg,comigs-1g1s", REFERENCE + FINAL_ROUTER + keep))
+        out.append((r, "local", s, "local", lr_flags("3e-3") + keep))
+    return out
 
 
 def regime_flags(regime):
@@ -132,20 +155,31 @@ def runs_of(plan):
                     continue
                 out.append((r, "shared", s, "fedavg,comigs-1g1s", REFERENCE + keep))
                 out.append((r, "local", s, "local", lr_flags("3e-3") + keep))
-    elif plan == "final-stop":  # session 6: the report rows under the fair stopping rule, report seeds
+    elif plan in ("final-stop", "final-stop-rest"):  # session 6: the report rows under the fair stopping rule
         # Every method --keep-best on the stop split (held out from all of them; STOP_TOKENS, the stopsize
         # plan), CoMiGS-1G1S with the router schedule the stop-router plan chose (FINAL_ROUTER); learning rates
         # as the final plan (Local 3e-3 below all of a text, 1e-2 on all of it; FedAvg 1e-2).
-        keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
-        regimes = ["emb-h0.9", "emb-h0.5", "ml-3000", "dom-3000", "ml-6000", "dom-6000", "ml-12000", "dom-12000",
-                   "emb-h0", "ml-all", "dom-all", "ml-25000", "dom-25000", "ml-50000", "dom-50000"]
+        # final-stop-rest (session 7): the same runs, into the same folders (PLAN_FOLDER), of the regimes
+        # session 6 did not reach, all of a text first (the plenty-of-data claim).
+        regimes = FINAL_STOP_REGIMES if plan == "final-stop" else FINAL_STOP_REST_REGIMES
         for r in regimes:
-            for s in REPORT_SEEDS:
-                if r.endswith("-all"):  # every method at 1e-2: one run
-                    out.append((r, "shared", s, "local,fedavg,comigs-1g1s", REFERENCE + FINAL_ROUTER + keep))
-                    continue
-                out.append((r, "shared", s, "fedavg,comigs-1g1s", REFERENCE + FINAL_ROUTER + keep))
-                out.append((r, "local", s, "local", lr_flags("3e-3") + keep))
+            out += final_stop_runs(r)
+    elif plan == "local-lr-mid":  # session 7: Local's learning rate at 25k and 50k tokens, which the final plans
+        # took from the nearest tuned size (6000: 3e-3) without tuning; the dev grid again, under final-stop's rule
+        # (12000 added after 25k and 50k preferred 1e-2: it took 3e-3 by the same rule; then 3000, untuned too,
+        # and 6000, whose grid ran without --keep-best)
+        keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
+        for r, s in itertools.product(["ml-50000", "dom-50000", "ml-25000", "dom-25000", "ml-12000", "dom-12000",
+                                       "ml-6000", "dom-6000", "ml-3000", "dom-3000"], TUNING_SEEDS):
+            for lr in ["3e-3", "1e-2"]:
+                out.append((r, f"local-lr{lr}", s, "local", lr_flags(lr) + keep))
+    elif plan == "final-stop-local-lr":  # session 7: Local's report runs at 25k and 50k at 1e-2, used where the
+        # local-lr-mid plan's dev grid prefers it (the rule fixed before those runs; docs/real-text.md)
+        keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
+        # (3000 and 6000: 3e-3 won local-lr-mid's grid there, so none are needed)
+        for r, s in itertools.product(["ml-50000", "dom-50000", "ml-25000", "dom-25000", "dom-12000", "ml-12000"],
+                                      REPORT_SEEDS):
+            out.append((r, "local-lr1e-2", s, "local", lr_flags("1e-2") + keep))
     elif plan == "repro":  # one earlier run again: does the current program give the same perplexities?
         out.append(("ml-all", "target0.2", 10, "comigs-1g1s", REFERENCE + ["--generalist-target", "0.2"]))
     elif plan == "final-r16":  # CoMiGS-1G1S with rank-16 experts (the capacity study's best), report seeds;
@@ -284,7 +318,7 @@ def runs_of(plan):
 def command(demo, out_dir, plan, regime, variant, seed, methods, flags):
     rflags, host_kind = regime_flags(regime)
     host = out_dir / "hosts" / f"{host_kind}-s{seed}.safetensors"
-    folder = out_dir / plan / regime / variant / f"s{seed}"
+    folder = out_dir / PLAN_FOLDER.get(plan, plan) / regime / variant / f"s{seed}"
     cmd = [str(demo), "--quiet", "--threads", "1", "--seed", str(seed), "--host-cache", str(host), "--out", str(folder),
            "--methods", methods] + DEV + rflags + flags
     return folder, host, cmd

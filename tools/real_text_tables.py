@@ -445,6 +445,29 @@ def table_stop_router(runs, split="dev"):
 TUNING = [10, 11]
 
 
+def table_local_lr_mid(runs, split="dev"):
+    """Local's learning rate at 3k-50k tokens (local-lr-mid plan): 3e-3 (what the final plans used there)
+    against 1e-2, both --keep-best --stop-tokens 6000, tuning seeds."""
+    plan = runs.get("local-lr-mid", {})
+    key = "mean_dev_ppl" if split == "dev" else "mean_test_ppl"
+    print(f"\n### Local's learning rate at 3k-50k tokens under the fair rule ({split} split, tuning seeds)\n")
+    print("| regime | seeds | Local 3e-3 | Local 1e-2 | change | per seed | kept rounds 3e-3 / 1e-2 (first seed) |")
+    print("|---|---|---|---|---|---|---|")
+    for regime in sorted(plan, key=regime_key):
+        a, b = plan[regime].get("local-lr3e-3", {}), plan[regime].get("local-lr1e-2", {})
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue
+        x = [a[s]["methods"]["local"][key] for s in seeds]
+        y = [b[s]["methods"]["local"][key] for s in seeds]
+        kept = " / ".join(",".join(str(u["kept_round"]) for u in d[seeds[0]]["methods"]["local"]["users"]) for d in (a, b))
+        print(f"| {regime} | {','.join(map(str, seeds))} | {fmt(x)} | {fmt(y)} | {mean_change(y, x):+.1f}% | "
+              f"{', '.join(f'{pct(q, p):+.1f}%' for p, q in zip(x, y))} | {kept} |")
+    print("\nChange: mean over seeds of the per-seed relative difference (negative: 1e-2 better).")
+
+
+
+
 def final_rows(runs, plan="final", split="test"):
     """Per regime of the final plan: seeds -> {method: results.json entry} (local from its own runs),
     with the host's perplexity."""
@@ -487,11 +510,43 @@ def table_chosen_on_tuning_seeds(runs, split="test"):
         print(f"| {regime} | {fmt(loc)} | {fmt(fed)} | {fmt(com)} | {fmt(pfm)} | {dl:+.1f}% | {df:+.1f}% | {gen:.2f} |")
 
 
-def table_final(runs, plan="final", split="test"):
+def local_lr_mid_choice(runs):
+    """Per regime of the local-lr-mid plan, Local's learning-rate variant with the lower mean dev perplexity
+    over the tuning seeds ("local-lr3e-3" or "local-lr1e-2")."""
+    choice = {}
+    for regime, v in runs.get("local-lr-mid", {}).items():
+        a, b = v.get("local-lr3e-3", {}), v.get("local-lr1e-2", {})
+        seeds = sorted(set(a) & set(b))
+        if seeds:
+            x = statistics.mean(a[s]["methods"]["local"]["mean_dev_ppl"] for s in seeds)
+            y = statistics.mean(b[s]["methods"]["local"]["mean_dev_ppl"] for s in seeds)
+            choice[regime] = "local-lr1e-2" if y < x else "local-lr3e-3"
+    return choice
+
+
+def final_stop_rows_tuned_local(runs, split="test"):
+    """final-stop's rows with Local's report runs at 1e-2 (final-stop-local-lr) where local-lr-mid's dev grid
+    prefers 1e-2 and those runs exist for every seed of the row; the regimes changed."""
+    rows = final_rows(runs, "final-stop", split)
+    redo = runs.get("final-stop-local-lr", {})
+    changed = []
+    for regime, variant in local_lr_mid_choice(runs).items():
+        if variant != "local-lr1e-2" or regime not in rows:
+            continue
+        got = redo.get(regime, {}).get(variant, {})
+        if not all(s in got for s in rows[regime]):
+            continue
+        for s in rows[regime]:
+            rows[regime][s] = dict(rows[regime][s], local=got[s]["methods"]["local"])
+        changed.append(regime)
+    return rows, changed
+
+
+def table_final(runs, plan="final", split="test", rows=None, title=None):
     """The "when collaboration pays" table: mean test perplexity of the deployed models, report seeds."""
-    rows = final_rows(runs, plan, split)
+    rows = final_rows(runs, plan, split) if rows is None else rows
     key = "mean_test_ppl" if split == "test" else "mean_dev_ppl"
-    print(f"\n### When collaboration pays ({plan}; {split} split, mean ± sd over report seeds)\n")
+    print(f"\n### {title or 'When collaboration pays'} ({plan}; {split} split, mean ± sd over report seeds)\n")
     print("| regime | seeds | host | Local | FedAvg | CoMiGS-1G1S | vs Local | vs FedAvg | vs better | "
           "generalist weight | personal to specialist (best layer) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -514,6 +569,24 @@ def table_final(runs, plan="final", split="test"):
           "generalists over test tokens, all layers and users. Personal to specialist: embedded corpus, the "
           "share of personal-source test tokens whose top expert is the specialist, in the layer where it is "
           "highest.")
+
+
+def table_final_per_seed(runs, plan="final-stop", split="test", rows=None, title=None):
+    """Per regime and seed of a final plan: each method's mean perplexity, CoMiGS-1G1S against each baseline,
+    and the rounds the four users kept (20: the final download)."""
+    rows = final_rows(runs, plan, split) if rows is None else rows
+    key = "mean_test_ppl" if split == "test" else "mean_dev_ppl"
+    print(f"\n### {title or 'Per seed'} ({plan}; {split} split)\n")
+    print("| regime | seed | Local | FedAvg | CoMiGS-1G1S | vs Local | vs FedAvg | generalist weight | "
+          "kept rounds (Local / FedAvg / CoMiGS) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for regime in sorted(rows, key=regime_key):
+        for s in sorted(rows[regime]):
+            e = rows[regime][s]
+            loc, fed, com = (e[m][key] for m in ("local", "fedavg", "comigs-1g1s"))
+            kept = " / ".join(",".join(str(u["kept_round"]) for u in e[m]["users"]) for m in ("local", "fedavg", "comigs-1g1s"))
+            print(f"| {regime} | {s} | {loc:.3f} | {fed:.3f} | {com:.3f} | {pct(com, loc):+.1f}% | {pct(com, fed):+.1f}% | "
+                  f"{e['comigs-1g1s']['mean_generalist_share']:.2f} | {kept} |")
 
 
 def best_p2s(entry):
@@ -600,6 +673,13 @@ def main():
             table_final(runs, plan, "dev")
         elif plan == "final-stop":
             table_final(runs, plan, "test")
+            table_final_per_seed(runs, plan, "test")
+            rows, changed = final_stop_rows_tuned_local(runs, "test")
+            if changed:
+                title = "Local at 1e-2 where its dev grid prefers it: " + ", ".join(sorted(changed, key=regime_key))
+                only = {r: rows[r] for r in changed}
+                table_final(runs, plan, "test", only, title)
+                table_final_per_seed(runs, plan, "test", only, "Per seed, " + title)
         elif plan == "final-r16":
             table_final_r16(runs)
         elif plan == "final-val30000":
@@ -614,6 +694,8 @@ def main():
                 table_keepbest(runs)
         elif plan == "stopsize":
             table_stopsize(runs, "dev")
+        elif plan == "local-lr-mid":
+            table_local_lr_mid(runs, "dev")
         elif plan == "stop-router":
             table_stop_router(runs, "dev")
         elif plan == "stop":

@@ -33,6 +33,7 @@
 #include "elementwise.hpp"
 #include "gemm.hpp"
 #include "simd.hpp"
+#include "transpose.hpp"
 
 namespace comigs::kernels {
 
@@ -272,60 +273,11 @@ Index attn_padded_keys(Index L) {
     return (L + t - 1) / t * t;
 }
 
-#if defined(__AVX512F__)
-/// 16 x 16 block of floats transposed: dst[d * ldd + j] = src[j * lds + d], j, d < 16.
-inline void attn_transpose16(float* dst, Index ldd, const float* src, Index lds) {
-    __m512 r[16], t[16];
-    for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src + j * lds);
-    // Interleave pairs of rows (32-bit), then pairs of pairs (64-bit): each 128-bit lane of t holds a
-    // 4 x 4 block transposed; two rounds of lane shuffles put the lanes in place.
-    for (int j = 0; j < 16; j += 2) {
-        t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
-        t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
-    }
-    for (int j = 0; j < 16; j += 4) {
-        const __m512d a = _mm512_castps_pd(t[j]), b = _mm512_castps_pd(t[j + 1]), c = _mm512_castps_pd(t[j + 2]),
-                      d = _mm512_castps_pd(t[j + 3]);
-        r[j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-        r[j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-        r[j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-        r[j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-    }
-    // r[4 q + m] lane l = rows 4 q .. 4 q + 3 of column 4 l + m.
-    for (int m = 0; m < 4; ++m)
-        for (int half = 0; half < 2; ++half) {
-            const __m512 x = r[m + 8 * half], y = r[m + 4 + 8 * half];
-            t[2 * m + 8 * half] = _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0));
-            t[2 * m + 1 + 8 * half] = _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1));
-        }
-    // t[2 m + 8 h] lanes: columns m, 8 + m of row groups 2 h, 2 h + 1; t[2 m + 1 + 8 h]: columns 4 + m, 12 + m.
-    for (int m = 0; m < 4; ++m)
-        for (int odd = 0; odd < 2; ++odd) {
-            const __m512 x = t[2 * m + odd], y = t[2 * m + odd + 8];
-            // column c = 4 * (2 * sel + odd) + m for sel in {0, 1}
-            _mm512_storeu_ps(dst + (4 * odd + m) * ldd, _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)));
-            _mm512_storeu_ps(dst + (4 * (2 + odd) + m) * ldd, _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
-        }
-}
-#endif
-
 /// dst[hd, Lp] = src rows [L, hd] transposed (zeros in columns L .. Lp).
 template <class T>
 void attn_pack_transposed(T* dst, Index Lp, ConstMatrixView<T> src) {
     for (Index d = 0; d < src.cols; ++d) std::fill(dst + d * Lp + src.rows, dst + (d + 1) * Lp, T(0));
-    Index j0 = 0;
-#if defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, float>) {
-        if (src.cols % 16 == 0)
-            for (; j0 + 16 <= src.rows; j0 += 16)
-                for (Index d = 0; d < src.cols; d += 16)
-                    attn_transpose16(dst + d * Lp + j0, Lp, src.row_ptr(j0) + d, src.stride);
-    }
-#endif
-    for (Index j = j0; j < src.rows; ++j) {
-        const T* row = src.row_ptr(j);
-        for (Index d = 0; d < src.cols; ++d) dst[d * Lp + j] = row[d];
-    }
+    transpose_into(dst, Lp, src);
 }
 
 /// dst [rows, cols] contiguous = src (the products' B operands: rows of q, k, v or dout are thousands of

@@ -114,10 +114,11 @@ inline void thread_range(Index count, Index& lo, Index& hi) {
 }
 
 /// Asks for the cache line holding p in L2, for a read a little later. The row kernels issue one
-/// per batch of their GELU sweep for the rows they visit next: spread out like that, the next rows
-/// arrive while the arithmetic runs. (The whole next row at once, 16-32 prefetches in a burst, took
-/// every L1 miss buffer and stalled the core until memory answered: the passes then ran at the
-/// speed of memory plus the speed of the arithmetic instead of the slower of the two.)
+/// per batch of their activation sweep (GELU or SwiGLU) for the rows they visit next: spread out
+/// like that, the next rows arrive while the arithmetic runs. (The whole next row at once, 16-32
+/// prefetches in a burst, took every L1 miss buffer and stalled the core until memory answered: the
+/// passes then ran at the speed of memory plus the speed of the arithmetic instead of the slower of
+/// the two.)
 template <class T>
 inline void prefetch_line(const T* p) {
 #if defined(__GNUC__) || defined(__clang__)

@@ -9,10 +9,7 @@
 
 #include "../view.hpp"
 #include "simd.hpp"
-
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
+#include "transpose.hpp"  // transpose_into, add_transposed: the factor B stored [out, r]
 
 namespace comigs::kernels {
 
@@ -186,87 +183,6 @@ void lowrank_outer(T* C, Index ldc, const T* X, Index ldx, const T* Y, Index ldy
     const Index parts = lowrank_outer_parts<T>(cols);
 #pragma omp parallel for schedule(static) if (rows * r * cols > (Index(1) << 18))
     for (Index part = 0; part < parts; ++part) lowrank_outer_part(C, ldc, X, ldx, Y, ldy, idx, rows, r, cols, alpha, part);
-}
-
-namespace detail {
-
-/// Whether transpose8x8 has a vector body: the float 8 x 8 blocks below are AVX shuffles (with the
-/// LoRA factor B stored [out, r], a transpose is E h r elements per step, and element by element it
-/// was ~1 cycle each: 7 us per GPT-2 factor, a tenth of a decode step for two experts).
-template <class T>
-inline constexpr bool has_transpose8x8 =
-#if defined(__AVX__)
-    std::is_same_v<T, float>;
-#else
-    false;
-#endif
-
-/// d[q * ld + j] = s[j * st + q] for j, q < 8 (float, when has_transpose8x8).
-template <class T>
-inline void transpose8x8(const T* s, Index st, T* d, Index ld) {
-#if defined(__AVX__)
-    if constexpr (std::is_same_v<T, float>) {
-        __m256 r[8], t[8];
-        for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(s + j * st);
-        for (int j = 0; j < 8; j += 2) {
-            t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
-            t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
-        }
-        // Then r[q] (q < 4) holds column q of rows 0-3 in its low half and column q + 4 in its high
-        // half; r[4 + q] the same of rows 4-7.
-        for (int hh = 0; hh < 8; hh += 4)
-            for (int m = 0; m < 2; ++m) {
-                r[hh + 2 * m] = _mm256_shuffle_ps(t[hh + m], t[hh + 2 + m], _MM_SHUFFLE(1, 0, 1, 0));
-                r[hh + 2 * m + 1] = _mm256_shuffle_ps(t[hh + m], t[hh + 2 + m], _MM_SHUFFLE(3, 2, 3, 2));
-            }
-        for (int q = 0; q < 4; ++q) {
-            _mm256_storeu_ps(d + q * ld, _mm256_permute2f128_ps(r[q], r[4 + q], 0x20));
-            _mm256_storeu_ps(d + (q + 4) * ld, _mm256_permute2f128_ps(r[q], r[4 + q], 0x31));
-        }
-        return;
-    }
-#endif
-    for (int j = 0; j < 8; ++j)
-        for (int q = 0; q < 8; ++q) d[q * ld + j] = s[j * st + q];
-}
-
-}  // namespace detail
-
-/// dst[q * rows + i] = src[i * stride + q]: a [rows, r] block transposed to [r, rows].
-template <class T>
-void transpose_into(T* dst, ConstMatrixView<T> src) {
-    const Index rows = src.rows, cols = src.cols;
-    Index i0 = 0, q0 = 0;
-    if constexpr (detail::has_transpose8x8<T>) {
-        i0 = rows / 8 * 8;
-        q0 = cols / 8 * 8;
-        for (Index i = 0; i < i0; i += 8)
-            for (Index q = 0; q < q0; q += 8) detail::transpose8x8(src.data + i * src.stride + q, src.stride, dst + q * rows + i, rows);
-    }
-    for (Index i = 0; i < rows; ++i)
-        for (Index q = i < i0 ? q0 : 0; q < cols; ++q) dst[q * rows + i] = src(i, q);
-}
-
-/// dst(i, q) += alpha * src[q * dst.rows + i]: a [r, rows] block added transposed into [rows, r].
-template <class T>
-void add_transposed(MatrixView<T> dst, const T* src, T alpha = T(1)) {
-    const Index rows = dst.rows, cols = dst.cols;
-    Index i0 = 0, q0 = 0;
-    if constexpr (detail::has_transpose8x8<T>) {
-        i0 = rows / 8 * 8;
-        q0 = cols / 8 * 8;
-        alignas(32) T blk[64];
-        for (Index i = 0; i < i0; i += 8)
-            for (Index q = 0; q < q0; q += 8) {
-                detail::transpose8x8(src + q * rows + i, rows, blk, Index(8));
-                for (Index j = 0; j < 8; ++j) {
-                    T* d = dst.row_ptr(i + j) + q;
-                    for (Index c = 0; c < 8; ++c) d[c] += alpha * blk[j * 8 + c];
-                }
-            }
-    }
-    for (Index i = 0; i < rows; ++i)
-        for (Index q = i < i0 ? q0 : 0; q < cols; ++q) dst(i, q) += alpha * src[q * rows + i];
 }
 
 }  // namespace comigs::kernels
