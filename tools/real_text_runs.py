@@ -57,7 +57,7 @@ FINAL_STOP_REGIMES = ["emb-h0.9", "emb-h0.5", "ml-3000", "dom-3000", "ml-6000", 
                       "emb-h0", "ml-all", "dom-all", "ml-25000", "dom-25000", "ml-50000", "dom-50000"]
 FINAL_STOP_REST_REGIMES = ["ml-all", "dom-all", "ml-25000", "dom-25000", "ml-50000", "dom-50000"]
 # A plan that completes another writes into that plan's folders, so the tables read them as one plan.
-PLAN_FOLDER = {"final-stop-rest": "final-stop"}
+PLAN_FOLDER = {"final-stop-rest": "final-stop", "final-stop-more": "final-stop"}
 
 
 def final_stop_runs(r):
@@ -164,6 +164,12 @@ def runs_of(plan):
         regimes = FINAL_STOP_REGIMES if plan == "final-stop" else FINAL_STOP_REST_REGIMES
         for r in regimes:
             out += final_stop_runs(r)
+    elif plan == "final-stop-more":  # session 7: the router methods the report table leaves out (pFedMoE and
+        # CoMiGS with two specialists), under final-stop's rule and flags, into its folders (variant "more")
+        keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
+        for r in FINAL_STOP_REGIMES:
+            for s in REPORT_SEEDS:
+                out.append((r, "more", s, "pfedmoe,comigs-2s", REFERENCE + FINAL_ROUTER + keep))
     elif plan == "local-lr-mid":  # session 7: Local's learning rate at 25k and 50k tokens, which the final plans
         # took from the nearest tuned size (6000: 3e-3) without tuning; the dev grid again, under final-stop's rule
         # (12000 added after 25k and 50k preferred 1e-2: it took 3e-3 by the same rule; then 3000, untuned too,

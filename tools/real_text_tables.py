@@ -589,6 +589,30 @@ def table_final_per_seed(runs, plan="final-stop", split="test", rows=None, title
                   f"{e['comigs-1g1s']['mean_generalist_share']:.2f} | {kept} |")
 
 
+def table_final_more(rows, split="test"):
+    """pFedMoE and CoMiGS-2S (final-stop-more) beside CoMiGS-1G1S, each against the better of Local and FedAvg
+    per seed (the report rows, Local at its tuned learning rate)."""
+    key = "mean_test_ppl" if split == "test" else "mean_dev_ppl"
+    methods = ("comigs-1g1s", "pfedmoe", "comigs-2s")
+    have = {r: seeds for r, seeds in rows.items() if all(m in e for e in seeds.values() for m in methods)}
+    if not have:
+        return
+    print(f"\n### The other router methods (final-stop and final-stop-more; {split} split, mean over report seeds)\n")
+    print("| regime | seeds | better baseline | CoMiGS-1G1S | pFedMoE | CoMiGS-2S | 1G1S vs better | pFedMoE vs better | "
+          "2S vs better |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for regime in sorted(have, key=regime_key):
+        seeds = have[regime]
+        order = sorted(seeds)
+        better = [min(seeds[s]["local"][key], seeds[s]["fedavg"][key]) for s in order]
+        val = {m: [seeds[s][m][key] for s in order] for m in methods}
+        changes = " | ".join(f"{mean_change(val[m], better):+.1f}%" for m in methods)
+        print(f"| {regime} | {len(order)} | {statistics.mean(better):.3f} | "
+              f"{' | '.join(f'{statistics.mean(val[m]):.3f}' for m in methods)} | {changes} |")
+    print("\nvs better: mean over seeds of the per-seed relative difference against the better of Local and FedAvg in "
+          "that seed (negative: the router method better).")
+
+
 def best_p2s(entry):
     return max((l["personal_to_specialist"] for l in entry["routing_by_layer"] if l["personal_to_specialist"] is not None),
                default=None)
@@ -680,6 +704,7 @@ def main():
                 only = {r: rows[r] for r in changed}
                 table_final(runs, plan, "test", only, title)
                 table_final_per_seed(runs, plan, "test", only, "Per seed, " + title)
+            table_final_more(rows, "test")
         elif plan == "final-r16":
             table_final_r16(runs)
         elif plan == "final-val30000":
