@@ -172,8 +172,10 @@ private:
                              " bytes, not ", total);
         const std::size_t row = rows > 0 ? total / static_cast<std::size_t>(rows) : 0;
         auto& out = reordered_.emplace_back(total);
-        for (std::size_t r = 0; r < from.size(); ++r)
-            std::memcpy(out.data() + r * row, ref.bytes.data() + static_cast<std::size_t>(from[r]) * row, row);
+        // A tensor with a zero dimension has no bytes (and null data pointers, which memcpy must not see).
+        if (row > 0)
+            for (std::size_t r = 0; r < from.size(); ++r)
+                std::memcpy(out.data() + r * row, ref.bytes.data() + static_cast<std::size_t>(from[r]) * row, row);
         ref.bytes = {out.data(), out.size()};
     }
 
