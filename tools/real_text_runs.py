@@ -49,6 +49,8 @@ STOP_TOKENS = "6000"
 # CoMiGS' router schedule in the final-stop plan (session 6, the stop-router plan): the reference's, the
 # demo's default (before10 lost 1.0% at ml-3000, seeds 10-11, on stop splits of 6000 and 12000 tokens).
 FINAL_ROUTER = []
+# The fair stopping rule (session 6): every method deploys its best round on STOP_TOKENS no method trains on.
+FAIR_KEEP = ["--keep-best", "--stop-tokens", STOP_TOKENS]
 
 
 # The final-stop plan's regimes in the order of the claims they serve, and those session 6's machine time did
@@ -62,7 +64,7 @@ PLAN_FOLDER = {"final-stop-rest": "final-stop", "final-stop-more": "final-stop"}
 
 def final_stop_runs(r):
     """The final-stop plan's runs of one regime (report seeds)."""
-    keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
+    keep = FAIR_KEEP
     out = []
     for s in REPORT_SEEDS:
         if r.endswith("-all"):  # every method at 1e-2: one run
@@ -166,7 +168,7 @@ def runs_of(plan):
             out += final_stop_runs(r)
     elif plan == "final-stop-more":  # session 7: the router methods the report table leaves out (pFedMoE and
         # CoMiGS with two specialists), under final-stop's rule and flags, into its folders (variant "more")
-        keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
+        keep = FAIR_KEEP
         for r in FINAL_STOP_REGIMES:
             for s in REPORT_SEEDS:
                 out.append((r, "more", s, "pfedmoe,comigs-2s", REFERENCE + FINAL_ROUTER + keep))
@@ -174,14 +176,14 @@ def runs_of(plan):
         # took from the nearest tuned size (6000: 3e-3) without tuning; the dev grid again, under final-stop's rule
         # (12000 added after 25k and 50k preferred 1e-2: it took 3e-3 by the same rule; then 3000, untuned too,
         # and 6000, whose grid ran without --keep-best)
-        keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
+        keep = FAIR_KEEP
         for r, s in itertools.product(["ml-50000", "dom-50000", "ml-25000", "dom-25000", "ml-12000", "dom-12000",
                                        "ml-6000", "dom-6000", "ml-3000", "dom-3000"], TUNING_SEEDS):
             for lr in ["3e-3", "1e-2"]:
                 out.append((r, f"local-lr{lr}", s, "local", lr_flags(lr) + keep))
     elif plan == "final-stop-local-lr":  # session 7: Local's report runs at 25k and 50k at 1e-2, used where the
         # local-lr-mid plan's dev grid prefers it (the rule fixed before those runs; docs/real-text.md)
-        keep = ["--keep-best", "--stop-tokens", STOP_TOKENS]
+        keep = FAIR_KEEP
         # (3000 and 6000: 3e-3 won local-lr-mid's grid there, so none are needed)
         for r, s in itertools.product(["ml-50000", "dom-50000", "ml-25000", "dom-25000", "dom-12000", "ml-12000"],
                                       REPORT_SEEDS):

@@ -445,27 +445,30 @@ def table_stop_router(runs, split="dev"):
 TUNING = [10, 11]
 
 
+def local_lr_mid_pairs(runs):
+    """(regime, seeds, Local at 3e-3 by seed, Local at 1e-2 by seed) of the local-lr-mid plan, over the seeds
+    both learning rates ran."""
+    for regime, v in runs.get("local-lr-mid", {}).items():
+        a, b = v.get("local-lr3e-3", {}), v.get("local-lr1e-2", {})
+        seeds = sorted(set(a) & set(b))
+        if seeds:
+            yield regime, seeds, a, b
+
+
 def table_local_lr_mid(runs, split="dev"):
     """Local's learning rate at 3k-50k tokens (local-lr-mid plan): 3e-3 (what the final plans used there)
     against 1e-2, both --keep-best --stop-tokens 6000, tuning seeds."""
-    plan = runs.get("local-lr-mid", {})
     key = "mean_dev_ppl" if split == "dev" else "mean_test_ppl"
     print(f"\n### Local's learning rate at 3k-50k tokens under the fair rule ({split} split, tuning seeds)\n")
     print("| regime | seeds | Local 3e-3 | Local 1e-2 | change | per seed | kept rounds 3e-3 / 1e-2 (first seed) |")
     print("|---|---|---|---|---|---|---|")
-    for regime in sorted(plan, key=regime_key):
-        a, b = plan[regime].get("local-lr3e-3", {}), plan[regime].get("local-lr1e-2", {})
-        seeds = sorted(set(a) & set(b))
-        if not seeds:
-            continue
+    for regime, seeds, a, b in sorted(local_lr_mid_pairs(runs), key=lambda t: regime_key(t[0])):
         x = [a[s]["methods"]["local"][key] for s in seeds]
         y = [b[s]["methods"]["local"][key] for s in seeds]
         kept = " / ".join(",".join(str(u["kept_round"]) for u in d[seeds[0]]["methods"]["local"]["users"]) for d in (a, b))
         print(f"| {regime} | {','.join(map(str, seeds))} | {fmt(x)} | {fmt(y)} | {mean_change(y, x):+.1f}% | "
               f"{', '.join(f'{pct(q, p):+.1f}%' for p, q in zip(x, y))} | {kept} |")
     print("\nChange: mean over seeds of the per-seed relative difference (negative: 1e-2 better).")
-
-
 
 
 def final_rows(runs, plan="final", split="test"):
@@ -514,13 +517,10 @@ def local_lr_mid_choice(runs):
     """Per regime of the local-lr-mid plan, Local's learning-rate variant with the lower mean dev perplexity
     over the tuning seeds ("local-lr3e-3" or "local-lr1e-2")."""
     choice = {}
-    for regime, v in runs.get("local-lr-mid", {}).items():
-        a, b = v.get("local-lr3e-3", {}), v.get("local-lr1e-2", {})
-        seeds = sorted(set(a) & set(b))
-        if seeds:
-            x = statistics.mean(a[s]["methods"]["local"]["mean_dev_ppl"] for s in seeds)
-            y = statistics.mean(b[s]["methods"]["local"]["mean_dev_ppl"] for s in seeds)
-            choice[regime] = "local-lr1e-2" if y < x else "local-lr3e-3"
+    for regime, seeds, a, b in local_lr_mid_pairs(runs):
+        x = statistics.mean(a[s]["methods"]["local"]["mean_dev_ppl"] for s in seeds)
+        y = statistics.mean(b[s]["methods"]["local"]["mean_dev_ppl"] for s in seeds)
+        choice[regime] = "local-lr1e-2" if y < x else "local-lr3e-3"
     return choice
 
 
