@@ -77,12 +77,17 @@ inline std::string hf_name_of_gguf(std::string_view name) {
     return "model.layers." + std::string(layer) + "." + it->second;
 }
 
-/// Row order of llama.cpp's q/k permutation undone: row (h, j, i) of transformers' [heads * hd, ...] matrix
-/// (head h, half j, i < hd / 2) is row h * hd + 2 i + j of the file's. `rows` must be a multiple of
-/// 2 heads. Returns, for each transformers row, the file's row.
-inline std::vector<Index> unpermute_rows(Index rows, Index heads) {
+/// llama.cpp's q/k permutation: row (h, j, i) of transformers' [heads * hd, ...] matrix (head h, half j,
+/// i < hd / 2) is row h * hd + 2 i + j of the file's, so `rows` must be a multiple of 2 heads.
+inline void check_permuted_rows(Index rows, Index heads) {
     require<FormatError>(heads >= 1 && rows % (2 * heads) == 0, "q/k rows ", rows, ": not a multiple of 2 x ", heads,
                          " heads (llama.cpp's RoPE row permutation needs whole pairs per head)");
+}
+
+/// Row order of llama.cpp's q/k permutation undone (see check_permuted_rows for `rows`): for each
+/// transformers row, the file's row.
+inline std::vector<Index> unpermute_rows(Index rows, Index heads) {
+    check_permuted_rows(rows, heads);
     const Index hd = rows / heads, half = hd / 2;
     std::vector<Index> from(static_cast<std::size_t>(rows));
     for (Index h = 0; h < heads; ++h)
@@ -160,22 +165,22 @@ private:
                              ref.shape.size(), " dimensions, expected a matrix or a bias");
         require<FormatError>(!(ref.shape.size() == 1 && is_quantized(ref.type)), what_, ": tensor '", ref.file,
                              "': a ", to_string(ref.type), " bias cannot be reordered");
-        const std::vector<Index> from = [&] {
-            try {
-                return unpermute_rows(rows, heads);
-            } catch (const FormatError& e) {
-                comigs::detail::raise<FormatError>(what_, ": tensor '", ref.file, "': ", e.what());
-            }
-        }();
+        try {
+            check_permuted_rows(rows, heads);
+        } catch (const FormatError& e) {
+            comigs::detail::raise<FormatError>(what_, ": tensor '", ref.file, "': ", e.what());
+        }
         const std::size_t total = tensor_bytes(ref.type, ref.shape, ref.file);
         require<FormatError>(total == ref.bytes.size(), what_, ": tensor '", ref.file, "' holds ", ref.bytes.size(),
                              " bytes, not ", total);
-        const std::size_t row = rows > 0 ? total / static_cast<std::size_t>(rows) : 0;
+        // A tensor with a zero dimension has no bytes to move (and null data pointers, which memcpy must not
+        // see); its row count, unbounded by the file's size, must not size the row map either.
+        if (total == 0) return;
+        const std::vector<Index> from = unpermute_rows(rows, heads);  // rows <= total: at least a byte a row
+        const std::size_t row = total / static_cast<std::size_t>(rows);
         auto& out = reordered_.emplace_back(total);
-        // A tensor with a zero dimension has no bytes (and null data pointers, which memcpy must not see).
-        if (row > 0)
-            for (std::size_t r = 0; r < from.size(); ++r)
-                std::memcpy(out.data() + r * row, ref.bytes.data() + static_cast<std::size_t>(from[r]) * row, row);
+        for (std::size_t r = 0; r < from.size(); ++r)
+            std::memcpy(out.data() + r * row, ref.bytes.data() + static_cast<std::size_t>(from[r]) * row, row);
         ref.bytes = {out.data(), out.size()};
     }
 
