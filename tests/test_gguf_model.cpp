@@ -349,3 +349,17 @@ TEST_CASE("models::load_gguf_model: bad files are errors naming the file and the
                              comigs::FormatError);
     }
 }
+
+TEST_CASE("models::load_gguf_model: q/k tensors with a zero dimension are refused, never reordered (fuzz findings)") {
+    namespace fs = std::filesystem;
+    namespace models = comigs::models;
+    // Both found by fuzz_gguf in CI and kept in its seed corpus: a q/k matrix with no bytes once passed
+    // null pointers to memcpy; one with 3 x 10^16 rows of no columns asked for a 2 x 10^17-byte row map.
+    const fs::path corpus = fs::path(COMIGS_GOLDEN_DIR).parent_path() / "fuzz" / "gguf_corpus";
+    for (const char* name : {"zero-size-reordered-tensor.gguf", "huge-rows-zero-columns-reordered.gguf"}) {
+        CAPTURE(name);
+        const fs::path path = corpus / name;
+        REQUIRE(fs::exists(path));
+        CHECK_THROWS_AS(models::load_gguf_model<float>(path), comigs::Error);
+    }
+}

@@ -3,7 +3,8 @@
 # qemu-user (CI runs this: .ci/run; see docs/on-device.md, "ARM", for what runs and what it costs).
 # Usage: tools/test-aarch64.sh            environment: COMIGS_ARM_BUILD_DIR (default build-aarch64),
 #                                                      COMIGS_ARM_CMAKE_ARGS (extra configure arguments),
-#                                                      COMIGS_ARM_TEST_FILTER (see below)
+#                                                      COMIGS_ARM_TEST_FILTER (see below),
+#                                                      COMIGS_ARM_JOBS (parallel compiles, default 2)
 # Default (CI): the test files of every kernel, layer, file format, host, tokenizer and the trainer
 # (arm_files below), built as one test program, run under qemu in two processes side by side, without
 # the few cases in arm_excluded_cases (long runs of code other cases cover on ARM too). The program must
@@ -61,7 +62,7 @@ cmake -S "$src" -B "$build" -DCMAKE_TOOLCHAIN_FILE="$src/cmake/toolchain-aarch64
   -DCOMIGS_NATIVE=OFF -DCOMIGS_USE_ONEDNN=OFF -DCOMIGS_BUILD_MPI=OFF -DCOMIGS_BUILD_BENCHMARKS=OFF \
   -DCOMIGS_INSTALL=OFF -DZLIB_LIBRARY=/usr/lib/aarch64-linux-gnu/libz.a -DZLIB_INCLUDE_DIR=/usr/include \
   "${launcher[@]}" "${subset[@]}" ${COMIGS_ARM_CMAKE_ARGS:-}
-cmake --build "$build" -j2 "${targets[@]}"
+cmake --build "$build" -j"${COMIGS_ARM_JOBS:-2}" "${targets[@]}"
 echo "== aarch64 build: $((SECONDS - start)) s"
 tests="$build/tests/comigs-tests"
 aarch64-linux-gnu-readelf -h "$tests" | grep -q "AArch64" || { echo "$tests is not an aarch64 program"; exit 1; }
