@@ -21,7 +21,7 @@ namespace {
 /// tell which chunks it took.
 std::string numbered_text(Index n, Index tail = 0) {
     std::string t;
-    char buf[16];
+    char buf[24];  // room for any long long: GCC's -Wformat-truncation at -O1 cannot see k < n
     for (Index k = 0; k < n; ++k) {
         std::snprintf(buf, sizeof buf, "%07lld|", static_cast<long long>(k));
         t += buf;
