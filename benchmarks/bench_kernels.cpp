@@ -369,6 +369,66 @@ void host_fma(benchmark::State& state, bool all_threads) {
     state.SetLabel(std::to_string(B::size) + " floats per vector");
 }
 
+#if defined(COMIGS_HAVE_ONEDNN) && defined(_OPENMP)
+// Not a comigs kernel either: the host's ceiling for the thread scaling of large fp32 products. Every
+// thread runs its own single-threaded sgemm (oneDNN) on private buffers, C[1024, n] = A[1024, k] W[k, n],
+// with no work shared and nothing to wait for: on a host whose cores share nothing, GFLOP/s per thread
+// on all threads equals one thread's. /one_thread runs one such product alone. Shapes: SmolLM2's gate or
+// up product (n 1536, k 576) and down (576, 1536), its k/v products (192, 576), GPT-2's fc (3072, 768)
+// and c_proj (768, 3072), and a product that fits one core's L2 (192 x 192 x 192).
+void host_sgemm(benchmark::State& state, Index m, Index n, Index k, bool all_threads) {
+    int threads = 1;
+#ifdef _OPENMP
+    if (all_threads) threads = omp_get_max_threads();
+#endif
+    struct Buffers {
+        comigs::detail::aligned_vector<float> a, w, c;
+    };
+    std::vector<Buffers> buf(static_cast<std::size_t>(threads));
+    Rng rng(5);
+    for (auto& b : buf) {
+        const auto av = random_vector<float>(static_cast<std::size_t>(m * k), rng);
+        const auto wv = random_vector<float>(static_cast<std::size_t>(k * n), rng, 0.02);
+        b.a.assign(av.begin(), av.end());
+        b.w.assign(wv.begin(), wv.end());
+        b.c.assign(static_cast<std::size_t>(m * n), 0.0f);
+    }
+    auto product = [&](Buffers& b) {
+        kernels::detail::gemm_onednn(MatrixView<float>(b.c.data(), m, n), ConstMatrixView<float>(b.a.data(), m, k),
+                                     kernels::Op::none, ConstMatrixView<float>(b.w.data(), k, n), kernels::Op::none,
+                                     1.0f, 0.0f);
+        benchmark::DoNotOptimize(b.c.data());
+    };
+    // Inside a parallel region oneDNN's sgemm runs on the calling thread; a team of one thread is not
+    // an active region, so the one-thread case caps the thread count instead.
+    const int saved = omp_get_max_threads();
+    if (threads == 1) omp_set_num_threads(1);
+    auto run = [&] {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        product(buf[static_cast<std::size_t>(omp_get_thread_num())]);
+    };
+    run();  // warm-up (first touches, oneDNN's kernel generation)
+    for (auto _ : state) run();
+    omp_set_num_threads(saved);
+    state.counters["threads"] = threads;
+    // Multiply-adds x 2 per second on each thread (G = 1e9).
+    state.counters["flops_per_thread"] =
+        benchmark::Counter(2.0 * double(m) * double(n) * double(k) * double(state.iterations()),
+                           benchmark::Counter::kIsRate);
+}
+#define COMIGS_HOST_SGEMM(shape, m, n, k)                                                                       \
+    BENCHMARK_CAPTURE(host_sgemm, shape##_one, m, n, k, false)                                                \
+        ->Name("host_sgemm/" #shape "/one_thread")->UseRealTime();                                            \
+    BENCHMARK_CAPTURE(host_sgemm, shape##_all, m, n, k, true)->Name("host_sgemm/" #shape "/all_threads")->UseRealTime();
+COMIGS_HOST_SGEMM(smollm2_gate, kT, 1536, 576)
+COMIGS_HOST_SGEMM(smollm2_down, kT, 576, 1536)
+COMIGS_HOST_SGEMM(smollm2_kv, kT, 192, 576)
+COMIGS_HOST_SGEMM(gpt2_fc, kT, 3072, 768)
+COMIGS_HOST_SGEMM(gpt2_proj, kT, 768, 3072)
+COMIGS_HOST_SGEMM(in_l2, 192, 192, 192)
+#undef COMIGS_HOST_SGEMM
+#endif
+
 BENCHMARK_CAPTURE(host_fma, one_thread, false)->Name("host_fma/one_thread")->UseRealTime();
 BENCHMARK_CAPTURE(host_fma, all_threads, true)->Name("host_fma/all_threads")->UseRealTime();
 BENCHMARK(mixture_rows_fwd)->Name("mixture_rows_fwd/fp32/gpt2")->UseRealTime();
