@@ -377,10 +377,7 @@ void host_fma(benchmark::State& state, bool all_threads) {
 // up product (n 1536, k 576) and down (576, 1536), its k/v products (192, 576), GPT-2's fc (3072, 768)
 // and c_proj (768, 3072), and a product that fits one core's L2 (192 x 192 x 192).
 void host_sgemm(benchmark::State& state, Index m, Index n, Index k, bool all_threads) {
-    int threads = 1;
-#ifdef _OPENMP
-    if (all_threads) threads = omp_get_max_threads();
-#endif
+    const int threads = all_threads ? omp_get_max_threads() : 1;
     struct Buffers {
         comigs::detail::aligned_vector<float> a, w, c;
     };
